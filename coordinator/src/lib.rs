@@ -1,0 +1,1 @@
+//! potluck-coordinator: run state machines and provenance (placeholder until it lands).

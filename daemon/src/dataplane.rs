@@ -1,0 +1,1 @@
+//! The data plane: framed, length-limited, compressed tensor messages on QUIC streams.

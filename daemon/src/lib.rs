@@ -1,0 +1,3 @@
+//! potluck-daemon: the I/O shell of Potluck and the `potluck` binary.
+
+pub mod dataplane;

@@ -1,0 +1,2 @@
+//! The `potluck` binary.
+fn main() {}

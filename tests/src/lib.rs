@@ -1,0 +1,1 @@
+//! Shared helpers for Potluck's end-to-end tests.
