@@ -394,6 +394,46 @@ impl ErrorFeedback {
         Ok((bytes, sent))
     }
 
+    /// Like [`ErrorFeedback::compress`], but encodes each of `ranges` (contiguous slices of
+    /// the vector, one per reducer) on its own. Returns one encoding per range.
+    pub fn compress_slices(
+        &mut self,
+        codec: Codec,
+        update: &[f32],
+        ranges: &[std::ops::Range<usize>],
+    ) -> Result<Vec<Vec<u8>>, CodecError> {
+        codec.validate()?;
+        if self.residual.len() != update.len() {
+            return Err(CodecError::Length {
+                declared: update.len() as u64,
+                expected: self.residual.len(),
+            });
+        }
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            if r.start > r.end || r.end > update.len() {
+                return Err(CodecError::Params(format!(
+                    "slice {}..{} lies outside an update of {} values",
+                    r.start,
+                    r.end,
+                    update.len()
+                )));
+            }
+            let sum: Vec<f32> = update[r.clone()]
+                .iter()
+                .zip(&self.residual[r.clone()])
+                .map(|(u, e)| u + e)
+                .collect();
+            let bytes = encode(codec, &sum);
+            let sent = decode(&bytes, sum.len())?;
+            for ((e, s), t) in self.residual[r.clone()].iter_mut().zip(&sum).zip(&sent) {
+                *e = s - t;
+            }
+            out.push(bytes);
+        }
+        Ok(out)
+    }
+
     /// The residual as bytes (little-endian f32), for saving.
     pub fn to_bytes(&self) -> Vec<u8> {
         encode(Codec::None, &self.residual)
@@ -480,6 +520,25 @@ mod tests {
             );
             assert!(ef.residual()[i].abs() < 8.0, "residual {i} grew without bound");
         }
+    }
+
+    #[test]
+    fn slices_match_whole_vector_compression() {
+        let update: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+        let codec = Codec::Int8 { block: 100 };
+        let mut whole = ErrorFeedback::new(1000);
+        let (_, sent) = whole.compress(codec, &update).unwrap();
+        let mut sliced = ErrorFeedback::new(1000);
+        let ranges = [0..300, 300..600, 600..1000];
+        let parts = sliced.compress_slices(codec, &update, &ranges).unwrap();
+        let mut joined = Vec::new();
+        for (p, r) in parts.iter().zip(&ranges) {
+            joined.extend(decode(p, r.len()).unwrap());
+        }
+        // Block boundaries align with the slices here, so both paths send the same values.
+        assert_eq!(joined, sent);
+        assert_eq!(sliced, whole);
+        assert!(sliced.compress_slices(codec, &update, &[0..2000]).is_err());
     }
 
     #[test]

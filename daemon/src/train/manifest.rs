@@ -1,0 +1,408 @@
+//! Run manifests: what a training run is, as a TOML file a user writes and as the canonical
+//! bytes whose blake3 hash is the run id.
+//!
+//! The TOML names a model preset (or a full model table), the data source, the inner and outer
+//! optimizer settings, H, the update codec, the round deadline and the minimum number of
+//! peers. [`RunManifest::resolve`] turns it into a [`ResolvedRun`], with every default filled
+//! in; the canonical encoding is the JSON of that resolved struct (struct fields in declaration
+//! order, no maps), so two peers that agree on the resolved settings agree on the run id.
+
+use std::path::PathBuf;
+
+use potluck_worker::compress::Codec;
+use potluck_worker::{Dataset, ModelConfig, SyntheticCorpus, SyntheticSpec, TrainConfig};
+use serde::{Deserialize, Serialize};
+
+/// Upper bound on a manifest's size, checked before parsing.
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+/// Upper bound on the text a run may read from a path.
+pub const MAX_DATA_BYTES: u64 = 4 << 30;
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("run manifest is {0} bytes, more than the limit of {MAX_MANIFEST_BYTES}")]
+    TooLarge(usize),
+    #[error("run manifest is not valid TOML for a run: {0}")]
+    Parse(String),
+    #[error("run manifest key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("run data: {0}")]
+    Data(String),
+}
+
+/// The model of a run: a preset name or a full table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ModelSpec {
+    Preset(String),
+    Full(Box<ModelConfig>),
+}
+
+/// Where a run's data comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `builtin` for the synthetic corpus, or a path to a text file or directory.
+    pub source: String,
+    /// Bytes of the training split (builtin) and of the held-out split.
+    pub train_bytes: usize,
+    pub eval_bytes: usize,
+    /// Number of data shards the coordinator assigns.
+    pub shards: u64,
+    /// Held-out fraction for path sources.
+    pub eval_fraction: f64,
+    /// blake3 of the token stream (hex); empty in a user's file means "compute it", and a
+    /// peer whose data hashes otherwise refuses to train.
+    #[serde(default)]
+    pub hash: String,
+    /// The synthetic source's parameters (builtin only).
+    #[serde(default)]
+    pub synthetic: Option<SyntheticSpec>,
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self {
+            source: "builtin".into(),
+            train_bytes: 600_000,
+            eval_bytes: 40_000,
+            shards: 12,
+            eval_fraction: 0.05,
+            hash: String::new(),
+            synthetic: None,
+        }
+    }
+}
+
+/// Inner optimizer overrides of a manifest; unset keys keep [`TrainConfig::default`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InnerSpec {
+    pub lr: Option<f32>,
+    pub warmup_steps: Option<u64>,
+    pub weight_decay: Option<f32>,
+    pub grad_clip: Option<f32>,
+    pub batch_size: Option<usize>,
+    pub seq_len: Option<usize>,
+}
+
+/// Outer optimizer settings (Nesterov, as in DiLoCo).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OuterSpec {
+    pub lr: f32,
+    pub momentum: f32,
+}
+
+impl Default for OuterSpec {
+    fn default() -> Self {
+        Self {
+            lr: 0.7,
+            momentum: 0.9,
+        }
+    }
+}
+
+/// A run manifest as written in TOML.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunManifest {
+    pub name: String,
+    pub seed: Option<u64>,
+    pub model: Option<ModelSpec>,
+    #[serde(default)]
+    pub data: DataSpec,
+    #[serde(default)]
+    pub inner: InnerSpec,
+    #[serde(default)]
+    pub outer: OuterSpec,
+    /// Inner steps per round (H).
+    pub inner_steps: Option<usize>,
+    pub rounds: Option<u64>,
+    /// `none`, `int8`, `topk` or with parameters (see the worker's codec docs).
+    pub compression: Option<String>,
+    pub round_deadline_secs: Option<u64>,
+    pub min_peers: Option<usize>,
+}
+
+/// A manifest with every default filled in and every value checked: what the run id hashes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolvedRun {
+    pub name: String,
+    pub model: ModelConfig,
+    pub data: DataSpec,
+    pub inner: TrainConfig,
+    pub outer: OuterSpec,
+    pub inner_steps: usize,
+    pub rounds: u64,
+    pub compression: String,
+    pub round_deadline_secs: u64,
+    pub min_peers: usize,
+}
+
+/// The embedded default run of `potluck demo`: a small MoE model on the built-in corpus.
+pub const DEMO_MANIFEST: &str = r#"
+name = "demo"
+seed = 7
+model = "tiny"
+inner_steps = 25
+rounds = 8
+compression = "topk"
+round_deadline_secs = 300
+min_peers = 2
+
+[inner]
+lr = 0.003
+warmup_steps = 10
+batch_size = 8
+seq_len = 64
+
+[outer]
+lr = 0.7
+momentum = 0.9
+"#;
+
+impl RunManifest {
+    /// Parses a manifest, refusing oversized input before parsing.
+    pub fn parse(text: &str) -> Result<Self, ManifestError> {
+        if text.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge(text.len()));
+        }
+        toml::from_str(text).map_err(|e| ManifestError::Parse(e.to_string()))
+    }
+
+    /// Fills in defaults and checks every value.
+    pub fn resolve(&self) -> Result<ResolvedRun, ManifestError> {
+        let invalid = |key, reason: String| ManifestError::Invalid { key, reason };
+        let model = match &self.model {
+            None => ModelConfig::tiny(),
+            Some(ModelSpec::Preset(p)) => match p.as_str() {
+                "tiny" => ModelConfig::tiny(),
+                "small" => ModelConfig::small(),
+                "base" => ModelConfig::base(),
+                other => {
+                    return Err(invalid(
+                        "model",
+                        format!("unknown preset '{other}': use tiny, small, base or a table"),
+                    ));
+                }
+            },
+            Some(ModelSpec::Full(m)) => (**m).clone(),
+        };
+        model
+            .validate()
+            .map_err(|e| invalid("model", e.to_string()))?;
+        let mut inner = TrainConfig::default();
+        let i = &self.inner;
+        inner.lr = i.lr.unwrap_or(inner.lr);
+        inner.warmup_steps = i.warmup_steps.unwrap_or(inner.warmup_steps);
+        inner.weight_decay = i.weight_decay.unwrap_or(inner.weight_decay);
+        inner.grad_clip = i.grad_clip.unwrap_or(inner.grad_clip);
+        inner.batch_size = i.batch_size.unwrap_or(inner.batch_size);
+        inner.seq_len = i.seq_len.unwrap_or(inner.seq_len.min(model.context));
+        inner.seed = self.seed.unwrap_or(0);
+        let inner_steps = self.inner_steps.unwrap_or(25);
+        if inner_steps == 0 || inner_steps > 100_000 {
+            return Err(invalid("inner_steps", format!("{inner_steps} must be in 1..=100000")));
+        }
+        let rounds = self.rounds.unwrap_or(10);
+        if rounds == 0 || rounds > 1_000_000 {
+            return Err(invalid("rounds", format!("{rounds} must be in 1..=1000000")));
+        }
+        inner.total_steps = rounds * inner_steps as u64;
+        inner
+            .validate(&model)
+            .map_err(|e| invalid("inner", e.to_string()))?;
+        let compression = self.compression.clone().unwrap_or_else(|| "topk".into());
+        let codec = Codec::parse(&compression).map_err(|e| invalid("compression", e.to_string()))?;
+        if !(self.outer.lr.is_finite() && self.outer.lr > 0.0 && self.outer.lr <= 10.0) {
+            return Err(invalid("outer.lr", format!("{} must be in (0, 10]", self.outer.lr)));
+        }
+        if !(self.outer.momentum.is_finite() && (0.0..1.0).contains(&self.outer.momentum)) {
+            return Err(invalid(
+                "outer.momentum",
+                format!("{} must be in [0, 1)", self.outer.momentum),
+            ));
+        }
+        let round_deadline_secs = self.round_deadline_secs.unwrap_or(300);
+        if !(1..=86_400).contains(&round_deadline_secs) {
+            return Err(invalid(
+                "round_deadline_secs",
+                format!("{round_deadline_secs} must be in 1..=86400"),
+            ));
+        }
+        let min_peers = self.min_peers.unwrap_or(2);
+        if !(1..=10_000).contains(&min_peers) {
+            return Err(invalid("min_peers", format!("{min_peers} must be in 1..=10000")));
+        }
+        let mut data = self.data.clone();
+        if data.shards == 0 || data.shards > 1 << 20 {
+            return Err(invalid("data.shards", format!("{} must be in 1..=1048576", data.shards)));
+        }
+        if data.source == "builtin" && data.synthetic.is_none() {
+            data.synthetic = Some(SyntheticSpec::default());
+        }
+        Ok(ResolvedRun {
+            name: self.name.clone(),
+            model,
+            data,
+            inner,
+            outer: self.outer.clone(),
+            inner_steps,
+            rounds,
+            compression: codec.to_string(),
+            round_deadline_secs,
+            min_peers,
+        })
+    }
+}
+
+impl ResolvedRun {
+    /// The canonical bytes of the run: what the run id hashes and what peers are sent.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        // Serialising plain structs (no maps) to JSON cannot fail and is deterministic.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The run id: blake3 of the canonical bytes.
+    pub fn id(&self) -> [u8; 32] {
+        *blake3::hash(&self.canonical_bytes()).as_bytes()
+    }
+
+    /// Parses canonical bytes received from a peer (size-limited) and checks that they hash
+    /// to `expected_id`.
+    pub fn from_canonical(bytes: &[u8], expected_id: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge(bytes.len()));
+        }
+        if blake3::hash(bytes).as_bytes().as_slice() != expected_id {
+            return Err(ManifestError::Invalid {
+                key: "run_id",
+                reason: "the manifest does not hash to the run id".into(),
+            });
+        }
+        let run: ResolvedRun =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        run.model.validate().map_err(|e| ManifestError::Invalid {
+            key: "model",
+            reason: e.to_string(),
+        })?;
+        run.inner
+            .validate(&run.model)
+            .map_err(|e| ManifestError::Invalid {
+                key: "inner",
+                reason: e.to_string(),
+            })?;
+        Ok(run)
+    }
+
+    /// The update codec.
+    pub fn codec(&self) -> Codec {
+        Codec::parse(&self.compression).unwrap_or(Codec::None)
+    }
+
+    /// Builds the run's dataset and checks it against the manifest's data hash (when set).
+    /// Returns the dataset and its hash.
+    pub fn load_data(&self) -> Result<(Dataset, String), ManifestError> {
+        let d = &self.data;
+        let data = if d.source == "builtin" {
+            let spec = d.synthetic.clone().unwrap_or_default();
+            let corpus = SyntheticCorpus::new(spec).map_err(|e| ManifestError::Data(e.to_string()))?;
+            Dataset::synthetic(&corpus, d.train_bytes, d.eval_bytes, d.shards)
+        } else {
+            Dataset::from_path(
+                &PathBuf::from(&d.source),
+                &potluck_worker::Tokenizer::Byte,
+                d.shards,
+                d.eval_fraction,
+                MAX_DATA_BYTES,
+            )
+        }
+        .map_err(|e| ManifestError::Data(e.to_string()))?;
+        let hash = dataset_hash(&data);
+        if !d.hash.is_empty() && d.hash != hash {
+            return Err(ManifestError::Data(format!(
+                "data from '{}' hashes to {hash}, but the run expects {}: this peer's copy differs",
+                d.source, d.hash
+            )));
+        }
+        Ok((data, hash))
+    }
+
+    /// The entropy rate of the built-in source in nats per byte: the best eval loss any model
+    /// can reach on it. `None` for other data.
+    pub fn entropy_floor(&self) -> Option<f64> {
+        let spec = self.data.synthetic.clone()?;
+        if self.data.source != "builtin" {
+            return None;
+        }
+        SyntheticCorpus::new(spec)
+            .ok()
+            .map(|c| c.entropy_rate_nats_per_byte())
+    }
+
+    /// The manifest with the data hash pinned, as the run's starter publishes it.
+    pub fn with_data_hash(mut self, hash: String) -> Self {
+        self.data.hash = hash;
+        self
+    }
+}
+
+/// blake3 over a dataset's token ids (train then held-out), hex.
+pub fn dataset_hash(data: &Dataset) -> String {
+    let mut h = blake3::Hasher::new();
+    for shard in 0..data.num_shards() {
+        h.update(b"|shard|");
+        for t in data.shard_tokens(shard).unwrap_or_default() {
+            h.update(&t.to_le_bytes());
+        }
+    }
+    h.update(b"|eval|");
+    for t in data.eval_tokens() {
+        h.update(&t.to_le_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_manifest_resolves_and_hashes_stably() {
+        let a = RunManifest::parse(DEMO_MANIFEST).unwrap().resolve().unwrap();
+        let b = RunManifest::parse(DEMO_MANIFEST).unwrap().resolve().unwrap();
+        assert_eq!(a.id(), b.id());
+        let back = ResolvedRun::from_canonical(&a.canonical_bytes(), &a.id()).unwrap();
+        assert_eq!(back, a);
+        let mut c = a.clone();
+        c.rounds += 1;
+        assert_ne!(c.id(), a.id());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = RunManifest::parse("name = \"x\"\ncompression = \"gzip\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("compression"), "{err}");
+        let err = RunManifest::parse("name = \"x\"\n[outer]\nlr = -1.0\nmomentum = 0.9\n")
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("outer.lr"), "{err}");
+        assert!(RunManifest::parse("name = 3").is_err());
+        assert!(RunManifest::parse(&"#".repeat(MAX_MANIFEST_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn tampered_canonical_bytes_are_refused() {
+        let a = RunManifest::parse(DEMO_MANIFEST).unwrap().resolve().unwrap();
+        let mut bytes = a.canonical_bytes();
+        bytes[10] ^= 1;
+        assert!(ResolvedRun::from_canonical(&bytes, &a.id()).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! Swarm training: run manifests, round planning, the control-stream wire format, the
+//! coordinator and replica loops, and `potluck demo`.
+
+pub mod demo;
+pub mod manifest;
+pub mod plan;
+pub mod session;
+pub mod wire;
+
+pub use manifest::{DEMO_MANIFEST, ResolvedRun, RunManifest};
+pub use session::{RunEvent, RunStatus, RunSummary, TrainError, TrainService};

@@ -1,0 +1,64 @@
+//! Pure planning for a round: which slice of the parameter vector each member reduces, which
+//! data shard each member trains on, and how bytes compare with plain data parallelism.
+//!
+//! The reduction is sharded: member `i` of the round's sorted member list reduces slice `i`
+//! of every parameter group, so each member receives `n - 1` slices of size `P / n` and sends
+//! back one averaged slice to `n - 1` peers: O(P) bytes per member whatever `n` is, and no
+//! member receives every peer's full update.
+
+use std::ops::Range;
+
+/// Contiguous near-equal slices of `len` values for `members` reducers.
+pub fn slice_ranges(len: usize, members: usize) -> Vec<Range<usize>> {
+    let n = members.max(1);
+    (0..n)
+        .map(|i| (i * len / n)..((i + 1) * len / n))
+        .collect()
+}
+
+/// The data shard member `i` of `members` trains on in `round`: every member gets a different
+/// shard while there are enough, and the assignment walks through all shards over rounds.
+pub fn shard_for(round: u64, member: usize, members: usize, num_shards: u64) -> u64 {
+    let n = num_shards.max(1);
+    (round.wrapping_mul(members as u64).wrapping_add(member as u64)) % n
+}
+
+/// Bytes plain data-parallel training would put on the wire for the same work: every inner
+/// step, each of `peers` replicas reduce-scatters and all-gathers a full f32 gradient of
+/// `params` values, sending and receiving `(peers - 1) / peers` of it each way.
+pub fn plain_data_parallel_bytes(params: u64, peers: u64, steps: u64) -> u64 {
+    if peers < 2 {
+        return 0;
+    }
+    // Per step and peer: 2 phases x (peers-1)/peers x 4 bytes x params, counted at the sender
+    // and again at the receiver, as our own counters do.
+    let per_peer_sent = 2 * (peers - 1) * params * 4 / peers;
+    2 * per_peer_sent * peers * steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_cover_everything_once() {
+        for len in [0usize, 1, 7, 1000, 1001] {
+            for n in 1..6 {
+                let r = slice_ranges(len, n);
+                assert_eq!(r.len(), n);
+                assert_eq!(r[0].start, 0);
+                assert_eq!(r[n - 1].end, len);
+                for w in r.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shards_differ_within_a_round() {
+        let shards: Vec<u64> = (0..3).map(|m| shard_for(5, m, 3, 12)).collect();
+        assert_eq!(shards, vec![3, 4, 5]);
+        assert_ne!(shard_for(6, 0, 3, 12), shard_for(5, 0, 3, 12));
+    }
+}

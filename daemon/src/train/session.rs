@@ -1,0 +1,1436 @@
+//! Swarm training over libp2p streams: the coordinator loop, the replica loop, and the
+//! tensor traffic between replicas.
+//!
+//! A run has one coordinator (the peer that started it) and any number of replicas (the
+//! coordinator's own daemon is one of them). Each replica holds one control stream to the
+//! coordinator (`/potluck/train-ctl/1`, length-prefixed `TrainControl`) and sends tensors as
+//! signed frames on short-lived streams (`/potluck/tensor/1`, see [`crate::dataplane`]).
+//!
+//! A round: the coordinator opens it with the sorted member list; every member trains H
+//! inner steps on its shard, compresses its pseudo-gradient with error feedback, and sends
+//! slice `i` to member `i`; member `i` averages the contributions it got (weighted by tokens,
+//! in peer-id order), and sends the averaged slice back to every member; every member
+//! applies the same decoded bytes with the worker's deterministic outer step, hashes its
+//! weights and outer state, and reports the root; the coordinator commits the root that a
+//! quorum holds. A member whose root differs rolls back to the last committed state it
+//! holds, or fetches it from a peer that agreed, before the next round. Nobody waits for the
+//! slowest: contributions are collected until 60% of the round deadline, reduced slices until
+//! 90%, and whatever is missing then is left out of that round by everyone alike.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::identity::{Keypair, PublicKey};
+use libp2p::{PeerId, StreamProtocol};
+use potluck_proto::v1::{
+    FrameHeader, FrameKind, RoundCommit, RoundOpen, RoundReport, RunFinished, RunJoin,
+    RunRefused, RunWelcome, TrainControl, train_control::Msg,
+};
+use potluck_worker::compress::{self, Codec, ErrorFeedback};
+use potluck_worker::{DeviceSpec, OuterOptimizer, Replica};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
+
+use super::manifest::ResolvedRun;
+use super::plan::{shard_for, slice_ranges};
+use super::wire::{read_control, write_control};
+use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
+
+/// The control protocol of a run.
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/train-ctl/1");
+/// The tensor protocol: one frame per stream (a state request gets its answer on the same
+/// stream).
+pub const TENSOR_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/tensor/1");
+
+/// Deadline to open a stream to a peer.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for one frame to arrive once its stream is open.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
+/// Deadline for a joining replica to be welcomed.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most this many inbound tensor streams are served at once.
+const MAX_INBOUND_STREAMS: usize = 64;
+/// Frames waiting for the run loop; a full inbox slows the senders down.
+const INBOX_CAPACITY: usize = 256;
+/// Held-out batches evaluated after each round.
+const EVAL_BATCHES: usize = 4;
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("worker: {0}")]
+    Worker(#[from] potluck_worker::WorkerError),
+    #[error("codec: {0}")]
+    Codec(#[from] compress::CodecError),
+    #[error("run manifest: {0}")]
+    Manifest(#[from] super::manifest::ManifestError),
+    #[error("the run's coordinator {0} could not be reached: {1}")]
+    Unreachable(PeerId, String),
+    #[error("the coordinator refused to admit this peer: {0}")]
+    Refused(String),
+    #[error("the coordinator went away before the run finished")]
+    CoordinatorGone,
+    #[error("a run is already active on this daemon; wait for it to finish")]
+    Busy,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Bytes on the wire, per peer and in total, both directions.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    sent: AtomicU64,
+    received: AtomicU64,
+    per_peer: Mutex<BTreeMap<PeerId, (u64, u64)>>,
+}
+
+impl Traffic {
+    fn add(&self, peer: PeerId, sent: u64, received: u64) {
+        self.sent.fetch_add(sent, Ordering::Relaxed);
+        self.received.fetch_add(received, Ordering::Relaxed);
+        if let Ok(mut m) = self.per_peer.lock() {
+            let e = m.entry(peer).or_default();
+            e.0 += sent;
+            e.1 += received;
+        }
+    }
+
+    /// Total bytes sent and received.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Bytes sent to and received from each peer.
+    pub fn per_peer(&self) -> BTreeMap<PeerId, (u64, u64)> {
+        self.per_peer.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+/// What `potluck run status` shows.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunStatus {
+    pub run_id: String,
+    pub name: String,
+    pub role: String,
+    pub state: String,
+    pub round: u64,
+    pub rounds: u64,
+    pub committed_round: u64,
+    pub committed_root: String,
+    pub train_loss: f32,
+    pub eval_loss: f32,
+    pub peers: Vec<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub rejected_updates: u64,
+    pub error: String,
+}
+
+/// An event for whoever watches a run (the demo's progress display).
+#[derive(Clone, Debug)]
+pub enum RunEvent {
+    RoundOpened {
+        round: u64,
+        members: usize,
+    },
+    Committed {
+        round: u64,
+        root: [u8; 32],
+        agreeing: usize,
+        members: usize,
+        eval_loss: f32,
+    },
+    NotCommitted {
+        round: u64,
+        reason: String,
+    },
+    Finished {
+        rounds: u64,
+        root: [u8; 32],
+    },
+}
+
+/// The committed state a replica holds and serves to peers that join or resync.
+#[derive(Debug)]
+struct Snapshot {
+    round: u64,
+    root: [u8; 32],
+    params: Vec<f32>,
+    velocity: Vec<f32>,
+}
+
+/// The result of a finished run at one replica.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub run_id: [u8; 32],
+    pub rounds: u64,
+    pub root: [u8; 32],
+    pub eval_loss: f32,
+    pub num_params: usize,
+    pub total_steps: u64,
+    pub peers: usize,
+}
+
+/// A frame that arrived, with the peer it came from.
+struct Inbound {
+    from: PeerId,
+    frame: Frame,
+}
+
+/// Coordinator-side events from replicas' control streams.
+enum CoordEvent {
+    Connected {
+        peer: PeerId,
+        tx: mpsc::Sender<TrainControl>,
+    },
+    Msg {
+        peer: PeerId,
+        msg: Msg,
+    },
+    Closed {
+        peer: PeerId,
+    },
+}
+
+struct Inner {
+    local: PeerId,
+    keypair: Keypair,
+    control: libp2p_stream::Control,
+    traffic: Traffic,
+    status: Mutex<RunStatus>,
+    served: Mutex<Option<Arc<Snapshot>>>,
+    inbox_tx: mpsc::Sender<Inbound>,
+    inbox_rx: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
+    coord_tx: Mutex<Option<mpsc::Sender<CoordEvent>>>,
+    events: broadcast::Sender<RunEvent>,
+    limits: Limits,
+    device: DeviceSpec,
+}
+
+/// The training service of one daemon. Cheap to clone.
+#[derive(Clone)]
+pub struct TrainService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TrainService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainService")
+            .field("local", &self.inner.local)
+            .finish()
+    }
+}
+
+impl TrainService {
+    /// Registers the run protocols on `control` and starts serving inbound streams.
+    pub fn start(
+        keypair: Keypair,
+        mut control: libp2p_stream::Control,
+        device: DeviceSpec,
+    ) -> Result<Self, TrainError> {
+        let mut tensors = control
+            .accept(TENSOR_PROTOCOL)
+            .map_err(|e| TrainError::Other(format!("tensor protocol: {e}")))?;
+        let mut controls = control
+            .accept(CONTROL_PROTOCOL)
+            .map_err(|e| TrainError::Other(format!("control protocol: {e}")))?;
+        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
+        let (events, _) = broadcast::channel(64);
+        let svc = TrainService {
+            inner: Arc::new(Inner {
+                local: keypair.public().to_peer_id(),
+                keypair,
+                control,
+                traffic: Traffic::default(),
+                status: Mutex::new(RunStatus {
+                    state: "idle".into(),
+                    ..Default::default()
+                }),
+                served: Mutex::new(None),
+                inbox_tx,
+                inbox_rx: tokio::sync::Mutex::new(inbox_rx),
+                coord_tx: Mutex::new(None),
+                events,
+                limits: Limits::default(),
+                device,
+            }),
+        };
+        let s = svc.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_STREAMS));
+            while let Some((peer, stream)) = tensors.next().await {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many inbound tensor streams; dropping one");
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.serve_tensor_stream(peer, stream).await;
+                    drop(permit);
+                });
+            }
+        });
+        let s = svc.clone();
+        tokio::spawn(async move {
+            while let Some((peer, stream)) = controls.next().await {
+                let tx = s.inner.coord_tx.lock().ok().and_then(|g| g.clone());
+                match tx {
+                    Some(tx) => attach_control_stream(&s, peer, stream, tx),
+                    None => {
+                        tracing::debug!(%peer, "control stream while not coordinating; closing");
+                    }
+                }
+            }
+        });
+        Ok(svc)
+    }
+
+    /// This daemon's peer id.
+    pub fn local_peer(&self) -> PeerId {
+        self.inner.local
+    }
+
+    /// The current run's status.
+    pub fn status(&self) -> RunStatus {
+        let mut st = self
+            .inner
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let (s, r) = self.inner.traffic.totals();
+        st.bytes_sent = s;
+        st.bytes_received = r;
+        st
+    }
+
+    /// Bytes on the wire so far.
+    pub fn traffic(&self) -> &Traffic {
+        &self.inner.traffic
+    }
+
+    /// Events of the runs this daemon takes part in.
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut RunStatus)) {
+        if let Ok(mut s) = self.inner.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    async fn serve_tensor_stream(&self, peer: PeerId, mut stream: libp2p::Stream) {
+        let frame = match tokio::time::timeout(
+            FRAME_TIMEOUT,
+            read_frame(&mut stream, &self.inner.limits),
+        )
+        .await
+        {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "refused a tensor frame");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "tensor frame missed its deadline");
+                return;
+            }
+        };
+        self.inner.traffic.add(peer, 0, frame.wire_bytes);
+        if let Err(reason) = verify_sender(&frame.header, peer) {
+            tracing::warn!(%peer, reason, "refused a tensor frame with a bad signature");
+            self.set_status(|s| s.rejected_updates += 1);
+            return;
+        }
+        if frame.kind() == FrameKind::StateRequest {
+            self.answer_state_request(peer, &frame.header, &mut stream)
+                .await;
+            return;
+        }
+        // A full inbox makes this await, which stops reading the stream: backpressure.
+        let _ = self.inner.inbox_tx.send(Inbound { from: peer, frame }).await;
+    }
+
+    async fn answer_state_request(
+        &self,
+        peer: PeerId,
+        req: &FrameHeader,
+        stream: &mut libp2p::Stream,
+    ) {
+        let snap = self.inner.served.lock().ok().and_then(|g| g.clone());
+        let Some(snap) = snap else {
+            tracing::info!(%peer, "state requested but this peer holds no committed state");
+            let _ = stream.close().await;
+            return;
+        };
+        let mut header = FrameHeader {
+            run_id: req.run_id.clone(),
+            round: snap.round,
+            kind: FrameKind::State as i32,
+            len: snap.params.len() as u64,
+            ..Default::default()
+        };
+        let mut payload = f32_bytes(&snap.params);
+        payload.extend_from_slice(&f32_bytes(&snap.velocity));
+        let wire = seal_payload(&mut header, &payload, Some(1));
+        if let Err(e) = self.sign(&mut header) {
+            tracing::warn!(error = %e, "could not sign a state frame");
+            return;
+        }
+        match tokio::time::timeout(FRAME_TIMEOUT, write_frame(stream, &header, &wire)).await {
+            Ok(Ok(n)) => {
+                self.inner.traffic.add(peer, n, 0);
+                let _ = stream.close().await;
+            }
+            _ => tracing::warn!(%peer, "could not send state"),
+        }
+    }
+
+    fn sign(&self, header: &mut FrameHeader) -> Result<(), TrainError> {
+        header.public_key = self.inner.keypair.public().encode_protobuf();
+        header.signature = Vec::new();
+        let sig = self
+            .inner
+            .keypair
+            .sign(&signing_bytes(header))
+            .map_err(|e| TrainError::Other(format!("signing failed: {e}")))?;
+        header.signature = sig;
+        Ok(())
+    }
+
+    /// Sends one frame to `peer` (to our own inbox when `peer` is us).
+    async fn send_frame(
+        &self,
+        peer: PeerId,
+        mut header: FrameHeader,
+        payload: &[u8],
+    ) -> Result<(), TrainError> {
+        let wire = seal_payload(&mut header, payload, Some(1));
+        self.sign(&mut header)?;
+        if peer == self.inner.local {
+            let frame = Frame {
+                header,
+                payload: payload.to_vec(),
+                wire_bytes: 0,
+            };
+            let _ = self
+                .inner
+                .inbox_tx
+                .send(Inbound {
+                    from: peer,
+                    frame,
+                })
+                .await;
+            return Ok(());
+        }
+        let mut control = self.inner.control.clone();
+        let mut stream = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, TENSOR_PROTOCOL))
+            .await
+            .map_err(|_| TrainError::Other(format!("opening a stream to {peer} timed out")))?
+            .map_err(|e| TrainError::Other(format!("opening a stream to {peer}: {e}")))?;
+        let n = tokio::time::timeout(FRAME_TIMEOUT, write_frame(&mut stream, &header, &wire))
+            .await
+            .map_err(|_| TrainError::Other(format!("sending to {peer} timed out")))?
+            .map_err(|e| TrainError::Other(format!("sending to {peer}: {e}")))?;
+        let _ = stream.close().await;
+        self.inner.traffic.add(peer, n, 0);
+        Ok(())
+    }
+
+    /// Asks `peer` for its committed state of `run_id`.
+    async fn fetch_state(
+        &self,
+        peer: PeerId,
+        run_id: &[u8],
+        n_params: usize,
+    ) -> Result<(u64, Vec<f32>, Vec<f32>), TrainError> {
+        let mut header = FrameHeader {
+            run_id: run_id.to_vec(),
+            kind: FrameKind::StateRequest as i32,
+            ..Default::default()
+        };
+        let wire = seal_payload(&mut header, &[], None);
+        self.sign(&mut header)?;
+        let mut control = self.inner.control.clone();
+        let mut stream = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, TENSOR_PROTOCOL))
+            .await
+            .map_err(|_| TrainError::Other(format!("opening a stream to {peer} timed out")))?
+            .map_err(|e| TrainError::Other(format!("opening a stream to {peer}: {e}")))?;
+        let n = write_frame(&mut stream, &header, &wire)
+            .await
+            .map_err(|e| TrainError::Other(format!("state request to {peer}: {e}")))?;
+        self.inner.traffic.add(peer, n, 0);
+        let limits = Limits {
+            max_header: self.inner.limits.max_header,
+            max_payload: n_params * 8,
+        };
+        let frame = tokio::time::timeout(FRAME_TIMEOUT, read_frame(&mut stream, &limits))
+            .await
+            .map_err(|_| TrainError::Other(format!("state from {peer} timed out")))?
+            .map_err(|e| TrainError::Other(format!("state from {peer}: {e}")))?
+            .ok_or_else(|| TrainError::Other(format!("{peer} holds no committed state")))?;
+        self.inner.traffic.add(peer, 0, frame.wire_bytes);
+        verify_sender(&frame.header, peer).map_err(TrainError::Other)?;
+        if frame.kind() != FrameKind::State || frame.payload.len() != n_params * 8 {
+            return Err(TrainError::Other(format!(
+                "{peer} sent a state of the wrong kind or size"
+            )));
+        }
+        let params = bytes_f32(&frame.payload[..n_params * 4]);
+        let velocity = bytes_f32(&frame.payload[n_params * 4..]);
+        Ok((frame.header.round, params, velocity))
+    }
+
+    /// Starts a run with this daemon as its coordinator and one of its replicas, and drives
+    /// it to the end. Other peers join with [`TrainService::join`].
+    pub async fn coordinate(
+        &self,
+        run: ResolvedRun,
+        out: Option<PathBuf>,
+    ) -> Result<RunSummary, TrainError> {
+        let (coord_tx, coord_rx) = mpsc::channel(1024);
+        {
+            let mut g = self
+                .inner
+                .coord_tx
+                .lock()
+                .map_err(|_| TrainError::Other("poisoned".into()))?;
+            if g.is_some() {
+                return Err(TrainError::Busy);
+            }
+            *g = Some(coord_tx.clone());
+        }
+        let (_, data_hash) = run.load_data()?;
+        let run = run.with_data_hash(data_hash);
+        let run_id = run.id();
+        // The local replica talks to the coordinator through channels instead of a stream.
+        let (to_replica_tx, to_replica_rx) = mpsc::channel(64);
+        let local = self.inner.local;
+        coord_tx
+            .send(CoordEvent::Connected {
+                peer: local,
+                tx: to_replica_tx,
+            })
+            .await
+            .map_err(|_| TrainError::Other("coordinator stopped".into()))?;
+        let (from_replica_tx, mut from_replica_rx) = mpsc::channel::<Msg>(64);
+        let fwd = coord_tx.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = from_replica_rx.recv().await {
+                if fwd.send(CoordEvent::Msg { peer: local, msg }).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let coord = tokio::spawn(run_coordinator(self.clone(), run.clone(), coord_rx));
+        let join = RunJoin {
+            run_id: run_id.to_vec(),
+            ..Default::default()
+        };
+        let res = self
+            .replica(run_id, Some(run), from_replica_tx, to_replica_rx, join, out)
+            .await;
+        let coord_res = coord.await;
+        if let Ok(mut g) = self.inner.coord_tx.lock() {
+            *g = None;
+        }
+        if let Ok(Err(e)) = coord_res {
+            tracing::warn!(error = %e, "coordinator ended with an error");
+        }
+        res
+    }
+
+    /// Joins the run `run_id` coordinated by `coordinator` and trains until it finishes.
+    pub async fn join(
+        &self,
+        coordinator: PeerId,
+        run_id: [u8; 32],
+        out: Option<PathBuf>,
+    ) -> Result<RunSummary, TrainError> {
+        let mut control = self.inner.control.clone();
+        let stream = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            control.open_stream(coordinator, CONTROL_PROTOCOL),
+        )
+        .await
+        .map_err(|_| TrainError::Unreachable(coordinator, "timed out".into()))?
+        .map_err(|e| TrainError::Unreachable(coordinator, e.to_string()))?;
+        let (mut rd, mut wr) = stream.split();
+        let (up_tx, mut up_rx) = mpsc::channel::<Msg>(64);
+        let (down_tx, down_rx) = mpsc::channel::<TrainControl>(64);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = up_rx.recv().await {
+                let m = TrainControl {
+                    protocol_version: 0,
+                    msg: Some(msg),
+                };
+                match write_control(&mut wr, m).await {
+                    Ok(n) => svc.inner.traffic.add(coordinator, n, 0),
+                    Err(_) => break,
+                }
+            }
+            let _ = wr.close().await;
+        });
+        let svc = self.clone();
+        tokio::spawn(async move {
+            // No deadline here: the stream is long-lived, and the replica puts its own
+            // deadlines on what it waits for.
+            while let Ok(Some((msg, n))) = read_control(&mut rd).await {
+                svc.inner.traffic.add(coordinator, 0, n);
+                if down_tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let join = RunJoin {
+            run_id: run_id.to_vec(),
+            ..Default::default()
+        };
+        self.replica(run_id, None, up_tx, down_rx, join, out).await
+    }
+
+    /// The replica loop, shared by the coordinator's own replica and joined ones.
+    async fn replica(
+        &self,
+        run_id: [u8; 32],
+        known: Option<ResolvedRun>,
+        up: mpsc::Sender<Msg>,
+        mut down: mpsc::Receiver<TrainControl>,
+        join: RunJoin,
+        out: Option<PathBuf>,
+    ) -> Result<RunSummary, TrainError> {
+        let mut inbox = self
+            .inner
+            .inbox_rx
+            .try_lock()
+            .map_err(|_| TrainError::Busy)?;
+        while inbox.try_recv().is_ok() {}
+        up.send(Msg::Join(join))
+            .await
+            .map_err(|_| TrainError::CoordinatorGone)?;
+        let welcome = loop {
+            let m = tokio::time::timeout(WELCOME_TIMEOUT, down.recv())
+                .await
+                .map_err(|_| TrainError::Other("the coordinator did not answer the join".into()))?
+                .ok_or(TrainError::CoordinatorGone)?;
+            match m.msg {
+                Some(Msg::Welcome(w)) => break w,
+                Some(Msg::Refused(r)) => return Err(TrainError::Refused(r.reason)),
+                _ => continue,
+            }
+        };
+        let run = match known {
+            Some(r) => r,
+            None => ResolvedRun::from_canonical(&welcome.manifest, &run_id)?,
+        };
+        let (data, _) = run.load_data()?;
+        let data = Arc::new(data);
+        let codec = run.codec();
+        let mut rep = Replica::new(&run.model, &run.inner, &self.inner.device)?;
+        let n = rep.num_params();
+        let mut outer = OuterOptimizer::new(run.outer.lr, run.outer.momentum, n);
+        let mut ef = ErrorFeedback::new(n);
+        let mut committed = Snapshot {
+            round: 0,
+            root: state_root(&run_id, &rep.flat_params()?, outer.velocity()),
+            params: rep.flat_params()?,
+            velocity: outer.velocity().to_vec(),
+        };
+        self.publish(&committed);
+        let mut pending: Option<Snapshot> = None;
+        let mut last_eval = f32::NAN;
+        self.set_status(|s| {
+            s.run_id = hex::encode(run_id);
+            s.name = run.name.clone();
+            s.rounds = run.rounds;
+            s.state = "waiting for the first round".into();
+        });
+        // Frames that arrived for a round we have not reached yet.
+        let mut early: Vec<Inbound> = Vec::new();
+        loop {
+            let Some(m) = down.recv().await else {
+                return Err(TrainError::CoordinatorGone);
+            };
+            match m.msg {
+                Some(Msg::Open(open)) => {
+                    // Roll back or fetch until we hold the round's base state.
+                    if let Some(p) = pending.take() {
+                        if p.root.as_slice() == open.base_root.as_slice() {
+                            committed = p;
+                            self.publish(&committed);
+                        }
+                    }
+                    if committed.root.as_slice() != open.base_root.as_slice() {
+                        match self.resync(&open, &run_id, n).await {
+                            Ok(s) => {
+                                committed = s;
+                                self.publish(&committed);
+                            }
+                            Err(e) => {
+                                tracing::warn!(round = open.round, error = %e, "could not resync; sitting this round out");
+                                continue;
+                            }
+                        }
+                    }
+                    rep.set_flat_params(&committed.params)?;
+                    outer = OuterOptimizer::with_velocity(
+                        run.outer.lr,
+                        run.outer.momentum,
+                        committed.velocity.clone(),
+                    );
+                    let mut slot = Some(rep);
+                    let report = self
+                        .round(
+                            &run, &run_id, &open, &data, codec, &mut slot, &mut outer, &mut ef,
+                            &mut inbox, &mut early,
+                        )
+                        .await;
+                    rep = slot.ok_or_else(|| TrainError::Other("replica lost".into()))?;
+                    let report = report?;
+                    if let Some((report, snap)) = report {
+                        last_eval = report.eval_loss;
+                        pending = Some(snap);
+                        up.send(Msg::Report(report))
+                            .await
+                            .map_err(|_| TrainError::CoordinatorGone)?;
+                    }
+                }
+                Some(Msg::Commit(c)) => {
+                    if let Some(p) = pending.take() {
+                        if p.root.as_slice() == c.root.as_slice() {
+                            committed = p;
+                            self.publish(&committed);
+                        } else {
+                            tracing::warn!(round = c.round, "our root differs from the committed one; will resync");
+                        }
+                    }
+                    self.set_status(|s| {
+                        s.committed_round = c.round;
+                        s.committed_root = hex::encode(&c.root);
+                        s.eval_loss = c.eval_loss;
+                    });
+                }
+                Some(Msg::Finished(f)) => {
+                    if let Some(p) = pending.take() {
+                        if p.root.as_slice() == f.root.as_slice() {
+                            committed = p;
+                        }
+                    }
+                    if committed.root.as_slice() != f.root.as_slice() {
+                        return Err(TrainError::Other(
+                            "the run finished on a state this replica does not hold".into(),
+                        ));
+                    }
+                    rep.set_flat_params(&committed.params)?;
+                    if let Some(dir) = &out {
+                        rep.save_checkpoint(dir, false)?;
+                        let outer = OuterOptimizer::with_velocity(
+                            run.outer.lr,
+                            run.outer.momentum,
+                            committed.velocity.clone(),
+                        );
+                        write_atomic(&dir.join("outer.bin"), &outer.to_bytes())?;
+                    }
+                    let eval_loss = if last_eval.is_finite() {
+                        last_eval
+                    } else {
+                        rep.eval_loss(&data, EVAL_BATCHES)?
+                    };
+                    self.set_status(|s| s.state = "finished".into());
+                    return Ok(RunSummary {
+                        run_id,
+                        rounds: f.rounds,
+                        root: committed.root,
+                        eval_loss,
+                        num_params: n,
+                        total_steps: rep.step(),
+                        peers: 0,
+                    });
+                }
+                Some(Msg::Refused(r)) => return Err(TrainError::Refused(r.reason)),
+                _ => {}
+            }
+        }
+    }
+
+    fn publish(&self, snap: &Snapshot) {
+        let copy = Snapshot {
+            round: snap.round,
+            root: snap.root,
+            params: snap.params.clone(),
+            velocity: snap.velocity.clone(),
+        };
+        if let Ok(mut g) = self.inner.served.lock() {
+            *g = Some(Arc::new(copy));
+        }
+    }
+
+    async fn resync(
+        &self,
+        open: &RoundOpen,
+        run_id: &[u8; 32],
+        n: usize,
+    ) -> Result<Snapshot, TrainError> {
+        let source = PeerId::from_bytes(&open.state_source)
+            .map_err(|_| TrainError::Other("round names no valid state source".into()))?;
+        let (round, params, velocity) = self.fetch_state(source, run_id, n).await?;
+        let root = state_root(run_id, &params, &velocity);
+        if root.as_slice() != open.base_root.as_slice() {
+            return Err(TrainError::Other(format!(
+                "state from {source} hashes to {} but the round starts from {}",
+                hex::encode(root),
+                hex::encode(&open.base_root)
+            )));
+        }
+        tracing::info!(%source, round, "resynced committed state");
+        Ok(Snapshot {
+            round,
+            root,
+            params,
+            velocity,
+        })
+    }
+
+    /// One round at a replica. Returns `None` when this replica is not a member.
+    #[allow(clippy::too_many_arguments)]
+    async fn round(
+        &self,
+        run: &ResolvedRun,
+        run_id: &[u8; 32],
+        open: &RoundOpen,
+        data: &Arc<potluck_worker::Dataset>,
+        codec: Codec,
+        rep: &mut Option<Replica>,
+        outer: &mut OuterOptimizer,
+        ef: &mut ErrorFeedback,
+        inbox: &mut mpsc::Receiver<Inbound>,
+        early: &mut Vec<Inbound>,
+    ) -> Result<Option<(RoundReport, Snapshot)>, TrainError> {
+        let started = Instant::now();
+        let deadline = Duration::from_secs(run.round_deadline_secs);
+        let reduce_by = started + deadline.mul_f64(0.6);
+        let finish_by = started + deadline.mul_f64(0.9);
+        let members: Vec<PeerId> = open
+            .members
+            .iter()
+            .filter_map(|b| PeerId::from_bytes(b).ok())
+            .collect();
+        let Some(me) = members.iter().position(|p| *p == self.inner.local) else {
+            return Ok(None);
+        };
+        let shard = open
+            .shards
+            .get(me)
+            .copied()
+            .unwrap_or_else(|| shard_for(open.round, me, members.len(), data.num_shards()));
+        self.set_status(|s| {
+            s.round = open.round;
+            s.state = format!("training on shard {shard}");
+            s.peers = members.iter().map(|p| p.to_string()).collect();
+        });
+        let theta_start = rep
+            .as_ref()
+            .ok_or_else(|| TrainError::Other("replica missing".into()))?
+            .flat_params()?;
+        let steps = run.inner_steps;
+        let stats = {
+            // Training is CPU-heavy: run it off the async runtime, handing the replica over.
+            let data = data.clone();
+            let mut moved = rep.take().ok_or_else(|| TrainError::Other("replica missing".into()))?;
+            let (back, res) = tokio::task::spawn_blocking(move || {
+                let r = moved.train_steps(&data, shard, steps);
+                (moved, r)
+            })
+            .await
+            .map_err(|e| TrainError::Other(format!("training task failed: {e}")))?;
+            *rep = Some(back);
+            res?
+        };
+        let rep = rep.as_mut().ok_or_else(|| TrainError::Other("replica missing".into()))?;
+        let theta_now = rep.flat_params()?;
+        let delta = potluck_worker::pseudo_gradient(&theta_start, &theta_now)?;
+        let ranges = slice_ranges(delta.len(), members.len());
+        let encoded = ef.compress_slices(codec, &delta, &ranges)?;
+        let mut update_hasher = blake3::Hasher::new();
+        for e in &encoded {
+            update_hasher.update(e);
+        }
+        self.set_status(|s| {
+            s.state = "exchanging updates".into();
+            s.train_loss = stats.mean_loss;
+        });
+        // Send slice i to member i, concurrently.
+        let sends = members.iter().enumerate().map(|(i, peer)| {
+            let header = FrameHeader {
+                run_id: run_id.to_vec(),
+                round: open.round,
+                kind: FrameKind::Contribution as i32,
+                slice: i as u32,
+                offset: ranges[i].start as u64,
+                len: ranges[i].len() as u64,
+                tokens: stats.tokens,
+                ..Default::default()
+            };
+            let svc = self.clone();
+            let peer = *peer;
+            let bytes = encoded[i].clone();
+            async move {
+                if let Err(e) = svc.send_frame(peer, header, &bytes).await {
+                    tracing::warn!(%peer, error = %e, "contribution not delivered");
+                }
+            }
+        });
+        futures::future::join_all(sends).await;
+
+        // Reduce our slice and collect everyone's reduced slices.
+        let my_range = ranges[me].clone();
+        let mut contributions: BTreeMap<PeerId, (u64, Vec<f32>)> = BTreeMap::new();
+        let mut rejected: Vec<String> = Vec::new();
+        let mut reduced: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+        let mut reduced_sent = false;
+        let member_set: BTreeSet<PeerId> = members.iter().copied().collect();
+        let mut pending_frames: Vec<Inbound> = std::mem::take(early);
+        loop {
+            if !reduced_sent
+                && (contributions.len() == members.len() || Instant::now() >= reduce_by)
+            {
+                reduced_sent = true;
+                let (avg, contributors) = aggregate(&contributions, my_range.len());
+                let bytes = compress::encode(reduce_codec(codec, contributors.len()), &avg);
+                let sends = members.iter().map(|peer| {
+                    let header = FrameHeader {
+                        run_id: run_id.to_vec(),
+                        round: open.round,
+                        kind: FrameKind::Reduced as i32,
+                        slice: me as u32,
+                        offset: my_range.start as u64,
+                        len: my_range.len() as u64,
+                        tokens: contributions.values().map(|c| c.0).sum(),
+                        contributors: contributors.iter().map(|p| p.to_bytes()).collect(),
+                        ..Default::default()
+                    };
+                    let svc = self.clone();
+                    let peer = *peer;
+                    let bytes = bytes.clone();
+                    async move {
+                        if let Err(e) = svc.send_frame(peer, header, &bytes).await {
+                            tracing::warn!(%peer, error = %e, "reduced slice not delivered");
+                        }
+                    }
+                });
+                futures::future::join_all(sends).await;
+            }
+            if reduced_sent && reduced.len() == members.len() {
+                break;
+            }
+            let next = if let Some(f) = pending_frames.pop() {
+                Some(f)
+            } else {
+                let wait_until = if reduced_sent { finish_by } else { reduce_by };
+                let now = Instant::now();
+                if now >= finish_by {
+                    break;
+                }
+                match tokio::time::timeout(wait_until.saturating_duration_since(now), inbox.recv())
+                    .await
+                {
+                    Ok(Some(f)) => Some(f),
+                    Ok(None) => return Err(TrainError::Other("inbox closed".into())),
+                    Err(_) => None,
+                }
+            };
+            let Some(inb) = next else { continue };
+            let h = &inb.frame.header;
+            if h.run_id.as_slice() != run_id.as_slice() {
+                continue;
+            }
+            if h.round > open.round {
+                if early.len() < 4 * members.len() + 16 {
+                    early.push(inb);
+                }
+                continue;
+            }
+            if h.round < open.round {
+                tracing::debug!(from = %inb.from, round = h.round, "stale frame ignored");
+                continue;
+            }
+            if !member_set.contains(&inb.from) {
+                rejected.push(format!("{}: not a member of round {}", inb.from, open.round));
+                continue;
+            }
+            match inb.frame.kind() {
+                FrameKind::Contribution => {
+                    if h.slice as usize != me
+                        || h.offset != my_range.start as u64
+                        || h.len != my_range.len() as u64
+                        || reduced_sent
+                    {
+                        rejected.push(format!("{}: contribution for the wrong slice or too late", inb.from));
+                        continue;
+                    }
+                    match validate_contribution(&inb.frame.payload, my_range.len()) {
+                        Ok(v) => {
+                            contributions.entry(inb.from).or_insert((h.tokens, v));
+                        }
+                        Err(reason) => {
+                            tracing::warn!(from = %inb.from, reason, "contribution rejected");
+                            self.set_status(|s| s.rejected_updates += 1);
+                            rejected.push(format!("{}: {reason}", inb.from));
+                        }
+                    }
+                }
+                FrameKind::Reduced => {
+                    let slice = h.slice as usize;
+                    if slice >= members.len()
+                        || members[slice] != inb.from
+                        || h.offset != ranges[slice].start as u64
+                        || h.len != ranges[slice].len() as u64
+                    {
+                        rejected.push(format!("{}: reduced slice it does not own", inb.from));
+                        continue;
+                    }
+                    match compress::decode(&inb.frame.payload, ranges[slice].len()) {
+                        Ok(v) if v.iter().all(|x| x.is_finite()) => {
+                            reduced.entry(slice).or_insert(v);
+                        }
+                        Ok(_) => rejected.push(format!("{}: non-finite reduced slice", inb.from)),
+                        Err(e) => rejected.push(format!("{}: {e}", inb.from)),
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Assemble the averaged update; a slice whose reducer missed the deadline is zero
+        // for every replica that missed it too.
+        let mut avg = vec![0f32; delta.len()];
+        let mut missing = Vec::new();
+        for (i, r) in ranges.iter().enumerate() {
+            match reduced.get(&i) {
+                Some(v) => avg[r.clone()].copy_from_slice(v),
+                None => missing.push(i as u32),
+            }
+        }
+        let new_params = outer.step(&theta_start, &avg)?;
+        rep.set_flat_params(&new_params)?;
+        let eval_loss = rep.eval_loss(data, EVAL_BATCHES)?;
+        let root = state_root(run_id, &new_params, outer.velocity());
+        let (sent, received) = self.inner.traffic.totals();
+        let report = RoundReport {
+            run_id: run_id.to_vec(),
+            round: open.round,
+            tokens: stats.tokens,
+            mean_loss: stats.mean_loss,
+            update_hash: update_hasher.finalize().as_bytes().to_vec(),
+            root: root.to_vec(),
+            missing_slices: missing,
+            eval_loss,
+            bytes_sent: sent,
+            bytes_received: received,
+            rejected,
+        };
+        self.set_status(|s| s.state = "waiting for the commit".into());
+        let snap = Snapshot {
+            round: open.round,
+            root,
+            params: new_params,
+            velocity: outer.velocity().to_vec(),
+        };
+        Ok(Some((report, snap)))
+    }
+}
+
+/// Hooks a coordinator up to an inbound control stream.
+fn attach_control_stream(
+    svc: &TrainService,
+    peer: PeerId,
+    stream: libp2p::Stream,
+    coord: mpsc::Sender<CoordEvent>,
+) {
+    let (mut rd, mut wr) = stream.split();
+    let (tx, mut rx) = mpsc::channel::<TrainControl>(64);
+    let s = svc.clone();
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            match write_control(&mut wr, m).await {
+                Ok(n) => s.inner.traffic.add(peer, n, 0),
+                Err(_) => break,
+            }
+        }
+        let _ = wr.close().await;
+    });
+    let s = svc.clone();
+    tokio::spawn(async move {
+        if coord.send(CoordEvent::Connected { peer, tx }).await.is_err() {
+            return;
+        }
+        loop {
+            match read_control(&mut rd).await {
+                Ok(Some((m, n))) => {
+                    s.inner.traffic.add(peer, 0, n);
+                    if let Some(msg) = m.msg {
+                        if coord.send(CoordEvent::Msg { peer, msg }).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "bad control message; closing the stream");
+                    break;
+                }
+            }
+        }
+        let _ = coord.send(CoordEvent::Closed { peer }).await;
+    });
+}
+
+/// The coordinator: admits replicas, opens rounds, collects reports and commits.
+async fn run_coordinator(
+    svc: TrainService,
+    run: ResolvedRun,
+    mut events: mpsc::Receiver<CoordEvent>,
+) -> Result<(), TrainError> {
+    let run_id = run.id();
+    let manifest = run.canonical_bytes();
+    let deadline = Duration::from_secs(run.round_deadline_secs);
+    let mut links: BTreeMap<PeerId, mpsc::Sender<TrainControl>> = BTreeMap::new();
+    let mut joined: BTreeSet<PeerId> = BTreeSet::new();
+    let mut ledger = potluck_coordinator_shim::Ledger::new(initial_root(&run)?);
+    let send = |links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>, peer: &PeerId, msg: Msg| {
+        if let Some(tx) = links.get(peer) {
+            let _ = tx.try_send(TrainControl {
+                protocol_version: 0,
+                msg: Some(msg),
+            });
+        }
+    };
+    let handle_admin = |ev: CoordEvent,
+                        links: &mut BTreeMap<PeerId, mpsc::Sender<TrainControl>>,
+                        joined: &mut BTreeSet<PeerId>|
+     -> Option<(PeerId, Msg)> {
+        match ev {
+            CoordEvent::Connected { peer, tx } => {
+                links.insert(peer, tx);
+                None
+            }
+            CoordEvent::Closed { peer } => {
+                links.remove(&peer);
+                joined.remove(&peer);
+                tracing::info!(%peer, "replica left the run");
+                None
+            }
+            CoordEvent::Msg { peer, msg } => Some((peer, msg)),
+        }
+    };
+    let mut round = 0u64;
+    while round < run.rounds {
+        // Wait until enough replicas have joined.
+        while joined.len() < run.min_peers {
+            let Some(ev) = events.recv().await else {
+                return Ok(());
+            };
+            if let Some((peer, msg)) = handle_admin(ev, &mut links, &mut joined) {
+                admit(&run_id, &manifest, &ledger, peer, msg, &links, &mut joined, send);
+            }
+        }
+        round += 1;
+        let members: Vec<PeerId> = joined.iter().copied().collect();
+        let open = RoundOpen {
+            run_id: run_id.to_vec(),
+            round,
+            members: members.iter().map(|p| p.to_bytes()).collect(),
+            shards: (0..members.len())
+                .map(|i| shard_for(round, i, members.len(), run.data.shards))
+                .collect(),
+            base_root: ledger.root().to_vec(),
+            deadline_unix_ms: unix_ms() + deadline.as_millis() as u64,
+            state_source: ledger.source().unwrap_or(svc.inner.local).to_bytes(),
+        };
+        let _ = svc.inner.events.send(RunEvent::RoundOpened {
+            round,
+            members: members.len(),
+        });
+        for p in &members {
+            send(&links, p, Msg::Open(open.clone()));
+        }
+        let mut reports: BTreeMap<PeerId, RoundReport> = BTreeMap::new();
+        let until = Instant::now() + deadline;
+        while reports.len() < members.iter().filter(|p| joined.contains(p)).count() {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            let ev = match tokio::time::timeout(until - now, events.recv()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Ok(()),
+                Err(_) => break,
+            };
+            let Some((peer, msg)) = handle_admin(ev, &mut links, &mut joined) else {
+                continue;
+            };
+            match msg {
+                Msg::Report(r) if r.round == round && members.contains(&peer) => {
+                    reports.entry(peer).or_insert(r);
+                }
+                Msg::Report(r) => {
+                    tracing::debug!(%peer, round = r.round, "late or foreign report ignored");
+                }
+                other => admit(&run_id, &manifest, &ledger, peer, other, &links, &mut joined, send),
+            }
+        }
+        match ledger.decide(round, members.len(), &reports) {
+            Ok((root, agreeing)) => {
+                let eval: f32 = agreeing
+                    .iter()
+                    .filter_map(|p| reports.get(p).map(|r| r.eval_loss))
+                    .sum::<f32>()
+                    / agreeing.len().max(1) as f32;
+                let commit = RoundCommit {
+                    run_id: run_id.to_vec(),
+                    round,
+                    root: root.to_vec(),
+                    agreeing: agreeing.iter().map(|p| p.to_bytes()).collect(),
+                    eval_loss: eval,
+                };
+                for p in links.keys() {
+                    send(&links, p, Msg::Commit(commit.clone()));
+                }
+                let _ = svc.inner.events.send(RunEvent::Committed {
+                    round,
+                    root,
+                    agreeing: agreeing.len(),
+                    members: members.len(),
+                    eval_loss: eval,
+                });
+            }
+            Err(reason) => {
+                tracing::warn!(round, reason, "round not committed");
+                let _ = svc.inner.events.send(RunEvent::NotCommitted { round, reason });
+            }
+        }
+    }
+    let fin = RunFinished {
+        run_id: run_id.to_vec(),
+        rounds: ledger.committed_round(),
+        root: ledger.root().to_vec(),
+    };
+    for p in links.keys() {
+        send(&links, p, Msg::Finished(fin.clone()));
+    }
+    let _ = svc.inner.events.send(RunEvent::Finished {
+        rounds: ledger.committed_round(),
+        root: ledger.root(),
+    });
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn admit(
+    run_id: &[u8; 32],
+    manifest: &[u8],
+    ledger: &potluck_coordinator_shim::Ledger,
+    peer: PeerId,
+    msg: Msg,
+    links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>,
+    joined: &mut BTreeSet<PeerId>,
+    send: impl Fn(&BTreeMap<PeerId, mpsc::Sender<TrainControl>>, &PeerId, Msg),
+) {
+    if let Msg::Join(j) = msg {
+        if j.run_id.as_slice() != run_id.as_slice() {
+            send(
+                links,
+                &peer,
+                Msg::Refused(RunRefused {
+                    run_id: j.run_id,
+                    reason: "this coordinator runs another run".into(),
+                }),
+            );
+            return;
+        }
+        joined.insert(peer);
+        tracing::info!(%peer, "replica joined the run");
+        send(
+            links,
+            &peer,
+            Msg::Welcome(RunWelcome {
+                run_id: run_id.to_vec(),
+                manifest: manifest.to_vec(),
+                committed_round: ledger.committed_round(),
+                committed_root: ledger.root().to_vec(),
+            }),
+        );
+    }
+}
+
+/// The state every replica starts from: the model initialised from the run's seed.
+fn initial_root(run: &ResolvedRun) -> Result<[u8; 32], TrainError> {
+    let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?;
+    let n = rep.num_params();
+    Ok(state_root(&run.id(), &rep.flat_params()?, &vec![0.0; n]))
+}
+
+/// The root of a replica's state: blake3 over the run id, the weights and the outer
+/// momentum, all as little-endian f32 in the worker's fixed parameter order.
+pub fn state_root(run_id: &[u8; 32], params: &[f32], velocity: &[f32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"potluck-state-v1");
+    h.update(run_id);
+    h.update(&(params.len() as u64).to_le_bytes());
+    h.update(&f32_bytes(params));
+    h.update(&f32_bytes(velocity));
+    *h.finalize().as_bytes()
+}
+
+/// The codec for a reduced slice: top-k keeps the union of the contributors' supports.
+fn reduce_codec(codec: Codec, contributors: usize) -> Codec {
+    match codec {
+        Codec::TopK { chunk, k, .. } => Codec::TopK {
+            chunk,
+            k: (k.saturating_mul(contributors.max(1) as u32)).min(chunk),
+            bits: 8,
+        },
+        other => other,
+    }
+}
+
+/// Decodes and checks one contribution: right length, every value finite.
+fn validate_contribution(payload: &[u8], len: usize) -> Result<Vec<f32>, String> {
+    let v = compress::decode(payload, len).map_err(|e| e.to_string())?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err("update holds NaN or infinite values".into());
+    }
+    Ok(v)
+}
+
+/// The aggregation seam: the token-weighted mean of the contributions, summed in peer-id
+/// order so every reducer computes the same bytes. Returns the mean and its contributors.
+fn aggregate(
+    contributions: &BTreeMap<PeerId, (u64, Vec<f32>)>,
+    len: usize,
+) -> (Vec<f32>, Vec<PeerId>) {
+    let total: u64 = contributions.values().map(|c| c.0).sum();
+    let mut out = vec![0f32; len];
+    if total == 0 {
+        return (out, Vec::new());
+    }
+    for (tokens, v) in contributions.values() {
+        let w = *tokens as f32 / total as f32;
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += w * x;
+        }
+    }
+    (out, contributions.keys().copied().collect())
+}
+
+fn verify_sender(h: &FrameHeader, from: PeerId) -> Result<(), &'static str> {
+    let pk = PublicKey::try_decode_protobuf(&h.public_key).map_err(|_| "malformed public key")?;
+    if pk.to_peer_id() != from {
+        return Err("frame signed by another peer than the one that sent it");
+    }
+    if !pk.verify(&signing_bytes(h), &h.signature) {
+        return Err("signature does not verify");
+    }
+    Ok(())
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    let io = |e: std::io::Error| TrainError::Other(format!("writing {}: {e}", path.display()));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        std::io::Write::write_all(&mut f, bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Round decisions until the coordinator crate's run state machine is wired in.
+mod potluck_coordinator_shim {
+    use super::*;
+
+    pub struct Ledger {
+        round: u64,
+        root: [u8; 32],
+        source: Option<PeerId>,
+    }
+
+    impl Ledger {
+        pub fn new(root: [u8; 32]) -> Self {
+            Self {
+                round: 0,
+                root,
+                source: None,
+            }
+        }
+        pub fn root(&self) -> [u8; 32] {
+            self.root
+        }
+        pub fn committed_round(&self) -> u64 {
+            self.round
+        }
+        pub fn source(&self) -> Option<PeerId> {
+            self.source
+        }
+        /// Commits the root held by a strict majority of the round's members.
+        pub fn decide(
+            &mut self,
+            round: u64,
+            members: usize,
+            reports: &BTreeMap<PeerId, RoundReport>,
+        ) -> Result<([u8; 32], Vec<PeerId>), String> {
+            let mut by_root: BTreeMap<Vec<u8>, Vec<PeerId>> = BTreeMap::new();
+            for (p, r) in reports {
+                by_root.entry(r.root.clone()).or_default().push(*p);
+            }
+            let quorum = members / 2 + 1;
+            let best = by_root.into_iter().max_by_key(|(_, v)| v.len());
+            match best {
+                Some((root, peers)) if peers.len() >= quorum && root.len() == 32 => {
+                    let mut r = [0u8; 32];
+                    r.copy_from_slice(&root);
+                    self.round = round;
+                    self.root = r;
+                    self.source = peers.first().copied();
+                    Ok((r, peers))
+                }
+                Some((_, peers)) => Err(format!(
+                    "{} of {members} members agree, {quorum} needed",
+                    peers.len()
+                )),
+                None => Err("no member reported".into()),
+            }
+        }
+    }
+}
