@@ -1,4 +1,23 @@
 //! potluck-worker: all tensor math of Potluck, with no sockets and no async runtime, so the
 //! daemon can drive it and tests can run it alone.
+//!
+//! Start at [`Replica`]: a model, its inner AdamW and its step counter, trained on a shard of
+//! a [`Dataset`]. The swarm snapshots [`Replica::flat_params`], computes the pseudo-gradient
+//! with [`pseudo_gradient`] and applies the averaged update with [`OuterOptimizer`]. The
+//! [`model`] module holds the transformer and its pipeline and expert cuts.
 
+pub mod checkpoint;
 pub mod compress;
+pub mod config;
+pub mod data;
+mod error;
+pub mod model;
+pub mod optim;
+pub mod replica;
+
+pub use config::{ComputeDType, DeviceSpec, LoraConfig, ModelConfig, TrainConfig};
+pub use data::{Dataset, SyntheticCorpus, SyntheticSpec, Tokenizer};
+pub use error::WorkerError;
+pub use model::{Model, StageSpec};
+pub use optim::{AdamW, OuterOptimizer, pseudo_gradient};
+pub use replica::{Replica, StepStats};

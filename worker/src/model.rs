@@ -1,0 +1,1060 @@
+//! The decoder-only MoE transformer: parameters with stable names, the forward pass, and the
+//! cuts that let a later pipeline/expert-parallel layer run pieces of it elsewhere.
+//!
+//! Every normalisation and softmax here is written with plain differentiable tensor ops:
+//! candle 0.11's fused `rms_norm`, `softmax_last_dim` and `rope` kernels have no backward pass,
+//! and using them would silently stop gradients. Master weights are `Var`s in the master dtype
+//! (f32, or f64 for gradient checks); the compute copy is a differentiable `to_dtype` cast, so
+//! gradients land on the f32 masters even when the pass runs in bf16.
+//!
+//! The training path and the stage path are the same code: a full forward is one stage that
+//! holds every layer, the embedding and the head; an MoE layer always runs as
+//! route -> per-expert forward -> combine, so a remote expert slots into the same seams.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor, Var, backprop::GradStore};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{LoraConfig, ModelConfig};
+use crate::{WorkerError, checkpoint};
+
+type Result<T> = std::result::Result<T, WorkerError>;
+
+/// How a parameter starts.
+#[derive(Debug, Clone, Copy)]
+enum Init {
+    Normal(f64),
+    Ones,
+    Zeros,
+}
+
+/// One named parameter of the layout: name, shape and initialisation.
+#[derive(Debug, Clone)]
+struct ParamSpec {
+    name: String,
+    shape: Vec<usize>,
+    init: Init,
+}
+
+/// The base parameters of a config in their fixed order. This order is the order of
+/// `param_layout`, of the flat vectors the swarm exchanges and of checkpoints.
+fn base_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
+    let d = cfg.d_model;
+    let std = cfg.init_std as f64;
+    // Residual-branch outputs are scaled down so the residual stream does not grow with depth.
+    let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
+    let spec = |name: String, shape: Vec<usize>, init: Init| ParamSpec { name, shape, init };
+    let swiglu = |specs: &mut Vec<ParamSpec>, prefix: String, hidden: usize| {
+        specs.push(spec(
+            format!("{prefix}.w_gate.weight"),
+            vec![hidden, d],
+            Init::Normal(std),
+        ));
+        specs.push(spec(
+            format!("{prefix}.w_up.weight"),
+            vec![hidden, d],
+            Init::Normal(std),
+        ));
+        specs.push(spec(
+            format!("{prefix}.w_down.weight"),
+            vec![d, hidden],
+            Init::Normal(out_std),
+        ));
+    };
+    let mut specs = vec![spec(
+        "tok_emb.weight".into(),
+        vec![cfg.vocab, d],
+        Init::Normal(std),
+    )];
+    for l in 0..cfg.n_layers {
+        specs.push(spec(
+            format!("layers.{l}.attn_norm.weight"),
+            vec![d],
+            Init::Ones,
+        ));
+        for p in ["wq", "wk", "wv"] {
+            specs.push(spec(
+                format!("layers.{l}.attn.{p}.weight"),
+                vec![d, d],
+                Init::Normal(std),
+            ));
+        }
+        specs.push(spec(
+            format!("layers.{l}.attn.wo.weight"),
+            vec![d, d],
+            Init::Normal(out_std),
+        ));
+        specs.push(spec(
+            format!("layers.{l}.ffn_norm.weight"),
+            vec![d],
+            Init::Ones,
+        ));
+        if cfg.is_moe(l) {
+            specs.push(spec(
+                format!("layers.{l}.moe.router.weight"),
+                vec![cfg.n_experts, d],
+                Init::Normal(std),
+            ));
+            for e in 0..cfg.n_experts {
+                swiglu(
+                    &mut specs,
+                    format!("layers.{l}.moe.experts.{e}"),
+                    cfg.expert_hidden,
+                );
+            }
+        } else {
+            swiglu(&mut specs, format!("layers.{l}.ffn"), cfg.ffn_hidden);
+        }
+    }
+    specs.push(spec("final_norm.weight".into(), vec![d], Init::Ones));
+    if !cfg.tie_embeddings {
+        specs.push(spec(
+            "lm_head.weight".into(),
+            vec![cfg.vocab, d],
+            Init::Normal(std),
+        ));
+    }
+    specs
+}
+
+/// Whether a base weight gets a LoRA adapter: attention and feed-forward projections.
+fn lora_target(name: &str) -> bool {
+    name.contains(".attn.w") || name.contains(".ffn.w_") || name.contains(".experts.")
+}
+
+/// The adapters of a config, in base order: `{proj}.lora_a` is `[rank, in]` (random) and
+/// `{proj}.lora_b` is `[out, rank]` (zero, so training starts at the base model).
+fn lora_specs(base: &[ParamSpec], lora: &LoraConfig) -> Vec<ParamSpec> {
+    let mut out = Vec::new();
+    for s in base.iter().filter(|s| lora_target(&s.name)) {
+        let prefix = s.name.trim_end_matches(".weight");
+        let (rows, cols) = (s.shape[0], s.shape[1]);
+        out.push(ParamSpec {
+            name: format!("{prefix}.lora_a"),
+            shape: vec![lora.rank, cols],
+            init: Init::Normal(1.0 / (cols as f64).sqrt()),
+        });
+        out.push(ParamSpec {
+            name: format!("{prefix}.lora_b"),
+            shape: vec![rows, lora.rank],
+            init: Init::Zeros,
+        });
+    }
+    out
+}
+
+/// Deterministic values for one parameter: ChaCha8 + Box-Muller in f64, identical on every
+/// machine and device.
+fn init_values(spec: &ParamSpec, rng: &mut ChaCha8Rng) -> Vec<f64> {
+    let n: usize = spec.shape.iter().product();
+    match spec.init {
+        Init::Ones => vec![1.0; n],
+        Init::Zeros => vec![0.0; n],
+        Init::Normal(std) => {
+            let mut out = Vec::with_capacity(n);
+            while out.len() < n {
+                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let u2: f64 = rng.random::<f64>();
+                let r = (-2.0 * u1.ln()).sqrt();
+                let th = 2.0 * std::f64::consts::PI * u2;
+                out.push(r * th.cos() * std);
+                if out.len() < n {
+                    out.push(r * th.sin() * std);
+                }
+            }
+            out
+        }
+    }
+}
+
+fn make_var(values: Vec<f64>, shape: &[usize], dtype: DType, device: &Device) -> Result<Var> {
+    // A fresh storage for every Var: `Var::from_tensor` would share storage with its source,
+    // and `Var::set` would then write through to it.
+    let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?;
+    Ok(Var::from_tensor(&t.to_device(device)?.copy()?)?)
+}
+
+/// The accumulation dtype for norms, softmax and the loss: f32, or f64 in f64 mode.
+fn acc_dtype(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// The compute-dtype view of the parameters used by one forward pass.
+#[derive(Debug)]
+pub struct Weights {
+    map: HashMap<String, Tensor>,
+    lora_scale: f64,
+}
+
+impl Weights {
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.map
+            .get(name)
+            .ok_or_else(|| WorkerError::Mismatch(format!("parameter {name} is missing")))
+    }
+
+    /// `x @ W^T` for `x: [N, in]`, plus the LoRA path when the projection has an adapter.
+    fn linear(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
+        let w = self.get(&format!("{prefix}.weight"))?;
+        let y = x.matmul(&w.t()?)?;
+        match (
+            self.map.get(&format!("{prefix}.lora_a")),
+            self.map.get(&format!("{prefix}.lora_b")),
+        ) {
+            (Some(a), Some(b)) => {
+                let low = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
+                Ok((y + low.affine(self.lora_scale, 0.0)?)?)
+            }
+            _ => Ok(y),
+        }
+    }
+}
+
+/// RMSNorm as differentiable ops, accumulated in at least f32.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let xa = x.to_dtype(acc_dtype(dt))?;
+    let ms = xa.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    Ok(xa.broadcast_mul(&inv)?.to_dtype(dt)?.broadcast_mul(w)?)
+}
+
+fn swiglu(w: &Weights, prefix: &str, x: &Tensor) -> Result<Tensor> {
+    let g = w.linear(&format!("{prefix}.w_gate"), x)?;
+    let u = w.linear(&format!("{prefix}.w_up"), x)?;
+    w.linear(&format!("{prefix}.w_down"), &(g.silu()? * u)?)
+}
+
+/// RoPE ("rotate half" form) on `x: [B, H, T, hd]` with `cos, sin: [T, hd/2]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x1.broadcast_mul(sin)? + x2.broadcast_mul(cos)?)?;
+    Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+}
+
+/// Which part of the model a stage holds: blocks `first_layer..end_layer`, plus the token
+/// embedding (first stage) and the final norm, head and loss (last stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageSpec {
+    /// First block of the stage.
+    pub first_layer: usize,
+    /// One past the last block of the stage.
+    pub end_layer: usize,
+    /// The stage embeds tokens (its input is `[B, T]` u32 token ids).
+    pub embed: bool,
+    /// The stage ends in the head and returns the loss.
+    pub head: bool,
+}
+
+/// Routing decisions of one MoE layer for one batch of `n_tokens` tokens.
+#[derive(Debug)]
+pub struct Routing {
+    /// Tokens in the batch.
+    pub n_tokens: usize,
+    /// Width of a token.
+    pub d_model: usize,
+    /// For each expert, the token rows it processes (after capacity), ascending.
+    pub tokens: Vec<Vec<u32>>,
+    /// For each expert with tokens, the row indices as a device tensor (for index_select/add).
+    pub index: Vec<Option<Tensor>>,
+    /// For each expert with tokens, the gate weight of each routed token `[n_e]`, in the
+    /// compute dtype; differentiable with respect to the router.
+    pub gates: Vec<Option<Tensor>>,
+    /// The load-balancing loss of this layer (a scalar, not yet multiplied by its coefficient).
+    pub aux: Tensor,
+    /// Expert assignments dropped for lack of capacity.
+    pub dropped: u64,
+    dtype: DType,
+    device: Device,
+}
+
+/// What a forward pass reports besides its tensors.
+#[derive(Debug, Clone, Default)]
+pub struct RouteStats {
+    /// Tokens processed by each expert of each MoE layer (in `moe_layers` order).
+    pub expert_tokens: Vec<Vec<u64>>,
+    /// Assignments dropped for lack of capacity, over all MoE layers.
+    pub dropped: u64,
+}
+
+/// Result of running a stage.
+#[derive(Debug)]
+pub struct StageRun {
+    /// Output hidden state `[B, T, d]` (for a head stage: the final residual stream).
+    pub hidden: Tensor,
+    /// Mean cross-entropy (head stage only).
+    pub ce: Option<Tensor>,
+    /// Sum of the MoE load-balancing losses of the stage's layers.
+    pub aux: Option<Tensor>,
+    /// Routing counts of the stage's MoE layers.
+    pub stats: RouteStats,
+}
+
+impl StageRun {
+    /// The stage's own contribution to the training objective: cross-entropy (if any) plus
+    /// `aux_loss_coef` times its load-balancing losses.
+    pub fn objective(&self, aux_coef: f64) -> Result<Option<Tensor>> {
+        let aux = match &self.aux {
+            Some(a) => Some(a.affine(aux_coef, 0.0)?),
+            None => None,
+        };
+        Ok(match (&self.ce, aux) {
+            (Some(ce), Some(a)) => Some((ce + a)?),
+            (Some(ce), None) => Some(ce.clone()),
+            (None, a) => a,
+        })
+    }
+}
+
+/// Output of `Model::stage_forward`.
+#[derive(Debug)]
+pub struct StageForward {
+    /// The activations to send on (non-head stages), detached.
+    pub hidden: Option<Tensor>,
+    /// Mean cross-entropy (head stage only).
+    pub ce: Option<f32>,
+    /// This stage's weighted load-balancing term (`aux_loss_coef` times its MoE layers'
+    /// losses). The training loss is the head's `ce` plus the `aux` of every stage.
+    pub aux: f32,
+}
+
+/// Output of `Model::stage_backward`.
+#[derive(Debug)]
+pub struct StageBackward {
+    /// Gradient of the stage's input activations (absent for the embedding stage).
+    pub input_grad: Option<Tensor>,
+    /// Gradients of the stage's trainable parameters that took part, by name, in layout order.
+    pub param_grads: Vec<(String, Tensor)>,
+    /// Mean cross-entropy (head stage only).
+    pub ce: Option<f32>,
+    /// This stage's weighted load-balancing term.
+    pub aux: f32,
+}
+
+fn scalar_f32(t: &Option<Tensor>) -> Result<Option<f32>> {
+    match t {
+        Some(t) => Ok(Some(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)),
+        None => Ok(None),
+    }
+}
+
+/// The transformer: trainable `Var`s in a fixed order, frozen base tensors (LoRA), and the
+/// dtypes it computes in.
+#[derive(Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    device: Device,
+    master_dtype: DType,
+    compute_dtype: DType,
+    trainable: Vec<(String, Var)>,
+    frozen: Vec<(String, Tensor)>,
+    lora: Option<LoraConfig>,
+}
+
+impl Model {
+    /// A freshly initialised model with f32 master weights, computing in `compute`.
+    pub fn new(cfg: &ModelConfig, device: &Device, compute: DType, seed: u64) -> Result<Self> {
+        Self::with_dtypes(cfg, device, DType::F32, compute, seed)
+    }
+
+    /// A freshly initialised model with the given master and compute dtypes. f64/f64 on the
+    /// CPU is what the gradient checks use; training uses f32 masters.
+    pub fn with_dtypes(
+        cfg: &ModelConfig,
+        device: &Device,
+        master: DType,
+        compute: DType,
+        seed: u64,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        check_dtypes(master, compute)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut trainable = Vec::new();
+        for spec in base_specs(cfg) {
+            let values = init_values(&spec, &mut rng);
+            trainable.push((
+                spec.name.clone(),
+                make_var(values, &spec.shape, master, device)?,
+            ));
+        }
+        Ok(Model {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            master_dtype: master,
+            compute_dtype: compute,
+            trainable,
+            frozen: Vec::new(),
+            lora: None,
+        })
+    }
+
+    /// A LoRA model: the base weights come from a safetensors file (f32, exactly the names and
+    /// shapes of `cfg`'s layout) and stay frozen; only the adapters are trainable.
+    pub fn with_lora(
+        cfg: &ModelConfig,
+        device: &Device,
+        master: DType,
+        compute: DType,
+        base_file: &Path,
+        lora: &LoraConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        lora.validate(cfg)?;
+        check_dtypes(master, compute)?;
+        let specs = base_specs(cfg);
+        let layout: Vec<(String, Vec<usize>)> = specs
+            .iter()
+            .map(|s| (s.name.clone(), s.shape.clone()))
+            .collect();
+        let values = checkpoint::read_f32_tensors(base_file, &layout)?;
+        let mut frozen = Vec::with_capacity(layout.len());
+        for ((name, shape), v) in layout.iter().zip(values) {
+            let t = Tensor::from_vec(v, shape.as_slice(), device)?.to_dtype(master)?;
+            frozen.push((name.clone(), t));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut trainable = Vec::new();
+        for spec in lora_specs(&specs, lora) {
+            let values = init_values(&spec, &mut rng);
+            trainable.push((
+                spec.name.clone(),
+                make_var(values, &spec.shape, master, device)?,
+            ));
+        }
+        Ok(Model {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            master_dtype: master,
+            compute_dtype: compute,
+            trainable,
+            frozen,
+            lora: Some(lora.clone()),
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device the tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of the master weights.
+    pub fn master_dtype(&self) -> DType {
+        self.master_dtype
+    }
+
+    /// The dtype of the forward/backward pass.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
+    /// The LoRA settings, when this is an adapter model.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// The trainable parameters in their fixed order (for a LoRA model: the adapters only).
+    pub fn trainable(&self) -> &[(String, Var)] {
+        &self.trainable
+    }
+
+    /// Names and shapes of the trainable parameters in their fixed order.
+    pub fn param_layout(&self) -> Vec<(String, Vec<usize>)> {
+        self.trainable
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect()
+    }
+
+    /// The compute view of the weights. With `track`, gradients flow back to the master `Var`s;
+    /// without, the view is detached (evaluation).
+    pub fn weights(&self, track: bool) -> Result<Weights> {
+        let mut map = HashMap::with_capacity(self.trainable.len() + self.frozen.len());
+        let cast = |t: &Tensor| -> Result<Tensor> {
+            let t = if track { t.clone() } else { t.detach() };
+            if t.dtype() == self.compute_dtype {
+                Ok(t)
+            } else {
+                Ok(t.to_dtype(self.compute_dtype)?)
+            }
+        };
+        for (name, t) in &self.frozen {
+            map.insert(name.clone(), cast(&t.detach())?);
+        }
+        for (name, v) in &self.trainable {
+            map.insert(name.clone(), cast(v.as_tensor())?);
+        }
+        let lora_scale = self
+            .lora
+            .as_ref()
+            .map(|l| l.alpha as f64 / l.rank as f64)
+            .unwrap_or(0.0);
+        Ok(Weights { map, lora_scale })
+    }
+
+    /// The whole model as one stage.
+    pub fn full_stage(&self) -> StageSpec {
+        StageSpec {
+            first_layer: 0,
+            end_layer: self.cfg.n_layers,
+            embed: true,
+            head: true,
+        }
+    }
+
+    /// Splits the blocks into `n` contiguous stages of near-equal size.
+    pub fn split_stages(&self, n: usize) -> Result<Vec<StageSpec>> {
+        let layers = self.cfg.n_layers;
+        if n == 0 || n > layers {
+            return Err(WorkerError::Config(format!(
+                "cannot split {layers} layers into {n} stages"
+            )));
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut start = 0;
+        for i in 0..n {
+            let len = layers / n + usize::from(i < layers % n);
+            out.push(StageSpec {
+                first_layer: start,
+                end_layer: start + len,
+                embed: i == 0,
+                head: i + 1 == n,
+            });
+            start += len;
+        }
+        Ok(out)
+    }
+
+    /// Whether a parameter belongs to a stage. With tied embeddings the embedding belongs to
+    /// both the first and the last stage; their gradients add.
+    pub fn stage_owns(&self, spec: &StageSpec, name: &str) -> bool {
+        if let Some(rest) = name.strip_prefix("layers.") {
+            return rest
+                .split('.')
+                .next()
+                .and_then(|l| l.parse::<usize>().ok())
+                .is_some_and(|l| (spec.first_layer..spec.end_layer).contains(&l));
+        }
+        match name {
+            "tok_emb.weight" => spec.embed || (spec.head && self.cfg.tie_embeddings),
+            _ => spec.head,
+        }
+    }
+
+    /// Runs a stage. `input` is `[B, T]` u32 tokens for an embedding stage, otherwise the
+    /// `[B, T, d]` hidden state in the compute dtype; `targets` (`[B, T]` u32) is required
+    /// for a head stage.
+    pub fn run_stage(
+        &self,
+        w: &Weights,
+        spec: &StageSpec,
+        input: &Tensor,
+        targets: Option<&Tensor>,
+    ) -> Result<StageRun> {
+        let cfg = &self.cfg;
+        if spec.first_layer > spec.end_layer || spec.end_layer > cfg.n_layers {
+            return Err(WorkerError::Config(format!("bad stage {spec:?}")));
+        }
+        let mut x = if spec.embed {
+            let (b, t) = input.dims2()?;
+            if t > cfg.context {
+                return Err(WorkerError::Mismatch(format!(
+                    "sequence of {t} tokens is longer than the context {}",
+                    cfg.context
+                )));
+            }
+            let ids = input.flatten_all()?;
+            w.get("tok_emb.weight")?
+                .index_select(&ids, 0)?
+                .reshape((b, t, cfg.d_model))?
+        } else {
+            let (_, t, d) = input.dims3()?;
+            if d != cfg.d_model || t > cfg.context {
+                return Err(WorkerError::Mismatch(format!(
+                    "stage input {:?} does not fit d_model {} / context {}",
+                    input.dims(),
+                    cfg.d_model,
+                    cfg.context
+                )));
+            }
+            input.to_dtype(self.compute_dtype)?
+        };
+        let (_, t, _) = x.dims3()?;
+        let (cos, sin, mask) = self.attention_consts(t)?;
+        let mut aux: Option<Tensor> = None;
+        let mut stats = RouteStats::default();
+        for l in spec.first_layer..spec.end_layer {
+            let (nx, layer_aux) = self.block(w, l, &x, &cos, &sin, &mask, &mut stats)?;
+            x = nx;
+            if let Some(a) = layer_aux {
+                aux = Some(match aux {
+                    Some(acc) => (acc + a)?,
+                    None => a,
+                });
+            }
+        }
+        let ce = if spec.head {
+            let targets = targets
+                .ok_or_else(|| WorkerError::Mismatch("a head stage needs targets".into()))?;
+            Some(self.head_loss(w, &x, targets)?)
+        } else {
+            None
+        };
+        Ok(StageRun {
+            hidden: x,
+            ce,
+            aux,
+            stats,
+        })
+    }
+
+    /// Loss of the whole model on a batch: cross-entropy plus the weighted load-balancing
+    /// loss. This is the function training differentiates.
+    pub fn loss(
+        &self,
+        w: &Weights,
+        tokens: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(Tensor, StageRun)> {
+        let run = self.run_stage(w, &self.full_stage(), tokens, Some(targets))?;
+        let total = run
+            .objective(self.cfg.aux_loss_coef as f64)?
+            .ok_or_else(|| WorkerError::Mismatch("full stage produced no loss".into()))?;
+        Ok((total, run))
+    }
+
+    /// Forward of one stage on its own: returns the (detached) output activations, or the
+    /// loss for the head stage.
+    pub fn stage_forward(
+        &self,
+        spec: &StageSpec,
+        input: &Tensor,
+        targets: Option<&Tensor>,
+    ) -> Result<StageForward> {
+        let w = self.weights(false)?;
+        let run = self.run_stage(&w, spec, input, targets)?;
+        let aux = self.weighted_aux(&run)?;
+        Ok(StageForward {
+            hidden: if spec.head {
+                None
+            } else {
+                Some(run.hidden.detach())
+            },
+            ce: scalar_f32(&run.ce)?,
+            aux,
+        })
+    }
+
+    fn weighted_aux(&self, run: &StageRun) -> Result<f32> {
+        Ok(match &run.aux {
+            Some(a) => a.to_dtype(DType::F64)?.to_scalar::<f64>()? as f32 * self.cfg.aux_loss_coef,
+            None => 0.0,
+        })
+    }
+
+    /// Backward of one stage: recomputes the forward from `input` (held as a `Var` so that its
+    /// gradient exists), then back-propagates `grad_output` (the gradient of the stage's
+    /// output; `None` for the head stage, whose output is the loss) plus the stage's own
+    /// load-balancing term. Nothing is kept between `stage_forward` and this call.
+    pub fn stage_backward(
+        &self,
+        spec: &StageSpec,
+        input: &Tensor,
+        grad_output: Option<&Tensor>,
+        targets: Option<&Tensor>,
+    ) -> Result<StageBackward> {
+        let w = self.weights(true)?;
+        let input_var = if spec.embed {
+            None
+        } else {
+            Some(Var::from_tensor(
+                &input.detach().to_dtype(self.compute_dtype)?.copy()?,
+            )?)
+        };
+        let x_in = match &input_var {
+            Some(v) => v.as_tensor().clone(),
+            None => input.clone(),
+        };
+        let run = self.run_stage(&w, spec, &x_in, targets)?;
+        let own = run.objective(self.cfg.aux_loss_coef as f64)?;
+        let acc = acc_dtype(self.compute_dtype);
+        let through = match (spec.head, grad_output) {
+            (true, _) => None,
+            (false, Some(g)) => {
+                if g.dims() != run.hidden.dims() {
+                    return Err(WorkerError::Mismatch(format!(
+                        "output gradient {:?} does not match stage output {:?}",
+                        g.dims(),
+                        run.hidden.dims()
+                    )));
+                }
+                let g = g.to_dtype(acc)?.detach();
+                Some((run.hidden.to_dtype(acc)? * g)?.sum_all()?)
+            }
+            (false, None) => {
+                return Err(WorkerError::Mismatch(
+                    "a non-head stage needs the gradient of its output".into(),
+                ));
+            }
+        };
+        let ce = scalar_f32(&run.ce)?;
+        let aux = self.weighted_aux(&run)?;
+        let objective = match (own, through) {
+            (Some(a), Some(b)) => (a.to_dtype(acc)? + b)?,
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => {
+                return Err(WorkerError::Mismatch(
+                    "stage has nothing to differentiate".into(),
+                ));
+            }
+        };
+        let grads = objective.backward()?;
+        let input_grad = match &input_var {
+            Some(v) => grads.get(v.as_tensor()).cloned(),
+            None => None,
+        };
+        let param_grads = self.collect_grads(&grads, |n| self.stage_owns(spec, n));
+        Ok(StageBackward {
+            input_grad,
+            param_grads,
+            ce,
+            aux,
+        })
+    }
+
+    /// The gradients of the trainable parameters selected by `keep`, in layout order;
+    /// parameters that took no part (an expert that got no tokens) are left out.
+    pub fn collect_grads(
+        &self,
+        grads: &GradStore,
+        keep: impl Fn(&str) -> bool,
+    ) -> Vec<(String, Tensor)> {
+        self.trainable
+            .iter()
+            .filter(|(n, _)| keep(n))
+            .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+            .collect()
+    }
+
+    /// RoPE tables and the causal mask for sequences of `t` tokens.
+    fn attention_consts(&self, t: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let hd = self.cfg.head_dim();
+        let half = hd / 2;
+        let theta = self.cfg.rope_theta as f64;
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for pos in 0..t {
+            for i in 0..half {
+                let freq = theta.powf(-2.0 * i as f64 / hd as f64);
+                let angle = pos as f64 * freq;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cd = self.compute_dtype;
+        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(cd)?;
+        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(cd)?;
+        let mut mask = vec![0f64; t * t];
+        for i in 0..t {
+            for j in (i + 1)..t {
+                mask[i * t + j] = f64::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(acc_dtype(cd))?;
+        Ok((cos, sin, mask))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        w: &Weights,
+        l: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        stats: &mut RouteStats,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, d) = x.dims3()?;
+        let eps = self.cfg.norm_eps as f64;
+        let h = rms_norm(x, w.get(&format!("layers.{l}.attn_norm.weight"))?, eps)?;
+        let a = self.attention(w, l, &h, cos, sin, mask)?;
+        let x = (x + a)?;
+        let h = rms_norm(&x, w.get(&format!("layers.{l}.ffn_norm.weight"))?, eps)?
+            .reshape((b * t, d))?;
+        let (f, aux) = if self.cfg.is_moe(l) {
+            let routing = self.moe_route(w, l, &h)?;
+            let mut outputs = Vec::with_capacity(self.cfg.n_experts);
+            for (e, idx) in routing.index.iter().enumerate() {
+                outputs.push(match idx {
+                    Some(idx) => Some(self.expert_forward(w, l, e, &h.index_select(idx, 0)?)?),
+                    None => None,
+                });
+            }
+            let y = moe_combine(&routing, &outputs)?;
+            stats
+                .expert_tokens
+                .push(routing.tokens.iter().map(|t| t.len() as u64).collect());
+            stats.dropped += routing.dropped;
+            (y, Some(routing.aux))
+        } else {
+            (swiglu(w, &format!("layers.{l}.ffn"), &h)?, None)
+        };
+        Ok(((x + f.reshape((b, t, d))?)?, aux))
+    }
+
+    fn attention(
+        &self,
+        w: &Weights,
+        l: usize,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let nh = self.cfg.n_heads;
+        let hd = self.cfg.head_dim();
+        let h2 = h.reshape((b * t, d))?;
+        let heads = |p: &str| -> Result<Tensor> {
+            Ok(w.linear(&format!("layers.{l}.attn.{p}"), &h2)?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = rope(&heads("wq")?, cos, sin)?.contiguous()?;
+        let k = rope(&heads("wk")?, cos, sin)?.contiguous()?;
+        let v = heads("wv")?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.to_dtype(mask.dtype())?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.compute_dtype)?;
+        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, d))?;
+        Ok(w.linear(&format!("layers.{l}.attn.wo"), &o)?
+            .reshape((b, t, d))?)
+    }
+
+    /// The router of MoE layer `layer` on normalised tokens `x: [N, d]`: top-k choice per
+    /// token (ties go to the lower expert index), capacity (first choices are placed before
+    /// second choices, in token order), gate weights renormalised over each token's top-k,
+    /// and the Switch load-balancing loss `E * sum_e f_e * P_e`.
+    pub fn moe_route(&self, w: &Weights, layer: usize, x: &Tensor) -> Result<Routing> {
+        let cfg = &self.cfg;
+        let (n, d) = x.dims2()?;
+        let n_exp = cfg.n_experts;
+        let k = cfg.top_k;
+        let acc = acc_dtype(self.compute_dtype);
+        let router = w.get(&format!("layers.{layer}.moe.router.weight"))?;
+        let logits = x.matmul(&router.t()?)?.to_dtype(acc)?;
+        let probs = candle_nn::ops::softmax(&logits, 1)?;
+        let p: Vec<f64> = probs.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let mut choice = vec![0usize; n * k];
+        let mut chosen_mask = vec![0f64; n * n_exp];
+        let mut chosen_count = vec![0u64; n_exp];
+        for tok in 0..n {
+            let row = &p[tok * n_exp..(tok + 1) * n_exp];
+            for j in 0..k {
+                let mut best: Option<usize> = None;
+                for (e, &pe) in row.iter().enumerate() {
+                    if chosen_mask[tok * n_exp + e] > 0.0 {
+                        continue;
+                    }
+                    if best.is_none_or(|b| pe > row[b]) {
+                        best = Some(e);
+                    }
+                }
+                let e = best.unwrap_or(0);
+                choice[tok * k + j] = e;
+                chosen_mask[tok * n_exp + e] = 1.0;
+                chosen_count[e] += 1;
+            }
+        }
+        let capacity =
+            ((cfg.capacity_factor as f64 * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
+        let mut dropped = 0u64;
+        for j in 0..k {
+            for tok in 0..n {
+                let e = choice[tok * k + j];
+                if tokens[e].len() < capacity {
+                    tokens[e].push(tok as u32);
+                } else {
+                    dropped += 1;
+                }
+            }
+        }
+        for list in &mut tokens {
+            list.sort_unstable();
+        }
+        let mask = Tensor::from_vec(chosen_mask, (n, n_exp), &self.device)?.to_dtype(acc)?;
+        let denom = (&probs * &mask)?.sum_keepdim(1)?;
+        let gate_all = probs.broadcast_div(&denom)?.flatten_all()?;
+        let mut index = Vec::with_capacity(n_exp);
+        let mut gates = Vec::with_capacity(n_exp);
+        for (e, list) in tokens.iter().enumerate() {
+            if list.is_empty() {
+                index.push(None);
+                gates.push(None);
+                continue;
+            }
+            let idx = Tensor::from_vec(list.clone(), list.len(), &self.device)?;
+            let flat: Vec<u32> = list.iter().map(|&t| t * n_exp as u32 + e as u32).collect();
+            let flat = Tensor::from_vec(flat, list.len(), &self.device)?;
+            gates.push(Some(
+                gate_all
+                    .index_select(&flat, 0)?
+                    .to_dtype(self.compute_dtype)?,
+            ));
+            index.push(Some(idx));
+        }
+        let frac: Vec<f64> = chosen_count
+            .iter()
+            .map(|&c| c as f64 / (n * k) as f64)
+            .collect();
+        let frac = Tensor::from_vec(frac, n_exp, &self.device)?.to_dtype(acc)?;
+        let aux = (probs.mean(0)? * frac)?
+            .sum_all()?
+            .affine(n_exp as f64, 0.0)?;
+        Ok(Routing {
+            n_tokens: n,
+            d_model: d,
+            tokens,
+            index,
+            gates,
+            aux,
+            dropped,
+            dtype: self.compute_dtype,
+            device: self.device.clone(),
+        })
+    }
+
+    /// One expert's SwiGLU on the tokens routed to it, `x: [n_e, d]` -> `[n_e, d]`.
+    pub fn expert_forward(
+        &self,
+        w: &Weights,
+        layer: usize,
+        expert: usize,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        if !self.cfg.is_moe(layer) || expert >= self.cfg.n_experts {
+            return Err(WorkerError::Mismatch(format!(
+                "layer {layer} has no expert {expert}"
+            )));
+        }
+        swiglu(w, &format!("layers.{layer}.moe.experts.{expert}"), x)
+    }
+
+    /// Backward of one expert alone, as a remote expert would run it: from its input tokens
+    /// and the gradient of its output, the gradient of its input and of its own parameters.
+    pub fn expert_backward(
+        &self,
+        layer: usize,
+        expert: usize,
+        x: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        let w = self.weights(true)?;
+        let xv = Var::from_tensor(&x.detach().to_dtype(self.compute_dtype)?.copy()?)?;
+        let y = self.expert_forward(&w, layer, expert, xv.as_tensor())?;
+        if y.dims() != grad_output.dims() {
+            return Err(WorkerError::Mismatch(format!(
+                "expert output gradient {:?} does not match {:?}",
+                grad_output.dims(),
+                y.dims()
+            )));
+        }
+        let acc = acc_dtype(self.compute_dtype);
+        let obj = (y.to_dtype(acc)? * grad_output.to_dtype(acc)?.detach())?.sum_all()?;
+        let grads = obj.backward()?;
+        let gx = grads
+            .get(xv.as_tensor())
+            .cloned()
+            .ok_or_else(|| WorkerError::Mismatch("expert input got no gradient".into()))?;
+        let prefix = format!("layers.{layer}.moe.experts.{expert}.");
+        Ok((gx, self.collect_grads(&grads, |n| n.starts_with(&prefix))))
+    }
+
+    /// Final norm, output head and mean cross-entropy (in at least f32).
+    fn head_loss(&self, w: &Weights, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        if targets.dims() != [b, t] {
+            return Err(WorkerError::Mismatch(format!(
+                "targets {:?} do not match the batch [{b}, {t}]",
+                targets.dims()
+            )));
+        }
+        let h = rms_norm(x, w.get("final_norm.weight")?, self.cfg.norm_eps as f64)?
+            .reshape((b * t, d))?;
+        let head = if self.cfg.tie_embeddings {
+            w.get("tok_emb.weight")?
+        } else {
+            w.get("lm_head.weight")?
+        };
+        let logits = h
+            .matmul(&head.t()?)?
+            .to_dtype(acc_dtype(self.compute_dtype))?;
+        Ok(candle_nn::loss::cross_entropy(
+            &logits,
+            &targets.flatten_all()?,
+        )?)
+    }
+}
+
+/// Sums the gated expert outputs back into token order. `outputs[e]` is `None` for an expert
+/// that did not answer (a remote call past its deadline): its tokens simply lose that
+/// expert's contribution and keep their residual path and other experts, so the result and
+/// its gradients stay valid.
+pub fn moe_combine(routing: &Routing, outputs: &[Option<Tensor>]) -> Result<Tensor> {
+    if outputs.len() != routing.tokens.len() {
+        return Err(WorkerError::Mismatch(format!(
+            "{} expert outputs for {} experts",
+            outputs.len(),
+            routing.tokens.len()
+        )));
+    }
+    let mut out = Tensor::zeros(
+        (routing.n_tokens, routing.d_model),
+        routing.dtype,
+        &routing.device,
+    )?;
+    for (e, y) in outputs.iter().enumerate() {
+        let (Some(y), Some(idx), Some(g)) = (y, &routing.index[e], &routing.gates[e]) else {
+            continue;
+        };
+        let want = [routing.tokens[e].len(), routing.d_model];
+        if y.dims() != want {
+            return Err(WorkerError::Mismatch(format!(
+                "expert {e} answered {:?}, expected {want:?}",
+                y.dims()
+            )));
+        }
+        let contrib = y.to_dtype(routing.dtype)?.broadcast_mul(&g.unsqueeze(1)?)?;
+        out = out.index_add(idx, &contrib, 0)?;
+    }
+    Ok(out)
+}
+
+fn check_dtypes(master: DType, compute: DType) -> Result<()> {
+    match (master, compute) {
+        (DType::F32, DType::F32 | DType::BF16 | DType::F16) | (DType::F64, DType::F64) => Ok(()),
+        _ => Err(WorkerError::Config(format!(
+            "unsupported dtypes: master {master:?}, compute {compute:?} (use f32 masters with \
+             f32/bf16 compute, or f64/f64 for gradient checks)"
+        ))),
+    }
+}

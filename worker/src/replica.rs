@@ -1,0 +1,496 @@
+//! One training replica: the model, its inner AdamW and a step counter, plus everything the
+//! swarm does with it: train on a shard, evaluate on the held-out split, read and write the
+//! flat parameter vector, and save/load checkpoints (safetensors + `config.json`).
+//!
+//! A checkpoint directory holds `config.json` and the tensor files it names; the tensor files
+//! carry the step in their names and `config.json` is renamed into place last, so a crash
+//! mid-save leaves the previous checkpoint intact and loadable.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::WorkerError;
+use crate::checkpoint::{read_f32_tensors, read_limited, write_atomic, write_f32_tensors};
+use crate::config::{DeviceSpec, LoraConfig, ModelConfig, TrainConfig};
+use crate::data::Dataset;
+use crate::model::{Model, RouteStats};
+use crate::optim::AdamW;
+
+/// Name of the checkpoint's metadata file.
+pub const CONFIG_FILE: &str = "config.json";
+const FORMAT: &str = "potluck-worker-checkpoint";
+const FORMAT_VERSION: u32 = 1;
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// What a call to `train_steps` did.
+#[derive(Debug, Clone, Default)]
+pub struct StepStats {
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// Mean cross-entropy over the steps (nats per token).
+    pub mean_loss: f32,
+    /// Cross-entropy of the last step.
+    pub last_loss: f32,
+    /// Mean load-balancing loss (summed over MoE layers, before its coefficient).
+    pub mean_aux: f32,
+    /// Gradient norm of the last step, before clipping.
+    pub grad_norm: f32,
+    /// Learning rate of the last step.
+    pub lr: f32,
+    /// Tokens processed by each expert of each MoE layer, summed over the steps.
+    pub expert_tokens: Vec<Vec<u64>>,
+    /// Expert assignments dropped for lack of capacity, summed over the steps.
+    pub dropped: u64,
+}
+
+/// The contents of `config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointMeta {
+    format: String,
+    version: u32,
+    model: ModelConfig,
+    train: TrainConfig,
+    step: u64,
+    weights: String,
+    optimizer: Option<String>,
+    optimizer_steps: u64,
+    lora: Option<LoraConfig>,
+    lora_base: Option<PathBuf>,
+}
+
+/// A model with its inner optimizer and step counter.
+#[derive(Debug)]
+pub struct Replica {
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    device_spec: DeviceSpec,
+    model: Model,
+    opt: AdamW,
+    step: u64,
+    lora_base: Option<PathBuf>,
+}
+
+impl Replica {
+    /// A freshly initialised replica (weights from `train.seed`).
+    pub fn new(
+        model: &ModelConfig,
+        train: &TrainConfig,
+        device: &DeviceSpec,
+    ) -> Result<Self, WorkerError> {
+        model.validate()?;
+        train.validate(model)?;
+        let dev = device.device()?;
+        let m = Model::new(model, &dev, train.compute_dtype.dtype(), train.seed)?;
+        Self::from_model(m, train, device, None)
+    }
+
+    /// A LoRA replica: frozen base weights from the safetensors file `base` (the layout of
+    /// `model`), trainable adapters only. Flat parameters, checkpoints and updates then cover
+    /// the adapters alone.
+    pub fn new_lora(
+        model: &ModelConfig,
+        train: &TrainConfig,
+        device: &DeviceSpec,
+        base: &Path,
+        lora: &LoraConfig,
+    ) -> Result<Self, WorkerError> {
+        model.validate()?;
+        train.validate(model)?;
+        let dev = device.device()?;
+        let m = Model::with_lora(
+            model,
+            &dev,
+            DType::F32,
+            train.compute_dtype.dtype(),
+            base,
+            lora,
+            train.seed,
+        )?;
+        Self::from_model(m, train, device, Some(base.to_path_buf()))
+    }
+
+    fn from_model(
+        model: Model,
+        train: &TrainConfig,
+        device: &DeviceSpec,
+        lora_base: Option<PathBuf>,
+    ) -> Result<Self, WorkerError> {
+        let opt = AdamW::new(model.trainable())?;
+        Ok(Replica {
+            model_cfg: model.config().clone(),
+            train_cfg: train.clone(),
+            device_spec: *device,
+            model,
+            opt,
+            step: 0,
+            lora_base,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The model config.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.model_cfg
+    }
+
+    /// The training config.
+    pub fn train_config(&self) -> &TrainConfig {
+        &self.train_cfg
+    }
+
+    /// Inner optimizer steps taken so far (drives the learning-rate schedule).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The device the replica runs on.
+    pub fn device_spec(&self) -> DeviceSpec {
+        self.device_spec
+    }
+
+    fn batch_tensors(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<(Tensor, Tensor), WorkerError> {
+        let seq = inputs.len() / batch.max(1);
+        if inputs.len() != batch * seq || targets.len() != inputs.len() || seq == 0 {
+            return Err(WorkerError::Mismatch(format!(
+                "batch of {} inputs / {} targets does not form {batch} rows",
+                inputs.len(),
+                targets.len()
+            )));
+        }
+        if let Some(t) = inputs
+            .iter()
+            .chain(targets)
+            .find(|&&t| t as usize >= self.model_cfg.vocab)
+        {
+            return Err(WorkerError::Data(format!(
+                "token {t} is outside the model vocabulary {}",
+                self.model_cfg.vocab
+            )));
+        }
+        let dev = self.model.device();
+        Ok((
+            Tensor::from_slice(inputs, (batch, seq), dev)?,
+            Tensor::from_slice(targets, (batch, seq), dev)?,
+        ))
+    }
+
+    /// One optimizer step on a given batch (`batch` rows, row-major). Returns the
+    /// cross-entropy, the summed load-balancing loss, routing counts and the gradient norm.
+    pub fn train_on_batch(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<(f32, f32, RouteStats, f64), WorkerError> {
+        let (x, y) = self.batch_tensors(inputs, targets, batch)?;
+        let w = self.model.weights(true)?;
+        let (total, run) = self.model.loss(&w, &x, &y)?;
+        let ce = match &run.ce {
+            Some(ce) => ce.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+            None => return Err(WorkerError::Mismatch("no loss computed".into())),
+        };
+        let aux = match &run.aux {
+            Some(a) => a.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+            None => 0.0,
+        };
+        if !ce.is_finite() || !aux.is_finite() {
+            return Err(WorkerError::NonFinite(format!(
+                "loss {ce}, aux {aux} at step {}",
+                self.step
+            )));
+        }
+        let grads = total.backward()?;
+        let lr = self.train_cfg.lr_at(self.step);
+        let norm = self
+            .opt
+            .step(self.model.trainable(), &grads, &self.train_cfg, lr)?;
+        self.step += 1;
+        Ok((ce, aux, run.stats, norm))
+    }
+
+    /// Runs `steps` inner steps on shard `shard` of `data`. Batches are drawn from a stream
+    /// seeded by (seed, shard, step), so a run is reproducible and a resumed replica draws the
+    /// batches it would have drawn without the restart.
+    pub fn train_steps(
+        &mut self,
+        data: &Dataset,
+        shard: u64,
+        steps: usize,
+    ) -> Result<StepStats, WorkerError> {
+        if data.vocab() > self.model_cfg.vocab {
+            return Err(WorkerError::Data(format!(
+                "data vocabulary {} is larger than the model's {}",
+                data.vocab(),
+                self.model_cfg.vocab
+            )));
+        }
+        let (batch, seq) = (self.train_cfg.batch_size, self.train_cfg.seq_len);
+        let mut stats = StepStats::default();
+        let (mut loss_sum, mut aux_sum) = (0f64, 0f64);
+        for _ in 0..steps {
+            let mut seed = [0u8; 32];
+            seed[..8].copy_from_slice(&self.train_cfg.seed.to_le_bytes());
+            seed[8..16].copy_from_slice(&shard.to_le_bytes());
+            seed[16..24].copy_from_slice(&self.step.to_le_bytes());
+            let mut rng = ChaCha8Rng::from_seed(seed);
+            let (inputs, targets) = data.sample_batch(shard, batch, seq, &mut rng)?;
+            stats.lr = self.train_cfg.lr_at(self.step);
+            let (ce, aux, route, norm) = self.train_on_batch(&inputs, &targets, batch)?;
+            loss_sum += ce as f64;
+            aux_sum += aux as f64;
+            stats.last_loss = ce;
+            stats.grad_norm = norm as f32;
+            stats.steps += 1;
+            stats.tokens += (batch * seq) as u64;
+            stats.dropped += route.dropped;
+            if stats.expert_tokens.is_empty() {
+                stats.expert_tokens = route.expert_tokens;
+            } else {
+                for (acc, layer) in stats.expert_tokens.iter_mut().zip(route.expert_tokens) {
+                    for (a, c) in acc.iter_mut().zip(layer) {
+                        *a += c;
+                    }
+                }
+            }
+        }
+        if stats.steps > 0 {
+            stats.mean_loss = (loss_sum / stats.steps as f64) as f32;
+            stats.mean_aux = (aux_sum / stats.steps as f64) as f32;
+        }
+        Ok(stats)
+    }
+
+    /// Mean cross-entropy (nats per token) on up to `max_batches` held-out batches of the
+    /// training batch shape.
+    pub fn eval_loss(&self, data: &Dataset, max_batches: usize) -> Result<f32, WorkerError> {
+        let (batch, seq) = (self.train_cfg.batch_size, self.train_cfg.seq_len);
+        let batches = data.eval_batches(batch, seq, max_batches)?;
+        let w = self.model.weights(false)?;
+        let mut sum = 0f64;
+        for (inputs, targets) in &batches {
+            let (x, y) = self.batch_tensors(inputs, targets, batch)?;
+            let run = self
+                .model
+                .run_stage(&w, &self.model.full_stage(), &x, Some(&y))?;
+            let ce = run
+                .ce
+                .ok_or_else(|| WorkerError::Mismatch("no loss computed".into()))?;
+            sum += ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        Ok((sum / batches.len() as f64) as f32)
+    }
+
+    /// Names and shapes of the trainable parameters, in the fixed order of `flat_params`.
+    pub fn param_layout(&self) -> Vec<(String, Vec<usize>)> {
+        self.model.param_layout()
+    }
+
+    /// Number of trainable values (the length of `flat_params`).
+    pub fn num_params(&self) -> usize {
+        self.model
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    /// A deep copy of the trainable parameters as one f32 vector in layout order. This is
+    /// the snapshot the swarm keeps as `theta_start`; later training does not change it.
+    pub fn flat_params(&self) -> Result<Vec<f32>, WorkerError> {
+        let mut out = Vec::with_capacity(self.num_params());
+        for (_, v) in self.model.trainable() {
+            out.extend(
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Overwrites the trainable parameters from a flat vector in layout order. The inner
+    /// optimizer state is kept (DiLoCo keeps it across rounds).
+    pub fn set_flat_params(&mut self, flat: &[f32]) -> Result<(), WorkerError> {
+        if flat.len() != self.num_params() {
+            return Err(WorkerError::Mismatch(format!(
+                "flat vector has {} values, the model has {}",
+                flat.len(),
+                self.num_params()
+            )));
+        }
+        let mut off = 0;
+        for (_, v) in self.model.trainable() {
+            let n = v.elem_count();
+            let t = Tensor::from_slice(&flat[off..off + n], v.dims(), self.model.device())?
+                .to_dtype(self.model.master_dtype())?;
+            v.set(&t)?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn tensors_of(
+        &self,
+        tensors: &[Tensor],
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, WorkerError> {
+        let mut out = Vec::with_capacity(tensors.len());
+        for ((name, _), t) in self.model.trainable().iter().zip(tensors) {
+            out.push((
+                format!("{prefix}{name}"),
+                t.dims().to_vec(),
+                t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Saves the trainable weights (and, with `with_optimizer`, the AdamW moments) to
+    /// safetensors in `dir`, with `config.json` written last so the save is atomic.
+    pub fn save_checkpoint(&self, dir: &Path, with_optimizer: bool) -> Result<(), WorkerError> {
+        std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
+        let weights: Vec<Tensor> = self
+            .model
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.as_tensor().detach())
+            .collect();
+        let weights_name = format!("weights-{:012}.safetensors", self.step);
+        write_f32_tensors(&dir.join(&weights_name), &self.tensors_of(&weights, "")?)?;
+        let optimizer_name = if with_optimizer {
+            let name = format!("optimizer-{:012}.safetensors", self.step);
+            let (m, v) = self.opt.moments();
+            let mut all = self.tensors_of(m, "m.")?;
+            all.extend(self.tensors_of(v, "v.")?);
+            write_f32_tensors(&dir.join(&name), &all)?;
+            Some(name)
+        } else {
+            None
+        };
+        let meta = CheckpointMeta {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            model: self.model_cfg.clone(),
+            train: self.train_cfg.clone(),
+            step: self.step,
+            weights: weights_name.clone(),
+            optimizer: optimizer_name.clone(),
+            optimizer_steps: self.opt.steps(),
+            lora: self.model.lora().cloned(),
+            lora_base: self.lora_base.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| WorkerError::checkpoint(dir, format!("serialise config: {e}")))?;
+        write_atomic(&dir.join(CONFIG_FILE), &json)?;
+        // Older tensor files are no longer referenced; removing them is best-effort.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let ours = name.starts_with("weights-") || name.starts_with("optimizer-");
+                let live = name == weights_name || Some(&name) == optimizer_name.as_ref();
+                if ours && name.ends_with(".safetensors") && !live {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a checkpoint written by `save_checkpoint` onto `device`. The weights come back
+    /// bit-exact; the optimizer state too when it was saved (otherwise it starts at zero).
+    pub fn load_checkpoint(dir: &Path, device: &DeviceSpec) -> Result<Self, WorkerError> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let bytes = read_limited(&cfg_path, MAX_CONFIG_BYTES)?;
+        let meta: CheckpointMeta = serde_json::from_slice(&bytes).map_err(|e| {
+            WorkerError::checkpoint(&cfg_path, format!("malformed config.json: {e}"))
+        })?;
+        if meta.format != FORMAT || meta.version != FORMAT_VERSION {
+            return Err(WorkerError::checkpoint(
+                &cfg_path,
+                format!(
+                    "format {} v{} is not {FORMAT} v{FORMAT_VERSION}",
+                    meta.format, meta.version
+                ),
+            ));
+        }
+        meta.model
+            .validate()
+            .and_then(|_| meta.train.validate(&meta.model))
+            .map_err(|e| WorkerError::checkpoint(&cfg_path, e.to_string()))?;
+        let mut replica = match (&meta.lora, &meta.lora_base) {
+            (None, None) => Self::new(&meta.model, &meta.train, device)?,
+            (Some(lora), Some(base)) => {
+                Self::new_lora(&meta.model, &meta.train, device, base, lora)?
+            }
+            _ => {
+                return Err(WorkerError::checkpoint(
+                    &cfg_path,
+                    "lora and lora_base must be given together",
+                ));
+            }
+        };
+        let layout = replica.param_layout();
+        let weights = read_f32_tensors(
+            &dir.join(checked_file_name(&cfg_path, &meta.weights)?),
+            &layout,
+        )?;
+        let flat: Vec<f32> = weights.into_iter().flatten().collect();
+        replica.set_flat_params(&flat)?;
+        if let Some(opt_name) = &meta.optimizer {
+            let mut opt_layout: Vec<(String, Vec<usize>)> = layout
+                .iter()
+                .map(|(n, s)| (format!("m.{n}"), s.clone()))
+                .collect();
+            opt_layout.extend(layout.iter().map(|(n, s)| (format!("v.{n}"), s.clone())));
+            let values = read_f32_tensors(
+                &dir.join(checked_file_name(&cfg_path, opt_name)?),
+                &opt_layout,
+            )?;
+            let dev = replica.model.device().clone();
+            let master = replica.model.master_dtype();
+            let mut tensors = Vec::with_capacity(values.len());
+            for ((_, shape), v) in opt_layout.iter().zip(values) {
+                tensors.push(Tensor::from_vec(v, shape.as_slice(), &dev)?.to_dtype(master)?);
+            }
+            let v = tensors.split_off(layout.len());
+            replica.opt.set_state(meta.optimizer_steps, tensors, v)?;
+        }
+        replica.step = meta.step;
+        Ok(replica)
+    }
+}
+
+/// A file name from `config.json` must name a plain file inside the checkpoint directory.
+fn checked_file_name<'a>(cfg_path: &Path, name: &'a str) -> Result<&'a str, WorkerError> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(WorkerError::checkpoint(
+            cfg_path,
+            format!("file name {name:?} is not allowed"),
+        ))
+    }
+}
