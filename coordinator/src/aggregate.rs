@@ -74,11 +74,19 @@ pub fn aggregate(contributions: &[Contribution<'_>]) -> Result<Vec<f32>, Aggrega
 /// Why a contribution is refused before aggregation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RejectReason {
-    WrongLength { expected: usize, got: usize },
-    NonFinite { index: usize },
+    WrongLength {
+        expected: usize,
+        got: usize,
+    },
+    NonFinite {
+        index: usize,
+    },
     NoTokens,
     /// Its L2 norm exceeds `max_ratio` times the median norm of the other contributions.
-    NormTooLarge { norm: f64, others_median: f64 },
+    NormTooLarge {
+        norm: f64,
+        others_median: f64,
+    },
 }
 
 /// A refused contribution: `index` into the slice given to [`validate_updates`].
@@ -184,9 +192,21 @@ mod tests {
         let vb = [3.0f32, 0.2, 7.0];
         let vc = [0.3f32, 1e-7, 2.5];
         let x = [
-            Contribution { peer: &a, tokens: 1, values: &va },
-            Contribution { peer: &b, tokens: 3, values: &vb },
-            Contribution { peer: &c, tokens: 7, values: &vc },
+            Contribution {
+                peer: &a,
+                tokens: 1,
+                values: &va,
+            },
+            Contribution {
+                peer: &b,
+                tokens: 3,
+                values: &vb,
+            },
+            Contribution {
+                peer: &c,
+                tokens: 7,
+                values: &vc,
+            },
         ];
         let y = [x[2], x[0], x[1]];
         let r1 = aggregate(&x).unwrap();
@@ -206,18 +226,42 @@ mod tests {
         let v3 = [1.0f32, 2.0, 3.0];
         assert_eq!(aggregate(&[]), Err(AggregateError::Empty));
         let e = aggregate(&[
-            Contribution { peer: &a, tokens: 1, values: &v2 },
-            Contribution { peer: &b, tokens: 1, values: &v3 },
+            Contribution {
+                peer: &a,
+                tokens: 1,
+                values: &v2,
+            },
+            Contribution {
+                peer: &b,
+                tokens: 1,
+                values: &v3,
+            },
         ]);
         assert!(matches!(e, Err(AggregateError::WrongLength { got: 3, .. })));
         let e = aggregate(&[
-            Contribution { peer: &a, tokens: 0, values: &v2 },
-            Contribution { peer: &b, tokens: 0, values: &v2 },
+            Contribution {
+                peer: &a,
+                tokens: 0,
+                values: &v2,
+            },
+            Contribution {
+                peer: &b,
+                tokens: 0,
+                values: &v2,
+            },
         ]);
         assert_eq!(e, Err(AggregateError::NoTokens));
         let e = aggregate(&[
-            Contribution { peer: &a, tokens: 1, values: &v2 },
-            Contribution { peer: &a, tokens: 1, values: &v2 },
+            Contribution {
+                peer: &a,
+                tokens: 1,
+                values: &v2,
+            },
+            Contribution {
+                peer: &a,
+                tokens: 1,
+                values: &v2,
+            },
         ]);
         assert!(matches!(e, Err(AggregateError::DuplicatePeer { .. })));
     }
@@ -232,19 +276,58 @@ mod tests {
         let nan = [f32::NAN, 0.0];
         let short = [1.0f32];
         let cs = [
-            Contribution { peer: &peers[0], tokens: 5, values: &ok1 },
-            Contribution { peer: &peers[1], tokens: 5, values: &huge },
-            Contribution { peer: &peers[2], tokens: 5, values: &nan },
-            Contribution { peer: &peers[3], tokens: 5, values: &ok2 },
-            Contribution { peer: &peers[4], tokens: 5, values: &short },
-            Contribution { peer: &peers[5], tokens: 5, values: &ok3 },
+            Contribution {
+                peer: &peers[0],
+                tokens: 5,
+                values: &ok1,
+            },
+            Contribution {
+                peer: &peers[1],
+                tokens: 5,
+                values: &huge,
+            },
+            Contribution {
+                peer: &peers[2],
+                tokens: 5,
+                values: &nan,
+            },
+            Contribution {
+                peer: &peers[3],
+                tokens: 5,
+                values: &ok2,
+            },
+            Contribution {
+                peer: &peers[4],
+                tokens: 5,
+                values: &short,
+            },
+            Contribution {
+                peer: &peers[5],
+                tokens: 5,
+                values: &ok3,
+            },
         ];
-        let rej = validate_updates(&cs, ValidationLimits { expected_len: 2, max_norm_ratio: 10.0 });
+        let rej = validate_updates(
+            &cs,
+            ValidationLimits {
+                expected_len: 2,
+                max_norm_ratio: 10.0,
+            },
+        );
         let got: Vec<(usize, &RejectReason)> = rej.iter().map(|r| (r.index, &r.reason)).collect();
         assert_eq!(got.len(), 3, "{got:?}");
         assert!(matches!(got[0], (1, RejectReason::NormTooLarge { .. })));
         assert!(matches!(got[1], (2, RejectReason::NonFinite { index: 0 })));
-        assert!(matches!(got[2], (4, RejectReason::WrongLength { expected: 2, got: 1 })));
+        assert!(matches!(
+            got[2],
+            (
+                4,
+                RejectReason::WrongLength {
+                    expected: 2,
+                    got: 1
+                }
+            )
+        ));
     }
 
     #[test]
@@ -253,10 +336,24 @@ mod tests {
         let small = [1.0f32];
         let big = [50.0f32];
         let cs = [
-            Contribution { peer: &a, tokens: 1, values: &small },
-            Contribution { peer: &b, tokens: 1, values: &big },
+            Contribution {
+                peer: &a,
+                tokens: 1,
+                values: &small,
+            },
+            Contribution {
+                peer: &b,
+                tokens: 1,
+                values: &big,
+            },
         ];
-        let rej = validate_updates(&cs, ValidationLimits { expected_len: 1, max_norm_ratio: 10.0 });
+        let rej = validate_updates(
+            &cs,
+            ValidationLimits {
+                expected_len: 1,
+                max_norm_ratio: 10.0,
+            },
+        );
         assert_eq!(rej.len(), 1);
         assert_eq!(rej[0].peer, b);
     }

@@ -101,3 +101,119 @@ impl fmt::Display for PeerId {
         f.write_str(&hex::encode(&self.0))
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Fixtures shared by the tests: keys, a small checkpoint directory, its run.
+    use crate::failover::{RunManifest, SignedRunManifest};
+    use crate::manifest::{
+        CheckpointContent, MANIFEST_FILE, ManifestBody, RUN_FILE, SignedManifest, SignerRole,
+    };
+    use crate::round::{CommitRecord, Contributor};
+    use crate::{Hash32, PeerId};
+    use safetensors::tensor::{Dtype, TensorView};
+    use std::path::Path;
+
+    pub const COORD: [u8; 32] = [7; 32];
+    pub const SUCC: [u8; 32] = [8; 32];
+    pub const REPLICA: [u8; 32] = [9; 32];
+    pub const FORGER: [u8; 32] = [66; 32];
+    pub const CHUNK: u32 = 4096;
+
+    /// Writes model.safetensors (three tensors, one spanning several chunks, one empty),
+    /// config.json, with weights depending on `seed`.
+    pub fn write_model(dir: &Path, seed: u8) {
+        std::fs::create_dir_all(dir).unwrap();
+        let a: Vec<u8> = (0..3 * 5000u32)
+            .flat_map(|i| ((i as f32) * 0.5 + f32::from(seed)).to_le_bytes())
+            .collect();
+        let b: Vec<u8> = (0..64u16)
+            .flat_map(|i| (i ^ u16::from(seed)).to_le_bytes())
+            .collect();
+        let e: Vec<u8> = Vec::new();
+        let tensors = vec![
+            (
+                "layer.0.weight",
+                TensorView::new(Dtype::F32, vec![3, 5000], &a).unwrap(),
+            ),
+            (
+                "layer.0.bias",
+                TensorView::new(Dtype::BF16, vec![64], &b).unwrap(),
+            ),
+            (
+                "empty",
+                TensorView::new(Dtype::F32, vec![0, 4], &e).unwrap(),
+            ),
+        ];
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        safetensors::serialize_to_file(tensors, Some(meta), &dir.join("model.safetensors"))
+            .unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            format!("{{\"hidden\": 64, \"seed\": {seed}}}"),
+        )
+        .unwrap();
+    }
+
+    pub fn run(genesis_root: Hash32) -> SignedRunManifest {
+        SignedRunManifest::create(
+            RunManifest {
+                name: "test".into(),
+                genesis_root,
+                coordinator_keys: vec![
+                    crate::manifest::public_key(&COORD),
+                    crate::manifest::public_key(&SUCC),
+                ],
+                settings: b"lr=0.1".to_vec(),
+            },
+            &COORD,
+        )
+        .unwrap()
+    }
+
+    /// A chain of `n` checkpoint directories `dir/<round>` (round 0 = genesis), each with
+    /// manifest.pb and run.pb, signed by COORD and REPLICA. Returns the run and manifests.
+    pub fn chain(dir: &Path, n: u64) -> (SignedRunManifest, Vec<SignedManifest>) {
+        let g = dir.join("0");
+        write_model(&g, 0);
+        let genesis_root = CheckpointContent::scan(&g, CHUNK).unwrap().root();
+        let run = run(genesis_root);
+        let mut out: Vec<SignedManifest> = Vec::new();
+        for r in 0..n {
+            let d = dir.join(r.to_string());
+            write_model(&d, r as u8);
+            let root = CheckpointContent::scan(&d, CHUNK).unwrap().root();
+            let commit = CommitRecord {
+                round: r,
+                root,
+                parent: out.last().map(|p| (p.body().round, p.body().root)),
+                participants: 1,
+                agreeing: if r == 0 {
+                    vec![]
+                } else {
+                    vec![Contributor {
+                        peer: PeerId(b"replica".to_vec()),
+                        tokens: 100,
+                        update_hash: Hash32([r as u8; 32]),
+                    }]
+                },
+            };
+            let body = ManifestBody::for_commit(
+                &d,
+                CHUNK,
+                run.run_id(),
+                &commit,
+                crate::manifest::public_key(&COORD),
+            )
+            .unwrap();
+            let mut m = SignedManifest::new(body);
+            m.sign(SignerRole::Coordinator, &COORD).unwrap();
+            m.sign(SignerRole::Replica, &REPLICA).unwrap();
+            std::fs::write(d.join(MANIFEST_FILE), m.encode()).unwrap();
+            std::fs::write(d.join(RUN_FILE), run.encode()).unwrap();
+            out.push(m);
+        }
+        (run, out)
+    }
+}

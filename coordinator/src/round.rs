@@ -296,6 +296,25 @@ impl RunMachine {
         })
     }
 
+    /// A coordinator that continues a run from its last commit `head` (e.g. a successor
+    /// resuming from the replicated ledger), with no members yet and round numbers from
+    /// `next_round` on.
+    pub fn from_head(
+        config: RunConfig,
+        head: CommitRecord,
+        next_round: u64,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(RunMachine {
+            config,
+            members: BTreeSet::new(),
+            next_round: next_round.max(head.round + 1),
+            head,
+            open: None,
+            actions: VecDeque::new(),
+        })
+    }
+
     /// Continues a run from a snapshot. A commit is reported by a restart only after the
     /// daemon persisted it; an open round resumes with its reports and deadline.
     pub fn resume(s: RunSnapshot) -> Result<Self, RestoreError> {
@@ -459,6 +478,11 @@ impl RunMachine {
     /// When the daemon must call [`RunMachine::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<u64> {
         self.open.as_ref().map(|o| o.plan.deadline_ms)
+    }
+
+    /// The oldest pending decision, without taking it.
+    pub fn peek_action(&self) -> Option<&Action> {
+        self.actions.front()
     }
 
     /// The next decision to carry out, oldest first.
