@@ -1,3 +1,22 @@
-//! potluck-daemon: the I/O shell of Potluck and the `potluck` binary.
+//! potluck-daemon: the I/O shell of Potluck and the `potluck` binary. `node` starts a daemon
+//! (identity, network, control API); `net` is the libp2p event loop and its `Client` handle;
+//! `cli` is the command line; `config`, `identity`, `capability`, `membership`, `gate` and
+//! `wire` are the pieces they are built from.
 
+pub mod capability;
+pub mod cli;
+pub mod config;
+pub mod control;
 pub mod dataplane;
+pub mod fsutil;
+pub mod gate;
+pub mod identity;
+pub mod membership;
+pub mod net;
+pub mod node;
+pub mod train;
+pub mod wire;
+
+pub use config::Config;
+pub use net::Client;
+pub use node::Node;

@@ -1,0 +1,415 @@
+//! The `potluck` command line: one clap `Subcommand` enum and one function per subcommand.
+//! To add a subcommand, add a variant to [`Command`] with its own `Args` struct and an arm in
+//! [`run`]; commands that talk to a running daemon take [`QueryArgs`] and use
+//! [`connect`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use potluck_proto::v1;
+
+use crate::capability::figure;
+use crate::config::{Config, LogFormat, RawValue, Source};
+use crate::control::{self, ControlClient};
+use crate::node::Node;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "potluck",
+    version,
+    about = "Potluck: peer-to-peer training daemon"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (settings: --config file, then POTLUCK_* variables,
+    /// then flags).
+    Daemon(DaemonArgs),
+    /// Show the local daemon's identity, addresses, swarm and capabilities.
+    Status(QueryArgs),
+    /// List the peers the local daemon knows, with their capability records.
+    Peers(QueryArgs),
+    /// Print the local daemon's peer id.
+    Id(QueryArgs),
+    /// Manage a private swarm: invites, members, joining.
+    #[command(subcommand)]
+    Swarm(SwarmCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// TOML config file.
+    #[arg(long, env = "POTLUCK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Identity, state and control socket live here.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on (repeatable); default QUIC and TCP on port 4001, all interfaces.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<String>,
+    /// Peer to bootstrap from (repeatable), e.g. /ip4/1.2.3.4/udp/4001/quic-v1/p2p/12D3...
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    /// Do not discover peers on the LAN with mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// human or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Serve as a circuit relay for peers behind NAT.
+    #[arg(long)]
+    pub relay_server: bool,
+    /// Own a private swarm closed by membership.
+    #[arg(long)]
+    pub private: bool,
+    /// Also serve the control API on this loopback address (token in <data_dir>/control.token).
+    #[arg(long, value_name = "IP:PORT")]
+    pub control_tcp: Option<String>,
+}
+
+/// Options shared by every command that talks to a running daemon.
+#[derive(Debug, Args, Clone)]
+pub struct QueryArgs {
+    /// The daemon's data dir.
+    #[arg(long, env = "POTLUCK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Talk to the daemon over loopback TCP instead of its Unix socket; the token is read
+    /// from POTLUCK_CONTROL_TOKEN or <data_dir>/control.token.
+    #[arg(long, value_name = "IP:PORT")]
+    pub control_tcp: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SwarmCommand {
+    /// Owner: create a one-time invite.
+    Invite {
+        #[command(flatten)]
+        q: QueryArgs,
+        /// How long the invite stays valid, in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
+    /// Owner: revoke an unused invite by its id.
+    Revoke {
+        #[command(flatten)]
+        q: QueryArgs,
+        invite_id: String,
+    },
+    /// Owner: remove a member.
+    Remove {
+        #[command(flatten)]
+        q: QueryArgs,
+        peer_id: String,
+    },
+    /// Join the private swarm of an invite.
+    Join {
+        #[command(flatten)]
+        q: QueryArgs,
+        invite: String,
+    },
+}
+
+/// Builds the daemon config from the layers, failing on the first bad value.
+pub fn daemon_config(
+    args: &DaemonArgs,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<Config> {
+    let mut c = Config::default();
+    if let Some(path) = &args.config {
+        c.apply_file(path)?;
+    }
+    c.apply_env(env)?;
+    let flag = Source::Flag;
+    if let Some(d) = &args.data_dir {
+        c.set(
+            "data_dir",
+            RawValue::Str(d.to_string_lossy().into_owned()),
+            &flag,
+        )?;
+    }
+    if !args.listen.is_empty() {
+        c.set("listen", RawValue::List(args.listen.clone()), &flag)?;
+    }
+    if !args.bootstrap.is_empty() {
+        c.set("bootstrap", RawValue::List(args.bootstrap.clone()), &flag)?;
+    }
+    if args.no_mdns {
+        c.set("mdns", RawValue::Bool(false), &flag)?;
+    }
+    if let Some(f) = &args.log_format {
+        c.set("log_format", RawValue::Str(f.clone()), &flag)?;
+    }
+    if args.relay_server {
+        c.set("relay_server", RawValue::Bool(true), &flag)?;
+    }
+    if args.private {
+        c.set("private", RawValue::Bool(true), &flag)?;
+    }
+    if let Some(t) = &args.control_tcp {
+        c.set("control_tcp", RawValue::Str(t.clone()), &flag)?;
+    }
+    Ok(c)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POTLUCK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Daemon(args) => run_daemon(args).await,
+        Command::Status(q) => status(q).await,
+        Command::Peers(q) => peers(q).await,
+        Command::Id(q) => id(q).await,
+        Command::Swarm(cmd) => swarm(cmd).await,
+    }
+}
+
+async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    let config = daemon_config(&args, std::env::vars())?;
+    init_logging(config.log_format);
+    let node = Node::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+fn data_dir(q: &QueryArgs) -> PathBuf {
+    q.data_dir
+        .clone()
+        .unwrap_or_else(|| Config::default().data_dir)
+}
+
+/// Connects to the daemon a query addresses.
+pub async fn connect(q: &QueryArgs) -> anyhow::Result<ControlClient> {
+    let dir = data_dir(q);
+    match q.control_tcp {
+        Some(addr) => {
+            let token = match std::env::var("POTLUCK_CONTROL_TOKEN") {
+                Ok(t) => t,
+                Err(_) => std::fs::read_to_string(dir.join(control::TOKEN_FILE))
+                    .with_context(|| {
+                        format!(
+                            "no POTLUCK_CONTROL_TOKEN and cannot read {}",
+                            dir.join(control::TOKEN_FILE).display()
+                        )
+                    })?
+                    .trim()
+                    .to_string(),
+            };
+            Ok(control::connect_tcp(addr, token).await?)
+        }
+        None => Ok(control::connect_unix(&dir).await?),
+    }
+}
+
+fn print_json(v: serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+fn caps_json(c: &v1::Capabilities) -> serde_json::Value {
+    serde_json::json!({
+        "protocol_version": c.protocol_version,
+        "software_version": c.software_version,
+        "device_kind": v1::DeviceKind::try_from(c.device_kind)
+            .map(|k| k.as_str_name().to_string())
+            .unwrap_or_else(|_| format!("UNKNOWN({})", c.device_kind)),
+        "device_name": c.device_name,
+        "memory_bytes": c.memory_bytes,
+        "cpu_count": c.cpu_count,
+        "train_tokens_per_sec": c.train_tokens_per_sec,
+        "train_tokens_per_sec_measured": c.train_tokens_per_sec > 0.0,
+        "bandwidth_bytes_per_sec": c.bandwidth_bytes_per_sec,
+        "bandwidth_measured": c.bandwidth_bytes_per_sec > 0.0,
+    })
+}
+
+fn caps_line(c: &v1::Capabilities) -> String {
+    format!(
+        "{} ({}), {} CPUs, {:.1} GiB, train {}, bandwidth {}, potluck {} (protocol {})",
+        v1::DeviceKind::try_from(c.device_kind)
+            .map(|k| k
+                .as_str_name()
+                .trim_start_matches("DEVICE_KIND_")
+                .to_lowercase())
+            .unwrap_or_else(|_| "unknown".into()),
+        c.device_name,
+        c.cpu_count,
+        c.memory_bytes as f64 / (1u64 << 30) as f64,
+        figure(c.train_tokens_per_sec, "tokens/s"),
+        figure(c.bandwidth_bytes_per_sec / 1e6, "MB/s"),
+        c.software_version,
+        c.protocol_version,
+    )
+}
+
+async fn status(q: QueryArgs) -> anyhow::Result<()> {
+    let s = connect(&q)
+        .await?
+        .status(v1::StatusRequest {})
+        .await
+        .map_err(control::ControlError::from)?
+        .into_inner();
+    if q.json {
+        return print_json(serde_json::json!({
+            "peer_id": s.peer_id,
+            "software_version": s.software_version,
+            "protocol_version": s.protocol_version,
+            "listen_addrs": s.listen_addrs,
+            "external_addrs": s.external_addrs,
+            "connected_peers": s.connected_peers,
+            "known_peers": s.known_peers,
+            "uptime_secs": s.uptime_secs,
+            "swarm": s.swarm,
+            "capabilities": s.capabilities.as_ref().map(caps_json),
+        }));
+    }
+    println!("peer id:     {}", s.peer_id);
+    println!("swarm:       {}", s.swarm);
+    println!(
+        "peers:       {} connected, {} known",
+        s.connected_peers, s.known_peers
+    );
+    println!("uptime:      {:?}", Duration::from_secs(s.uptime_secs));
+    if let Some(c) = &s.capabilities {
+        println!("this peer:   {}", caps_line(c));
+    }
+    for a in &s.listen_addrs {
+        println!("listening:   {a}");
+    }
+    for a in &s.external_addrs {
+        println!("external:    {a}");
+    }
+    Ok(())
+}
+
+async fn peers(q: QueryArgs) -> anyhow::Result<()> {
+    let r = connect(&q)
+        .await?
+        .peers(v1::PeersRequest {})
+        .await
+        .map_err(control::ControlError::from)?
+        .into_inner();
+    if q.json {
+        let list: Vec<_> = r
+            .peers
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "peer_id": p.peer_id,
+                    "addrs": p.addrs,
+                    "connected": p.connected,
+                    "capabilities": p.capabilities.as_ref().map(caps_json),
+                    "record_age_ms": p.record_age_ms,
+                })
+            })
+            .collect();
+        return print_json(serde_json::Value::Array(list));
+    }
+    if r.peers.is_empty() {
+        println!("no peers known yet");
+    }
+    for p in &r.peers {
+        let state = if p.connected { "connected" } else { "known" };
+        match &p.capabilities {
+            Some(c) => println!("{}  {state}  {}", p.peer_id, caps_line(c)),
+            None => println!("{}  {state}  (no capability record yet)", p.peer_id),
+        }
+    }
+    Ok(())
+}
+
+async fn id(q: QueryArgs) -> anyhow::Result<()> {
+    let r = connect(&q)
+        .await?
+        .id(v1::IdRequest {})
+        .await
+        .map_err(control::ControlError::from)?
+        .into_inner();
+    if q.json {
+        return print_json(serde_json::json!({
+            "peer_id": r.peer_id,
+            "listen_addrs": r.listen_addrs,
+        }));
+    }
+    println!("{}", r.peer_id);
+    Ok(())
+}
+
+async fn swarm(cmd: SwarmCommand) -> anyhow::Result<()> {
+    match cmd {
+        SwarmCommand::Invite { q, ttl_secs } => {
+            let r = connect(&q)
+                .await?
+                .create_invite(v1::CreateInviteRequest { ttl_secs })
+                .await
+                .map_err(control::ControlError::from)?
+                .into_inner();
+            if q.json {
+                return print_json(serde_json::json!({
+                    "invite": r.invite,
+                    "invite_id": r.invite_id,
+                    "expires_at_ms": r.expires_at_ms,
+                }));
+            }
+            println!("{}", r.invite);
+            eprintln!(
+                "invite id {} (revoke with `potluck swarm revoke {}`)",
+                r.invite_id, r.invite_id
+            );
+        }
+        SwarmCommand::Revoke { q, invite_id } => {
+            connect(&q)
+                .await?
+                .revoke_invite(v1::RevokeInviteRequest { invite_id })
+                .await
+                .map_err(control::ControlError::from)?;
+        }
+        SwarmCommand::Remove { q, peer_id } => {
+            connect(&q)
+                .await?
+                .remove_member(v1::RemoveMemberRequest { peer_id })
+                .await
+                .map_err(control::ControlError::from)?;
+        }
+        SwarmCommand::Join { q, invite } => {
+            let r = connect(&q)
+                .await?
+                .join(v1::JoinRequest { invite })
+                .await
+                .map_err(control::ControlError::from)?
+                .into_inner();
+            if q.json {
+                return print_json(serde_json::json!({ "owner_peer_id": r.owner_peer_id }));
+            }
+            println!("joined the private swarm of {}", r.owner_peer_id);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,422 @@
+//! Daemon settings: a plain struct with defaults, filled from a TOML file, then `POTLUCK_*`
+//! environment variables, then command-line flags, each layer overriding the last. Every
+//! value goes through one parser per key, so a bad value is reported once, naming the key and
+//! where it came from, whichever layer supplied it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+
+/// How the daemon writes its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Kademlia mode. Kademlia starts as a client until an external address is confirmed, which
+/// never happens on loopback or a private LAN, so a reachable daemon must say `server`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KadMode {
+    Server,
+    Client,
+    Auto,
+}
+
+/// Validated daemon settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Identity, membership, invites and the control socket live here.
+    pub data_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub log_format: LogFormat,
+    /// Serve as a circuit relay for peers behind NAT (public nodes only).
+    pub relay_server: bool,
+    pub kad_mode: KadMode,
+    /// Start as the owner of a private swarm (closed by membership) unless the data dir
+    /// already holds a membership of someone else's swarm.
+    pub private: bool,
+    /// Also serve the control API on this loopback TCP address, guarded by the token in
+    /// `<data_dir>/control.token`.
+    pub control_tcp: Option<SocketAddr>,
+    /// How often the capability record is re-published on gossip.
+    pub capability_interval: Duration,
+    /// Connections a non-member may hold open without presenting a membership.
+    pub membership_deadline: Duration,
+    pub max_connections: u32,
+    pub max_connections_per_peer: u32,
+    /// Peers the daemon dials on its own when it learns of them (beyond those Kademlia finds).
+    pub target_peers: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            listen: vec![
+                "/ip4/0.0.0.0/udp/4001/quic-v1"
+                    .parse()
+                    .expect("static multiaddr"),
+                "/ip4/0.0.0.0/tcp/4001".parse().expect("static multiaddr"),
+            ],
+            bootstrap: Vec::new(),
+            mdns: true,
+            log_format: LogFormat::Human,
+            relay_server: false,
+            kad_mode: KadMode::Server,
+            private: false,
+            control_tcp: None,
+            capability_interval: Duration::from_secs(10),
+            membership_deadline: Duration::from_millis(1000),
+            max_connections: 512,
+            max_connections_per_peer: 4,
+            target_peers: 16,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(state) = std::env::var_os("STATE_DIRECTORY") {
+        return PathBuf::from(state);
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/potluck"),
+        None => PathBuf::from("/var/lib/potluck"),
+    }
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Env(String),
+    Flag,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "config file {}", p.display()),
+            Source::Env(v) => write!(f, "environment variable {v}"),
+            Source::Flag => write!(f, "command line"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid value for `{key}` (from {origin}): {reason}")]
+    Invalid {
+        key: String,
+        origin: Source,
+        reason: String,
+    },
+    #[error("unknown setting `{key}` in {origin}")]
+    Unknown { key: String, origin: Source },
+    #[error("cannot read config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+/// A raw value before it is parsed for its key.
+#[derive(Debug, Clone)]
+pub enum RawValue {
+    Str(String),
+    List(Vec<String>),
+    Bool(bool),
+    Int(i64),
+}
+
+/// Every key, as written in TOML; the environment variable is `POTLUCK_` + upper case.
+pub const KEYS: &[&str] = &[
+    "data_dir",
+    "listen",
+    "bootstrap",
+    "mdns",
+    "log_format",
+    "relay_server",
+    "kad_mode",
+    "private",
+    "control_tcp",
+    "capability_interval_secs",
+    "membership_deadline_ms",
+    "max_connections",
+    "max_connections_per_peer",
+    "target_peers",
+];
+
+/// The TOML file is small by nature; refuse anything absurd before reading it.
+const CONFIG_FILE_LIMIT: u64 = 1 << 20;
+
+impl Config {
+    /// Sets one key from a raw value, validating it.
+    pub fn set(&mut self, key: &str, value: RawValue, source: &Source) -> Result<(), ConfigError> {
+        let bad = |reason: String| ConfigError::Invalid {
+            key: key.to_string(),
+            origin: source.clone(),
+            reason,
+        };
+        match key {
+            "data_dir" => {
+                let s = as_str(&value).map_err(bad)?;
+                if s.is_empty() {
+                    return Err(bad("must not be empty".into()));
+                }
+                self.data_dir = PathBuf::from(s);
+            }
+            "listen" => self.listen = as_addrs(&value).map_err(bad)?,
+            "bootstrap" => self.bootstrap = as_addrs(&value).map_err(bad)?,
+            "mdns" => self.mdns = as_bool(&value).map_err(bad)?,
+            "relay_server" => self.relay_server = as_bool(&value).map_err(bad)?,
+            "private" => self.private = as_bool(&value).map_err(bad)?,
+            "log_format" => {
+                self.log_format = match as_str(&value).map_err(bad)?.as_str() {
+                    "human" => LogFormat::Human,
+                    "json" => LogFormat::Json,
+                    other => return Err(bad(format!("`{other}` is not `human` or `json`"))),
+                }
+            }
+            "kad_mode" => {
+                self.kad_mode = match as_str(&value).map_err(bad)?.as_str() {
+                    "server" => KadMode::Server,
+                    "client" => KadMode::Client,
+                    "auto" => KadMode::Auto,
+                    other => {
+                        return Err(bad(format!(
+                            "`{other}` is not `server`, `client` or `auto`"
+                        )));
+                    }
+                }
+            }
+            "control_tcp" => {
+                let s = as_str(&value).map_err(bad)?;
+                if s.is_empty() {
+                    self.control_tcp = None;
+                } else {
+                    let addr: SocketAddr = s
+                        .parse()
+                        .map_err(|e| bad(format!("`{s}` is not an IP:port address ({e})")))?;
+                    if !addr.ip().is_loopback() {
+                        return Err(bad(format!(
+                            "`{s}` is not a loopback address; the control API never listens publicly"
+                        )));
+                    }
+                    self.control_tcp = Some(addr);
+                }
+            }
+            "capability_interval_secs" => {
+                let n = as_int(&value, 1, 3600).map_err(bad)?;
+                self.capability_interval = Duration::from_secs(n);
+            }
+            "membership_deadline_ms" => {
+                let n = as_int(&value, 50, 1900).map_err(bad)?;
+                self.membership_deadline = Duration::from_millis(n);
+            }
+            "max_connections" => {
+                self.max_connections = as_int(&value, 1, 100_000).map_err(bad)? as u32
+            }
+            "max_connections_per_peer" => {
+                self.max_connections_per_peer = as_int(&value, 1, 64).map_err(bad)? as u32
+            }
+            "target_peers" => self.target_peers = as_int(&value, 0, 10_000).map_err(bad)? as u32,
+            _ => {
+                return Err(ConfigError::Unknown {
+                    key: key.to_string(),
+                    origin: source.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a TOML file.
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let file_err = |reason: String| ConfigError::File {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = crate::fsutil::read_limited(path, CONFIG_FILE_LIMIT)
+            .map_err(|e| file_err(e.to_string()))?;
+        let text = String::from_utf8(bytes).map_err(|_| file_err("not UTF-8".into()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        let source = Source::File(path.to_path_buf());
+        for (key, value) in table {
+            let raw = match value {
+                toml::Value::String(s) => RawValue::Str(s),
+                toml::Value::Boolean(b) => RawValue::Bool(b),
+                toml::Value::Integer(i) => RawValue::Int(i),
+                toml::Value::Array(items) => {
+                    let mut out = Vec::with_capacity(items.len());
+                    for item in items {
+                        match item {
+                            toml::Value::String(s) => out.push(s),
+                            other => {
+                                return Err(ConfigError::Invalid {
+                                    key,
+                                    origin: source,
+                                    reason: format!("expected a list of strings, found {other}"),
+                                });
+                            }
+                        }
+                    }
+                    RawValue::List(out)
+                }
+                other => {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        origin: source,
+                        reason: format!("unsupported value {other}"),
+                    });
+                }
+            };
+            self.set(&key, raw, &source)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `POTLUCK_<KEY>` variables from `vars` (lists are comma-separated).
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix("POTLUCK_") else {
+                continue;
+            };
+            let key = rest.to_ascii_lowercase();
+            // Variables the CLI itself reads are not daemon settings.
+            if !KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            self.set(&key, RawValue::Str(value), &Source::Env(name.clone()))?;
+        }
+        Ok(())
+    }
+}
+
+fn as_str(v: &RawValue) -> Result<String, String> {
+    match v {
+        RawValue::Str(s) => Ok(s.clone()),
+        other => Err(format!("expected a string, found {other:?}")),
+    }
+}
+
+fn as_bool(v: &RawValue) -> Result<bool, String> {
+    match v {
+        RawValue::Bool(b) => Ok(*b),
+        RawValue::Str(s) => match s.as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            other => Err(format!("`{other}` is not a boolean (true/false)")),
+        },
+        other => Err(format!("expected a boolean, found {other:?}")),
+    }
+}
+
+fn as_int(v: &RawValue, min: u64, max: u64) -> Result<u64, String> {
+    let n: i64 = match v {
+        RawValue::Int(i) => *i,
+        RawValue::Str(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an integer"))?,
+        other => return Err(format!("expected an integer, found {other:?}")),
+    };
+    let n = u64::try_from(n).map_err(|_| format!("{n} is negative"))?;
+    if n < min || n > max {
+        return Err(format!("{n} is outside {min}..={max}"));
+    }
+    Ok(n)
+}
+
+fn as_addrs(v: &RawValue) -> Result<Vec<Multiaddr>, String> {
+    let items: Vec<String> = match v {
+        RawValue::List(l) => l.clone(),
+        RawValue::Str(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        other => return Err(format!("expected a list of multiaddrs, found {other:?}")),
+    };
+    if items.len() > 64 {
+        return Err(format!("{} addresses; at most 64 are allowed", items.len()));
+    }
+    items
+        .iter()
+        .map(|s| {
+            s.parse::<Multiaddr>()
+                .map_err(|e| format!("`{s}` is not a multiaddr ({e})"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("potluck.toml");
+        std::fs::write(
+            &file,
+            "mdns = false\nlisten = [\"/ip4/127.0.0.1/tcp/1\"]\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        c.apply_file(&file).unwrap();
+        assert!(!c.mdns);
+        assert_eq!(c.log_format, LogFormat::Json);
+        c.apply_env([("POTLUCK_MDNS".to_string(), "true".to_string())])
+            .unwrap();
+        assert!(c.mdns);
+        c.set("log_format", RawValue::Str("human".into()), &Source::Flag)
+            .unwrap();
+        assert_eq!(c.log_format, LogFormat::Human);
+        assert_eq!(c.listen.len(), 1);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let mut c = Config::default();
+        let err = c
+            .apply_env([("POTLUCK_LISTEN".to_string(), "not-an-addr".to_string())])
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("`listen`") && msg.contains("POTLUCK_LISTEN"),
+            "{msg}"
+        );
+
+        let err = c
+            .set(
+                "control_tcp",
+                RawValue::Str("0.0.0.0:9".into()),
+                &Source::Flag,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("control_tcp"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "max_connections = -3\n").unwrap();
+        assert!(
+            c.apply_file(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("max_connections")
+        );
+        std::fs::write(&file, "no_such_key = 1\n").unwrap();
+        assert!(
+            c.apply_file(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("no_such_key")
+        );
+    }
+}

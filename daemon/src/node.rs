@@ -1,0 +1,114 @@
+//! One running daemon: the data dir, the identity, the network event loop and the control
+//! API, started together and shut down together. `potluck daemon` runs one `Node` until a
+//! signal; tests run several in one process.
+
+use std::path::PathBuf;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::control::{self, ControlError, ControlService};
+use crate::identity::{self, IdentityError};
+use crate::net::{self, Client, NetError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// A running daemon.
+pub struct Node {
+    client: Client,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer", &self.client.local_peer_id())
+            .field("data_dir", &self.data_dir)
+            .finish()
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+impl Node {
+    /// Starts a daemon. Must run inside a Tokio runtime.
+    pub async fn start(config: Config) -> Result<Self, NodeError> {
+        let dir = config.data_dir.clone();
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|source| NodeError::DataDir {
+                    path: dir.clone(),
+                    source,
+                })?;
+        }
+        let key = identity::load_or_create(&dir)?;
+        // Bind the control socket before the network: it doubles as the data dir's lock.
+        let listener = control::bind_unix(&dir).await?;
+        let tcp = match config.control_tcp {
+            Some(addr) => Some((addr, control::load_or_create_token(&dir)?)),
+            None => None,
+        };
+        let (client, event_loop) = net::build(config, key)?;
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(event_loop.run(stopped(rx.clone()))));
+        let service = ControlService::new(client.clone());
+        let unix_rx = rx.clone();
+        let svc = service.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = control::serve_unix(listener, svc, stopped(unix_rx)).await {
+                tracing::error!(error = %e, "control API stopped");
+            }
+        }));
+        if let Some((addr, token)) = tcp {
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = control::serve_tcp(addr, token, service, stopped(rx)).await {
+                    tracing::error!(error = %e, %addr, "TCP control API stopped");
+                }
+            }));
+        }
+        Ok(Self {
+            client,
+            shutdown,
+            tasks,
+            data_dir: dir,
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Stops the network and the control API, waits for both, and removes the socket.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = std::fs::remove_file(control::socket_path(&self.data_dir));
+        tracing::info!("daemon stopped");
+    }
+}
