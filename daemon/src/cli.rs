@@ -41,6 +41,11 @@ pub enum Command {
     /// Manage a private swarm: invites, members, joining.
     #[command(subcommand)]
     Swarm(SwarmCommand),
+    /// Start a local swarm of daemons on loopback that trains a small MoE model on the
+    /// built-in corpus, and report loss, bytes exchanged and the final checkpoint's root.
+    Demo(crate::train::cli::DemoArgs),
+    /// Check a checkpoint directory offline: every chunk, header, file hash and signature.
+    Verify(crate::train::cli::VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +186,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Peers(q) => peers(q).await,
         Command::Id(q) => id(q).await,
         Command::Swarm(cmd) => swarm(cmd).await,
+        Command::Demo(args) => {
+            init_logging(LogFormat::Human);
+            crate::train::cli::demo(args).await
+        }
+        Command::Verify(args) => crate::train::cli::verify(args),
     }
 }
 

@@ -11,6 +11,8 @@ use crate::config::Config;
 use crate::control::{self, ControlError, ControlService};
 use crate::identity::{self, IdentityError};
 use crate::net::{self, Client, NetError};
+use crate::train::{TrainError, TrainService};
+use potluck_worker::DeviceSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -26,11 +28,14 @@ pub enum NodeError {
     Net(#[from] NetError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
 }
 
 /// A running daemon.
 pub struct Node {
     client: Client,
+    train: TrainService,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     data_dir: PathBuf,
@@ -71,7 +76,8 @@ impl Node {
             Some(addr) => Some((addr, control::load_or_create_token(&dir)?)),
             None => None,
         };
-        let (client, event_loop) = net::build(config, key)?;
+        let (client, event_loop) = net::build(config, key.clone())?;
+        let train = TrainService::start(key, client.stream_control(), DeviceSpec::Cpu)?;
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(event_loop.run(stopped(rx.clone()))));
@@ -92,6 +98,7 @@ impl Node {
         }
         Ok(Self {
             client,
+            train,
             shutdown,
             tasks,
             data_dir: dir,
@@ -100,6 +107,11 @@ impl Node {
 
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// The daemon's training service (runs it coordinates or joins).
+    pub fn train(&self) -> TrainService {
+        self.train.clone()
     }
 
     /// Stops the network and the control API, waits for both, and removes the socket.

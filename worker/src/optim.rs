@@ -169,6 +169,15 @@ impl OuterOptimizer {
         }
     }
 
+    /// An optimizer resuming from a momentum buffer (a replica restoring committed state).
+    pub fn with_velocity(lr: f32, momentum: f32, velocity: Vec<f32>) -> Self {
+        OuterOptimizer {
+            lr,
+            momentum,
+            velocity,
+        }
+    }
+
     /// The momentum buffer.
     pub fn velocity(&self) -> &[f32] {
         &self.velocity

@@ -1,6 +1,8 @@
 //! Swarm training: run manifests, round planning, the control-stream wire format, the
 //! coordinator and replica loops, and `potluck demo`.
 
+pub mod checkpoint;
+pub mod cli;
 pub mod demo;
 pub mod manifest;
 pub mod plan;

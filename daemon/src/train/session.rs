@@ -30,6 +30,9 @@ use potluck_proto::v1::{
     FrameHeader, FrameKind, RoundCommit, RoundOpen, RoundReport, RunFinished, RunJoin,
     RunRefused, RunWelcome, TrainControl, train_control::Msg,
 };
+use potluck_coordinator::aggregate::{Contribution, ValidationLimits, aggregate, validate_updates};
+use potluck_coordinator::round::{Action, Report, RunConfig, RunMachine};
+use potluck_coordinator::{Hash32, PeerId as CPeerId};
 use potluck_worker::compress::{self, Codec, ErrorFeedback};
 use potluck_worker::{DeviceSpec, OuterOptimizer, Replica};
 use serde::Serialize;
@@ -56,6 +59,10 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_INBOUND_STREAMS: usize = 64;
 /// Frames waiting for the run loop; a full inbox slows the senders down.
 const INBOX_CAPACITY: usize = 256;
+/// Members a run admits at most.
+const MAX_MEMBERS: usize = 1024;
+/// A contribution whose norm is this many times the median of the others' is refused.
+const MAX_NORM_RATIO: f64 = 10.0;
 /// Held-out batches evaluated after each round.
 const EVAL_BATCHES: usize = 4;
 
@@ -175,7 +182,8 @@ pub struct RunSummary {
     pub eval_loss: f32,
     pub num_params: usize,
     pub total_steps: u64,
-    pub peers: usize,
+    /// Content root of the checkpoint written to the output dir, when one was asked for.
+    pub checkpoint_root: Option<String>,
 }
 
 /// A frame that arrived, with the peer it came from.
@@ -479,7 +487,7 @@ impl TrainService {
             .map_err(|e| TrainError::Other(format!("state from {peer}: {e}")))?
             .ok_or_else(|| TrainError::Other(format!("{peer} holds no committed state")))?;
         self.inner.traffic.add(peer, 0, frame.wire_bytes);
-        verify_sender(&frame.header, peer).map_err(TrainError::Other)?;
+        verify_sender(&frame.header, peer).map_err(|e| TrainError::Other(e.into()))?;
         if frame.kind() != FrameKind::State || frame.payload.len() != n_params * 8 {
             return Err(TrainError::Other(format!(
                 "{peer} sent a state of the wrong kind or size"
@@ -536,9 +544,25 @@ impl TrainService {
             run_id: run_id.to_vec(),
             ..Default::default()
         };
+        let genesis = initial_root(&run)?;
         let res = self
-            .replica(run_id, Some(run), from_replica_tx, to_replica_rx, join, out)
+            .replica(run_id, Some(run.clone()), from_replica_tx, to_replica_rx, join, out.clone())
             .await;
+        let res = match (res, out) {
+            (Ok(mut summary), Some(dir)) => {
+                let root = super::checkpoint::write_manifest(
+                    &dir,
+                    &run,
+                    genesis,
+                    summary.rounds,
+                    Vec::new(),
+                    &self.inner.keypair,
+                )?;
+                summary.checkpoint_root = Some(root);
+                Ok(summary)
+            }
+            (res, _) => res,
+        };
         let coord_res = coord.await;
         if let Ok(mut g) = self.inner.coord_tx.lock() {
             *g = None;
@@ -754,7 +778,7 @@ impl TrainService {
                         eval_loss,
                         num_params: n,
                         total_steps: rep.step(),
-                        peers: 0,
+                        checkpoint_root: None,
                     });
                 }
                 Some(Msg::Refused(r)) => return Err(TrainError::Refused(r.reason)),
@@ -905,7 +929,8 @@ impl TrainService {
                 && (contributions.len() == members.len() || Instant::now() >= reduce_by)
             {
                 reduced_sent = true;
-                let (avg, contributors) = aggregate(&contributions, my_range.len());
+                let (avg, contributors) =
+                    reduce_slice(&contributions, my_range.len(), &mut rejected);
                 let bytes = compress::encode(reduce_codec(codec, contributors.len()), &avg);
                 let sends = members.iter().map(|peer| {
                     let header = FrameHeader {
@@ -978,12 +1003,12 @@ impl TrainService {
                         rejected.push(format!("{}: contribution for the wrong slice or too late", inb.from));
                         continue;
                     }
-                    match validate_contribution(&inb.frame.payload, my_range.len()) {
+                    match compress::decode(&inb.frame.payload, my_range.len()) {
                         Ok(v) => {
                             contributions.entry(inb.from).or_insert((h.tokens, v));
                         }
                         Err(reason) => {
-                            tracing::warn!(from = %inb.from, reason, "contribution rejected");
+                            tracing::warn!(from = %inb.from, %reason, "contribution rejected");
                             self.set_status(|s| s.rejected_updates += 1);
                             rejected.push(format!("{}: {reason}", inb.from));
                         }
@@ -1094,7 +1119,8 @@ fn attach_control_stream(
     });
 }
 
-/// The coordinator: admits replicas, opens rounds, collects reports and commits.
+/// The coordinator: drives the coordinator crate's [`RunMachine`] with the replicas' control
+/// messages and the clock, and carries out its actions (welcome, open, commit, finish).
 async fn run_coordinator(
     svc: TrainService,
     run: ResolvedRun,
@@ -1102,174 +1128,231 @@ async fn run_coordinator(
 ) -> Result<(), TrainError> {
     let run_id = run.id();
     let manifest = run.canonical_bytes();
-    let deadline = Duration::from_secs(run.round_deadline_secs);
-    let mut links: BTreeMap<PeerId, mpsc::Sender<TrainControl>> = BTreeMap::new();
-    let mut joined: BTreeSet<PeerId> = BTreeSet::new();
-    let mut ledger = potluck_coordinator_shim::Ledger::new(initial_root(&run)?);
-    let send = |links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>, peer: &PeerId, msg: Msg| {
-        if let Some(tx) = links.get(peer) {
-            let _ = tx.try_send(TrainControl {
-                protocol_version: 0,
-                msg: Some(msg),
-            });
-        }
+    let config = RunConfig {
+        run_id: Hash32(run_id),
+        min_participants: run.min_peers,
+        max_members: MAX_MEMBERS,
+        round_duration_ms: run.round_deadline_secs * 1000,
+        num_shards: u32::try_from(run.data.shards).unwrap_or(u32::MAX),
+        max_tokens_per_report: 1 << 40,
     };
-    let handle_admin = |ev: CoordEvent,
-                        links: &mut BTreeMap<PeerId, mpsc::Sender<TrainControl>>,
-                        joined: &mut BTreeSet<PeerId>|
-     -> Option<(PeerId, Msg)> {
+    let mut machine = RunMachine::new(config, Hash32(initial_root(&run)?))
+        .map_err(|e| TrainError::Other(format!("run configuration: {e}")))?;
+    let mut links: BTreeMap<PeerId, mpsc::Sender<TrainControl>> = BTreeMap::new();
+    let mut source: PeerId = svc.inner.local;
+    let mut reports: BTreeMap<PeerId, RoundReport> = BTreeMap::new();
+    loop {
+        // Carry out every decision the state machine has made.
+        while let Some(action) = machine.poll_action() {
+            match action {
+                Action::Admitted(p) => {
+                    let Some(peer) = to_libp2p(&p) else { continue };
+                    tracing::info!(%peer, "replica admitted");
+                    let head = machine.head();
+                    let welcome = Msg::Welcome(RunWelcome {
+                        run_id: run_id.to_vec(),
+                        manifest: manifest.clone(),
+                        committed_round: head.round,
+                        committed_root: head.root.0.to_vec(),
+                    });
+                    send_ctl(&links, &peer, welcome);
+                }
+                Action::Refused { peer, reason } => {
+                    if let Some(peer) = to_libp2p(&peer) {
+                        let refused = Msg::Refused(RunRefused {
+                            run_id: run_id.to_vec(),
+                            reason: format!("{reason:?}"),
+                        });
+                        send_ctl(&links, &peer, refused);
+                    }
+                }
+                Action::RoundOpened(plan) => {
+                    if plan.round > run.rounds {
+                        return finish(&svc, &run_id, &machine, &links);
+                    }
+                    reports.clear();
+                    let members: Vec<PeerId> = plan
+                        .assignment
+                        .iter()
+                        .filter_map(|(p, _)| to_libp2p(p))
+                        .collect();
+                    let open = RoundOpen {
+                        run_id: run_id.to_vec(),
+                        round: plan.round,
+                        members: plan.assignment.iter().map(|(p, _)| p.0.clone()).collect(),
+                        shards: plan.assignment.iter().map(|(_, s)| u64::from(*s)).collect(),
+                        base_root: plan.base_root.0.to_vec(),
+                        deadline_unix_ms: plan.deadline_ms,
+                        state_source: source.to_bytes(),
+                    };
+                    let _ = svc.inner.events.send(RunEvent::RoundOpened {
+                        round: plan.round,
+                        members: members.len(),
+                    });
+                    for p in &members {
+                        send_ctl(&links, p, Msg::Open(open.clone()));
+                    }
+                }
+                Action::Committed(record) => {
+                    let agreeing: Vec<PeerId> = record
+                        .agreeing
+                        .iter()
+                        .filter_map(|c| to_libp2p(&c.peer))
+                        .collect();
+                    let evals: Vec<f32> = agreeing
+                        .iter()
+                        .filter_map(|p| reports.get(p).map(|r| r.eval_loss))
+                        .collect();
+                    let eval_loss = evals.iter().sum::<f32>() / evals.len().max(1) as f32;
+                    // Joiners and resyncing replicas fetch state from an agreeing peer,
+                    // preferably not the coordinator, to spread the load.
+                    if let Some(first) = agreeing
+                        .iter()
+                        .find(|p| **p != svc.inner.local)
+                        .or(agreeing.first())
+                    {
+                        source = *first;
+                    }
+                    let commit = RoundCommit {
+                        run_id: run_id.to_vec(),
+                        round: record.round,
+                        root: record.root.0.to_vec(),
+                        agreeing: agreeing.iter().map(|p| p.to_bytes()).collect(),
+                        eval_loss,
+                    };
+                    for p in links.keys() {
+                        send_ctl(&links, p, Msg::Commit(commit.clone()));
+                    }
+                    let _ = svc.inner.events.send(RunEvent::Committed {
+                        round: record.round,
+                        root: record.root.0,
+                        agreeing: agreeing.len(),
+                        members: record.participants as usize,
+                        eval_loss,
+                    });
+                    if record.round >= run.rounds {
+                        return finish(&svc, &run_id, &machine, &links);
+                    }
+                }
+                Action::RoundFailed { round, reason } => {
+                    tracing::warn!(round, ?reason, "round not committed");
+                    let _ = svc.inner.events.send(RunEvent::NotCommitted {
+                        round,
+                        reason: format!("{reason:?}"),
+                    });
+                    if round >= run.rounds {
+                        return finish(&svc, &run_id, &machine, &links);
+                    }
+                }
+                Action::Dropped { peer, reason } => {
+                    tracing::warn!(peer = ?to_libp2p(&peer), ?reason, "replica dropped from the run");
+                }
+                Action::Resync { peer, round, .. } => {
+                    tracing::info!(peer = ?to_libp2p(&peer), round, "replica disagreed; it resyncs before the next round");
+                }
+            }
+        }
+        // Wait for the next event or the state machine's next deadline.
+        let timeout = machine
+            .poll_timeout()
+            .map(|t| Duration::from_millis(t.saturating_sub(unix_ms())))
+            .unwrap_or(Duration::from_secs(3600));
+        let ev = match tokio::time::timeout(timeout, events.recv()).await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return Ok(()),
+            Err(_) => {
+                machine.handle_timeout(unix_ms());
+                continue;
+            }
+        };
         match ev {
             CoordEvent::Connected { peer, tx } => {
                 links.insert(peer, tx);
-                None
             }
             CoordEvent::Closed { peer } => {
                 links.remove(&peer);
-                joined.remove(&peer);
                 tracing::info!(%peer, "replica left the run");
-                None
+                machine.handle_leave(&CPeerId(peer.to_bytes()), unix_ms());
             }
-            CoordEvent::Msg { peer, msg } => Some((peer, msg)),
-        }
-    };
-    let mut round = 0u64;
-    while round < run.rounds {
-        // Wait until enough replicas have joined.
-        while joined.len() < run.min_peers {
-            let Some(ev) = events.recv().await else {
-                return Ok(());
-            };
-            if let Some((peer, msg)) = handle_admin(ev, &mut links, &mut joined) {
-                admit(&run_id, &manifest, &ledger, peer, msg, &links, &mut joined, send);
-            }
-        }
-        round += 1;
-        let members: Vec<PeerId> = joined.iter().copied().collect();
-        let open = RoundOpen {
-            run_id: run_id.to_vec(),
-            round,
-            members: members.iter().map(|p| p.to_bytes()).collect(),
-            shards: (0..members.len())
-                .map(|i| shard_for(round, i, members.len(), run.data.shards))
-                .collect(),
-            base_root: ledger.root().to_vec(),
-            deadline_unix_ms: unix_ms() + deadline.as_millis() as u64,
-            state_source: ledger.source().unwrap_or(svc.inner.local).to_bytes(),
-        };
-        let _ = svc.inner.events.send(RunEvent::RoundOpened {
-            round,
-            members: members.len(),
-        });
-        for p in &members {
-            send(&links, p, Msg::Open(open.clone()));
-        }
-        let mut reports: BTreeMap<PeerId, RoundReport> = BTreeMap::new();
-        let until = Instant::now() + deadline;
-        while reports.len() < members.iter().filter(|p| joined.contains(p)).count() {
-            let now = Instant::now();
-            if now >= until {
-                break;
-            }
-            let ev = match tokio::time::timeout(until - now, events.recv()).await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => return Ok(()),
-                Err(_) => break,
-            };
-            let Some((peer, msg)) = handle_admin(ev, &mut links, &mut joined) else {
-                continue;
-            };
-            match msg {
-                Msg::Report(r) if r.round == round && members.contains(&peer) => {
-                    reports.entry(peer).or_insert(r);
+            CoordEvent::Msg { peer, msg } => match msg {
+                Msg::Join(j) if j.run_id.as_slice() == run_id.as_slice() => {
+                    machine.handle_join(CPeerId(peer.to_bytes()), unix_ms());
+                }
+                Msg::Join(j) => {
+                    let refused = Msg::Refused(RunRefused {
+                        run_id: j.run_id,
+                        reason: "this coordinator runs another run".into(),
+                    });
+                    send_ctl(&links, &peer, refused);
                 }
                 Msg::Report(r) => {
-                    tracing::debug!(%peer, round = r.round, "late or foreign report ignored");
+                    let (Ok(update_hash), Ok(weight_root)) = (
+                        Hash32::from_slice("update hash", &r.update_hash),
+                        Hash32::from_slice("weight root", &r.root),
+                    ) else {
+                        tracing::warn!(%peer, "malformed report ignored");
+                        continue;
+                    };
+                    let report = Report {
+                        peer: CPeerId(peer.to_bytes()),
+                        round: r.round,
+                        tokens: r.tokens,
+                        update_hash,
+                        weight_root,
+                    };
+                    for why in &r.rejected {
+                        tracing::warn!(reducer = %peer, round = r.round, why, "update rejected by a reducer");
+                    }
+                    reports.insert(peer, r);
+                    if let Err(e) = machine.handle_report(report, unix_ms()) {
+                        tracing::debug!(%peer, error = %e, "report not counted");
+                    }
                 }
-                other => admit(&run_id, &manifest, &ledger, peer, other, &links, &mut joined, send),
-            }
-        }
-        match ledger.decide(round, members.len(), &reports) {
-            Ok((root, agreeing)) => {
-                let eval: f32 = agreeing
-                    .iter()
-                    .filter_map(|p| reports.get(p).map(|r| r.eval_loss))
-                    .sum::<f32>()
-                    / agreeing.len().max(1) as f32;
-                let commit = RoundCommit {
-                    run_id: run_id.to_vec(),
-                    round,
-                    root: root.to_vec(),
-                    agreeing: agreeing.iter().map(|p| p.to_bytes()).collect(),
-                    eval_loss: eval,
-                };
-                for p in links.keys() {
-                    send(&links, p, Msg::Commit(commit.clone()));
-                }
-                let _ = svc.inner.events.send(RunEvent::Committed {
-                    round,
-                    root,
-                    agreeing: agreeing.len(),
-                    members: members.len(),
-                    eval_loss: eval,
-                });
-            }
-            Err(reason) => {
-                tracing::warn!(round, reason, "round not committed");
-                let _ = svc.inner.events.send(RunEvent::NotCommitted { round, reason });
-            }
+                _ => tracing::debug!(%peer, "unexpected control message ignored"),
+            },
         }
     }
+}
+
+/// Queues a control message for one replica; a replica whose queue is full misses it, as a
+/// slow or dead replica would, and the round's deadline takes care of the rest.
+fn send_ctl(links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>, peer: &PeerId, msg: Msg) {
+    if let Some(tx) = links.get(peer) {
+        let m = TrainControl {
+            protocol_version: 0,
+            msg: Some(msg),
+        };
+        if tx.try_send(m).is_err() {
+            tracing::warn!(%peer, "control link full or closed; message dropped");
+        }
+    }
+}
+
+/// Tells every replica the run is over, with the last committed root.
+fn finish(
+    svc: &TrainService,
+    run_id: &[u8; 32],
+    machine: &RunMachine,
+    links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>,
+) -> Result<(), TrainError> {
+    let head = machine.head();
     let fin = RunFinished {
         run_id: run_id.to_vec(),
-        rounds: ledger.committed_round(),
-        root: ledger.root().to_vec(),
+        rounds: head.round,
+        root: head.root.0.to_vec(),
     };
     for p in links.keys() {
-        send(&links, p, Msg::Finished(fin.clone()));
+        send_ctl(links, p, Msg::Finished(fin.clone()));
     }
     let _ = svc.inner.events.send(RunEvent::Finished {
-        rounds: ledger.committed_round(),
-        root: ledger.root(),
+        rounds: head.round,
+        root: head.root.0,
     });
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn admit(
-    run_id: &[u8; 32],
-    manifest: &[u8],
-    ledger: &potluck_coordinator_shim::Ledger,
-    peer: PeerId,
-    msg: Msg,
-    links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>,
-    joined: &mut BTreeSet<PeerId>,
-    send: impl Fn(&BTreeMap<PeerId, mpsc::Sender<TrainControl>>, &PeerId, Msg),
-) {
-    if let Msg::Join(j) = msg {
-        if j.run_id.as_slice() != run_id.as_slice() {
-            send(
-                links,
-                &peer,
-                Msg::Refused(RunRefused {
-                    run_id: j.run_id,
-                    reason: "this coordinator runs another run".into(),
-                }),
-            );
-            return;
-        }
-        joined.insert(peer);
-        tracing::info!(%peer, "replica joined the run");
-        send(
-            links,
-            &peer,
-            Msg::Welcome(RunWelcome {
-                run_id: run_id.to_vec(),
-                manifest: manifest.to_vec(),
-                committed_round: ledger.committed_round(),
-                committed_root: ledger.root().to_vec(),
-            }),
-        );
-    }
+fn to_libp2p(p: &CPeerId) -> Option<PeerId> {
+    PeerId::from_bytes(&p.0).ok()
 }
 
 /// The state every replica starts from: the model initialised from the run's seed.
@@ -1303,33 +1386,47 @@ fn reduce_codec(codec: Codec, contributors: usize) -> Codec {
     }
 }
 
-/// Decodes and checks one contribution: right length, every value finite.
-fn validate_contribution(payload: &[u8], len: usize) -> Result<Vec<f32>, String> {
-    let v = compress::decode(payload, len).map_err(|e| e.to_string())?;
-    if v.iter().any(|x| !x.is_finite()) {
-        return Err("update holds NaN or infinite values".into());
-    }
-    Ok(v)
-}
-
-/// The aggregation seam: the token-weighted mean of the contributions, summed in peer-id
-/// order so every reducer computes the same bytes. Returns the mean and its contributors.
-fn aggregate(
+/// Validates the contributions to one slice with the coordinator crate's rules (length,
+/// finiteness, tokens, norm against the others), then averages the accepted ones with its
+/// aggregation seam. Refusals are appended to `rejected`. Returns the mean and the peers it
+/// folds in; with no acceptable contribution the slice's update is zero.
+fn reduce_slice(
     contributions: &BTreeMap<PeerId, (u64, Vec<f32>)>,
     len: usize,
+    rejected: &mut Vec<String>,
 ) -> (Vec<f32>, Vec<PeerId>) {
-    let total: u64 = contributions.values().map(|c| c.0).sum();
-    let mut out = vec![0f32; len];
-    if total == 0 {
-        return (out, Vec::new());
+    let ids: Vec<(PeerId, CPeerId)> = contributions
+        .keys()
+        .map(|p| (*p, CPeerId(p.to_bytes())))
+        .collect();
+    let all: Vec<Contribution<'_>> = ids
+        .iter()
+        .zip(contributions.values())
+        .map(|((_, c), (tokens, values))| Contribution {
+            peer: c,
+            tokens: *tokens,
+            values,
+        })
+        .collect();
+    let limits = ValidationLimits {
+        expected_len: len,
+        max_norm_ratio: MAX_NORM_RATIO,
+    };
+    let refused = validate_updates(&all, limits);
+    for r in &refused {
+        rejected.push(format!("{}: {:?}", ids[r.index].0, r.reason));
     }
-    for (tokens, v) in contributions.values() {
-        let w = *tokens as f32 / total as f32;
-        for (o, x) in out.iter_mut().zip(v) {
-            *o += w * x;
+    let keep: Vec<usize> = (0..all.len())
+        .filter(|i| !refused.iter().any(|r| r.index == *i))
+        .collect();
+    let accepted: Vec<Contribution<'_>> = keep.iter().map(|&i| all[i]).collect();
+    match aggregate(&accepted) {
+        Ok(avg) => (avg, keep.iter().map(|&i| ids[i].0).collect()),
+        Err(e) => {
+            tracing::warn!(error = %e, "nothing to reduce for this slice");
+            (vec![0.0; len], Vec::new())
         }
     }
-    (out, contributions.keys().copied().collect())
 }
 
 fn verify_sender(h: &FrameHeader, from: PeerId) -> Result<(), &'static str> {
@@ -1374,63 +1471,4 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Round decisions until the coordinator crate's run state machine is wired in.
-mod potluck_coordinator_shim {
-    use super::*;
-
-    pub struct Ledger {
-        round: u64,
-        root: [u8; 32],
-        source: Option<PeerId>,
-    }
-
-    impl Ledger {
-        pub fn new(root: [u8; 32]) -> Self {
-            Self {
-                round: 0,
-                root,
-                source: None,
-            }
-        }
-        pub fn root(&self) -> [u8; 32] {
-            self.root
-        }
-        pub fn committed_round(&self) -> u64 {
-            self.round
-        }
-        pub fn source(&self) -> Option<PeerId> {
-            self.source
-        }
-        /// Commits the root held by a strict majority of the round's members.
-        pub fn decide(
-            &mut self,
-            round: u64,
-            members: usize,
-            reports: &BTreeMap<PeerId, RoundReport>,
-        ) -> Result<([u8; 32], Vec<PeerId>), String> {
-            let mut by_root: BTreeMap<Vec<u8>, Vec<PeerId>> = BTreeMap::new();
-            for (p, r) in reports {
-                by_root.entry(r.root.clone()).or_default().push(*p);
-            }
-            let quorum = members / 2 + 1;
-            let best = by_root.into_iter().max_by_key(|(_, v)| v.len());
-            match best {
-                Some((root, peers)) if peers.len() >= quorum && root.len() == 32 => {
-                    let mut r = [0u8; 32];
-                    r.copy_from_slice(&root);
-                    self.round = round;
-                    self.root = r;
-                    self.source = peers.first().copied();
-                    Ok((r, peers))
-                }
-                Some((_, peers)) => Err(format!(
-                    "{} of {members} members agree, {quorum} needed",
-                    peers.len()
-                )),
-                None => Err("no member reported".into()),
-            }
-        }
-    }
 }

@@ -1,0 +1,181 @@
+//! Swarm training over real QUIC sockets on loopback: several in-process daemons train one
+//! model and must end every round on the same root; a replica killed mid-run costs the others
+//! nothing but its work.
+
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use potluck_daemon::train::{RunEvent, RunManifest};
+use potluck_daemon::{Config, Node};
+
+const RUN: &str = r#"
+name = "test"
+seed = 3
+model = "tiny"
+inner_steps = 4
+rounds = 3
+compression = "topk"
+round_deadline_secs = 60
+min_peers = 3
+
+[data]
+source = "builtin"
+train_bytes = 60000
+eval_bytes = 8000
+shards = 6
+eval_fraction = 0.05
+
+[inner]
+lr = 0.003
+warmup_steps = 2
+batch_size = 4
+seq_len = 32
+"#;
+
+async fn start(n: usize, dir: &std::path::Path) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut seed: Option<Multiaddr> = None;
+    for i in 0..n {
+        let mut cfg = Config {
+            data_dir: dir.join(format!("p{i}")),
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+            mdns: false,
+            ..Config::default()
+        };
+        if let Some(a) = &seed {
+            cfg.bootstrap = vec![a.clone()];
+        }
+        let node = Node::start(cfg).await.unwrap();
+        if seed.is_none() {
+            let c = node.client();
+            let mut addr = None;
+            for _ in 0..100 {
+                let st = c.status().await.unwrap();
+                if let Some(a) = st.listen_addrs.first() {
+                    addr = Some(a.clone().with(libp2p::multiaddr::Protocol::P2p(st.peer_id)));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seed = addr;
+        }
+        nodes.push(node);
+    }
+    nodes
+}
+
+fn run_with(f: impl FnOnce(&mut RunManifest)) -> potluck_daemon::train::ResolvedRun {
+    let mut m = RunManifest::parse(RUN).unwrap();
+    f(&mut m);
+    m.resolve().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_peers_end_every_round_on_the_same_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(3, dir.path()).await;
+    let run = run_with(|_| {});
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let mut events = nodes[0].train().subscribe();
+    let mut joins = Vec::new();
+    for n in nodes.iter().skip(1) {
+        let svc = n.train();
+        joins.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                if let Ok(s) = svc.join(coordinator, run_id, None).await {
+                    return Some(s);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            None
+        }));
+    }
+    let out = dir.path().join("ckpt");
+    let summary = tokio::time::timeout(
+        Duration::from_secs(240),
+        nodes[0].train().coordinate(run.clone(), Some(out.clone())),
+    )
+    .await
+    .expect("run finished in time")
+    .expect("run succeeded");
+    assert_eq!(summary.rounds, 3);
+    for j in joins {
+        let s = j.await.unwrap().expect("replica finished");
+        assert_eq!(s.root, summary.root, "every replica ends on the committed root");
+    }
+    // Every round was committed by all three replicas.
+    let mut committed = 0;
+    while let Ok(ev) = events.try_recv() {
+        if let RunEvent::Committed { agreeing, members, .. } = ev {
+            assert_eq!((agreeing, members), (3, 3));
+            committed += 1;
+        }
+    }
+    assert_eq!(committed, 3);
+    // Data really moved between the peers, and the checkpoint verifies offline.
+    let (sent, received) = nodes[1].train().traffic().totals();
+    assert!(sent > 0 && received > 0);
+    let verified = potluck_coordinator::verify::verify_checkpoint_dir(
+        &out,
+        &potluck_coordinator::verify::VerifyOptions::default(),
+    )
+    .expect("checkpoint verifies");
+    assert_eq!(Some(verified.root.to_hex()), summary.checkpoint_root);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replica_does_not_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start(3, dir.path()).await;
+    let run = run_with(|m| {
+        m.rounds = Some(3);
+        m.round_deadline_secs = Some(20);
+        // Rounds go on with the two survivors after the kill.
+        m.min_peers = Some(2);
+    });
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let mut events = nodes[0].train().subscribe();
+    let survivor = nodes[1].train();
+    let survivor_task = tokio::spawn(async move {
+        for _ in 0..50 {
+            if let Ok(s) = survivor.join(coordinator, run_id, None).await {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    });
+    let victim = nodes.pop().unwrap();
+    let victim_svc = victim.train();
+    tokio::spawn(async move {
+        let _ = victim_svc.join(coordinator, run_id, None).await;
+    });
+    // Kill the third peer as soon as the first round is committed.
+    let killer = tokio::spawn(async move {
+        while let Ok(ev) = events.recv().await {
+            if let RunEvent::Committed { round: 1, .. } = ev {
+                victim.shutdown().await;
+                break;
+            }
+        }
+    });
+    let summary = tokio::time::timeout(
+        Duration::from_secs(300),
+        nodes[0].train().coordinate(run, None),
+    )
+    .await
+    .expect("run finished in time")
+    .expect("run succeeded");
+    killer.await.unwrap();
+    let s = survivor_task.await.unwrap().expect("survivor finished");
+    assert_eq!(s.root, summary.root);
+    assert!(summary.rounds >= 2, "the two survivors committed after the kill");
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
