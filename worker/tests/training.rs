@@ -315,3 +315,35 @@ fn invalid_configs_are_refused() {
     ModelConfig::small().validate().unwrap();
     ModelConfig::base().validate().unwrap();
 }
+
+/// The GPU check of the issue: a short run on CUDA in f32 and in bf16 reaches the CPU's loss.
+/// Run on a GPU machine with
+/// `cargo test -p potluck-worker --features cuda --test training -- --ignored cuda_`.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_f32_and_bf16_reach_the_cpu_loss() {
+    let (_, data) = corpus();
+    let run = |device: DeviceSpec, dtype: ComputeDType| {
+        let train = TrainConfig {
+            compute_dtype: dtype,
+            batch_size: 16,
+            ..small_train()
+        };
+        let mut r = Replica::new(&ModelConfig::tiny(), &train, &device).unwrap();
+        r.train_steps(&data, 0, 100).unwrap();
+        r.eval_loss(&data, 8).unwrap()
+    };
+    let cpu = run(DeviceSpec::Cpu, ComputeDType::F32);
+    let gpu = run(DeviceSpec::Cuda(0), ComputeDType::F32);
+    let gpu_bf16 = run(DeviceSpec::Cuda(0), ComputeDType::Bf16);
+    eprintln!("eval loss after 100 steps: cpu {cpu}, cuda f32 {gpu}, cuda bf16 {gpu_bf16}");
+    assert!(
+        (gpu - cpu).abs() <= 0.02 * cpu,
+        "cuda f32 {gpu} vs cpu {cpu}"
+    );
+    assert!(
+        (gpu_bf16 - cpu).abs() <= 0.05 * cpu,
+        "cuda bf16 {gpu_bf16} vs cpu {cpu}"
+    );
+}
