@@ -132,6 +132,18 @@ fn snapshot_pseudo_gradient_and_outer_step() {
     let mut r = Replica::new(&ModelConfig::tiny(), &train, &DeviceSpec::Cpu).unwrap();
     let layout = r.param_layout();
     assert_eq!(layout[0].0, "tok_emb.weight");
+    // Names are part of the checkpoint format: a few spot checks of the scheme.
+    let names: Vec<&str> = layout.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "layers.0.attn_norm.weight",
+        "layers.0.attn.wq.weight",
+        "layers.0.moe.router.weight",
+        "layers.1.moe.experts.3.w_down.weight",
+        "final_norm.weight",
+    ] {
+        assert!(names.contains(&want), "{want} missing");
+    }
+    assert!(!names.contains(&"lm_head.weight"), "tiny ties its head");
     let n: usize = layout
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
