@@ -359,3 +359,11 @@ fn cuda_f32_and_bf16_reach_the_cpu_loss() {
         "cuda bf16 {gpu_bf16} vs cpu {cpu}"
     );
 }
+
+#[test]
+fn replica_and_data_can_move_to_a_worker_thread() {
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<Replica>();
+    assert_send::<Dataset>();
+    assert_send::<OuterOptimizer>();
+}
