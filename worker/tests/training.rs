@@ -65,13 +65,13 @@ fn tiny_model_reaches_entropy_rate_with_balanced_experts() {
     let h = corpus.entropy_rate_nats_per_byte();
     let train = TrainConfig {
         lr: 3e-3,
-        total_steps: 350,
+        total_steps: 500,
         batch_size: 16,
         ..small_train()
     };
     let mut replica = Replica::new(&ModelConfig::tiny(), &train, &DeviceSpec::Cpu).unwrap();
     let before = replica.eval_loss(&data, 8).unwrap();
-    replica.train_steps(&data, 0, 300).unwrap();
+    replica.train_steps(&data, 0, 450).unwrap();
     // Routing balance is measured over the later steps, once the router has learnt.
     let last = replica.train_steps(&data, 1, 50).unwrap();
     let after = replica.eval_loss(&data, 8).unwrap() as f64;
