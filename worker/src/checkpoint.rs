@@ -10,6 +10,9 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::WorkerError;
 
+/// A named f32 tensor on its way to or from disk: name, shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Largest safetensors header accepted on top of the expected tensor bytes.
 const MAX_HEADER_BYTES: u64 = 16 << 20;
 
@@ -59,10 +62,7 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, WorkerError> {
 }
 
 /// Serialises named f32 tensors (in the given order) and writes them atomically.
-pub fn write_f32_tensors(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-) -> Result<(), WorkerError> {
+pub fn write_f32_tensors(path: &Path, tensors: &[NamedTensor]) -> Result<(), WorkerError> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())

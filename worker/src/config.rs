@@ -173,13 +173,13 @@ impl ModelConfig {
         if self.context > 1 << 20 || self.n_layers > 4096 || self.n_heads > 4096 {
             return bad("context, n_layers or n_heads is above its limit".into());
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "d_model {} is not a multiple of n_heads {}",
                 self.d_model, self.n_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim()

@@ -227,6 +227,9 @@ impl SyntheticCorpus {
     }
 }
 
+/// One batch: input ids and next-token target ids, each `batch * seq_len`, row-major.
+pub type Batch = (Vec<u32>, Vec<u32>);
+
 /// Token streams split into numbered training shards and a held-out evaluation split.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -361,7 +364,7 @@ impl Dataset {
         batch: usize,
         seq_len: usize,
         rng: &mut impl Rng,
-    ) -> Result<(Vec<u32>, Vec<u32>), WorkerError> {
+    ) -> Result<Batch, WorkerError> {
         let tokens = self.shard_tokens(shard)?;
         if tokens.len() < seq_len + 1 {
             return Err(WorkerError::Data(format!(
@@ -387,7 +390,7 @@ impl Dataset {
         batch: usize,
         seq_len: usize,
         max_batches: usize,
-    ) -> Result<Vec<(Vec<u32>, Vec<u32>)>, WorkerError> {
+    ) -> Result<Vec<Batch>, WorkerError> {
         let windows = self.eval.len().saturating_sub(1) / seq_len.max(1);
         let n_batches = (windows / batch.max(1)).min(max_batches);
         if n_batches == 0 {

@@ -203,17 +203,32 @@ impl Weights {
     /// `x @ W^T` for `x: [N, in]`, plus the LoRA path when the projection has an adapter.
     fn linear(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let w = self.get(&format!("{prefix}.weight"))?;
-        let y = x.matmul(&w.t()?)?;
+        let y = matmul_wt(x, w)?;
         match (
             self.map.get(&format!("{prefix}.lora_a")),
             self.map.get(&format!("{prefix}.lora_b")),
         ) {
             (Some(a), Some(b)) => {
-                let low = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
+                let low = matmul_wt(&matmul_wt(x, a)?, b)?;
                 Ok((y + low.affine(self.lora_scale, 0.0)?)?)
             }
             _ => Ok(y),
         }
+    }
+}
+
+/// `x @ w^T` for `x: [N, in]`, `w: [out, in]`, in whichever of two equal formulations leaves
+/// the cheaper strided work to candle's CPU backend. `x @ w.t()` hands the weight its gradient
+/// as a transposed view, and accumulating that costs a slow strided pass over `in * out`
+/// values; `(w @ x.t()).t()` moves the strided work to the activations, `N * (in + out)`
+/// values. The choice depends on shapes only, so runs stay deterministic.
+fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let (out, inp) = w.dims2()?;
+    if n * (inp + out) < inp * out {
+        Ok(w.matmul(&x.t()?)?.t()?)
+    } else {
+        Ok(x.matmul(&w.t()?)?)
     }
 }
 
@@ -860,7 +875,7 @@ impl Model {
         let k = cfg.top_k;
         let acc = acc_dtype(self.compute_dtype);
         let router = w.get(&format!("layers.{layer}.moe.router.weight"))?;
-        let logits = x.matmul(&router.t()?)?.to_dtype(acc)?;
+        let logits = matmul_wt(x, router)?.to_dtype(acc)?;
         let probs = candle_nn::ops::softmax(&logits, 1)?;
         let p: Vec<f64> = probs.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
         let mut choice = vec![0usize; n * k];

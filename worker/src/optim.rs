@@ -66,6 +66,11 @@ impl AdamW {
         let mut total = 0f64;
         for (_, p) in params {
             if let Some(g) = grads.get(p.as_tensor()) {
+                if g.device().is_cpu() && g.dtype() == DType::F32 {
+                    let values: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                    total += values.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+                    continue;
+                }
                 total += g
                     .to_dtype(DType::F64)?
                     .sqr()?
@@ -107,7 +112,22 @@ impl AdamW {
         let lr = lr as f64;
         for (i, (_, p)) in params.iter().enumerate() {
             let theta = p.as_tensor().detach();
-            let g = match grads.get(p.as_tensor()) {
+            let grad = grads.get(p.as_tensor());
+            let decay = if theta.rank() >= 2 {
+                1.0 - lr * cfg.weight_decay as f64
+            } else {
+                1.0
+            };
+            if theta.device().is_cpu() && theta.dtype() == DType::F32 {
+                self.step_cpu_f32(
+                    i,
+                    p,
+                    grad,
+                    [clip, b1, b2, bc1, bc2, lr, decay, cfg.eps as f64],
+                )?;
+                continue;
+            }
+            let g = match grad {
                 Some(g) => g.detach().to_dtype(theta.dtype())?.affine(clip, 0.0)?,
                 None => theta.zeros_like()?,
             };
@@ -115,17 +135,48 @@ impl AdamW {
             let v = (self.v[i].affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
             let denom = (v.affine(1.0 / bc2, 0.0)?.sqrt()? + cfg.eps as f64)?;
             let update = m.affine(1.0 / bc1, 0.0)?.div(&denom)?;
-            let decay = if theta.rank() >= 2 {
-                1.0 - lr * cfg.weight_decay as f64
-            } else {
-                1.0
-            };
             let new = (theta.affine(decay, 0.0)? - update.affine(lr, 0.0)?)?;
             p.set(&new)?;
             self.m[i] = m;
             self.v[i] = v;
         }
         Ok(norm)
+    }
+}
+
+impl AdamW {
+    /// The same update as the tensor path, fused into one pass: on the CPU each candle op is
+    /// a separate single-threaded sweep over the parameter, and the optimizer would otherwise
+    /// cost several times the forward pass. `k` is
+    /// `[clip, beta1, beta2, bias1, bias2, lr, decay, eps]`.
+    fn step_cpu_f32(
+        &mut self,
+        i: usize,
+        p: &candle_core::Var,
+        grad: Option<&Tensor>,
+        k: [f64; 8],
+    ) -> Result<(), WorkerError> {
+        let [clip, b1, b2, bc1, bc2, lr, decay, eps] = k.map(|x| x as f32);
+        let dims = p.dims().to_vec();
+        let dev = p.device().clone();
+        let mut theta: Vec<f32> = p.as_tensor().flatten_all()?.to_vec1()?;
+        let mut m: Vec<f32> = self.m[i].flatten_all()?.to_vec1()?;
+        let mut v: Vec<f32> = self.v[i].flatten_all()?.to_vec1()?;
+        let g: Vec<f32> = match grad {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            None => vec![0.0; theta.len()],
+        };
+        for j in 0..theta.len() {
+            let gj = g[j] * clip;
+            m[j] = b1 * m[j] + (1.0 - b1) * gj;
+            v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
+            let update = (m[j] / bc1) / ((v[j] / bc2).sqrt() + eps);
+            theta[j] = theta[j] * decay - lr * update;
+        }
+        p.set(&Tensor::from_vec(theta, dims.as_slice(), &dev)?)?;
+        self.m[i] = Tensor::from_vec(m, dims.as_slice(), &dev)?;
+        self.v[i] = Tensor::from_vec(v, dims.as_slice(), &dev)?;
+        Ok(())
     }
 }
 

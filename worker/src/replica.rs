@@ -14,7 +14,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::WorkerError;
-use crate::checkpoint::{read_f32_tensors, read_limited, write_atomic, write_f32_tensors};
+use crate::checkpoint::{
+    NamedTensor, read_f32_tensors, read_limited, write_atomic, write_f32_tensors,
+};
 use crate::config::{DeviceSpec, LoraConfig, ModelConfig, TrainConfig};
 use crate::data::Dataset;
 use crate::model::{Model, RouteStats};
@@ -350,7 +352,7 @@ impl Replica {
         &self,
         tensors: &[Tensor],
         prefix: &str,
-    ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, WorkerError> {
+    ) -> Result<Vec<NamedTensor>, WorkerError> {
         let mut out = Vec::with_capacity(tensors.len());
         for ((name, _), t) in self.model.trainable().iter().zip(tensors) {
             out.push((

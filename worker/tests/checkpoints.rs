@@ -1,5 +1,6 @@
 //! Checkpoints: bit-exact round trips, resuming with optimizer state, LoRA adapters, and
 //! refusal of malformed or mismatched files.
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use std::fs;
 use std::path::Path;

@@ -1,5 +1,6 @@
 //! Helpers shared by the worker's integration tests.
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+#![allow(dead_code)] // each test binary uses a different subset
 
 use candle_core::{DType, Device, Tensor, Var};
 use potluck_worker::{Model, ModelConfig};

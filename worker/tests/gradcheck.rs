@@ -1,4 +1,5 @@
 //! Autograd against central finite differences in f64, on the forward path training uses.
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod common;
 
