@@ -220,11 +220,11 @@ pub fn take_over(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PeerId;
     use crate::manifest::{CheckpointContent, ManifestBody, SignerRole, public_key};
     use crate::round::{Action, Report};
     use crate::store::Ledger;
     use crate::testutil::*;
-    use crate::PeerId;
 
     #[test]
     fn run_manifest_round_trips_and_refuses_tampering() {
@@ -254,7 +254,10 @@ mod tests {
         let coord = public_key(&COORD);
         let succ = public_key(&SUCC);
         let head = ledger.head().unwrap().clone();
-        let cfg = RunConfig { min_participants: 2, ..RunConfig::default() };
+        let cfg = RunConfig {
+            min_participants: 2,
+            ..RunConfig::default()
+        };
 
         // While the coordinator lives, the successor must not take over.
         assert!(matches!(
@@ -262,7 +265,14 @@ mod tests {
             Err(FailoverError::NotMyTurn(_))
         ));
         assert!(matches!(
-            take_over(&run, &public_key(&REPLICA), |k| *k != coord, &head, 4, cfg.clone()),
+            take_over(
+                &run,
+                &public_key(&REPLICA),
+                |k| *k != coord,
+                &head,
+                4,
+                cfg.clone()
+            ),
             Err(FailoverError::NotASuccessor)
         ));
         assert_eq!(run.acting_coordinator(|k| *k != coord), Some(succ));
@@ -282,7 +292,13 @@ mod tests {
         let root = CheckpointContent::scan(&d, CHUNK).unwrap().root();
         for p in [&a, &b] {
             m.handle_report(
-                Report { peer: p.clone(), round: 5, tokens: 1, update_hash: Hash32([2; 32]), weight_root: root },
+                Report {
+                    peer: p.clone(),
+                    round: 5,
+                    tokens: 1,
+                    update_hash: Hash32([2; 32]),
+                    weight_root: root,
+                },
                 11,
             )
             .unwrap();

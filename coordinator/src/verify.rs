@@ -355,6 +355,30 @@ pub fn verify_content(dir: &Path, content: &CheckpointContent) -> Result<u64, Ve
     Ok(total)
 }
 
+/// For resuming a download into `dir`: which of `content`'s pieces are already on disk
+/// with the right hash. Missing or short files simply yield `false` for their pieces.
+pub fn verified_pieces(dir: &Path, content: &CheckpointContent) -> Vec<bool> {
+    use std::io::{Seek, SeekFrom};
+    let mut out = Vec::new();
+    let mut open: Option<(usize, File)> = None;
+    let mut buf = Vec::new();
+    for p in content.pieces() {
+        if open.as_ref().is_none_or(|(i, _)| *i != p.file) {
+            open = File::open(dir.join(&content.files[p.file].path))
+                .ok()
+                .map(|f| (p.file, f));
+        }
+        let ok = open.as_mut().is_some_and(|(_, f)| {
+            buf.resize(p.len as usize, 0);
+            f.seek(SeekFrom::Start(p.offset)).is_ok()
+                && f.read_exact(&mut buf).is_ok()
+                && Hash32::from(blake3::hash(&buf)) == p.hash
+        });
+        out.push(ok);
+    }
+    out
+}
+
 /// A header whose hash matches was hashed by the manifest's author; this catches a
 /// manifest whose tensor list does not describe that header.
 fn check_header_matches(f: &crate::manifest::FileRecord, raw: &[u8]) -> Result<(), VerifyError> {
@@ -655,6 +679,30 @@ mod tests {
         // A ledger whose middle link is swapped fails the chain check.
         std::fs::write(ledger_dir.join(format!("{:020}.pb", 1)), ms[2].encode()).unwrap();
         assert!(crate::store::Ledger::open(&ledger_dir, run.clone()).is_err());
+    }
+
+    #[test]
+    fn resume_scan_finds_the_intact_pieces() {
+        let t = tempfile::tempdir().unwrap();
+        let (_, ms) = chain(t.path(), 1);
+        let d = t.path().join("0");
+        let content = &ms[0].body().content;
+        assert!(verified_pieces(&d, content).iter().all(|v| *v));
+        let pieces = content.pieces();
+        let target = pieces
+            .iter()
+            .position(|p| matches!(p.label, PieceLabel::TensorChunk { chunk: 1, .. }))
+            .unwrap();
+        flip(
+            &d.join(&content.files[pieces[target].file].path),
+            pieces[target].offset + 5,
+        );
+        let v = verified_pieces(&d, content);
+        assert_eq!(v.iter().filter(|x| !**x).count(), 1);
+        assert!(!v[target]);
+        std::fs::remove_file(d.join("config.json")).unwrap();
+        let v = verified_pieces(&d, content);
+        assert_eq!(v.iter().filter(|x| !**x).count(), 2);
     }
 
     #[test]
