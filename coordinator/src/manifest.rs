@@ -548,10 +548,10 @@ impl TryFrom<v1::ManifestBody> for ManifestBody {
             if !valid_file_name(&f.path) || f.path == MANIFEST_FILE || f.path == RUN_FILE {
                 return Err(invalid("file entry", format!("bad file name {:?}", f.path)));
             }
-            if let Some(prev) = files.last().map(|p: &FileRecord| p.path.as_str()) {
-                if prev >= f.path.as_str() {
-                    return Err(invalid("file entry", "files not sorted by name"));
-                }
+            if let Some(prev) = files.last().map(|p: &FileRecord| p.path.as_str())
+                && prev >= f.path.as_str()
+            {
+                return Err(invalid("file entry", "files not sorted by name"));
             }
             let file_hash = Hash32::from_slice("file hash", &f.file_hash)?;
             let kind = match v1::FileKind::try_from(f.kind) {

@@ -363,10 +363,10 @@ impl RunMachine {
                     .iter()
                     .filter(|p| members.contains(*p) && !round.reports.contains_key(*p))
                     .count();
-                if let Some((_, c)) = round.best() {
-                    if c as usize >= quorum(round.participants.len()) {
-                        return Err(RestoreError::Inconsistent("open round already has quorum"));
-                    }
+                if let Some((_, c)) = round.best()
+                    && c as usize >= quorum(round.participants.len())
+                {
+                    return Err(RestoreError::Inconsistent("open round already has quorum"));
                 }
                 Some(round)
             }
@@ -431,10 +431,11 @@ impl RunMachine {
                     },
                 });
             } else {
-                if let Some(open) = self.open.as_mut() {
-                    if open.participants.contains(&peer) && !open.reports.contains_key(&peer) {
-                        open.outstanding += 1;
-                    }
+                if let Some(open) = self.open.as_mut()
+                    && open.participants.contains(&peer)
+                    && !open.reports.contains_key(&peer)
+                {
+                    open.outstanding += 1;
                 }
                 self.members.insert(peer.clone());
                 self.actions.push_back(Action::Admitted(peer));
@@ -446,12 +447,12 @@ impl RunMachine {
     /// A peer left (said goodbye, or the daemon saw its connections close).
     pub fn handle_leave(&mut self, peer: &PeerId, now_ms: u64) {
         self.check_deadline(now_ms);
-        if self.members.remove(peer) {
-            if let Some(open) = self.open.as_mut() {
-                if open.participants.contains(peer) && !open.reports.contains_key(peer) {
-                    open.outstanding = open.outstanding.saturating_sub(1);
-                }
-            }
+        if self.members.remove(peer)
+            && let Some(open) = self.open.as_mut()
+            && open.participants.contains(peer)
+            && !open.reports.contains_key(peer)
+        {
+            open.outstanding = open.outstanding.saturating_sub(1);
         }
         self.check_hopeless();
         self.maybe_open(now_ms);

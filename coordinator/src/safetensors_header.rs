@@ -164,7 +164,7 @@ fn parse_json(json: &[u8], data_len: u64) -> Result<Vec<TensorInfo>, HeaderError
             data_end: end,
         });
     }
-    tensors.sort_by(|a, b| (a.data_begin, a.data_end).cmp(&(b.data_begin, b.data_end)));
+    tensors.sort_by_key(|a| (a.data_begin, a.data_end));
     let mut at = 0u64;
     for t in &tensors {
         if t.data_begin != at {

@@ -440,10 +440,11 @@ pub fn prune_checkpoints(
             fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
             continue;
         }
-        if let Ok(r) = name.parse::<u64>() {
-            if name.len() == 20 && e.file_type().map_err(io(&e.path()))?.is_dir() {
-                rounds.push(r);
-            }
+        if let Ok(r) = name.parse::<u64>()
+            && name.len() == 20
+            && e.file_type().map_err(io(&e.path()))?.is_dir()
+        {
+            rounds.push(r);
         }
     }
     rounds.sort_unstable();

@@ -245,13 +245,13 @@ impl Download {
 
     /// A request failed without data (stream reset, refusal): ask again elsewhere or later.
     pub fn handle_failure(&mut self, source: SourceId, piece: usize) {
-        if let Some(PieceState::InFlight { source: s, .. }) = self.state.get(piece) {
-            if *s == source {
-                self.state[piece] = PieceState::Missing;
-                self.cursor = self.cursor.min(piece);
-                if let Some(st) = self.sources.get_mut(&source) {
-                    st.in_flight = st.in_flight.saturating_sub(1);
-                }
+        if let Some(PieceState::InFlight { source: s, .. }) = self.state.get(piece)
+            && *s == source
+        {
+            self.state[piece] = PieceState::Missing;
+            self.cursor = self.cursor.min(piece);
+            if let Some(st) = self.sources.get_mut(&source) {
+                st.in_flight = st.in_flight.saturating_sub(1);
             }
         }
     }

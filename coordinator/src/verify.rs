@@ -118,13 +118,13 @@ pub fn read_signed(
         file: RUN_FILE,
         source,
     })?;
-    if let Some(exp) = expected_run_id {
-        if exp != run.run_id() {
-            return Err(VerifyError::WrongRun {
-                expected: exp.to_hex(),
-                got: run.run_id().to_hex(),
-            });
-        }
+    if let Some(exp) = expected_run_id
+        && exp != run.run_id()
+    {
+        return Err(VerifyError::WrongRun {
+            expected: exp.to_hex(),
+            got: run.run_id().to_hex(),
+        });
     }
     let m_bytes = read_limited(
         &dir.join(MANIFEST_FILE),
