@@ -769,6 +769,53 @@ impl ManifestSignature {
     }
 }
 
+impl ManifestSignature {
+    /// The signature alone on the wire (a replica sends it to the coordinator).
+    pub fn encode(&self) -> Vec<u8> {
+        self.to_wire().encode_to_vec()
+    }
+
+    fn to_wire(&self) -> v1::ManifestSignature {
+        v1::ManifestSignature {
+            role: match self.role {
+                SignerRole::Coordinator => v1::SignerRole::Coordinator,
+                SignerRole::Replica => v1::SignerRole::Replica,
+            } as i32,
+            public_key: self.public_key.to_vec(),
+            signature: self.signature.to_vec(),
+        }
+    }
+
+    /// Decodes a signature received alone; verify it with [`SignedManifest::add_signature`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+        let w: v1::ManifestSignature = decode_limited("manifest signature", bytes, 256)?;
+        Ok(Self::try_from(w)?)
+    }
+}
+
+impl TryFrom<v1::ManifestSignature> for ManifestSignature {
+    type Error = DecodeError;
+
+    fn try_from(s: v1::ManifestSignature) -> Result<Self, DecodeError> {
+        let role = match v1::SignerRole::try_from(s.role) {
+            Ok(v1::SignerRole::Coordinator) => SignerRole::Coordinator,
+            Ok(v1::SignerRole::Replica) => SignerRole::Replica,
+            _ => return Err(invalid("manifest signature", "unknown signer role")),
+        };
+        let public_key = key32("public key", &s.public_key)?;
+        let signature: [u8; 64] = s
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| invalid("manifest signature", "signature is not 64 bytes"))?;
+        Ok(ManifestSignature {
+            role,
+            public_key,
+            signature,
+        })
+    }
+}
+
 /// A manifest body with its exact bytes and the signatures over them. Every signature held
 /// has been verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -858,18 +905,7 @@ impl SignedManifest {
     pub fn encode(&self) -> Vec<u8> {
         v1::SignedManifest {
             body: self.body_bytes.clone(),
-            signatures: self
-                .signatures
-                .iter()
-                .map(|s| v1::ManifestSignature {
-                    role: match s.role {
-                        SignerRole::Coordinator => v1::SignerRole::Coordinator,
-                        SignerRole::Replica => v1::SignerRole::Replica,
-                    } as i32,
-                    public_key: s.public_key.to_vec(),
-                    signature: s.signature.to_vec(),
-                })
-                .collect(),
+            signatures: self.signatures.iter().map(|s| s.to_wire()).collect(),
         }
         .encode_to_vec()
     }
@@ -896,23 +932,68 @@ impl SignedManifest {
             signatures: Vec::with_capacity(wire.signatures.len()),
         };
         for (index, s) in wire.signatures.into_iter().enumerate() {
-            let bad = || ManifestError::BadSignature {
-                index,
-                key: hex::encode(&s.public_key),
-            };
-            let role = match v1::SignerRole::try_from(s.role) {
-                Ok(v1::SignerRole::Coordinator) => SignerRole::Coordinator,
-                Ok(v1::SignerRole::Replica) => SignerRole::Replica,
-                _ => return Err(bad()),
-            };
-            let public_key: [u8; 32] = s.public_key.as_slice().try_into().map_err(|_| bad())?;
-            let signature: [u8; 64] = s.signature.as_slice().try_into().map_err(|_| bad())?;
-            m.add_signature(ManifestSignature {
-                role,
-                public_key,
-                signature,
-            })?;
+            let key = hex::encode(&s.public_key);
+            let sig = ManifestSignature::try_from(s)
+                .map_err(|_| ManifestError::BadSignature { index, key })?;
+            m.add_signature(sig)?;
         }
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    #[test]
+    fn replica_signature_travels_alone_and_is_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let (run, ms) = chain(t.path(), 1);
+        let mut m = SignedManifest::new(ms[0].body().clone());
+        let sig = ManifestSignature::sign(m.body_bytes(), SignerRole::Replica, &REPLICA);
+        let back = ManifestSignature::decode(&sig.encode()).unwrap();
+        m.add_signature(back.clone()).unwrap();
+        assert!(matches!(
+            m.add_signature(back),
+            Err(ManifestError::DuplicateSigner { .. })
+        ));
+        // A signature over another body does not verify.
+        let other = ManifestSignature::sign(b"other", SignerRole::Replica, &SUCC);
+        assert!(matches!(
+            m.add_signature(other),
+            Err(ManifestError::BadSignature { .. })
+        ));
+        assert!(!m.coordinator_signed());
+        m.sign(SignerRole::Coordinator, &COORD).unwrap();
+        assert!(m.coordinator_signed());
+        assert_eq!(SignedManifest::decode(&m.encode()).unwrap(), m);
+        // write_manifest_files refuses an unsigned manifest and writes a signed one.
+        let d = t.path().join("0");
+        let unsigned = SignedManifest::new(ms[0].body().clone());
+        assert!(crate::store::write_manifest_files(&d, &unsigned, &run).is_err());
+        crate::store::write_manifest_files(&d, &m, &run).unwrap();
+        crate::verify::verify_checkpoint_dir(&d, &Default::default()).unwrap();
+    }
+
+    #[test]
+    fn body_for_a_commit_refuses_a_directory_with_other_weights() {
+        let t = tempfile::tempdir().unwrap();
+        write_model(t.path(), 1);
+        let commit = crate::round::CommitRecord {
+            round: 1,
+            root: Hash32([9; 32]),
+            parent: Some((0, Hash32([0; 32]))),
+            participants: 1,
+            agreeing: vec![],
+        };
+        let err = ManifestBody::for_commit(
+            t.path(),
+            CHUNK,
+            Hash32([1; 32]),
+            &commit,
+            public_key(&COORD),
+        );
+        assert!(matches!(err, Err(ManifestError::Decode(_))));
     }
 }

@@ -463,6 +463,18 @@ pub fn prune_checkpoints(
     Ok(removed)
 }
 
+/// Writes `manifest.pb` and `run.pb` into the checkpoint directory `dir`, atomically, after
+/// checking that the manifest is of that run and signed by an allowed coordinator.
+pub fn write_manifest_files(
+    dir: &Path,
+    m: &SignedManifest,
+    run: &SignedRunManifest,
+) -> Result<(), StoreError> {
+    check_manifest_against_run(run, m)?;
+    write_atomic(&dir.join(crate::manifest::RUN_FILE), &run.encode())?;
+    write_atomic(&dir.join(crate::manifest::MANIFEST_FILE), &m.encode())
+}
+
 /// The checkpoint directory of `round` under `data_dir`.
 pub fn checkpoint_dir(data_dir: &Path, round: u64) -> PathBuf {
     data_dir.join(CHECKPOINTS_DIR).join(format!("{round:020}"))
