@@ -740,6 +740,14 @@ pub fn signing_key(secret_key: &[u8; 32]) -> SigningKey {
     SigningKey::from_bytes(secret_key)
 }
 
+/// The 32 secret-key bytes of a 64-byte ed25519 keypair encoding (secret then public, as
+/// libp2p's `ed25519::Keypair::to_bytes` writes it); refuses a pair whose halves disagree.
+pub fn secret_from_keypair_bytes(keypair: &[u8; 64]) -> Result<[u8; 32], ManifestError> {
+    SigningKey::from_keypair_bytes(keypair)
+        .map(|k| k.to_bytes())
+        .map_err(|e| ManifestError::Key(e.to_string()))
+}
+
 /// The public key of 32 raw secret-key bytes.
 pub fn public_key(secret_key: &[u8; 32]) -> [u8; 32] {
     SigningKey::from_bytes(secret_key)
@@ -974,6 +982,19 @@ mod tests {
         assert!(crate::store::write_manifest_files(&d, &unsigned, &run).is_err());
         crate::store::write_manifest_files(&d, &m, &run).unwrap();
         crate::verify::verify_checkpoint_dir(&d, &Default::default()).unwrap();
+    }
+
+    #[test]
+    fn keypair_bytes_are_accepted_and_checked() {
+        let mut pair = [0u8; 64];
+        pair[..32].copy_from_slice(&COORD);
+        pair[32..].copy_from_slice(&public_key(&COORD));
+        assert_eq!(secret_from_keypair_bytes(&pair).unwrap(), COORD);
+        pair[40] ^= 1;
+        assert!(matches!(
+            secret_from_keypair_bytes(&pair),
+            Err(ManifestError::Key(_))
+        ));
     }
 
     #[test]

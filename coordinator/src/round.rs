@@ -28,6 +28,9 @@ pub fn quorum(participants: usize) -> usize {
     participants / 2 + 1
 }
 
+/// Most data shards a run may have (the shard ring is rebuilt when a round opens).
+pub const MAX_SHARDS: u32 = 1 << 20;
+
 /// Settings of one run's coordinator. Plain data, validated by [`RunConfig::validate`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunConfig {
@@ -67,7 +70,7 @@ pub enum ConfigError {
     MembersBelowMin { min: usize, max: usize },
     #[error("round_duration_ms must be positive")]
     ZeroDuration,
-    #[error("num_shards must be at least 1")]
+    #[error("num_shards must be between 1 and {MAX_SHARDS}")]
     NoShards,
 }
 
@@ -85,7 +88,7 @@ impl RunConfig {
         if self.round_duration_ms == 0 {
             return Err(ConfigError::ZeroDuration);
         }
-        if self.num_shards == 0 {
+        if self.num_shards == 0 || self.num_shards > MAX_SHARDS {
             return Err(ConfigError::NoShards);
         }
         Ok(())
@@ -755,6 +758,8 @@ mod tests {
         );
         let mut c = cfg(1);
         c.num_shards = 0;
+        assert_eq!(c.validate(), Err(ConfigError::NoShards));
+        c.num_shards = u32::MAX;
         assert_eq!(c.validate(), Err(ConfigError::NoShards));
     }
 
