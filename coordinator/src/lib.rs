@@ -40,6 +40,7 @@ pub mod safetensors_header;
 pub mod store;
 pub mod transfer;
 pub mod verify;
+pub mod wire;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
