@@ -35,6 +35,7 @@
 pub mod aggregate;
 pub mod failover;
 pub mod manifest;
+pub mod placement;
 pub mod round;
 pub mod safetensors_header;
 pub mod store;
