@@ -185,9 +185,17 @@ pub fn verify_checkpoint_dir(dir: &Path, opts: &VerifyOptions) -> Result<Verifie
                 });
             }
             None => {
+                let head = entries.last().map(|e| (e.body().round, e.body().root));
+                let reason = match head {
+                    Some(h) if body.round > h.0 && body.parent == Some(h) => format!(
+                        "not yet in the ledger, whose head is round {}: update the ledger",
+                        h.0
+                    ),
+                    _ => "round not in the ledger: parent not in the chain".into(),
+                };
                 return Err(VerifyError::Chain {
                     round: body.round,
-                    reason: "round not in the ledger: parent not in the chain".into(),
+                    reason,
                 });
             }
         }
