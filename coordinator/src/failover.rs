@@ -216,3 +216,105 @@ pub fn take_over(
     let next = highest_round_seen.max(commit.round) + 1;
     Ok(RunMachine::from_head(config, commit, next)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PeerId;
+    use crate::manifest::{CheckpointContent, ManifestBody, SignerRole, public_key};
+    use crate::round::{Action, Report};
+    use crate::store::Ledger;
+    use crate::testutil::*;
+
+    #[test]
+    fn run_manifest_round_trips_and_refuses_tampering() {
+        let r = run(Hash32([5; 32]));
+        let bytes = r.encode();
+        let back = SignedRunManifest::decode(&bytes).unwrap();
+        assert_eq!(back.run_id(), r.run_id());
+        assert!(back.may_coordinate(&public_key(&SUCC)));
+        assert!(!back.may_coordinate(&public_key(&REPLICA)));
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        assert!(SignedRunManifest::decode(&bad).is_err());
+        // Only the first coordinator may sign it.
+        let err = SignedRunManifest::create(r.body().clone(), &SUCC).unwrap_err();
+        assert!(matches!(err, ManifestError::Key(_)));
+    }
+
+    #[test]
+    fn successor_takes_over_from_the_ledger_and_the_run_continues() {
+        let t = tempfile::tempdir().unwrap();
+        let (run, ms) = chain(&t.path().join("ck"), 3);
+        let mut ledger = Ledger::open(&t.path().join("ledger"), run.clone()).unwrap();
+        for m in &ms {
+            ledger.append(m.clone()).unwrap();
+        }
+        let coord = public_key(&COORD);
+        let succ = public_key(&SUCC);
+        let head = ledger.head().unwrap().clone();
+        let cfg = RunConfig {
+            min_participants: 2,
+            ..RunConfig::default()
+        };
+
+        // While the coordinator lives, the successor must not take over.
+        assert!(matches!(
+            take_over(&run, &succ, |_| true, &head, 4, cfg.clone()),
+            Err(FailoverError::NotMyTurn(_))
+        ));
+        assert!(matches!(
+            take_over(
+                &run,
+                &public_key(&REPLICA),
+                |k| *k != coord,
+                &head,
+                4,
+                cfg.clone()
+            ),
+            Err(FailoverError::NotASuccessor)
+        ));
+        assert_eq!(run.acting_coordinator(|k| *k != coord), Some(succ));
+
+        // The coordinator is gone for good; the dead one had opened round 4.
+        let mut m = take_over(&run, &succ, |k| *k != coord, &head, 4, cfg).unwrap();
+        assert_eq!(m.head().round, 2);
+        let (a, b) = (PeerId(b"a".to_vec()), PeerId(b"b".to_vec()));
+        m.handle_join(a.clone(), 10);
+        m.handle_join(b.clone(), 10);
+        let plan = m.open_round().unwrap().clone();
+        assert_eq!(plan.round, 5, "no round number is reused");
+        assert_eq!(plan.base_root, head.body().root);
+
+        let d = t.path().join("ck/5");
+        write_model(&d, 55);
+        let root = CheckpointContent::scan(&d, CHUNK).unwrap().root();
+        for p in [&a, &b] {
+            m.handle_report(
+                Report {
+                    peer: p.clone(),
+                    round: 5,
+                    tokens: 1,
+                    update_hash: Hash32([2; 32]),
+                    weight_root: root,
+                },
+                11,
+            )
+            .unwrap();
+        }
+        let commit = std::iter::from_fn(|| m.poll_action())
+            .find_map(|a| match a {
+                Action::Committed(c) => Some(c),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(commit.parent, Some((2, head.body().root)));
+        let body = ManifestBody::for_commit(&d, CHUNK, run.run_id(), &commit, succ).unwrap();
+        let mut sm = SignedManifest::new(body);
+        sm.sign(SignerRole::Coordinator, &SUCC).unwrap();
+        ledger.append(sm).unwrap();
+        let reopened = Ledger::open(&t.path().join("ledger"), run).unwrap();
+        assert_eq!(reopened.head().unwrap().body().round, 5);
+    }
+}

@@ -7,18 +7,41 @@
 //! (atomic write-fsync-rename of state and ledger) and the checkpoint functions of
 //! [`manifest`] and [`verify`], which read the directory they are given.
 //!
+//! How the daemon uses it:
+//! 1. Start a run: hash the initial checkpoint directory
+//!    ([`manifest::CheckpointContent::scan`], `.root()`), sign a [`failover::RunManifest`]
+//!    naming the coordinator and its successors ([`failover::SignedRunManifest::create`]
+//!    with the 32 secret bytes of the libp2p ed25519 identity); its `run_id()` goes into
+//!    [`round::RunConfig`] and the invite.
+//! 2. Drive rounds: [`store::PersistentRun`] wraps [`round::RunMachine`]; feed joins,
+//!    leaves, reports and timeouts through `apply(|m| m.handle_*(..))`, carry out each
+//!    `peek_action()`, then `ack_action()`.
+//! 3. On `Action::Committed`: each replica builds [`manifest::ManifestBody::for_commit`]
+//!    from its checkpoint directory, signs ([`manifest::ManifestSignature::sign`]); the
+//!    coordinator collects signatures into a [`manifest::SignedManifest`], appends it to the
+//!    [`store::Ledger`] and writes `manifest.pb`/`run.pb` with
+//!    [`store::write_manifest_files`].
+//! 4. Verify ([`verify::verify_checkpoint_dir`]), fetch ([`transfer::Download`]), export
+//!    ([`verify::export_checkpoint`]), fail over ([`failover::take_over`]).
+//!
 //! Where to start reading: [`round::RunMachine`] (rounds and quorum), [`manifest`] (what a
 //! checkpoint is and how it is signed), [`verify::verify_checkpoint_dir`] (what `potluck
 //! verify` calls).
 
+// Tests may unwrap; the library itself is checked without this (clippy also lints the
+// non-test build).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod aggregate;
 pub mod failover;
 pub mod manifest;
+pub mod placement;
 pub mod round;
 pub mod safetensors_header;
 pub mod store;
 pub mod transfer;
 pub mod verify;
+pub mod wire;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -548,10 +548,10 @@ impl TryFrom<v1::ManifestBody> for ManifestBody {
             if !valid_file_name(&f.path) || f.path == MANIFEST_FILE || f.path == RUN_FILE {
                 return Err(invalid("file entry", format!("bad file name {:?}", f.path)));
             }
-            if let Some(prev) = files.last().map(|p: &FileRecord| p.path.as_str()) {
-                if prev >= f.path.as_str() {
-                    return Err(invalid("file entry", "files not sorted by name"));
-                }
+            if let Some(prev) = files.last().map(|p: &FileRecord| p.path.as_str())
+                && prev >= f.path.as_str()
+            {
+                return Err(invalid("file entry", "files not sorted by name"));
             }
             let file_hash = Hash32::from_slice("file hash", &f.file_hash)?;
             let kind = match v1::FileKind::try_from(f.kind) {
@@ -740,6 +740,14 @@ pub fn signing_key(secret_key: &[u8; 32]) -> SigningKey {
     SigningKey::from_bytes(secret_key)
 }
 
+/// The 32 secret-key bytes of a 64-byte ed25519 keypair encoding (secret then public, as
+/// libp2p's `ed25519::Keypair::to_bytes` writes it); refuses a pair whose halves disagree.
+pub fn secret_from_keypair_bytes(keypair: &[u8; 64]) -> Result<[u8; 32], ManifestError> {
+    SigningKey::from_keypair_bytes(keypair)
+        .map(|k| k.to_bytes())
+        .map_err(|e| ManifestError::Key(e.to_string()))
+}
+
 /// The public key of 32 raw secret-key bytes.
 pub fn public_key(secret_key: &[u8; 32]) -> [u8; 32] {
     SigningKey::from_bytes(secret_key)
@@ -766,6 +774,53 @@ impl ManifestSignature {
         let sig = ed25519_dalek::Signature::from_bytes(&self.signature);
         key.verify_strict(&signing_message(body_bytes), &sig)
             .is_ok()
+    }
+}
+
+impl ManifestSignature {
+    /// The signature alone on the wire (a replica sends it to the coordinator).
+    pub fn encode(&self) -> Vec<u8> {
+        self.to_wire().encode_to_vec()
+    }
+
+    fn to_wire(&self) -> v1::ManifestSignature {
+        v1::ManifestSignature {
+            role: match self.role {
+                SignerRole::Coordinator => v1::SignerRole::Coordinator,
+                SignerRole::Replica => v1::SignerRole::Replica,
+            } as i32,
+            public_key: self.public_key.to_vec(),
+            signature: self.signature.to_vec(),
+        }
+    }
+
+    /// Decodes a signature received alone; verify it with [`SignedManifest::add_signature`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+        let w: v1::ManifestSignature = decode_limited("manifest signature", bytes, 256)?;
+        Ok(Self::try_from(w)?)
+    }
+}
+
+impl TryFrom<v1::ManifestSignature> for ManifestSignature {
+    type Error = DecodeError;
+
+    fn try_from(s: v1::ManifestSignature) -> Result<Self, DecodeError> {
+        let role = match v1::SignerRole::try_from(s.role) {
+            Ok(v1::SignerRole::Coordinator) => SignerRole::Coordinator,
+            Ok(v1::SignerRole::Replica) => SignerRole::Replica,
+            _ => return Err(invalid("manifest signature", "unknown signer role")),
+        };
+        let public_key = key32("public key", &s.public_key)?;
+        let signature: [u8; 64] = s
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| invalid("manifest signature", "signature is not 64 bytes"))?;
+        Ok(ManifestSignature {
+            role,
+            public_key,
+            signature,
+        })
     }
 }
 
@@ -858,18 +913,7 @@ impl SignedManifest {
     pub fn encode(&self) -> Vec<u8> {
         v1::SignedManifest {
             body: self.body_bytes.clone(),
-            signatures: self
-                .signatures
-                .iter()
-                .map(|s| v1::ManifestSignature {
-                    role: match s.role {
-                        SignerRole::Coordinator => v1::SignerRole::Coordinator,
-                        SignerRole::Replica => v1::SignerRole::Replica,
-                    } as i32,
-                    public_key: s.public_key.to_vec(),
-                    signature: s.signature.to_vec(),
-                })
-                .collect(),
+            signatures: self.signatures.iter().map(|s| s.to_wire()).collect(),
         }
         .encode_to_vec()
     }
@@ -896,23 +940,81 @@ impl SignedManifest {
             signatures: Vec::with_capacity(wire.signatures.len()),
         };
         for (index, s) in wire.signatures.into_iter().enumerate() {
-            let bad = || ManifestError::BadSignature {
-                index,
-                key: hex::encode(&s.public_key),
-            };
-            let role = match v1::SignerRole::try_from(s.role) {
-                Ok(v1::SignerRole::Coordinator) => SignerRole::Coordinator,
-                Ok(v1::SignerRole::Replica) => SignerRole::Replica,
-                _ => return Err(bad()),
-            };
-            let public_key: [u8; 32] = s.public_key.as_slice().try_into().map_err(|_| bad())?;
-            let signature: [u8; 64] = s.signature.as_slice().try_into().map_err(|_| bad())?;
-            m.add_signature(ManifestSignature {
-                role,
-                public_key,
-                signature,
-            })?;
+            let key = hex::encode(&s.public_key);
+            let sig = ManifestSignature::try_from(s)
+                .map_err(|_| ManifestError::BadSignature { index, key })?;
+            m.add_signature(sig)?;
         }
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    #[test]
+    fn replica_signature_travels_alone_and_is_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let (run, ms) = chain(t.path(), 1);
+        let mut m = SignedManifest::new(ms[0].body().clone());
+        let sig = ManifestSignature::sign(m.body_bytes(), SignerRole::Replica, &REPLICA);
+        let back = ManifestSignature::decode(&sig.encode()).unwrap();
+        m.add_signature(back.clone()).unwrap();
+        assert!(matches!(
+            m.add_signature(back),
+            Err(ManifestError::DuplicateSigner { .. })
+        ));
+        // A signature over another body does not verify.
+        let other = ManifestSignature::sign(b"other", SignerRole::Replica, &SUCC);
+        assert!(matches!(
+            m.add_signature(other),
+            Err(ManifestError::BadSignature { .. })
+        ));
+        assert!(!m.coordinator_signed());
+        m.sign(SignerRole::Coordinator, &COORD).unwrap();
+        assert!(m.coordinator_signed());
+        assert_eq!(SignedManifest::decode(&m.encode()).unwrap(), m);
+        // write_manifest_files refuses an unsigned manifest and writes a signed one.
+        let d = t.path().join("0");
+        let unsigned = SignedManifest::new(ms[0].body().clone());
+        assert!(crate::store::write_manifest_files(&d, &unsigned, &run).is_err());
+        crate::store::write_manifest_files(&d, &m, &run).unwrap();
+        crate::verify::verify_checkpoint_dir(&d, &Default::default()).unwrap();
+    }
+
+    #[test]
+    fn keypair_bytes_are_accepted_and_checked() {
+        let mut pair = [0u8; 64];
+        pair[..32].copy_from_slice(&COORD);
+        pair[32..].copy_from_slice(&public_key(&COORD));
+        assert_eq!(secret_from_keypair_bytes(&pair).unwrap(), COORD);
+        pair[40] ^= 1;
+        assert!(matches!(
+            secret_from_keypair_bytes(&pair),
+            Err(ManifestError::Key(_))
+        ));
+    }
+
+    #[test]
+    fn body_for_a_commit_refuses_a_directory_with_other_weights() {
+        let t = tempfile::tempdir().unwrap();
+        write_model(t.path(), 1);
+        let commit = crate::round::CommitRecord {
+            round: 1,
+            root: Hash32([9; 32]),
+            parent: Some((0, Hash32([0; 32]))),
+            participants: 1,
+            agreeing: vec![],
+        };
+        let err = ManifestBody::for_commit(
+            t.path(),
+            CHUNK,
+            Hash32([1; 32]),
+            &commit,
+            public_key(&COORD),
+        );
+        assert!(matches!(err, Err(ManifestError::Decode(_))));
     }
 }

@@ -28,6 +28,9 @@ pub fn quorum(participants: usize) -> usize {
     participants / 2 + 1
 }
 
+/// Most data shards a run may have (the shard ring is rebuilt when a round opens).
+pub const MAX_SHARDS: u32 = 1 << 20;
+
 /// Settings of one run's coordinator. Plain data, validated by [`RunConfig::validate`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunConfig {
@@ -67,7 +70,7 @@ pub enum ConfigError {
     MembersBelowMin { min: usize, max: usize },
     #[error("round_duration_ms must be positive")]
     ZeroDuration,
-    #[error("num_shards must be at least 1")]
+    #[error("num_shards must be between 1 and {MAX_SHARDS}")]
     NoShards,
 }
 
@@ -85,7 +88,7 @@ impl RunConfig {
         if self.round_duration_ms == 0 {
             return Err(ConfigError::ZeroDuration);
         }
-        if self.num_shards == 0 {
+        if self.num_shards == 0 || self.num_shards > MAX_SHARDS {
             return Err(ConfigError::NoShards);
         }
         Ok(())
@@ -363,10 +366,10 @@ impl RunMachine {
                     .iter()
                     .filter(|p| members.contains(*p) && !round.reports.contains_key(*p))
                     .count();
-                if let Some((_, c)) = round.best() {
-                    if c as usize >= quorum(round.participants.len()) {
-                        return Err(RestoreError::Inconsistent("open round already has quorum"));
-                    }
+                if let Some((_, c)) = round.best()
+                    && c as usize >= quorum(round.participants.len())
+                {
+                    return Err(RestoreError::Inconsistent("open round already has quorum"));
                 }
                 Some(round)
             }
@@ -431,10 +434,11 @@ impl RunMachine {
                     },
                 });
             } else {
-                if let Some(open) = self.open.as_mut() {
-                    if open.participants.contains(&peer) && !open.reports.contains_key(&peer) {
-                        open.outstanding += 1;
-                    }
+                if let Some(open) = self.open.as_mut()
+                    && open.participants.contains(&peer)
+                    && !open.reports.contains_key(&peer)
+                {
+                    open.outstanding += 1;
                 }
                 self.members.insert(peer.clone());
                 self.actions.push_back(Action::Admitted(peer));
@@ -446,12 +450,12 @@ impl RunMachine {
     /// A peer left (said goodbye, or the daemon saw its connections close).
     pub fn handle_leave(&mut self, peer: &PeerId, now_ms: u64) {
         self.check_deadline(now_ms);
-        if self.members.remove(peer) {
-            if let Some(open) = self.open.as_mut() {
-                if open.participants.contains(peer) && !open.reports.contains_key(peer) {
-                    open.outstanding = open.outstanding.saturating_sub(1);
-                }
-            }
+        if self.members.remove(peer)
+            && let Some(open) = self.open.as_mut()
+            && open.participants.contains(peer)
+            && !open.reports.contains_key(peer)
+        {
+            open.outstanding = open.outstanding.saturating_sub(1);
         }
         self.check_hopeless();
         self.maybe_open(now_ms);
@@ -754,6 +758,8 @@ mod tests {
         );
         let mut c = cfg(1);
         c.num_shards = 0;
+        assert_eq!(c.validate(), Err(ConfigError::NoShards));
+        c.num_shards = u32::MAX;
         assert_eq!(c.validate(), Err(ConfigError::NoShards));
     }
 

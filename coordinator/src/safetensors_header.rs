@@ -164,7 +164,7 @@ fn parse_json(json: &[u8], data_len: u64) -> Result<Vec<TensorInfo>, HeaderError
             data_end: end,
         });
     }
-    tensors.sort_by(|a, b| (a.data_begin, a.data_end).cmp(&(b.data_begin, b.data_end)));
+    tensors.sort_by_key(|a| (a.data_begin, a.data_end));
     let mut at = 0u64;
     for t in &tensors {
         if t.data_begin != at {
@@ -181,4 +181,98 @@ fn parse_json(json: &[u8], data_len: u64) -> Result<Vec<TensorInfo>, HeaderError
         )));
     }
     Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn file(json: &str, data_len: usize) -> Vec<u8> {
+        let mut v = (json.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(json.as_bytes());
+        v.extend(std::iter::repeat_n(0u8, data_len));
+        v
+    }
+
+    fn parse(b: &[u8]) -> Result<Header, HeaderError> {
+        read_header(&mut &b[..], b.len() as u64)
+    }
+
+    #[test]
+    fn gaps_overlaps_and_lies_are_refused() {
+        let ok =
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"x":"y"}}"#;
+        assert_eq!(parse(&file(ok, 8)).unwrap().tensors.len(), 1);
+        // trailing bytes not covered by any tensor
+        assert!(matches!(parse(&file(ok, 9)), Err(HeaderError::Layout(_))));
+        let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+        assert!(matches!(parse(&file(gap, 12)), Err(HeaderError::Layout(_))));
+        let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        assert!(parse(&file(overlap, 8)).is_err());
+        let wrong_size = r#"{"a":{"dtype":"F16","shape":[2],"data_offsets":[0,8]}}"#;
+        assert!(matches!(
+            parse(&file(wrong_size, 8)),
+            Err(HeaderError::Tensor { .. })
+        ));
+        let unknown = r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#;
+        assert!(matches!(
+            parse(&file(unknown, 16)),
+            Err(HeaderError::Tensor { .. })
+        ));
+        let mut huge = file(ok, 8);
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(parse(&huge), Err(HeaderError::TooLong { .. })));
+        let mut short = file(ok, 8);
+        short[..8].copy_from_slice(&1000u64.to_le_bytes());
+        assert!(matches!(parse(&short), Err(HeaderError::Truncated { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_the_safetensors_crate(shapes in proptest::collection::vec(proptest::collection::vec(0u64..5, 0..3), 1..6)) {
+            use safetensors::tensor::{Dtype, TensorView};
+            let datas: Vec<Vec<u8>> = shapes.iter().map(|s| vec![1u8; 4 * s.iter().product::<u64>() as usize]).collect();
+            let views: Vec<(String, TensorView<'_>)> = shapes.iter().zip(&datas).enumerate()
+                .map(|(i, (s, d))| (format!("t{i}"), TensorView::new(Dtype::F32, s.iter().map(|x| *x as usize).collect(), d).unwrap()))
+                .collect();
+            let bytes = safetensors::serialize(views, None).unwrap();
+            let h = parse(&bytes).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            prop_assert_eq!(h.tensors.len(), st.len());
+            for t in &h.tensors {
+                let v = st.tensor(&t.name).unwrap();
+                prop_assert_eq!(v.shape().iter().map(|x| *x as u64).collect::<Vec<_>>(), t.shape.clone());
+                prop_assert_eq!(v.data().len() as u64, t.data_end - t.data_begin);
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+            let _ = crate::manifest::SignedManifest::decode(&bytes);
+            let _ = crate::manifest::ManifestBody::decode(&bytes);
+            let _ = crate::failover::SignedRunManifest::decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_manifests_never_panic(idx in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let (_, ms) = manifests();
+            let mut b = ms.encode();
+            let i = idx.index(b.len());
+            b[i] = byte;
+            let _ = crate::manifest::SignedManifest::decode(&b);
+        }
+    }
+
+    fn manifests() -> (tempfile::TempDir, crate::manifest::SignedManifest) {
+        use std::sync::OnceLock;
+        static M: OnceLock<Vec<u8>> = OnceLock::new();
+        let t = tempfile::tempdir().unwrap();
+        let bytes = M.get_or_init(|| {
+            let (_, ms) = crate::testutil::chain(t.path(), 1);
+            ms[0].encode()
+        });
+        (t, crate::manifest::SignedManifest::decode(bytes).unwrap())
+    }
 }

@@ -440,10 +440,11 @@ pub fn prune_checkpoints(
             fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
             continue;
         }
-        if let Ok(r) = name.parse::<u64>() {
-            if name.len() == 20 && e.file_type().map_err(io(&e.path()))?.is_dir() {
-                rounds.push(r);
-            }
+        if let Ok(r) = name.parse::<u64>()
+            && name.len() == 20
+            && e.file_type().map_err(io(&e.path()))?.is_dir()
+        {
+            rounds.push(r);
         }
     }
     rounds.sort_unstable();
@@ -462,7 +463,281 @@ pub fn prune_checkpoints(
     Ok(removed)
 }
 
+/// Writes `manifest.pb` and `run.pb` into the checkpoint directory `dir`, atomically, after
+/// checking that the manifest is of that run and signed by an allowed coordinator.
+pub fn write_manifest_files(
+    dir: &Path,
+    m: &SignedManifest,
+    run: &SignedRunManifest,
+) -> Result<(), StoreError> {
+    check_manifest_against_run(run, m)?;
+    write_atomic(&dir.join(crate::manifest::RUN_FILE), &run.encode())?;
+    write_atomic(&dir.join(crate::manifest::MANIFEST_FILE), &m.encode())
+}
+
 /// The checkpoint directory of `round` under `data_dir`.
 pub fn checkpoint_dir(data_dir: &Path, round: u64) -> PathBuf {
     data_dir.join(CHECKPOINTS_DIR).join(format!("{round:020}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PeerId;
+    use crate::manifest::{
+        CheckpointContent, FileKind, FileRecord, ManifestBody, SignerRole, public_key,
+    };
+    use crate::round::{Action, CommitRecord, Report, RunConfig};
+    use crate::testutil::{COORD, run};
+
+    /// In-memory content for round `r`: what the replicas' weights hash to.
+    fn content(r: u64) -> CheckpointContent {
+        CheckpointContent {
+            chunk_size: 4096,
+            files: vec![FileRecord {
+                path: "w".into(),
+                kind: FileKind::Opaque,
+                size: 0,
+                file_hash: blake3::hash(&r.to_le_bytes()).into(),
+                header_len: 0,
+                header_hash: Hash32::default(),
+                tensors: vec![],
+                chunk_hashes: vec![],
+            }],
+        }
+    }
+
+    fn manifest(run_id: Hash32, c: &CommitRecord) -> SignedManifest {
+        let content = content(c.round);
+        assert_eq!(content.root(), c.root);
+        let mut m = SignedManifest::new(ManifestBody {
+            run_id,
+            round: c.round,
+            parent: c.parent,
+            root: c.root,
+            content,
+            contributors: c.agreeing.clone(),
+            coordinator_key: public_key(&COORD),
+        });
+        m.sign(SignerRole::Coordinator, &COORD).unwrap();
+        m
+    }
+
+    /// Which persistence operation gets which fault, counted over one life.
+    struct Plan {
+        at: usize,
+        fault: Fault,
+        ops: usize,
+    }
+
+    impl Plan {
+        fn next(&mut self) -> Fault {
+            let f = if self.ops == self.at {
+                self.fault
+            } else {
+                Fault::None
+            };
+            self.ops += 1;
+            f
+        }
+    }
+
+    /// One life of a coordinator (open, drive rounds until `target` commits) in the way the
+    /// daemon drives it: persist each event, carry an action out, then acknowledge it.
+    fn life(
+        dir: &Path,
+        plan: &mut Plan,
+        target: u64,
+        seen: &mut Vec<CommitRecord>,
+    ) -> Result<(), StoreError> {
+        let run = run(content(0).root());
+        let run_id = run.run_id();
+        let cfg = RunConfig {
+            run_id,
+            min_participants: 3,
+            round_duration_ms: 1_000_000,
+            ..RunConfig::default()
+        };
+        let mut pr = PersistentRun::open(dir, || RunMachine::new(cfg, content(0).root()).unwrap())?;
+        let mut ledger = Ledger::open(&dir.join(LEDGER_DIR), run)?;
+        if ledger.head().is_none() {
+            let genesis = CommitRecord {
+                round: 0,
+                root: content(0).root(),
+                parent: None,
+                participants: 0,
+                agreeing: vec![],
+            };
+            ledger.append_with(manifest(run_id, &genesis), plan.next())?;
+        }
+        let peers: Vec<PeerId> = (0..3u8).map(|i| PeerId(vec![i])).collect();
+        for p in &peers {
+            pr.next_fault = plan.next();
+            pr.apply(|m| m.handle_join(p.clone(), 1))?;
+        }
+        loop {
+            while let Some(a) = pr.peek_action().cloned() {
+                if let Action::Committed(c) = &a {
+                    if ledger.head().is_some_and(|h| h.body().round < c.round) {
+                        ledger.append_with(manifest(run_id, c), plan.next())?;
+                    }
+                    seen.push(c.clone());
+                }
+                pr.next_fault = plan.next();
+                pr.ack_action()?;
+            }
+            if pr.machine().head().round >= target {
+                break;
+            }
+            let Some(open) = pr.machine().open_round().cloned() else {
+                break;
+            };
+            for p in &peers {
+                let rep = Report {
+                    peer: p.clone(),
+                    round: open.round,
+                    tokens: 5,
+                    update_hash: Hash32([1; 32]),
+                    weight_root: content(open.round).root(),
+                };
+                pr.next_fault = plan.next();
+                let _ = pr.apply(|m| m.handle_report(rep, 2))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check(dir: &Path, seen: &[CommitRecord], target: u64) {
+        let run = run(content(0).root());
+        let ledger = Ledger::open(&dir.join(LEDGER_DIR), run).unwrap();
+        let rounds: Vec<u64> = ledger.entries().iter().map(|m| m.body().round).collect();
+        assert_eq!(
+            rounds,
+            (0..=target).collect::<Vec<_>>(),
+            "every round once, none lost"
+        );
+        for c in seen {
+            let e = &ledger.entries()[c.round as usize];
+            assert_eq!(
+                (e.body().root, e.body().parent),
+                (c.root, c.parent),
+                "announced commit is in the ledger"
+            );
+        }
+        let st = StateStore::open(dir).unwrap().load().unwrap().unwrap();
+        assert_eq!(st.head.round, target);
+    }
+
+    /// fsync on a real disk makes the ~500 lives below take a minute; the crash points are
+    /// simulated, so a memory file system (where present) tests the same logic.
+    fn fast_tempdir() -> tempfile::TempDir {
+        match Path::new("/dev/shm") {
+            p if p.is_dir() => {
+                tempfile::tempdir_in(p).unwrap_or_else(|_| tempfile::tempdir().unwrap())
+            }
+            _ => tempfile::tempdir().unwrap(),
+        }
+    }
+
+    #[test]
+    fn crash_at_every_persistence_step_loses_and_duplicates_nothing() {
+        const TARGET: u64 = 2;
+        let mut clean = Plan {
+            at: usize::MAX,
+            fault: Fault::None,
+            ops: 0,
+        };
+        let t = tempfile::tempdir().unwrap();
+        let mut seen = Vec::new();
+        life(t.path(), &mut clean, TARGET, &mut seen).unwrap();
+        check(t.path(), &seen, TARGET);
+        let total = clean.ops;
+        assert!(total > 10);
+        let mut crashes = 0;
+        for at in 0..total {
+            for step in WriteStep::ALL {
+                for fault in [Fault::CrashAfter(step), Fault::FailAt(step)] {
+                    let t = fast_tempdir();
+                    let mut seen = Vec::new();
+                    let mut plan = Plan { at, fault, ops: 0 };
+                    let first = life(t.path(), &mut plan, TARGET, &mut seen);
+                    if let Err(e) = &first {
+                        crashes += 1;
+                        if let Fault::FailAt(_) = fault {
+                            assert!(!matches!(e, StoreError::Crashed(_)));
+                        }
+                    }
+                    // Restart (after a crash, or after the disk error made the daemon stop).
+                    let mut plan = Plan {
+                        at: usize::MAX,
+                        fault: Fault::None,
+                        ops: 0,
+                    };
+                    life(t.path(), &mut plan, TARGET, &mut seen).unwrap();
+                    check(t.path(), &seen, TARGET);
+                    let temps = fs::read_dir(t.path()).unwrap().filter(|e| {
+                        e.as_ref()
+                            .unwrap()
+                            .file_name()
+                            .to_string_lossy()
+                            .ends_with(TMP_SUFFIX)
+                    });
+                    assert_eq!(temps.count(), 0, "restart removes stale temp files");
+                }
+            }
+        }
+        assert_eq!(crashes, total * WriteStep::ALL.len() * 2);
+    }
+
+    #[test]
+    fn full_disk_keeps_the_last_committed_state_in_memory_and_on_disk() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = RunConfig {
+            min_participants: 1,
+            ..RunConfig::default()
+        };
+        let mut pr =
+            PersistentRun::open(t.path(), || RunMachine::new(cfg, Hash32([0; 32])).unwrap())
+                .unwrap();
+        pr.apply(|m| m.handle_join(PeerId(vec![1]), 0)).unwrap();
+        let before = pr.machine().snapshot();
+        pr.next_fault = Fault::FailAt(WriteStep::WriteData);
+        let err = pr.apply(|m| m.handle_join(PeerId(vec![2]), 0)).unwrap_err();
+        assert!(err.to_string().contains("no space left"), "{err}");
+        assert_eq!(pr.machine().snapshot(), before);
+        assert_eq!(
+            StateStore::open(t.path()).unwrap().load().unwrap().unwrap(),
+            before
+        );
+        // The retried event then succeeds.
+        pr.apply(|m| m.handle_join(PeerId(vec![2]), 0)).unwrap();
+        assert_eq!(pr.machine().member_count(), 2);
+    }
+
+    #[test]
+    fn corrupt_state_file_is_a_clear_error() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join(STATE_FILE), b"{\"config\": 3").unwrap();
+        let err = StateStore::open(t.path()).unwrap().load().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }));
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_the_last_verified() {
+        let t = tempfile::tempdir().unwrap();
+        for r in 0..6 {
+            let d = checkpoint_dir(t.path(), r);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("x"), b"1").unwrap();
+        }
+        let ck = t.path().join(CHECKPOINTS_DIR);
+        let removed = prune_checkpoints(&ck, 2, 1).unwrap();
+        assert_eq!(removed, vec![0, 2, 3]);
+        for r in [1, 4, 5] {
+            assert!(checkpoint_dir(t.path(), r).exists());
+        }
+        // keep = 0 still never removes the last verified one.
+        assert_eq!(prune_checkpoints(&ck, 0, 5).unwrap(), vec![1, 4]);
+        assert!(checkpoint_dir(t.path(), 5).exists());
+    }
 }
