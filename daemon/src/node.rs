@@ -116,6 +116,7 @@ impl Node {
 
     /// Stops the network and the control API, waits for both, and removes the socket.
     pub async fn shutdown(self) {
+        self.train.shutdown();
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;

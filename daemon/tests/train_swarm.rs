@@ -33,6 +33,13 @@ seq_len = 32
 "#;
 
 async fn start(n: usize, dir: &std::path::Path) -> Vec<Node> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("POTLUCK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
     let mut nodes: Vec<Node> = Vec::new();
     let mut seed: Option<Multiaddr> = None;
     for i in 0..n {
@@ -67,7 +74,7 @@ async fn start(n: usize, dir: &std::path::Path) -> Vec<Node> {
 fn run_with(f: impl FnOnce(&mut RunManifest)) -> potluck_daemon::train::ResolvedRun {
     let mut m = RunManifest::parse(RUN).unwrap();
     f(&mut m);
-    m.resolve().unwrap()
+    m.resolve().unwrap().pin_data().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -83,8 +90,9 @@ async fn three_peers_end_every_round_on_the_same_root() {
         let svc = n.train();
         joins.push(tokio::spawn(async move {
             for _ in 0..50 {
-                if let Ok(s) = svc.join(coordinator, run_id, None).await {
-                    return Some(s);
+                match svc.join(coordinator, run_id, None).await {
+                    Ok(s) => return Some(s),
+                    Err(e) => tracing::warn!(error = %e, "join failed; retrying"),
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -104,11 +112,13 @@ async fn three_peers_end_every_round_on_the_same_root() {
         let s = j.await.unwrap().expect("replica finished");
         assert_eq!(s.root, summary.root, "every replica ends on the committed root");
     }
-    // Every round was committed by all three replicas.
+    // Every round was committed by a quorum of the three replicas (the coordinator commits
+    // as soon as two agree; the third then finds it holds the same root).
     let mut committed = 0;
     while let Ok(ev) = events.try_recv() {
         if let RunEvent::Committed { agreeing, members, .. } = ev {
-            assert_eq!((agreeing, members), (3, 3));
+            assert_eq!(members, 3);
+            assert!(agreeing >= 2);
             committed += 1;
         }
     }

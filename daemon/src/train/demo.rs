@@ -55,7 +55,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
         manifest.rounds = Some(r);
     }
     manifest.min_peers = Some(opts.peers);
-    let run = manifest.resolve()?;
+    let run = manifest.resolve()?.pin_data()?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating the output dir {}", opts.out.display()))?;
     let peers_dir = opts.out.join("peers");

@@ -343,10 +343,13 @@ impl ResolvedRun {
             .map(|c| c.entropy_rate_nats_per_byte())
     }
 
-    /// The manifest with the data hash pinned, as the run's starter publishes it.
-    pub fn with_data_hash(mut self, hash: String) -> Self {
+    /// The manifest with the data hash pinned, as the run's starter publishes it: loads the
+    /// data, and checks it against the hash when one is already set. The run id covers the
+    /// hash, so pin before taking the id.
+    pub fn pin_data(mut self) -> Result<Self, ManifestError> {
+        let (_, hash) = self.load_data()?;
         self.data.hash = hash;
-        self
+        Ok(self)
     }
 }
 

@@ -27,7 +27,7 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
 use potluck_proto::v1::{
-    FrameHeader, FrameKind, RoundCommit, RoundOpen, RoundReport, RunFinished, RunJoin,
+    FrameHeader, FrameKind, RoundCommit, RoundOpen, TrainReport, RunFinished, RunJoin,
     RunRefused, RunWelcome, TrainControl, train_control::Msg,
 };
 use potluck_coordinator::aggregate::{Contribution, ValidationLimits, aggregate, validate_updates};
@@ -51,6 +51,12 @@ pub const TENSOR_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/tensor
 
 /// Deadline to open a stream to a peer.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many states a replica keeps to serve (the committed one and the one after it).
+const SERVED_STATES: usize = 2;
+/// How long, in 100 ms polls, a state request waits for the state to appear.
+const STATE_WAIT_POLLS: usize = 50;
+/// Attempts to open a stream before giving up on a peer.
+const OPEN_ATTEMPTS: u32 = 6;
 /// Deadline for one frame to arrive once its stream is open.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 /// Deadline for a joining replica to be welcomed.
@@ -83,6 +89,8 @@ pub enum TrainError {
     CoordinatorGone,
     #[error("a run is already active on this daemon; wait for it to finish")]
     Busy,
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
     #[error("{0}")]
     Other(String),
 }
@@ -213,7 +221,10 @@ struct Inner {
     control: libp2p_stream::Control,
     traffic: Traffic,
     status: Mutex<RunStatus>,
-    served: Mutex<Option<Arc<Snapshot>>>,
+    /// The last states this replica held (committed, and the one it just computed), served
+    /// by root to peers that join or resync.
+    served: Mutex<Vec<Arc<Snapshot>>>,
+    cancel: tokio_util::sync::CancellationToken,
     inbox_tx: mpsc::Sender<Inbound>,
     inbox_rx: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
     coord_tx: Mutex<Option<mpsc::Sender<CoordEvent>>>,
@@ -261,7 +272,8 @@ impl TrainService {
                     state: "idle".into(),
                     ..Default::default()
                 }),
-                served: Mutex::new(None),
+                served: Mutex::new(Vec::new()),
+                cancel: tokio_util::sync::CancellationToken::new(),
                 inbox_tx,
                 inbox_rx: tokio::sync::Mutex::new(inbox_rx),
                 coord_tx: Mutex::new(None),
@@ -298,6 +310,11 @@ impl TrainService {
             }
         });
         Ok(svc)
+    }
+
+    /// Stops every run this daemon takes part in (the daemon is shutting down).
+    pub fn shutdown(&self) {
+        self.inner.cancel.cancel();
     }
 
     /// This daemon's peer id.
@@ -360,8 +377,9 @@ impl TrainService {
             return;
         }
         if frame.kind() == FrameKind::StateRequest {
-            self.answer_state_request(peer, &frame.header, &mut stream)
-                .await;
+            let mut req = frame.header.clone();
+            req.payload_hash = frame.payload.clone();
+            self.answer_state_request(peer, &req, &mut stream).await;
             return;
         }
         // A full inbox makes this await, which stops reading the stream: backpressure.
@@ -374,9 +392,23 @@ impl TrainService {
         req: &FrameHeader,
         stream: &mut libp2p::Stream,
     ) {
-        let snap = self.inner.served.lock().ok().and_then(|g| g.clone());
+        // The requester names the root it needs; this replica may still be finishing the
+        // round that produced it, so wait a little for it to appear.
+        let wanted = req.payload_hash.clone();
+        let mut snap = None;
+        for _ in 0..STATE_WAIT_POLLS {
+            snap = self.inner.served.lock().ok().and_then(|g| {
+                g.iter()
+                    .find(|s| s.root.as_slice() == wanted.as_slice())
+                    .cloned()
+            });
+            if snap.is_some() || self.inner.cancel.is_cancelled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let Some(snap) = snap else {
-            tracing::info!(%peer, "state requested but this peer holds no committed state");
+            tracing::info!(%peer, "state requested that this peer does not hold");
             let _ = stream.close().await;
             return;
         };
@@ -415,6 +447,37 @@ impl TrainService {
         Ok(())
     }
 
+    /// Opens a stream to `peer`, dialing it if needed. A connection that is replaced while
+    /// the stream is being set up (both sides dialing at once, a limit closing one) fails
+    /// the attempt, so it is retried a few times within [`OPEN_TIMEOUT`].
+    async fn open(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p::Stream, TrainError> {
+        let give_up = Instant::now() + OPEN_TIMEOUT;
+        let mut attempt = 0u32;
+        loop {
+            let mut control = self.inner.control.clone();
+            let left = give_up.saturating_duration_since(Instant::now());
+            let err = match tokio::time::timeout(left, control.open_stream(peer, protocol.clone()))
+                .await
+            {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            attempt += 1;
+            if attempt >= OPEN_ATTEMPTS || Instant::now() >= give_up {
+                return Err(TrainError::Other(format!(
+                    "opening a stream to {peer} failed after {attempt} attempts: {err}"
+                )));
+            }
+            tracing::debug!(%peer, attempt, error = %err, "stream open failed; retrying");
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+        }
+    }
+
     /// Sends one frame to `peer` (to our own inbox when `peer` is us).
     async fn send_frame(
         &self,
@@ -422,6 +485,9 @@ impl TrainService {
         mut header: FrameHeader,
         payload: &[u8],
     ) -> Result<(), TrainError> {
+        if self.inner.cancel.is_cancelled() {
+            return Err(TrainError::ShuttingDown);
+        }
         let wire = seal_payload(&mut header, payload, Some(1));
         self.sign(&mut header)?;
         if peer == self.inner.local {
@@ -440,11 +506,7 @@ impl TrainService {
                 .await;
             return Ok(());
         }
-        let mut control = self.inner.control.clone();
-        let mut stream = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, TENSOR_PROTOCOL))
-            .await
-            .map_err(|_| TrainError::Other(format!("opening a stream to {peer} timed out")))?
-            .map_err(|e| TrainError::Other(format!("opening a stream to {peer}: {e}")))?;
+        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
         let n = tokio::time::timeout(FRAME_TIMEOUT, write_frame(&mut stream, &header, &wire))
             .await
             .map_err(|_| TrainError::Other(format!("sending to {peer} timed out")))?
@@ -459,6 +521,7 @@ impl TrainService {
         &self,
         peer: PeerId,
         run_id: &[u8],
+        wanted: &[u8],
         n_params: usize,
     ) -> Result<(u64, Vec<f32>, Vec<f32>), TrainError> {
         let mut header = FrameHeader {
@@ -466,13 +529,10 @@ impl TrainService {
             kind: FrameKind::StateRequest as i32,
             ..Default::default()
         };
-        let wire = seal_payload(&mut header, &[], None);
+        // The payload is the root wanted; its hash travels in the header.
+        let wire = seal_payload(&mut header, wanted, None);
         self.sign(&mut header)?;
-        let mut control = self.inner.control.clone();
-        let mut stream = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, TENSOR_PROTOCOL))
-            .await
-            .map_err(|_| TrainError::Other(format!("opening a stream to {peer} timed out")))?
-            .map_err(|e| TrainError::Other(format!("opening a stream to {peer}: {e}")))?;
+        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
         let n = write_frame(&mut stream, &header, &wire)
             .await
             .map_err(|e| TrainError::Other(format!("state request to {peer}: {e}")))?;
@@ -499,7 +559,8 @@ impl TrainService {
     }
 
     /// Starts a run with this daemon as its coordinator and one of its replicas, and drives
-    /// it to the end. Other peers join with [`TrainService::join`].
+    /// it to the end. Other peers join with [`TrainService::join`], using the id of the run
+    /// with its data pinned ([`ResolvedRun::pin_data`]).
     pub async fn coordinate(
         &self,
         run: ResolvedRun,
@@ -517,8 +578,7 @@ impl TrainService {
             }
             *g = Some(coord_tx.clone());
         }
-        let (_, data_hash) = run.load_data()?;
-        let run = run.with_data_hash(data_hash);
+        let run = run.pin_data()?;
         let run_id = run.id();
         // The local replica talks to the coordinator through channels instead of a stream.
         let (to_replica_tx, to_replica_rx) = mpsc::channel(64);
@@ -580,14 +640,10 @@ impl TrainService {
         run_id: [u8; 32],
         out: Option<PathBuf>,
     ) -> Result<RunSummary, TrainError> {
-        let mut control = self.inner.control.clone();
-        let stream = tokio::time::timeout(
-            OPEN_TIMEOUT,
-            control.open_stream(coordinator, CONTROL_PROTOCOL),
-        )
-        .await
-        .map_err(|_| TrainError::Unreachable(coordinator, "timed out".into()))?
-        .map_err(|e| TrainError::Unreachable(coordinator, e.to_string()))?;
+        let stream = self
+            .open(coordinator, CONTROL_PROTOCOL)
+            .await
+            .map_err(|e| TrainError::Unreachable(coordinator, e.to_string()))?;
         let (mut rd, mut wr) = stream.split();
         let (up_tx, mut up_rx) = mpsc::channel::<Msg>(64);
         let (down_tx, down_rx) = mpsc::channel::<TrainControl>(64);
@@ -682,11 +738,16 @@ impl TrainService {
         // Frames that arrived for a round we have not reached yet.
         let mut early: Vec<Inbound> = Vec::new();
         loop {
-            let Some(m) = down.recv().await else {
+            let m = tokio::select! {
+                m = down.recv() => m,
+                _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
+            };
+            let Some(m) = m else {
                 return Err(TrainError::CoordinatorGone);
             };
             match m.msg {
                 Some(Msg::Open(open)) => {
+                    let opened_at = Instant::now();
                     // Roll back or fetch until we hold the round's base state.
                     if let Some(p) = pending.take() {
                         if p.root.as_slice() == open.base_root.as_slice() {
@@ -716,13 +777,14 @@ impl TrainService {
                     let report = self
                         .round(
                             &run, &run_id, &open, &data, codec, &mut slot, &mut outer, &mut ef,
-                            &mut inbox, &mut early,
+                            &mut inbox, &mut early, &opened_at,
                         )
                         .await;
                     rep = slot.ok_or_else(|| TrainError::Other("replica lost".into()))?;
                     let report = report?;
                     if let Some((report, snap)) = report {
                         last_eval = report.eval_loss;
+                        self.publish(&snap);
                         pending = Some(snap);
                         up.send(Msg::Report(report))
                             .await
@@ -795,7 +857,10 @@ impl TrainService {
             velocity: snap.velocity.clone(),
         };
         if let Ok(mut g) = self.inner.served.lock() {
-            *g = Some(Arc::new(copy));
+            g.retain(|s| s.root != copy.root);
+            g.push(Arc::new(copy));
+            let excess = g.len().saturating_sub(SERVED_STATES);
+            g.drain(..excess);
         }
     }
 
@@ -807,7 +872,7 @@ impl TrainService {
     ) -> Result<Snapshot, TrainError> {
         let source = PeerId::from_bytes(&open.state_source)
             .map_err(|_| TrainError::Other("round names no valid state source".into()))?;
-        let (round, params, velocity) = self.fetch_state(source, run_id, n).await?;
+        let (round, params, velocity) = self.fetch_state(source, run_id, &open.base_root, n).await?;
         let root = state_root(run_id, &params, &velocity);
         if root.as_slice() != open.base_root.as_slice() {
             return Err(TrainError::Other(format!(
@@ -839,11 +904,22 @@ impl TrainService {
         ef: &mut ErrorFeedback,
         inbox: &mut mpsc::Receiver<Inbound>,
         early: &mut Vec<Inbound>,
-    ) -> Result<Option<(RoundReport, Snapshot)>, TrainError> {
-        let started = Instant::now();
-        let deadline = Duration::from_secs(run.round_deadline_secs);
-        let reduce_by = started + deadline.mul_f64(0.6);
-        let finish_by = started + deadline.mul_f64(0.9);
+        opened_at: &Instant,
+    ) -> Result<Option<(TrainReport, Snapshot)>, TrainError> {
+        // The round's deadline is the coordinator's; what is left of it (never more than the
+        // run's round deadline, whatever the clocks say) splits into a phase for
+        // contributions and one for reduced slices, leaving the rest for the report.
+        let left = Duration::from_millis(
+            open.deadline_unix_ms
+                .saturating_sub(unix_ms())
+                .min(run.round_deadline_secs * 1000),
+        );
+        let started = *opened_at;
+        let elapsed = started.elapsed();
+        let left = left.saturating_sub(elapsed.min(left));
+        let now = Instant::now();
+        let reduce_by = now + left.mul_f64(0.6);
+        let finish_by = now + left.mul_f64(0.85);
         let members: Vec<PeerId> = open
             .members
             .iter()
@@ -894,7 +970,7 @@ impl TrainService {
             s.train_loss = stats.mean_loss;
         });
         // Send slice i to member i, concurrently.
-        let sends = members.iter().enumerate().map(|(i, peer)| {
+        for (i, peer) in members.iter().enumerate() {
             let header = FrameHeader {
                 run_id: run_id.to_vec(),
                 round: open.round,
@@ -908,13 +984,13 @@ impl TrainService {
             let svc = self.clone();
             let peer = *peer;
             let bytes = encoded[i].clone();
-            async move {
+            // Sent in the background: a dead member must not hold up the round.
+            tokio::spawn(async move {
                 if let Err(e) = svc.send_frame(peer, header, &bytes).await {
                     tracing::warn!(%peer, error = %e, "contribution not delivered");
                 }
-            }
-        });
-        futures::future::join_all(sends).await;
+            });
+        }
 
         // Reduce our slice and collect everyone's reduced slices.
         let my_range = ranges[me].clone();
@@ -932,7 +1008,7 @@ impl TrainService {
                 let (avg, contributors) =
                     reduce_slice(&contributions, my_range.len(), &mut rejected);
                 let bytes = compress::encode(reduce_codec(codec, contributors.len()), &avg);
-                let sends = members.iter().map(|peer| {
+                for peer in &members {
                     let header = FrameHeader {
                         run_id: run_id.to_vec(),
                         round: open.round,
@@ -947,13 +1023,12 @@ impl TrainService {
                     let svc = self.clone();
                     let peer = *peer;
                     let bytes = bytes.clone();
-                    async move {
+                    tokio::spawn(async move {
                         if let Err(e) = svc.send_frame(peer, header, &bytes).await {
                             tracing::warn!(%peer, error = %e, "reduced slice not delivered");
                         }
-                    }
-                });
-                futures::future::join_all(sends).await;
+                    });
+                }
             }
             if reduced_sent && reduced.len() == members.len() {
                 break;
@@ -966,12 +1041,17 @@ impl TrainService {
                 if now >= finish_by {
                     break;
                 }
-                match tokio::time::timeout(wait_until.saturating_duration_since(now), inbox.recv())
-                    .await
-                {
-                    Ok(Some(f)) => Some(f),
-                    Ok(None) => return Err(TrainError::Other("inbox closed".into())),
-                    Err(_) => None,
+                let wait = tokio::time::timeout(
+                    wait_until.saturating_duration_since(now),
+                    inbox.recv(),
+                );
+                tokio::select! {
+                    r = wait => match r {
+                        Ok(Some(f)) => Some(f),
+                        Ok(None) => return Err(TrainError::Other("inbox closed".into())),
+                        Err(_) => None,
+                    },
+                    _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
                 }
             };
             let Some(inb) = next else { continue };
@@ -1050,7 +1130,7 @@ impl TrainService {
         let eval_loss = rep.eval_loss(data, EVAL_BATCHES)?;
         let root = state_root(run_id, &new_params, outer.velocity());
         let (sent, received) = self.inner.traffic.totals();
-        let report = RoundReport {
+        let report = TrainReport {
             run_id: run_id.to_vec(),
             round: open.round,
             tokens: stats.tokens,
@@ -1140,7 +1220,7 @@ async fn run_coordinator(
         .map_err(|e| TrainError::Other(format!("run configuration: {e}")))?;
     let mut links: BTreeMap<PeerId, mpsc::Sender<TrainControl>> = BTreeMap::new();
     let mut source: PeerId = svc.inner.local;
-    let mut reports: BTreeMap<PeerId, RoundReport> = BTreeMap::new();
+    let mut reports: BTreeMap<PeerId, TrainReport> = BTreeMap::new();
     loop {
         // Carry out every decision the state machine has made.
         while let Some(action) = machine.poll_action() {
@@ -1204,14 +1284,15 @@ async fn run_coordinator(
                         .filter_map(|p| reports.get(p).map(|r| r.eval_loss))
                         .collect();
                     let eval_loss = evals.iter().sum::<f32>() / evals.len().max(1) as f32;
-                    // Joiners and resyncing replicas fetch state from an agreeing peer,
-                    // preferably not the coordinator, to spread the load.
-                    if let Some(first) = agreeing
+                    // Joiners and resyncing replicas fetch state from an agreeing peer that is
+                    // still connected: the coordinator's own replica when it agreed, since it
+                    // is the peer the others already depend on.
+                    if let Some(p) = agreeing
                         .iter()
-                        .find(|p| **p != svc.inner.local)
-                        .or(agreeing.first())
+                        .find(|p| **p == svc.inner.local)
+                        .or_else(|| agreeing.iter().find(|p| links.contains_key(*p)))
                     {
-                        source = *first;
+                        source = *p;
                     }
                     let commit = RoundCommit {
                         run_id: run_id.to_vec(),
