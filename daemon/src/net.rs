@@ -733,10 +733,13 @@ impl EventLoop {
                 if let (Some(p), Some(join)) = (peer_id, self.pending_join.as_ref()) {
                     if join.invite.owner == p && self.swarm.connected_peers().all(|c| *c != p) {
                         if let Some(j) = self.pending_join.take() {
-                            let _ = j.reply.send(Err(NetError::Dial {
-                                addr: p.to_string(),
-                                reason: error.to_string(),
-                            }));
+                            self.fail_join(
+                                j,
+                                NetError::Dial {
+                                    addr: p.to_string(),
+                                    reason: error.to_string(),
+                                },
+                            );
                         }
                     }
                 }
@@ -770,7 +773,11 @@ impl EventLoop {
             }
         }
         if endpoint.is_dialer() {
-            if self.mode != SwarmMode::Public {
+            let joining = self
+                .pending_join
+                .as_ref()
+                .is_some_and(|j| j.invite.owner == peer);
+            if self.mode != SwarmMode::Public || joining {
                 let req = self.membership_request(&peer);
                 self.swarm
                     .behaviour_mut()
@@ -876,9 +883,10 @@ impl EventLoop {
             Event::OutboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "membership request failed");
                 if let Some(j) = self.pending_join.take_if(|j| j.invite.owner == peer) {
-                    let _ = j.reply.send(Err(NetError::Refused(format!(
-                        "the owner did not answer the invite: {error}"
-                    ))));
+                    self.fail_join(
+                        j,
+                        NetError::Refused(format!("the owner did not answer the invite: {error}")),
+                    );
                 }
             }
             Event::InboundFailure { peer, error, .. } => {
@@ -958,10 +966,10 @@ impl EventLoop {
         if !resp.accepted {
             tracing::warn!(%peer, reason = %resp.reason, "peer refused our membership");
             if let Some(j) = join {
-                let _ = j.reply.send(Err(NetError::Refused(format!(
-                    "the owner refused the invite: {}",
-                    resp.reason
-                ))));
+                self.fail_join(
+                    j,
+                    NetError::Refused(format!("the owner refused the invite: {}", resp.reason)),
+                );
             }
             let _ = self.swarm.disconnect_peer_id(peer);
             return;
@@ -982,11 +990,15 @@ impl EventLoop {
                 },
                 None => Err(NetError::Refused("the owner granted no membership".into())),
             };
-            let ok = result.is_ok();
-            let _ = j.reply.send(result);
-            if !ok {
-                let _ = self.swarm.disconnect_peer_id(peer);
-                return;
+            match result {
+                Ok(owner) => {
+                    let _ = j.reply.send(Ok(owner));
+                }
+                Err(e) => {
+                    self.fail_join(j, e);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                }
             }
         }
         // The responder must itself be a member (or the owner) of our swarm.
@@ -1022,6 +1034,14 @@ impl EventLoop {
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "redial failed");
         }
+    }
+
+    /// A failed join leaves the daemon in the public swarm it was in.
+    fn fail_join(&mut self, j: PendingJoin, err: NetError) {
+        if self.mode == SwarmMode::Public {
+            self.gate().set_open(true);
+        }
+        let _ = j.reply.send(Err(err));
     }
 
     fn become_member(&mut self, owner: PeerId) {

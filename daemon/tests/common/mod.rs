@@ -42,7 +42,10 @@ pub async fn addr(node: &Node, transport: &str) -> Multiaddr {
         if let Some(a) = found {
             return a.clone().with(Protocol::P2p(s.peer_id));
         }
-        assert!(Instant::now() < deadline, "node never listened on {transport}");
+        assert!(
+            Instant::now() < deadline,
+            "node never listened on {transport}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
