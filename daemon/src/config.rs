@@ -356,6 +356,7 @@ fn as_addrs(v: &RawValue) -> Result<Vec<Multiaddr>, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -31,15 +31,15 @@ pub enum MembershipError {
     #[error("malformed membership data: {0}")]
     Malformed(String),
     #[error("membership is signed by {signer}, not by this swarm's owner {owner}")]
-    WrongOwner { signer: PeerId, owner: PeerId },
+    WrongOwner { signer: String, owner: String },
     #[error("invalid owner signature")]
     BadSignature,
     #[error("membership of {member} was issued to someone else ({presenter} presented it)")]
-    NotYours { member: PeerId, presenter: PeerId },
+    NotYours { member: String, presenter: String },
     #[error("membership expired")]
     Expired,
     #[error("{0} was removed from this swarm")]
-    Removed(PeerId),
+    Removed(String),
     #[error("unknown invite token")]
     UnknownInvite,
     #[error("invite already used")]
@@ -78,8 +78,8 @@ fn check_signed(
     let signer = key.to_peer_id();
     if &signer != expected_owner {
         return Err(MembershipError::WrongOwner {
-            signer,
-            owner: *expected_owner,
+            signer: signer.to_base58(),
+            owner: expected_owner.to_base58(),
         });
     }
     if !key.verify(&signed.record, &signed.signature) {
@@ -122,8 +122,8 @@ pub fn verify(
     let member = PeerId::from_bytes(&rec.member_peer_id).map_err(malformed)?;
     if &member != presenter {
         return Err(MembershipError::NotYours {
-            member,
-            presenter: *presenter,
+            member: member.to_base58(),
+            presenter: presenter.to_base58(),
         });
     }
     if rec.expires_at_ms != 0 && rec.expires_at_ms <= now_ms {
@@ -385,6 +385,7 @@ pub fn save_own(data_dir: &Path, signed: &v1::Signed) -> Result<(), std::io::Err
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use rand::SeedableRng;

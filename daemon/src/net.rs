@@ -399,10 +399,10 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
             b.gate.admit(*owner);
         }
         for m in &state.members {
-            if let Ok(p) = m.parse::<PeerId>() {
-                if !state.is_removed(&p) {
-                    b.gate.admit(p);
-                }
+            if let Ok(p) = m.parse::<PeerId>()
+                && !state.is_removed(&p)
+            {
+                b.gate.admit(p);
             }
         }
         let gs = &mut b.gate.inner_mut().gossipsub;
@@ -715,10 +715,8 @@ impl EventLoop {
             } => {
                 let info = self.conn_info.remove(&connection_id);
                 if let Some((_, opened, gated)) = info {
-                    if !gated {
-                        if let Some(e) = self.peers.get_mut(&peer_id) {
-                            e.full_connections = e.full_connections.saturating_sub(1);
-                        }
+                    if !gated && let Some(e) = self.peers.get_mut(&peer_id) {
+                        e.full_connections = e.full_connections.saturating_sub(1);
                     }
                     let _ = self.events_tx.send(NetEvent::Disconnected {
                         peer: peer_id,
@@ -730,18 +728,18 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
-                if let (Some(p), Some(join)) = (peer_id, self.pending_join.as_ref()) {
-                    if join.invite.owner == p && self.swarm.connected_peers().all(|c| *c != p) {
-                        if let Some(j) = self.pending_join.take() {
-                            self.fail_join(
-                                j,
-                                NetError::Dial {
-                                    addr: p.to_string(),
-                                    reason: error.to_string(),
-                                },
-                            );
-                        }
-                    }
+                if let (Some(p), Some(join)) = (peer_id, self.pending_join.as_ref())
+                    && join.invite.owner == p
+                    && self.swarm.connected_peers().all(|c| *c != p)
+                    && let Some(j) = self.pending_join.take()
+                {
+                    self.fail_join(
+                        j,
+                        NetError::Dial {
+                            addr: p.to_string(),
+                            reason: error.to_string(),
+                        },
+                    );
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Membership(ev)) => self.on_membership(ev),
@@ -767,10 +765,8 @@ impl EventLoop {
             gated,
         });
         tracing::debug!(%peer, %addr, gated, "connection established");
-        if !gated {
-            if let Some(e) = self.entry(peer) {
-                e.full_connections += 1;
-            }
+        if !gated && let Some(e) = self.entry(peer) {
+            e.full_connections += 1;
         }
         if endpoint.is_dialer() {
             let joining = self
@@ -842,7 +838,7 @@ impl EventLoop {
             };
         }
         if self.state.is_removed(peer) {
-            return Err(MembershipError::Removed(*peer).to_string());
+            return Err(MembershipError::Removed(peer.to_base58()).to_string());
         }
         let signed = presented.ok_or("no membership presented")?;
         membership::verify(signed, &owner, peer, now_ms())
@@ -919,7 +915,7 @@ impl EventLoop {
                 if self.mode != SwarmMode::Owner {
                     Err("only the swarm owner redeems invites".to_string())
                 } else if self.state.is_removed(&peer) {
-                    Err(MembershipError::Removed(peer).to_string())
+                    Err(MembershipError::Removed(peer.to_base58()).to_string())
                 } else {
                     match self.state.redeem(&token, now_ms()) {
                         Ok(()) => {
@@ -1094,16 +1090,15 @@ impl EventLoop {
             InnerEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 self.on_gossip(message)
             }
-            InnerEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. }) => {
+            InnerEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
                 // A new subscriber learns our record promptly instead of at the next tick.
                 if topic == self.cap_topic.hash()
                     && self
                         .last_publish
                         .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-                {
+                => {
                     self.publish_record();
                 }
-            }
             InnerEvent::Capability(ev) => self.on_capability(ev),
             InnerEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
@@ -1373,10 +1368,10 @@ impl EventLoop {
                 } else {
                     let signed = membership::sign_removal(&self.key, &peer, now_ms());
                     self.apply_removal(peer);
-                    if let Some(t) = self.member_topic.clone() {
-                        if let Err(e) = self.inner().gossipsub.publish(t, signed.encode_to_vec()) {
-                            tracing::warn!(error = %e, "removal not gossiped yet");
-                        }
+                    if let Some(t) = self.member_topic.clone()
+                        && let Err(e) = self.inner().gossipsub.publish(t, signed.encode_to_vec())
+                    {
+                        tracing::warn!(error = %e, "removal not gossiped yet");
                     }
                     Ok(())
                 };

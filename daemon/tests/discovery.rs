@@ -1,5 +1,6 @@
 //! Discovery on loopback: eight in-process daemons bootstrapped from one seed with mDNS off
 //! find each other, survive the seed's death, and find a late joiner.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

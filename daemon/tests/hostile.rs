@@ -1,6 +1,7 @@
 //! Hostile input on every protocol the daemon itself speaks (capability exchange,
 //! membership): a 2^32 length prefix, truncated frames and random bytes are refused, the
 //! offending stream is closed promptly, and the daemon keeps serving other peers.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -55,17 +56,13 @@ async fn attack(x: &Node, target: PeerId, protocol: StreamProtocol) {
             let _ = s.close().await;
         }
         let mut buf = vec![0u8; 1024];
-        let ended = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    // The daemon must not answer garbage with a record.
-                    Ok(n) => panic!("{name}: daemon answered {n} bytes"),
-                }
-            }
-        })
-        .await;
-        assert!(ended.is_ok(), "{name}: stream left open");
+        let ended = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        match ended {
+            Err(_) => panic!("{name}: stream left open"),
+            // The daemon must not answer garbage with a record.
+            Ok(Ok(n)) if n > 0 => panic!("{name}: daemon answered {n} bytes"),
+            Ok(_) => {}
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Private swarms closed by membership: invites admit members, members find each other, a
 //! non-member is disconnected within 2 s over QUIC and TCP and learns nothing, and expired,
 //! revoked or reused invites and removed members are refused.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! `potluck peers --json` shows the others with capability records; a restart keeps the
 //! peer id; SIGTERM exits 0; bad settings and a corrupted key exit non-zero naming the key or
 //! file; the CLI says so clearly when no daemon runs.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

@@ -1,5 +1,5 @@
 //! Helpers shared by the daemon's integration tests: in-process nodes on loopback.
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used, dead_code)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
