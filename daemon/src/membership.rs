@@ -239,7 +239,13 @@ pub struct SwarmState {
     pub members: Vec<String>,
     /// Removed member peer ids, as base58 strings.
     pub removed: Vec<String>,
+    /// The owner's signed removals (hex of encoded `Signed`), passed on to other members.
+    #[serde(default)]
+    pub removals: Vec<String>,
 }
+
+/// Removals passed on in one membership message.
+pub const MAX_REMOVALS: usize = 256;
 
 impl SwarmState {
     pub fn load(data_dir: &Path) -> Result<Self, std::io::Error> {
@@ -267,6 +273,26 @@ impl SwarmState {
     pub fn is_removed(&self, peer: &PeerId) -> bool {
         let s = peer.to_base58();
         self.removed.iter().any(|r| r == &s)
+    }
+
+    /// The signed removals to pass on (newest last, at most [`MAX_REMOVALS`]).
+    pub fn signed_removals(&self) -> Vec<v1::Signed> {
+        self.removals
+            .iter()
+            .rev()
+            .take(MAX_REMOVALS)
+            .filter_map(|h| hex::decode(h).ok())
+            .filter_map(|b| decode_limited("member removal", &b, MEMBERSHIP_LIMIT).ok())
+            .collect()
+    }
+
+    /// Records a verified removal and its signed proof.
+    pub fn record_removal(&mut self, peer: &PeerId, proof: &v1::Signed) {
+        self.mark_removed(peer);
+        let h = hex::encode(proof.encode_to_vec());
+        if !self.removals.contains(&h) {
+            self.removals.push(h);
+        }
     }
 
     pub fn mark_removed(&mut self, peer: &PeerId) {

@@ -335,6 +335,7 @@ pub struct EventLoop {
     version_refused: HashSet<PeerId>,
     bootstrapped: bool,
     last_publish: Option<Instant>,
+    publish_count: u64,
     started: Instant,
 }
 
@@ -460,6 +461,7 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
         version_refused: HashSet::new(),
         bootstrapped: false,
         last_publish: None,
+        publish_count: 0,
         started: Instant::now(),
     };
     Ok((client, ev))
@@ -622,6 +624,19 @@ impl EventLoop {
         if let Err(e) = self.inner().gossipsub.publish(topic, bytes) {
             tracing::debug!(error = %e, "capability record not published");
         }
+        // The owner repeats recent removals now and then, for members that missed them.
+        self.publish_count = self.publish_count.wrapping_add(1);
+        if self.mode == SwarmMode::Owner
+            && self.publish_count.is_multiple_of(5)
+            && let Some(t) = self.member_topic.clone()
+        {
+            for signed in self.state.signed_removals().into_iter().take(16) {
+                let _ = self
+                    .inner()
+                    .gossipsub
+                    .publish(t.clone(), signed.encode_to_vec());
+            }
+        }
     }
 
     fn entry(&mut self, peer: PeerId) -> Option<&mut PeerEntry> {
@@ -637,7 +652,9 @@ impl EventLoop {
     }
 
     fn accept_record(&mut self, rec: v1::CapabilityRecord, sender: PeerId) {
-        if sender == *self.swarm.local_peer_id() {
+        // A removed member's records may still be relayed by a member that has not heard of
+        // the removal yet.
+        if sender == *self.swarm.local_peer_id() || self.state.is_removed(&sender) {
             return;
         }
         let rec = match PeerRecord::from_wire(rec, &sender) {
@@ -808,6 +825,7 @@ impl EventLoop {
         v1::MembershipRequest {
             protocol_version: PROTOCOL_VERSION,
             kind: Some(kind),
+            removals: self.state.signed_removals(),
         }
     }
 
@@ -908,6 +926,7 @@ impl EventLoop {
         if let Err(e) = potluck_proto::check_version(req.protocol_version) {
             return refuse(e.to_string());
         }
+        self.apply_removals(&req.removals);
         let gated = self.swarm.behaviour().gate.is_gated(&conn);
         let mut granted = None;
         let verdict = match req.kind {
@@ -946,6 +965,7 @@ impl EventLoop {
                     granted,
                     own: self.own_membership.clone(),
                     redial: gated,
+                    removals: self.state.signed_removals(),
                 }
             }
             Err(reason) => refuse(reason),
@@ -959,6 +979,9 @@ impl EventLoop {
         resp: v1::MembershipResponse,
     ) {
         let join = self.pending_join.take_if(|j| j.invite.owner == peer);
+        if resp.accepted {
+            self.apply_removals(&resp.removals);
+        }
         if !resp.accepted {
             tracing::warn!(%peer, reason = %resp.reason, "peer refused our membership");
             if let Some(j) = join {
@@ -1141,17 +1164,8 @@ impl EventLoop {
             .as_ref()
             .is_some_and(|t| t.hash() == message.topic)
         {
-            let Some(owner) = self.swarm_owner() else {
-                return;
-            };
-            let removed =
-                decode_limited::<v1::Signed>("member removal", &message.data, MEMBERSHIP_LIMIT)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| {
-                        membership::verify_removal(&s, &owner).map_err(|e| e.to_string())
-                    });
-            match removed {
-                Ok(peer) => self.apply_removal(peer),
+            match decode_limited::<v1::Signed>("member removal", &message.data, MEMBERSHIP_LIMIT) {
+                Ok(signed) => self.apply_removals(std::slice::from_ref(&signed)),
                 Err(e) => tracing::debug!(error = %e, "bad membership gossip"),
             }
             return;
@@ -1163,11 +1177,24 @@ impl EventLoop {
         });
     }
 
-    fn apply_removal(&mut self, peer: PeerId) {
-        if self.state.is_removed(&peer) {
+    /// Verifies owner-signed removals and applies the new ones.
+    fn apply_removals(&mut self, removals: &[v1::Signed]) {
+        let Some(owner) = self.swarm_owner() else {
+            return;
+        };
+        for signed in removals.iter().take(membership::MAX_REMOVALS) {
+            match membership::verify_removal(signed, &owner) {
+                Ok(peer) => self.apply_removal(peer, signed),
+                Err(e) => tracing::debug!(error = %e, "invalid member removal"),
+            }
+        }
+    }
+
+    fn apply_removal(&mut self, peer: PeerId, proof: &v1::Signed) {
+        if self.state.is_removed(&peer) || peer == *self.swarm.local_peer_id() {
             return;
         }
-        self.state.mark_removed(&peer);
+        self.state.record_removal(&peer, proof);
         if let Err(e) = self.state.save(&self.config.data_dir) {
             tracing::error!(error = %e, "cannot persist swarm state");
         }
@@ -1367,7 +1394,7 @@ impl EventLoop {
                     ))
                 } else {
                     let signed = membership::sign_removal(&self.key, &peer, now_ms());
-                    self.apply_removal(peer);
+                    self.apply_removal(peer, &signed);
                     if let Some(t) = self.member_topic.clone()
                         && let Err(e) = self.inner().gossipsub.publish(t, signed.encode_to_vec())
                     {
