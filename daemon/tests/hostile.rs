@@ -129,3 +129,47 @@ async fn membership_protocol_survives_garbage() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompatible_protocol_version_is_refused() {
+    use prost::Message as _;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let p = start(dirs[0].path(), vec![]).await;
+    let x = start(dirs[1].path(), vec![]).await;
+    let target = connect(&x, addr(&p, "quic-v1").await).await;
+    let mut events = x.client().events();
+    let mut s = x
+        .client()
+        .stream_control()
+        .open_stream(target, CAPABILITY_PROTOCOL)
+        .await
+        .unwrap();
+    let msg = potluck_proto::v1::CapabilityExchange {
+        protocol_version: potluck_proto::PROTOCOL_VERSION + 1,
+        record: None,
+    }
+    .encode_to_vec();
+    s.write_all(&(msg.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(&msg).await.unwrap();
+    s.close().await.unwrap();
+    // The daemon refuses the peer: it closes the connection.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let NetEvent::Disconnected { peer, .. } = events.recv().await.unwrap() {
+                if peer == target {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "peer with another protocol version stayed connected"
+    );
+    for n in [p, x] {
+        n.shutdown().await;
+    }
+}
