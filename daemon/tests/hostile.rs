@@ -157,10 +157,10 @@ async fn incompatible_protocol_version_is_refused() {
     // The daemon refuses the peer: it closes the connection.
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let NetEvent::Disconnected { peer, .. } = events.recv().await.unwrap() {
-                if peer == target {
-                    return;
-                }
+            if let NetEvent::Disconnected { peer, .. } = events.recv().await.unwrap()
+                && peer == target
+            {
+                return;
             }
         }
     })
