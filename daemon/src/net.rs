@@ -330,6 +330,9 @@ pub struct EventLoop {
     state: SwarmState,
     own_membership: Option<v1::Signed>,
     pending_join: Option<PendingJoin>,
+    /// Relayed listen addresses not listening yet, with their relay.
+    pending_circuits: Vec<(PeerId, Multiaddr)>,
+    circuit_listeners: HashMap<libp2p::core::transport::ListenerId, (PeerId, Multiaddr)>,
     conn_info: HashMap<ConnectionId, (Multiaddr, Instant, bool)>,
     redials: HashMap<PeerId, (Instant, u32)>,
     version_refused: HashSet<PeerId>,
@@ -378,7 +381,22 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
 
+    // Relayed listen addresses wait for a connection to their relay: asking the relay client
+    // to listen while the bootstrap dial to the same relay is in flight makes its own dial
+    // lose the race and the listener close at once.
+    let mut circuits = Vec::new();
     for addr in &config.listen {
+        if let Some(relay) = circuit_relay(addr) {
+            circuits.push((relay, addr.clone()));
+            let relay_part: Multiaddr = addr
+                .iter()
+                .take_while(|p| !matches!(p, Protocol::P2pCircuit))
+                .collect();
+            if let Err(e) = swarm.dial(relay_part) {
+                tracing::debug!(%addr, error = %e, "cannot dial relay yet");
+            }
+            continue;
+        }
         swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Listen {
@@ -415,6 +433,9 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
         }
     }
 
+    for addr in &config.external {
+        swarm.add_external_address(addr.clone());
+    }
     for addr in &config.bootstrap {
         if let Some(Protocol::P2p(peer)) = addr.iter().last() {
             swarm
@@ -456,6 +477,8 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
         state,
         own_membership,
         pending_join: None,
+        pending_circuits: circuits,
+        circuit_listeners: HashMap::new(),
         conn_info: HashMap::new(),
         redials: HashMap::new(),
         version_refused: HashSet::new(),
@@ -718,6 +741,27 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                // A relay server is public by definition; unless told otherwise it
+                // announces where it listens, which also enables the relay service.
+                if self.config.relay_server && self.config.external.is_empty() && dialable(&address)
+                {
+                    self.swarm.add_external_address(address);
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                tracing::warn!(?addresses, ?reason, "listener closed");
+                // A relay reservation ends with the relay connection: listen again once we
+                // are back in touch with the relay.
+                if let Some((relay, circuit)) = self.circuit_listeners.remove(&listener_id) {
+                    self.pending_circuits.push((relay, circuit));
+                }
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!(%error, "listener error");
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -774,6 +818,20 @@ impl EventLoop {
     ) {
         let gated = self.swarm.behaviour().gate.is_gated(&conn);
         let addr = endpoint.get_remote_address().clone();
+        if !gated {
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_circuits)
+                .into_iter()
+                .partition(|(relay, _)| *relay == peer);
+            self.pending_circuits = waiting;
+            for (relay, circuit) in ready {
+                match self.swarm.listen_on(circuit.clone()) {
+                    Ok(id) => {
+                        self.circuit_listeners.insert(id, (relay, circuit));
+                    }
+                    Err(e) => tracing::warn!(%circuit, error = %e, "cannot listen on relay"),
+                }
+            }
+        }
         self.conn_info
             .insert(conn, (addr.clone(), Instant::now(), gated));
         let _ = self.events_tx.send(NetEvent::Connected {
@@ -1446,6 +1504,19 @@ impl EventLoop {
     fn is_reserved_topic(&self, topic: &str) -> bool {
         topic == CAPABILITY_TOPIC || topic.starts_with("potluck/members/")
     }
+}
+
+/// The relay of a `/.../p2p/RELAY/p2p-circuit` listen address.
+fn circuit_relay(addr: &Multiaddr) -> Option<PeerId> {
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => relay = Some(id),
+            Protocol::P2pCircuit => return relay,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Whether an address is worth telling others about (not a wildcard).
