@@ -621,6 +621,10 @@ impl EventLoop {
         });
         self.redials
             .retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(10));
+        // Only there to log each refusal once; a flood of fresh peer ids must not grow it.
+        if self.version_refused.len() > MAX_PEER_TABLE {
+            self.version_refused.clear();
+        }
     }
 
     fn own_record(&self) -> PeerRecord {
