@@ -487,6 +487,21 @@ mod tests {
         assert!(verify_removal(&r, &PeerId::random()).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_membership_bytes_never_verify(
+            record in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            signature in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+            text in "[A-Za-z0-9_-]{0,300}",
+        ) {
+            let owner = PeerId::random();
+            let signed = v1::Signed { record, signature };
+            proptest::prop_assert!(verify(&signed, &owner, &PeerId::random(), 0).is_err());
+            proptest::prop_assert!(verify_removal(&signed, &owner).is_err());
+            let _ = Invite::parse(&text);
+        }
+    }
+
     #[test]
     fn garbage_invites_are_refused() {
         assert!(Invite::parse("not base64 !!").is_err());
