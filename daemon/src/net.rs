@@ -38,8 +38,10 @@ pub const MEMBERSHIP_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/me
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/kad/1.0.0");
 /// The gossip topic on which every peer re-publishes its capability record.
 pub const CAPABILITY_TOPIC: &str = "potluck/capabilities/1";
-/// Largest gossip message; per-run topics share it.
-pub const GOSSIP_LIMIT: usize = 1 << 20;
+/// Largest gossip message; per-run topics share it. Bulk data belongs on the data plane.
+pub const GOSSIP_LIMIT: usize = 256 * 1024;
+/// Gossip messages buffered for slow subscribers (at most 64 MiB at the size limit).
+const GOSSIP_QUEUE: usize = 256;
 const COMMAND_QUEUE: usize = 256;
 const BROADCAST_QUEUE: usize = 1024;
 const MAX_PEER_TABLE: usize = 10_000;
@@ -218,13 +220,14 @@ impl Client {
         self.control.clone()
     }
 
-    /// Messages of subscribed topics. A receiver that falls more than 1024 messages behind
+    /// Messages of subscribed topics. A receiver that falls more than 256 messages behind
     /// loses the oldest ones (`RecvError::Lagged`).
     pub fn gossip_messages(&self) -> broadcast::Receiver<GossipMessage> {
         self.gossip.subscribe()
     }
 
-    /// Connection and record events (same lag rule as gossip).
+    /// Connection and record events; a receiver more than 1024 events behind loses the
+    /// oldest ones.
     pub fn events(&self) -> broadcast::Receiver<NetEvent> {
         self.events.subscribe()
     }
@@ -452,7 +455,7 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
 
     let control = swarm.behaviour().gate.inner().stream.new_control();
     let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
-    let (gossip_tx, _) = broadcast::channel(BROADCAST_QUEUE);
+    let (gossip_tx, _) = broadcast::channel(GOSSIP_QUEUE);
     let (events_tx, _) = broadcast::channel(BROADCAST_QUEUE);
     let client = Client {
         tx,
