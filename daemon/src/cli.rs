@@ -62,6 +62,9 @@ pub struct DaemonArgs {
     /// Peer to bootstrap from (repeatable), e.g. /ip4/1.2.3.4/udp/4001/quic-v1/p2p/12D3...
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<String>,
+    /// Public address to announce (repeatable), e.g. /ip4/203.0.113.7/udp/4001/quic-v1.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub external: Vec<String>,
     /// Do not discover peers on the LAN with mDNS.
     #[arg(long)]
     pub no_mdns: bool,
@@ -148,6 +151,9 @@ pub fn daemon_config(
     if !args.bootstrap.is_empty() {
         c.set("bootstrap", RawValue::List(args.bootstrap.clone()), &flag)?;
     }
+    if !args.external.is_empty() {
+        c.set("external", RawValue::List(args.external.clone()), &flag)?;
+    }
     if args.no_mdns {
         c.set("mdns", RawValue::Bool(false), &flag)?;
     }
@@ -168,9 +174,10 @@ pub fn daemon_config(
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POTLUCK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_kad=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

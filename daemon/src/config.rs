@@ -32,6 +32,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
+    /// Addresses to announce as this node's public (external) addresses. A relay server
+    /// serves only once it has one; without this list it announces its listen addresses.
+    pub external: Vec<Multiaddr>,
     pub mdns: bool,
     pub log_format: LogFormat,
     /// Serve as a circuit relay for peers behind NAT (public nodes only).
@@ -64,6 +67,7 @@ impl Default for Config {
                 "/ip4/0.0.0.0/tcp/4001".parse().expect("static multiaddr"),
             ],
             bootstrap: Vec::new(),
+            external: Vec::new(),
             mdns: true,
             log_format: LogFormat::Human,
             relay_server: false,
@@ -135,6 +139,7 @@ pub const KEYS: &[&str] = &[
     "data_dir",
     "listen",
     "bootstrap",
+    "external",
     "mdns",
     "log_format",
     "relay_server",
@@ -169,6 +174,7 @@ impl Config {
             }
             "listen" => self.listen = as_addrs(&value).map_err(bad)?,
             "bootstrap" => self.bootstrap = as_addrs(&value).map_err(bad)?,
+            "external" => self.external = as_addrs(&value).map_err(bad)?,
             "mdns" => self.mdns = as_bool(&value).map_err(bad)?,
             "relay_server" => self.relay_server = as_bool(&value).map_err(bad)?,
             "private" => self.private = as_bool(&value).map_err(bad)?,
@@ -356,6 +362,7 @@ fn as_addrs(v: &RawValue) -> Result<Vec<Multiaddr>, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -305,3 +305,76 @@ impl<B: NetworkBehaviour> NetworkBehaviour for Gate<B> {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use libp2p::swarm::dummy;
+
+    fn poll_close(g: &mut Gate<dummy::Behaviour>) -> Option<ConnectionId> {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        match g.poll(&mut cx) {
+            Poll::Ready(ToSwarm::CloseConnection {
+                connection: CloseConnection::One(c),
+                ..
+            }) => Some(c),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn non_members_get_a_dummy_handler_and_are_closed_at_the_deadline() {
+        let mut g = Gate::new(dummy::Behaviour, false, Duration::from_secs(1));
+        let a: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let (stranger, member) = (PeerId::random(), PeerId::random());
+        g.admit(member);
+        let c1 = ConnectionId::new_unchecked(1);
+        let c2 = ConnectionId::new_unchecked(2);
+        let h = g
+            .handle_established_inbound_connection(c1, stranger, &a, &a)
+            .unwrap();
+        assert!(matches!(h, Either::Right(_)));
+        assert!(g.is_gated(&c1));
+        let h = g
+            .handle_established_inbound_connection(c2, member, &a, &a)
+            .unwrap();
+        assert!(matches!(h, Either::Left(_)));
+
+        let t0 = Instant::now();
+        g.expire(t0);
+        assert_eq!(poll_close(&mut g), None, "closed before the deadline");
+        g.expire(t0 + Duration::from_secs(2));
+        assert_eq!(poll_close(&mut g), Some(c1));
+        assert_eq!(poll_close(&mut g), None, "the member's connection stays");
+        assert!(!g.is_gated(&c1));
+    }
+
+    #[test]
+    fn open_gate_admits_everyone_and_expel_closes() {
+        let mut g = Gate::new(dummy::Behaviour, true, Duration::from_secs(1));
+        let a: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let p = PeerId::random();
+        let h = g
+            .handle_established_outbound_connection(
+                ConnectionId::new_unchecked(3),
+                p,
+                &a,
+                Endpoint::Dialer,
+                PortUse::New,
+            )
+            .unwrap();
+        assert!(matches!(h, Either::Left(_)));
+        g.set_open(false);
+        g.expel(&p);
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        assert!(matches!(
+            g.poll(&mut cx),
+            Poll::Ready(ToSwarm::CloseConnection {
+                connection: CloseConnection::All,
+                ..
+            })
+        ));
+        assert!(!g.is_admitted(&p));
+    }
+}

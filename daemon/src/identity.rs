@@ -86,6 +86,7 @@ fn load(path: &Path) -> Result<Keypair, IdentityError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

@@ -31,15 +31,15 @@ pub enum MembershipError {
     #[error("malformed membership data: {0}")]
     Malformed(String),
     #[error("membership is signed by {signer}, not by this swarm's owner {owner}")]
-    WrongOwner { signer: PeerId, owner: PeerId },
+    WrongOwner { signer: String, owner: String },
     #[error("invalid owner signature")]
     BadSignature,
     #[error("membership of {member} was issued to someone else ({presenter} presented it)")]
-    NotYours { member: PeerId, presenter: PeerId },
+    NotYours { member: String, presenter: String },
     #[error("membership expired")]
     Expired,
     #[error("{0} was removed from this swarm")]
-    Removed(PeerId),
+    Removed(String),
     #[error("unknown invite token")]
     UnknownInvite,
     #[error("invite already used")]
@@ -78,8 +78,8 @@ fn check_signed(
     let signer = key.to_peer_id();
     if &signer != expected_owner {
         return Err(MembershipError::WrongOwner {
-            signer,
-            owner: *expected_owner,
+            signer: signer.to_base58(),
+            owner: expected_owner.to_base58(),
         });
     }
     if !key.verify(&signed.record, &signed.signature) {
@@ -122,8 +122,8 @@ pub fn verify(
     let member = PeerId::from_bytes(&rec.member_peer_id).map_err(malformed)?;
     if &member != presenter {
         return Err(MembershipError::NotYours {
-            member,
-            presenter: *presenter,
+            member: member.to_base58(),
+            presenter: presenter.to_base58(),
         });
     }
     if rec.expires_at_ms != 0 && rec.expires_at_ms <= now_ms {
@@ -239,7 +239,13 @@ pub struct SwarmState {
     pub members: Vec<String>,
     /// Removed member peer ids, as base58 strings.
     pub removed: Vec<String>,
+    /// The owner's signed removals (hex of encoded `Signed`), passed on to other members.
+    #[serde(default)]
+    pub removals: Vec<String>,
 }
+
+/// Removals passed on in one membership message.
+pub const MAX_REMOVALS: usize = 256;
 
 impl SwarmState {
     pub fn load(data_dir: &Path) -> Result<Self, std::io::Error> {
@@ -267,6 +273,26 @@ impl SwarmState {
     pub fn is_removed(&self, peer: &PeerId) -> bool {
         let s = peer.to_base58();
         self.removed.iter().any(|r| r == &s)
+    }
+
+    /// The signed removals to pass on (newest last, at most [`MAX_REMOVALS`]).
+    pub fn signed_removals(&self) -> Vec<v1::Signed> {
+        self.removals
+            .iter()
+            .rev()
+            .take(MAX_REMOVALS)
+            .filter_map(|h| hex::decode(h).ok())
+            .filter_map(|b| decode_limited("member removal", &b, MEMBERSHIP_LIMIT).ok())
+            .collect()
+    }
+
+    /// Records a verified removal and its signed proof.
+    pub fn record_removal(&mut self, peer: &PeerId, proof: &v1::Signed) {
+        self.mark_removed(peer);
+        let h = hex::encode(proof.encode_to_vec());
+        if !self.removals.contains(&h) {
+            self.removals.push(h);
+        }
     }
 
     pub fn mark_removed(&mut self, peer: &PeerId) {
@@ -385,6 +411,7 @@ pub fn save_own(data_dir: &Path, signed: &v1::Signed) -> Result<(), std::io::Err
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
@@ -458,6 +485,21 @@ mod tests {
         let r = sign_removal(&owner, &m, 5);
         assert_eq!(verify_removal(&r, &owner.public().to_peer_id()).unwrap(), m);
         assert!(verify_removal(&r, &PeerId::random()).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_membership_bytes_never_verify(
+            record in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            signature in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+            text in "[A-Za-z0-9_-]{0,300}",
+        ) {
+            let owner = PeerId::random();
+            let signed = v1::Signed { record, signature };
+            proptest::prop_assert!(verify(&signed, &owner, &PeerId::random(), 0).is_err());
+            proptest::prop_assert!(verify_removal(&signed, &owner).is_err());
+            let _ = Invite::parse(&text);
+        }
     }
 
     #[test]

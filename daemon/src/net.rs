@@ -38,8 +38,10 @@ pub const MEMBERSHIP_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/me
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/kad/1.0.0");
 /// The gossip topic on which every peer re-publishes its capability record.
 pub const CAPABILITY_TOPIC: &str = "potluck/capabilities/1";
-/// Largest gossip message; per-run topics share it.
-pub const GOSSIP_LIMIT: usize = 1 << 20;
+/// Largest gossip message; per-run topics share it. Bulk data belongs on the data plane.
+pub const GOSSIP_LIMIT: usize = 256 * 1024;
+/// Gossip messages buffered for slow subscribers (at most 64 MiB at the size limit).
+const GOSSIP_QUEUE: usize = 256;
 const COMMAND_QUEUE: usize = 256;
 const BROADCAST_QUEUE: usize = 1024;
 const MAX_PEER_TABLE: usize = 10_000;
@@ -218,13 +220,14 @@ impl Client {
         self.control.clone()
     }
 
-    /// Messages of subscribed topics. A receiver that falls more than 1024 messages behind
+    /// Messages of subscribed topics. A receiver that falls more than 256 messages behind
     /// loses the oldest ones (`RecvError::Lagged`).
     pub fn gossip_messages(&self) -> broadcast::Receiver<GossipMessage> {
         self.gossip.subscribe()
     }
 
-    /// Connection and record events (same lag rule as gossip).
+    /// Connection and record events; a receiver more than 1024 events behind loses the
+    /// oldest ones.
     pub fn events(&self) -> broadcast::Receiver<NetEvent> {
         self.events.subscribe()
     }
@@ -330,11 +333,15 @@ pub struct EventLoop {
     state: SwarmState,
     own_membership: Option<v1::Signed>,
     pending_join: Option<PendingJoin>,
+    /// Relayed listen addresses not listening yet, with their relay.
+    pending_circuits: Vec<(PeerId, Multiaddr)>,
+    circuit_listeners: HashMap<libp2p::core::transport::ListenerId, (PeerId, Multiaddr)>,
     conn_info: HashMap<ConnectionId, (Multiaddr, Instant, bool)>,
     redials: HashMap<PeerId, (Instant, u32)>,
     version_refused: HashSet<PeerId>,
     bootstrapped: bool,
     last_publish: Option<Instant>,
+    publish_count: u64,
     started: Instant,
 }
 
@@ -377,7 +384,22 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
 
+    // Relayed listen addresses wait for a connection to their relay: asking the relay client
+    // to listen while the bootstrap dial to the same relay is in flight makes its own dial
+    // lose the race and the listener close at once.
+    let mut circuits = Vec::new();
     for addr in &config.listen {
+        if let Some(relay) = circuit_relay(addr) {
+            circuits.push((relay, addr.clone()));
+            let relay_part: Multiaddr = addr
+                .iter()
+                .take_while(|p| !matches!(p, Protocol::P2pCircuit))
+                .collect();
+            if let Err(e) = swarm.dial(relay_part) {
+                tracing::debug!(%addr, error = %e, "cannot dial relay yet");
+            }
+            continue;
+        }
         swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Listen {
@@ -399,10 +421,10 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
             b.gate.admit(*owner);
         }
         for m in &state.members {
-            if let Ok(p) = m.parse::<PeerId>() {
-                if !state.is_removed(&p) {
-                    b.gate.admit(p);
-                }
+            if let Ok(p) = m.parse::<PeerId>()
+                && !state.is_removed(&p)
+            {
+                b.gate.admit(p);
             }
         }
         let gs = &mut b.gate.inner_mut().gossipsub;
@@ -414,6 +436,9 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
         }
     }
 
+    for addr in &config.external {
+        swarm.add_external_address(addr.clone());
+    }
     for addr in &config.bootstrap {
         if let Some(Protocol::P2p(peer)) = addr.iter().last() {
             swarm
@@ -430,7 +455,7 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
 
     let control = swarm.behaviour().gate.inner().stream.new_control();
     let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
-    let (gossip_tx, _) = broadcast::channel(BROADCAST_QUEUE);
+    let (gossip_tx, _) = broadcast::channel(GOSSIP_QUEUE);
     let (events_tx, _) = broadcast::channel(BROADCAST_QUEUE);
     let client = Client {
         tx,
@@ -455,11 +480,14 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
         state,
         own_membership,
         pending_join: None,
+        pending_circuits: circuits,
+        circuit_listeners: HashMap::new(),
         conn_info: HashMap::new(),
         redials: HashMap::new(),
         version_refused: HashSet::new(),
         bootstrapped: false,
         last_publish: None,
+        publish_count: 0,
         started: Instant::now(),
     };
     Ok((client, ev))
@@ -596,6 +624,10 @@ impl EventLoop {
         });
         self.redials
             .retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(10));
+        // Only there to log each refusal once; a flood of fresh peer ids must not grow it.
+        if self.version_refused.len() > MAX_PEER_TABLE {
+            self.version_refused.clear();
+        }
     }
 
     fn own_record(&self) -> PeerRecord {
@@ -622,6 +654,19 @@ impl EventLoop {
         if let Err(e) = self.inner().gossipsub.publish(topic, bytes) {
             tracing::debug!(error = %e, "capability record not published");
         }
+        // The owner repeats recent removals now and then, for members that missed them.
+        self.publish_count = self.publish_count.wrapping_add(1);
+        if self.mode == SwarmMode::Owner
+            && self.publish_count.is_multiple_of(5)
+            && let Some(t) = self.member_topic.clone()
+        {
+            for signed in self.state.signed_removals().into_iter().take(16) {
+                let _ = self
+                    .inner()
+                    .gossipsub
+                    .publish(t.clone(), signed.encode_to_vec());
+            }
+        }
     }
 
     fn entry(&mut self, peer: PeerId) -> Option<&mut PeerEntry> {
@@ -637,7 +682,9 @@ impl EventLoop {
     }
 
     fn accept_record(&mut self, rec: v1::CapabilityRecord, sender: PeerId) {
-        if sender == *self.swarm.local_peer_id() {
+        // A removed member's records may still be relayed by a member that has not heard of
+        // the removal yet.
+        if sender == *self.swarm.local_peer_id() || self.state.is_removed(&sender) {
             return;
         }
         let rec = match PeerRecord::from_wire(rec, &sender) {
@@ -701,6 +748,27 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                // A relay server is public by definition; unless told otherwise it
+                // announces where it listens, which also enables the relay service.
+                if self.config.relay_server && self.config.external.is_empty() && dialable(&address)
+                {
+                    self.swarm.add_external_address(address);
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                tracing::warn!(?addresses, ?reason, "listener closed");
+                // A relay reservation ends with the relay connection: listen again once we
+                // are back in touch with the relay.
+                if let Some((relay, circuit)) = self.circuit_listeners.remove(&listener_id) {
+                    self.pending_circuits.push((relay, circuit));
+                }
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!(%error, "listener error");
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -715,10 +783,8 @@ impl EventLoop {
             } => {
                 let info = self.conn_info.remove(&connection_id);
                 if let Some((_, opened, gated)) = info {
-                    if !gated {
-                        if let Some(e) = self.peers.get_mut(&peer_id) {
-                            e.full_connections = e.full_connections.saturating_sub(1);
-                        }
+                    if !gated && let Some(e) = self.peers.get_mut(&peer_id) {
+                        e.full_connections = e.full_connections.saturating_sub(1);
                     }
                     let _ = self.events_tx.send(NetEvent::Disconnected {
                         peer: peer_id,
@@ -730,15 +796,18 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
-                if let (Some(p), Some(join)) = (peer_id, self.pending_join.as_ref()) {
-                    if join.invite.owner == p && self.swarm.connected_peers().all(|c| *c != p) {
-                        if let Some(j) = self.pending_join.take() {
-                            let _ = j.reply.send(Err(NetError::Dial {
-                                addr: p.to_string(),
-                                reason: error.to_string(),
-                            }));
-                        }
-                    }
+                if let (Some(p), Some(join)) = (peer_id, self.pending_join.as_ref())
+                    && join.invite.owner == p
+                    && self.swarm.connected_peers().all(|c| *c != p)
+                    && let Some(j) = self.pending_join.take()
+                {
+                    self.fail_join(
+                        j,
+                        NetError::Dial {
+                            addr: p.to_string(),
+                            reason: error.to_string(),
+                        },
+                    );
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Membership(ev)) => self.on_membership(ev),
@@ -756,6 +825,20 @@ impl EventLoop {
     ) {
         let gated = self.swarm.behaviour().gate.is_gated(&conn);
         let addr = endpoint.get_remote_address().clone();
+        if !gated {
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_circuits)
+                .into_iter()
+                .partition(|(relay, _)| *relay == peer);
+            self.pending_circuits = waiting;
+            for (relay, circuit) in ready {
+                match self.swarm.listen_on(circuit.clone()) {
+                    Ok(id) => {
+                        self.circuit_listeners.insert(id, (relay, circuit));
+                    }
+                    Err(e) => tracing::warn!(%circuit, error = %e, "cannot listen on relay"),
+                }
+            }
+        }
         self.conn_info
             .insert(conn, (addr.clone(), Instant::now(), gated));
         let _ = self.events_tx.send(NetEvent::Connected {
@@ -764,13 +847,15 @@ impl EventLoop {
             gated,
         });
         tracing::debug!(%peer, %addr, gated, "connection established");
-        if !gated {
-            if let Some(e) = self.entry(peer) {
-                e.full_connections += 1;
-            }
+        if !gated && let Some(e) = self.entry(peer) {
+            e.full_connections += 1;
         }
         if endpoint.is_dialer() {
-            if self.mode != SwarmMode::Public {
+            let joining = self
+                .pending_join
+                .as_ref()
+                .is_some_and(|j| j.invite.owner == peer);
+            if self.mode != SwarmMode::Public || joining {
                 let req = self.membership_request(&peer);
                 self.swarm
                     .behaviour_mut()
@@ -805,6 +890,7 @@ impl EventLoop {
         v1::MembershipRequest {
             protocol_version: PROTOCOL_VERSION,
             kind: Some(kind),
+            removals: self.state.signed_removals(),
         }
     }
 
@@ -835,7 +921,7 @@ impl EventLoop {
             };
         }
         if self.state.is_removed(peer) {
-            return Err(MembershipError::Removed(*peer).to_string());
+            return Err(MembershipError::Removed(peer.to_base58()).to_string());
         }
         let signed = presented.ok_or("no membership presented")?;
         membership::verify(signed, &owner, peer, now_ms())
@@ -876,9 +962,10 @@ impl EventLoop {
             Event::OutboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "membership request failed");
                 if let Some(j) = self.pending_join.take_if(|j| j.invite.owner == peer) {
-                    let _ = j.reply.send(Err(NetError::Refused(format!(
-                        "the owner did not answer the invite: {error}"
-                    ))));
+                    self.fail_join(
+                        j,
+                        NetError::Refused(format!("the owner did not answer the invite: {error}")),
+                    );
                 }
             }
             Event::InboundFailure { peer, error, .. } => {
@@ -904,6 +991,7 @@ impl EventLoop {
         if let Err(e) = potluck_proto::check_version(req.protocol_version) {
             return refuse(e.to_string());
         }
+        self.apply_removals(&req.removals);
         let gated = self.swarm.behaviour().gate.is_gated(&conn);
         let mut granted = None;
         let verdict = match req.kind {
@@ -911,7 +999,7 @@ impl EventLoop {
                 if self.mode != SwarmMode::Owner {
                     Err("only the swarm owner redeems invites".to_string())
                 } else if self.state.is_removed(&peer) {
-                    Err(MembershipError::Removed(peer).to_string())
+                    Err(MembershipError::Removed(peer.to_base58()).to_string())
                 } else {
                     match self.state.redeem(&token, now_ms()) {
                         Ok(()) => {
@@ -942,6 +1030,7 @@ impl EventLoop {
                     granted,
                     own: self.own_membership.clone(),
                     redial: gated,
+                    removals: self.state.signed_removals(),
                 }
             }
             Err(reason) => refuse(reason),
@@ -955,13 +1044,16 @@ impl EventLoop {
         resp: v1::MembershipResponse,
     ) {
         let join = self.pending_join.take_if(|j| j.invite.owner == peer);
+        if resp.accepted {
+            self.apply_removals(&resp.removals);
+        }
         if !resp.accepted {
             tracing::warn!(%peer, reason = %resp.reason, "peer refused our membership");
             if let Some(j) = join {
-                let _ = j.reply.send(Err(NetError::Refused(format!(
-                    "the owner refused the invite: {}",
-                    resp.reason
-                ))));
+                self.fail_join(
+                    j,
+                    NetError::Refused(format!("the owner refused the invite: {}", resp.reason)),
+                );
             }
             let _ = self.swarm.disconnect_peer_id(peer);
             return;
@@ -982,11 +1074,15 @@ impl EventLoop {
                 },
                 None => Err(NetError::Refused("the owner granted no membership".into())),
             };
-            let ok = result.is_ok();
-            let _ = j.reply.send(result);
-            if !ok {
-                let _ = self.swarm.disconnect_peer_id(peer);
-                return;
+            match result {
+                Ok(owner) => {
+                    let _ = j.reply.send(Ok(owner));
+                }
+                Err(e) => {
+                    self.fail_join(j, e);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                }
             }
         }
         // The responder must itself be a member (or the owner) of our swarm.
@@ -1022,6 +1118,14 @@ impl EventLoop {
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "redial failed");
         }
+    }
+
+    /// A failed join leaves the daemon in the public swarm it was in.
+    fn fail_join(&mut self, j: PendingJoin, err: NetError) {
+        if self.mode == SwarmMode::Public {
+            self.gate().set_open(true);
+        }
+        let _ = j.reply.send(Err(err));
     }
 
     fn become_member(&mut self, owner: PeerId) {
@@ -1074,16 +1178,15 @@ impl EventLoop {
             InnerEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 self.on_gossip(message)
             }
-            InnerEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. }) => {
+            InnerEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
                 // A new subscriber learns our record promptly instead of at the next tick.
                 if topic == self.cap_topic.hash()
                     && self
                         .last_publish
                         .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-                {
+                => {
                     self.publish_record();
                 }
-            }
             InnerEvent::Capability(ev) => self.on_capability(ev),
             InnerEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
@@ -1126,17 +1229,8 @@ impl EventLoop {
             .as_ref()
             .is_some_and(|t| t.hash() == message.topic)
         {
-            let Some(owner) = self.swarm_owner() else {
-                return;
-            };
-            let removed =
-                decode_limited::<v1::Signed>("member removal", &message.data, MEMBERSHIP_LIMIT)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| {
-                        membership::verify_removal(&s, &owner).map_err(|e| e.to_string())
-                    });
-            match removed {
-                Ok(peer) => self.apply_removal(peer),
+            match decode_limited::<v1::Signed>("member removal", &message.data, MEMBERSHIP_LIMIT) {
+                Ok(signed) => self.apply_removals(std::slice::from_ref(&signed)),
                 Err(e) => tracing::debug!(error = %e, "bad membership gossip"),
             }
             return;
@@ -1148,11 +1242,24 @@ impl EventLoop {
         });
     }
 
-    fn apply_removal(&mut self, peer: PeerId) {
-        if self.state.is_removed(&peer) {
+    /// Verifies owner-signed removals and applies the new ones.
+    fn apply_removals(&mut self, removals: &[v1::Signed]) {
+        let Some(owner) = self.swarm_owner() else {
+            return;
+        };
+        for signed in removals.iter().take(membership::MAX_REMOVALS) {
+            match membership::verify_removal(signed, &owner) {
+                Ok(peer) => self.apply_removal(peer, signed),
+                Err(e) => tracing::debug!(error = %e, "invalid member removal"),
+            }
+        }
+    }
+
+    fn apply_removal(&mut self, peer: PeerId, proof: &v1::Signed) {
+        if self.state.is_removed(&peer) || peer == *self.swarm.local_peer_id() {
             return;
         }
-        self.state.mark_removed(&peer);
+        self.state.record_removal(&peer, proof);
         if let Err(e) = self.state.save(&self.config.data_dir) {
             tracing::error!(error = %e, "cannot persist swarm state");
         }
@@ -1352,11 +1459,11 @@ impl EventLoop {
                     ))
                 } else {
                     let signed = membership::sign_removal(&self.key, &peer, now_ms());
-                    self.apply_removal(peer);
-                    if let Some(t) = self.member_topic.clone() {
-                        if let Err(e) = self.inner().gossipsub.publish(t, signed.encode_to_vec()) {
-                            tracing::warn!(error = %e, "removal not gossiped yet");
-                        }
+                    self.apply_removal(peer, &signed);
+                    if let Some(t) = self.member_topic.clone()
+                        && let Err(e) = self.inner().gossipsub.publish(t, signed.encode_to_vec())
+                    {
+                        tracing::warn!(error = %e, "removal not gossiped yet");
                     }
                     Ok(())
                 };
@@ -1404,6 +1511,19 @@ impl EventLoop {
     fn is_reserved_topic(&self, topic: &str) -> bool {
         topic == CAPABILITY_TOPIC || topic.starts_with("potluck/members/")
     }
+}
+
+/// The relay of a `/.../p2p/RELAY/p2p-circuit` listen address.
+fn circuit_relay(addr: &Multiaddr) -> Option<PeerId> {
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => relay = Some(id),
+            Protocol::P2pCircuit => return relay,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Whether an address is worth telling others about (not a wildcard).

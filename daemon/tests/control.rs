@@ -1,0 +1,61 @@
+//! The control API: the Unix socket serves the CLI; the optional loopback TCP endpoint
+//! requires the token from the data dir; a second daemon on the same data dir is refused.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::config;
+use potluck_daemon::Node;
+use potluck_daemon::control::{self, ControlError};
+use potluck_proto::v1;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_control_needs_the_token_and_data_dir_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = config(dir.path(), vec![]);
+    c.control_tcp = Some(addr);
+    let node = Node::start(c.clone()).await.unwrap();
+    let me = node.client().local_peer_id().to_base58();
+
+    let mut unix = control::connect_unix(dir.path()).await.unwrap();
+    let id = unix.id(v1::IdRequest {}).await.unwrap().into_inner();
+    assert_eq!(id.peer_id, me);
+
+    let token = std::fs::read_to_string(dir.path().join(control::TOKEN_FILE)).unwrap();
+    let mut good = None;
+    for _ in 0..50 {
+        if let Ok(c) = control::connect_tcp(addr, token.trim().to_string()).await {
+            good = Some(c);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut good = good.expect("TCP control API never came up");
+    let s = good
+        .status(v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.peer_id, me);
+    assert_eq!(s.swarm, "public");
+
+    let mut bad = control::connect_tcp(addr, "wrong".into()).await.unwrap();
+    let err = bad.status(v1::StatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // The control socket locks the data dir against a second daemon.
+    let err = Node::start(c).await.unwrap_err();
+    assert!(err.to_string().contains("already running"), "{err}");
+
+    node.shutdown().await;
+    assert!(matches!(
+        control::connect_unix(dir.path()).await,
+        Err(ControlError::NoDaemon { .. })
+    ));
+}
