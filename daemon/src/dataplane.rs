@@ -257,14 +257,21 @@ mod tests {
     fn round_trip_compressed_and_raw() {
         let compressible = vec![5u8; 100_000];
         let bytes = framed(&compressible, Some(1));
-        assert!(bytes.len() < 10_000, "zstd should shrink a constant payload");
+        assert!(
+            bytes.len() < 10_000,
+            "zstd should shrink a constant payload"
+        );
         let f = read(&bytes, Limits::default()).unwrap().unwrap();
         assert_eq!(f.payload, compressible);
         assert_eq!(f.wire_bytes, bytes.len() as u64);
         assert_eq!(f.header.compression, PayloadCompression::Zstd as i32);
 
-        let random: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-        let f = read(&framed(&random, None), Limits::default()).unwrap().unwrap();
+        let random: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let f = read(&framed(&random, None), Limits::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(f.payload, random);
         assert_eq!(f.header.compression, PayloadCompression::None as i32);
     }
@@ -307,7 +314,10 @@ mod tests {
         let mut bad = bytes.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        assert!(matches!(read(&bad, Limits::default()), Err(FrameError::HashMismatch)));
+        assert!(matches!(
+            read(&bad, Limits::default()),
+            Err(FrameError::HashMismatch)
+        ));
     }
 
     #[test]

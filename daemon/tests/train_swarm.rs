@@ -1,6 +1,7 @@
 //! Swarm training over real QUIC sockets on loopback: several in-process daemons train one
 //! model and must end every round on the same root; a replica killed mid-run costs the others
 //! nothing but its work.
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
@@ -110,13 +111,19 @@ async fn three_peers_end_every_round_on_the_same_root() {
     assert_eq!(summary.rounds, 3);
     for j in joins {
         let s = j.await.unwrap().expect("replica finished");
-        assert_eq!(s.root, summary.root, "every replica ends on the committed root");
+        assert_eq!(
+            s.root, summary.root,
+            "every replica ends on the committed root"
+        );
     }
     // Every round was committed by a quorum of the three replicas (the coordinator commits
     // as soon as two agree; the third then finds it holds the same root).
     let mut committed = 0;
     while let Ok(ev) = events.try_recv() {
-        if let RunEvent::Committed { agreeing, members, .. } = ev {
+        if let RunEvent::Committed {
+            agreeing, members, ..
+        } = ev
+        {
             assert_eq!(members, 3);
             assert!(agreeing >= 2);
             committed += 1;
@@ -184,7 +191,10 @@ async fn a_killed_replica_does_not_stop_the_run() {
     killer.await.unwrap();
     let s = survivor_task.await.unwrap().expect("survivor finished");
     assert_eq!(s.root, summary.root);
-    assert!(summary.rounds >= 2, "the two survivors committed after the kill");
+    assert!(
+        summary.rounds >= 2,
+        "the two survivors committed after the kill"
+    );
     for n in nodes {
         n.shutdown().await;
     }

@@ -79,8 +79,8 @@ pub fn invalid(what: &'static str, reason: impl Into<String>) -> DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
 
     #[test]
     fn oversized_message_is_refused_before_decoding() {

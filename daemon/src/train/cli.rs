@@ -59,7 +59,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    println!("trained {} rounds on {} peers ({} parameters) in {:.0} s", report.rounds, report.peers, report.params, report.seconds);
+    println!(
+        "trained {} rounds on {} peers ({} parameters) in {:.0} s",
+        report.rounds, report.peers, report.params, report.seconds
+    );
     match report.entropy_floor_nats {
         Some(h) => println!(
             "final eval loss: {:.4} nats/byte (the corpus's entropy floor is {h:.4}; {:.1}% above it)",

@@ -205,20 +205,30 @@ impl RunManifest {
         inner.seed = self.seed.unwrap_or(0);
         let inner_steps = self.inner_steps.unwrap_or(25);
         if inner_steps == 0 || inner_steps > 100_000 {
-            return Err(invalid("inner_steps", format!("{inner_steps} must be in 1..=100000")));
+            return Err(invalid(
+                "inner_steps",
+                format!("{inner_steps} must be in 1..=100000"),
+            ));
         }
         let rounds = self.rounds.unwrap_or(10);
         if rounds == 0 || rounds > 1_000_000 {
-            return Err(invalid("rounds", format!("{rounds} must be in 1..=1000000")));
+            return Err(invalid(
+                "rounds",
+                format!("{rounds} must be in 1..=1000000"),
+            ));
         }
         inner.total_steps = rounds * inner_steps as u64;
         inner
             .validate(&model)
             .map_err(|e| invalid("inner", e.to_string()))?;
         let compression = self.compression.clone().unwrap_or_else(|| "topk".into());
-        let codec = Codec::parse(&compression).map_err(|e| invalid("compression", e.to_string()))?;
+        let codec =
+            Codec::parse(&compression).map_err(|e| invalid("compression", e.to_string()))?;
         if !(self.outer.lr.is_finite() && self.outer.lr > 0.0 && self.outer.lr <= 10.0) {
-            return Err(invalid("outer.lr", format!("{} must be in (0, 10]", self.outer.lr)));
+            return Err(invalid(
+                "outer.lr",
+                format!("{} must be in (0, 10]", self.outer.lr),
+            ));
         }
         if !(self.outer.momentum.is_finite() && (0.0..1.0).contains(&self.outer.momentum)) {
             return Err(invalid(
@@ -235,11 +245,17 @@ impl RunManifest {
         }
         let min_peers = self.min_peers.unwrap_or(2);
         if !(1..=10_000).contains(&min_peers) {
-            return Err(invalid("min_peers", format!("{min_peers} must be in 1..=10000")));
+            return Err(invalid(
+                "min_peers",
+                format!("{min_peers} must be in 1..=10000"),
+            ));
         }
         let mut data = self.data.clone();
         if data.shards == 0 || data.shards > 1 << 20 {
-            return Err(invalid("data.shards", format!("{} must be in 1..=1048576", data.shards)));
+            return Err(invalid(
+                "data.shards",
+                format!("{} must be in 1..=1048576", data.shards),
+            ));
         }
         if data.source == "builtin" && data.synthetic.is_none() {
             data.synthetic = Some(SyntheticSpec::default());
@@ -309,7 +325,8 @@ impl ResolvedRun {
         let d = &self.data;
         let data = if d.source == "builtin" {
             let spec = d.synthetic.clone().unwrap_or_default();
-            let corpus = SyntheticCorpus::new(spec).map_err(|e| ManifestError::Data(e.to_string()))?;
+            let corpus =
+                SyntheticCorpus::new(spec).map_err(|e| ManifestError::Data(e.to_string()))?;
             Dataset::synthetic(&corpus, d.train_bytes, d.eval_bytes, d.shards)
         } else {
             Dataset::from_path(
@@ -375,8 +392,14 @@ mod tests {
 
     #[test]
     fn demo_manifest_resolves_and_hashes_stably() {
-        let a = RunManifest::parse(DEMO_MANIFEST).unwrap().resolve().unwrap();
-        let b = RunManifest::parse(DEMO_MANIFEST).unwrap().resolve().unwrap();
+        let a = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let b = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
         assert_eq!(a.id(), b.id());
         let back = ResolvedRun::from_canonical(&a.canonical_bytes(), &a.id()).unwrap();
         assert_eq!(back, a);
@@ -403,7 +426,10 @@ mod tests {
 
     #[test]
     fn tampered_canonical_bytes_are_refused() {
-        let a = RunManifest::parse(DEMO_MANIFEST).unwrap().resolve().unwrap();
+        let a = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
         let mut bytes = a.canonical_bytes();
         bytes[10] ^= 1;
         assert!(ResolvedRun::from_canonical(&bytes, &a.id()).is_err());

@@ -11,16 +11,17 @@ use std::ops::Range;
 /// Contiguous near-equal slices of `len` values for `members` reducers.
 pub fn slice_ranges(len: usize, members: usize) -> Vec<Range<usize>> {
     let n = members.max(1);
-    (0..n)
-        .map(|i| (i * len / n)..((i + 1) * len / n))
-        .collect()
+    (0..n).map(|i| (i * len / n)..((i + 1) * len / n)).collect()
 }
 
 /// The data shard member `i` of `members` trains on in `round`: every member gets a different
 /// shard while there are enough, and the assignment walks through all shards over rounds.
 pub fn shard_for(round: u64, member: usize, members: usize, num_shards: u64) -> u64 {
     let n = num_shards.max(1);
-    (round.wrapping_mul(members as u64).wrapping_add(member as u64)) % n
+    (round
+        .wrapping_mul(members as u64)
+        .wrapping_add(member as u64))
+        % n
 }
 
 /// Bytes plain data-parallel training would put on the wire for the same work: every inner

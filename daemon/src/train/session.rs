@@ -26,13 +26,13 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
-use potluck_proto::v1::{
-    FrameHeader, FrameKind, RoundCommit, RoundOpen, TrainReport, RunFinished, RunJoin,
-    RunRefused, RunWelcome, TrainControl, train_control::Msg,
-};
 use potluck_coordinator::aggregate::{Contribution, ValidationLimits, aggregate, validate_updates};
 use potluck_coordinator::round::{Action, Report, RunConfig, RunMachine};
 use potluck_coordinator::{Hash32, PeerId as CPeerId};
+use potluck_proto::v1::{
+    FrameHeader, FrameKind, RoundCommit, RoundOpen, RunFinished, RunJoin, RunRefused, RunWelcome,
+    TrainControl, TrainReport, train_control::Msg,
+};
 use potluck_worker::compress::{self, Codec, ErrorFeedback};
 use potluck_worker::{DeviceSpec, OuterOptimizer, Replica};
 use serde::Serialize;
@@ -353,23 +353,21 @@ impl TrainService {
     }
 
     async fn serve_tensor_stream(&self, peer: PeerId, mut stream: libp2p::Stream) {
-        let frame = match tokio::time::timeout(
-            FRAME_TIMEOUT,
-            read_frame(&mut stream, &self.inner.limits),
-        )
-        .await
-        {
-            Ok(Ok(Some(f))) => f,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                tracing::warn!(%peer, error = %e, "refused a tensor frame");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%peer, "tensor frame missed its deadline");
-                return;
-            }
-        };
+        let frame =
+            match tokio::time::timeout(FRAME_TIMEOUT, read_frame(&mut stream, &self.inner.limits))
+                .await
+            {
+                Ok(Ok(Some(f))) => f,
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "refused a tensor frame");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "tensor frame missed its deadline");
+                    return;
+                }
+            };
         self.inner.traffic.add(peer, 0, frame.wire_bytes);
         if let Err(reason) = verify_sender(&frame.header, peer) {
             tracing::warn!(%peer, reason, "refused a tensor frame with a bad signature");
@@ -383,7 +381,11 @@ impl TrainService {
             return;
         }
         // A full inbox makes this await, which stops reading the stream: backpressure.
-        let _ = self.inner.inbox_tx.send(Inbound { from: peer, frame }).await;
+        let _ = self
+            .inner
+            .inbox_tx
+            .send(Inbound { from: peer, frame })
+            .await;
     }
 
     async fn answer_state_request(
@@ -499,10 +501,7 @@ impl TrainService {
             let _ = self
                 .inner
                 .inbox_tx
-                .send(Inbound {
-                    from: peer,
-                    frame,
-                })
+                .send(Inbound { from: peer, frame })
                 .await;
             return Ok(());
         }
@@ -594,7 +593,11 @@ impl TrainService {
         let fwd = coord_tx.clone();
         tokio::spawn(async move {
             while let Some(msg) = from_replica_rx.recv().await {
-                if fwd.send(CoordEvent::Msg { peer: local, msg }).await.is_err() {
+                if fwd
+                    .send(CoordEvent::Msg { peer: local, msg })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -606,7 +609,14 @@ impl TrainService {
         };
         let genesis = initial_root(&run)?;
         let res = self
-            .replica(run_id, Some(run.clone()), from_replica_tx, to_replica_rx, join, out.clone())
+            .replica(
+                run_id,
+                Some(run.clone()),
+                from_replica_tx,
+                to_replica_rx,
+                join,
+                out.clone(),
+            )
             .await;
         let res = match (res, out) {
             (Ok(mut summary), Some(dir)) => {
@@ -749,11 +759,11 @@ impl TrainService {
                 Some(Msg::Open(open)) => {
                     let opened_at = Instant::now();
                     // Roll back or fetch until we hold the round's base state.
-                    if let Some(p) = pending.take() {
-                        if p.root.as_slice() == open.base_root.as_slice() {
-                            committed = p;
-                            self.publish(&committed);
-                        }
+                    if let Some(p) = pending.take()
+                        && p.root.as_slice() == open.base_root.as_slice()
+                    {
+                        committed = p;
+                        self.publish(&committed);
                     }
                     if committed.root.as_slice() != open.base_root.as_slice() {
                         match self.resync(&open, &run_id, n).await {
@@ -797,7 +807,10 @@ impl TrainService {
                             committed = p;
                             self.publish(&committed);
                         } else {
-                            tracing::warn!(round = c.round, "our root differs from the committed one; will resync");
+                            tracing::warn!(
+                                round = c.round,
+                                "our root differs from the committed one; will resync"
+                            );
                         }
                     }
                     self.set_status(|s| {
@@ -807,10 +820,10 @@ impl TrainService {
                     });
                 }
                 Some(Msg::Finished(f)) => {
-                    if let Some(p) = pending.take() {
-                        if p.root.as_slice() == f.root.as_slice() {
-                            committed = p;
-                        }
+                    if let Some(p) = pending.take()
+                        && p.root.as_slice() == f.root.as_slice()
+                    {
+                        committed = p;
                     }
                     if committed.root.as_slice() != f.root.as_slice() {
                         return Err(TrainError::Other(
@@ -872,7 +885,8 @@ impl TrainService {
     ) -> Result<Snapshot, TrainError> {
         let source = PeerId::from_bytes(&open.state_source)
             .map_err(|_| TrainError::Other("round names no valid state source".into()))?;
-        let (round, params, velocity) = self.fetch_state(source, run_id, &open.base_root, n).await?;
+        let (round, params, velocity) =
+            self.fetch_state(source, run_id, &open.base_root, n).await?;
         let root = state_root(run_id, &params, &velocity);
         if root.as_slice() != open.base_root.as_slice() {
             return Err(TrainError::Other(format!(
@@ -946,7 +960,9 @@ impl TrainService {
         let stats = {
             // Training is CPU-heavy: run it off the async runtime, handing the replica over.
             let data = data.clone();
-            let mut moved = rep.take().ok_or_else(|| TrainError::Other("replica missing".into()))?;
+            let mut moved = rep
+                .take()
+                .ok_or_else(|| TrainError::Other("replica missing".into()))?;
             let (back, res) = tokio::task::spawn_blocking(move || {
                 let r = moved.train_steps(&data, shard, steps);
                 (moved, r)
@@ -956,7 +972,9 @@ impl TrainService {
             *rep = Some(back);
             res?
         };
-        let rep = rep.as_mut().ok_or_else(|| TrainError::Other("replica missing".into()))?;
+        let rep = rep
+            .as_mut()
+            .ok_or_else(|| TrainError::Other("replica missing".into()))?;
         let theta_now = rep.flat_params()?;
         let delta = potluck_worker::pseudo_gradient(&theta_start, &theta_now)?;
         let ranges = slice_ranges(delta.len(), members.len());
@@ -1041,10 +1059,8 @@ impl TrainService {
                 if now >= finish_by {
                     break;
                 }
-                let wait = tokio::time::timeout(
-                    wait_until.saturating_duration_since(now),
-                    inbox.recv(),
-                );
+                let wait =
+                    tokio::time::timeout(wait_until.saturating_duration_since(now), inbox.recv());
                 tokio::select! {
                     r = wait => match r {
                         Ok(Some(f)) => Some(f),
@@ -1070,7 +1086,10 @@ impl TrainService {
                 continue;
             }
             if !member_set.contains(&inb.from) {
-                rejected.push(format!("{}: not a member of round {}", inb.from, open.round));
+                rejected.push(format!(
+                    "{}: not a member of round {}",
+                    inb.from, open.round
+                ));
                 continue;
             }
             match inb.frame.kind() {
@@ -1080,7 +1099,10 @@ impl TrainService {
                         || h.len != my_range.len() as u64
                         || reduced_sent
                     {
-                        rejected.push(format!("{}: contribution for the wrong slice or too late", inb.from));
+                        rejected.push(format!(
+                            "{}: contribution for the wrong slice or too late",
+                            inb.from
+                        ));
                         continue;
                     }
                     match compress::decode(&inb.frame.payload, my_range.len()) {
@@ -1175,17 +1197,21 @@ fn attach_control_stream(
     });
     let s = svc.clone();
     tokio::spawn(async move {
-        if coord.send(CoordEvent::Connected { peer, tx }).await.is_err() {
+        if coord
+            .send(CoordEvent::Connected { peer, tx })
+            .await
+            .is_err()
+        {
             return;
         }
         loop {
             match read_control(&mut rd).await {
                 Ok(Some((m, n))) => {
                     s.inner.traffic.add(peer, 0, n);
-                    if let Some(msg) = m.msg {
-                        if coord.send(CoordEvent::Msg { peer, msg }).await.is_err() {
-                            return;
-                        }
+                    if let Some(msg) = m.msg
+                        && coord.send(CoordEvent::Msg { peer, msg }).await.is_err()
+                    {
+                        return;
                     }
                 }
                 Ok(None) => break,

@@ -86,8 +86,14 @@ mod tests {
         assert_eq!(n, out.len() as u64);
         assert!(matches!(back.msg, Some(Msg::Join(_))));
 
-        assert!(matches!(read(&u32::MAX.to_le_bytes()), Err(ControlError::TooLarge(_))));
-        assert!(matches!(read(&out[..out.len() - 1]), Err(ControlError::Io(_))));
+        assert!(matches!(
+            read(&u32::MAX.to_le_bytes()),
+            Err(ControlError::TooLarge(_))
+        ));
+        assert!(matches!(
+            read(&out[..out.len() - 1]),
+            Err(ControlError::Io(_))
+        ));
         assert!(read(&[]).unwrap().is_none());
         let mut garbage = vec![8, 0, 0, 0];
         garbage.extend_from_slice(&[0xff; 8]);
