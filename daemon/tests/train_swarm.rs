@@ -149,7 +149,7 @@ async fn a_killed_replica_does_not_stop_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path()).await;
     let run = run_with(|m| {
-        m.rounds = Some(3);
+        m.rounds = Some(4);
         m.round_deadline_secs = Some(20);
         // Rounds go on with the two survivors after the kill.
         m.min_peers = Some(2);
@@ -157,29 +157,35 @@ async fn a_killed_replica_does_not_stop_the_run() {
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
     let mut events = nodes[0].train().subscribe();
-    let survivor = nodes[1].train();
-    let survivor_task = tokio::spawn(async move {
+    let joiner = |svc: potluck_daemon::train::TrainService| async move {
         for _ in 0..50 {
-            if let Ok(s) = survivor.join(coordinator, run_id, None).await {
-                return Some(s);
+            match svc.join(coordinator, run_id, None).await {
+                Ok(s) => return Some(s),
+                Err(potluck_daemon::train::TrainError::ShuttingDown) => return None,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         None
-    });
+    };
+    let survivor_task = tokio::spawn(joiner(nodes[1].train()));
     let victim = nodes.pop().unwrap();
-    let victim_svc = victim.train();
-    tokio::spawn(async move {
-        let _ = victim_svc.join(coordinator, run_id, None).await;
-    });
-    // Kill the third peer as soon as the first round is committed.
+    tokio::spawn(joiner(victim.train()));
+    // Kill the third peer when a round that counts on all three opens, after a commit: it
+    // dies in the middle of that round.
     let killer = tokio::spawn(async move {
+        let mut committed = false;
         while let Ok(ev) = events.recv().await {
-            if let RunEvent::Committed { round: 1, .. } = ev {
-                victim.shutdown().await;
-                break;
+            match ev {
+                RunEvent::Committed { .. } => committed = true,
+                RunEvent::RoundOpened { round, members: 3 } if committed => {
+                    victim.shutdown().await;
+                    return Some(round);
+                }
+                RunEvent::Finished { .. } => return None,
+                _ => {}
             }
         }
+        None
     });
     let summary = tokio::time::timeout(
         Duration::from_secs(300),
@@ -188,12 +194,21 @@ async fn a_killed_replica_does_not_stop_the_run() {
     .await
     .expect("run finished in time")
     .expect("run succeeded");
-    killer.await.unwrap();
-    let s = survivor_task.await.unwrap().expect("survivor finished");
+    let killed_in = tokio::time::timeout(Duration::from_secs(10), killer)
+        .await
+        .expect("killer done")
+        .unwrap()
+        .expect("a round with all three peers opened and the victim was killed in it");
+    let s = tokio::time::timeout(Duration::from_secs(60), survivor_task)
+        .await
+        .expect("survivor done")
+        .unwrap()
+        .expect("survivor finished");
     assert_eq!(s.root, summary.root);
     assert!(
-        summary.rounds >= 2,
-        "the two survivors committed after the kill"
+        summary.rounds >= killed_in,
+        "the survivors committed the round the victim died in, or a later one (last commit {}, kill in {killed_in})",
+        summary.rounds
     );
     for n in nodes {
         n.shutdown().await;
