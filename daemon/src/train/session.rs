@@ -838,7 +838,11 @@ impl TrainService {
                             run.outer.momentum,
                             committed.velocity.clone(),
                         );
-                        write_atomic(&dir.join("outer.bin"), &outer.to_bytes())?;
+                        potluck_coordinator::store::write_atomic(
+                            &dir.join("outer.bin"),
+                            &outer.to_bytes(),
+                        )
+                        .map_err(|e| TrainError::Other(format!("saving the outer state: {e}")))?;
                     }
                     let eval_loss = if last_eval.is_finite() {
                         last_eval
@@ -1559,18 +1563,6 @@ fn bytes_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let tmp = path.with_extension("tmp");
-    let io = |e: std::io::Error| TrainError::Other(format!("writing {}: {e}", path.display()));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        std::io::Write::write_all(&mut f, bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
 }
 
 fn unix_ms() -> u64 {
