@@ -1571,3 +1571,104 @@ fn unix_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed_header(kp: &Keypair) -> FrameHeader {
+        let mut h = FrameHeader {
+            run_id: vec![1; 32],
+            round: 4,
+            kind: FrameKind::Contribution as i32,
+            len: 3,
+            tokens: 10,
+            ..Default::default()
+        };
+        seal_payload(&mut h, b"payload", None);
+        h.public_key = kp.public().encode_protobuf();
+        h.signature = kp.sign(&signing_bytes(&h)).unwrap();
+        h
+    }
+
+    #[test]
+    fn signatures_bind_the_sender_and_the_header() {
+        let kp = Keypair::generate_ed25519();
+        let other = Keypair::generate_ed25519();
+        let h = signed_header(&kp);
+        assert!(verify_sender(&h, kp.public().to_peer_id()).is_ok());
+        // Relayed by another peer than the signer.
+        assert!(verify_sender(&h, other.public().to_peer_id()).is_err());
+        // A replay into another round, or more tokens claimed, breaks the signature.
+        let mut replay = h.clone();
+        replay.round = 5;
+        assert!(verify_sender(&replay, kp.public().to_peer_id()).is_err());
+        let mut inflated = h.clone();
+        inflated.tokens = 1_000_000;
+        assert!(verify_sender(&inflated, kp.public().to_peer_id()).is_err());
+        let mut garbage = h;
+        garbage.public_key = vec![0xff; 7];
+        assert!(verify_sender(&garbage, kp.public().to_peer_id()).is_err());
+    }
+
+    #[test]
+    fn reducer_refuses_bad_updates_and_averages_the_rest() {
+        let peers: Vec<PeerId> = (0..4)
+            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+            .collect();
+        let mut c = BTreeMap::new();
+        c.insert(peers[0], (100, vec![1.0, 1.0, 1.0]));
+        c.insert(peers[1], (300, vec![2.0, 2.0, 2.0]));
+        c.insert(peers[2], (100, vec![f32::NAN, 0.0, 0.0]));
+        c.insert(peers[3], (100, vec![1e6, 1e6, 1e6]));
+        let mut rejected = Vec::new();
+        let (avg, used) = reduce_slice(&c, 3, &mut rejected);
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert_eq!(used.len(), 2);
+        assert!(!used.contains(&peers[2]) && !used.contains(&peers[3]));
+        // Token-weighted: (100 * 1 + 300 * 2) / 400.
+        assert!(avg.iter().all(|v| (v - 1.75).abs() < 1e-6), "{avg:?}");
+        // Nothing acceptable: the slice's update is zero, not garbage.
+        let mut only_bad = BTreeMap::new();
+        only_bad.insert(peers[2], (100, vec![f32::INFINITY, 0.0, 0.0]));
+        let (avg, used) = reduce_slice(&only_bad, 3, &mut Vec::new());
+        assert_eq!(avg, vec![0.0; 3]);
+        assert!(used.is_empty());
+    }
+
+    #[test]
+    fn state_root_covers_weights_and_momentum() {
+        let id = [3u8; 32];
+        let a = state_root(&id, &[1.0, 2.0], &[0.0, 0.0]);
+        assert_eq!(a, state_root(&id, &[1.0, 2.0], &[0.0, 0.0]));
+        assert_ne!(a, state_root(&id, &[1.0, 2.5], &[0.0, 0.0]));
+        assert_ne!(a, state_root(&id, &[1.0, 2.0], &[0.0, 1e-9]));
+        assert_ne!(a, state_root(&[4u8; 32], &[1.0, 2.0], &[0.0, 0.0]));
+    }
+
+    #[test]
+    fn reduced_top_k_keeps_the_union_of_supports() {
+        let c = Codec::TopK {
+            chunk: 100,
+            k: 10,
+            bits: 4,
+        };
+        assert_eq!(
+            reduce_codec(c, 3),
+            Codec::TopK {
+                chunk: 100,
+                k: 30,
+                bits: 8
+            }
+        );
+        assert_eq!(
+            reduce_codec(c, 50),
+            Codec::TopK {
+                chunk: 100,
+                k: 100,
+                bits: 8
+            }
+        );
+        assert_eq!(reduce_codec(Codec::INT8, 3), Codec::INT8);
+    }
+}
