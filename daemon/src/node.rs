@@ -78,6 +78,21 @@ impl Node {
         };
         let (client, event_loop) = net::build(config, key.clone())?;
         let train = TrainService::start(key, client.stream_control(), DeviceSpec::Cpu)?;
+        // Measure the reference training step off the runtime; the figure joins the
+        // capability record when it is ready.
+        let measuring = client.clone();
+        tokio::spawn(async move {
+            match tokio::task::spawn_blocking(|| crate::train::reference::measure(&DeviceSpec::Cpu))
+                .await
+            {
+                Ok(Ok(tps)) => {
+                    tracing::info!(tokens_per_sec = tps, "reference training step measured");
+                    let _ = measuring.set_train_throughput(tps).await;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "reference training step failed"),
+                Err(e) => tracing::warn!(error = %e, "reference training step panicked"),
+            }
+        });
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(event_loop.run(stopped(rx.clone()))));

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod demo;
 pub mod manifest;
 pub mod plan;
+pub mod reference;
 pub mod session;
 pub mod wire;
 
