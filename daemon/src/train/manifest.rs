@@ -148,8 +148,8 @@ name = "demo"
 seed = 7
 model = "tiny"
 inner_steps = 25
-rounds = 8
-compression = "topk"
+rounds = 12
+compression = "int8"
 round_deadline_secs = 300
 min_peers = 2
 
