@@ -59,6 +59,12 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating the output dir {}", opts.out.display()))?;
     let peers_dir = opts.out.join("peers");
+    // A checkpoint left by an earlier demo would mix its files into this one's manifest.
+    let ckpt = opts.out.join("checkpoint");
+    if ckpt.exists() {
+        std::fs::remove_dir_all(&ckpt)
+            .with_context(|| format!("removing the old checkpoint {}", ckpt.display()))?;
+    }
     let started = Instant::now();
 
     // Start the daemons: the first listens, the others bootstrap from it.
