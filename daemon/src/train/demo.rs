@@ -125,7 +125,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
                     members,
                     eval_loss,
                 } => format!(
-                    "round {round:>3}: eval loss {eval_loss:.4} nats/byte, {agreeing}/{members} replicas agree on {}",
+                    "round {round:>3}: eval loss {eval_loss:.4} nats/byte, committed when {agreeing} of {members} replicas agreed on {}",
                     &hex::encode(root)[..16]
                 ),
                 RunEvent::NotCommitted { round, reason } => {
@@ -134,10 +134,12 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
                 RunEvent::Finished { .. } => break,
             };
             match &watcher_bar {
-                Some(b) => {
+                Some(b) if !b.is_hidden() => {
                     b.println(line);
                     b.inc(1);
                 }
+                // Not a terminal (a pipe, CI): plain lines.
+                Some(_) => println!("{line}"),
                 None => tracing::info!("{line}"),
             }
         }
