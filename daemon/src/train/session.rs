@@ -772,7 +772,21 @@ impl TrainService {
                                 self.publish(&committed);
                             }
                             Err(e) => {
+                                // Stay in the run: report, so the coordinator counts us as
+                                // present (not a straggler) and we try again next round.
                                 tracing::warn!(round = open.round, error = %e, "could not resync; sitting this round out");
+                                let report = TrainReport {
+                                    run_id: run_id.to_vec(),
+                                    round: open.round,
+                                    update_hash: vec![0; 32],
+                                    // A root no other replica can hold, so that replicas
+                                    // sitting out never form a quorum among themselves.
+                                    root: sitting_out_root(&self.inner.local, open.round).to_vec(),
+                                    ..Default::default()
+                                };
+                                up.send(Msg::Report(report))
+                                    .await
+                                    .map_err(|_| TrainError::CoordinatorGone)?;
                                 continue;
                             }
                         }
@@ -887,25 +901,45 @@ impl TrainService {
         run_id: &[u8; 32],
         n: usize,
     ) -> Result<Snapshot, TrainError> {
-        let source = PeerId::from_bytes(&open.state_source)
-            .map_err(|_| TrainError::Other("round names no valid state source".into()))?;
-        let (round, params, velocity) =
-            self.fetch_state(source, run_id, &open.base_root, n).await?;
-        let root = state_root(run_id, &params, &velocity);
-        if root.as_slice() != open.base_root.as_slice() {
-            return Err(TrainError::Other(format!(
-                "state from {source} hashes to {} but the round starts from {}",
-                hex::encode(root),
-                hex::encode(&open.base_root)
-            )));
+        // The named source first, then every other member of the round: any of them that
+        // agreed holds the state, and the named one may have died since.
+        let mut sources: Vec<PeerId> = PeerId::from_bytes(&open.state_source).into_iter().collect();
+        for m in &open.members {
+            if let Ok(p) = PeerId::from_bytes(m)
+                && p != self.inner.local
+                && !sources.contains(&p)
+            {
+                sources.push(p);
+            }
         }
-        tracing::info!(%source, round, "resynced committed state");
-        Ok(Snapshot {
-            round,
-            root,
-            params,
-            velocity,
-        })
+        let mut last = TrainError::Other("the round names no peer to fetch its state from".into());
+        for source in sources {
+            let (round, params, velocity) =
+                match self.fetch_state(source, run_id, &open.base_root, n).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
+                };
+            let root = state_root(run_id, &params, &velocity);
+            if root.as_slice() != open.base_root.as_slice() {
+                last = TrainError::Other(format!(
+                    "state from {source} hashes to {} but the round starts from {}",
+                    hex::encode(root),
+                    hex::encode(&open.base_root)
+                ));
+                continue;
+            }
+            tracing::info!(%source, round, "resynced committed state");
+            return Ok(Snapshot {
+                round,
+                root,
+                params,
+                velocity,
+            });
+        }
+        Err(last)
     }
 
     /// One round at a replica. Returns `None` when this replica is not a member.
@@ -1251,6 +1285,7 @@ async fn run_coordinator(
     let mut links: BTreeMap<PeerId, mpsc::Sender<TrainControl>> = BTreeMap::new();
     let mut source: PeerId = svc.inner.local;
     let mut reports: BTreeMap<PeerId, TrainReport> = BTreeMap::new();
+    let mut started = false;
     loop {
         // Carry out every decision the state machine has made.
         while let Some(action) = machine.poll_action() {
@@ -1281,6 +1316,7 @@ async fn run_coordinator(
                         return finish(&svc, &run_id, &machine, &links);
                     }
                     reports.clear();
+                    started = true;
                     let members: Vec<PeerId> = plan
                         .assignment
                         .iter()
@@ -1363,15 +1399,30 @@ async fn run_coordinator(
                 }
             }
         }
-        // Wait for the next event or the state machine's next deadline.
+        // Wait for the next event or the state machine's next deadline. Once the run has
+        // started, too few members for a whole round deadline ends it on its last commit
+        // rather than waiting forever.
+        let idle_limit = if started {
+            Duration::from_secs(run.round_deadline_secs)
+        } else {
+            Duration::from_secs(24 * 3600)
+        };
         let timeout = machine
             .poll_timeout()
             .map(|t| Duration::from_millis(t.saturating_sub(unix_ms())))
-            .unwrap_or(Duration::from_secs(3600));
+            .unwrap_or(idle_limit);
         let ev = match tokio::time::timeout(timeout, events.recv()).await {
             Ok(Some(ev)) => ev,
             Ok(None) => return Ok(()),
             Err(_) => {
+                if machine.open_round().is_none() && started {
+                    tracing::warn!(
+                        members = machine.member_count(),
+                        needed = run.min_peers,
+                        "too few replicas to open another round; finishing the run"
+                    );
+                    return finish(&svc, &run_id, &machine, &links);
+                }
                 machine.handle_timeout(unix_ms());
                 continue;
             }
@@ -1471,6 +1522,15 @@ fn initial_root(run: &ResolvedRun) -> Result<[u8; 32], TrainError> {
     let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?;
     let n = rep.num_params();
     Ok(state_root(&run.id(), &rep.flat_params()?, &vec![0.0; n]))
+}
+
+/// The root a replica reports for a round it sat out: unique to the peer and round.
+fn sitting_out_root(peer: &PeerId, round: u64) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"potluck-sitting-out-v1");
+    h.update(&peer.to_bytes());
+    h.update(&round.to_le_bytes());
+    *h.finalize().as_bytes()
 }
 
 /// The root of a replica's state: blake3 over the run id, the weights and the outer
