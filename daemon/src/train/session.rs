@@ -299,10 +299,16 @@ impl TrainService {
         });
         let s = svc.clone();
         tokio::spawn(async move {
+            // One long-lived control stream per replica: at most as many as a run admits.
+            let permits = Arc::new(tokio::sync::Semaphore::new(MAX_MEMBERS));
             while let Some((peer, stream)) = controls.next().await {
                 let tx = s.inner.coord_tx.lock().ok().and_then(|g| g.clone());
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many control streams; dropping one");
+                    continue;
+                };
                 match tx {
-                    Some(tx) => attach_control_stream(&s, peer, stream, tx),
+                    Some(tx) => attach_control_stream(&s, peer, stream, tx, permit),
                     None => {
                         tracing::debug!(%peer, "control stream while not coordinating; closing");
                     }
@@ -1220,6 +1226,7 @@ fn attach_control_stream(
     peer: PeerId,
     stream: libp2p::Stream,
     coord: mpsc::Sender<CoordEvent>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let (mut rd, mut wr) = stream.split();
     let (tx, mut rx) = mpsc::channel::<TrainControl>(64);
@@ -1260,6 +1267,7 @@ fn attach_control_stream(
             }
         }
         let _ = coord.send(CoordEvent::Closed { peer }).await;
+        drop(permit);
     });
 }
 
