@@ -72,6 +72,51 @@ async fn start(n: usize, dir: &std::path::Path) -> Vec<Node> {
     nodes
 }
 
+/// Hostile input on the tensor and run-control protocols: a 2^32 length prefix, a
+/// truncated frame, random bytes and a well-framed garbage body, each on a fresh stream that
+/// the daemon must close within 5 s without answering.
+async fn hostile_streams(from: &Node, target: libp2p::PeerId) {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use potluck_daemon::train::session::{CONTROL_PROTOCOL, TENSOR_PROTOCOL};
+    let random: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let attacks: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            "2^32 length prefix",
+            vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+            false,
+        ),
+        ("truncated frame", vec![100, 0, 0, 0, 1, 2, 3], true),
+        ("random bytes", random, true),
+        (
+            "garbage body",
+            [vec![8, 0, 0, 0], vec![0xff; 8]].concat(),
+            true,
+        ),
+    ];
+    let mut control = from.client().stream_control();
+    for protocol in [TENSOR_PROTOCOL, CONTROL_PROTOCOL] {
+        for (name, bytes, close) in &attacks {
+            let mut s = control
+                .open_stream(target, protocol.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{name}: cannot open a stream: {e}"));
+            let _ = s.write_all(bytes).await;
+            let _ = s.flush().await;
+            if *close {
+                let _ = s.close().await;
+            }
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Err(_) => panic!("{name} on {protocol}: stream left open"),
+                Ok(Ok(n)) if n > 0 => panic!("{name} on {protocol}: daemon answered {n} bytes"),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
 fn run_with(f: impl FnOnce(&mut RunManifest)) -> potluck_daemon::train::ResolvedRun {
     let mut m = RunManifest::parse(RUN).unwrap();
     f(&mut m);
@@ -85,6 +130,9 @@ async fn three_peers_end_every_round_on_the_same_root() {
     let run = run_with(|_| {});
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
+    // Before the run, a peer throws garbage at both training protocols of the coordinator:
+    // every such stream is refused and closed, and the run below still succeeds.
+    hostile_streams(&nodes[1], coordinator).await;
     let mut events = nodes[0].train().subscribe();
     let mut joins = Vec::new();
     for n in nodes.iter().skip(1) {
