@@ -1,5 +1,6 @@
-//! Pure planning for a round: which slice of the parameter vector each member reduces, which
-//! data shard each member trains on, and how bytes compare with plain data parallelism.
+//! Pure planning for a round: which slice of the parameter vector each member reduces, and
+//! how bytes compare with plain data parallelism. Data shards are the coordinator crate's
+//! decision (`assign_shards`).
 //!
 //! The reduction is sharded: member `i` of the round's sorted member list reduces slice `i`
 //! of every parameter group, so each member receives `n - 1` slices of size `P / n` and sends
@@ -12,16 +13,6 @@ use std::ops::Range;
 pub fn slice_ranges(len: usize, members: usize) -> Vec<Range<usize>> {
     let n = members.max(1);
     (0..n).map(|i| (i * len / n)..((i + 1) * len / n)).collect()
-}
-
-/// The data shard member `i` of `members` trains on in `round`: every member gets a different
-/// shard while there are enough, and the assignment walks through all shards over rounds.
-pub fn shard_for(round: u64, member: usize, members: usize, num_shards: u64) -> u64 {
-    let n = num_shards.max(1);
-    (round
-        .wrapping_mul(members as u64)
-        .wrapping_add(member as u64))
-        % n
 }
 
 /// Bytes plain data-parallel training would put on the wire for the same work: every inner
@@ -54,12 +45,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn shards_differ_within_a_round() {
-        let shards: Vec<u64> = (0..3).map(|m| shard_for(5, m, 3, 12)).collect();
-        assert_eq!(shards, vec![3, 4, 5]);
-        assert_ne!(shard_for(6, 0, 3, 12), shard_for(5, 0, 3, 12));
     }
 }

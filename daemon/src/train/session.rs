@@ -39,7 +39,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
 use super::manifest::ResolvedRun;
-use super::plan::{shard_for, slice_ranges};
+use super::plan::slice_ranges;
 use super::wire::{read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
 
@@ -608,12 +608,17 @@ impl TrainService {
                 }
             }
         });
-        let coord = tokio::spawn(run_coordinator(self.clone(), run.clone(), coord_rx));
+        let genesis = initial_root(&run)?;
+        let coord = tokio::spawn(run_coordinator(
+            self.clone(),
+            run.clone(),
+            genesis,
+            coord_rx,
+        ));
         let join = RunJoin {
             run_id: run_id.to_vec(),
             ..Default::default()
         };
-        let genesis = initial_root(&run)?;
         let res = self
             .replica(
                 run_id,
@@ -736,10 +741,11 @@ impl TrainService {
         let n = rep.num_params();
         let mut outer = OuterOptimizer::new(run.outer.lr, run.outer.momentum, n);
         let mut ef = ErrorFeedback::new(n);
+        let params = rep.flat_params()?;
         let mut committed = Snapshot {
             round: 0,
-            root: state_root(&run_id, &rep.flat_params()?, outer.velocity()),
-            params: rep.flat_params()?,
+            root: state_root(&run_id, &params, outer.velocity()),
+            params,
             velocity: outer.velocity().to_vec(),
         };
         self.publish(&committed);
@@ -986,11 +992,15 @@ impl TrainService {
         let Some(me) = members.iter().position(|p| *p == self.inner.local) else {
             return Ok(None);
         };
-        let shard = open
-            .shards
-            .get(me)
-            .copied()
-            .unwrap_or_else(|| shard_for(open.round, me, members.len(), data.num_shards()));
+        // Shards are the coordinator's decision (its placement planner); a round that names
+        // none for us is malformed, and we sit it out.
+        let Some(&shard) = open.shards.get(me) else {
+            tracing::warn!(
+                round = open.round,
+                "round names no data shard for this replica"
+            );
+            return Ok(None);
+        };
         self.set_status(|s| {
             s.round = open.round;
             s.state = format!("training on shard {shard}");
@@ -1276,6 +1286,7 @@ fn attach_control_stream(
 async fn run_coordinator(
     svc: TrainService,
     run: ResolvedRun,
+    genesis: [u8; 32],
     mut events: mpsc::Receiver<CoordEvent>,
 ) -> Result<(), TrainError> {
     let run_id = run.id();
@@ -1288,7 +1299,7 @@ async fn run_coordinator(
         num_shards: u32::try_from(run.data.shards).unwrap_or(u32::MAX),
         max_tokens_per_report: 1 << 40,
     };
-    let mut machine = RunMachine::new(config, Hash32(initial_root(&run)?))
+    let mut machine = RunMachine::new(config, Hash32(genesis))
         .map_err(|e| TrainError::Other(format!("run configuration: {e}")))?;
     let mut links: BTreeMap<PeerId, mpsc::Sender<TrainControl>> = BTreeMap::new();
     let mut source: PeerId = svc.inner.local;
