@@ -71,3 +71,19 @@ pub fn write_manifest(
     write_atomic(&dir.join(MANIFEST_FILE), &signed.encode()).map_err(|e| err(&e))?;
     Ok(root.to_hex())
 }
+
+/// Where a daemon keeps what it holds of runs, under its data directory.
+pub const RUNS_DIR: &str = "runs";
+
+/// The directory of run `run_id` under `data_dir`: `ledger/` (the signed manifests of every
+/// committed round, as the coordinator crate's [`potluck_coordinator::store::Ledger`] writes
+/// them), `checkpoints/<round>/` (committed checkpoints, pruned by retention) and `local/`
+/// (this replica's own state: error feedback, inner optimizer).
+pub fn run_dir(data_dir: &Path, run_id: &[u8; 32]) -> std::path::PathBuf {
+    data_dir.join(RUNS_DIR).join(hex::encode(run_id))
+}
+
+/// The ledger directory of a run directory.
+pub fn ledger_dir(run_dir: &Path) -> std::path::PathBuf {
+    run_dir.join(potluck_coordinator::store::LEDGER_DIR)
+}

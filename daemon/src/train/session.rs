@@ -231,6 +231,9 @@ struct Inner {
     events: broadcast::Sender<RunEvent>,
     limits: Limits,
     device: DeviceSpec,
+    /// The daemon's data directory: runs keep their checkpoints, ledger and local state
+    /// under `runs/<run id>/` in it.
+    data_dir: PathBuf,
 }
 
 /// The training service of one daemon. Cheap to clone.
@@ -253,6 +256,7 @@ impl TrainService {
         keypair: Keypair,
         mut control: libp2p_stream::Control,
         device: DeviceSpec,
+        data_dir: PathBuf,
     ) -> Result<Self, TrainError> {
         let mut tensors = control
             .accept(TENSOR_PROTOCOL)
@@ -280,6 +284,7 @@ impl TrainService {
                 events,
                 limits: Limits::default(),
                 device,
+                data_dir,
             }),
         };
         let s = svc.clone();
