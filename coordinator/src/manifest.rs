@@ -1061,7 +1061,10 @@ mod tests {
         // Names a directory could not hold, or the manifest's own, are refused.
         for bad in ["../x", "", MANIFEST_FILE] {
             let f = vec![(bad.to_string(), vec![1u8])];
-            assert!(CheckpointContent::from_files(&f, MIN_CHUNK_SIZE).is_err(), "{bad}");
+            assert!(
+                CheckpointContent::from_files(&f, MIN_CHUNK_SIZE).is_err(),
+                "{bad}"
+            );
         }
         let dup = vec![("a".to_string(), vec![1u8]), ("a".to_string(), vec![2u8])];
         assert!(CheckpointContent::from_files(&dup, MIN_CHUNK_SIZE).is_err());

@@ -166,18 +166,55 @@ async fn three_peers_end_every_round_on_the_same_root() {
     }
     // Every round was committed by a quorum of the three replicas (the coordinator commits
     // as soon as two agree; the third then finds it holds the same root).
-    let mut committed = 0;
+    let mut committed = Vec::new();
     while let Ok(ev) = events.try_recv() {
         if let RunEvent::Committed {
-            agreeing, members, ..
+            round,
+            root,
+            agreeing,
+            members,
+            ..
         } = ev
         {
             assert_eq!(members, 3);
             assert!(agreeing >= 2);
-            committed += 1;
+            committed.push((round, root));
         }
     }
-    assert_eq!(committed, 3);
+    assert_eq!(committed.len(), 3);
+    // The root each round committed is the content root of a signed checkpoint manifest in
+    // the coordinator's ledger, chained back to the genesis; every replica keeps a copy of
+    // the ledger and the newest checkpoints, which verify offline against it.
+    use potluck_coordinator::store::Ledger;
+    use potluck_daemon::train::checkpoint::{checkpoint_dir, ledger_dir, run_dir};
+    let ledgers: Vec<Vec<_>> = (0..3)
+        .map(|i| {
+            let rd = run_dir(&dir.path().join(format!("p{i}")), &run_id);
+            Ledger::read_entries(&ledger_dir(&rd)).unwrap()
+        })
+        .collect();
+    assert_eq!(ledgers[0].len(), 4, "genesis and three rounds");
+    assert_eq!(ledgers[1], ledgers[0]);
+    assert_eq!(ledgers[2], ledgers[0]);
+    for (round, root) in &committed {
+        let m = &ledgers[0][*round as usize];
+        assert_eq!(m.body().round, *round);
+        assert_eq!(m.body().root.0, *root);
+        assert_eq!(m.body().parent.unwrap().0, round - 1);
+    }
+    for i in 0..3 {
+        let rd = run_dir(&dir.path().join(format!("p{i}")), &run_id);
+        let v = potluck_coordinator::verify::verify_checkpoint_dir(
+            &checkpoint_dir(&rd, 3),
+            &potluck_coordinator::verify::VerifyOptions {
+                expected_run_id: None,
+                ledger_dir: Some(ledger_dir(&rd)),
+            },
+        )
+        .unwrap_or_else(|e| panic!("peer {i}'s round-3 checkpoint: {e}"));
+        assert_eq!(v.chain_len, 4);
+        assert_eq!(v.root.0, summary.root);
+    }
     // Data really moved between the peers, and the checkpoint verifies offline.
     let (sent, received) = nodes[1].train().traffic().totals();
     assert!(sent > 0 && received > 0);
@@ -187,6 +224,11 @@ async fn three_peers_end_every_round_on_the_same_root() {
     )
     .expect("checkpoint verifies");
     assert_eq!(Some(verified.root.to_hex()), summary.checkpoint_root);
+    assert_eq!(
+        verified.root.0, summary.root,
+        "the final checkpoint is the last commit"
+    );
+    assert_eq!(verified.round, 3);
     for n in nodes {
         n.shutdown().await;
     }

@@ -460,7 +460,10 @@ impl Replica {
         let here = Path::new(&weights_name);
         let weights = serialize_f32_tensors(here, &tensors)?;
         let json = self.meta_json(Path::new(CONFIG_FILE), step, &weights_name, None, 0)?;
-        Ok(vec![(weights_name, weights), (CONFIG_FILE.to_string(), json)])
+        Ok(vec![
+            (weights_name, weights),
+            (CONFIG_FILE.to_string(), json),
+        ])
     }
 
     /// Sets the step counter (the learning-rate schedule follows it): a replica that joins

@@ -107,7 +107,10 @@ fn in_memory_checkpoint_files_match_what_is_saved() {
     b.set_step(a.step());
     let mut from_b = b.checkpoint_files(&flat, a.step()).unwrap();
     from_b.sort();
-    assert_ne!(from_b, files, "the train config (seed) is part of config.json");
+    assert_ne!(
+        from_b, files,
+        "the train config (seed) is part of config.json"
+    );
     let mut same = Replica::new(&ModelConfig::tiny(), &train_cfg(), &DeviceSpec::Cpu).unwrap();
     same.set_flat_params(&flat).unwrap();
     let mut from_same = same.checkpoint_files(&flat, a.step()).unwrap();
