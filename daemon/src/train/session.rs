@@ -227,6 +227,8 @@ pub struct RunSummary {
     pub total_steps: u64,
     /// Content root of the checkpoint written to the output dir, when one was asked for.
     pub checkpoint_root: Option<String>,
+    /// The round of the local state this replica resumed from after a restart, if any.
+    pub resumed_from: Option<u64>,
 }
 
 /// A frame that arrived, with the peer it came from.
@@ -834,6 +836,26 @@ impl TrainService {
         } else {
             self.replica_ledger(&run_dir, &signed_run, &welcome.head_manifest)
         };
+        // A restarted replica resumes with its own inner optimizer and error feedback.
+        let local_dir = run_dir.join(LOCAL_DIR);
+        let mut resumed_from = None;
+        match load_local(&local_dir, &run, &self.inner.device) {
+            Ok(Some((r, e, snap))) => {
+                tracing::info!(
+                    round = snap.round,
+                    "resuming from this replica's saved state"
+                );
+                rep = r;
+                ef = e;
+                resumed_from = Some(snap.round);
+                committed = Arc::new(snap);
+                self.publish(&committed);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "this replica's saved state is unusable; starting afresh")
+            }
+        }
         let mut last_manifest: Option<SignedManifest> =
             SignedManifest::decode(&welcome.head_manifest).ok();
         let mut pending: Option<Arc<Snapshot>> = None;
@@ -936,6 +958,13 @@ impl TrainService {
                                     "could not keep the committed checkpoint"
                                 ),
                             }
+                            if let Err(e) = save_local(&local_dir, &rep, &committed, &ef, &run) {
+                                tracing::warn!(
+                                    round = c.round,
+                                    error = %e,
+                                    "could not save this replica's state for a restart"
+                                );
+                            }
                         } else {
                             tracing::warn!(
                                 round = c.round,
@@ -996,6 +1025,7 @@ impl TrainService {
                         num_params: n,
                         total_steps: rep.step(),
                         checkpoint_root,
+                        resumed_from,
                     });
                 }
                 Some(Msg::Refused(r)) => return Err(TrainError::Refused(r.reason)),
@@ -1466,6 +1496,110 @@ impl TrainService {
         self.set_status(|s| s.state = "waiting for the commit".into());
         Ok(Some((report, snap)))
     }
+}
+
+/// The folder of a run directory with this replica's own state.
+const LOCAL_DIR: &str = "local";
+const LOCAL_REPLICA: &str = "replica";
+const LOCAL_EF: &str = "error-feedback.bin";
+const LOCAL_OUTER: &str = "outer.bin";
+
+/// Saves what a replica needs to resume after a restart, at a commit it holds: its worker
+/// checkpoint with the inner optimizer's moments, its error feedback, and the committed
+/// outer momentum. Each save is a new directory `local/<round>` renamed into place, then the
+/// older ones are removed, so a crash leaves the previous save intact.
+fn save_local(
+    dir: &std::path::Path,
+    rep: &Replica,
+    committed: &Snapshot,
+    ef: &ErrorFeedback,
+    run: &ResolvedRun,
+) -> Result<(), TrainError> {
+    let name = format!("{:020}", committed.round);
+    let tmp = dir.join(format!(".{name}.partial"));
+    let io =
+        |p: &std::path::Path, e: std::io::Error| TrainError::Other(format!("{}: {e}", p.display()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    rep.save_checkpoint(&tmp.join(LOCAL_REPLICA), true)?;
+    let store = |f: &str, b: &[u8]| {
+        potluck_coordinator::store::write_atomic(&tmp.join(f), b)
+            .map_err(|e| TrainError::Other(format!("saving local state: {e}")))
+    };
+    store(LOCAL_EF, &ef.to_bytes())?;
+    let outer =
+        OuterOptimizer::with_velocity(run.outer.lr, run.outer.momentum, committed.velocity.clone());
+    store(LOCAL_OUTER, &outer.to_bytes())?;
+    let dest = dir.join(&name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| io(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))?;
+    for e in std::fs::read_dir(dir).map_err(|e| io(dir, e))?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n != name && !n.starts_with('.') {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// Loads the newest save of [`save_local`], if there is one for this run's settings.
+/// Returns the replica (weights, inner optimizer, step), its error feedback, and the state
+/// it held, named by its root.
+fn load_local(
+    dir: &std::path::Path,
+    run: &ResolvedRun,
+    device: &DeviceSpec,
+) -> Result<Option<(Replica, ErrorFeedback, Snapshot)>, TrainError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let newest = entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let round = n.parse::<u64>().ok().filter(|_| n.len() == 20)?;
+            Some((round, e.path()))
+        })
+        .max();
+    let Some((round, path)) = newest else {
+        return Ok(None);
+    };
+    let rep = Replica::load_checkpoint(&path.join(LOCAL_REPLICA), device)?;
+    if rep.model_config() != &run.model || rep.train_config() != &run.inner {
+        return Err(TrainError::Other(format!(
+            "{} was saved with other model or training settings",
+            path.display()
+        )));
+    }
+    let n = rep.num_params();
+    let limit = (n as u64) * 16 + (1 << 20);
+    let read = |f: &str| -> Result<Vec<u8>, TrainError> {
+        let p = path.join(f);
+        let len = std::fs::metadata(&p)
+            .map_err(|e| TrainError::Other(format!("{}: {e}", p.display())))?
+            .len();
+        if len > limit {
+            return Err(TrainError::Other(format!("{} is too large", p.display())));
+        }
+        std::fs::read(&p).map_err(|e| TrainError::Other(format!("{}: {e}", p.display())))
+    };
+    let ef = ErrorFeedback::from_bytes(&read(LOCAL_EF)?, n)?;
+    let outer = OuterOptimizer::from_bytes(&read(LOCAL_OUTER)?, n)?;
+    let snap = Snapshot::new(
+        &rep,
+        run,
+        round,
+        rep.flat_params()?,
+        outer.velocity().to_vec(),
+    )?;
+    Ok(Some((rep, ef, snap)))
 }
 
 /// Hooks a coordinator up to an inbound control stream.
@@ -1956,6 +2090,43 @@ mod tests {
         let (avg, used) = reduce_slice(&only_bad, 3, &mut Vec::new());
         assert_eq!(avg, vec![0.0; 3]);
         assert!(used.is_empty());
+    }
+
+    #[test]
+    fn local_state_round_trips_and_refuses_damage() {
+        use super::super::manifest::{DEMO_MANIFEST, RunManifest};
+        let run = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join(LOCAL_DIR);
+        assert!(load_local(&dir, &run, &DeviceSpec::Cpu).unwrap().is_none());
+        let mut rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu).unwrap();
+        rep.set_step(checkpoint::swarm_step(&run, 2));
+        let n = rep.num_params();
+        let velocity: Vec<f32> = (0..n).map(|i| i as f32 * 1e-6).collect();
+        let snap = Snapshot::new(&rep, &run, 2, rep.flat_params().unwrap(), velocity).unwrap();
+        let mut ef = ErrorFeedback::new(n);
+        let delta: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 - 3.0) * 1e-3).collect();
+        ef.compress_slices(Codec::INT8, &delta, &[0..n]).unwrap();
+        save_local(&dir, &rep, &snap, &ef, &run).unwrap();
+        // A later save replaces the earlier one.
+        save_local(&dir, &rep, &snap, &ef, &run).unwrap();
+        let (back, back_ef, back_snap) = load_local(&dir, &run, &DeviceSpec::Cpu).unwrap().unwrap();
+        assert_eq!(back_snap.root, snap.root);
+        assert_eq!(back_snap.round, 2);
+        assert_eq!(back.step(), rep.step());
+        assert_eq!(back_ef.to_bytes(), ef.to_bytes());
+        // A damaged file is an error, never a panic or a silently fresh state.
+        let ef_file = dir.join(format!("{:020}", 2)).join(LOCAL_EF);
+        std::fs::write(&ef_file, b"garbage").unwrap();
+        assert!(load_local(&dir, &run, &DeviceSpec::Cpu).is_err());
+        // State saved under other settings is refused.
+        save_local(&dir, &rep, &snap, &ef, &run).unwrap();
+        let mut other = run.clone();
+        other.inner.lr *= 2.0;
+        assert!(load_local(&dir, &other, &DeviceSpec::Cpu).is_err());
     }
 
     #[test]
