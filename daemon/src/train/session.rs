@@ -2109,7 +2109,7 @@ mod tests {
         let snap = Snapshot::new(&rep, &run, 2, rep.flat_params().unwrap(), velocity).unwrap();
         let mut ef = ErrorFeedback::new(n);
         let delta: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 - 3.0) * 1e-3).collect();
-        ef.compress_slices(Codec::INT8, &delta, &[0..n]).unwrap();
+        ef.compress(Codec::INT8, &delta).unwrap();
         save_local(&dir, &rep, &snap, &ef, &run).unwrap();
         // A later save replaces the earlier one.
         save_local(&dir, &rep, &snap, &ef, &run).unwrap();
