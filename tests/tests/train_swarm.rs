@@ -451,3 +451,162 @@ async fn a_restarted_peer_resumes_from_its_own_state() {
         n.shutdown().await;
     }
 }
+
+/// Kills the coordinator once round 2 is committed and returns it (shut down).
+async fn kill_after_round_2(
+    mut events: tokio::sync::broadcast::Receiver<RunEvent>,
+    victim: Node,
+) -> bool {
+    while let Ok(ev) = events.recv().await {
+        if let RunEvent::Committed { round: 2, .. } = ev {
+            victim.shutdown().await;
+            return true;
+        }
+    }
+    false
+}
+
+/// The ledger a daemon keeps of `run_id`, verified link by link from the genesis.
+fn verified_ledger(
+    data_dir: &std::path::Path,
+    run_id: &[u8; 32],
+) -> Vec<potluck_coordinator::manifest::SignedManifest> {
+    use potluck_daemon::train::checkpoint::{ledger_dir, run_dir};
+    let rd = run_dir(data_dir, run_id);
+    let entries = potluck_coordinator::store::Ledger::read_entries(&ledger_dir(&rd)).unwrap();
+    let run = potluck_coordinator::failover::SignedRunManifest::decode(
+        &std::fs::read(rd.join(potluck_coordinator::manifest::RUN_FILE)).unwrap(),
+    )
+    .unwrap();
+    potluck_coordinator::verify::verify_chain(&run, &entries).unwrap();
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_coordinator_continues_the_run_from_its_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start(3, dir.path()).await;
+    let run = run_with(|m| {
+        m.rounds = Some(5);
+        m.min_peers = Some(2);
+        m.round_deadline_secs = Some(20);
+    });
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let replicas: Vec<_> = nodes
+        .iter()
+        .skip(1)
+        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
+        .collect();
+    let first = nodes.remove(0);
+    let first_addr: Multiaddr = {
+        let a = listen_addr(&first).await;
+        a.into_iter()
+            .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+            .collect()
+    };
+    let events = first.train().subscribe();
+    let svc = first.train();
+    let first_life = tokio::spawn({
+        let run = run.clone();
+        async move { svc.coordinate(run, None).await }
+    });
+    assert!(kill_after_round_2(events, first).await);
+    assert!(
+        first_life.await.unwrap().is_err(),
+        "the first life was cut short"
+    );
+    // The coordinator comes back on the same data dir and address, and is asked to run the
+    // same run.
+    let cfg = Config {
+        data_dir: dir.path().join("p0"),
+        listen: vec![first_addr],
+        mdns: false,
+        bootstrap: vec![listen_addr(&nodes[0]).await],
+        ..Config::default()
+    };
+    // In one process the old endpoint may hold the port a little longer than a dead
+    // process would.
+    let mut again = None;
+    for _ in 0..100 {
+        match Node::start(cfg.clone()).await {
+            Ok(n) => {
+                again = Some(n);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let again = again.expect("the coordinator restarted on its address");
+    assert_eq!(again.client().local_peer_id(), coordinator);
+    let summary = tokio::time::timeout(
+        Duration::from_secs(300),
+        again.train().coordinate(run, None),
+    )
+    .await
+    .expect("run finished in time")
+    .expect("run continued");
+    assert_eq!(summary.rounds, 5);
+    for r in replicas {
+        let s = r.await.unwrap().expect("the replica rejoined and finished");
+        assert_eq!(s.root, summary.root);
+    }
+    let ledger = verified_ledger(&dir.path().join("p0"), &run_id);
+    assert_eq!(ledger.last().unwrap().body().root.0, summary.root);
+    assert!(ledger.iter().any(|m| m.body().round == 2));
+    again.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_successor_takes_over_when_the_coordinator_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start(3, dir.path()).await;
+    let run = run_with(|m| {
+        m.rounds = Some(5);
+        m.min_peers = Some(2);
+        m.round_deadline_secs = Some(20);
+    });
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let successor = nodes[1].client().local_peer_id();
+    let replicas: Vec<_> = nodes
+        .iter()
+        .skip(1)
+        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
+        .collect();
+    let first = nodes.remove(0);
+    let events = first.train().subscribe();
+    let svc = first.train();
+    let doomed = tokio::spawn(async move { svc.coordinate_with(run, None, vec![successor]).await });
+    assert!(kill_after_round_2(events, first).await);
+    assert!(doomed.await.unwrap().is_err());
+    // The successor (a replica until now) and the other replica finish the run together.
+    let mut roots = Vec::new();
+    for r in replicas {
+        let s = tokio::time::timeout(Duration::from_secs(300), r)
+            .await
+            .expect("finished in time")
+            .unwrap()
+            .expect("finished the run after the failover");
+        assert_eq!(s.rounds, 5);
+        roots.push(s.root);
+    }
+    assert_eq!(roots[0], roots[1]);
+    // The successor's ledger continues the dead coordinator's: rounds up to 2 signed by it,
+    // later ones by the successor, one chain.
+    let ledger = verified_ledger(&dir.path().join("p1"), &run_id);
+    assert_eq!(ledger.last().unwrap().body().root.0, roots[0]);
+    let keys: std::collections::BTreeSet<[u8; 32]> =
+        ledger.iter().map(|m| m.body().coordinator_key).collect();
+    assert_eq!(
+        keys.len(),
+        2,
+        "signed by the coordinator, then by its successor"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -73,18 +73,25 @@ pub fn content_of(files: &[(String, Vec<u8>)]) -> Result<CheckpointContent, Trai
 }
 
 /// The signed run manifest: the run's settings (its canonical encoding), its genesis root,
-/// and this daemon's key as the coordinator's.
+/// and this daemon's key as the coordinator's, followed by its successors' keys.
 pub fn signed_run(
     run: &ResolvedRun,
     genesis_root: Hash32,
     keypair: &Keypair,
+    successors: Vec<[u8; 32]>,
 ) -> Result<SignedRunManifest, TrainError> {
     let sk = secret_key(keypair)?;
+    let mut keys = vec![potluck_coordinator::manifest::public_key(&sk)];
+    for k in successors {
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
     SignedRunManifest::create(
         SignedRunBody {
             name: run.name.clone(),
             genesis_root,
-            coordinator_keys: vec![potluck_coordinator::manifest::public_key(&sk)],
+            coordinator_keys: keys,
             settings: run.canonical_bytes(),
         },
         &sk,

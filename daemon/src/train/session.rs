@@ -271,6 +271,20 @@ struct Inner {
     /// The daemon's data directory: runs keep their checkpoints, ledger and local state
     /// under `runs/<run id>/` in it.
     data_dir: PathBuf,
+    /// What a replica knows of the run it is in, for finding the run's coordinator again
+    /// when the one it followed goes away.
+    context: Mutex<Option<RunContext>>,
+}
+
+/// A replica's view of its run, kept for failover.
+#[derive(Clone, Debug)]
+struct RunContext {
+    run: ResolvedRun,
+    signed_run: SignedRunManifest,
+    /// The highest round number this replica saw opened.
+    highest_round: u64,
+    /// Whether a coordinator welcomed this replica since the flag was last cleared.
+    welcomed: bool,
 }
 
 /// The training service of one daemon. Cheap to clone.
@@ -322,6 +336,7 @@ impl TrainService {
                 limits: Limits::default(),
                 device,
                 data_dir,
+                context: Mutex::new(None),
             }),
         };
         let s = svc.clone();
@@ -607,36 +622,88 @@ impl TrainService {
 
     /// Starts a run with this daemon as its coordinator and one of its replicas, and drives
     /// it to the end. Other peers join with [`TrainService::join`], using the id of the run
-    /// with its data pinned ([`ResolvedRun::pin_data`]).
+    /// with its data pinned ([`ResolvedRun::pin_data`]). A run whose ledger this daemon
+    /// already holds (it coordinated it before a restart) continues from its last commit.
     pub async fn coordinate(
         &self,
         run: ResolvedRun,
         out: Option<PathBuf>,
     ) -> Result<RunSummary, TrainError> {
-        let (coord_tx, coord_rx) = mpsc::channel(1024);
-        {
-            let mut g = self
-                .inner
-                .coord_tx
-                .lock()
-                .map_err(|_| TrainError::Other("poisoned".into()))?;
-            if g.is_some() {
-                return Err(TrainError::Busy);
+        self.coordinate_with(run, out, Vec::new()).await
+    }
+
+    /// [`Self::coordinate`], naming `successors`: peers that take the run over, in this
+    /// order, when this daemon disappears. They are part of the signed run manifest.
+    pub async fn coordinate_with(
+        &self,
+        run: ResolvedRun,
+        out: Option<PathBuf>,
+        successors: Vec<PeerId>,
+    ) -> Result<RunSummary, TrainError> {
+        let (coord_tx, coord_rx) = self.claim_coordinator()?;
+        let opened = run
+            .pin_data()
+            .map_err(TrainError::from)
+            .and_then(|run| Ok((self.open_ledger(&run, &successors)?, run)));
+        let ((ledger, machine), run) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                self.release_coordinator();
+                return Err(e);
             }
-            *g = Some(coord_tx.clone());
+        };
+        self.drive(run, ledger, machine, out, coord_tx, coord_rx)
+            .await
+    }
+
+    fn claim_coordinator(
+        &self,
+    ) -> Result<(mpsc::Sender<CoordEvent>, mpsc::Receiver<CoordEvent>), TrainError> {
+        let (coord_tx, coord_rx) = mpsc::channel(1024);
+        let mut g = self
+            .inner
+            .coord_tx
+            .lock()
+            .map_err(|_| TrainError::Other("poisoned".into()))?;
+        if g.is_some() {
+            return Err(TrainError::Busy);
         }
-        let run = run.pin_data()?;
+        *g = Some(coord_tx.clone());
+        Ok((coord_tx, coord_rx))
+    }
+
+    fn release_coordinator(&self) {
+        if let Ok(mut g) = self.inner.coord_tx.lock() {
+            *g = None;
+        }
+    }
+
+    /// Runs the coordinator loop on `machine` and this daemon's own replica until the run
+    /// ends.
+    async fn drive(
+        &self,
+        run: ResolvedRun,
+        ledger: Ledger,
+        machine: RunMachine,
+        out: Option<PathBuf>,
+        coord_tx: mpsc::Sender<CoordEvent>,
+        coord_rx: mpsc::Receiver<CoordEvent>,
+    ) -> Result<RunSummary, TrainError> {
         let run_id = run.id();
         // The local replica talks to the coordinator through channels instead of a stream.
         let (to_replica_tx, to_replica_rx) = mpsc::channel(64);
         let local = self.inner.local;
-        coord_tx
+        if coord_tx
             .send(CoordEvent::Connected {
                 peer: local,
                 tx: to_replica_tx,
             })
             .await
-            .map_err(|_| TrainError::Other("coordinator stopped".into()))?;
+            .is_err()
+        {
+            self.release_coordinator();
+            return Err(TrainError::Other("coordinator stopped".into()));
+        }
         let (from_replica_tx, mut from_replica_rx) = mpsc::channel::<Msg>(64);
         let fwd = coord_tx.clone();
         tokio::spawn(async move {
@@ -650,16 +717,13 @@ impl TrainService {
                 }
             }
         });
-        let ledger = match self.open_ledger(&run) {
-            Ok(l) => l,
-            Err(e) => {
-                if let Ok(mut g) = self.inner.coord_tx.lock() {
-                    *g = None;
-                }
-                return Err(e);
-            }
-        };
-        let coord = tokio::spawn(run_coordinator(self.clone(), run.clone(), ledger, coord_rx));
+        let coord = tokio::spawn(run_coordinator(
+            self.clone(),
+            run.clone(),
+            ledger,
+            machine,
+            coord_rx,
+        ));
         let join = RunJoin {
             run_id: run_id.to_vec(),
             ..Default::default()
@@ -674,51 +738,230 @@ impl TrainService {
                 out.clone(),
             )
             .await;
-        let coord_res = coord.await;
-        if let Ok(mut g) = self.inner.coord_tx.lock() {
-            *g = None;
+        if matches!(res, Err(TrainError::ShuttingDown)) {
+            coord.abort();
         }
+        let coord_res = coord.await;
+        self.release_coordinator();
         if let Ok(Err(e)) = coord_res {
             tracing::warn!(error = %e, "coordinator ended with an error");
         }
         res
     }
 
-    /// Opens the ledger of a run this daemon starts coordinating, with its genesis checkpoint
-    /// (round 0) as the first entry.
-    fn open_ledger(&self, run: &ResolvedRun) -> Result<Ledger, TrainError> {
+    /// Opens the ledger of a run this daemon coordinates. A new run's ledger starts with its
+    /// genesis checkpoint (round 0); a run this daemon coordinated before a restart
+    /// continues from its last commit, under the signed run manifest it started with.
+    fn open_ledger(
+        &self,
+        run: &ResolvedRun,
+        successors: &[PeerId],
+    ) -> Result<(Ledger, RunMachine), TrainError> {
+        let run_dir = checkpoint::run_dir(&self.inner.data_dir, &run.id());
+        let dir = checkpoint::ledger_dir(&run_dir);
+        let config = run_config(run);
+        let run_file = run_dir.join(potluck_coordinator::manifest::RUN_FILE);
+        let ledger_err = |e: &dyn std::fmt::Display| {
+            TrainError::Other(format!("the run's ledger in {}: {e}", dir.display()))
+        };
+        if let Ok(bytes) = std::fs::read(&run_file)
+            && !Ledger::read_entries(&dir).unwrap_or_default().is_empty()
+        {
+            let signed_run = SignedRunManifest::decode(&bytes).map_err(|e| ledger_err(&e))?;
+            if signed_run.body().settings != run.canonical_bytes() {
+                return Err(ledger_err(&"it belongs to other run settings"));
+            }
+            let ledger = Ledger::open(&dir, signed_run).map_err(|e| ledger_err(&e))?;
+            let head = ledger
+                .head()
+                .ok_or_else(|| ledger_err(&"it is empty"))?
+                .clone();
+            let opened = read_opened_round(&run_dir);
+            tracing::info!(
+                round = head.body().round,
+                "continuing the run from its ledger's last commit"
+            );
+            let machine = RunMachine::from_head(
+                config,
+                potluck_coordinator::failover::commit_of(&head),
+                opened.max(head.body().round) + 1,
+            )
+            .map_err(|e| TrainError::Other(format!("run configuration: {e}")))?;
+            return Ok((ledger, machine));
+        }
         let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?;
         let n = rep.num_params();
         let genesis = Snapshot::new(&rep, run, 0, rep.flat_params()?, vec![0.0; n])?;
-        let signed_run = checkpoint::signed_run(run, Hash32(genesis.root), &self.inner.keypair)?;
-        let dir = checkpoint::ledger_dir(&checkpoint::run_dir(&self.inner.data_dir, &run.id()));
-        let mut ledger = Ledger::open(&dir, signed_run.clone())
-            .map_err(|e| TrainError::Other(format!("opening the run's ledger: {e}")))?;
-        if let Some(head) = ledger.head() {
-            return Err(TrainError::Other(format!(
-                "run {} already has a ledger in {} (last commit: round {}); a coordinator cannot \
-                 resume a run yet: remove that directory to start the run over",
-                hex::encode(run.id()),
-                dir.display(),
-                head.body().round
-            )));
+        let mut keys = Vec::with_capacity(successors.len());
+        for p in successors {
+            keys.push(ed25519_key(p).ok_or_else(|| {
+                TrainError::Other(format!("successor {p} has no ed25519 identity"))
+            })?);
         }
-        let m = checkpoint::sign_round(
-            &signed_run,
-            0,
-            None,
-            genesis.content.clone(),
-            Vec::new(),
-            &self.inner.keypair,
-        )?;
-        ledger
-            .append(m)
-            .map_err(|e| TrainError::Other(format!("writing the run's ledger: {e}")))?;
-        Ok(ledger)
+        let signed_run =
+            checkpoint::signed_run(run, Hash32(genesis.root), &self.inner.keypair, keys)?;
+        std::fs::create_dir_all(&run_dir).map_err(|e| ledger_err(&e))?;
+        potluck_coordinator::store::write_atomic(&run_file, &signed_run.encode())
+            .map_err(|e| ledger_err(&e))?;
+        let mut ledger = Ledger::open(&dir, signed_run.clone()).map_err(|e| ledger_err(&e))?;
+        if ledger.head().is_none() {
+            let m = checkpoint::sign_round(
+                &signed_run,
+                0,
+                None,
+                genesis.content.clone(),
+                Vec::new(),
+                &self.inner.keypair,
+            )?;
+            ledger.append(m).map_err(|e| ledger_err(&e))?;
+        }
+        let machine = RunMachine::new(config, Hash32(genesis.root))
+            .map_err(|e| TrainError::Other(format!("run configuration: {e}")))?;
+        Ok((ledger, machine))
+    }
+
+    /// Takes the run over as its next coordinator (its coordinator is gone and this daemon
+    /// comes next in the signed succession), from this replica's copy of the ledger.
+    async fn take_over_run(
+        &self,
+        ctx: RunContext,
+        gone: &BTreeSet<PeerId>,
+        out: Option<PathBuf>,
+    ) -> Result<RunSummary, TrainError> {
+        let run_dir = checkpoint::run_dir(&self.inner.data_dir, &ctx.run.id());
+        let ledger = Ledger::open(&checkpoint::ledger_dir(&run_dir), ctx.signed_run.clone())
+            .map_err(|e| TrainError::Other(format!("this replica's ledger copy: {e}")))?;
+        let head = ledger
+            .head()
+            .cloned()
+            .ok_or_else(|| TrainError::Other("this replica holds no ledger copy".into()))?;
+        let gone_keys: Vec<[u8; 32]> = gone.iter().filter_map(ed25519_key).collect();
+        let my_key = ed25519_key(&self.inner.local)
+            .ok_or_else(|| TrainError::Other("this daemon has no ed25519 identity".into()))?;
+        let machine = potluck_coordinator::failover::take_over(
+            &ctx.signed_run,
+            &my_key,
+            |k| !gone_keys.contains(k),
+            &head,
+            ctx.highest_round,
+            run_config(&ctx.run),
+        )
+        .map_err(|e| TrainError::Other(format!("taking the run over: {e}")))?;
+        potluck_coordinator::store::write_atomic(
+            &run_dir.join(potluck_coordinator::manifest::RUN_FILE),
+            &ctx.signed_run.encode(),
+        )
+        .map_err(|e| TrainError::Other(format!("saving the run manifest: {e}")))?;
+        tracing::warn!(
+            round = head.body().round,
+            "the run's coordinator is gone; this daemon takes the run over"
+        );
+        let (tx, rx) = self.claim_coordinator()?;
+        self.drive(ctx.run, ledger, machine, out, tx, rx).await
     }
 
     /// Joins the run `run_id` coordinated by `coordinator` and trains until it finishes.
+    /// When the coordinator goes away mid-run, the replica finds the run's coordinator again
+    /// in the order of the signed succession (the same coordinator restarted, or the next
+    /// live successor, which may be this daemon), and rejoins it with its saved state.
     pub async fn join(
+        &self,
+        coordinator: PeerId,
+        run_id: [u8; 32],
+        out: Option<PathBuf>,
+    ) -> Result<RunSummary, TrainError> {
+        if let Ok(mut g) = self.inner.context.lock() {
+            *g = None;
+        }
+        match self.join_once(coordinator, run_id, out.clone()).await {
+            Err(TrainError::CoordinatorGone) => {}
+            other => return other,
+        }
+        let Some(ctx) = self.context(&run_id) else {
+            return Err(TrainError::CoordinatorGone);
+        };
+        self.find_coordinator(ctx, coordinator, out).await
+    }
+
+    fn context(&self, run_id: &[u8; 32]) -> Option<RunContext> {
+        self.inner
+            .context
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .filter(|c| c.run.id() == *run_id)
+    }
+
+    /// After the coordinator `lost` went away: tries the signed succession in order until
+    /// one coordinates the run again, for up to three round deadlines. A candidate that
+    /// cannot be reached is passed over; when this daemon is the first reachable one, it
+    /// takes the run over.
+    async fn find_coordinator(
+        &self,
+        ctx: RunContext,
+        lost: PeerId,
+        out: Option<PathBuf>,
+    ) -> Result<RunSummary, TrainError> {
+        let run_id = ctx.run.id();
+        let order: Vec<PeerId> = ctx
+            .signed_run
+            .body()
+            .coordinator_keys
+            .iter()
+            .filter_map(peer_of_key)
+            .collect();
+        let give_up = Instant::now() + Duration::from_secs(ctx.run.round_deadline_secs.max(10) * 3);
+        let mut gone: BTreeSet<PeerId> = BTreeSet::new();
+        let mut last = TrainError::CoordinatorGone;
+        tracing::warn!(coordinator = %lost, "lost the run's coordinator; looking for it again");
+        while Instant::now() < give_up {
+            if self.inner.cancel.is_cancelled() {
+                return Err(TrainError::ShuttingDown);
+            }
+            let candidates: Vec<PeerId> = order
+                .iter()
+                .filter(|p| !gone.contains(*p))
+                .copied()
+                .collect();
+            for cand in &candidates {
+                if *cand == self.inner.local {
+                    let ctx = self.context(&run_id).unwrap_or_else(|| ctx.clone());
+                    return self.take_over_run(ctx, &gone, out).await;
+                }
+                if let Ok(mut g) = self.inner.context.lock()
+                    && let Some(c) = g.as_mut()
+                {
+                    c.welcomed = false;
+                }
+                match self.join_once(*cand, run_id, out.clone()).await {
+                    Ok(s) => return Ok(s),
+                    Err(TrainError::Unreachable(p, why)) => {
+                        tracing::info!(peer = %p, why, "candidate coordinator unreachable");
+                        gone.insert(p);
+                        last = TrainError::Unreachable(p, why);
+                    }
+                    Err(e @ (TrainError::ShuttingDown | TrainError::Worker(_))) => return Err(e),
+                    Err(e) => {
+                        // Reached but not coordinating (yet), or it died after welcoming us.
+                        let welcomed = self.context(&run_id).is_some_and(|c| c.welcomed);
+                        if welcomed {
+                            gone.insert(*cand);
+                        }
+                        last = e;
+                        break;
+                    }
+                }
+            }
+            if order.iter().all(|p| gone.contains(p)) {
+                // Everyone failed once: the coordinator may be restarting; try them all again.
+                gone.clear();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(last)
+    }
+
+    async fn join_once(
         &self,
         coordinator: PeerId,
         run_id: [u8; 32],
@@ -749,7 +992,11 @@ impl TrainService {
         tokio::spawn(async move {
             // No deadline here: the stream is long-lived, and the replica puts its own
             // deadlines on what it waits for.
-            while let Ok(Some((msg, n))) = read_control(&mut rd).await {
+            // Ends with the daemon too, so the stream (and its connection) is released.
+            let cancel = svc.inner.cancel.clone();
+            while let Some(Ok(Some((msg, n)))) =
+                cancel.run_until_cancelled(read_control(&mut rd)).await
+            {
                 svc.inner.traffic.add(coordinator, 0, n);
                 if down_tx.send(msg).await.is_err() {
                     break;
@@ -806,6 +1053,15 @@ impl TrainService {
             return Err(TrainError::Other(
                 "the coordinator's signed run manifest is not the run it admitted us to".into(),
             ));
+        }
+        if let Ok(mut g) = self.inner.context.lock() {
+            let highest = g.as_ref().map(|c| c.highest_round).unwrap_or(0);
+            *g = Some(RunContext {
+                run: run.clone(),
+                signed_run: signed_run.clone(),
+                highest_round: highest.max(welcome.committed_round),
+                welcomed: true,
+            });
         }
         let (data, _) = run.load_data()?;
         let data = Arc::new(data);
@@ -879,6 +1135,11 @@ impl TrainService {
             match m.msg {
                 Some(Msg::Open(open)) => {
                     let opened_at = Instant::now();
+                    if let Ok(mut g) = self.inner.context.lock()
+                        && let Some(c) = g.as_mut()
+                    {
+                        c.highest_round = c.highest_round.max(open.round);
+                    }
                     // Roll back or fetch until we hold the round's base state.
                     if let Some(p) = pending.take()
                         && p.root.as_slice() == open.base_root.as_slice()
@@ -1142,6 +1403,11 @@ impl TrainService {
         run_dir: &std::path::Path,
         ledger: &mut Option<Ledger>,
     ) -> Result<SignedManifest, TrainError> {
+        if manifest.is_empty() {
+            return Err(TrainError::Other(
+                "the coordinator sent no manifest with this commit".into(),
+            ));
+        }
         let m = SignedManifest::decode(manifest)
             .map_err(|e| TrainError::Other(format!("the commit's manifest: {e}")))?;
         if m.body().round != committed.round || m.body().root.0 != committed.root {
@@ -1631,8 +1897,12 @@ fn attach_control_stream(
         {
             return;
         }
+        let cancel = s.inner.cancel.clone();
         loop {
-            match read_control(&mut rd).await {
+            let Some(read) = cancel.run_until_cancelled(read_control(&mut rd)).await else {
+                break;
+            };
+            match read {
                 Ok(Some((m, n))) => {
                     s.inner.traffic.add(peer, 0, n);
                     if let Some(msg) = m.msg
@@ -1659,24 +1929,15 @@ async fn run_coordinator(
     svc: TrainService,
     run: ResolvedRun,
     mut ledger: Ledger,
+    mut machine: RunMachine,
     mut events: mpsc::Receiver<CoordEvent>,
 ) -> Result<(), TrainError> {
     let run_id = run.id();
-    let genesis = ledger.run().body().genesis_root.0;
+    let run_dir = checkpoint::run_dir(&svc.inner.data_dir, &run_id);
     let signed_run_bytes = ledger.run().encode();
     // A CPU replica to hash a committed state fetched from a peer, made when first needed.
     let mut hasher: Option<Replica> = None;
     let manifest = run.canonical_bytes();
-    let config = RunConfig {
-        run_id: Hash32(run_id),
-        min_participants: run.min_peers,
-        max_members: MAX_MEMBERS,
-        round_duration_ms: run.round_deadline_secs * 1000,
-        num_shards: u32::try_from(run.data.shards).unwrap_or(u32::MAX),
-        max_tokens_per_report: 1 << 40,
-    };
-    let mut machine = RunMachine::new(config, Hash32(genesis))
-        .map_err(|e| TrainError::Other(format!("run configuration: {e}")))?;
     let mut links: BTreeMap<PeerId, mpsc::Sender<TrainControl>> = BTreeMap::new();
     let mut source: PeerId = svc.inner.local;
     let mut reports: BTreeMap<PeerId, TrainReport> = BTreeMap::new();
@@ -1714,6 +1975,12 @@ async fn run_coordinator(
                     }
                     reports.clear();
                     started = true;
+                    if let Err(e) = potluck_coordinator::store::write_atomic(
+                        &run_dir.join(OPENED_ROUND_FILE),
+                        plan.round.to_string().as_bytes(),
+                    ) {
+                        tracing::warn!(error = %e, "could not record the opened round");
+                    }
                     let members: Vec<PeerId> = plan
                         .assignment
                         .iter()
@@ -1820,7 +2087,11 @@ async fn run_coordinator(
             .poll_timeout()
             .map(|t| Duration::from_millis(t.saturating_sub(unix_ms())))
             .unwrap_or(idle_limit);
-        let ev = match tokio::time::timeout(timeout, events.recv()).await {
+        let next = tokio::select! {
+            r = tokio::time::timeout(timeout, events.recv()) => r,
+            _ = svc.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
+        };
+        let ev = match next {
             Ok(Some(ev)) => ev,
             Ok(None) => return Ok(()),
             Err(_) => {
@@ -1926,6 +2197,45 @@ fn finish(
         root: head.root.0,
     });
     Ok(())
+}
+
+/// The coordinator crate's settings of a run.
+fn run_config(run: &ResolvedRun) -> RunConfig {
+    RunConfig {
+        run_id: Hash32(run.id()),
+        min_participants: run.min_peers,
+        max_members: MAX_MEMBERS,
+        round_duration_ms: run.round_deadline_secs * 1000,
+        num_shards: u32::try_from(run.data.shards).unwrap_or(u32::MAX),
+        max_tokens_per_report: 1 << 40,
+    }
+}
+
+/// The file in a run directory with the highest round its coordinator opened, so that a
+/// restarted coordinator never reuses a round number.
+const OPENED_ROUND_FILE: &str = "opened-round";
+
+fn read_opened_round(run_dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(run_dir.join(OPENED_ROUND_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The raw ed25519 key of a peer id (ed25519 peer ids embed their public key).
+fn ed25519_key(p: &PeerId) -> Option<[u8; 32]> {
+    let mh: &libp2p::multihash::Multihash<64> = p.as_ref();
+    if mh.code() != 0 {
+        return None;
+    }
+    let pk = PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    Some(pk.try_into_ed25519().ok()?.to_bytes())
+}
+
+/// The peer id of a raw ed25519 key.
+fn peer_of_key(k: &[u8; 32]) -> Option<PeerId> {
+    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(k).ok()?;
+    Some(PublicKey::from(pk).to_peer_id())
 }
 
 fn to_libp2p(p: &CPeerId) -> Option<PeerId> {
