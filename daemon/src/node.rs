@@ -77,12 +77,8 @@ impl Node {
             None => None,
         };
         let (client, event_loop) = net::build(config, key.clone())?;
-        let train = TrainService::start(
-            key,
-            client.stream_control(),
-            DeviceSpec::Cpu,
-            dir.clone(),
-        )?;
+        let train =
+            TrainService::start(key, client.stream_control(), DeviceSpec::Cpu, dir.clone())?;
         // Measure the reference training step off the runtime; the figure joins the
         // capability record when it is ready.
         let measuring = client.clone();
@@ -101,7 +97,8 @@ impl Node {
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(event_loop.run(stopped(rx.clone()))));
-        let service = ControlService::new(client.clone());
+        let service =
+            ControlService::new(client.clone(), crate::train::runs::Runs::new(train.clone()));
         let unix_rx = rx.clone();
         let svc = service.clone();
         tasks.push(tokio::spawn(async move {
