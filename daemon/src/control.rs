@@ -266,6 +266,7 @@ impl v1::control_server::Control for ControlService {
             .map_err(|e| Status::invalid_argument(format!("not a peer id: {e}")))?;
         let run_id = parse_run_id(&req.run_id)?;
         let out = out_dir(&req.out_dir)?;
+        self.runs.ensure_idle().map_err(runs_status)?;
         if req.coordinator_addrs.len() > crate::train::runs::MAX_INVITE_ADDRS {
             return Err(Status::invalid_argument(format!(
                 "at most {} coordinator addresses",
@@ -382,6 +383,9 @@ impl v1::control_server::Control for ControlService {
                 "this invite is for a run this daemon coordinates itself",
             ));
         }
+        // Joining the swarm changes this daemon's membership for good: refuse first when
+        // the run could not be joined anyway.
+        self.runs.ensure_idle().map_err(runs_status)?;
         let mut joined_swarm = false;
         if let Some(text) = inv.swarm_invite_text() {
             let owner = crate::membership::Invite::parse(&text)

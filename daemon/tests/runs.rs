@@ -247,6 +247,39 @@ async fn run_start_refuses_bad_manifests_and_a_second_run_and_invites_name_the_r
         let e = text(&out.stderr);
         assert!(e.contains(expect), "{expect}: {e}");
     }
+    // A valid invite of another private swarm, on a busy daemon: refused before the daemon
+    // changes swarms.
+    let other_owner = libp2p::identity::Keypair::generate_ed25519();
+    let (swarm_text, _, _) = potluck_daemon::membership::SwarmState::default().create_invite(
+        &other_owner,
+        &["/ip4/127.0.0.1/udp/9/quic-v1".parse().unwrap()],
+        u64::MAX / 4,
+        60_000,
+        &mut rand::rng(),
+    );
+    use base64::Engine as _;
+    let other = RunInvite {
+        run_id: [3; 32],
+        coordinator: other_owner.public().to_peer_id(),
+        addrs: vec!["/ip4/127.0.0.1/udp/9/quic-v1".parse().unwrap()],
+        swarm_invite: Some(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(&swarm_text)
+                .unwrap(),
+        ),
+    };
+    let err = c
+        .accept_run_invite(v1::AcceptRunInviteRequest {
+            invite: other.encode(),
+            out_dir: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("still active"), "{err}");
+    let st = c.status(v1::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.swarm, "public");
+
     assert!(run_status(&mut c).await.active, "the run is unharmed");
     node.shutdown().await;
 }

@@ -151,9 +151,7 @@ impl Runs {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reserves the registry for a new run, or says which run holds it.
-    fn reserve(&self, rec: impl FnOnce(u64) -> Record) -> Result<u64, RunsError> {
-        let mut st = self.lock();
+    fn busy(st: &State) -> Result<(), RunsError> {
         if let Some(cur) = &st.current
             && let Outcome::Running(what) = &cur.outcome
         {
@@ -166,6 +164,19 @@ impl Runs {
                 state: what.clone(),
             });
         }
+        Ok(())
+    }
+
+    /// Fails with [`RunsError::Busy`] while a run is active: lets a caller refuse before
+    /// doing anything with side effects (joining a swarm) for a run it could not join.
+    pub fn ensure_idle(&self) -> Result<(), RunsError> {
+        Self::busy(&self.lock())
+    }
+
+    /// Reserves the registry for a new run, or says which run holds it.
+    fn reserve(&self, rec: impl FnOnce(u64) -> Record) -> Result<u64, RunsError> {
+        let mut st = self.lock();
+        Self::busy(&st)?;
         st.next_epoch += 1;
         let epoch = st.next_epoch;
         st.current = Some(rec(epoch));
