@@ -156,6 +156,22 @@ async fn run_start_refuses_bad_manifests_and_a_second_run_and_invites_name_the_r
         "a refused start leaves no run"
     );
 
+    // Data that cannot be loaded: the start fails with the data error, and the status
+    // keeps the failed run and its error until another starts.
+    let err = c
+        .start_run(v1::StartRunRequest {
+            manifest_toml: manifest(1).replace("\"builtin\"", "\"/nonexistent/corpus\""),
+            out_dir: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("run data"), "{err}");
+    let s = run_status(&mut c).await;
+    assert!(s.known && !s.active, "{s:?}");
+    assert_eq!(s.state, "failed");
+    assert!(s.error.contains("run data"), "{s:?}");
+
     // A run that waits for a second peer stays active; the binary prints its id.
     let good = dir.path().join("run.toml");
     std::fs::write(&good, manifest(2)).unwrap();
@@ -342,14 +358,33 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
     assert!(sa.eval_loss.is_finite());
     assert!(!sa.checkpoint_root.is_empty(), "the checkpoint was written");
 
-    // The binary's JSON status shows the same run, and the membership token was used up:
-    // the string no longer admits anyone else (its run is over too).
+    let out = potluck(args(&["run", "status", "--follow"], &db)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("finished; committed root {}", sb.committed_root)),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // The binary's JSON status shows the same run.
     let out = potluck(args(&["run", "status", "--json"], &db)).await;
     assert!(out.status.success());
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["run_id"], started.run_id.as_str());
     assert_eq!(j["state"], "finished");
     assert_eq!(j["role"], "replica");
+
+    // The membership token inside was used up: the same string admits no one else.
+    let dc = dir.path().join("c");
+    let cnode = Node::start(config(&dc, vec![])).await.unwrap();
+    let out = potluck(args(&["join", &line], &dc)).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("invite already used"),
+        "{}",
+        text(&out.stderr)
+    );
+    cnode.shutdown().await;
 
     // A new run can start once the last one ended.
     let again = cli_a
