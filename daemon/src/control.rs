@@ -1,7 +1,8 @@
 //! The local control API: a tonic gRPC service (`potluck.v1.Control`) served on a Unix socket
 //! in the data dir (mode 0600, so only the daemon's user can reach it) and, when configured,
 //! on a loopback TCP address where every call must carry the token from
-//! `<data_dir>/control.token`. Also the client side the CLI uses.
+//! `<data_dir>/control.token`. Also the client side the CLI uses. Training runs are started,
+//! joined and watched through [`Runs`], which keeps them going after the call returns.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -96,6 +96,25 @@ struct State {
     next_epoch: u64,
 }
 
+/// Marks a reserved start as failed when dropped before the run was launched.
+struct CancelGuard<'a> {
+    runs: &'a Runs,
+    epoch: u64,
+    armed: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.runs.update(self.epoch, |r| {
+                if matches!(r.outcome, Outcome::Running(_)) {
+                    r.outcome = Outcome::Failed("the start was cancelled".into());
+                }
+            });
+        }
+    }
+}
+
 /// A run the registry just launched.
 #[derive(Debug, Clone)]
 pub struct Started {
@@ -238,6 +257,13 @@ impl Runs {
             outcome: Outcome::Running("loading and hashing the run's data".into()),
             epoch,
         })?;
+        // If the caller goes away while the data loads (the RPC is dropped), the
+        // reservation must not stay behind as a run that never ends.
+        let mut guard = CancelGuard {
+            runs: self,
+            epoch,
+            armed: true,
+        };
         // Loading the data can take a while on a big corpus: off the runtime's threads.
         let pinned = tokio::task::spawn_blocking(move || run.pin_data())
             .await
@@ -250,6 +276,7 @@ impl Runs {
                 return Err(e);
             }
         };
+        guard.armed = false;
         let run_id = run.id();
         self.update(epoch, |r| {
             r.run_id = run_id;
