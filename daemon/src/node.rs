@@ -77,8 +77,12 @@ impl Node {
             None => None,
         };
         let (client, event_loop) = net::build(config, key.clone())?;
-        let train =
-            TrainService::start(key, client.stream_control(), DeviceSpec::Cpu, dir.clone())?;
+        let train = TrainService::start(
+            key,
+            client.stream_control(),
+            DeviceSpec::Cpu,
+            dir.clone(),
+        )?;
         // Measure the reference training step off the runtime; the figure joins the
         // capability record when it is ready.
         let measuring = client.clone();
