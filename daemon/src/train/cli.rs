@@ -516,7 +516,7 @@ fn print_status(s: &v1::RunStatusResponse) {
     if s.rejected_updates > 0 {
         println!("rejected:   {} updates", s.rejected_updates);
     }
-    println!("elapsed:    {:?}", Duration::from_secs(s.elapsed_secs));
+    println!("elapsed:    {} s", s.elapsed_secs);
     if !s.checkpoint_root.is_empty() {
         println!("checkpoint: {} (root {})", s.out_dir, s.checkpoint_root);
     }

@@ -408,8 +408,11 @@ impl Runs {
             }
             v.committed_round = live.committed_round;
             v.committed_root = live.committed_root.clone();
-            v.train_loss = live.train_loss;
-            v.eval_loss = live.eval_loss;
+            // The session reports zeros before its first round has trained anything.
+            if live.round > 0 || live.committed_round > 0 {
+                v.train_loss = live.train_loss;
+                v.eval_loss = live.eval_loss;
+            }
             v.peers = live.peers.clone();
             v.rejected_updates = live.rejected_updates;
             v.state = live.state.clone();
