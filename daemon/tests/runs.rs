@@ -187,6 +187,10 @@ async fn run_start_refuses_bad_manifests_and_a_second_run_and_invites_name_the_r
     assert_eq!(s.name, "cli-test");
     assert_eq!(s.rounds, 2);
     assert!(s.error.is_empty());
+    assert!(
+        s.train_loss.is_nan() && s.eval_loss.is_nan(),
+        "no loss before the first round: {s:?}"
+    );
 
     // A second run while this one is active is refused, naming the active run.
     let err = c
