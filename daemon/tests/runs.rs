@@ -352,6 +352,7 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
     assert_eq!(sa.state, "finished", "{sa:?}");
     assert_eq!(sb.state, "finished", "{sb:?}");
     assert!(sa.error.is_empty() && sb.error.is_empty());
+    let first_root = sa.committed_root.clone();
     assert_eq!(sa.committed_round, 2);
     assert_eq!(sb.committed_round, 2);
     assert_eq!(
@@ -400,6 +401,51 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
         .unwrap()
         .into_inner();
     assert_ne!(again.run_id, started.run_id);
+    // The low-level join: coordinator and run id by hand (B is a member of A's swarm now).
+    let a_id = a.client().local_peer_id().to_base58();
+    let out = potluck(args(
+        &[
+            "run",
+            "join",
+            "--coordinator",
+            &a_id,
+            "--run",
+            &again.run_id,
+        ],
+        &db,
+    ))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), again.run_id);
+    let sa = wait_finished(&mut cli_a, Duration::from_secs(180)).await;
+    let sb = wait_finished(&mut cli_b, Duration::from_secs(60)).await;
+    assert_eq!(
+        (sa.state.as_str(), sb.state.as_str()),
+        ("finished", "finished")
+    );
+    assert_eq!(sb.run_id, again.run_id);
+    assert_eq!(sa.committed_root, sb.committed_root);
+    assert_ne!(
+        sa.committed_root, first_root,
+        "a different seed, a different run"
+    );
+    // Bad arguments of the low-level join are refused before anything happens.
+    for (argv, expect) in [
+        (
+            vec!["--coordinator", "nope", "--run", &again.run_id],
+            "not a peer id",
+        ),
+        (
+            vec!["--coordinator", &a_id, "--run", "abc"],
+            "64 hex digits",
+        ),
+    ] {
+        let mut v = vec!["run", "join"];
+        v.extend(argv);
+        let out = potluck(args(&v, &db)).await;
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains(expect), "{}", text(&out.stderr));
+    }
     a.shutdown().await;
     b.shutdown().await;
 }
