@@ -654,4 +654,15 @@ fn print_ledger(r: &LedgerReport, data_dir: &Path) {
             println!("  chain: BROKEN at round {round}: {reason}")
         }
     }
+    // The listing checks the chain, not the files: point at the command that does.
+    if let Some(e) = r.entries.iter().rev().find(|e| e.checkpoint_present) {
+        println!(
+            "  check a checkpoint's files: potluck verify {} --ledger {}",
+            r.run_dir
+                .join(potluck_coordinator::store::CHECKPOINTS_DIR)
+                .join(format!("{:020}", e.round))
+                .display(),
+            super::checkpoint::ledger_dir(&r.run_dir).display()
+        );
+    }
 }

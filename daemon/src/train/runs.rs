@@ -1083,6 +1083,25 @@ mod tests {
         }
 
         #[test]
+        fn any_invite_round_trips(
+            id in proptest::array::uniform32(proptest::num::u8::ANY),
+            ports in proptest::collection::vec(1u16.., 0..=MAX_INVITE_ADDRS),
+        ) {
+            let inv = RunInvite {
+                run_id: id,
+                coordinator: PeerId::random(),
+                addrs: ports
+                    .iter()
+                    .map(|p| format!("/ip4/10.0.0.1/udp/{p}/quic-v1").parse().unwrap())
+                    .collect(),
+                swarm_invite: None,
+            };
+            let text = inv.encode();
+            proptest::prop_assert!(text.len() <= MAX_RUN_INVITE_CHARS);
+            proptest::prop_assert_eq!(RunInvite::parse(&text).unwrap(), inv);
+        }
+
+        #[test]
         fn random_bytes_never_panic(b in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             let text = format!(
                 "{RUN_INVITE_PREFIX}{}",
