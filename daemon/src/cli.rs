@@ -46,6 +46,18 @@ pub enum Command {
     Demo(crate::train::cli::DemoArgs),
     /// Check a checkpoint directory offline: every chunk, header, file hash and signature.
     Verify(crate::train::cli::VerifyArgs),
+    /// Start, join or watch a training run on the local daemon.
+    #[command(subcommand)]
+    Run(crate::train::cli::RunCommand),
+    /// Print one string that admits a friend to the run this daemon coordinates (run id,
+    /// coordinator, addresses, and a one-time membership invite in a private swarm).
+    Invite(crate::train::cli::InviteArgs),
+    /// Join the run of a string printed by `potluck invite` (joins the swarm first when the
+    /// string carries a membership invite), then train in the background.
+    Join(crate::train::cli::JoinArgs),
+    /// List the ledgers of the runs in the data dir (works without a daemon) and check each
+    /// chain of checkpoints.
+    Checkpoints(crate::train::cli::CheckpointsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +210,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::train::cli::demo(args).await
         }
         Command::Verify(args) => crate::train::cli::verify(args),
+        Command::Run(cmd) => crate::train::cli::run(cmd).await,
+        Command::Invite(args) => crate::train::cli::invite(args).await,
+        Command::Join(args) => crate::train::cli::join(args).await,
+        Command::Checkpoints(args) => crate::train::cli::checkpoints(args),
     }
 }
 
@@ -216,7 +232,8 @@ async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn data_dir(q: &QueryArgs) -> PathBuf {
+/// The data dir a query addresses (the flag, POTLUCK_DATA_DIR, or the default).
+pub fn data_dir(q: &QueryArgs) -> PathBuf {
     q.data_dir
         .clone()
         .unwrap_or_else(|| Config::default().data_dir)

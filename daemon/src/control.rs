@@ -1,7 +1,8 @@
 //! The local control API: a tonic gRPC service (`potluck.v1.Control`) served on a Unix socket
 //! in the data dir (mode 0600, so only the daemon's user can reach it) and, when configured,
 //! on a loopback TCP address where every call must carry the token from
-//! `<data_dir>/control.token`. Also the client side the CLI uses.
+//! `<data_dir>/control.token`. Also the client side the CLI uses. Training runs are started,
+//! joined and watched through [`Runs`], which keeps them going after the call returns.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::capability::SOFTWARE_VERSION;
-use crate::net::{Client, NetError, PeerSummary};
+use crate::net::{Client, NetError, PeerSummary, SwarmMode};
+use crate::train::runs::{RunInvite, Runs, RunsError};
 
 /// The control socket's file name inside the data dir.
 pub const SOCKET_FILE: &str = "control.sock";
@@ -56,16 +58,77 @@ fn net_status(e: NetError) -> Status {
     }
 }
 
-/// The service implementation: a thin translation onto the network [`Client`].
+fn runs_status(e: RunsError) -> Status {
+    match e {
+        RunsError::Busy { .. } => Status::failed_precondition(e.to_string()),
+        RunsError::Manifest(_) => Status::invalid_argument(e.to_string()),
+        RunsError::ShuttingDown => Status::unavailable(e.to_string()),
+        RunsError::Train(_) => Status::failed_precondition(e.to_string()),
+    }
+}
+
+/// The service implementation: a thin translation onto the network [`Client`] and the
+/// daemon's [`Runs`].
 #[derive(Debug, Clone)]
 pub struct ControlService {
     client: Client,
+    runs: Runs,
 }
 
 impl ControlService {
-    pub fn new(client: Client) -> Self {
-        Self { client }
+    pub fn new(client: Client, runs: Runs) -> Self {
+        Self { client, runs }
     }
+}
+
+/// An output directory from the CLI: absolute (the CLI resolves relative ones against its
+/// own working directory), or none when empty.
+fn out_dir(s: &str) -> Result<Option<PathBuf>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let p = PathBuf::from(s);
+    if !p.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "output dir {s} must be an absolute path"
+        )));
+    }
+    Ok(Some(p))
+}
+
+fn parse_run_id(s: &str) -> Result<[u8; 32], Status> {
+    let s = s.trim();
+    let bytes = hex::decode(s)
+        .ok()
+        .filter(|b| b.len() == 32)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "run id '{}' is not 64 hex digits",
+                s.chars().take(80).collect::<String>()
+            ))
+        })?;
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&bytes);
+    Ok(id)
+}
+
+/// Addresses worth giving a friend: announced external ones first, then listen addresses
+/// that are not wildcards.
+fn invite_addrs(s: &crate::net::NodeStatus) -> Vec<libp2p::Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    let mut out: Vec<libp2p::Multiaddr> = Vec::new();
+    for a in s.external_addrs.iter().chain(&s.listen_addrs) {
+        let wildcard = a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_unspecified(),
+            Protocol::Ip6(ip) => ip.is_unspecified(),
+            _ => false,
+        });
+        if !wildcard && !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    out.truncate(crate::train::runs::MAX_INVITE_ADDRS);
+    out
 }
 
 fn peer_info(p: PeerSummary) -> v1::PeerInfo {
@@ -172,6 +235,206 @@ impl v1::control_server::Control for ControlService {
         Ok(Response::new(v1::JoinResponse {
             owner_peer_id: owner.to_base58(),
         }))
+    }
+
+    async fn start_run(
+        &self,
+        req: Request<v1::StartRunRequest>,
+    ) -> Result<Response<v1::StartRunResponse>, Status> {
+        let req = req.into_inner();
+        let out = out_dir(&req.out_dir)?;
+        let started = self
+            .runs
+            .start(&req.manifest_toml, out)
+            .await
+            .map_err(runs_status)?;
+        Ok(Response::new(v1::StartRunResponse {
+            run_id: hex::encode(started.run_id),
+            name: started.name,
+            rounds: started.rounds,
+        }))
+    }
+
+    async fn join_run(
+        &self,
+        req: Request<v1::JoinRunRequest>,
+    ) -> Result<Response<v1::JoinRunResponse>, Status> {
+        let req = req.into_inner();
+        let coordinator: PeerId = req
+            .coordinator_peer_id
+            .trim()
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("not a peer id: {e}")))?;
+        let run_id = parse_run_id(&req.run_id)?;
+        let out = out_dir(&req.out_dir)?;
+        self.runs.ensure_idle().map_err(runs_status)?;
+        if req.coordinator_addrs.len() > crate::train::runs::MAX_INVITE_ADDRS {
+            return Err(Status::invalid_argument(format!(
+                "at most {} coordinator addresses",
+                crate::train::runs::MAX_INVITE_ADDRS
+            )));
+        }
+        let mut addrs = Vec::new();
+        for a in &req.coordinator_addrs {
+            let a: libp2p::Multiaddr = a
+                .parse()
+                .map_err(|e| Status::invalid_argument(format!("address {a}: {e}")))?;
+            addrs.push(crate::train::runs::with_peer(a, coordinator));
+        }
+        self.join_coordinator(coordinator, run_id, &addrs, out)
+            .await?;
+        Ok(Response::new(v1::JoinRunResponse {
+            run_id: hex::encode(run_id),
+        }))
+    }
+
+    async fn run_status(
+        &self,
+        _: Request<v1::RunStatusRequest>,
+    ) -> Result<Response<v1::RunStatusResponse>, Status> {
+        let v = self.runs.view();
+        Ok(Response::new(v1::RunStatusResponse {
+            known: v.known,
+            active: v.active,
+            run_id: v.run_id,
+            name: v.name,
+            role: v.role,
+            coordinator_peer_id: v.coordinator,
+            state: v.state,
+            round: v.round,
+            rounds: v.rounds,
+            committed_round: v.committed_round,
+            committed_root: v.committed_root,
+            train_loss: v.train_loss,
+            eval_loss: v.eval_loss,
+            peers: v.peers,
+            bytes_sent: v.bytes_sent,
+            bytes_received: v.bytes_received,
+            rejected_updates: v.rejected_updates,
+            error: v.error,
+            out_dir: v.out_dir,
+            elapsed_secs: v.elapsed_secs,
+            checkpoint_root: v.checkpoint_root,
+        }))
+    }
+
+    async fn create_run_invite(
+        &self,
+        req: Request<v1::CreateRunInviteRequest>,
+    ) -> Result<Response<v1::CreateRunInviteResponse>, Status> {
+        let ttl = Duration::from_secs(req.into_inner().ttl_secs);
+        if ttl.is_zero() || ttl > MAX_INVITE_TTL {
+            return Err(Status::invalid_argument(format!(
+                "ttl must be between 1 s and {} s",
+                MAX_INVITE_TTL.as_secs()
+            )));
+        }
+        let run_id = self.runs.coordinating().ok_or_else(|| {
+            Status::failed_precondition(
+                "this daemon coordinates no run now: start one with `potluck run start FILE` \
+                 (an invite names the run it admits to)",
+            )
+        })?;
+        let s = self.client.status().await.map_err(net_status)?;
+        let addrs = invite_addrs(&s);
+        if addrs.is_empty() {
+            return Err(Status::failed_precondition(
+                "this daemon has no address to give out yet (not listening, or only on \
+                 wildcards): check `potluck status`",
+            ));
+        }
+        let (swarm_invite, swarm_invite_id, expires_at_ms) = match s.swarm {
+            SwarmMode::Owner => {
+                let inv = self.client.create_invite(ttl).await.map_err(net_status)?;
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(&inv.text)
+                    .map_err(|e| Status::internal(format!("membership invite: {e}")))?;
+                (Some(bytes), inv.id, inv.expires_at_ms)
+            }
+            // A public swarm needs no token; a member cannot invite into its owner's swarm,
+            // so its invites work for peers that are members already.
+            SwarmMode::Public | SwarmMode::Member { .. } => (None, String::new(), 0),
+        };
+        let invite = RunInvite {
+            run_id,
+            coordinator: s.peer_id,
+            addrs,
+            swarm_invite,
+        };
+        Ok(Response::new(v1::CreateRunInviteResponse {
+            invite: invite.encode(),
+            run_id: hex::encode(run_id),
+            swarm_invite_id,
+            expires_at_ms,
+        }))
+    }
+
+    async fn accept_run_invite(
+        &self,
+        req: Request<v1::AcceptRunInviteRequest>,
+    ) -> Result<Response<v1::AcceptRunInviteResponse>, Status> {
+        let req = req.into_inner();
+        let inv =
+            RunInvite::parse(&req.invite).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let out = out_dir(&req.out_dir)?;
+        let me = self.client.local_peer_id();
+        if inv.coordinator == me {
+            return Err(Status::invalid_argument(
+                "this invite is for a run this daemon coordinates itself",
+            ));
+        }
+        // Joining the swarm changes this daemon's membership for good: refuse first when
+        // the run could not be joined anyway.
+        self.runs.ensure_idle().map_err(runs_status)?;
+        let mut joined_swarm = false;
+        if let Some(text) = inv.swarm_invite_text() {
+            let owner = crate::membership::Invite::parse(&text)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+                .owner;
+            match self.client.status().await.map_err(net_status)?.swarm {
+                SwarmMode::Public => {
+                    self.client.join(&text).await.map_err(net_status)?;
+                    joined_swarm = true;
+                }
+                SwarmMode::Member { owner: o } if o == owner => {}
+                mode => {
+                    return Err(Status::failed_precondition(format!(
+                        "this daemon is in a {mode} swarm, and the invite is for the private \
+                         swarm of {owner}: run a separate daemon (another --data-dir) to join it"
+                    )));
+                }
+            }
+        }
+        self.join_coordinator(inv.coordinator, inv.run_id, &inv.dial_addrs(), out)
+            .await?;
+        Ok(Response::new(v1::AcceptRunInviteResponse {
+            run_id: hex::encode(inv.run_id),
+            coordinator_peer_id: inv.coordinator.to_base58(),
+            joined_swarm,
+        }))
+    }
+}
+
+impl ControlService {
+    /// Dials the coordinator's addresses (a failed dial is not fatal: the swarm may know
+    /// another way) and joins its run in the background.
+    async fn join_coordinator(
+        &self,
+        coordinator: PeerId,
+        run_id: [u8; 32],
+        addrs: &[libp2p::Multiaddr],
+        out: Option<PathBuf>,
+    ) -> Result<(), Status> {
+        for a in addrs {
+            if let Err(e) = self.client.dial(a.clone()).await {
+                tracing::debug!(addr = %a, error = %e, "dialing the coordinator failed");
+            }
+        }
+        self.runs
+            .join(coordinator, run_id, out)
+            .await
+            .map_err(runs_status)
     }
 }
 

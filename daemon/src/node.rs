@@ -97,7 +97,8 @@ impl Node {
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(event_loop.run(stopped(rx.clone()))));
-        let service = ControlService::new(client.clone());
+        let service =
+            ControlService::new(client.clone(), crate::train::runs::Runs::new(train.clone()));
         let unix_rx = rx.clone();
         let svc = service.clone();
         tasks.push(tokio::spawn(async move {

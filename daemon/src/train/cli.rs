@@ -1,12 +1,18 @@
-//! The training commands of the `potluck` binary: `demo` and `verify`.
+//! The training commands of the `potluck` binary: `demo`, `verify`, `run start|join|status`,
+//! `invite`, `join` and `checkpoints`. The run commands talk to the local daemon through the
+//! control API; `demo`, `verify` and `checkpoints` work on files and need no daemon.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Args;
+use clap::{Args, Subcommand};
 use potluck_coordinator::verify::{VerifyOptions, verify_checkpoint_dir};
+use potluck_proto::v1;
 
 use super::demo::{self, DemoOptions};
+use super::runs::{ChainVerdict, LedgerReport, list_ledgers};
+use crate::cli::{QueryArgs, connect};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -147,4 +153,529 @@ fn human_bytes(b: u64) -> String {
         i += 1;
     }
     format!("{v:.1} {}", units[i])
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// Start the run of a TOML run manifest on the local daemon, which coordinates it; prints
+    /// the run id and returns (training goes on in the daemon).
+    Start {
+        #[command(flatten)]
+        q: QueryArgs,
+        /// The run manifest (TOML). A `data.source` path is read by the daemon: make it
+        /// absolute.
+        file: PathBuf,
+        /// Write the final checkpoint here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Stay and print progress until the run ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Show the run the local daemon started or joined last: round, loss, peers, bytes.
+    Status {
+        #[command(flatten)]
+        q: QueryArgs,
+        /// Keep printing changes until the run ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Join a run by its coordinator and id (what `potluck join STRING` does after joining
+    /// the swarm).
+    Join {
+        #[command(flatten)]
+        q: QueryArgs,
+        /// The coordinator's peer id.
+        #[arg(long)]
+        coordinator: String,
+        /// The run id (64 hex digits).
+        #[arg(long = "run", value_name = "RUNID")]
+        run_id: String,
+        /// An address of the coordinator to dial first (repeatable).
+        #[arg(long, value_name = "MULTIADDR")]
+        addr: Vec<String>,
+        /// Write the final checkpoint here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Stay and print progress until the run ends.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InviteArgs {
+    #[command(flatten)]
+    pub q: QueryArgs,
+    /// How long the membership invite inside stays valid, in seconds (private swarms).
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    #[command(flatten)]
+    pub q: QueryArgs,
+    /// The string `potluck invite` printed.
+    pub invite: String,
+    /// Write the final checkpoint here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Stay and print progress until the run ends.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointsArgs {
+    /// The daemon's data dir.
+    #[arg(long, env = "POTLUCK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Only this run (its id or a unique prefix of it).
+    #[arg(long = "run", value_name = "RUNID")]
+    pub run_id: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the daemon said, without tonic's wrapping.
+fn rpc(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {}", s.message())
+}
+
+fn absolute(p: Option<PathBuf>) -> anyhow::Result<String> {
+    match p {
+        None => Ok(String::new()),
+        Some(p) => Ok(std::path::absolute(&p)
+            .with_context(|| format!("resolving {}", p.display()))?
+            .display()
+            .to_string()),
+    }
+}
+
+pub async fn run(cmd: RunCommand) -> anyhow::Result<()> {
+    match cmd {
+        RunCommand::Start {
+            q,
+            file,
+            out,
+            follow,
+        } => {
+            let bytes =
+                crate::fsutil::read_limited(&file, super::manifest::MAX_MANIFEST_BYTES as u64)
+                    .with_context(|| {
+                        format!(
+                            "reading the run manifest {} (at most {} bytes)",
+                            file.display(),
+                            super::manifest::MAX_MANIFEST_BYTES
+                        )
+                    })?;
+            let manifest_toml = String::from_utf8(bytes)
+                .with_context(|| format!("{} is not UTF-8 text", file.display()))?;
+            let mut c = connect(&q).await?;
+            let r = c
+                .start_run(v1::StartRunRequest {
+                    manifest_toml,
+                    out_dir: absolute(out)?,
+                })
+                .await
+                .map_err(|s| rpc("cannot start the run", s))?
+                .into_inner();
+            if q.json && !follow {
+                println!(
+                    "{}",
+                    serde_json::json!({"run_id": r.run_id, "name": r.name, "rounds": r.rounds})
+                );
+                return Ok(());
+            }
+            println!("{}", r.run_id);
+            eprintln!(
+                "started run '{}' ({} rounds); watch it with `potluck run status`, invite \
+                 friends with `potluck invite`",
+                r.name, r.rounds
+            );
+            if follow {
+                return follow_run(&mut c).await;
+            }
+        }
+        RunCommand::Status { q, follow } => {
+            let mut c = connect(&q).await?;
+            if follow {
+                return follow_run(&mut c).await;
+            }
+            let s = c
+                .run_status(v1::RunStatusRequest {})
+                .await
+                .map_err(|s| rpc("cannot read the run status", s))?
+                .into_inner();
+            if q.json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+            } else {
+                print_status(&s);
+            }
+        }
+        RunCommand::Join {
+            q,
+            coordinator,
+            run_id,
+            addr,
+            out,
+            follow,
+        } => {
+            let mut c = connect(&q).await?;
+            let r = c
+                .join_run(v1::JoinRunRequest {
+                    coordinator_peer_id: coordinator.clone(),
+                    run_id,
+                    out_dir: absolute(out)?,
+                    coordinator_addrs: addr,
+                })
+                .await
+                .map_err(|s| rpc("cannot join the run", s))?
+                .into_inner();
+            if q.json && !follow {
+                println!("{}", serde_json::json!({"run_id": r.run_id}));
+                return Ok(());
+            }
+            println!("{}", r.run_id);
+            eprintln!(
+                "joining run {} of {coordinator}; watch it with `potluck run status`",
+                r.run_id
+            );
+            if follow {
+                return follow_run(&mut c).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn invite(args: InviteArgs) -> anyhow::Result<()> {
+    let r = connect(&args.q)
+        .await?
+        .create_run_invite(v1::CreateRunInviteRequest {
+            ttl_secs: args.ttl_secs,
+        })
+        .await
+        .map_err(|s| rpc("cannot create a run invite", s))?
+        .into_inner();
+    if args.q.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "invite": r.invite,
+                "run_id": r.run_id,
+                "swarm_invite_id": r.swarm_invite_id,
+                "expires_at_ms": r.expires_at_ms,
+            })
+        );
+        return Ok(());
+    }
+    println!("{}", r.invite);
+    eprintln!(
+        "invite to run {}: a friend runs `potluck join <the line above>` with their daemon up",
+        r.run_id
+    );
+    if !r.swarm_invite_id.is_empty() {
+        eprintln!(
+            "it admits one peer to this private swarm (revoke with `potluck swarm revoke {}`)",
+            r.swarm_invite_id
+        );
+    }
+    Ok(())
+}
+
+pub async fn join(args: JoinArgs) -> anyhow::Result<()> {
+    // Decode here too, so a mangled string is explained before any daemon is involved.
+    let inv = super::runs::RunInvite::parse(&args.invite).context("cannot use this invite")?;
+    let mut c = connect(&args.q).await?;
+    let r = c
+        .accept_run_invite(v1::AcceptRunInviteRequest {
+            invite: args.invite.clone(),
+            out_dir: absolute(args.out)?,
+        })
+        .await
+        .map_err(|s| rpc("cannot join", s))?
+        .into_inner();
+    if args.q.json && !args.follow {
+        println!(
+            "{}",
+            serde_json::json!({
+                "run_id": r.run_id,
+                "coordinator_peer_id": r.coordinator_peer_id,
+                "joined_swarm": r.joined_swarm,
+            })
+        );
+        return Ok(());
+    }
+    if r.joined_swarm {
+        println!(
+            "joined the private swarm of {}",
+            inv.swarm_invite_text()
+                .and_then(|t| crate::membership::Invite::parse(&t).ok())
+                .map(|i| i.owner.to_base58())
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "joining run {} of coordinator {}; training goes on in the daemon (`potluck run status`)",
+        r.run_id, r.coordinator_peer_id
+    );
+    if args.follow {
+        return follow_run(&mut c).await;
+    }
+    Ok(())
+}
+
+fn loss(x: f32) -> String {
+    if x.is_finite() {
+        format!("{x:.4}")
+    } else {
+        "-".into()
+    }
+}
+
+fn short(hex: &str) -> &str {
+    hex.get(..16).unwrap_or(hex)
+}
+
+fn status_json(s: &v1::RunStatusResponse) -> serde_json::Value {
+    let f = |x: f32| {
+        if x.is_finite() {
+            serde_json::json!(x)
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    serde_json::json!({
+        "known": s.known,
+        "active": s.active,
+        "run_id": s.run_id,
+        "name": s.name,
+        "role": s.role,
+        "coordinator": s.coordinator_peer_id,
+        "state": s.state,
+        "round": s.round,
+        "rounds": s.rounds,
+        "committed_round": s.committed_round,
+        "committed_root": s.committed_root,
+        "train_loss": f(s.train_loss),
+        "eval_loss": f(s.eval_loss),
+        "peers": s.peers,
+        "bytes_sent": s.bytes_sent,
+        "bytes_received": s.bytes_received,
+        "rejected_updates": s.rejected_updates,
+        "error": s.error,
+        "out_dir": s.out_dir,
+        "elapsed_secs": s.elapsed_secs,
+        "checkpoint_root": s.checkpoint_root,
+    })
+}
+
+fn print_status(s: &v1::RunStatusResponse) {
+    if !s.known {
+        println!("no run: start one with `potluck run start FILE` or join one with `potluck join`");
+        return;
+    }
+    let name = if s.name.is_empty() {
+        String::new()
+    } else {
+        format!(" ('{}')", s.name)
+    };
+    println!(
+        "run:        {}{name}",
+        if s.run_id.is_empty() {
+            "(id not known yet)"
+        } else {
+            &s.run_id
+        }
+    );
+    println!(
+        "role:       {} (coordinator {})",
+        s.role, s.coordinator_peer_id
+    );
+    println!("state:      {}", s.state);
+    if !s.error.is_empty() {
+        println!("error:      {}", s.error);
+    }
+    let of = if s.rounds > 0 {
+        format!(" of {}", s.rounds)
+    } else {
+        String::new()
+    };
+    println!("round:      {}{of}", s.round);
+    if !s.committed_root.is_empty() {
+        println!(
+            "committed:  round {}, root {}",
+            s.committed_round,
+            short(&s.committed_root)
+        );
+    }
+    println!(
+        "loss:       train {}, eval {}",
+        loss(s.train_loss),
+        loss(s.eval_loss)
+    );
+    println!("peers:      {}", s.peers.len());
+    for p in &s.peers {
+        println!("            {p}");
+    }
+    println!(
+        "traffic:    sent {}, received {} (daemon totals)",
+        human_bytes(s.bytes_sent),
+        human_bytes(s.bytes_received)
+    );
+    if s.rejected_updates > 0 {
+        println!("rejected:   {} updates", s.rejected_updates);
+    }
+    println!("elapsed:    {} s", s.elapsed_secs);
+    if !s.checkpoint_root.is_empty() {
+        println!("checkpoint: {} (root {})", s.out_dir, s.checkpoint_root);
+    }
+}
+
+/// Prints a line whenever the run moves, until it ends; fails when the run failed.
+async fn follow_run(c: &mut crate::control::ControlClient) -> anyhow::Result<()> {
+    let mut last = None;
+    loop {
+        let s = c
+            .run_status(v1::RunStatusRequest {})
+            .await
+            .map_err(|s| rpc("cannot read the run status", s))?
+            .into_inner();
+        let key = (s.state.clone(), s.round, s.committed_round);
+        if last.as_ref() != Some(&key) {
+            println!(
+                "round {}/{}  committed {}  train {}  eval {}  peers {}  sent {}  received {}  {}",
+                s.round,
+                s.rounds,
+                s.committed_round,
+                loss(s.train_loss),
+                loss(s.eval_loss),
+                s.peers.len(),
+                human_bytes(s.bytes_sent),
+                human_bytes(s.bytes_received),
+                s.state
+            );
+            last = Some(key);
+        }
+        if !s.active {
+            if !s.error.is_empty() {
+                anyhow::bail!("the run failed: {}", s.error);
+            }
+            if !s.committed_root.is_empty() {
+                println!("finished; committed root {}", s.committed_root);
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn data_dir_of(d: &Option<PathBuf>) -> PathBuf {
+    d.clone()
+        .unwrap_or_else(|| crate::config::Config::default().data_dir)
+}
+
+pub fn checkpoints(args: CheckpointsArgs) -> anyhow::Result<()> {
+    let dir = data_dir_of(&args.data_dir);
+    let reports = list_ledgers(&dir, args.run_id.as_deref())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for (i, r) in reports.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            print_ledger(r, &dir);
+        }
+    }
+    let broken: Vec<String> = reports
+        .iter()
+        .filter_map(|r| match &r.chain {
+            ChainVerdict::Broken { round, reason } => {
+                Some(format!("run {} at round {round}: {reason}", short(&r.run)))
+            }
+            _ => None,
+        })
+        .collect();
+    if !broken.is_empty() {
+        anyhow::bail!("broken ledger chain: {}", broken.join("; "));
+    }
+    Ok(())
+}
+
+fn print_ledger(r: &LedgerReport, data_dir: &Path) {
+    println!(
+        "run {}  ({})",
+        r.run,
+        r.run_dir
+            .strip_prefix(data_dir)
+            .unwrap_or(&r.run_dir)
+            .display()
+    );
+    if r.entries.is_empty() {
+        println!("  no committed rounds in the ledger yet");
+    } else {
+        println!(
+            "  {:>6}  {:<16}  {:<24}  {:>7}  {:>5}  checkpoint",
+            "round", "root", "parent", "contrib", "sigs"
+        );
+    }
+    for e in &r.entries {
+        if let Some(err) = &e.error {
+            println!("  {:>6}  unreadable: {err}", e.round);
+            continue;
+        }
+        let parent = match (e.parent_round, &e.parent_root) {
+            (Some(pr), Some(h)) => format!("{pr} {}", &h[..h.len().min(16)]),
+            _ => "-".into(),
+        };
+        println!(
+            "  {:>6}  {:<16}  {:<24}  {:>7}  {:>5}  {}",
+            e.round,
+            short(&e.root),
+            parent,
+            e.contributors,
+            format!(
+                "{}{}",
+                e.signatures,
+                if e.coordinator_signed { "" } else { "!" }
+            ),
+            if e.checkpoint_present {
+                "present"
+            } else {
+                "pruned"
+            }
+        );
+    }
+    for f in &r.ignored {
+        println!("  (not a ledger entry, ignored: {f})");
+    }
+    match &r.chain {
+        ChainVerdict::Ok { entries, anchored } => println!(
+            "  chain: OK ({entries} entries{})",
+            if *anchored {
+                ", anchored in the signed run manifest"
+            } else {
+                "; no run.pb found, so the genesis root and coordinator keys were not checked"
+            }
+        ),
+        ChainVerdict::Empty => println!("  chain: empty"),
+        ChainVerdict::Broken { round, reason } => {
+            println!("  chain: BROKEN at round {round}: {reason}")
+        }
+    }
+    // The listing checks the chain, not the files: point at the command that does.
+    if let Some(e) = r.entries.iter().rev().find(|e| e.checkpoint_present) {
+        println!(
+            "  check a checkpoint's files: potluck verify {} --ledger {}",
+            r.run_dir
+                .join(potluck_coordinator::store::CHECKPOINTS_DIR)
+                .join(format!("{:020}", e.round))
+                .display(),
+            super::checkpoint::ledger_dir(&r.run_dir).display()
+        );
+    }
 }
