@@ -30,6 +30,8 @@ pub enum NodeError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Train(#[from] TrainError),
+    #[error(transparent)]
+    Checkpoints(#[from] crate::ckpt_transfer::ServeError),
 }
 
 /// A running daemon.
@@ -77,12 +79,10 @@ impl Node {
             None => None,
         };
         let (client, event_loop) = net::build(config, key.clone())?;
-        let train = TrainService::start(
-            key,
-            client.stream_control(),
-            DeviceSpec::Cpu,
-            dir.clone(),
-        )?;
+        let train =
+            TrainService::start(key, client.stream_control(), DeviceSpec::Cpu, dir.clone())?;
+        let runs = dir.join(crate::train::checkpoint::RUNS_DIR);
+        crate::ckpt_transfer::serve_checkpoints(client.stream_control(), runs, Default::default())?;
         // Measure the reference training step off the runtime; the figure joins the
         // capability record when it is ready.
         let measuring = client.clone();
