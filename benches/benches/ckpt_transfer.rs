@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
-use common::{env_num, incompressible, libp2p_pair, median, quinn_pair};
+use common::{env_num, incompressible, libp2p_pair, median, paired_ratio, quinn_pair};
 use potluck_coordinator::failover::{RunManifest, SignedRunManifest};
 use potluck_coordinator::manifest::{
     CheckpointContent, DEFAULT_CHUNK_SIZE, ManifestBody, SignedManifest, SignerRole, public_key,
@@ -151,6 +151,10 @@ async fn main() -> anyhow::Result<()> {
         );
         results[2].1.push(gbps);
     }
+    let paired = [
+        paired_ratio(&results[0].1, &results[2].1),
+        paired_ratio(&results[1].1, &results[2].1),
+    ];
     let meds: Vec<f64> = results.iter_mut().map(|(_, v)| median(v)).collect();
     println!(
         "{}",
@@ -159,7 +163,9 @@ async fn main() -> anyhow::Result<()> {
                "median_gbit_per_s_fetch_no_final_verify": meds[1],
                "median_gbit_per_s_plain_quinn": meds[2],
                "ratio": meds[0] / meds[2],
-               "ratio_no_final_verify": meds[1] / meds[2]})
+               "ratio_no_final_verify": meds[1] / meds[2],
+               "paired_ratio": paired[0],
+               "paired_ratio_no_final_verify": paired[1]})
     );
     Ok(())
 }

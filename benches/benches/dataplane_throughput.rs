@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{env_num, incompressible, libp2p_pair, median, quinn_pair};
+use common::{env_num, incompressible, libp2p_pair, median, paired_ratio, quinn_pair};
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::StreamProtocol;
 use potluck_daemon::dataplane::{Limits, read_frame, seal_payload, write_frame};
@@ -169,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
         );
         plain.push(gbps);
     }
+    let paired: Vec<f64> = ours.iter().map(|v| paired_ratio(v, &plain)).collect();
     let p = median(&mut plain);
     let meds: Vec<f64> = ours.iter_mut().map(|v| median(v)).collect();
     println!(
@@ -182,6 +183,9 @@ async fn main() -> anyhow::Result<()> {
                "ratio": meds[0] / p,
                "ratio_no_zstd": meds[1] / p,
                "ratio_libp2p_raw": meds[2] / p,
+               "paired_ratio": paired[0],
+               "paired_ratio_no_zstd": paired[1],
+               "paired_ratio_libp2p_raw": paired[2],
                "goal_ratio": 0.9})
     );
     Ok(())

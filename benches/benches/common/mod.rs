@@ -156,3 +156,10 @@ pub fn env_num(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// Median of the per-run ratios `a[i] / b[i]`: runs taken side by side share the machine's
+/// load at that moment, so this is steadier than the ratio of medians on a busy machine.
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&mut r)
+}
