@@ -1431,8 +1431,9 @@ mod tests {
         };
         mk("runs/aa/checkpoints/1");
         mk("runs/aa/checkpoints/.2.partial");
-        mk("runs/bb/checkpoints/3/deeper");
-        mk("a/b/c/d");
+        mk("runs/bb/checkpoints/3");
+        mk("runs/bb/checkpoints/3/inside"); // not a separate checkpoint
+        mk("a/b/c/d/e");
         let found = find_checkpoint_dirs(&t.path().join("runs"));
         assert_eq!(
             found,
