@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::stream::FuturesUnordered;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use potluck_coordinator::Hash32;
@@ -527,7 +528,11 @@ fn load_served(dir: &Path, mpath: &Path) -> Option<(Arc<Served>, Hash32)> {
     let m = match SignedManifest::decode(&bytes) {
         Ok(m) => m,
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "not serving a checkpoint with an invalid manifest");
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "not serving a checkpoint with an invalid manifest"
+            );
             return None;
         }
     };
@@ -554,7 +559,10 @@ fn find_checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
         for dir in level {
             visited += 1;
             if visited > MAX_SCAN_DIRS {
-                tracing::warn!(root = %root.display(), "too many directories to scan for checkpoints");
+                tracing::warn!(
+                    root = %root.display(),
+                    "too many directories to scan for checkpoints"
+                );
                 return out;
             }
             if dir.join(MANIFEST_FILE).is_file() {
@@ -1068,7 +1076,11 @@ pub async fn fetch_checkpoint(
     }
     drop(res_tx);
 
-    let mut writes: JoinSet<Result<u64, FetchError>> = JoinSet::new();
+    // Detached blocking tasks rather than a JoinSet: a fetch that is dropped mid-way (its
+    // task aborted) still completes the writes of every piece it verified, so a resume
+    // finds them.
+    let mut writes: FuturesUnordered<tokio::task::JoinHandle<Result<u64, FetchError>>> =
+        FuturesUnordered::new();
     let mut pending_write_bytes = 0u64;
     let mut fetched_pieces = 0usize;
     let mut fetched_bytes = 0u64;
@@ -1111,7 +1123,7 @@ pub async fn fetch_checkpoint(
                     partial: partial.clone(),
                 });
             }
-            Some(done) = writes.join_next(), if !writes.is_empty() => {
+            Some(done) = writes.next(), if !writes.is_empty() => {
                 match done {
                     Ok(Ok(n)) => pending_write_bytes -= n,
                     Ok(Err(e)) => break Some(e),
@@ -1137,12 +1149,12 @@ pub async fn fetch_checkpoint(
                             let (file, offset, n) = (files[p.file].clone(), p.offset, p.len);
                             let path = partial.join(&content.files[p.file].path);
                             pending_write_bytes += n;
-                            writes.spawn_blocking(move || {
+                            writes.push(tokio::task::spawn_blocking(move || {
                                 file.write_all_at(&data, offset).map_err(fio(&path))?;
                                 Ok(n)
-                            });
+                            }));
                             while pending_write_bytes > MAX_PENDING_WRITE_BYTES {
-                                match writes.join_next().await {
+                                match writes.next().await {
                                     Some(Ok(Ok(n))) => pending_write_bytes -= n,
                                     Some(Ok(Err(e))) => return Err(e),
                                     Some(Err(e)) => return Err(FetchError::Io {
@@ -1163,7 +1175,11 @@ pub async fn fetch_checkpoint(
                         Err(PieceRejected::Unsolicited { .. }) => {}
                         Err(e) => {
                             rejected_pieces += 1;
-                            tracing::warn!(peer = %slot.peer, error = %e, "banned a checkpoint source");
+                            tracing::warn!(
+                                peer = %slot.peer,
+                                error = %e,
+                                "banned a checkpoint source"
+                            );
                             slot.outcome = SourceOutcome::Banned { reason: e.to_string() };
                             slot.queue = None;
                         }
@@ -1175,7 +1191,12 @@ pub async fn fetch_checkpoint(
                         slot.queue = None;
                     }
                     Err(ReqError::Refused(status, reason)) => {
-                        tracing::info!(peer = %slot.peer, ?status, %reason, "checkpoint source cannot serve");
+                        tracing::info!(
+                            peer = %slot.peer,
+                            ?status,
+                            %reason,
+                            "checkpoint source cannot serve"
+                        );
                         dl.handle_failure(o.source, o.piece);
                         dl.remove_source(o.source);
                         if slot.outcome == SourceOutcome::Good {
@@ -1189,7 +1210,11 @@ pub async fn fetch_checkpoint(
                         if slot.failures >= opts.max_consecutive_failures.max(1)
                             && slot.outcome == SourceOutcome::Good
                         {
-                            tracing::info!(peer = %slot.peer, %reason, "dropped an unreachable checkpoint source");
+                            tracing::info!(
+                                peer = %slot.peer,
+                                %reason,
+                                "dropped an unreachable checkpoint source"
+                            );
                             dl.remove_source(o.source);
                             slot.outcome = SourceOutcome::Dropped {
                                 reason: format!("unreachable: {reason}"),
@@ -1205,7 +1230,7 @@ pub async fn fetch_checkpoint(
     workers.abort_all();
     // Every verified piece reaches the disk before returning, so a resume finds it.
     let mut write_error = None;
-    while let Some(done) = writes.join_next().await {
+    while let Some(done) = writes.next().await {
         match done {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => write_error = write_error.or(Some(e)),
@@ -1451,7 +1476,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn random_requests_never_panic(bytes in proptest::collection::vec(any::<u8>(), REQUEST_LEN)) {
+        fn random_requests_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), REQUEST_LEN)
+        ) {
             let mut b = [0u8; REQUEST_LEN];
             b.copy_from_slice(&bytes);
             if let Ok(r) = WireRequest::decode(&b) {

@@ -1,7 +1,8 @@
 //! Checkpoint transfer between real daemons on loopback: a ~100 MB checkpoint fetched from
 //! several peers at once and verified; a peer serving corrupted pieces banned while the
-//! download completes; an interrupted fetch (cancelled, then left without sources) resumed
-//! fetching only what is missing; hostile requests refused while the server keeps serving.
+//! download completes; an interrupted fetch (cancelled, killed, then left without sources)
+//! resumed fetching only what is missing; hostile requests refused while the server keeps
+//! serving.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -18,7 +19,7 @@ use potluck_coordinator::manifest::{
     CheckpointContent, DEFAULT_CHUNK_SIZE, ManifestBody, SignedManifest, SignerRole, public_key,
 };
 use potluck_coordinator::store::write_manifest_files;
-use potluck_coordinator::verify::{VerifyOptions, verify_checkpoint_dir};
+use potluck_coordinator::verify::{VerifyOptions, verified_pieces, verify_checkpoint_dir};
 use potluck_daemon::Node;
 use potluck_daemon::ckpt_transfer::{
     CKPT_PROTOCOL, FetchError, FetchOptions, FetchProgress, Op, SourceOutcome, WireRequest,
@@ -302,7 +303,44 @@ async fn interrupted_fetch_resumes_with_only_the_missing_pieces() {
     assert!(verified_bytes >= total / 3 && verified_bytes < total);
     assert!(!dest.exists() && partial_dir(&dest).unwrap().exists());
 
-    // 2. Resumed from s1 alone, which has lost the last third of its tensor file: it is
+    // 2. Killed: the fetch is dropped half-way. Every piece it verified still reaches the
+    //    disk.
+    let (tx, mut rx) = tokio::sync::watch::channel(FetchProgress::default());
+    let opts = FetchOptions {
+        max_in_flight_per_source: 2,
+        progress: Some(tx),
+        ..FetchOptions::default()
+    };
+    let killed_at = {
+        let both = [p1, p2];
+        let fetch = fetch_checkpoint(&control, &both, &ck.manifest, &ck.run, &dest, &opts);
+        tokio::select! {
+            r = fetch => panic!("finished before it was killed: {r:?}"),
+            p = rx.wait_for(|p| p.verified_bytes >= total / 2) => p.unwrap().verified_bytes,
+        }
+    };
+    assert!(killed_at > verified_bytes && killed_at < total);
+    let partial = partial_dir(&dest).unwrap();
+    let on_disk = || {
+        let content = &ck.manifest.body().content;
+        verified_pieces(&partial, content)
+            .iter()
+            .zip(content.pieces())
+            .filter(|(ok, _)| **ok)
+            .map(|(_, p)| p.len)
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while on_disk() < killed_at && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        on_disk() >= killed_at,
+        "{} of {killed_at} on disk",
+        on_disk()
+    );
+
+    // 3. Resumed from s1 alone, which has lost the last third of its tensor file: it is
     //    dropped when it cannot read a piece, and the fetch stops with what it has.
     let s1_model = ck.home(d1.path()).join("model.safetensors");
     let mut bytes = std::fs::read(&s1_model).unwrap();
@@ -325,9 +363,12 @@ async fn interrupted_fetch_resumes_with_only_the_missing_pieces() {
         panic!("expected a stalled fetch, got {err}");
     };
     let second = *second;
-    assert!(second > verified_bytes && second < total, "{second}");
+    assert!(second >= killed_at && second < total, "{second}");
     assert!(
-        matches!(&sources[0].outcome, SourceOutcome::Dropped { reason } if reason.contains("cannot read")),
+        matches!(
+            &sources[0].outcome,
+            SourceOutcome::Dropped { reason } if reason.contains("cannot read")
+        ),
         "{:?}",
         sources[0].outcome
     );
@@ -337,7 +378,7 @@ async fn interrupted_fetch_resumes_with_only_the_missing_pieces() {
         "the message says what to do: {msg}"
     );
 
-    // 3. s1 goes away for good; finished from s2: only what was missing is fetched.
+    // 4. s1 goes away for good; finished from s2: only what was missing is fetched.
     s1.shutdown().await;
     let r = fetch_checkpoint(
         &control,
