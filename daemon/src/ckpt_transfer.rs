@@ -61,6 +61,9 @@ const MAX_SCAN_DEPTH: usize = 3;
 const MAX_SCAN_DIRS: usize = 4096;
 /// An unknown root triggers a rescan at most this often.
 const RESCAN_INTERVAL: Duration = Duration::from_millis(200);
+/// Most requests a fetch keeps outstanding per source (the streams a server grants one
+/// peer by default).
+pub const MAX_IN_FLIGHT_PER_SOURCE: usize = 8;
 /// Verified piece bytes waiting to be written, at most.
 const MAX_PENDING_WRITE_BYTES: u64 = 64 << 20;
 
@@ -167,7 +170,7 @@ pub struct ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
-            max_streams_per_peer: 8,
+            max_streams_per_peer: MAX_IN_FLIGHT_PER_SOURCE,
             max_streams: 64,
             idle_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
@@ -595,7 +598,8 @@ fn find_checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
 /// Settings of a fetch.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
-    /// Requests outstanding per source (each on its own stream).
+    /// Requests outstanding per source, each on its own stream; at most
+    /// [`MAX_IN_FLIGHT_PER_SOURCE`], the streams a server grants one peer by default.
     pub max_in_flight_per_source: usize,
     /// Deadline for one request: opening the stream if needed, asking, reading the answer.
     pub request_timeout: Duration,
@@ -904,6 +908,7 @@ async fn source_worker(
     request_timeout: Duration,
 ) {
     let mut stream: Option<libp2p::Stream> = None;
+    let mut failed_in_a_row = 0u32;
     loop {
         let Some(req) = queue.lock().await.recv().await else {
             return;
@@ -939,10 +944,11 @@ async fn source_worker(
                 format!("piece of {} bytes cannot be requested", req.len),
             )),
         };
-        if matches!(
+        let failed = matches!(
             result,
             Err(ReqError::Transport(_)) | Err(ReqError::Misbehaved(_))
-        ) {
+        );
+        if failed {
             // The stream may be out of step; a late answer must not be read as the next.
             stream = None;
         }
@@ -956,6 +962,13 @@ async fn source_worker(
             .is_err()
         {
             return;
+        }
+        // A source that refuses streams (its per-peer limit is full with another fetch)
+        // must not be hammered: back off before this worker's next request.
+        failed_in_a_row = if failed { failed_in_a_row + 1 } else { 0 };
+        if failed_in_a_row > 0 {
+            let ms = 100u64.saturating_mul(1 << failed_in_a_row.min(5));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
     }
 }
@@ -1017,7 +1030,9 @@ pub async fn fetch_checkpoint(
     let resumed_pieces = verified.iter().filter(|v| **v).count();
 
     let cfg = DownloadConfig {
-        max_in_flight_per_source: opts.max_in_flight_per_source.max(1),
+        max_in_flight_per_source: opts
+            .max_in_flight_per_source
+            .clamp(1, MAX_IN_FLIGHT_PER_SOURCE),
         // The workers give up first, so the state machine hears of every failure from
         // them; its own deadline is the backstop.
         request_timeout_ms: (opts.request_timeout + Duration::from_secs(5)).as_millis() as u64,
