@@ -890,6 +890,20 @@ pub async fn fetch_manifest(
     })
 }
 
+/// Fetches checkpoint `root` knowing only its root: the manifests from the first source
+/// that serves valid ones ([`fetch_manifest`]), then the files from all of them
+/// ([`fetch_checkpoint`]).
+pub async fn fetch_root(
+    control: &libp2p_stream::Control,
+    sources: &[PeerId],
+    root: Hash32,
+    dest: &Path,
+    opts: &FetchOptions,
+) -> Result<FetchReport, FetchError> {
+    let (manifest, run) = fetch_manifest(control, sources, root, opts).await?;
+    fetch_checkpoint(control, sources, &manifest, &run, dest, opts).await
+}
+
 /// The result of one piece request, sent by a source's worker to the fetch loop.
 struct Outcome {
     source: SourceId,

@@ -23,7 +23,7 @@ use potluck_coordinator::verify::{VerifyOptions, verified_pieces, verify_checkpo
 use potluck_daemon::Node;
 use potluck_daemon::ckpt_transfer::{
     CKPT_PROTOCOL, FetchError, FetchOptions, FetchProgress, Op, SourceOutcome, WireRequest,
-    fetch_checkpoint, fetch_manifest, partial_dir,
+    fetch_checkpoint, fetch_manifest, fetch_root, partial_dir,
 };
 use potluck_daemon::net::NetEvent;
 
@@ -546,13 +546,11 @@ async fn hostile_requests_are_refused_and_the_server_keeps_serving() {
 
     // The server still serves an honest fetch, and a peer without the root is refused.
     let opts = FetchOptions::default();
-    let (m, run) = fetch_manifest(&control, &[peer], root, &opts)
-        .await
-        .unwrap();
     let dest = fd.path().join("ok");
-    fetch_checkpoint(&control, &[peer], &m, &run, &dest, &opts)
+    let r = fetch_root(&control, &[peer], root, &dest, &opts)
         .await
         .unwrap();
+    assert_eq!(r.fetched_bytes, ck.total());
     verifies(&dest, &ck);
     let missing = fetch_manifest(&control, &[peer], Hash32([2; 32]), &opts).await;
     assert!(matches!(missing, Err(FetchError::NoManifest { .. })));
