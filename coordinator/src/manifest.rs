@@ -209,6 +209,44 @@ impl CheckpointContent {
         Ok(CheckpointContent { chunk_size, files })
     }
 
+    /// Hashes a checkpoint held in memory as `(file name, bytes)`, exactly as [`Self::scan`]
+    /// would hash the same files written to a directory: a replica computes the root of the
+    /// checkpoint its state would be without writing it.
+    pub fn from_files(files: &[(String, Vec<u8>)], chunk_size: u32) -> Result<Self, ManifestError> {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(invalid("chunk size", format!("{chunk_size} out of range")).into());
+        }
+        if files.len() > MAX_FILES {
+            return Err(ManifestError::TooManyFiles);
+        }
+        let mut sorted: Vec<&(String, Vec<u8>)> = files.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut buf = vec![0u8; chunk_size as usize];
+        let mut out = Vec::with_capacity(sorted.len());
+        for (i, (name, bytes)) in sorted.iter().enumerate() {
+            let path = Path::new(name.as_str());
+            let reserved = *name == MANIFEST_FILE || *name == RUN_FILE;
+            let duplicate = i > 0 && sorted[i - 1].0 == *name;
+            if reserved || duplicate || !valid_file_name(name) {
+                return Err(ManifestError::NotAFile {
+                    path: path.to_path_buf(),
+                });
+            }
+            out.push(hash_reader(
+                bytes.as_slice(),
+                bytes.len() as u64,
+                path,
+                name.clone(),
+                chunk_size,
+                &mut buf,
+            )?);
+        }
+        Ok(CheckpointContent {
+            chunk_size,
+            files: out,
+        })
+    }
+
     /// The checkpoint's root hash.
     pub fn root(&self) -> Hash32 {
         let mut h = blake3::Hasher::new_derive_key(ROOT_CONTEXT);
@@ -313,7 +351,19 @@ fn hash_file(
 ) -> Result<FileRecord, ManifestError> {
     let f = File::open(path).map_err(io(path))?;
     let size = f.metadata().map_err(io(path))?.len();
-    let mut r = BufReader::with_capacity(1 << 20, f);
+    let r = BufReader::with_capacity(1 << 20, f);
+    hash_reader(r, size, path, name, chunk_size, buf)
+}
+
+/// Hashes one file's `size` bytes read from `r`; `path` names it in errors.
+fn hash_reader<R: Read>(
+    mut r: R,
+    size: u64,
+    path: &Path,
+    name: String,
+    chunk_size: u32,
+    buf: &mut [u8],
+) -> Result<FileRecord, ManifestError> {
     let mut whole = blake3::Hasher::new();
     let rec = if name.ends_with(".safetensors") {
         let header = safetensors_header::read_header(&mut r, size).map_err(|source| {
@@ -982,6 +1032,42 @@ mod tests {
         assert!(crate::store::write_manifest_files(&d, &unsigned, &run).is_err());
         crate::store::write_manifest_files(&d, &m, &run).unwrap();
         crate::verify::verify_checkpoint_dir(&d, &Default::default()).unwrap();
+    }
+
+    #[test]
+    fn in_memory_files_hash_like_the_directory() {
+        let t = tempfile::tempdir().unwrap();
+        write_model(t.path(), 1);
+        std::fs::write(t.path().join("outer.bin"), vec![7u8; 10_000]).unwrap();
+        let on_disk = CheckpointContent::scan(t.path(), MIN_CHUNK_SIZE).unwrap();
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().into_string().unwrap(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        files.reverse();
+        let in_memory = CheckpointContent::from_files(&files, MIN_CHUNK_SIZE).unwrap();
+        assert_eq!(in_memory, on_disk);
+        assert_eq!(in_memory.root(), on_disk.root());
+        // One flipped byte changes the root.
+        files[0].1[3] ^= 1;
+        let flipped = CheckpointContent::from_files(&files, MIN_CHUNK_SIZE);
+        assert!(flipped.map(|c| c.root() != on_disk.root()).unwrap_or(true));
+        // Names a directory could not hold, or the manifest's own, are refused.
+        for bad in ["../x", "", MANIFEST_FILE] {
+            let f = vec![(bad.to_string(), vec![1u8])];
+            assert!(
+                CheckpointContent::from_files(&f, MIN_CHUNK_SIZE).is_err(),
+                "{bad}"
+            );
+        }
+        let dup = vec![("a".to_string(), vec![1u8]), ("a".to_string(), vec![2u8])];
+        assert!(CheckpointContent::from_files(&dup, MIN_CHUNK_SIZE).is_err());
     }
 
     #[test]

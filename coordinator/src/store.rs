@@ -327,7 +327,8 @@ pub struct Ledger {
     entries: Vec<SignedManifest>,
 }
 
-fn entry_name(round: u64) -> String {
+/// The file name of the ledger entry for `round`.
+pub fn entry_name(round: u64) -> String {
     format!("{round:020}.pb")
 }
 

@@ -44,32 +44,55 @@ async fn start(n: usize, dir: &std::path::Path) -> Vec<Node> {
     let mut nodes: Vec<Node> = Vec::new();
     let mut seed: Option<Multiaddr> = None;
     for i in 0..n {
-        let mut cfg = Config {
-            data_dir: dir.join(format!("p{i}")),
-            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
-            mdns: false,
-            ..Config::default()
-        };
-        if let Some(a) = &seed {
-            cfg.bootstrap = vec![a.clone()];
-        }
-        let node = Node::start(cfg).await.unwrap();
+        let node = start_one(&dir.join(format!("p{i}")), seed.clone()).await;
         if seed.is_none() {
-            let c = node.client();
-            let mut addr = None;
-            for _ in 0..100 {
-                let st = c.status().await.unwrap();
-                if let Some(a) = st.listen_addrs.first() {
-                    addr = Some(a.clone().with(libp2p::multiaddr::Protocol::P2p(st.peer_id)));
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            seed = addr;
+            seed = Some(listen_addr(&node).await);
         }
         nodes.push(node);
     }
     nodes
+}
+
+/// Starts one daemon with its data in `data_dir`, bootstrapping from `seed`.
+async fn start_one(data_dir: &std::path::Path, seed: Option<Multiaddr>) -> Node {
+    let cfg = Config {
+        data_dir: data_dir.to_path_buf(),
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        mdns: false,
+        bootstrap: seed.into_iter().collect(),
+        ..Config::default()
+    };
+    Node::start(cfg).await.unwrap()
+}
+
+/// A daemon's first listen address, with its peer id.
+async fn listen_addr(node: &Node) -> Multiaddr {
+    let c = node.client();
+    for _ in 0..100 {
+        let st = c.status().await.unwrap();
+        if let Some(a) = st.listen_addrs.first() {
+            return a.clone().with(libp2p::multiaddr::Protocol::P2p(st.peer_id));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the daemon never listened");
+}
+
+/// Joins `run_id` at `coordinator`, retrying while the run is not yet registered.
+async fn join_retrying(
+    svc: potluck_daemon::train::TrainService,
+    coordinator: libp2p::PeerId,
+    run_id: [u8; 32],
+) -> Option<potluck_daemon::train::RunSummary> {
+    for _ in 0..50 {
+        match svc.join(coordinator, run_id, None).await {
+            Ok(s) => return Some(s),
+            Err(potluck_daemon::train::TrainError::ShuttingDown) => return None,
+            Err(e) => tracing::warn!(error = %e, "join failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 /// Hostile input on the tensor and run-control protocols: a 2^32 length prefix, a
@@ -166,18 +189,55 @@ async fn three_peers_end_every_round_on_the_same_root() {
     }
     // Every round was committed by a quorum of the three replicas (the coordinator commits
     // as soon as two agree; the third then finds it holds the same root).
-    let mut committed = 0;
+    let mut committed = Vec::new();
     while let Ok(ev) = events.try_recv() {
         if let RunEvent::Committed {
-            agreeing, members, ..
+            round,
+            root,
+            agreeing,
+            members,
+            ..
         } = ev
         {
             assert_eq!(members, 3);
             assert!(agreeing >= 2);
-            committed += 1;
+            committed.push((round, root));
         }
     }
-    assert_eq!(committed, 3);
+    assert_eq!(committed.len(), 3);
+    // The root each round committed is the content root of a signed checkpoint manifest in
+    // the coordinator's ledger, chained back to the genesis; every replica keeps a copy of
+    // the ledger and the newest checkpoints, which verify offline against it.
+    use potluck_coordinator::store::Ledger;
+    use potluck_daemon::train::checkpoint::{checkpoint_dir, ledger_dir, run_dir};
+    let ledgers: Vec<Vec<_>> = (0..3)
+        .map(|i| {
+            let rd = run_dir(&dir.path().join(format!("p{i}")), &run_id);
+            Ledger::read_entries(&ledger_dir(&rd)).unwrap()
+        })
+        .collect();
+    assert_eq!(ledgers[0].len(), 4, "genesis and three rounds");
+    assert_eq!(ledgers[1], ledgers[0]);
+    assert_eq!(ledgers[2], ledgers[0]);
+    for (round, root) in &committed {
+        let m = &ledgers[0][*round as usize];
+        assert_eq!(m.body().round, *round);
+        assert_eq!(m.body().root.0, *root);
+        assert_eq!(m.body().parent.unwrap().0, round - 1);
+    }
+    for i in 0..3 {
+        let rd = run_dir(&dir.path().join(format!("p{i}")), &run_id);
+        let v = potluck_coordinator::verify::verify_checkpoint_dir(
+            &checkpoint_dir(&rd, 3),
+            &potluck_coordinator::verify::VerifyOptions {
+                expected_run_id: None,
+                ledger_dir: Some(ledger_dir(&rd)),
+            },
+        )
+        .unwrap_or_else(|e| panic!("peer {i}'s round-3 checkpoint: {e}"));
+        assert_eq!(v.chain_len, 4);
+        assert_eq!(v.root.0, summary.root);
+    }
     // Data really moved between the peers, and the checkpoint verifies offline.
     let (sent, received) = nodes[1].train().traffic().totals();
     assert!(sent > 0 && received > 0);
@@ -187,6 +247,11 @@ async fn three_peers_end_every_round_on_the_same_root() {
     )
     .expect("checkpoint verifies");
     assert_eq!(Some(verified.root.to_hex()), summary.checkpoint_root);
+    assert_eq!(
+        verified.root.0, summary.root,
+        "the final checkpoint is the last commit"
+    );
+    assert_eq!(verified.round, 3);
     for n in nodes {
         n.shutdown().await;
     }
@@ -258,6 +323,130 @@ async fn a_killed_replica_does_not_stop_the_run() {
         "the survivors committed the round the victim died in, or a later one (last commit {}, kill in {killed_in})",
         summary.rounds
     );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_joins_at_round_3_ends_on_the_same_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start(3, dir.path()).await;
+    let run = run_with(|m| {
+        m.rounds = Some(5);
+        m.min_peers = Some(2);
+        m.round_deadline_secs = Some(30);
+    });
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let mut events = nodes[0].train().subscribe();
+    let early = tokio::spawn(join_retrying(nodes[1].train(), coordinator, run_id));
+    let late_node = nodes.pop().unwrap();
+    let late_svc = late_node.train();
+    // The third peer joins once round 2 is committed, while round 3 runs without it.
+    let watcher = tokio::spawn(async move {
+        let mut late = None;
+        let mut opened_with_three = Vec::new();
+        while let Ok(ev) = events.recv().await {
+            match ev {
+                RunEvent::Committed { round: 2, .. } if late.is_none() => {
+                    late = Some(tokio::spawn(join_retrying(
+                        late_svc.clone(),
+                        coordinator,
+                        run_id,
+                    )));
+                }
+                RunEvent::RoundOpened { round, members: 3 } => opened_with_three.push(round),
+                RunEvent::Finished { .. } => break,
+                _ => {}
+            }
+        }
+        (late, opened_with_three)
+    });
+    let summary = tokio::time::timeout(
+        Duration::from_secs(300),
+        nodes[0].train().coordinate(run, None),
+    )
+    .await
+    .expect("run finished in time")
+    .expect("run succeeded");
+    assert_eq!(summary.rounds, 5);
+    let (late, opened_with_three) = watcher.await.unwrap();
+    assert!(
+        opened_with_three.iter().all(|r| *r > 3) && !opened_with_three.is_empty(),
+        "the late peer trains in the rounds after it joined: {opened_with_three:?}"
+    );
+    let late = late
+        .expect("round 2 was committed")
+        .await
+        .unwrap()
+        .expect("the late peer finished");
+    assert_eq!(
+        late.root, summary.root,
+        "the late peer ends on the committed root"
+    );
+    let early = early.await.unwrap().expect("the early peer finished");
+    assert_eq!(early.root, summary.root);
+    late_node.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_peer_resumes_from_its_own_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start(3, dir.path()).await;
+    let seed = listen_addr(&nodes[0]).await;
+    let run = run_with(|m| {
+        m.rounds = Some(6);
+        m.min_peers = Some(2);
+        m.round_deadline_secs = Some(30);
+    });
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let mut events = nodes[0].train().subscribe();
+    let steady = tokio::spawn(join_retrying(nodes[1].train(), coordinator, run_id));
+    let victim = nodes.pop().unwrap();
+    let first_life = tokio::spawn(join_retrying(victim.train(), coordinator, run_id));
+    let victim_dir = dir.path().join("p2");
+    // Once round 2 is committed the third daemon stops, and a new daemon on its data dir
+    // (same identity, same saved state) joins the run again.
+    let restarter = tokio::spawn(async move {
+        while let Ok(ev) = events.recv().await {
+            if let RunEvent::Committed { round: 2, .. } = ev {
+                victim.shutdown().await;
+                let again = start_one(&victim_dir, Some(seed)).await;
+                let s = join_retrying(again.train(), coordinator, run_id).await;
+                again.shutdown().await;
+                return s;
+            }
+        }
+        None
+    });
+    let summary = tokio::time::timeout(
+        Duration::from_secs(300),
+        nodes[0].train().coordinate(run, None),
+    )
+    .await
+    .expect("run finished in time")
+    .expect("run succeeded");
+    assert_eq!(summary.rounds, 6);
+    assert!(
+        first_life.await.unwrap().is_none(),
+        "the first life was cut short"
+    );
+    let second = restarter
+        .await
+        .unwrap()
+        .expect("the restarted peer finished the run");
+    assert!(
+        second.resumed_from.is_some_and(|r| r >= 1),
+        "it resumed from its saved state: {:?}",
+        second.resumed_from
+    );
+    assert_eq!(second.root, summary.root);
+    assert_eq!(steady.await.unwrap().unwrap().root, summary.root);
     for n in nodes {
         n.shutdown().await;
     }

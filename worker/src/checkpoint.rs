@@ -63,6 +63,11 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, WorkerError> {
 
 /// Serialises named f32 tensors (in the given order) and writes them atomically.
 pub fn write_f32_tensors(path: &Path, tensors: &[NamedTensor]) -> Result<(), WorkerError> {
+    write_atomic(path, &serialize_f32_tensors(path, tensors)?)
+}
+
+/// Serialises named f32 tensors to safetensors bytes; `path` names the file in errors.
+pub fn serialize_f32_tensors(path: &Path, tensors: &[NamedTensor]) -> Result<Vec<u8>, WorkerError> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -73,9 +78,8 @@ pub fn write_f32_tensors(path: &Path, tensors: &[NamedTensor]) -> Result<(), Wor
             .map_err(|e| WorkerError::checkpoint(path, format!("tensor {name}: {e}")))?;
         views.push((name.as_str(), view));
     }
-    let out = safetensors::tensor::serialize(views, None)
-        .map_err(|e| WorkerError::checkpoint(path, format!("serialise: {e}")))?;
-    write_atomic(path, &out)
+    safetensors::tensor::serialize(views, None)
+        .map_err(|e| WorkerError::checkpoint(path, format!("serialise: {e}")))
 }
 
 /// Reads a safetensors file that must hold exactly the tensors of `layout`, as f32 with the

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::WorkerError;
 use crate::checkpoint::{
-    NamedTensor, read_f32_tensors, read_limited, write_atomic, write_f32_tensors,
+    NamedTensor, read_f32_tensors, read_limited, serialize_f32_tensors, write_atomic,
+    write_f32_tensors,
 };
 use crate::config::{DeviceSpec, LoraConfig, ModelConfig, TrainConfig};
 use crate::data::Dataset;
@@ -386,20 +387,13 @@ impl Replica {
         } else {
             None
         };
-        let meta = CheckpointMeta {
-            format: FORMAT.into(),
-            version: FORMAT_VERSION,
-            model: self.model_cfg.clone(),
-            train: self.train_cfg.clone(),
-            step: self.step,
-            weights: weights_name.clone(),
-            optimizer: optimizer_name.clone(),
-            optimizer_steps: self.opt.steps(),
-            lora: self.model.lora().cloned(),
-            lora_base: self.lora_base.clone(),
-        };
-        let json = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| WorkerError::checkpoint(dir, format!("serialise config: {e}")))?;
+        let json = self.meta_json(
+            dir,
+            self.step,
+            &weights_name,
+            optimizer_name.clone(),
+            if with_optimizer { self.opt.steps() } else { 0 },
+        )?;
         write_atomic(&dir.join(CONFIG_FILE), &json)?;
         // Older tensor files are no longer referenced; removing them is best-effort.
         if let Ok(entries) = std::fs::read_dir(dir) {
@@ -413,6 +407,69 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    fn meta_json(
+        &self,
+        dir: &Path,
+        step: u64,
+        weights: &str,
+        optimizer: Option<String>,
+        optimizer_steps: u64,
+    ) -> Result<Vec<u8>, WorkerError> {
+        let meta = CheckpointMeta {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            model: self.model_cfg.clone(),
+            train: self.train_cfg.clone(),
+            step,
+            weights: weights.to_string(),
+            optimizer,
+            optimizer_steps,
+            lora: self.model.lora().cloned(),
+            lora_base: self.lora_base.clone(),
+        };
+        serde_json::to_vec_pretty(&meta)
+            .map_err(|e| WorkerError::checkpoint(dir, format!("serialise config: {e}")))
+    }
+
+    /// The files of a weights-only checkpoint of `flat` (in layout order) at `step`, in
+    /// memory: byte for byte what `save_checkpoint(dir, false)` writes for the same weights
+    /// at the same step. Replicas holding the same weights at the same step get the same
+    /// bytes, so the swarm hashes these files to name a round's state.
+    pub fn checkpoint_files(
+        &self,
+        flat: &[f32],
+        step: u64,
+    ) -> Result<Vec<(String, Vec<u8>)>, WorkerError> {
+        if flat.len() != self.num_params() {
+            return Err(WorkerError::Mismatch(format!(
+                "flat vector has {} values, the model has {}",
+                flat.len(),
+                self.num_params()
+            )));
+        }
+        let mut tensors: Vec<NamedTensor> = Vec::new();
+        let mut off = 0;
+        for (name, shape) in self.param_layout() {
+            let n: usize = shape.iter().product();
+            tensors.push((name, shape, flat[off..off + n].to_vec()));
+            off += n;
+        }
+        let weights_name = format!("weights-{step:012}.safetensors");
+        let here = Path::new(&weights_name);
+        let weights = serialize_f32_tensors(here, &tensors)?;
+        let json = self.meta_json(Path::new(CONFIG_FILE), step, &weights_name, None, 0)?;
+        Ok(vec![
+            (weights_name, weights),
+            (CONFIG_FILE.to_string(), json),
+        ])
+    }
+
+    /// Sets the step counter (the learning-rate schedule follows it): a replica that joins
+    /// a run, or resyncs, takes the swarm's step.
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
     }
 
     /// Loads a checkpoint written by `save_checkpoint` onto `device`. The weights come back

@@ -70,6 +70,55 @@ fn round_trip_is_bit_exact_and_resume_continues_identically() {
     );
 }
 
+#[test]
+fn in_memory_checkpoint_files_match_what_is_saved() {
+    let data = data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Replica::new(&ModelConfig::tiny(), &train_cfg(), &DeviceSpec::Cpu).unwrap();
+    a.train_steps(&data, 0, 2).unwrap();
+    a.save_checkpoint(dir.path(), false).unwrap();
+    let flat = a.flat_params().unwrap();
+    let mut files = a.checkpoint_files(&flat, a.step()).unwrap();
+    files.sort();
+    let mut on_disk: Vec<(String, Vec<u8>)> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    on_disk.sort();
+    assert_eq!(files, on_disk);
+    // Another replica (other seed, other step counter) with the same weights and step writes
+    // the same bytes: the swarm names states by them.
+    let mut b = Replica::new(
+        &ModelConfig::tiny(),
+        &TrainConfig {
+            seed: 99,
+            ..train_cfg()
+        },
+        &DeviceSpec::Cpu,
+    )
+    .unwrap();
+    b.set_flat_params(&flat).unwrap();
+    b.set_step(a.step());
+    let mut from_b = b.checkpoint_files(&flat, a.step()).unwrap();
+    from_b.sort();
+    assert_ne!(
+        from_b, files,
+        "the train config (seed) is part of config.json"
+    );
+    let mut same = Replica::new(&ModelConfig::tiny(), &train_cfg(), &DeviceSpec::Cpu).unwrap();
+    same.set_flat_params(&flat).unwrap();
+    let mut from_same = same.checkpoint_files(&flat, a.step()).unwrap();
+    from_same.sort();
+    assert_eq!(from_same, files);
+    assert!(a.checkpoint_files(&flat[1..], 2).is_err());
+}
+
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
     let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();

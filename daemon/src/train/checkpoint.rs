@@ -1,22 +1,36 @@
-//! The final checkpoint of a run: the worker's safetensors and `config.json` plus the outer
-//! optimizer state, described by a signed run manifest (`run.pb`) and a signed checkpoint
-//! manifest (`manifest.pb`) in the coordinator crate's format, so that `potluck verify DIR`
-//! checks it offline.
+//! Checkpoints of a swarm run: the state a replica holds after a round, as files (the
+//! worker's safetensors and `config.json`, plus the outer optimizer's `outer.bin`), named by
+//! the coordinator crate's content root, and signed per committed round into a ledger.
+//!
+//! Every replica computes the files of its state in memory and reports their content root
+//! as the round's root, so the hash the swarm agrees on is the root of the checkpoint that
+//! `potluck verify` checks: nothing is hashed two ways. The coordinator signs one manifest
+//! per committed round (parent = the previous commit) and appends it to its ledger; the
+//! replicas receive it with the commit and keep their own copy of the ledger, with the
+//! newest checkpoints on disk.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use libp2p::identity::Keypair;
 use potluck_coordinator::Hash32;
 use potluck_coordinator::failover::{RunManifest as SignedRunBody, SignedRunManifest};
 use potluck_coordinator::manifest::{
-    CheckpointContent, DEFAULT_CHUNK_SIZE, MANIFEST_FILE, ManifestBody, RUN_FILE, SignedManifest,
-    SignerRole,
+    CheckpointContent, DEFAULT_CHUNK_SIZE, ManifestBody, SignedManifest, SignerRole,
 };
 use potluck_coordinator::round::Contributor;
-use potluck_coordinator::store::write_atomic;
+use potluck_coordinator::store::{write_atomic, write_manifest_files};
+use potluck_worker::{OuterOptimizer, Replica};
 
 use super::manifest::ResolvedRun;
 use super::session::TrainError;
+
+/// The outer optimizer's state file in a checkpoint.
+pub const OUTER_FILE: &str = "outer.bin";
+/// Where a daemon keeps what it holds of runs, under its data directory.
+pub const RUNS_DIR: &str = "runs";
+/// Committed checkpoints a replica keeps on disk (older ones are pruned; the ledger keeps
+/// every round's manifest).
+pub const KEEP_CHECKPOINTS: usize = 3;
 
 /// The raw ed25519 secret key of a libp2p identity, for the coordinator crate's signatures.
 pub fn secret_key(keypair: &Keypair) -> Result<[u8; 32], TrainError> {
@@ -29,61 +43,142 @@ pub fn secret_key(keypair: &Keypair) -> Result<[u8; 32], TrainError> {
     Ok(out)
 }
 
-/// Signs and writes `run.pb` and `manifest.pb` for the checkpoint the worker wrote to `dir`
-/// at `round`. Returns the checkpoint's content root (hex).
-pub fn write_manifest(
-    dir: &Path,
+fn err(e: &dyn std::fmt::Display) -> TrainError {
+    TrainError::Other(format!("checkpoint: {e}"))
+}
+
+/// The files of a replica state at the end of `round`: the worker's weights-only checkpoint
+/// at the swarm's step for that round, and the outer optimizer's state.
+pub fn state_files(
+    rep: &Replica,
     run: &ResolvedRun,
-    genesis_root: [u8; 32],
     round: u64,
-    contributors: Vec<Contributor>,
+    params: &[f32],
+    velocity: &[f32],
+) -> Result<Vec<(String, Vec<u8>)>, TrainError> {
+    let mut files = rep.checkpoint_files(params, swarm_step(run, round))?;
+    let outer = OuterOptimizer::with_velocity(run.outer.lr, run.outer.momentum, velocity.to_vec());
+    files.push((OUTER_FILE.to_string(), outer.to_bytes()));
+    Ok(files)
+}
+
+/// The inner step every replica's schedule is at after `round`: rounds are H steps each.
+pub fn swarm_step(run: &ResolvedRun, round: u64) -> u64 {
+    round.saturating_mul(run.inner_steps as u64)
+}
+
+/// The content (and so the root) of a set of checkpoint files.
+pub fn content_of(files: &[(String, Vec<u8>)]) -> Result<CheckpointContent, TrainError> {
+    CheckpointContent::from_files(files, DEFAULT_CHUNK_SIZE).map_err(|e| err(&e))
+}
+
+/// The signed run manifest: the run's settings (its canonical encoding), its genesis root,
+/// and this daemon's key as the coordinator's.
+pub fn signed_run(
+    run: &ResolvedRun,
+    genesis_root: Hash32,
     keypair: &Keypair,
-) -> Result<String, TrainError> {
+) -> Result<SignedRunManifest, TrainError> {
     let sk = secret_key(keypair)?;
-    let pk = potluck_coordinator::manifest::public_key(&sk);
-    let err = |e: &dyn std::fmt::Display| TrainError::Other(format!("checkpoint manifest: {e}"));
-    let signed_run = SignedRunManifest::create(
+    SignedRunManifest::create(
         SignedRunBody {
             name: run.name.clone(),
-            genesis_root: Hash32(genesis_root),
-            coordinator_keys: vec![pk],
+            genesis_root,
+            coordinator_keys: vec![potluck_coordinator::manifest::public_key(&sk)],
             settings: run.canonical_bytes(),
         },
         &sk,
     )
-    .map_err(|e| err(&e))?;
-    let content = CheckpointContent::scan(dir, DEFAULT_CHUNK_SIZE).map_err(|e| err(&e))?;
-    let root = content.root();
+    .map_err(|e| err(&e))
+}
+
+/// Signs, as the run's coordinator, the manifest of the checkpoint committed at `round`.
+pub fn sign_round(
+    signed_run: &SignedRunManifest,
+    round: u64,
+    parent: Option<(u64, Hash32)>,
+    content: CheckpointContent,
+    contributors: Vec<Contributor>,
+    keypair: &Keypair,
+) -> Result<SignedManifest, TrainError> {
+    let sk = secret_key(keypair)?;
     let body = ManifestBody {
         run_id: signed_run.run_id(),
         round,
-        parent: None,
-        root,
+        parent,
+        root: content.root(),
         content,
         contributors,
-        coordinator_key: pk,
+        coordinator_key: potluck_coordinator::manifest::public_key(&sk),
     };
     let mut signed = SignedManifest::new(body);
     signed
         .sign(SignerRole::Coordinator, &sk)
         .map_err(|e| err(&e))?;
-    write_atomic(&dir.join(RUN_FILE), &signed_run.encode()).map_err(|e| err(&e))?;
-    write_atomic(&dir.join(MANIFEST_FILE), &signed.encode()).map_err(|e| err(&e))?;
-    Ok(root.to_hex())
+    Ok(signed)
 }
 
-/// Where a daemon keeps what it holds of runs, under its data directory.
-pub const RUNS_DIR: &str = "runs";
+/// Writes a checkpoint directory atomically: the files and both manifests go into a hidden
+/// sibling first, which is renamed into place, so `dir` is either absent or complete.
+pub fn write_checkpoint(
+    dir: &Path,
+    files: &[(String, Vec<u8>)],
+    manifest: &SignedManifest,
+    run: &SignedRunManifest,
+) -> Result<(), TrainError> {
+    let parent = dir
+        .parent()
+        .ok_or_else(|| TrainError::Other(format!("{} has no parent", dir.display())))?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| TrainError::Other(format!("{} has no name", dir.display())))?;
+    std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+    let tmp = parent.join(format!(".{}.partial", name.to_string_lossy()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    for (f, bytes) in files {
+        write_atomic(&tmp.join(f), bytes).map_err(|e| err(&e))?;
+    }
+    write_manifest_files(&tmp, manifest, run).map_err(|e| err(&e))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))?;
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(parent, e))
+}
+
+/// Copies a run's ledger directory (the signed manifests) to `to`, file by file, atomically.
+pub fn copy_ledger(from: &Path, to: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(to).map_err(|e| io_err(to, e))?;
+    for m in potluck_coordinator::store::Ledger::read_entries(from).map_err(|e| err(&e))? {
+        let name = potluck_coordinator::store::entry_name(m.body().round);
+        write_atomic(&to.join(name), &m.encode()).map_err(|e| err(&e))?;
+    }
+    Ok(())
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> TrainError {
+    TrainError::Other(format!("{}: {e}", path.display()))
+}
 
 /// The directory of run `run_id` under `data_dir`: `ledger/` (the signed manifests of every
 /// committed round, as the coordinator crate's [`potluck_coordinator::store::Ledger`] writes
 /// them), `checkpoints/<round>/` (committed checkpoints, pruned by retention) and `local/`
 /// (this replica's own state: error feedback, inner optimizer).
-pub fn run_dir(data_dir: &Path, run_id: &[u8; 32]) -> std::path::PathBuf {
+pub fn run_dir(data_dir: &Path, run_id: &[u8; 32]) -> PathBuf {
     data_dir.join(RUNS_DIR).join(hex::encode(run_id))
 }
 
 /// The ledger directory of a run directory.
-pub fn ledger_dir(run_dir: &Path) -> std::path::PathBuf {
+pub fn ledger_dir(run_dir: &Path) -> PathBuf {
     run_dir.join(potluck_coordinator::store::LEDGER_DIR)
+}
+
+/// The directory of the checkpoint committed at `round`, in a run directory.
+pub fn checkpoint_dir(run_dir: &Path, round: u64) -> PathBuf {
+    potluck_coordinator::store::checkpoint_dir(run_dir, round)
 }

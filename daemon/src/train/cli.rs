@@ -31,7 +31,8 @@ pub struct DemoArgs {
 pub struct VerifyArgs {
     /// The checkpoint directory.
     pub path: PathBuf,
-    /// A ledger directory: also check the chain of parents back to the first checkpoint.
+    /// A ledger directory: also check the chain of parents back to the first checkpoint
+    /// (default: a `ledger` directory beside the checkpoint or its `checkpoints` folder).
     #[arg(long)]
     pub ledger: Option<PathBuf>,
     /// Print the result as JSON.
@@ -90,7 +91,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let opts = VerifyOptions {
         expected_run_id: None,
-        ledger_dir: args.ledger.clone(),
+        ledger_dir: args.ledger.clone().or_else(|| beside_ledger(&args.path)),
     };
     let v = verify_checkpoint_dir(&args.path, &opts)
         .with_context(|| format!("{} does not verify", args.path.display()))?;
@@ -123,6 +124,18 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The ledger that belongs with a checkpoint directory, when there is one: `../ledger`
+/// (a demo's or an export's layout) or `../../ledger` (a run directory's
+/// `checkpoints/<round>`).
+fn beside_ledger(checkpoint: &std::path::Path) -> Option<PathBuf> {
+    let dir = std::fs::canonicalize(checkpoint).ok()?;
+    [dir.parent(), dir.parent().and_then(|p| p.parent())]
+        .into_iter()
+        .flatten()
+        .map(|p| p.join(potluck_coordinator::store::LEDGER_DIR))
+        .find(|l| l.is_dir())
 }
 
 fn human_bytes(b: u64) -> String {

@@ -59,11 +59,17 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating the output dir {}", opts.out.display()))?;
     let peers_dir = opts.out.join("peers");
-    // A checkpoint left by an earlier demo would mix its files into this one's manifest.
-    let ckpt = opts.out.join("checkpoint");
-    if ckpt.exists() {
-        std::fs::remove_dir_all(&ckpt)
-            .with_context(|| format!("removing the old checkpoint {}", ckpt.display()))?;
+    // What an earlier demo left (its peers' data dirs hold that run's ledger) is removed:
+    // each demo is a new run.
+    for old in [
+        &peers_dir,
+        &opts.out.join("checkpoint"),
+        &opts.out.join("ledger"),
+    ] {
+        if old.exists() {
+            std::fs::remove_dir_all(old)
+                .with_context(|| format!("removing {} left by an earlier demo", old.display()))?;
+        }
     }
     let started = Instant::now();
 
@@ -194,6 +200,12 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
         summary.total_steps,
     );
     let checkpoint_root = summary.checkpoint_root.clone().unwrap_or_default();
+    // The coordinator's ledger goes beside the checkpoint, where `potluck verify` finds it.
+    let ledger = super::checkpoint::ledger_dir(&super::checkpoint::run_dir(
+        &peers_dir.join("peer-0"),
+        &run_id,
+    ));
+    super::checkpoint::copy_ledger(&ledger, &opts.out.join("ledger"))?;
     for n in nodes {
         n.shutdown().await;
     }

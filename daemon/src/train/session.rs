@@ -27,7 +27,10 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
 use potluck_coordinator::aggregate::{Contribution, ValidationLimits, aggregate, validate_updates};
+use potluck_coordinator::failover::SignedRunManifest;
+use potluck_coordinator::manifest::{CheckpointContent, SignedManifest};
 use potluck_coordinator::round::{Action, Report, RunConfig, RunMachine};
+use potluck_coordinator::store::Ledger;
 use potluck_coordinator::{Hash32, PeerId as CPeerId};
 use potluck_proto::v1::{
     FrameHeader, FrameKind, RoundCommit, RoundOpen, RunFinished, RunJoin, RunRefused, RunWelcome,
@@ -38,6 +41,7 @@ use potluck_worker::{DeviceSpec, OuterOptimizer, Replica};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
+use super::checkpoint;
 use super::manifest::ResolvedRun;
 use super::plan::slice_ranges;
 use super::wire::{read_control, write_control};
@@ -172,13 +176,44 @@ pub enum RunEvent {
     },
 }
 
-/// The committed state a replica holds and serves to peers that join or resync.
+/// The committed state a replica holds and serves to peers that join or resync. Its root is
+/// the content root of the state's checkpoint files ([`checkpoint::state_files`]).
 #[derive(Debug)]
 struct Snapshot {
     round: u64,
     root: [u8; 32],
     params: Vec<f32>,
     velocity: Vec<f32>,
+    content: CheckpointContent,
+}
+
+impl Snapshot {
+    /// Names the state of `round` by the root of its checkpoint files.
+    fn new(
+        rep: &Replica,
+        run: &ResolvedRun,
+        round: u64,
+        params: Vec<f32>,
+        velocity: Vec<f32>,
+    ) -> Result<Self, TrainError> {
+        let files = checkpoint::state_files(rep, run, round, &params, &velocity)?;
+        let content = checkpoint::content_of(&files)?;
+        Ok(Snapshot {
+            round,
+            root: content.root().0,
+            params,
+            velocity,
+            content,
+        })
+    }
+
+    fn files(
+        &self,
+        rep: &Replica,
+        run: &ResolvedRun,
+    ) -> Result<Vec<(String, Vec<u8>)>, TrainError> {
+        checkpoint::state_files(rep, run, self.round, &self.params, &self.velocity)
+    }
 }
 
 /// The result of a finished run at one replica.
@@ -192,6 +227,8 @@ pub struct RunSummary {
     pub total_steps: u64,
     /// Content root of the checkpoint written to the output dir, when one was asked for.
     pub checkpoint_root: Option<String>,
+    /// The round of the local state this replica resumed from after a restart, if any.
+    pub resumed_from: Option<u64>,
 }
 
 /// A frame that arrived, with the peer it came from.
@@ -613,13 +650,16 @@ impl TrainService {
                 }
             }
         });
-        let genesis = initial_root(&run)?;
-        let coord = tokio::spawn(run_coordinator(
-            self.clone(),
-            run.clone(),
-            genesis,
-            coord_rx,
-        ));
+        let ledger = match self.open_ledger(&run) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Ok(mut g) = self.inner.coord_tx.lock() {
+                    *g = None;
+                }
+                return Err(e);
+            }
+        };
+        let coord = tokio::spawn(run_coordinator(self.clone(), run.clone(), ledger, coord_rx));
         let join = RunJoin {
             run_id: run_id.to_vec(),
             ..Default::default()
@@ -634,21 +674,6 @@ impl TrainService {
                 out.clone(),
             )
             .await;
-        let res = match (res, out) {
-            (Ok(mut summary), Some(dir)) => {
-                let root = super::checkpoint::write_manifest(
-                    &dir,
-                    &run,
-                    genesis,
-                    summary.rounds,
-                    Vec::new(),
-                    &self.inner.keypair,
-                )?;
-                summary.checkpoint_root = Some(root);
-                Ok(summary)
-            }
-            (res, _) => res,
-        };
         let coord_res = coord.await;
         if let Ok(mut g) = self.inner.coord_tx.lock() {
             *g = None;
@@ -657,6 +682,39 @@ impl TrainService {
             tracing::warn!(error = %e, "coordinator ended with an error");
         }
         res
+    }
+
+    /// Opens the ledger of a run this daemon starts coordinating, with its genesis checkpoint
+    /// (round 0) as the first entry.
+    fn open_ledger(&self, run: &ResolvedRun) -> Result<Ledger, TrainError> {
+        let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?;
+        let n = rep.num_params();
+        let genesis = Snapshot::new(&rep, run, 0, rep.flat_params()?, vec![0.0; n])?;
+        let signed_run = checkpoint::signed_run(run, Hash32(genesis.root), &self.inner.keypair)?;
+        let dir = checkpoint::ledger_dir(&checkpoint::run_dir(&self.inner.data_dir, &run.id()));
+        let mut ledger = Ledger::open(&dir, signed_run.clone())
+            .map_err(|e| TrainError::Other(format!("opening the run's ledger: {e}")))?;
+        if let Some(head) = ledger.head() {
+            return Err(TrainError::Other(format!(
+                "run {} already has a ledger in {} (last commit: round {}); a coordinator cannot \
+                 resume a run yet: remove that directory to start the run over",
+                hex::encode(run.id()),
+                dir.display(),
+                head.body().round
+            )));
+        }
+        let m = checkpoint::sign_round(
+            &signed_run,
+            0,
+            None,
+            genesis.content.clone(),
+            Vec::new(),
+            &self.inner.keypair,
+        )?;
+        ledger
+            .append(m)
+            .map_err(|e| TrainError::Other(format!("writing the run's ledger: {e}")))?;
+        Ok(ledger)
     }
 
     /// Joins the run `run_id` coordinated by `coordinator` and trains until it finishes.
@@ -735,10 +793,20 @@ impl TrainService {
                 _ => continue,
             }
         };
+        // The coordinator's own replica leaves the ledger to the coordinator.
+        let coordinating = known.is_some();
         let run = match known {
             Some(r) => r,
             None => ResolvedRun::from_canonical(&welcome.manifest, &run_id)?,
         };
+        let signed_run = SignedRunManifest::decode(&welcome.signed_run).map_err(|e| {
+            TrainError::Other(format!("the coordinator's signed run manifest: {e}"))
+        })?;
+        if signed_run.body().settings != run.canonical_bytes() {
+            return Err(TrainError::Other(
+                "the coordinator's signed run manifest is not the run it admitted us to".into(),
+            ));
+        }
         let (data, _) = run.load_data()?;
         let data = Arc::new(data);
         let codec = run.codec();
@@ -746,15 +814,51 @@ impl TrainService {
         let n = rep.num_params();
         let mut outer = OuterOptimizer::new(run.outer.lr, run.outer.momentum, n);
         let mut ef = ErrorFeedback::new(n);
-        let params = rep.flat_params()?;
-        let mut committed = Snapshot {
-            round: 0,
-            root: state_root(&run_id, &params, outer.velocity()),
-            params,
-            velocity: outer.velocity().to_vec(),
-        };
+        let mut committed = Arc::new(Snapshot::new(
+            &rep,
+            &run,
+            0,
+            rep.flat_params()?,
+            outer.velocity().to_vec(),
+        )?);
+        if committed.root != signed_run.body().genesis_root.0 {
+            return Err(TrainError::Other(format!(
+                "this replica computes another initial state ({}) than the coordinator ({}): \
+                 are both daemons the same version?",
+                hex::encode(&committed.root[..8]),
+                signed_run.body().genesis_root.short()
+            )));
+        }
         self.publish(&committed);
-        let mut pending: Option<Snapshot> = None;
+        let run_dir = checkpoint::run_dir(&self.inner.data_dir, &run_id);
+        let mut ledger = if coordinating {
+            None
+        } else {
+            self.replica_ledger(&run_dir, &signed_run, &welcome.head_manifest)
+        };
+        // A restarted replica resumes with its own inner optimizer and error feedback.
+        let local_dir = run_dir.join(LOCAL_DIR);
+        let mut resumed_from = None;
+        match load_local(&local_dir, &run, &self.inner.device) {
+            Ok(Some((r, e, snap))) => {
+                tracing::info!(
+                    round = snap.round,
+                    "resuming from this replica's saved state"
+                );
+                rep = r;
+                ef = e;
+                resumed_from = Some(snap.round);
+                committed = Arc::new(snap);
+                self.publish(&committed);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "this replica's saved state is unusable; starting afresh")
+            }
+        }
+        let mut last_manifest: Option<SignedManifest> =
+            SignedManifest::decode(&welcome.head_manifest).ok();
+        let mut pending: Option<Arc<Snapshot>> = None;
         let mut last_eval = f32::NAN;
         self.set_status(|s| {
             s.run_id = hex::encode(run_id);
@@ -783,9 +887,9 @@ impl TrainService {
                         self.publish(&committed);
                     }
                     if committed.root.as_slice() != open.base_root.as_slice() {
-                        match self.resync(&open, &run_id, n).await {
+                        match self.resync(&open, &run_id, &rep, &run).await {
                             Ok(s) => {
-                                committed = s;
+                                committed = Arc::new(s);
                                 self.publish(&committed);
                             }
                             Err(e) => {
@@ -825,6 +929,7 @@ impl TrainService {
                     let report = report?;
                     if let Some((report, snap)) = report {
                         last_eval = report.eval_loss;
+                        let snap = Arc::new(snap);
                         self.publish(&snap);
                         pending = Some(snap);
                         up.send(Msg::Report(report))
@@ -837,6 +942,29 @@ impl TrainService {
                         if p.root.as_slice() == c.root.as_slice() {
                             committed = p;
                             self.publish(&committed);
+                            match self.keep_checkpoint(
+                                &run,
+                                &rep,
+                                &committed,
+                                &c.manifest,
+                                &signed_run,
+                                &run_dir,
+                                &mut ledger,
+                            ) {
+                                Ok(m) => last_manifest = Some(m),
+                                Err(e) => tracing::warn!(
+                                    round = c.round,
+                                    error = %e,
+                                    "could not keep the committed checkpoint"
+                                ),
+                            }
+                            if let Err(e) = save_local(&local_dir, &rep, &committed, &ef, &run) {
+                                tracing::warn!(
+                                    round = c.round,
+                                    error = %e,
+                                    "could not save this replica's state for a restart"
+                                );
+                            }
                         } else {
                             tracing::warn!(
                                 round = c.round,
@@ -862,19 +990,27 @@ impl TrainService {
                         ));
                     }
                     rep.set_flat_params(&committed.params)?;
-                    if let Some(dir) = &out {
-                        rep.save_checkpoint(dir, false)?;
-                        let outer = OuterOptimizer::with_velocity(
-                            run.outer.lr,
-                            run.outer.momentum,
-                            committed.velocity.clone(),
-                        );
-                        potluck_coordinator::store::write_atomic(
-                            &dir.join("outer.bin"),
-                            &outer.to_bytes(),
-                        )
-                        .map_err(|e| TrainError::Other(format!("saving the outer state: {e}")))?;
+                    if let Ok(m) = SignedManifest::decode(&f.manifest) {
+                        last_manifest = Some(m);
                     }
+                    let checkpoint_root = match &out {
+                        Some(dir) => {
+                            let m = last_manifest
+                                .as_ref()
+                                .filter(|m| m.body().root.0 == committed.root)
+                                .ok_or_else(|| {
+                                    TrainError::Other(
+                                        "the coordinator sent no signed manifest for the final \
+                                         checkpoint; nothing was written"
+                                            .into(),
+                                    )
+                                })?;
+                            let files = committed.files(&rep, &run)?;
+                            checkpoint::write_checkpoint(dir, &files, m, &signed_run)?;
+                            Some(m.body().root.to_hex())
+                        }
+                        None => None,
+                    };
                     let eval_loss = if last_eval.is_finite() {
                         last_eval
                     } else {
@@ -888,7 +1024,8 @@ impl TrainService {
                         eval_loss,
                         num_params: n,
                         total_steps: rep.step(),
-                        checkpoint_root: None,
+                        checkpoint_root,
+                        resumed_from,
                     });
                 }
                 Some(Msg::Refused(r)) => return Err(TrainError::Refused(r.reason)),
@@ -897,16 +1034,148 @@ impl TrainService {
         }
     }
 
-    fn publish(&self, snap: &Snapshot) {
-        let copy = Snapshot {
-            round: snap.round,
-            root: snap.root,
-            params: snap.params.clone(),
-            velocity: snap.velocity.clone(),
+    /// Signs the manifest of a committed round and appends it to the coordinator's ledger.
+    /// The checkpoint's content comes from this daemon's own replica when it holds the
+    /// committed state, else from an agreeing peer (fetched and hashed here).
+    async fn commit_manifest(
+        &self,
+        run: &ResolvedRun,
+        record: &potluck_coordinator::round::CommitRecord,
+        agreeing: &[PeerId],
+        ledger: &mut Ledger,
+        hasher: &mut Option<Replica>,
+    ) -> Result<SignedManifest, TrainError> {
+        let held = self.inner.served.lock().ok().and_then(|g| {
+            g.iter()
+                .find(|s| s.root == record.root.0)
+                .map(|s| s.content.clone())
+        });
+        let content = match held {
+            Some(c) => c,
+            None => {
+                if hasher.is_none() {
+                    *hasher = Some(Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?);
+                }
+                let rep = hasher
+                    .as_ref()
+                    .ok_or_else(|| TrainError::Other("no replica to hash with".into()))?;
+                let mut found = None;
+                for peer in agreeing.iter().filter(|p| **p != self.inner.local) {
+                    match self
+                        .fetch_state(*peer, &run.id(), &record.root.0, rep.num_params())
+                        .await
+                    {
+                        Ok((round, params, velocity)) => {
+                            let snap = Snapshot::new(rep, run, round, params, velocity)?;
+                            if snap.root == record.root.0 && round == record.round {
+                                found = Some(snap.content);
+                                break;
+                            }
+                        }
+                        Err(e) => tracing::debug!(%peer, error = %e, "no state from this peer"),
+                    }
+                }
+                found.ok_or_else(|| {
+                    TrainError::Other("no agreeing peer served the committed state".into())
+                })?
+            }
         };
+        let m = checkpoint::sign_round(
+            ledger.run(),
+            record.round,
+            record.parent,
+            content,
+            record.agreeing.clone(),
+            &self.inner.keypair,
+        )?;
+        ledger
+            .append(m.clone())
+            .map_err(|e| TrainError::Other(format!("appending to the ledger: {e}")))?;
+        Ok(m)
+    }
+
+    /// This replica's copy of the run's ledger. It starts from the run's genesis, so a
+    /// replica that joins after round 0 keeps the committed checkpoints (each with its
+    /// signed manifest) but no ledger copy.
+    fn replica_ledger(
+        &self,
+        run_dir: &std::path::Path,
+        signed_run: &SignedRunManifest,
+        head: &[u8],
+    ) -> Option<Ledger> {
+        let dir = checkpoint::ledger_dir(run_dir);
+        let mut ledger = match Ledger::open(&dir, signed_run.clone()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep a copy of the run's ledger");
+                return None;
+            }
+        };
+        if ledger.head().is_none() {
+            match SignedManifest::decode(head) {
+                Ok(m) if m.body().round == 0 => {
+                    if let Err(e) = ledger.append(m) {
+                        tracing::warn!(error = %e, "the run's genesis manifest was refused");
+                        return None;
+                    }
+                }
+                _ => {
+                    tracing::info!("joined after round 0: keeping checkpoints, not the ledger");
+                    return None;
+                }
+            }
+        }
+        Some(ledger)
+    }
+
+    /// Writes the committed checkpoint with the coordinator's signed manifest under the run
+    /// directory, appends the manifest to this replica's ledger copy, and prunes old
+    /// checkpoints. Returns the manifest.
+    #[allow(clippy::too_many_arguments)]
+    fn keep_checkpoint(
+        &self,
+        run: &ResolvedRun,
+        rep: &Replica,
+        committed: &Snapshot,
+        manifest: &[u8],
+        signed_run: &SignedRunManifest,
+        run_dir: &std::path::Path,
+        ledger: &mut Option<Ledger>,
+    ) -> Result<SignedManifest, TrainError> {
+        let m = SignedManifest::decode(manifest)
+            .map_err(|e| TrainError::Other(format!("the commit's manifest: {e}")))?;
+        if m.body().round != committed.round || m.body().root.0 != committed.root {
+            return Err(TrainError::Other(
+                "the commit's manifest describes another checkpoint".into(),
+            ));
+        }
+        let files = committed.files(rep, run)?;
+        // write_checkpoint refuses a manifest the run's coordinator did not sign.
+        checkpoint::write_checkpoint(
+            &checkpoint::checkpoint_dir(run_dir, committed.round),
+            &files,
+            &m,
+            signed_run,
+        )?;
+        if let Some(l) = ledger
+            && let Err(e) = l.append(m.clone())
+        {
+            tracing::warn!(error = %e, "the ledger copy stops here");
+            *ledger = None;
+        }
+        potluck_coordinator::store::prune_checkpoints(
+            &run_dir.join(potluck_coordinator::store::CHECKPOINTS_DIR),
+            checkpoint::KEEP_CHECKPOINTS,
+            committed.round,
+        )
+        .map_err(|e| TrainError::Other(format!("pruning old checkpoints: {e}")))?;
+        Ok(m)
+    }
+
+    fn publish(&self, snap: &Arc<Snapshot>) {
         if let Ok(mut g) = self.inner.served.lock() {
-            g.retain(|s| s.root != copy.root);
-            g.push(Arc::new(copy));
+            g.retain(|s| s.root != snap.root);
+            g.push(snap.clone());
             let excess = g.len().saturating_sub(SERVED_STATES);
             g.drain(..excess);
         }
@@ -916,8 +1185,10 @@ impl TrainService {
         &self,
         open: &RoundOpen,
         run_id: &[u8; 32],
-        n: usize,
+        rep: &Replica,
+        run: &ResolvedRun,
     ) -> Result<Snapshot, TrainError> {
+        let n = rep.num_params();
         // The named source first, then every other member of the round: any of them that
         // agreed holds the state, and the named one may have died since.
         let mut sources: Vec<PeerId> = PeerId::from_bytes(&open.state_source).into_iter().collect();
@@ -939,22 +1210,17 @@ impl TrainService {
                         continue;
                     }
                 };
-            let root = state_root(run_id, &params, &velocity);
-            if root.as_slice() != open.base_root.as_slice() {
+            let snap = Snapshot::new(rep, run, round, params, velocity)?;
+            if snap.root.as_slice() != open.base_root.as_slice() {
                 last = TrainError::Other(format!(
                     "state from {source} hashes to {} but the round starts from {}",
-                    hex::encode(root),
+                    hex::encode(snap.root),
                     hex::encode(&open.base_root)
                 ));
                 continue;
             }
             tracing::info!(%source, round, "resynced committed state");
-            return Ok(Snapshot {
-                round,
-                root,
-                params,
-                velocity,
-            });
+            return Ok(snap);
         }
         Err(last)
     }
@@ -1022,6 +1288,8 @@ impl TrainService {
             let mut moved = rep
                 .take()
                 .ok_or_else(|| TrainError::Other("replica missing".into()))?;
+            // Every replica's schedule follows the round, whenever it joined.
+            moved.set_step(checkpoint::swarm_step(run, open.round.saturating_sub(1)));
             let (back, res) = tokio::task::spawn_blocking(move || {
                 let r = moved.train_steps(&data, shard, steps);
                 (moved, r)
@@ -1209,7 +1477,8 @@ impl TrainService {
         let new_params = outer.step(&theta_start, &avg)?;
         rep.set_flat_params(&new_params)?;
         let eval_loss = rep.eval_loss(data, EVAL_BATCHES)?;
-        let root = state_root(run_id, &new_params, outer.velocity());
+        let snap = Snapshot::new(rep, run, open.round, new_params, outer.velocity().to_vec())?;
+        let root = snap.root;
         let (sent, received) = self.inner.traffic.totals();
         let report = TrainReport {
             run_id: run_id.to_vec(),
@@ -1225,14 +1494,112 @@ impl TrainService {
             rejected,
         };
         self.set_status(|s| s.state = "waiting for the commit".into());
-        let snap = Snapshot {
-            round: open.round,
-            root,
-            params: new_params,
-            velocity: outer.velocity().to_vec(),
-        };
         Ok(Some((report, snap)))
     }
+}
+
+/// The folder of a run directory with this replica's own state.
+const LOCAL_DIR: &str = "local";
+const LOCAL_REPLICA: &str = "replica";
+const LOCAL_EF: &str = "error-feedback.bin";
+const LOCAL_OUTER: &str = "outer.bin";
+
+/// Saves what a replica needs to resume after a restart, at a commit it holds: its worker
+/// checkpoint with the inner optimizer's moments, its error feedback, and the committed
+/// outer momentum. Each save is a new directory `local/<round>` renamed into place, then the
+/// older ones are removed, so a crash leaves the previous save intact.
+fn save_local(
+    dir: &std::path::Path,
+    rep: &Replica,
+    committed: &Snapshot,
+    ef: &ErrorFeedback,
+    run: &ResolvedRun,
+) -> Result<(), TrainError> {
+    let name = format!("{:020}", committed.round);
+    let tmp = dir.join(format!(".{name}.partial"));
+    let io =
+        |p: &std::path::Path, e: std::io::Error| TrainError::Other(format!("{}: {e}", p.display()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    rep.save_checkpoint(&tmp.join(LOCAL_REPLICA), true)?;
+    let store = |f: &str, b: &[u8]| {
+        potluck_coordinator::store::write_atomic(&tmp.join(f), b)
+            .map_err(|e| TrainError::Other(format!("saving local state: {e}")))
+    };
+    store(LOCAL_EF, &ef.to_bytes())?;
+    let outer =
+        OuterOptimizer::with_velocity(run.outer.lr, run.outer.momentum, committed.velocity.clone());
+    store(LOCAL_OUTER, &outer.to_bytes())?;
+    let dest = dir.join(&name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| io(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))?;
+    for e in std::fs::read_dir(dir).map_err(|e| io(dir, e))?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n != name && !n.starts_with('.') {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// Loads the newest save of [`save_local`], if there is one for this run's settings.
+/// Returns the replica (weights, inner optimizer, step), its error feedback, and the state
+/// it held, named by its root.
+fn load_local(
+    dir: &std::path::Path,
+    run: &ResolvedRun,
+    device: &DeviceSpec,
+) -> Result<Option<(Replica, ErrorFeedback, Snapshot)>, TrainError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let newest = entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let round = n.parse::<u64>().ok().filter(|_| n.len() == 20)?;
+            Some((round, e.path()))
+        })
+        .max();
+    let Some((round, path)) = newest else {
+        return Ok(None);
+    };
+    let rep = Replica::load_checkpoint(&path.join(LOCAL_REPLICA), device)?;
+    if rep.model_config() != &run.model || rep.train_config() != &run.inner {
+        return Err(TrainError::Other(format!(
+            "{} was saved with other model or training settings",
+            path.display()
+        )));
+    }
+    let n = rep.num_params();
+    let limit = (n as u64) * 16 + (1 << 20);
+    let read = |f: &str| -> Result<Vec<u8>, TrainError> {
+        let p = path.join(f);
+        let len = std::fs::metadata(&p)
+            .map_err(|e| TrainError::Other(format!("{}: {e}", p.display())))?
+            .len();
+        if len > limit {
+            return Err(TrainError::Other(format!("{} is too large", p.display())));
+        }
+        std::fs::read(&p).map_err(|e| TrainError::Other(format!("{}: {e}", p.display())))
+    };
+    let ef = ErrorFeedback::from_bytes(&read(LOCAL_EF)?, n)?;
+    let outer = OuterOptimizer::from_bytes(&read(LOCAL_OUTER)?, n)?;
+    let snap = Snapshot::new(
+        &rep,
+        run,
+        round,
+        rep.flat_params()?,
+        outer.velocity().to_vec(),
+    )?;
+    Ok(Some((rep, ef, snap)))
 }
 
 /// Hooks a coordinator up to an inbound control stream.
@@ -1291,10 +1658,14 @@ fn attach_control_stream(
 async fn run_coordinator(
     svc: TrainService,
     run: ResolvedRun,
-    genesis: [u8; 32],
+    mut ledger: Ledger,
     mut events: mpsc::Receiver<CoordEvent>,
 ) -> Result<(), TrainError> {
     let run_id = run.id();
+    let genesis = ledger.run().body().genesis_root.0;
+    let signed_run_bytes = ledger.run().encode();
+    // A CPU replica to hash a committed state fetched from a peer, made when first needed.
+    let mut hasher: Option<Replica> = None;
     let manifest = run.canonical_bytes();
     let config = RunConfig {
         run_id: Hash32(run_id),
@@ -1323,6 +1694,8 @@ async fn run_coordinator(
                         manifest: manifest.clone(),
                         committed_round: head.round,
                         committed_root: head.root.0.to_vec(),
+                        signed_run: signed_run_bytes.clone(),
+                        head_manifest: ledger.head().map(|m| m.encode()).unwrap_or_default(),
                     });
                     send_ctl(&links, &peer, welcome);
                 }
@@ -1337,7 +1710,7 @@ async fn run_coordinator(
                 }
                 Action::RoundOpened(plan) => {
                     if plan.round > run.rounds {
-                        return finish(&svc, &run_id, &machine, &links);
+                        return finish(&svc, &run_id, &machine, &links, &ledger);
                     }
                     reports.clear();
                     started = true;
@@ -1384,12 +1757,24 @@ async fn run_coordinator(
                     {
                         source = *p;
                     }
+                    // Sign the committed checkpoint into the ledger; the replicas keep it.
+                    let manifest = match svc
+                        .commit_manifest(&run, &record, &agreeing, &mut ledger, &mut hasher)
+                        .await
+                    {
+                        Ok(m) => m.encode(),
+                        Err(e) => {
+                            tracing::error!(round = record.round, error = %e, "the commit could not be written to the ledger");
+                            Vec::new()
+                        }
+                    };
                     let commit = RoundCommit {
                         run_id: run_id.to_vec(),
                         round: record.round,
                         root: record.root.0.to_vec(),
                         agreeing: agreeing.iter().map(|p| p.to_bytes()).collect(),
                         eval_loss,
+                        manifest,
                     };
                     for p in links.keys() {
                         send_ctl(&links, p, Msg::Commit(commit.clone()));
@@ -1402,7 +1787,7 @@ async fn run_coordinator(
                         eval_loss,
                     });
                     if record.round >= run.rounds {
-                        return finish(&svc, &run_id, &machine, &links);
+                        return finish(&svc, &run_id, &machine, &links, &ledger);
                     }
                 }
                 Action::RoundFailed { round, reason } => {
@@ -1412,7 +1797,7 @@ async fn run_coordinator(
                         reason: format!("{reason:?}"),
                     });
                     if round >= run.rounds {
-                        return finish(&svc, &run_id, &machine, &links);
+                        return finish(&svc, &run_id, &machine, &links, &ledger);
                     }
                 }
                 Action::Dropped { peer, reason } => {
@@ -1445,7 +1830,7 @@ async fn run_coordinator(
                         needed = run.min_peers,
                         "too few replicas to open another round; finishing the run"
                     );
-                    return finish(&svc, &run_id, &machine, &links);
+                    return finish(&svc, &run_id, &machine, &links, &ledger);
                 }
                 machine.handle_timeout(unix_ms());
                 continue;
@@ -1514,18 +1899,24 @@ fn send_ctl(links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>, peer: &PeerId,
     }
 }
 
-/// Tells every replica the run is over, with the last committed root.
+/// Tells every replica the run is over, with the last committed root and its manifest.
 fn finish(
     svc: &TrainService,
     run_id: &[u8; 32],
     machine: &RunMachine,
     links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>,
+    ledger: &Ledger,
 ) -> Result<(), TrainError> {
     let head = machine.head();
     let fin = RunFinished {
         run_id: run_id.to_vec(),
         rounds: head.round,
         root: head.root.0.to_vec(),
+        manifest: ledger
+            .head()
+            .filter(|m| m.body().root == head.root)
+            .map(|m| m.encode())
+            .unwrap_or_default(),
     };
     for p in links.keys() {
         send_ctl(links, p, Msg::Finished(fin.clone()));
@@ -1541,31 +1932,12 @@ fn to_libp2p(p: &CPeerId) -> Option<PeerId> {
     PeerId::from_bytes(&p.0).ok()
 }
 
-/// The state every replica starts from: the model initialised from the run's seed.
-fn initial_root(run: &ResolvedRun) -> Result<[u8; 32], TrainError> {
-    let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?;
-    let n = rep.num_params();
-    Ok(state_root(&run.id(), &rep.flat_params()?, &vec![0.0; n]))
-}
-
 /// The root a replica reports for a round it sat out: unique to the peer and round.
 fn sitting_out_root(peer: &PeerId, round: u64) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(b"potluck-sitting-out-v1");
     h.update(&peer.to_bytes());
     h.update(&round.to_le_bytes());
-    *h.finalize().as_bytes()
-}
-
-/// The root of a replica's state: blake3 over the run id, the weights and the outer
-/// momentum, all as little-endian f32 in the worker's fixed parameter order.
-pub fn state_root(run_id: &[u8; 32], params: &[f32], velocity: &[f32]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    h.update(b"potluck-state-v1");
-    h.update(run_id);
-    h.update(&(params.len() as u64).to_le_bytes());
-    h.update(&f32_bytes(params));
-    h.update(&f32_bytes(velocity));
     *h.finalize().as_bytes()
 }
 
@@ -1721,13 +2093,68 @@ mod tests {
     }
 
     #[test]
-    fn state_root_covers_weights_and_momentum() {
-        let id = [3u8; 32];
-        let a = state_root(&id, &[1.0, 2.0], &[0.0, 0.0]);
-        assert_eq!(a, state_root(&id, &[1.0, 2.0], &[0.0, 0.0]));
-        assert_ne!(a, state_root(&id, &[1.0, 2.5], &[0.0, 0.0]));
-        assert_ne!(a, state_root(&id, &[1.0, 2.0], &[0.0, 1e-9]));
-        assert_ne!(a, state_root(&[4u8; 32], &[1.0, 2.0], &[0.0, 0.0]));
+    fn local_state_round_trips_and_refuses_damage() {
+        use super::super::manifest::{DEMO_MANIFEST, RunManifest};
+        let run = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join(LOCAL_DIR);
+        assert!(load_local(&dir, &run, &DeviceSpec::Cpu).unwrap().is_none());
+        let mut rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu).unwrap();
+        rep.set_step(checkpoint::swarm_step(&run, 2));
+        let n = rep.num_params();
+        let velocity: Vec<f32> = (0..n).map(|i| i as f32 * 1e-6).collect();
+        let snap = Snapshot::new(&rep, &run, 2, rep.flat_params().unwrap(), velocity).unwrap();
+        let mut ef = ErrorFeedback::new(n);
+        let delta: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 - 3.0) * 1e-3).collect();
+        ef.compress(Codec::INT8, &delta).unwrap();
+        save_local(&dir, &rep, &snap, &ef, &run).unwrap();
+        // A later save replaces the earlier one.
+        save_local(&dir, &rep, &snap, &ef, &run).unwrap();
+        let (back, back_ef, back_snap) = load_local(&dir, &run, &DeviceSpec::Cpu).unwrap().unwrap();
+        assert_eq!(back_snap.root, snap.root);
+        assert_eq!(back_snap.round, 2);
+        assert_eq!(back.step(), rep.step());
+        assert_eq!(back_ef.to_bytes(), ef.to_bytes());
+        // A damaged file is an error, never a panic or a silently fresh state.
+        let ef_file = dir.join(format!("{:020}", 2)).join(LOCAL_EF);
+        std::fs::write(&ef_file, b"garbage").unwrap();
+        assert!(load_local(&dir, &run, &DeviceSpec::Cpu).is_err());
+        // State saved under other settings is refused.
+        save_local(&dir, &rep, &snap, &ef, &run).unwrap();
+        let mut other = run.clone();
+        other.inner.lr *= 2.0;
+        assert!(load_local(&dir, &other, &DeviceSpec::Cpu).is_err());
+    }
+
+    #[test]
+    fn snapshot_root_covers_weights_momentum_and_round() {
+        use super::super::manifest::{DEMO_MANIFEST, RunManifest};
+        let run = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu).unwrap();
+        let p = rep.flat_params().unwrap();
+        let n = p.len();
+        let snap = |round, p: &[f32], v: &[f32]| {
+            Snapshot::new(&rep, &run, round, p.to_vec(), v.to_vec()).unwrap()
+        };
+        let zeros = vec![0.0; n];
+        let a = snap(1, &p, &zeros);
+        assert_eq!(a.root, snap(1, &p, &zeros).root);
+        let mut p2 = p.clone();
+        p2[7] += 1e-3;
+        assert_ne!(a.root, snap(1, &p2, &zeros).root);
+        let mut v = zeros.clone();
+        v[n - 1] = 1e-9;
+        assert_ne!(a.root, snap(1, &p, &v).root);
+        assert_ne!(a.root, snap(2, &p, &zeros).root);
+        // The root is the content root of the checkpoint files `potluck verify` checks.
+        let files = a.files(&rep, &run).unwrap();
+        assert_eq!(checkpoint::content_of(&files).unwrap().root().0, a.root);
     }
 
     #[test]
