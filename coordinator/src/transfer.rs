@@ -275,7 +275,10 @@ impl Download {
         }
     }
 
-    fn ban(&mut self, source: SourceId) {
+    /// Bans `source` for the rest of the transfer and asks its outstanding pieces of the
+    /// others: for misbehaviour the daemon sees before any piece data arrives (an answer
+    /// that announces more bytes than were asked for, a protocol violation).
+    pub fn ban(&mut self, source: SourceId) {
         if let Some(s) = self.sources.get_mut(&source) {
             s.banned = true;
         }
@@ -452,5 +455,32 @@ mod tests {
         let r3 = d.poll_request(200).unwrap();
         assert!(d.handle_data(666, r3.piece, &serve(&files, &r3)).is_err());
         assert!(d.is_stalled());
+    }
+
+    #[test]
+    fn a_source_banned_for_a_protocol_violation_gives_back_its_pieces() {
+        let (_t, content, files) = fixture();
+        let cfg = DownloadConfig {
+            max_in_flight_per_source: 2,
+            ..DownloadConfig::default()
+        };
+        let mut d = Download::new(&content, &[], cfg);
+        d.add_source(1);
+        let a = d.poll_request(0).unwrap();
+        let b = d.poll_request(0).unwrap();
+        assert!(d.poll_request(0).is_none());
+        d.ban(1);
+        assert!(d.is_banned(1) && d.is_stalled());
+        // Late data from the banned source is refused.
+        assert!(d.handle_data(1, a.piece, &serve(&files, &a)).is_err());
+        d.add_source(2);
+        let again: Vec<usize> = std::iter::from_fn(|| d.poll_request(0))
+            .map(|r| r.piece)
+            .collect();
+        assert_eq!(
+            again,
+            vec![a.piece, b.piece],
+            "its pieces go to the next source"
+        );
     }
 }

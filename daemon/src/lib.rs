@@ -4,6 +4,7 @@
 //! `wire` are the pieces they are built from.
 
 pub mod capability;
+pub mod ckpt_transfer;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -30,6 +30,8 @@ pub enum NodeError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Train(#[from] TrainError),
+    #[error(transparent)]
+    Checkpoints(#[from] crate::ckpt_transfer::ServeError),
 }
 
 /// A running daemon.
@@ -79,6 +81,8 @@ impl Node {
         let (client, event_loop) = net::build(config, key.clone())?;
         let train =
             TrainService::start(key, client.stream_control(), DeviceSpec::Cpu, dir.clone())?;
+        let runs = dir.join(crate::train::checkpoint::RUNS_DIR);
+        crate::ckpt_transfer::serve_checkpoints(client.stream_control(), runs, Default::default())?;
         // Measure the reference training step off the runtime; the figure joins the
         // capability record when it is ready.
         let measuring = client.clone();
