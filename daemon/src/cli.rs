@@ -58,6 +58,17 @@ pub enum Command {
     /// List the ledgers of the runs in the data dir (works without a daemon) and check each
     /// chain of checkpoints.
     Checkpoints(crate::train::cli::CheckpointsArgs),
+    /// Coordinate a run on the local daemon without training in it (a public swarm's
+    /// coordinator), and follow it to the end: `potluck run start FILE --no-replica --follow`.
+    Coordinator {
+        #[command(flatten)]
+        q: QueryArgs,
+        /// The run manifest (TOML).
+        file: PathBuf,
+        /// A peer that takes the run over if this daemon disappears (repeat for more).
+        #[arg(long = "successor", value_name = "PEER_ID")]
+        successors: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -214,6 +225,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invite(args) => crate::train::cli::invite(args).await,
         Command::Join(args) => crate::train::cli::join(args).await,
         Command::Checkpoints(args) => crate::train::cli::checkpoints(args),
+        Command::Coordinator {
+            q,
+            file,
+            successors,
+        } => {
+            crate::train::cli::run(crate::train::cli::RunCommand::Start {
+                q,
+                file,
+                out: None,
+                follow: true,
+                successors,
+                no_replica: true,
+            })
+            .await
+        }
     }
 }
 

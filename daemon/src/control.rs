@@ -243,9 +243,25 @@ impl v1::control_server::Control for ControlService {
     ) -> Result<Response<v1::StartRunResponse>, Status> {
         let req = req.into_inner();
         let out = out_dir(&req.out_dir)?;
+        let mut successors = Vec::with_capacity(req.successors.len());
+        for s in req
+            .successors
+            .iter()
+            .take(crate::train::runs::MAX_SUCCESSORS + 1)
+        {
+            successors.push(s.parse().map_err(|_| {
+                Status::invalid_argument(format!("successor {s:?} is not a peer id"))
+            })?);
+        }
+        if successors.len() > crate::train::runs::MAX_SUCCESSORS {
+            return Err(Status::invalid_argument(format!(
+                "at most {} successors",
+                crate::train::runs::MAX_SUCCESSORS
+            )));
+        }
         let started = self
             .runs
-            .start(&req.manifest_toml, out)
+            .start(&req.manifest_toml, out, successors, req.coordinate_only)
             .await
             .map_err(runs_status)?;
         Ok(Response::new(v1::StartRunResponse {

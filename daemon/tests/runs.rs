@@ -134,11 +134,24 @@ async fn run_start_refuses_bad_manifests_and_a_second_run_and_invites_name_the_r
         .start_run(v1::StartRunRequest {
             manifest_toml: bad.clone(),
             out_dir: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("compression"), "{err}");
+    // A successor that is not a peer id is refused before anything starts.
+    let err = c
+        .start_run(v1::StartRunRequest {
+            manifest_toml: manifest(1),
+            out_dir: String::new(),
+            successors: vec!["not-a-peer".into()],
+            coordinate_only: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("not a peer id"), "{err}");
     let bad_file = dir.path().join("bad.toml");
     std::fs::write(&bad_file, &bad).unwrap();
     let out = potluck(args(&["run", "start", bad_file.to_str().unwrap()], &data)).await;
@@ -162,6 +175,7 @@ async fn run_start_refuses_bad_manifests_and_a_second_run_and_invites_name_the_r
         .start_run(v1::StartRunRequest {
             manifest_toml: manifest(1).replace("\"builtin\"", "\"/nonexistent/corpus\""),
             out_dir: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -197,6 +211,7 @@ async fn run_start_refuses_bad_manifests_and_a_second_run_and_invites_name_the_r
         .start_run(v1::StartRunRequest {
             manifest_toml: manifest(1),
             out_dir: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -320,6 +335,7 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
         .start_run(v1::StartRunRequest {
             manifest_toml: manifest(2),
             out_dir: dir.path().join("ckpt").display().to_string(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -396,6 +412,7 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
         .start_run(v1::StartRunRequest {
             manifest_toml: manifest(2).replace("seed = 5", "seed = 6"),
             out_dir: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

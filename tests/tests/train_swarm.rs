@@ -241,6 +241,17 @@ async fn three_peers_end_every_round_on_the_same_root() {
     // Data really moved between the peers, and the checkpoint verifies offline.
     let (sent, received) = nodes[1].train().traffic().totals();
     assert!(sent > 0 && received > 0);
+    // Counted per round too: every round moved bytes both ways, and the rounds add up.
+    let per_round = nodes[1].train().traffic().per_round();
+    for r in 1..=3 {
+        let (s, rcv) = per_round.get(&r).copied().unwrap_or_default();
+        assert!(s > 0 && rcv > 0, "round {r}: {s} sent, {rcv} received");
+    }
+    assert_eq!(per_round.values().map(|v| v.0).sum::<u64>(), sent);
+    assert_eq!(
+        nodes[1].train().status().round_bytes.len(),
+        per_round.len().min(8)
+    );
     let verified = potluck_coordinator::verify::verify_checkpoint_dir(
         &out,
         &potluck_coordinator::verify::VerifyOptions::default(),
@@ -384,6 +395,18 @@ async fn a_peer_that_joins_at_round_3_ends_on_the_same_root() {
     assert_eq!(
         late.root, summary.root,
         "the late peer ends on the committed root"
+    );
+    // It got the state it started from as the committed checkpoint, over the verified
+    // checkpoint transfer: it holds the checkpoint of a round it did not train in.
+    let late_dir = potluck_daemon::train::checkpoint::run_dir(&dir.path().join("p2"), &run_id);
+    let held: Vec<u64> = std::fs::read_dir(late_dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
+        .collect();
+    let first_trained = *opened_with_three.iter().min().unwrap();
+    assert!(
+        held.iter().any(|r| *r < first_trained),
+        "checkpoints held {held:?}, first round trained {first_trained}"
     );
     let early = early.await.unwrap().expect("the early peer finished");
     assert_eq!(early.root, summary.root);
@@ -605,6 +628,48 @@ async fn the_successor_takes_over_when_the_coordinator_dies() {
         keys.len(),
         2,
         "signed by the coordinator, then by its successor"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_without_a_replica_runs_the_swarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(3, dir.path()).await;
+    let run = run_with(|m| {
+        m.rounds = Some(3);
+        m.min_peers = Some(2);
+    });
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let replicas: Vec<_> = nodes
+        .iter()
+        .skip(1)
+        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
+        .collect();
+    let summary = tokio::time::timeout(
+        Duration::from_secs(240),
+        nodes[0].train().coordinate_only(run, Vec::new()),
+    )
+    .await
+    .expect("run finished in time")
+    .expect("run succeeded");
+    assert_eq!(summary.rounds, 3);
+    for r in replicas {
+        assert_eq!(r.await.unwrap().unwrap().root, summary.root);
+    }
+    // It trained nothing, yet signed every commit: it hashed the state it fetched from an
+    // agreeing replica.
+    assert!(nodes[0].train().traffic().totals().1 > 0);
+    let ledger = verified_ledger(&dir.path().join("p0"), &run_id);
+    assert_eq!(ledger.len(), 4);
+    assert_eq!(ledger[3].body().root.0, summary.root);
+    let own = potluck_daemon::train::checkpoint::run_dir(&dir.path().join("p0"), &run_id);
+    assert!(
+        !own.join("local").exists(),
+        "no replica state on the coordinator"
     );
     for n in nodes {
         n.shutdown().await;

@@ -44,6 +44,10 @@ pub struct VerifyArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// After verifying, write the checkpoint's safetensors files and `config.json` here,
+    /// for tools that load plain safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub export: Option<PathBuf>,
 }
 
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -101,6 +105,13 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     };
     let v = verify_checkpoint_dir(&args.path, &opts)
         .with_context(|| format!("{} does not verify", args.path.display()))?;
+    if let Some(dest) = &args.export {
+        let files = potluck_coordinator::verify::export_checkpoint(&args.path, dest, &opts)
+            .with_context(|| format!("exporting to {}", dest.display()))?;
+        if !args.json {
+            println!("exported {} files to {}", files.len(), dest.display());
+        }
+    }
     if args.json {
         let out = serde_json::json!({
             "ok": true,
@@ -171,6 +182,13 @@ pub enum RunCommand {
         /// Stay and print progress until the run ends.
         #[arg(long)]
         follow: bool,
+        /// A peer that takes the run over if this daemon disappears (repeat for more, in
+        /// order of succession). It must have been in the run from round 0.
+        #[arg(long = "successor", value_name = "PEER_ID")]
+        successors: Vec<String>,
+        /// Coordinate only: this daemon trains no replica (a public swarm's coordinator).
+        #[arg(long)]
+        no_replica: bool,
     },
     /// Show the run the local daemon started or joined last: round, loss, peers, bytes.
     Status {
@@ -261,6 +279,8 @@ pub async fn run(cmd: RunCommand) -> anyhow::Result<()> {
             file,
             out,
             follow,
+            successors,
+            no_replica,
         } => {
             let bytes =
                 crate::fsutil::read_limited(&file, super::manifest::MAX_MANIFEST_BYTES as u64)
@@ -278,6 +298,8 @@ pub async fn run(cmd: RunCommand) -> anyhow::Result<()> {
                 .start_run(v1::StartRunRequest {
                     manifest_toml,
                     out_dir: absolute(out)?,
+                    successors,
+                    coordinate_only: no_replica,
                 })
                 .await
                 .map_err(|s| rpc("cannot start the run", s))?

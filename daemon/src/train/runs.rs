@@ -241,7 +241,13 @@ impl Runs {
 
     /// Starts the run of a TOML manifest with this daemon as its coordinator, in the
     /// background; returns once its id is known (the data is loaded and hashed first).
-    pub async fn start(&self, toml: &str, out: Option<PathBuf>) -> Result<Started, RunsError> {
+    pub async fn start(
+        &self,
+        toml: &str,
+        out: Option<PathBuf>,
+        successors: Vec<PeerId>,
+        coordinate_only: bool,
+    ) -> Result<Started, RunsError> {
         let run = RunManifest::parse(toml)?.resolve()?;
         let me = self.train.local_peer();
         let name = run.name.clone();
@@ -286,7 +292,11 @@ impl Runs {
         let this = self.clone();
         let train = self.train.clone();
         tokio::spawn(async move {
-            let res = train.coordinate(run, out).await;
+            let res = if coordinate_only {
+                train.coordinate_only(run, successors).await
+            } else {
+                train.coordinate_with(run, out, successors).await
+            };
             if let Err(e) = &res {
                 tracing::warn!(error = %e, "the run ended with an error");
             }
@@ -467,6 +477,9 @@ impl Runs {
 }
 
 /// The prefix of a run invite; the digit is the invite format's version.
+/// Successors a run may name (the signed run manifest holds them all).
+pub const MAX_SUCCESSORS: usize = 16;
+
 pub const RUN_INVITE_PREFIX: &str = "potluck1:";
 /// The invite format this build writes and reads.
 pub const RUN_INVITE_VERSION: u32 = 1;

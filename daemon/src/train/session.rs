@@ -61,6 +61,8 @@ const SERVED_STATES: usize = 2;
 const STATE_WAIT_POLLS: usize = 50;
 /// Attempts to open a stream before giving up on a peer.
 const OPEN_ATTEMPTS: u32 = 6;
+/// Tries at fetching a committed checkpoint before asking for the state instead.
+const FETCH_ATTEMPTS: u32 = 8;
 /// Deadline for one frame to arrive once its stream is open.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 /// Deadline for a joining replica to be welcomed.
@@ -99,13 +101,19 @@ pub enum TrainError {
     Other(String),
 }
 
-/// Bytes on the wire, per peer and in total, both directions.
+/// Bytes on the wire, per peer, per round and in total, both directions.
 #[derive(Debug, Default)]
 pub struct Traffic {
     sent: AtomicU64,
     received: AtomicU64,
     per_peer: Mutex<BTreeMap<PeerId, (u64, u64)>>,
+    /// The round in progress here: bytes count towards it, whatever they carry.
+    round: AtomicU64,
+    per_round: Mutex<BTreeMap<u64, (u64, u64)>>,
 }
+
+/// Rounds whose byte counts are kept.
+const ROUNDS_COUNTED: usize = 1024;
 
 impl Traffic {
     fn add(&self, peer: PeerId, sent: u64, received: u64) {
@@ -116,6 +124,26 @@ impl Traffic {
             e.0 += sent;
             e.1 += received;
         }
+        let round = self.round.load(Ordering::Relaxed);
+        if let Ok(mut m) = self.per_round.lock() {
+            let e = m.entry(round).or_default();
+            e.0 += sent;
+            e.1 += received;
+            while m.len() > ROUNDS_COUNTED {
+                m.pop_first();
+            }
+        }
+    }
+
+    /// Marks the start of `round`: later bytes count towards it.
+    fn set_round(&self, round: u64) {
+        self.round.store(round, Ordering::Relaxed);
+    }
+
+    /// Bytes sent and received during each round (round 0: before the first one), for the
+    /// last 1024 rounds.
+    pub fn per_round(&self) -> BTreeMap<u64, (u64, u64)> {
+        self.per_round.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// Total bytes sent and received.
@@ -148,6 +176,8 @@ pub struct RunStatus {
     pub peers: Vec<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Bytes sent and received in the last rounds: `(round, sent, received)`.
+    pub round_bytes: Vec<(u64, u64, u64)>,
     pub rejected_updates: u64,
     pub error: String,
 }
@@ -396,6 +426,15 @@ impl TrainService {
         let (s, r) = self.inner.traffic.totals();
         st.bytes_sent = s;
         st.bytes_received = r;
+        st.round_bytes = self
+            .inner
+            .traffic
+            .per_round()
+            .into_iter()
+            .rev()
+            .take(8)
+            .map(|(round, (s, r))| (round, s, r))
+            .collect();
         st
     }
 
@@ -654,6 +693,96 @@ impl TrainService {
         };
         self.drive(run, ledger, machine, out, coord_tx, coord_rx)
             .await
+    }
+
+    /// Coordinates a run without training in it: the standalone coordinator of a public
+    /// swarm (`potluck coordinator`). Each commit's checkpoint content is hashed from the
+    /// state fetched from an agreeing replica.
+    pub async fn coordinate_only(
+        &self,
+        run: ResolvedRun,
+        successors: Vec<PeerId>,
+    ) -> Result<RunSummary, TrainError> {
+        let (_coord_tx, coord_rx) = self.claim_coordinator()?;
+        let opened = run
+            .pin_data()
+            .map_err(TrainError::from)
+            .and_then(|run| Ok((self.open_ledger(&run, &successors)?, run)));
+        let ((ledger, machine), run) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                self.release_coordinator();
+                return Err(e);
+            }
+        };
+        self.set_status(|s| {
+            s.run_id = hex::encode(run.id());
+            s.name = run.name.clone();
+            s.rounds = run.rounds;
+            s.role = "coordinator (no replica)".into();
+            s.state = "waiting for replicas".into();
+        });
+        let mut events = self.subscribe();
+        let coord = tokio::spawn(run_coordinator(
+            self.clone(),
+            run.clone(),
+            ledger,
+            machine,
+            coord_rx,
+        ));
+        let mut last_eval = f32::NAN;
+        let mut finished = None;
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = self.inner.cancel.cancelled() => break,
+            };
+            match ev {
+                Ok(RunEvent::Committed {
+                    round,
+                    root,
+                    eval_loss,
+                    ..
+                }) => {
+                    last_eval = eval_loss;
+                    self.set_status(|s| {
+                        s.committed_round = round;
+                        s.round = round;
+                        s.committed_root = hex::encode(root);
+                        s.eval_loss = eval_loss;
+                    });
+                }
+                Ok(RunEvent::RoundOpened { round, .. }) => {
+                    self.inner.traffic.set_round(round);
+                    self.set_status(|s| s.round = round);
+                }
+                Ok(RunEvent::Finished { rounds, root }) => {
+                    finished = Some((rounds, root));
+                    break;
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        let res = coord.await;
+        self.release_coordinator();
+        match (res, finished) {
+            (Ok(Ok(())), Some((rounds, root))) => {
+                self.set_status(|s| s.state = "finished".into());
+                Ok(RunSummary {
+                    run_id: run.id(),
+                    rounds,
+                    root,
+                    eval_loss: last_eval,
+                    num_params: run.model.num_params().unwrap_or(0) as usize,
+                    total_steps: checkpoint::swarm_step(&run, rounds),
+                    checkpoint_root: None,
+                    resumed_from: None,
+                })
+            }
+            (Ok(Err(e)), _) => Err(e),
+            _ => Err(TrainError::ShuttingDown),
+        }
     }
 
     fn claim_coordinator(
@@ -1115,6 +1244,8 @@ impl TrainService {
         let mut last_manifest: Option<SignedManifest> =
             SignedManifest::decode(&welcome.head_manifest).ok();
         let mut pending: Option<Arc<Snapshot>> = None;
+        // The members of the last round opened: where the final state is, if needed.
+        let mut last_members: Vec<Vec<u8>> = Vec::new();
         let mut last_eval = f32::NAN;
         self.set_status(|s| {
             s.run_id = hex::encode(run_id);
@@ -1135,6 +1266,8 @@ impl TrainService {
             match m.msg {
                 Some(Msg::Open(open)) => {
                     let opened_at = Instant::now();
+                    last_members = open.members.clone();
+                    self.inner.traffic.set_round(open.round);
                     if let Ok(mut g) = self.inner.context.lock()
                         && let Some(c) = g.as_mut()
                     {
@@ -1246,9 +1379,21 @@ impl TrainService {
                         committed = p;
                     }
                     if committed.root.as_slice() != f.root.as_slice() {
-                        return Err(TrainError::Other(
-                            "the run finished on a state this replica does not hold".into(),
-                        ));
+                        // It joined or disagreed last: fetch the final state like a resync.
+                        let last = RoundOpen {
+                            run_id: run_id.to_vec(),
+                            round: f.rounds,
+                            members: last_members.clone(),
+                            base_root: f.root.clone(),
+                            ..Default::default()
+                        };
+                        let snap = self.resync(&last, &run_id, &rep, &run).await.map_err(|e| {
+                            TrainError::Other(format!(
+                                "the run finished on a state this replica does not hold, \
+                                 and fetching it failed: {e}"
+                            ))
+                        })?;
+                        committed = Arc::new(snap);
                     }
                     rep.set_flat_params(&committed.params)?;
                     if let Ok(m) = SignedManifest::decode(&f.manifest) {
@@ -1466,6 +1611,14 @@ impl TrainService {
                 sources.push(p);
             }
         }
+        // The committed checkpoint, chunk by verified chunk from every source at once; the
+        // state frame below is the fallback (a source still writing the checkpoint).
+        match self.fetch_checkpoint_state(open, &sources, rep, run).await {
+            Ok(snap) => return Ok(snap),
+            Err(e) => {
+                tracing::info!(error = %e, "checkpoint transfer failed; asking for the state")
+            }
+        }
         let mut last = TrainError::Other("the round names no peer to fetch its state from".into());
         for source in sources {
             let (round, params, velocity) =
@@ -1489,6 +1642,73 @@ impl TrainService {
             return Ok(snap);
         }
         Err(last)
+    }
+
+    /// Fetches the checkpoint named by the round's base root from `sources` with the
+    /// verified multi-source transfer, keeps it as this replica's checkpoint of its round,
+    /// and reads the state out of it.
+    async fn fetch_checkpoint_state(
+        &self,
+        open: &RoundOpen,
+        sources: &[PeerId],
+        rep: &Replica,
+        run: &ResolvedRun,
+    ) -> Result<Snapshot, TrainError> {
+        let root = Hash32::from_slice("base root", &open.base_root)
+            .map_err(|e| TrainError::Other(e.to_string()))?;
+        let run_dir = checkpoint::run_dir(&self.inner.data_dir, &run.id());
+        let dest = run_dir.join("fetched").join(root.to_hex());
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest)
+                .map_err(|e| TrainError::Other(format!("{}: {e}", dest.display())))?;
+        }
+        let opts = crate::ckpt_transfer::FetchOptions {
+            cancel: self.inner.cancel.child_token(),
+            ..Default::default()
+        };
+        // The sources write the checkpoint when the commit reaches them, which can be a
+        // moment after the round that starts from it opened: try again briefly.
+        let mut attempt = 0;
+        let report = loop {
+            match crate::ckpt_transfer::fetch_root(&self.inner.control, sources, root, &dest, &opts)
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) if attempt >= FETCH_ATTEMPTS || self.inner.cancel.is_cancelled() => {
+                    return Err(TrainError::Other(format!(
+                        "fetching checkpoint {}: {e}",
+                        root.short()
+                    )));
+                }
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        };
+        for s in &report.sources {
+            self.inner.traffic.add(s.peer, 0, s.served_bytes);
+        }
+        tracing::info!(
+            bytes = report.fetched_bytes,
+            "fetched the committed checkpoint"
+        );
+        let snap = read_checkpoint_state(&dest, rep, run)?;
+        if snap.root != root.0 {
+            return Err(TrainError::Other(
+                "the fetched checkpoint holds another state than its root".into(),
+            ));
+        }
+        // Keep it where committed checkpoints live, so this replica serves it too.
+        let keep = checkpoint::checkpoint_dir(&run_dir, snap.round);
+        if !keep.exists() {
+            if let Some(parent) = keep.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let _ = std::fs::rename(&dest, &keep);
+        }
+        let _ = std::fs::remove_dir_all(&dest);
+        Ok(snap)
     }
 
     /// One round at a replica. Returns `None` when this replica is not a member.
@@ -1762,6 +1982,48 @@ impl TrainService {
         self.set_status(|s| s.state = "waiting for the commit".into());
         Ok(Some((report, snap)))
     }
+}
+
+/// Reads the replica state out of a verified checkpoint directory: the weights from its
+/// safetensors file, the outer momentum from `outer.bin`, the round from its manifest.
+fn read_checkpoint_state(
+    dir: &std::path::Path,
+    rep: &Replica,
+    run: &ResolvedRun,
+) -> Result<Snapshot, TrainError> {
+    let other = |e: &dyn std::fmt::Display| TrainError::Other(format!("{}: {e}", dir.display()));
+    let manifest = SignedManifest::decode(
+        &std::fs::read(dir.join(potluck_coordinator::manifest::MANIFEST_FILE))
+            .map_err(|e| other(&e))?,
+    )
+    .map_err(|e| other(&e))?;
+    let weights = manifest
+        .body()
+        .content
+        .files
+        .iter()
+        .find(|f| f.path.ends_with(".safetensors"))
+        .ok_or_else(|| other(&"no weights file"))?;
+    let layout = rep.param_layout();
+    let params: Vec<f32> =
+        potluck_worker::checkpoint::read_f32_tensors(&dir.join(&weights.path), &layout)?
+            .into_iter()
+            .flatten()
+            .collect();
+    let n = params.len();
+    let outer_path = dir.join(checkpoint::OUTER_FILE);
+    let outer_len = std::fs::metadata(&outer_path).map_err(|e| other(&e))?.len();
+    if outer_len > (n as u64) * 8 + (1 << 20) {
+        return Err(other(&"outer.bin is too large"));
+    }
+    let outer = OuterOptimizer::from_bytes(&std::fs::read(&outer_path).map_err(|e| other(&e))?, n)?;
+    Snapshot::new(
+        rep,
+        run,
+        manifest.body().round,
+        params,
+        outer.velocity().to_vec(),
+    )
 }
 
 /// The folder of a run directory with this replica's own state.
