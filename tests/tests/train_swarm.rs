@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use libp2p::Multiaddr;
+use potluck_daemon::train::session::CrashPoint;
 use potluck_daemon::train::{RunEvent, RunManifest};
 use potluck_daemon::{Config, Node};
 
@@ -505,8 +506,11 @@ fn verified_ledger(
     entries
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_restarted_coordinator_continues_the_run_from_its_ledger() {
+/// The coordinator dies at `point` (or, with `None`, once round 2 is committed and
+/// announced), comes back on the same data dir and address, and is asked to run the same
+/// run: the run goes on from its ledger, no announced commit is lost, no round is committed
+/// twice, and every replica ends on the final root.
+async fn coordinator_dies_and_comes_back(point: Option<CrashPoint>) {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path()).await;
     let run = run_with(|m| {
@@ -528,19 +532,39 @@ async fn a_restarted_coordinator_continues_the_run_from_its_ledger() {
             .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
             .collect()
     };
-    let events = first.train().subscribe();
+    let mut events = first.train().subscribe();
+    first.train().crash_at(point);
     let svc = first.train();
     let first_life = tokio::spawn({
         let run = run.clone();
         async move { svc.coordinate(run, None).await }
     });
-    assert!(kill_after_round_2(events, first).await);
-    assert!(
-        first_life.await.unwrap().is_err(),
-        "the first life was cut short"
-    );
+    let res = match point {
+        None => {
+            let events = first.train().subscribe();
+            assert!(kill_after_round_2(events, first).await);
+            first_life.await.unwrap()
+        }
+        Some(_) => {
+            // The training stops dead at the crash point; then the whole daemon goes.
+            let res = tokio::time::timeout(Duration::from_secs(120), first_life)
+                .await
+                .expect("the crash point was reached")
+                .unwrap();
+            first.shutdown().await;
+            res
+        }
+    };
+    assert!(res.is_err(), "the first life was cut short at {point:?}");
+    let mut announced = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let RunEvent::Committed { round, .. } = ev {
+            announced.push(round);
+        }
+    }
     // The coordinator comes back on the same data dir and address, and is asked to run the
-    // same run.
+    // same run. In one process the old endpoint may hold the port a little longer than a
+    // dead process would.
     let cfg = Config {
         data_dir: dir.path().join("p0"),
         listen: vec![first_addr],
@@ -548,8 +572,6 @@ async fn a_restarted_coordinator_continues_the_run_from_its_ledger() {
         bootstrap: vec![listen_addr(&nodes[0]).await],
         ..Config::default()
     };
-    // In one process the old endpoint may hold the port a little longer than a dead
-    // process would.
     let mut again = None;
     for _ in 0..100 {
         match Node::start(cfg.clone()).await {
@@ -572,14 +594,37 @@ async fn a_restarted_coordinator_continues_the_run_from_its_ledger() {
     assert_eq!(summary.rounds, 5);
     for r in replicas {
         let s = r.await.unwrap().expect("the replica rejoined and finished");
-        assert_eq!(s.root, summary.root);
+        assert_eq!(s.root, summary.root, "{point:?}");
     }
+    // One chain (so no round twice), ending on the final root, holding every commit that
+    // was announced before the crash.
     let ledger = verified_ledger(&dir.path().join("p0"), &run_id);
     assert_eq!(ledger.last().unwrap().body().root.0, summary.root);
-    assert!(ledger.iter().any(|m| m.body().round == 2));
+    for r in &announced {
+        assert!(
+            ledger.iter().any(|m| m.body().round == *r),
+            "{point:?}: announced round {r} lost"
+        );
+    }
     again.shutdown().await;
     for n in nodes {
         n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_coordinator_continues_the_run_from_its_ledger() {
+    coordinator_dies_and_comes_back(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_coordinator_killed_at_each_persistence_point_continues_the_run() {
+    for point in [
+        CrashPoint::AfterRoundOpened(3),
+        CrashPoint::BeforeLedgerAppend(2),
+        CrashPoint::AfterLedgerAppend(2),
+    ] {
+        coordinator_dies_and_comes_back(Some(point)).await;
     }
 }
 

@@ -55,8 +55,10 @@ pub const TENSOR_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/tensor
 
 /// Deadline to open a stream to a peer.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many states a replica keeps to serve (the committed one and the one after it).
-const SERVED_STATES: usize = 2;
+/// How many states a replica keeps to serve: the committed one and the one after it, plus
+/// what it held before it rejoined a run (a coordinator that died before announcing a
+/// commit leaves the replicas holding the only copies of that state).
+const SERVED_STATES: usize = 4;
 /// How long, in 100 ms polls, a state request waits for the state to appear.
 const STATE_WAIT_POLLS: usize = 50;
 /// Attempts to open a stream before giving up on a peer.
@@ -304,6 +306,21 @@ struct Inner {
     /// What a replica knows of the run it is in, for finding the run's coordinator again
     /// when the one it followed goes away.
     context: Mutex<Option<RunContext>>,
+    /// Where a test makes the coordinator die.
+    crash_at: Mutex<Option<CrashPoint>>,
+}
+
+/// A persistence point of the coordinator where a test can make the daemon's training stop
+/// as if its process had died there (see `tests/tests/train_swarm.rs`).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Right after the opened round number was recorded.
+    AfterRoundOpened(u64),
+    /// After the state machine committed a round, before the ledger has it.
+    BeforeLedgerAppend(u64),
+    /// After the ledger has the round, before any replica was told.
+    AfterLedgerAppend(u64),
 }
 
 /// A replica's view of its run, kept for failover.
@@ -367,6 +384,7 @@ impl TrainService {
                 device,
                 data_dir,
                 context: Mutex::new(None),
+                crash_at: Mutex::new(None),
             }),
         };
         let s = svc.clone();
@@ -403,6 +421,30 @@ impl TrainService {
             }
         });
         Ok(svc)
+    }
+
+    /// Makes this daemon's training stop dead at `point`, as a killed process would.
+    #[doc(hidden)]
+    pub fn crash_at(&self, point: Option<CrashPoint>) {
+        if let Ok(mut g) = self.inner.crash_at.lock() {
+            *g = point;
+        }
+    }
+
+    /// Stops all training here if a test asked for a crash at `point`.
+    fn crash_point(&self, point: CrashPoint) -> Result<(), TrainError> {
+        let hit = self
+            .inner
+            .crash_at
+            .lock()
+            .map(|g| *g == Some(point))
+            .unwrap_or(false);
+        if hit {
+            tracing::warn!(?point, "crashing here, as a test asked");
+            self.inner.cancel.cancel();
+            return Err(TrainError::ShuttingDown);
+        }
+        Ok(())
     }
 
     /// Stops every run this daemon takes part in (the daemon is shutting down).
@@ -1280,6 +1322,11 @@ impl TrainService {
                         committed = p;
                         self.publish(&committed);
                     }
+                    if committed.root.as_slice() != open.base_root.as_slice()
+                        && let Some(held) = self.held_state(&open.base_root)
+                    {
+                        committed = held;
+                    }
                     if committed.root.as_slice() != open.base_root.as_slice() {
                         match self.resync(&open, &run_id, &rep, &run).await {
                             Ok(s) => {
@@ -1581,6 +1628,15 @@ impl TrainService {
         )
         .map_err(|e| TrainError::Other(format!("pruning old checkpoints: {e}")))?;
         Ok(m)
+    }
+
+    /// A state this daemon still holds, by root.
+    fn held_state(&self, root: &[u8]) -> Option<Arc<Snapshot>> {
+        self.inner
+            .served
+            .lock()
+            .ok()
+            .and_then(|g| g.iter().find(|s| s.root.as_slice() == root).cloned())
     }
 
     fn publish(&self, snap: &Arc<Snapshot>) {
@@ -2243,6 +2299,7 @@ async fn run_coordinator(
                     ) {
                         tracing::warn!(error = %e, "could not record the opened round");
                     }
+                    svc.crash_point(CrashPoint::AfterRoundOpened(plan.round))?;
                     let members: Vec<PeerId> = plan
                         .assignment
                         .iter()
@@ -2287,6 +2344,7 @@ async fn run_coordinator(
                         source = *p;
                     }
                     // Sign the committed checkpoint into the ledger; the replicas keep it.
+                    svc.crash_point(CrashPoint::BeforeLedgerAppend(record.round))?;
                     let manifest = match svc
                         .commit_manifest(&run, &record, &agreeing, &mut ledger, &mut hasher)
                         .await
@@ -2297,6 +2355,7 @@ async fn run_coordinator(
                             Vec::new()
                         }
                     };
+                    svc.crash_point(CrashPoint::AfterLedgerAppend(record.round))?;
                     let commit = RoundCommit {
                         run_id: run_id.to_vec(),
                         round: record.round,
