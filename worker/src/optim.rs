@@ -64,6 +64,9 @@ impl AdamW {
     /// Global L2 norm of the gradients of `params` (missing gradients count as zero).
     pub fn grad_norm(params: &[(String, Var)], grads: &GradStore) -> Result<f64, WorkerError> {
         let mut total = 0f64;
+        // Per-parameter sums of squares stay on the device and are read back once: reading
+        // each one separately costs a device synchronisation per parameter on a GPU.
+        let mut on_device = Vec::new();
         for (_, p) in params {
             if let Some(g) = grads.get(p.as_tensor()) {
                 if g.device().is_cpu() && g.dtype() == DType::F32 {
@@ -71,12 +74,12 @@ impl AdamW {
                     total += values.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
                     continue;
                 }
-                total += g
-                    .to_dtype(DType::F64)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f64>()?;
+                on_device.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
             }
+        }
+        if !on_device.is_empty() {
+            let sums: Vec<f64> = Tensor::stack(&on_device, 0)?.to_vec1()?;
+            total += sums.iter().sum::<f64>();
         }
         Ok(total.sqrt())
     }
@@ -308,5 +311,60 @@ impl OuterOptimizer {
             momentum,
             velocity,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+    use super::*;
+    use candle_core::Device;
+
+    /// Both ways of summing the gradient norm (the CPU-f32 host loop and the tensor path the
+    /// GPU and f64 masters take, read back once) give the exact global L2 norm, skip
+    /// parameters without a gradient, and see a non-finite gradient.
+    #[test]
+    fn grad_norm_sums_every_gradient_once() {
+        for dtype in [DType::F32, DType::F64] {
+            let a = Var::from_tensor(
+                &Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let b = Var::from_tensor(
+                &Tensor::new(&[[0.5f32, -1.5], [2.0, 0.25]], &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let unused = Var::from_tensor(&Tensor::ones(4, dtype, &Device::Cpu).unwrap()).unwrap();
+            // loss = sum(a^2) + 3 * sum(b): grads 2a and 3.
+            let loss = (a.as_tensor().sqr().unwrap().sum_all().unwrap()
+                + b.as_tensor().affine(3.0, 0.0).unwrap().sum_all().unwrap())
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            let params = vec![
+                ("a".to_string(), a.clone()),
+                ("unused".to_string(), unused),
+                ("b".to_string(), b.clone()),
+            ];
+            let norm = AdamW::grad_norm(&params, &grads).unwrap();
+            let want = (4.0f64 + 16.0 + 36.0 + 4.0 * 9.0).sqrt();
+            assert!((norm - want).abs() < 1e-9, "{dtype:?}: {norm} vs {want}");
+
+            let nan = (a
+                .as_tensor()
+                .affine(f64::NAN, 0.0)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                + b.as_tensor().sum_all().unwrap())
+            .unwrap();
+            let grads = nan.backward().unwrap();
+            assert!(!AdamW::grad_norm(&params, &grads).unwrap().is_finite());
+        }
     }
 }
