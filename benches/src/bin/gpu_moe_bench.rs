@@ -183,8 +183,11 @@ struct Measured {
     first_loss: f32,
     last_loss: f32,
     dropped: u64,
-    /// Median forward, backward and optimizer milliseconds of separately timed steps.
-    breakdown_ms: Option<[f64; 3]>,
+    /// Median forward, backward and optimizer milliseconds of separately timed steps, then
+    /// the host time until each of the three calls returned (before the synchronisation):
+    /// when that is close to the full time, the host (launching kernels, routing) is the
+    /// bottleneck rather than the GPU.
+    breakdown_ms: Option<[f64; 6]>,
 }
 
 impl Measured {
@@ -206,8 +209,9 @@ impl Measured {
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,
             "dropped": self.dropped,
-            "breakdown_ms": self.breakdown_ms.map(|[f, b, o]| serde_json::json!({
+            "breakdown_ms": self.breakdown_ms.map(|[f, b, o, fh, bh, oh]| serde_json::json!({
                 "forward": f, "backward": b, "optimizer": o,
+                "forward_host": fh, "backward_host": bh, "optimizer_host": oh,
             })),
         })
     }
@@ -314,11 +318,11 @@ fn breakdown(
     batches: &[(Vec<u32>, Vec<u32>)],
     batch: usize,
     steps: usize,
-) -> Result<[f64; 3]> {
+) -> Result<[f64; 6]> {
     let model = replica.model();
     let device = model.device().clone();
     let mut opt = AdamW::new(model.trainable())?;
-    let mut parts: [Vec<f64>; 3] = Default::default();
+    let mut parts: [Vec<f64>; 6] = Default::default();
     for i in 0..steps + 1 {
         let (x, y) = &batches[i % BATCHES];
         let seq = x.len() / batch;
@@ -328,12 +332,15 @@ fn breakdown(
         let t0 = Instant::now();
         let w = model.weights(true)?;
         let (loss, _) = model.loss(&w, &x, &y)?;
+        let h0 = t0.elapsed();
         device.synchronize()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
+        let h1 = t1.elapsed();
         device.synchronize()?;
         let t2 = Instant::now();
         opt.step(model.trainable(), &grads, train, train.lr)?;
+        let h2 = t2.elapsed();
         device.synchronize()?;
         let t3 = Instant::now();
         // The first step allocates the new optimizer's state: not timed.
@@ -341,10 +348,12 @@ fn breakdown(
             parts[0].push((t1 - t0).as_secs_f64() * 1e3);
             parts[1].push((t2 - t1).as_secs_f64() * 1e3);
             parts[2].push((t3 - t2).as_secs_f64() * 1e3);
+            parts[3].push(h0.as_secs_f64() * 1e3);
+            parts[4].push(h1.as_secs_f64() * 1e3);
+            parts[5].push(h2.as_secs_f64() * 1e3);
         }
     }
-    let [mut f, mut b, mut o] = parts;
-    Ok([median(&mut f), median(&mut b), median(&mut o)])
+    Ok(parts.map(|mut p| median(&mut p)))
 }
 
 fn main() -> Result<()> {
@@ -391,8 +400,10 @@ mod tests {
     fn tiny_run_on_the_cpu_measures_and_trains() {
         let a = parse_args(&args("--config tiny --steps 3 --warmup 1 --breakdown")).unwrap();
         let m = run(&a).unwrap();
-        let [f, b, o] = m.breakdown_ms.unwrap();
+        let [f, b, o, fh, bh, oh] = m.breakdown_ms.unwrap();
         assert!(f > 0.0 && b > 0.0 && o > 0.0, "{f} {b} {o}");
+        // The host part is measured inside the full time of the same call.
+        assert!(fh <= f && bh <= b && oh <= o);
         assert_eq!(m.steps, 3);
         assert_eq!(m.dropped, 0, "the bench config must be dropless");
         assert!(m.median_step_ms > 0.0 && m.tokens_per_s > 0.0);
