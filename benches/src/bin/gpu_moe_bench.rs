@@ -116,6 +116,7 @@ struct Args {
     steps: usize,
     json: Option<std::path::PathBuf>,
     breakdown: bool,
+    micro: bool,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args> {
@@ -127,6 +128,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         steps: 20,
         json: None,
         breakdown: false,
+        micro: false,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -155,6 +157,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
             "--steps" => a.steps = value()?.parse().context("--steps")?,
             "--json" => a.json = Some(value()?.into()),
             "--breakdown" => a.breakdown = true,
+            "--micro" => a.micro = true,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -356,9 +359,93 @@ fn breakdown(
     Ok(parts.map(|mut p| median(&mut p)))
 }
 
+/// Times single candle ops at the shapes one MoE layer of the config uses (tokens, width,
+/// tokens per expert), to find which primitive a step's time goes to. Returns one JSON
+/// object per op: the median milliseconds over `steps` synchronised repetitions.
+fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
+    let s = shape(&a.config)?;
+    let device = a.device.device()?;
+    let dt = a.dtype.dtype();
+    let (n, d) = (s.batch * s.seq, s.model.d_model);
+    let per_expert = n * s.model.top_k / s.model.n_experts;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut ids = |count: usize, below: usize| -> Result<Tensor> {
+        let v: Vec<u32> = (0..count)
+            .map(|_| rng.random_range(0..below as u32))
+            .collect();
+        Ok(Tensor::from_vec(v, count, &device)?)
+    };
+    let rows = ids(per_expert, n)?;
+    let tokens = ids(n, s.model.vocab)?;
+    let flat = ids(per_expert, n * s.model.n_experts)?;
+    let x = Tensor::randn(0f32, 1.0, (n, d), &device)?.to_dtype(dt)?;
+    let src = Tensor::randn(0f32, 1.0, (per_expert, d), &device)?.to_dtype(dt)?;
+    let src_tok = Tensor::randn(0f32, 1.0, (n, d), &device)?.to_dtype(dt)?;
+    let gate_src = Tensor::randn(0f32, 1.0, per_expert, &device)?.to_dtype(dt)?;
+    let w = Tensor::randn(0f32, 1.0, (2 * d, d), &device)?.to_dtype(dt)?;
+    let big = Tensor::randn(0f32, 1.0, 46_000_000, &device)?;
+    type Op<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
+    let ops: Vec<(&str, Op)> = vec![
+        (
+            "index_add rows [per_expert, d] into [tokens, d]",
+            Box::new(|| x.zeros_like()?.index_add(&rows, &src, 0)),
+        ),
+        (
+            "index_select rows [per_expert] of [tokens, d]",
+            Box::new(|| x.index_select(&rows, 0)),
+        ),
+        (
+            "index_add 1-D [per_expert] into [tokens * experts]",
+            Box::new(|| {
+                Tensor::zeros(n * s.model.n_experts, dt, &device)?.index_add(&flat, &gate_src, 0)
+            }),
+        ),
+        (
+            "index_add embedding grad [tokens, d] into [vocab, d]",
+            Box::new(|| {
+                Tensor::zeros((s.model.vocab, d), dt, &device)?.index_add(&tokens, &src_tok, 0)
+            }),
+        ),
+        (
+            "matmul expert up [per_expert, d] x [d, 2d]",
+            Box::new(|| src.matmul(&w.t()?)),
+        ),
+        ("sum_all f32 [46M]", Box::new(|| big.sum_all())),
+        (
+            "sum over rows f32 [46M / 65536, 65536]",
+            Box::new(|| big.narrow(0, 0, 45_940_736)?.reshape((701, 65536))?.sum(1)),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, op) in &ops {
+        let mut times = Vec::new();
+        for i in 0..a.warmup + a.steps {
+            device.synchronize()?;
+            let t0 = Instant::now();
+            let r = op()?;
+            device.synchronize()?;
+            if i >= a.warmup {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            drop(r);
+        }
+        out.push(serde_json::json!({
+            "micro": name, "config": s.name, "dtype": format!("{dt:?}"),
+            "tokens": n, "d": d, "per_expert": per_expert, "median_ms": median(&mut times),
+        }));
+    }
+    Ok(out)
+}
+
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let a = parse_args(&argv)?;
+    if a.micro {
+        for v in micro(&a)? {
+            println!("{v}");
+        }
+        return Ok(());
+    }
     let m = run(&a)?;
     let line = m.json().to_string();
     println!("{line}");
@@ -421,6 +508,14 @@ mod tests {
         ] {
             assert!(j.get(key).is_some(), "{key} missing");
         }
+    }
+
+    #[test]
+    fn micro_timings_run_on_the_cpu() {
+        let a = parse_args(&args("--config tiny --steps 1 --warmup 0 --micro")).unwrap();
+        let out = micro(&a).unwrap();
+        assert_eq!(out.len(), 7);
+        assert!(out.iter().all(|v| v["median_ms"].as_f64().unwrap() >= 0.0));
     }
 
     #[test]
