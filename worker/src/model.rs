@@ -10,6 +10,8 @@
 //! The training path and the stage path are the same code: a full forward is one stage that
 //! holds every layer, the embedding and the head; an MoE layer always runs as
 //! route -> per-expert forward -> combine, so a remote expert slots into the same seams.
+//! Dispatch and combine are gathers whose backward passes are gathers too (`GatherRows`):
+//! candle's CUDA index-add, the usual backward of a gather, is serial over the indices.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -283,7 +285,9 @@ pub struct Routing {
     pub d_model: usize,
     /// For each expert, the token rows it processes (after capacity), ascending.
     pub tokens: Vec<Vec<u32>>,
-    /// For each expert with tokens, the row indices as a device tensor (for index_select/add).
+    /// For each expert with tokens, the row indices as a device tensor (a remote expert's
+    /// input is `x.index_select(index[e], 0)`, the same rows in the same order as its block of
+    /// `dispatch`).
     pub index: Vec<Option<Tensor>>,
     /// For each expert with tokens, the gate weight of each routed token `[n_e]`, in the
     /// compute dtype; differentiable with respect to the router.
