@@ -285,12 +285,17 @@ impl DeviceSpec {
                          without the `cuda` feature; rebuild with `--features cuda` or use the CPU"
                     )));
                 }
-                Device::new_cuda(ordinal).map_err(|e| {
+                let device = Device::new_cuda(ordinal).map_err(|e| {
                     WorkerError::Device(format!(
                         "CUDA device {ordinal} could not be opened ({e}); check the driver and \
                          that the GPU exists, or use the CPU"
                     ))
-                })
+                })?;
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(d) = &device {
+                    crate::cuda::keep_freed_memory(d)?;
+                }
+                Ok(device)
             }
         }
     }

@@ -9,6 +9,8 @@
 pub mod checkpoint;
 pub mod compress;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod data;
 mod error;
 pub mod model;

@@ -1,0 +1,127 @@
+//! The MoE layer's gather-only dispatch and combine (`Routing::dispatch`, `moe_combine`)
+//! against the plain formulation with one `index_select` and one `index_add` per expert:
+//! the same output and the same gradients for the tokens, the router and every expert, with
+//! and without dropped assignments and with an expert that did not answer.
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::micro;
+use potluck_worker::Model;
+use potluck_worker::model::moe_combine;
+
+fn tokens(n: usize, d: usize, seed: u64) -> Var {
+    let vals: Vec<f64> = (0..n * d)
+        .map(|i| (((i as u64 * 7919 + seed * 104_729) % 211) as f64 / 105.0) - 1.0)
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(vals, (n, d), &Device::Cpu).unwrap()).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn check(capacity_factor: f32, missing: Option<usize>, seed: u64) {
+    let cfg = micro(vec![0], 1);
+    let cfg = potluck_worker::ModelConfig {
+        capacity_factor,
+        ..cfg
+    };
+    let model = Model::with_dtypes(&cfg, &Device::Cpu, DType::F64, DType::F64, seed).unwrap();
+    let w = model.weights(true).unwrap();
+    let n = 37;
+    let x = tokens(n, cfg.d_model, seed);
+    let routing = model.moe_route(&w, 0, x.as_tensor()).unwrap();
+    if capacity_factor < 1.0 {
+        assert!(routing.dropped > 0, "this case must drop assignments");
+    }
+    // A fixed, non-uniform output weighting so every output element matters differently.
+    let weight = tokens(n, cfg.d_model, seed + 1);
+
+    // Gather-only path, as the model runs it.
+    let xs = routing.dispatch(x.as_tensor()).unwrap();
+    let mut outputs = Vec::new();
+    for e in 0..cfg.n_experts {
+        outputs.push(match (routing.expert_rows(e), missing == Some(e)) {
+            (Some((start, len)), false) => Some(
+                model
+                    .expert_forward(&w, 0, e, &xs.narrow(0, start, len).unwrap())
+                    .unwrap(),
+            ),
+            _ => None,
+        });
+    }
+    let fast = moe_combine(&routing, &outputs).unwrap();
+
+    // Plain path: gather and scatter-add per expert.
+    let mut plain = Tensor::zeros((n, cfg.d_model), DType::F64, &Device::Cpu).unwrap();
+    for e in 0..cfg.n_experts {
+        let (Some(idx), Some(gate)) = (&routing.index[e], &routing.gates[e]) else {
+            continue;
+        };
+        if missing == Some(e) {
+            continue;
+        }
+        let xe = x.as_tensor().index_select(idx, 0).unwrap();
+        let ye = model.expert_forward(&w, 0, e, &xe).unwrap();
+        let contrib = ye.broadcast_mul(&gate.unsqueeze(1).unwrap()).unwrap();
+        plain = plain.index_add(idx, &contrib, 0).unwrap();
+    }
+    assert!(max_diff(&fast, &plain) < 1e-12, "outputs differ");
+
+    let objective = |y: &Tensor| (y * weight.as_tensor()).unwrap().sum_all().unwrap();
+    let g_fast = objective(&fast).backward().unwrap();
+    let g_plain = objective(&plain).backward().unwrap();
+    let gx_fast = g_fast.get(x.as_tensor()).unwrap();
+    let gx_plain = g_plain.get(x.as_tensor()).unwrap();
+    assert!(
+        max_diff(gx_fast, gx_plain) < 1e-12,
+        "token gradients differ"
+    );
+    let mut compared = 0;
+    for (name, var) in model.trainable() {
+        match (g_fast.get(var.as_tensor()), g_plain.get(var.as_tensor())) {
+            (Some(a), Some(b)) => {
+                assert!(max_diff(a, b) < 1e-12, "{name}: gradients differ");
+                compared += 1;
+            }
+            (None, None) => {}
+            (a, b) => panic!(
+                "{name}: gradient present on one path only ({} vs {})",
+                a.is_some(),
+                b.is_some()
+            ),
+        }
+    }
+    // The router and every answering expert's three matrices at least.
+    let answering = (0..cfg.n_experts)
+        .filter(|&e| routing.expert_rows(e).is_some() && missing != Some(e))
+        .count();
+    assert!(compared > 3 * answering, "{compared} gradients compared");
+}
+
+#[test]
+fn gather_path_matches_index_add_path() {
+    check(4.0, None, 3);
+}
+
+#[test]
+fn gather_path_matches_with_dropped_assignments() {
+    check(0.5, None, 5);
+}
+
+#[test]
+fn gather_path_matches_with_a_missing_expert() {
+    check(4.0, Some(1), 9);
+    check(0.5, Some(0), 11);
+}
