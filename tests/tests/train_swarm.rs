@@ -506,6 +506,28 @@ fn verified_ledger(
     entries
 }
 
+/// Five rounds that go on with two replicas.
+fn five_rounds_of_two() -> potluck_daemon::train::ResolvedRun {
+    run_with(|m| {
+        m.rounds = Some(5);
+        m.min_peers = Some(2);
+        m.round_deadline_secs = Some(20);
+    })
+}
+
+/// Every node but the first joins the run in the background.
+fn join_all_but_the_first(
+    nodes: &[Node],
+    coordinator: libp2p::PeerId,
+    run_id: [u8; 32],
+) -> Vec<tokio::task::JoinHandle<Option<potluck_daemon::train::RunSummary>>> {
+    nodes
+        .iter()
+        .skip(1)
+        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
+        .collect()
+}
+
 /// The coordinator dies at `point` (or, with `None`, once round 2 is committed and
 /// announced), comes back on the same data dir and address, and is asked to run the same
 /// run: the run goes on from its ledger, no announced commit is lost, no round is committed
@@ -513,18 +535,10 @@ fn verified_ledger(
 async fn coordinator_dies_and_comes_back(point: Option<CrashPoint>) {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path()).await;
-    let run = run_with(|m| {
-        m.rounds = Some(5);
-        m.min_peers = Some(2);
-        m.round_deadline_secs = Some(20);
-    });
+    let run = five_rounds_of_two();
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
-    let replicas: Vec<_> = nodes
-        .iter()
-        .skip(1)
-        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
-        .collect();
+    let replicas = join_all_but_the_first(&nodes, coordinator, run_id);
     let first = nodes.remove(0);
     let first_addr: Multiaddr = {
         let a = listen_addr(&first).await;
@@ -632,19 +646,11 @@ async fn the_coordinator_killed_at_each_persistence_point_continues_the_run() {
 async fn the_successor_takes_over_when_the_coordinator_dies() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path()).await;
-    let run = run_with(|m| {
-        m.rounds = Some(5);
-        m.min_peers = Some(2);
-        m.round_deadline_secs = Some(20);
-    });
+    let run = five_rounds_of_two();
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
     let successor = nodes[1].client().local_peer_id();
-    let replicas: Vec<_> = nodes
-        .iter()
-        .skip(1)
-        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
-        .collect();
+    let replicas = join_all_but_the_first(&nodes, coordinator, run_id);
     let first = nodes.remove(0);
     let events = first.train().subscribe();
     let svc = first.train();
@@ -689,11 +695,7 @@ async fn a_coordinator_without_a_replica_runs_the_swarm() {
     });
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
-    let replicas: Vec<_> = nodes
-        .iter()
-        .skip(1)
-        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
-        .collect();
+    let replicas = join_all_but_the_first(&nodes, coordinator, run_id);
     let summary = tokio::time::timeout(
         Duration::from_secs(240),
         nodes[0].train().coordinate_only(run, Vec::new()),

@@ -722,19 +722,29 @@ impl TrainService {
         successors: Vec<PeerId>,
     ) -> Result<RunSummary, TrainError> {
         let (coord_tx, coord_rx) = self.claim_coordinator()?;
+        let (run, ledger, machine) = self.prepare_run(run, &successors)?;
+        self.drive(run, ledger, machine, out, coord_tx, coord_rx)
+            .await
+    }
+
+    /// Pins the run's data and opens its ledger for this daemon, which has claimed the
+    /// coordinator's place; gives the place back when that fails.
+    fn prepare_run(
+        &self,
+        run: ResolvedRun,
+        successors: &[PeerId],
+    ) -> Result<(ResolvedRun, Ledger, RunMachine), TrainError> {
         let opened = run
             .pin_data()
             .map_err(TrainError::from)
-            .and_then(|run| Ok((self.open_ledger(&run, &successors)?, run)));
-        let ((ledger, machine), run) = match opened {
-            Ok(x) => x,
+            .and_then(|run| Ok((self.open_ledger(&run, successors)?, run)));
+        match opened {
+            Ok(((ledger, machine), run)) => Ok((run, ledger, machine)),
             Err(e) => {
                 self.release_coordinator();
-                return Err(e);
+                Err(e)
             }
-        };
-        self.drive(run, ledger, machine, out, coord_tx, coord_rx)
-            .await
+        }
     }
 
     /// Coordinates a run without training in it: the standalone coordinator of a public
@@ -746,17 +756,7 @@ impl TrainService {
         successors: Vec<PeerId>,
     ) -> Result<RunSummary, TrainError> {
         let (_coord_tx, coord_rx) = self.claim_coordinator()?;
-        let opened = run
-            .pin_data()
-            .map_err(TrainError::from)
-            .and_then(|run| Ok((self.open_ledger(&run, &successors)?, run)));
-        let ((ledger, machine), run) = match opened {
-            Ok(x) => x,
-            Err(e) => {
-                self.release_coordinator();
-                return Err(e);
-            }
-        };
+        let (run, ledger, machine) = self.prepare_run(run, &successors)?;
         self.set_status(|s| {
             s.run_id = hex::encode(run.id());
             s.name = run.name.clone();
