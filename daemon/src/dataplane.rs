@@ -107,7 +107,9 @@ pub fn seal_payload(header: &mut FrameHeader, payload: &[u8], level: Option<i32>
     header.protocol_version = PROTOCOL_VERSION;
     header.payload_len = payload.len() as u64;
     header.payload_hash = blake3::hash(payload).as_bytes().to_vec();
-    let compressed = level.and_then(|l| zstd::bulk::compress(payload, l).ok());
+    let compressed = level
+        .filter(|l| worth_compressing(payload, *l))
+        .and_then(|l| zstd::bulk::compress(payload, l).ok());
     let wire = match compressed {
         Some(c) if c.len() < payload.len() => {
             header.compression = PayloadCompression::Zstd as i32;
@@ -120,6 +122,24 @@ pub fn seal_payload(header: &mut FrameHeader, payload: &[u8], level: Option<i32>
     };
     header.payload_wire_len = wire.len() as u64;
     wire
+}
+
+/// Payloads above this size are compressed only when a sample of them compresses.
+const SAMPLE_ABOVE: usize = 256 << 10;
+const SAMPLE_LEN: usize = 64 << 10;
+
+/// Whether zstd is worth trying on `payload`: a large payload (already dense int8 or top-k
+/// codes, usually) is compressed only when a sample from its middle shrinks by at least 3%,
+/// so incompressible frames skip a full pass of the compressor.
+fn worth_compressing(payload: &[u8], level: i32) -> bool {
+    if payload.len() <= SAMPLE_ABOVE {
+        return true;
+    }
+    let start = payload.len() / 2 - SAMPLE_LEN / 2;
+    let sample = &payload[start..start + SAMPLE_LEN];
+    zstd::bulk::compress(sample, level)
+        .map(|c| c.len() * 100 < SAMPLE_LEN * 97)
+        .unwrap_or(false)
 }
 
 /// Writes one frame: a sealed header (see [`seal_payload`]) and its wire payload. Returns
@@ -274,6 +294,27 @@ mod tests {
             .unwrap();
         assert_eq!(f.payload, random);
         assert_eq!(f.header.compression, PayloadCompression::None as i32);
+    }
+
+    #[test]
+    fn large_payloads_are_compressed_only_when_a_sample_compresses() {
+        use rand::{RngCore, SeedableRng};
+        let mut noise = vec![0u8; 1 << 20];
+        rand_chacha::ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut noise);
+        let mut h = header();
+        let wire = seal_payload(&mut h, &noise, Some(1));
+        assert_eq!(h.compression, PayloadCompression::None as i32);
+        assert_eq!(wire, noise);
+        // Compressible in the middle (where the sample is taken) and overall.
+        let mut mixed = noise.clone();
+        mixed[1 << 18..3 << 18].fill(9);
+        let wire = seal_payload(&mut h, &mixed, Some(1));
+        assert_eq!(h.compression, PayloadCompression::Zstd as i32);
+        assert!(wire.len() < mixed.len() * 3 / 4);
+        let f = read(&framed(&mixed, Some(1)), Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.payload, mixed);
     }
 
     #[test]
