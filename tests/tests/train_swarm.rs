@@ -79,13 +79,14 @@ async fn listen_addr(node: &Node) -> Multiaddr {
     panic!("the daemon never listened");
 }
 
-/// Joins `run_id` at `coordinator`, retrying while the run is not yet registered.
+/// Joins `run_id` at `coordinator`, retrying for up to two minutes while the run is not
+/// (yet, or again) coordinated there.
 async fn join_retrying(
     svc: potluck_daemon::train::TrainService,
     coordinator: libp2p::PeerId,
     run_id: [u8; 32],
 ) -> Option<potluck_daemon::train::RunSummary> {
-    for _ in 0..50 {
+    for _ in 0..600 {
         match svc.join(coordinator, run_id, None).await {
             Ok(s) => return Some(s),
             Err(potluck_daemon::train::TrainError::ShuttingDown) => return None,
@@ -226,8 +227,15 @@ async fn three_peers_end_every_round_on_the_same_root() {
         assert_eq!(m.body().root.0, *root);
         assert_eq!(m.body().parent.unwrap().0, round - 1);
     }
+    // Every replica that held the last commit (at least the quorum) wrote it; one that
+    // missed a deadline under load resyncs instead and holds no checkpoint of that round.
+    let mut holders = 0;
     for i in 0..3 {
         let rd = run_dir(&dir.path().join(format!("p{i}")), &run_id);
+        if !checkpoint_dir(&rd, 3).exists() {
+            continue;
+        }
+        holders += 1;
         let v = potluck_coordinator::verify::verify_checkpoint_dir(
             &checkpoint_dir(&rd, 3),
             &potluck_coordinator::verify::VerifyOptions {
@@ -239,6 +247,10 @@ async fn three_peers_end_every_round_on_the_same_root() {
         assert_eq!(v.chain_len, 4);
         assert_eq!(v.root.0, summary.root);
     }
+    assert!(
+        holders >= 2,
+        "only {holders} replicas hold the last checkpoint"
+    );
     // Data really moved between the peers, and the checkpoint verifies offline.
     let (sent, received) = nodes[1].train().traffic().totals();
     assert!(sent > 0 && received > 0);

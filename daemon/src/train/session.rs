@@ -1379,25 +1379,37 @@ impl TrainService {
                     }
                 }
                 Some(Msg::Commit(c)) => {
+                    // The ledger copy takes every commit, held here or not.
+                    let manifest = match commit_manifest_of(&c) {
+                        Ok(m) => {
+                            append_ledger(&mut ledger, &m);
+                            Some(m)
+                        }
+                        Err(e) => {
+                            tracing::warn!(round = c.round, error = %e, "commit without a usable manifest");
+                            None
+                        }
+                    };
                     if let Some(p) = pending.take() {
                         if p.root.as_slice() == c.root.as_slice() {
                             committed = p;
                             self.publish(&committed);
-                            match self.keep_checkpoint(
-                                &run,
-                                &rep,
-                                &committed,
-                                &c.manifest,
-                                &signed_run,
-                                &run_dir,
-                                &mut ledger,
-                            ) {
-                                Ok(m) => last_manifest = Some(m),
-                                Err(e) => tracing::warn!(
-                                    round = c.round,
-                                    error = %e,
-                                    "could not keep the committed checkpoint"
-                                ),
+                            if let Some(m) = manifest {
+                                if let Err(e) = keep_checkpoint(
+                                    &run,
+                                    &rep,
+                                    &committed,
+                                    &m,
+                                    &signed_run,
+                                    &run_dir,
+                                ) {
+                                    tracing::warn!(
+                                        round = c.round,
+                                        error = %e,
+                                        "could not keep the committed checkpoint"
+                                    );
+                                }
+                                last_manifest = Some(m);
                             }
                             if let Err(e) = save_local(&local_dir, &rep, &committed, &ef, &run) {
                                 tracing::warn!(
@@ -1579,55 +1591,6 @@ impl TrainService {
             }
         }
         Some(ledger)
-    }
-
-    /// Writes the committed checkpoint with the coordinator's signed manifest under the run
-    /// directory, appends the manifest to this replica's ledger copy, and prunes old
-    /// checkpoints. Returns the manifest.
-    #[allow(clippy::too_many_arguments)]
-    fn keep_checkpoint(
-        &self,
-        run: &ResolvedRun,
-        rep: &Replica,
-        committed: &Snapshot,
-        manifest: &[u8],
-        signed_run: &SignedRunManifest,
-        run_dir: &std::path::Path,
-        ledger: &mut Option<Ledger>,
-    ) -> Result<SignedManifest, TrainError> {
-        if manifest.is_empty() {
-            return Err(TrainError::Other(
-                "the coordinator sent no manifest with this commit".into(),
-            ));
-        }
-        let m = SignedManifest::decode(manifest)
-            .map_err(|e| TrainError::Other(format!("the commit's manifest: {e}")))?;
-        if m.body().round != committed.round || m.body().root.0 != committed.root {
-            return Err(TrainError::Other(
-                "the commit's manifest describes another checkpoint".into(),
-            ));
-        }
-        let files = committed.files(rep, run)?;
-        // write_checkpoint refuses a manifest the run's coordinator did not sign.
-        checkpoint::write_checkpoint(
-            &checkpoint::checkpoint_dir(run_dir, committed.round),
-            &files,
-            &m,
-            signed_run,
-        )?;
-        if let Some(l) = ledger
-            && let Err(e) = l.append(m.clone())
-        {
-            tracing::warn!(error = %e, "the ledger copy stops here");
-            *ledger = None;
-        }
-        potluck_coordinator::store::prune_checkpoints(
-            &run_dir.join(potluck_coordinator::store::CHECKPOINTS_DIR),
-            checkpoint::KEEP_CHECKPOINTS,
-            committed.round,
-        )
-        .map_err(|e| TrainError::Other(format!("pruning old checkpoints: {e}")))?;
-        Ok(m)
     }
 
     /// A state this daemon still holds, by root.
@@ -2038,6 +2001,61 @@ impl TrainService {
         self.set_status(|s| s.state = "waiting for the commit".into());
         Ok(Some((report, snap)))
     }
+}
+
+/// The signed manifest a commit carries, checked to describe that commit's checkpoint.
+fn commit_manifest_of(c: &RoundCommit) -> Result<SignedManifest, TrainError> {
+    if c.manifest.is_empty() {
+        return Err(TrainError::Other(
+            "the coordinator sent no manifest with this commit".into(),
+        ));
+    }
+    let m = SignedManifest::decode(&c.manifest)
+        .map_err(|e| TrainError::Other(format!("the commit's manifest: {e}")))?;
+    if m.body().round != c.round || m.body().root.0.as_slice() != c.root.as_slice() {
+        return Err(TrainError::Other(
+            "the commit's manifest describes another checkpoint".into(),
+        ));
+    }
+    Ok(m)
+}
+
+/// Appends a commit's manifest to this replica's ledger copy; a copy that cannot take it
+/// (it missed a link) stops there.
+fn append_ledger(ledger: &mut Option<Ledger>, m: &SignedManifest) {
+    if let Some(l) = ledger
+        && let Err(e) = l.append(m.clone())
+    {
+        tracing::warn!(error = %e, "the ledger copy stops here");
+        *ledger = None;
+    }
+}
+
+/// Writes the committed checkpoint this replica holds, with the coordinator's signed
+/// manifest, under the run directory, and prunes old checkpoints.
+fn keep_checkpoint(
+    run: &ResolvedRun,
+    rep: &Replica,
+    committed: &Snapshot,
+    m: &SignedManifest,
+    signed_run: &SignedRunManifest,
+    run_dir: &std::path::Path,
+) -> Result<(), TrainError> {
+    let files = committed.files(rep, run)?;
+    // write_checkpoint refuses a manifest the run's coordinator did not sign.
+    checkpoint::write_checkpoint(
+        &checkpoint::checkpoint_dir(run_dir, committed.round),
+        &files,
+        m,
+        signed_run,
+    )?;
+    potluck_coordinator::store::prune_checkpoints(
+        &run_dir.join(potluck_coordinator::store::CHECKPOINTS_DIR),
+        checkpoint::KEEP_CHECKPOINTS,
+        committed.round,
+    )
+    .map_err(|e| TrainError::Other(format!("pruning old checkpoints: {e}")))?;
+    Ok(())
 }
 
 /// Reads the replica state out of a verified checkpoint directory: the weights from its
