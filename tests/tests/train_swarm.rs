@@ -734,3 +734,47 @@ async fn a_coordinator_without_a_replica_runs_the_swarm() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ledger_that_cannot_be_written_ends_the_run_on_its_last_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(3, dir.path()).await;
+    let run = five_rounds_of_two();
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let replicas = join_all_but_the_first(&nodes, coordinator, run_id);
+    // Once round 1 is in the ledger, the ledger's directory becomes unwritable (a file
+    // where the directory was, as a full or broken disk would leave it).
+    let mut events = nodes[0].train().subscribe();
+    let ledger = potluck_daemon::train::checkpoint::ledger_dir(
+        &potluck_daemon::train::checkpoint::run_dir(&dir.path().join("p0"), &run_id),
+    );
+    let breaker = tokio::spawn(async move {
+        while let Ok(ev) = events.recv().await {
+            if let RunEvent::Committed { round: 1, root, .. } = ev {
+                std::fs::rename(&ledger, ledger.with_extension("moved")).unwrap();
+                std::fs::write(&ledger, b"not a directory").unwrap();
+                return Some(root);
+            }
+        }
+        None
+    });
+    let err = tokio::time::timeout(
+        Duration::from_secs(240),
+        nodes[0].train().coordinate(run, None),
+    )
+    .await
+    .expect("run ended in time")
+    .expect_err("the run cannot go on without its ledger");
+    assert!(err.to_string().contains("ledger"), "{err}");
+    let kept = breaker.await.unwrap().expect("round 1 was committed");
+    // Every replica ends on the last commit the ledger recorded.
+    for r in replicas {
+        let s = r.await.unwrap().expect("the replica finished");
+        assert_eq!(s.rounds, 1);
+        assert_eq!(s.root, kept);
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -914,10 +914,15 @@ impl TrainService {
         }
         let coord_res = coord.await;
         self.release_coordinator();
-        if let Ok(Err(e)) = coord_res {
-            tracing::warn!(error = %e, "coordinator ended with an error");
+        match coord_res {
+            // The replica finished, but the run ended early: say why.
+            Ok(Err(e)) if res.is_ok() => Err(e),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "coordinator ended with an error");
+                res
+            }
+            _ => res,
         }
-        res
     }
 
     /// Opens the ledger of a run this daemon coordinates. A new run's ledger starts with its
@@ -2307,7 +2312,7 @@ async fn run_coordinator(
                 }
                 Action::RoundOpened(plan) => {
                     if plan.round > run.rounds {
-                        return finish(&svc, &run_id, &machine, &links, &ledger);
+                        return finish(&svc, &run_id, &links, &ledger);
                     }
                     reports.clear();
                     started = true;
@@ -2369,8 +2374,16 @@ async fn run_coordinator(
                     {
                         Ok(m) => m.encode(),
                         Err(e) => {
-                            tracing::error!(round = record.round, error = %e, "the commit could not be written to the ledger");
-                            Vec::new()
+                            // Going on would leave rounds out of the ledger's chain: the run
+                            // ends on the last commit the ledger holds.
+                            let kept = ledger.head().map(|m| m.body().round).unwrap_or(0);
+                            tracing::error!(round = record.round, error = %e, kept, "the commit could not be written to the ledger; ending the run");
+                            finish(&svc, &run_id, &links, &ledger)?;
+                            return Err(TrainError::Other(format!(
+                                "round {} could not be written to the run's ledger ({e}); the run \
+                                 ended at round {kept}, its last recorded commit",
+                                record.round
+                            )));
                         }
                     };
                     svc.crash_point(CrashPoint::AfterLedgerAppend(record.round))?;
@@ -2393,7 +2406,7 @@ async fn run_coordinator(
                         eval_loss,
                     });
                     if record.round >= run.rounds {
-                        return finish(&svc, &run_id, &machine, &links, &ledger);
+                        return finish(&svc, &run_id, &links, &ledger);
                     }
                 }
                 Action::RoundFailed { round, reason } => {
@@ -2403,7 +2416,7 @@ async fn run_coordinator(
                         reason: format!("{reason:?}"),
                     });
                     if round >= run.rounds {
-                        return finish(&svc, &run_id, &machine, &links, &ledger);
+                        return finish(&svc, &run_id, &links, &ledger);
                     }
                 }
                 Action::Dropped { peer, reason } => {
@@ -2440,7 +2453,7 @@ async fn run_coordinator(
                         needed = run.min_peers,
                         "too few replicas to open another round; finishing the run"
                     );
-                    return finish(&svc, &run_id, &machine, &links, &ledger);
+                    return finish(&svc, &run_id, &links, &ledger);
                 }
                 machine.handle_timeout(unix_ms());
                 continue;
@@ -2509,24 +2522,22 @@ fn send_ctl(links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>, peer: &PeerId,
     }
 }
 
-/// Tells every replica the run is over, with the last committed root and its manifest.
+/// Tells every replica the run is over, on the ledger's last commit, with its manifest.
 fn finish(
     svc: &TrainService,
     run_id: &[u8; 32],
-    machine: &RunMachine,
     links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>,
     ledger: &Ledger,
 ) -> Result<(), TrainError> {
-    let head = machine.head();
+    let head = ledger
+        .head()
+        .map(potluck_coordinator::failover::commit_of)
+        .ok_or_else(|| TrainError::Other("the run's ledger is empty".into()))?;
     let fin = RunFinished {
         run_id: run_id.to_vec(),
         rounds: head.round,
         root: head.root.0.to_vec(),
-        manifest: ledger
-            .head()
-            .filter(|m| m.body().root == head.root)
-            .map(|m| m.encode())
-            .unwrap_or_default(),
+        manifest: ledger.head().map(|m| m.encode()).unwrap_or_default(),
     };
     for p in links.keys() {
         send_ctl(links, p, Msg::Finished(fin.clone()));
