@@ -1069,7 +1069,8 @@ impl TrainService {
     }
 
     /// After the coordinator `lost` went away: tries the signed succession in order until
-    /// one coordinates the run again, for up to three round deadlines. A candidate that
+    /// one coordinates the run again, for up to three round deadlines (two minutes at
+    /// least: a restarting daemon may take that long). A candidate that
     /// cannot be reached is passed over; when this daemon is the first reachable one, it
     /// takes the run over.
     async fn find_coordinator(
@@ -1086,7 +1087,7 @@ impl TrainService {
             .iter()
             .filter_map(peer_of_key)
             .collect();
-        let give_up = Instant::now() + Duration::from_secs(ctx.run.round_deadline_secs.max(10) * 3);
+        let give_up = Instant::now() + Duration::from_secs(ctx.run.round_deadline_secs.max(40) * 3);
         let mut gone: BTreeSet<PeerId> = BTreeSet::new();
         let mut last = TrainError::CoordinatorGone;
         tracing::warn!(coordinator = %lost, "lost the run's coordinator; looking for it again");
