@@ -57,9 +57,13 @@ pub fn state_files(
     velocity: &[f32],
 ) -> Result<Vec<(String, Vec<u8>)>, TrainError> {
     let mut files = rep.checkpoint_files(params, swarm_step(run, round))?;
-    let outer = OuterOptimizer::with_velocity(run.outer.lr, run.outer.momentum, velocity.to_vec());
-    files.push((OUTER_FILE.to_string(), outer.to_bytes()));
+    files.push((OUTER_FILE.to_string(), outer_bytes(run, velocity)));
     Ok(files)
+}
+
+/// The bytes of `outer.bin`: the run's outer optimizer with this momentum.
+pub fn outer_bytes(run: &ResolvedRun, velocity: &[f32]) -> Vec<u8> {
+    OuterOptimizer::with_velocity(run.outer.lr, run.outer.momentum, velocity.to_vec()).to_bytes()
 }
 
 /// The inner step every replica's schedule is at after `round`: rounds are H steps each.
@@ -133,6 +137,21 @@ pub fn write_checkpoint(
     manifest: &SignedManifest,
     run: &SignedRunManifest,
 ) -> Result<(), TrainError> {
+    replace_dir(dir, |tmp| {
+        for (f, bytes) in files {
+            write_atomic(&tmp.join(f), bytes).map_err(|e| err(&e))?;
+        }
+        write_manifest_files(tmp, manifest, run).map_err(|e| err(&e))
+    })
+}
+
+/// Replaces the directory `dir` as a whole: `fill` writes its contents into a hidden sibling
+/// (`.<name>.partial`, cleared first), which is then renamed over `dir` and the parent
+/// fsynced, so `dir` is always either the old directory or the complete new one.
+pub fn replace_dir(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
     let parent = dir
         .parent()
         .ok_or_else(|| TrainError::Other(format!("{} has no parent", dir.display())))?;
@@ -145,10 +164,7 @@ pub fn write_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    for (f, bytes) in files {
-        write_atomic(&tmp.join(f), bytes).map_err(|e| err(&e))?;
-    }
-    write_manifest_files(&tmp, manifest, run).map_err(|e| err(&e))?;
+    fill(&tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))?;
     }

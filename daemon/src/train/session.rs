@@ -1530,25 +1530,20 @@ impl TrainService {
                 let rep = hasher
                     .as_ref()
                     .ok_or_else(|| TrainError::Other("no replica to hash with".into()))?;
-                let mut found = None;
-                for peer in agreeing.iter().filter(|p| **p != self.inner.local) {
-                    match self
-                        .fetch_state(*peer, &run.id(), &record.root.0, rep.num_params())
-                        .await
-                    {
-                        Ok((round, params, velocity)) => {
-                            let snap = Snapshot::new(rep, run, round, params, velocity)?;
-                            if snap.root == record.root.0 && round == record.round {
-                                found = Some(snap.content);
-                                break;
-                            }
-                        }
-                        Err(e) => tracing::debug!(%peer, error = %e, "no state from this peer"),
-                    }
-                }
-                found.ok_or_else(|| {
-                    TrainError::Other("no agreeing peer served the committed state".into())
-                })?
+                // The root covers the round too (the step and file names in the files).
+                let others: Vec<PeerId> = agreeing
+                    .iter()
+                    .copied()
+                    .filter(|p| *p != self.inner.local)
+                    .collect();
+                self.state_from_any(&others, &run.id(), &record.root.0, rep, run)
+                    .await
+                    .map_err(|e| {
+                        TrainError::Other(format!(
+                            "no agreeing peer served the committed state: {e}"
+                        ))
+                    })?
+                    .content
             }
         };
         let m = checkpoint::sign_round(
@@ -1624,7 +1619,6 @@ impl TrainService {
         rep: &Replica,
         run: &ResolvedRun,
     ) -> Result<Snapshot, TrainError> {
-        let n = rep.num_params();
         // The named source first, then every other member of the round: any of them that
         // agreed holds the state, and the named one may have died since.
         let mut sources: Vec<PeerId> = PeerId::from_bytes(&open.state_source).into_iter().collect();
@@ -1644,26 +1638,40 @@ impl TrainService {
                 tracing::info!(error = %e, "checkpoint transfer failed; asking for the state")
             }
         }
-        let mut last = TrainError::Other("the round names no peer to fetch its state from".into());
-        for source in sources {
-            let (round, params, velocity) =
-                match self.fetch_state(source, run_id, &open.base_root, n).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        last = e;
-                        continue;
-                    }
-                };
+        self.state_from_any(&sources, run_id, &open.base_root, rep, run)
+            .await
+    }
+
+    /// Asks `sources` in turn for the state named `root` (a signed state frame) and
+    /// returns the first one whose checkpoint files hash to it.
+    async fn state_from_any(
+        &self,
+        sources: &[PeerId],
+        run_id: &[u8; 32],
+        root: &[u8],
+        rep: &Replica,
+        run: &ResolvedRun,
+    ) -> Result<Snapshot, TrainError> {
+        let n = rep.num_params();
+        let mut last = TrainError::Other("no peer to fetch the state from".into());
+        for &source in sources {
+            let (round, params, velocity) = match self.fetch_state(source, run_id, root, n).await {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
             let snap = Snapshot::new(rep, run, round, params, velocity)?;
-            if snap.root.as_slice() != open.base_root.as_slice() {
+            if snap.root.as_slice() != root {
                 last = TrainError::Other(format!(
-                    "state from {source} hashes to {} but the round starts from {}",
+                    "state from {source} hashes to {} but {} was asked for",
                     hex::encode(snap.root),
-                    hex::encode(&open.base_root)
+                    hex::encode(root)
                 ));
                 continue;
             }
-            tracing::info!(%source, round, "resynced committed state");
+            tracing::info!(%source, round, "fetched the state");
             return Ok(snap);
         }
         Err(last)
@@ -2072,10 +2080,10 @@ fn read_checkpoint_state(
     run: &ResolvedRun,
 ) -> Result<Snapshot, TrainError> {
     let other = |e: &dyn std::fmt::Display| TrainError::Other(format!("{}: {e}", dir.display()));
-    let manifest = SignedManifest::decode(
-        &std::fs::read(dir.join(potluck_coordinator::manifest::MANIFEST_FILE))
-            .map_err(|e| other(&e))?,
-    )
+    let manifest = SignedManifest::decode(&read_bounded(
+        &dir.join(potluck_coordinator::manifest::MANIFEST_FILE),
+        potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
+    )?)
     .map_err(|e| other(&e))?;
     let weights = manifest
         .body()
@@ -2091,12 +2099,13 @@ fn read_checkpoint_state(
             .flatten()
             .collect();
     let n = params.len();
-    let outer_path = dir.join(checkpoint::OUTER_FILE);
-    let outer_len = std::fs::metadata(&outer_path).map_err(|e| other(&e))?.len();
-    if outer_len > (n as u64) * 8 + (1 << 20) {
-        return Err(other(&"outer.bin is too large"));
-    }
-    let outer = OuterOptimizer::from_bytes(&std::fs::read(&outer_path).map_err(|e| other(&e))?, n)?;
+    let outer = OuterOptimizer::from_bytes(
+        &read_bounded(
+            &dir.join(checkpoint::OUTER_FILE),
+            (n as u64) * 8 + (1 << 20),
+        )?,
+        n,
+    )?;
     Snapshot::new(
         rep,
         run,
@@ -2110,7 +2119,6 @@ fn read_checkpoint_state(
 const LOCAL_DIR: &str = "local";
 const LOCAL_REPLICA: &str = "replica";
 const LOCAL_EF: &str = "error-feedback.bin";
-const LOCAL_OUTER: &str = "outer.bin";
 
 /// Saves what a replica needs to resume after a restart, at a commit it holds: its worker
 /// checkpoint with the inner optimizer's moments, its error feedback, and the committed
@@ -2124,37 +2132,33 @@ fn save_local(
     run: &ResolvedRun,
 ) -> Result<(), TrainError> {
     let name = format!("{:020}", committed.round);
-    let tmp = dir.join(format!(".{name}.partial"));
-    let io =
-        |p: &std::path::Path, e: std::io::Error| TrainError::Other(format!("{}: {e}", p.display()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    rep.save_checkpoint(&tmp.join(LOCAL_REPLICA), true)?;
-    let store = |f: &str, b: &[u8]| {
-        potluck_coordinator::store::write_atomic(&tmp.join(f), b)
-            .map_err(|e| TrainError::Other(format!("saving local state: {e}")))
-    };
-    store(LOCAL_EF, &ef.to_bytes())?;
-    let outer =
-        OuterOptimizer::with_velocity(run.outer.lr, run.outer.momentum, committed.velocity.clone());
-    store(LOCAL_OUTER, &outer.to_bytes())?;
-    let dest = dir.join(&name);
-    if dest.exists() {
-        std::fs::remove_dir_all(&dest).map_err(|e| io(&dest, e))?;
-    }
-    std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))?;
-    for e in std::fs::read_dir(dir).map_err(|e| io(dir, e))?.flatten() {
+    checkpoint::replace_dir(&dir.join(&name), |tmp| {
+        rep.save_checkpoint(&tmp.join(LOCAL_REPLICA), true)?;
+        let store = |f: &str, b: &[u8]| {
+            potluck_coordinator::store::write_atomic(&tmp.join(f), b)
+                .map_err(|e| TrainError::Other(format!("saving local state: {e}")))
+        };
+        store(LOCAL_EF, &ef.to_bytes())?;
+        store(
+            checkpoint::OUTER_FILE,
+            &checkpoint::outer_bytes(run, &committed.velocity),
+        )
+    })?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| TrainError::Other(format!("{}: {e}", dir.display())))?;
+    for e in entries.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
         if n != name && !n.starts_with('.') {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
     Ok(())
+}
+
+/// Reads a whole file of at most `limit` bytes.
+fn read_bounded(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, TrainError> {
+    crate::fsutil::read_limited(path, limit)
+        .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))
 }
 
 /// Loads the newest save of [`save_local`], if there is one for this run's settings.
@@ -2188,18 +2192,9 @@ fn load_local(
     }
     let n = rep.num_params();
     let limit = (n as u64) * 16 + (1 << 20);
-    let read = |f: &str| -> Result<Vec<u8>, TrainError> {
-        let p = path.join(f);
-        let len = std::fs::metadata(&p)
-            .map_err(|e| TrainError::Other(format!("{}: {e}", p.display())))?
-            .len();
-        if len > limit {
-            return Err(TrainError::Other(format!("{} is too large", p.display())));
-        }
-        std::fs::read(&p).map_err(|e| TrainError::Other(format!("{}: {e}", p.display())))
-    };
-    let ef = ErrorFeedback::from_bytes(&read(LOCAL_EF)?, n)?;
-    let outer = OuterOptimizer::from_bytes(&read(LOCAL_OUTER)?, n)?;
+    let ef = ErrorFeedback::from_bytes(&read_bounded(&path.join(LOCAL_EF), limit)?, n)?;
+    let outer =
+        OuterOptimizer::from_bytes(&read_bounded(&path.join(checkpoint::OUTER_FILE), limit)?, n)?;
     let snap = Snapshot::new(
         &rep,
         run,
