@@ -353,6 +353,85 @@ async fn a_killed_replica_does_not_stop_the_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reducer_killed_after_its_contributions_arrived_is_replaced_within_the_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start(3, dir.path()).await;
+    let run = run_with(|m| {
+        m.rounds = Some(3);
+        m.round_deadline_secs = Some(30);
+        m.min_peers = Some(2);
+    });
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let mut events = nodes[0].train().subscribe();
+    let victim = nodes.pop().unwrap();
+    // The victim dies in round 2 holding every contribution to its slice, before it sends
+    // the mean back: only the survivors' copies of their updates can save that slice.
+    victim
+        .train()
+        .crash_at(Some(CrashPoint::ReducerBeforeSending(2)));
+    let survivor = tokio::spawn(join_retrying(nodes[1].train(), coordinator, run_id));
+    let victim_task = tokio::spawn(join_retrying(victim.train(), coordinator, run_id));
+    let watcher = tokio::spawn(async move {
+        let mut commits = Vec::new();
+        while let Ok(ev) = events.recv().await {
+            match ev {
+                RunEvent::Committed {
+                    round, agreeing, ..
+                } => commits.push((round, agreeing)),
+                RunEvent::Finished { .. } => break,
+                _ => {}
+            }
+        }
+        commits
+    });
+    let coordinating = nodes[0].train();
+    let run_task = tokio::spawn(async move { coordinating.coordinate(run, None).await });
+    let died = tokio::time::timeout(Duration::from_secs(300), victim_task)
+        .await
+        .expect("the victim reached its crash point")
+        .unwrap();
+    assert!(
+        died.is_none(),
+        "the victim finished the run instead of dying"
+    );
+    victim.shutdown().await;
+    let summary = tokio::time::timeout(Duration::from_secs(300), run_task)
+        .await
+        .expect("run finished in time")
+        .unwrap()
+        .expect("run succeeded");
+    let s = tokio::time::timeout(Duration::from_secs(60), survivor)
+        .await
+        .expect("survivor done")
+        .unwrap()
+        .expect("survivor finished");
+    assert_eq!(s.root, summary.root);
+    let commits = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        commits.contains(&(2, 2)),
+        "round 2 was committed by the two survivors: {commits:?}"
+    );
+    let (a, b) = (nodes[0].train().status(), nodes[1].train().status());
+    assert_eq!(
+        a.reassigned_slices + b.reassigned_slices,
+        1,
+        "exactly one survivor took the dead reducer's slice over"
+    );
+    assert_eq!(
+        (a.missing_slices, b.missing_slices),
+        (0, 0),
+        "no survivor applied a zero slice: the dead reducer's slice was reduced again"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_joins_at_round_3_ends_on_the_same_root() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path()).await;

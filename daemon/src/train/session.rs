@@ -14,8 +14,10 @@
 //! weights and outer state, and reports the root; the coordinator commits the root that a
 //! quorum holds. A member whose root differs rolls back to the last committed state it
 //! holds, or fetches it from a peer that agreed, before the next round. Nobody waits for the
-//! slowest: contributions are collected until 60% of the round deadline, reduced slices until
-//! 90%, and whatever is missing then is left out of that round by everyone alike.
+//! slowest: of what is left of the round's deadline after training, contributions are
+//! collected until 60%; a reduced slice still missing at 70% is reduced again by its backup
+//! (the next member in order) from the contributions every member keeps until the exchange
+//! ends; at 85% whatever is still missing is zero for that round.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -181,6 +183,10 @@ pub struct RunStatus {
     /// Bytes sent and received in the last rounds: `(round, sent, received)`.
     pub round_bytes: Vec<(u64, u64, u64)>,
     pub rejected_updates: u64,
+    /// Slices this replica reduced for a silent reducer.
+    pub reassigned_slices: u64,
+    /// Slices this replica applied as zero because nobody reduced them in time.
+    pub missing_slices: u64,
     pub error: String,
 }
 
@@ -321,6 +327,8 @@ pub enum CrashPoint {
     BeforeLedgerAppend(u64),
     /// After the ledger has the round, before any replica was told.
     AfterLedgerAppend(u64),
+    /// A reducer of this round that received its contributions, before it sent the mean.
+    ReducerBeforeSending(u64),
 }
 
 /// A replica's view of its run, kept for failover.
@@ -1771,9 +1779,6 @@ impl TrainService {
         let started = *opened_at;
         let elapsed = started.elapsed();
         let left = left.saturating_sub(elapsed.min(left));
-        let now = Instant::now();
-        let reduce_by = now + left.mul_f64(0.6);
-        let finish_by = now + left.mul_f64(0.85);
         let members: Vec<PeerId> = open
             .members
             .iter()
@@ -1833,166 +1838,32 @@ impl TrainService {
             s.state = "exchanging updates".into();
             s.train_loss = stats.mean_loss;
         });
-        // Send slice i to member i, concurrently.
-        for (i, peer) in members.iter().enumerate() {
-            let header = FrameHeader {
-                run_id: run_id.to_vec(),
-                round: open.round,
-                kind: FrameKind::Contribution as i32,
-                slice: i as u32,
-                offset: ranges[i].start as u64,
-                len: ranges[i].len() as u64,
-                tokens: stats.tokens,
-                ..Default::default()
-            };
-            let svc = self.clone();
-            let peer = *peer;
-            let bytes = encoded[i].clone();
-            // Sent in the background: a dead member must not hold up the round.
-            tokio::spawn(async move {
-                if let Err(e) = svc.send_frame(peer, header, &bytes).await {
-                    tracing::warn!(%peer, error = %e, "contribution not delivered");
-                }
-            });
-        }
-
-        // Reduce our slice and collect everyone's reduced slices.
-        let my_range = ranges[me].clone();
-        let mut contributions: BTreeMap<PeerId, (u64, Vec<f32>)> = BTreeMap::new();
-        let mut rejected: Vec<String> = Vec::new();
-        let mut reduced: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
-        let mut reduced_sent = false;
-        let member_set: BTreeSet<PeerId> = members.iter().copied().collect();
-        let mut pending_frames: Vec<Inbound> = std::mem::take(early);
-        loop {
-            if !reduced_sent
-                && (contributions.len() == members.len() || Instant::now() >= reduce_by)
-            {
-                reduced_sent = true;
-                let (avg, contributors) =
-                    reduce_slice(&contributions, my_range.len(), &mut rejected);
-                let bytes = compress::encode(reduce_codec(codec, contributors.len()), &avg);
-                for peer in &members {
-                    let header = FrameHeader {
-                        run_id: run_id.to_vec(),
-                        round: open.round,
-                        kind: FrameKind::Reduced as i32,
-                        slice: me as u32,
-                        offset: my_range.start as u64,
-                        len: my_range.len() as u64,
-                        tokens: contributions.values().map(|c| c.0).sum(),
-                        contributors: contributors.iter().map(|p| p.to_bytes()).collect(),
-                        ..Default::default()
-                    };
-                    let svc = self.clone();
-                    let peer = *peer;
-                    let bytes = bytes.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = svc.send_frame(peer, header, &bytes).await {
-                            tracing::warn!(%peer, error = %e, "reduced slice not delivered");
-                        }
-                    });
-                }
-            }
-            if reduced_sent && reduced.len() == members.len() {
-                break;
-            }
-            let next = if let Some(f) = pending_frames.pop() {
-                Some(f)
-            } else {
-                let wait_until = if reduced_sent { finish_by } else { reduce_by };
-                let now = Instant::now();
-                if now >= finish_by {
-                    break;
-                }
-                let wait =
-                    tokio::time::timeout(wait_until.saturating_duration_since(now), inbox.recv());
-                tokio::select! {
-                    r = wait => match r {
-                        Ok(Some(f)) => Some(f),
-                        Ok(None) => return Err(TrainError::Other("inbox closed".into())),
-                        Err(_) => None,
-                    },
-                    _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
-                }
-            };
-            let Some(inb) = next else { continue };
-            let h = &inb.frame.header;
-            if h.run_id.as_slice() != run_id.as_slice() {
-                continue;
-            }
-            if h.round > open.round {
-                if early.len() < 4 * members.len() + 16 {
-                    early.push(inb);
-                }
-                continue;
-            }
-            if h.round < open.round {
-                tracing::debug!(from = %inb.from, round = h.round, "stale frame ignored");
-                continue;
-            }
-            if !member_set.contains(&inb.from) {
-                rejected.push(format!(
-                    "{}: not a member of round {}",
-                    inb.from, open.round
-                ));
-                continue;
-            }
-            match inb.frame.kind() {
-                FrameKind::Contribution => {
-                    if h.slice as usize != me
-                        || h.offset != my_range.start as u64
-                        || h.len != my_range.len() as u64
-                        || reduced_sent
-                    {
-                        rejected.push(format!(
-                            "{}: contribution for the wrong slice or too late",
-                            inb.from
-                        ));
-                        continue;
-                    }
-                    match compress::decode(&inb.frame.payload, my_range.len()) {
-                        Ok(v) => {
-                            contributions.entry(inb.from).or_insert((h.tokens, v));
-                        }
-                        Err(reason) => {
-                            tracing::warn!(from = %inb.from, %reason, "contribution rejected");
-                            self.set_status(|s| s.rejected_updates += 1);
-                            rejected.push(format!("{}: {reason}", inb.from));
-                        }
-                    }
-                }
-                FrameKind::Reduced => {
-                    let slice = h.slice as usize;
-                    if slice >= members.len()
-                        || members[slice] != inb.from
-                        || h.offset != ranges[slice].start as u64
-                        || h.len != ranges[slice].len() as u64
-                    {
-                        rejected.push(format!("{}: reduced slice it does not own", inb.from));
-                        continue;
-                    }
-                    match compress::decode(&inb.frame.payload, ranges[slice].len()) {
-                        Ok(v) if v.iter().all(|x| x.is_finite()) => {
-                            reduced.entry(slice).or_insert(v);
-                        }
-                        Ok(_) => rejected.push(format!("{}: non-finite reduced slice", inb.from)),
-                        Err(e) => rejected.push(format!("{}: {e}", inb.from)),
-                    }
-                }
-                _ => {}
-            }
-        }
-        // Assemble the averaged update; a slice whose reducer missed the deadline is zero
-        // for every replica that missed it too.
-        let mut avg = vec![0f32; delta.len()];
-        let mut missing = Vec::new();
-        for (i, r) in ranges.iter().enumerate() {
-            match reduced.get(&i) {
-                Some(v) => avg[r.clone()].copy_from_slice(v),
-                None => missing.push(i as u32),
-            }
-        }
+        // What is left of the deadline: 60% for contributions, then reduced slices; a slice
+        // still missing at 70% goes to its backup reducer; at 85% the round ends.
+        let now = Instant::now();
+        let plan = ExchangePlan {
+            run_id,
+            round: open.round,
+            members: &members,
+            me,
+            len: delta.len(),
+            ranges,
+            codec,
+            contributors: members.len(),
+            reduce_by: now + left.mul_f64(0.6),
+            reassign_at: now + left.mul_f64(0.7),
+            finish_by: now + left.mul_f64(0.85),
+        };
+        let mine = Contributed {
+            slices: encoded.into_iter().map(Arc::from).collect(),
+            tokens: stats.tokens,
+        };
+        let Exchanged {
+            avg,
+            missing,
+            rejected,
+        } = self.exchange(&plan, Some(&mine), inbox, early).await?;
+        self.set_status(|s| s.missing_slices += missing.len() as u64);
         let new_params = outer.step(&theta_start, &avg)?;
         rep.set_flat_params(&new_params)?;
         let eval_loss = rep.eval_loss(data, EVAL_BATCHES)?;
@@ -2014,6 +1885,372 @@ impl TrainService {
         };
         self.set_status(|s| s.state = "waiting for the commit".into());
         Ok(Some((report, snap)))
+    }
+
+    /// One sharded exchange among `plan.members`: sends this replica's slices (when it has an
+    /// update), reduces its own slice, shares the mean, and collects every member's reduced
+    /// slice. A reducer whose slice is still missing at the plan's reassignment time has its
+    /// slice reduced again by its backup (the next member in order), from the contributions
+    /// every member still holds; a backup that already holds the original reduced slice
+    /// forwards it instead, so that replicas agree whenever any of them got the original.
+    /// Returns the averaged update; slices nobody could reduce are zero and listed missing.
+    async fn exchange(
+        &self,
+        plan: &ExchangePlan<'_>,
+        mine: Option<&Contributed>,
+        inbox: &mut mpsc::Receiver<Inbound>,
+        early: &mut Vec<Inbound>,
+    ) -> Result<Exchanged, TrainError> {
+        let members = plan.members;
+        let me = plan.me;
+        let n = members.len();
+        let ranges = &plan.ranges;
+        // Send slice i to member i, concurrently, in the background: a dead member must not
+        // hold up the round.
+        if let Some(c) = mine {
+            for (i, peer) in members.iter().enumerate() {
+                self.send_contribution(plan, c, i, *peer);
+            }
+        }
+        let backup_of = |i: usize| (i + 1) % n;
+        // Contributions per slice: our own slice, and slices we reduce as a backup.
+        let mut contributions: BTreeMap<usize, BTreeMap<PeerId, (u64, Vec<f32>)>> = BTreeMap::new();
+        let mut rejected: Vec<String> = Vec::new();
+        // Reduced slices as decoded and as received (forwarded unchanged by a backup).
+        let mut reduced: BTreeMap<usize, (Vec<f32>, Arc<[u8]>)> = BTreeMap::new();
+        // Slices whose reduction this replica has sent (its own, and those it took over).
+        let mut reduced_sent: BTreeSet<usize> = BTreeSet::new();
+        // Slices taken over from a silent reducer: when this backup reduces them.
+        let mut backing: BTreeMap<usize, Instant> = BTreeMap::new();
+        let mut reassigned = false;
+        let member_set: BTreeSet<PeerId> = members.iter().copied().collect();
+        let mut pending_frames: Vec<Inbound> = std::mem::take(early);
+        loop {
+            let now = Instant::now();
+            let own_complete = contributions.get(&me).map_or(0, |c| c.len()) == plan.contributors;
+            if !reduced_sent.contains(&me) && (own_complete || now >= plan.reduce_by) {
+                reduced_sent.insert(me);
+                self.crash_point(CrashPoint::ReducerBeforeSending(plan.round))?;
+                let got = contributions.remove(&me).unwrap_or_default();
+                self.send_reduced(plan, me, &got, &mut rejected, None);
+            }
+            // Take over the slices of reducers we have not heard from.
+            if !reassigned && n > 1 && now >= plan.reassign_at && reduced.len() < n {
+                reassigned = true;
+                for i in (0..n).filter(|i| !reduced.contains_key(i) && *i != me) {
+                    let backup = backup_of(i);
+                    if backup == me {
+                        tracing::info!(
+                            round = plan.round,
+                            slice = i,
+                            "reducing a silent reducer's slice"
+                        );
+                        backing.insert(
+                            i,
+                            plan.reassign_at + (plan.finish_by - plan.reassign_at) / 2,
+                        );
+                    }
+                    if let Some(c) = mine
+                        && members[backup] != members[i]
+                    {
+                        self.send_contribution(plan, c, i, members[backup]);
+                    }
+                }
+                self.set_status(|s| s.reassigned_slices += backing.len() as u64);
+            }
+            // A backup reduces once every live member sent, or at its deadline.
+            let due: Vec<usize> = backing
+                .iter()
+                .filter(|(i, at)| {
+                    !reduced_sent.contains(i)
+                        && (now >= **at
+                            || contributions.get(i).map_or(0, |c| c.len())
+                                >= plan.contributors.saturating_sub(1))
+                })
+                .map(|(i, _)| *i)
+                .collect();
+            for i in due {
+                reduced_sent.insert(i);
+                match reduced.get(&i) {
+                    // The original arrived after all: pass it on unchanged.
+                    Some((_, bytes)) => self.send_reduced_bytes(plan, i, bytes.clone(), None),
+                    None => {
+                        let got = contributions.remove(&i).unwrap_or_default();
+                        self.send_reduced(plan, i, &got, &mut rejected, None);
+                    }
+                }
+            }
+            if reduced_sent.contains(&me) && reduced.len() == n {
+                break;
+            }
+            let next = if let Some(f) = pending_frames.pop() {
+                Some(f)
+            } else {
+                let wait_until = [
+                    Some(plan.finish_by),
+                    (!reduced_sent.contains(&me)).then_some(plan.reduce_by),
+                    (!reassigned).then_some(plan.reassign_at),
+                    backing
+                        .iter()
+                        .filter(|(i, _)| !reduced_sent.contains(i))
+                        .map(|(_, at)| *at)
+                        .min(),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(plan.finish_by);
+                let now = Instant::now();
+                if now >= plan.finish_by {
+                    break;
+                }
+                let wait =
+                    tokio::time::timeout(wait_until.saturating_duration_since(now), inbox.recv());
+                tokio::select! {
+                    r = wait => match r {
+                        Ok(Some(f)) => Some(f),
+                        Ok(None) => return Err(TrainError::Other("inbox closed".into())),
+                        Err(_) => None,
+                    },
+                    _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
+                }
+            };
+            let Some(mut inb) = next else { continue };
+            let h = &inb.frame.header;
+            if h.run_id.as_slice() != plan.run_id.as_slice() {
+                continue;
+            }
+            if h.round > plan.round {
+                if early.len() < 4 * n + 16 {
+                    early.push(inb);
+                }
+                continue;
+            }
+            if h.round < plan.round {
+                tracing::debug!(from = %inb.from, round = h.round, "stale frame ignored");
+                continue;
+            }
+            if !member_set.contains(&inb.from) {
+                rejected.push(format!(
+                    "{}: not a member of round {}",
+                    inb.from, plan.round
+                ));
+                continue;
+            }
+            let slice = h.slice as usize;
+            let owns = |s: usize| {
+                s < n && h.offset == ranges[s].start as u64 && h.len == ranges[s].len() as u64
+            };
+            match inb.frame.kind() {
+                FrameKind::Contribution => {
+                    let ours = slice == me && !reduced_sent.contains(&me);
+                    let backed = slice < n && backup_of(slice) == me && slice != me;
+                    if !owns(slice) || !(ours || backed) {
+                        rejected.push(format!(
+                            "{}: contribution for the wrong slice or too late",
+                            inb.from
+                        ));
+                        continue;
+                    }
+                    if backed && let Some((_, bytes)) = reduced.get(&slice) {
+                        // A member misses a slice we hold (the original, or our own
+                        // reduction): answer it alone with what everyone else got.
+                        self.send_reduced_bytes(plan, slice, bytes.clone(), Some(inb.from));
+                        continue;
+                    }
+                    if backed && reduced_sent.contains(&slice) {
+                        continue;
+                    }
+                    if backed && !backing.contains_key(&slice) {
+                        // Another member misses this slice before we noticed: reduce it.
+                        backing.insert(
+                            slice,
+                            plan.reassign_at.max(Instant::now())
+                                + (plan.finish_by - plan.reassign_at) / 2,
+                        );
+                    }
+                    match compress::decode(&inb.frame.payload, ranges[slice].len()) {
+                        Ok(v) => {
+                            contributions
+                                .entry(slice)
+                                .or_default()
+                                .entry(inb.from)
+                                .or_insert((h.tokens, v));
+                        }
+                        Err(reason) => {
+                            tracing::warn!(from = %inb.from, %reason, "contribution rejected");
+                            self.set_status(|s| s.rejected_updates += 1);
+                            rejected.push(format!("{}: {reason}", inb.from));
+                        }
+                    }
+                }
+                FrameKind::Reduced => {
+                    let from_reducer = slice < n
+                        && (members[slice] == inb.from || members[backup_of(slice)] == inb.from);
+                    if !owns(slice) || !from_reducer {
+                        rejected.push(format!("{}: reduced slice it does not own", inb.from));
+                        continue;
+                    }
+                    match compress::decode(&inb.frame.payload, ranges[slice].len()) {
+                        Ok(v) if v.iter().all(|x| x.is_finite()) => {
+                            let bytes: Arc<[u8]> = std::mem::take(&mut inb.frame.payload).into();
+                            reduced.entry(slice).or_insert((v, bytes));
+                        }
+                        Ok(_) => rejected.push(format!("{}: non-finite reduced slice", inb.from)),
+                        Err(e) => rejected.push(format!("{}: {e}", inb.from)),
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Assemble the averaged update; a slice nobody reduced in time is zero for every
+        // replica that missed it.
+        let mut avg = vec![0f32; plan.len];
+        let mut missing = Vec::new();
+        for (i, r) in ranges.iter().enumerate() {
+            match reduced.get(&i) {
+                Some((v, _)) => avg[r.clone()].copy_from_slice(v),
+                None => missing.push(i as u32),
+            }
+        }
+        Ok(Exchanged {
+            avg,
+            missing,
+            rejected,
+        })
+    }
+
+    /// Sends this replica's contribution to slice `slice` to `to`, in the background.
+    fn send_contribution(
+        &self,
+        plan: &ExchangePlan<'_>,
+        c: &Contributed,
+        slice: usize,
+        to: PeerId,
+    ) {
+        let header = FrameHeader {
+            run_id: plan.run_id.to_vec(),
+            round: plan.round,
+            kind: FrameKind::Contribution as i32,
+            slice: slice as u32,
+            offset: plan.ranges[slice].start as u64,
+            len: plan.ranges[slice].len() as u64,
+            tokens: c.tokens,
+            ..Default::default()
+        };
+        let svc = self.clone();
+        let bytes = c.slices[slice].clone();
+        tokio::spawn(async move {
+            if let Err(e) = svc.send_frame(to, header, &bytes).await {
+                tracing::warn!(peer = %to, error = %e, "contribution not delivered");
+            }
+        });
+    }
+
+    /// Validates and averages the contributions to `slice` and sends the mean to every
+    /// member (or to `only`).
+    fn send_reduced(
+        &self,
+        plan: &ExchangePlan<'_>,
+        slice: usize,
+        got: &BTreeMap<PeerId, (u64, Vec<f32>)>,
+        rejected: &mut Vec<String>,
+        only: Option<PeerId>,
+    ) {
+        let (avg, contributors) = reduce_slice(got, plan.ranges[slice].len(), rejected);
+        let bytes: Arc<[u8]> =
+            compress::encode(reduce_codec(plan.codec, contributors.len()), &avg).into();
+        let header = FrameHeader {
+            tokens: got.values().map(|c| c.0).sum(),
+            contributors: contributors.iter().map(|p| p.to_bytes()).collect(),
+            ..reduced_header(plan, slice)
+        };
+        self.send_reduced_frame(plan, header, bytes, only);
+    }
+
+    /// Passes a reduced slice on exactly as it was received.
+    fn send_reduced_bytes(
+        &self,
+        plan: &ExchangePlan<'_>,
+        slice: usize,
+        bytes: Arc<[u8]>,
+        only: Option<PeerId>,
+    ) {
+        self.send_reduced_frame(plan, reduced_header(plan, slice), bytes, only);
+    }
+
+    /// Sends a reduced slice to every member (or to `only`), in the background.
+    fn send_reduced_frame(
+        &self,
+        plan: &ExchangePlan<'_>,
+        header: FrameHeader,
+        bytes: Arc<[u8]>,
+        only: Option<PeerId>,
+    ) {
+        let targets: Vec<PeerId> = match only {
+            Some(p) => vec![p],
+            None => plan.members.to_vec(),
+        };
+        for peer in targets {
+            let svc = self.clone();
+            let header = header.clone();
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                if let Err(e) = svc.send_frame(peer, header, &bytes).await {
+                    tracing::warn!(%peer, error = %e, "reduced slice not delivered");
+                }
+            });
+        }
+    }
+}
+
+/// One sharded exchange: who takes part, which slice each reduces, and its deadlines.
+struct ExchangePlan<'a> {
+    run_id: &'a [u8; 32],
+    round: u64,
+    /// The members in the coordinator's order; member `i` reduces slice `i`, and member
+    /// `i + 1` (wrapping) is its backup.
+    members: &'a [PeerId],
+    me: usize,
+    /// Length of the whole update.
+    len: usize,
+    ranges: Vec<std::ops::Range<usize>>,
+    codec: Codec,
+    /// Contributions a reducer waits for before it reduces early.
+    contributors: usize,
+    /// A reducer reduces what it has by then.
+    reduce_by: Instant,
+    /// Slices still missing then are taken over by their backups.
+    reassign_at: Instant,
+    /// The exchange ends then, whatever is missing.
+    finish_by: Instant,
+}
+
+/// This replica's update for an exchange: one encoded payload per slice, kept until the
+/// exchange ends so that it can be sent again to a backup reducer.
+struct Contributed {
+    slices: Vec<Arc<[u8]>>,
+    tokens: u64,
+}
+
+/// What an exchange produced.
+struct Exchanged {
+    /// The averaged update, zero where a slice is missing.
+    avg: Vec<f32>,
+    missing: Vec<u32>,
+    rejected: Vec<String>,
+}
+
+/// The header of a reduced slice, without the contributors.
+fn reduced_header(plan: &ExchangePlan<'_>, slice: usize) -> FrameHeader {
+    FrameHeader {
+        run_id: plan.run_id.to_vec(),
+        round: plan.round,
+        kind: FrameKind::Reduced as i32,
+        slice: slice as u32,
+        offset: plan.ranges[slice].start as u64,
+        len: plan.ranges[slice].len() as u64,
+        ..Default::default()
     }
 }
 
