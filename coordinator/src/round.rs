@@ -422,7 +422,8 @@ impl RunMachine {
         self.open.as_ref().map(|o| &o.plan)
     }
 
-    /// Admits a peer (a repeat join is harmless). It takes part from the next round on.
+    /// Admits a peer; a member that joins again is welcomed again (it reconnected). It takes
+    /// part from the next round on.
     pub fn handle_join(&mut self, peer: PeerId, now_ms: u64) {
         self.check_deadline(now_ms);
         if !self.members.contains(&peer) {
@@ -443,6 +444,10 @@ impl RunMachine {
                 self.members.insert(peer.clone());
                 self.actions.push_back(Action::Admitted(peer));
             }
+        } else {
+            // A member that joins again reconnected (its daemon lost the old stream before
+            // we noticed): it is welcomed again, and keeps its place in an open round.
+            self.actions.push_back(Action::Admitted(peer));
         }
         self.maybe_open(now_ms);
     }
@@ -862,6 +867,27 @@ mod tests {
         assert_eq!(
             m.handle_report(report(pid(0), 1, 1), 4),
             Err(ReportRejected::WrongRound { got: 1, open: 2 })
+        );
+    }
+
+    #[test]
+    fn a_member_that_joins_again_is_welcomed_again_and_keeps_its_place() {
+        let mut m = RunMachine::new(cfg(2), root(0)).unwrap();
+        m.handle_join(pid(1), 0);
+        m.handle_join(pid(2), 0);
+        let first = drain(&mut m);
+        assert!(first.contains(&Action::Admitted(pid(2))));
+        assert!(m.open_round().is_some());
+        m.handle_join(pid(2), 1);
+        assert_eq!(drain(&mut m), vec![Action::Admitted(pid(2))]);
+        assert_eq!(m.member_count(), 2);
+        // Still a participant of the open round: its report counts toward the commit.
+        m.handle_report(report(pid(1), 1, 1), 2).unwrap();
+        m.handle_report(report(pid(2), 1, 1), 2).unwrap();
+        assert!(
+            drain(&mut m)
+                .iter()
+                .any(|a| matches!(a, Action::Committed(r) if r.round == 1))
         );
     }
 

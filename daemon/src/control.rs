@@ -63,7 +63,7 @@ fn runs_status(e: RunsError) -> Status {
         RunsError::Busy { .. } => Status::failed_precondition(e.to_string()),
         RunsError::Manifest(_) => Status::invalid_argument(e.to_string()),
         RunsError::ShuttingDown => Status::unavailable(e.to_string()),
-        RunsError::Train(_) => Status::failed_precondition(e.to_string()),
+        RunsError::Train(_) | RunsError::Resume(_) => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -331,6 +331,17 @@ impl v1::control_server::Control for ControlService {
             out_dir: v.out_dir,
             elapsed_secs: v.elapsed_secs,
             checkpoint_root: v.checkpoint_root,
+            round_bytes: v
+                .round_bytes
+                .iter()
+                .map(|&(round, sent, received)| v1::RoundBytes {
+                    round,
+                    sent,
+                    received,
+                })
+                .collect(),
+            reassigned_slices: v.reassigned_slices,
+            missing_slices: v.missing_slices,
         }))
     }
 

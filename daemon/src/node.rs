@@ -101,8 +101,15 @@ impl Node {
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(event_loop.run(stopped(rx.clone()))));
-        let service =
-            ControlService::new(client.clone(), crate::train::runs::Runs::new(train.clone()));
+        let registry = crate::train::runs::Runs::new(train.clone());
+        // A run this daemon took part in before it stopped goes on.
+        let resuming = registry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = resuming.resume().await {
+                tracing::error!(error = %e, "the previous run was not resumed");
+            }
+        });
+        let service = ControlService::new(client.clone(), registry);
         let unix_rx = rx.clone();
         let svc = service.clone();
         tasks.push(tokio::spawn(async move {

@@ -11,21 +11,51 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_potluck");
 
 fn spawn_daemon(dir: &Path, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .args(["daemon", "--no-mdns", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ])
-        .args(extra)
+    spawn_on(
+        dir,
+        &["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"],
+        extra,
+        &[],
+    )
+}
+
+/// A daemon process listening on `listen`, with `env` set.
+fn spawn_on(dir: &Path, listen: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["daemon", "--no-mdns", "--data-dir"]).arg(dir);
+    for l in listen {
+        cmd.args(["--listen", l]);
+    }
+    cmd.args(extra)
         .env("POTLUCK_CAPABILITY_INTERVAL_SECS", "1")
+        .env("POTLUCK_LOG", "info,libp2p_kad=error")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log_file(dir))
         .spawn()
         .unwrap()
+}
+
+/// The daemon's log in its data dir, appended to across restarts.
+fn log_file(dir: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap()
+}
+
+/// The last lines of every daemon's log, for a failure message.
+fn log_tails(dirs: &[tempfile::TempDir]) -> String {
+    dirs.iter()
+        .map(|d| {
+            let text = std::fs::read_to_string(d.path().join("daemon.log")).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            format!("--- {}\n{tail}", d.path().display())
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn cli(args: &[&str], dir: &Path) -> Output {
@@ -220,5 +250,164 @@ fn cli_says_when_no_daemon_runs() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("no daemon is running"), "{cmd}: {err}");
+    }
+}
+
+/// Four rounds of the tiny model that go on with two replicas.
+const RUN: &str = r#"
+name = "process-faults"
+seed = 9
+model = "tiny"
+inner_steps = 2
+rounds = 4
+compression = "int8"
+round_deadline_secs = 30
+min_peers = 2
+
+[data]
+source = "builtin"
+train_bytes = 30000
+eval_bytes = 4000
+shards = 4
+eval_fraction = 0.05
+
+[inner]
+lr = 0.003
+warmup_steps = 1
+batch_size = 2
+seq_len = 32
+"#;
+
+fn finished(dir: &Path) -> Option<serde_json::Value> {
+    let v = json(&["run", "status", "--json"], dir)?;
+    (v["state"] == "finished").then_some(v)
+}
+
+/// The coordinator's daemon process aborts at `point` (`POTLUCK_CRASH_AT`), is started
+/// again by hand on the same data dir and addresses, and takes the run up again on its own
+/// from its ledger; the replicas' daemons find it again; all end on one root, and the
+/// ledger is one verified chain from the genesis to the last round.
+fn coordinator_process_aborts_and_restarts(point: &str) {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut a = spawn_on(
+        dirs[0].path(),
+        &["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"],
+        &[],
+        &[("POTLUCK_CRASH_AT", point)],
+    );
+    let a_id = id_of(dirs[0].path());
+    let listen: Vec<String> = a_id["listen_addrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let boot = format!("{}/p2p/{}", listen[0], a_id["peer_id"].as_str().unwrap());
+    let mut others: Vec<Child> = dirs[1..]
+        .iter()
+        .map(|d| spawn_daemon(d.path(), &["--bootstrap", &boot]))
+        .collect();
+    for d in &dirs[1..] {
+        id_of(d.path());
+    }
+    let file = dirs[0].path().join("run.toml");
+    std::fs::write(&file, RUN).unwrap();
+    let out = cli(&["run", "start", file.to_str().unwrap()], dirs[0].path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let invite = wait_for(Duration::from_secs(20), || {
+        let out = cli(&["invite"], dirs[0].path());
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .expect("an invite");
+    for d in &dirs[1..] {
+        let out = cli(&["join", &invite], d.path());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The coordinator's process dies at the crash point.
+    let died = wait_for(Duration::from_secs(240), || a.try_wait().unwrap());
+    let status = died.unwrap_or_else(|| panic!("{point}: the coordinator never reached it"));
+    assert!(!status.success(), "{point}: it aborted, {status}");
+    assert!(
+        dirs[0].path().join("runs").join("active-run.json").exists(),
+        "{point}: the run it coordinated is on record"
+    );
+    // Started again by hand (as systemd would), it takes the run up on its own.
+    let listen: Vec<&str> = listen.iter().map(|s| s.as_str()).collect();
+    let mut a = spawn_on(dirs[0].path(), &listen, &[], &[]);
+    let ends: Vec<serde_json::Value> = dirs
+        .iter()
+        .map(|d| {
+            wait_for(Duration::from_secs(300), || finished(d.path())).unwrap_or_else(|| {
+                panic!(
+                    "{point}: {} did not finish the run\n{}",
+                    d.path().display(),
+                    log_tails(&dirs)
+                )
+            })
+        })
+        .collect();
+    for e in &ends {
+        assert_eq!(e["committed_round"], 4, "{point}: {e}");
+        assert_eq!(
+            e["committed_root"], ends[0]["committed_root"],
+            "{point}: {e}"
+        );
+    }
+    let ledger = potluck_daemon::train::runs::list_ledgers(dirs[0].path(), None)
+        .unwrap()
+        .remove(0);
+    let rounds: Vec<u64> = ledger.entries.iter().map(|e| e.round).collect();
+    assert_eq!(
+        ledger.chain,
+        potluck_daemon::train::runs::ChainVerdict::Ok {
+            entries: rounds.len(),
+            anchored: true
+        },
+        "{point}: {rounds:?}"
+    );
+    // One chain from the genesis to the last round, no round twice, and every round
+    // committed before the crash kept (a round open at the crash is never reused).
+    assert!(
+        rounds.windows(2).all(|w| w[0] < w[1]),
+        "{point}: {rounds:?}"
+    );
+    assert_eq!(
+        (rounds[0], rounds[rounds.len() - 1]),
+        (0, 4),
+        "{point}: {rounds:?}"
+    );
+    let before: &[u64] = if point.starts_with("after-ledger-append") {
+        &[0, 1, 2]
+    } else {
+        &[0, 1]
+    };
+    assert!(rounds.starts_with(before), "{point}: {rounds:?}");
+    assert!(
+        !dirs[0].path().join("runs").join("active-run.json").exists(),
+        "{point}: a finished run is no longer resumed"
+    );
+    for child in std::iter::once(&mut a).chain(others.iter_mut()) {
+        assert!(sigterm(child).success());
+    }
+}
+
+#[test]
+fn the_coordinator_process_killed_at_each_persistence_point_continues_the_run() {
+    for point in [
+        "after-round-opened:2",
+        "before-ledger-append:2",
+        "after-ledger-append:2",
+    ] {
+        coordinator_process_aborts_and_restarts(point);
     }
 }

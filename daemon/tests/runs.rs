@@ -376,6 +376,20 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
         "both replicas hold the same state"
     );
     assert!(sb.bytes_sent > 0 && sb.bytes_received > 0);
+    // Per-round traffic, newest first, both directions, for both rounds.
+    let rounds: Vec<u64> = sb.round_bytes.iter().map(|b| b.round).collect();
+    assert!(
+        rounds.starts_with(&[2, 1]) || rounds.starts_with(&[3, 2, 1]),
+        "{rounds:?}"
+    );
+    assert!(
+        sb.round_bytes
+            .iter()
+            .filter(|b| b.round <= 2)
+            .all(|b| b.sent > 0 && b.received > 0),
+        "{:?}",
+        sb.round_bytes
+    );
     assert!(sa.eval_loss.is_finite());
     assert!(!sa.checkpoint_root.is_empty(), "the checkpoint was written");
 
@@ -394,6 +408,13 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
     assert_eq!(j["run_id"], started.run_id.as_str());
     assert_eq!(j["state"], "finished");
     assert_eq!(j["role"], "replica");
+    assert!(j["round_bytes"][0]["sent"].as_u64().unwrap() > 0, "{j}");
+    let out = potluck(args(&["run", "status"], &db)).await;
+    assert!(
+        text(&out.stdout).contains("per round:  round "),
+        "{}",
+        text(&out.stdout)
+    );
 
     // The membership token inside was used up: the same string admits no one else.
     let dc = dir.path().join("c");

@@ -487,7 +487,12 @@ fn status_json(s: &v1::RunStatusResponse) -> serde_json::Value {
         "peers": s.peers,
         "bytes_sent": s.bytes_sent,
         "bytes_received": s.bytes_received,
+        "round_bytes": s.round_bytes.iter().map(|b| serde_json::json!({
+            "round": b.round, "sent": b.sent, "received": b.received,
+        })).collect::<Vec<_>>(),
         "rejected_updates": s.rejected_updates,
+        "reassigned_slices": s.reassigned_slices,
+        "missing_slices": s.missing_slices,
         "error": s.error,
         "out_dir": s.out_dir,
         "elapsed_secs": s.elapsed_secs,
@@ -548,8 +553,27 @@ fn print_status(s: &v1::RunStatusResponse) {
         human_bytes(s.bytes_sent),
         human_bytes(s.bytes_received)
     );
+    for (i, b) in s.round_bytes.iter().take(3).enumerate() {
+        println!(
+            "{}round {}: sent {}, received {}",
+            if i == 0 {
+                "per round:  "
+            } else {
+                "            "
+            },
+            b.round,
+            human_bytes(b.sent),
+            human_bytes(b.received)
+        );
+    }
     if s.rejected_updates > 0 {
         println!("rejected:   {} updates", s.rejected_updates);
+    }
+    if s.reassigned_slices > 0 || s.missing_slices > 0 {
+        println!(
+            "reducers:   {} slices reduced for a silent reducer, {} applied as zero",
+            s.reassigned_slices, s.missing_slices
+        );
     }
     println!("elapsed:    {} s", s.elapsed_secs);
     if !s.checkpoint_root.is_empty() {

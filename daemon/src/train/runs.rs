@@ -42,10 +42,32 @@ pub enum RunsError {
     Train(#[from] TrainError),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("resuming the run this daemon took part in: {0}")]
+    Resume(String),
+}
+
+/// The file under `<data>/runs/` that names the run this daemon takes part in until it
+/// ends, so that a restarted daemon (a crash, a reboot, systemd) goes on with it.
+pub const ACTIVE_RUN_FILE: &str = "active-run.json";
+/// An active-run file larger than this is damaged.
+const ACTIVE_RUN_MAX: u64 = 1 << 20;
+
+/// What a restarted daemon needs to take its part in a run up again.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct ActiveRun {
+    role: Role,
+    run_id: String,
+    coordinator: String,
+    out: Option<PathBuf>,
+    /// The run's TOML, for the coordinator (it resolves to the same run id, or the run is
+    /// not resumed).
+    manifest: Option<String>,
+    successors: Vec<String>,
+    coordinate_only: bool,
 }
 
 /// How this daemon takes part in a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Coordinator,
@@ -143,7 +165,11 @@ pub struct RunView {
     pub peers: Vec<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// `(round, sent, received)` for the last rounds, newest first.
+    pub round_bytes: Vec<(u64, u64, u64)>,
     pub rejected_updates: u64,
+    pub reassigned_slices: u64,
+    pub missing_slices: u64,
     pub error: String,
     pub out_dir: String,
     pub elapsed_secs: u64,
@@ -289,6 +315,15 @@ impl Runs {
             r.outcome = Outcome::Running("starting".into());
         });
         tracing::info!(run = %hex::encode(run_id), name = %name, rounds, "starting a run");
+        self.remember(&ActiveRun {
+            role: Role::Coordinator,
+            run_id: hex::encode(run_id),
+            coordinator: me.to_string(),
+            out: out.clone(),
+            manifest: Some(toml.to_string()),
+            successors: successors.iter().map(|p| p.to_string()).collect(),
+            coordinate_only,
+        });
         let this = self.clone();
         let train = self.train.clone();
         tokio::spawn(async move {
@@ -300,6 +335,7 @@ impl Runs {
             if let Err(e) = &res {
                 tracing::warn!(error = %e, "the run ended with an error");
             }
+            this.forget(&res);
             this.finish(epoch, res);
         });
         self.fail_fast(epoch).await?;
@@ -341,6 +377,15 @@ impl Runs {
             epoch,
         })?;
         tracing::info!(run = %hex::encode(run_id), %coordinator, "joining a run");
+        self.remember(&ActiveRun {
+            role: Role::Replica,
+            run_id: hex::encode(run_id),
+            coordinator: coordinator.to_string(),
+            out: out.clone(),
+            manifest: None,
+            successors: Vec::new(),
+            coordinate_only: false,
+        });
         let this = self.clone();
         let train = self.train.clone();
         tokio::spawn(async move {
@@ -368,9 +413,110 @@ impl Runs {
             if let Err(e) = &res {
                 tracing::warn!(error = %e, "the run ended with an error");
             }
+            this.forget(&res);
             this.finish(epoch, res);
         });
         self.fail_fast(epoch).await
+    }
+
+    fn active_file(&self) -> PathBuf {
+        self.train.data_dir().join(RUNS_DIR).join(ACTIVE_RUN_FILE)
+    }
+
+    /// Records the run this daemon takes part in, for a restart.
+    fn remember(&self, a: &ActiveRun) {
+        let path = self.active_file();
+        let res = serde_json::to_vec_pretty(a)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                std::fs::create_dir_all(self.train.data_dir().join(RUNS_DIR))?;
+                crate::fsutil::write_atomic(&path, &bytes, 0o600)
+            });
+        if let Err(e) = res {
+            tracing::warn!(path = %path.display(), error = %e, "could not record the active run; a restart will not resume it");
+        }
+    }
+
+    /// Drops the record once the run is over for this daemon; a daemon that is only shutting
+    /// down keeps it, to go on after its restart.
+    fn forget(&self, res: &Result<RunSummary, TrainError>) {
+        if matches!(res, Err(TrainError::ShuttingDown)) {
+            return;
+        }
+        match std::fs::remove_file(self.active_file()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "could not remove the active-run record"),
+        }
+    }
+
+    /// Takes up the run this daemon took part in before it stopped, if it had not ended:
+    /// a coordinator coordinates it again from its ledger, a replica rejoins it with its
+    /// saved state. Called once at daemon start. A damaged record is reported and set aside.
+    pub async fn resume(&self) -> Result<Option<[u8; 32]>, RunsError> {
+        let path = self.active_file();
+        let bytes = match crate::fsutil::read_limited(&path, ACTIVE_RUN_MAX) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(RunsError::Resume(format!("{}: {e}", path.display())));
+            }
+        };
+        let damaged = |why: String| {
+            let aside = path.with_extension("json.damaged");
+            let _ = std::fs::rename(&path, &aside);
+            RunsError::Resume(format!(
+                "{} is damaged ({why}); moved to {} and not resumed",
+                path.display(),
+                aside.display()
+            ))
+        };
+        let a: ActiveRun = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+        let run_id: [u8; 32] = hex::decode(&a.run_id)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| damaged("bad run id".into()))?;
+        tracing::info!(run = %a.run_id, role = a.role.as_str(), "resuming the run this daemon took part in before it stopped");
+        match a.role {
+            Role::Coordinator => {
+                let toml = a
+                    .manifest
+                    .ok_or_else(|| damaged("a coordinator's record without its manifest".into()))?;
+                let successors = a
+                    .successors
+                    .iter()
+                    .map(|p| p.parse::<PeerId>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| damaged(format!("bad successor: {e}")))?;
+                // The manifest must still resolve to the run we coordinated (its data may
+                // have changed): another run would fork the swarm.
+                let check = RunManifest::parse(&toml)?.resolve()?;
+                let now = tokio::task::spawn_blocking(move || check.pin_data())
+                    .await
+                    .map_err(|_| RunsError::ShuttingDown)??
+                    .id();
+                if now != run_id {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(RunsError::Resume(format!(
+                        "the recorded manifest now resolves to run {} instead of {}: has its \
+                         data changed? the run was not resumed",
+                        hex::encode(now),
+                        a.run_id
+                    )));
+                }
+                self.start(&toml, a.out, successors, a.coordinate_only)
+                    .await?;
+                Ok(Some(run_id))
+            }
+            Role::Replica => {
+                let coordinator: PeerId = a
+                    .coordinator
+                    .parse()
+                    .map_err(|e| damaged(format!("bad coordinator: {e}")))?;
+                self.join(coordinator, run_id, a.out).await?;
+                Ok(Some(run_id))
+            }
+        }
     }
 
     /// The run this daemon started or joined last, with the session's live figures.
@@ -425,6 +571,9 @@ impl Runs {
             }
             v.peers = live.peers.clone();
             v.rejected_updates = live.rejected_updates;
+            v.reassigned_slices = live.reassigned_slices;
+            v.missing_slices = live.missing_slices;
+            v.round_bytes = live.round_bytes.clone();
             v.state = live.state.clone();
         }
         // Bytes are the daemon's totals: they count from its start, across runs.
@@ -443,10 +592,9 @@ impl Runs {
                 rounds,
             } => {
                 v.state = "finished".into();
+                // The run's end is its last commit, whatever the session saw last.
                 v.committed_round = v.committed_round.max(rounds);
-                if v.committed_root.is_empty() {
-                    v.committed_root = hex::encode(root);
-                }
+                v.committed_root = hex::encode(root);
                 if eval_loss.is_finite() {
                     v.eval_loss = eval_loss;
                 }

@@ -79,6 +79,16 @@ const INBOX_CAPACITY: usize = 256;
 const MAX_MEMBERS: usize = 1024;
 /// A contribution whose norm is this many times the median of the others' is refused.
 const MAX_NORM_RATIO: f64 = 10.0;
+/// The byte a receiver answers a delivered tensor frame with.
+const FRAME_ACK: u8 = 0xA5;
+/// How long a receiver tries to acknowledge a frame.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts at delivering one tensor frame.
+const SEND_ATTEMPTS: u32 = 3;
+/// How long a daemon that coordinates nothing waits for a join, and for each answer to it.
+const ENDED_RUN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The file in a run's directory that says its coordinator ended the run.
+const ENDED_FILE: &str = "ended";
 /// Held-out batches evaluated after each round.
 const EVAL_BATCHES: usize = 4;
 
@@ -285,8 +295,11 @@ enum CoordEvent {
         peer: PeerId,
         msg: Msg,
     },
+    /// A control stream ended; `tx` is the sender it was connected with, so that the end
+    /// of an old stream does not take a peer's newer stream down with it.
     Closed {
         peer: PeerId,
+        tx: mpsc::Sender<TrainControl>,
     },
 }
 
@@ -314,6 +327,8 @@ struct Inner {
     context: Mutex<Option<RunContext>>,
     /// Where a test makes the coordinator die.
     crash_at: Mutex<Option<CrashPoint>>,
+    /// Where a fault test makes the whole process abort (`POTLUCK_CRASH_AT`).
+    abort_at: Option<CrashPoint>,
 }
 
 /// A persistence point of the coordinator where a test can make the daemon's training stop
@@ -329,6 +344,40 @@ pub enum CrashPoint {
     AfterLedgerAppend(u64),
     /// A reducer of this round that received its contributions, before it sent the mean.
     ReducerBeforeSending(u64),
+}
+
+impl CrashPoint {
+    /// The environment variable that makes a daemon process abort at a crash point, for
+    /// fault tests that kill real processes: `after-round-opened:3`,
+    /// `before-ledger-append:2`, `after-ledger-append:2` or `reducer-before-sending:2`.
+    pub const ENV: &'static str = "POTLUCK_CRASH_AT";
+
+    /// Parses the `POTLUCK_CRASH_AT` form.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (name, round) = s.trim().split_once(':')?;
+        let round: u64 = round.parse().ok()?;
+        Some(match name {
+            "after-round-opened" => Self::AfterRoundOpened(round),
+            "before-ledger-append" => Self::BeforeLedgerAppend(round),
+            "after-ledger-append" => Self::AfterLedgerAppend(round),
+            "reducer-before-sending" => Self::ReducerBeforeSending(round),
+            _ => return None,
+        })
+    }
+
+    fn from_env() -> Option<Self> {
+        let v = std::env::var(Self::ENV).ok()?;
+        let point = Self::parse(&v);
+        match point {
+            Some(p) => tracing::warn!(
+                ?p,
+                "this daemon will abort at a crash point ({})",
+                Self::ENV
+            ),
+            None => tracing::warn!(value = %v, "{} not understood; ignored", Self::ENV),
+        }
+        point
+    }
 }
 
 /// A replica's view of its run, kept for failover.
@@ -393,6 +442,7 @@ impl TrainService {
                 data_dir,
                 context: Mutex::new(None),
                 crash_at: Mutex::new(None),
+                abort_at: CrashPoint::from_env(),
             }),
         };
         let s = svc.clone();
@@ -423,12 +473,66 @@ impl TrainService {
                 match tx {
                     Some(tx) => attach_control_stream(&s, peer, stream, tx, permit),
                     None => {
-                        tracing::debug!(%peer, "control stream while not coordinating; closing");
+                        // Not coordinating: a replica may come back for a run that ended
+                        // while it was away; it learns the end and where the final state is.
+                        let s = s.clone();
+                        tokio::spawn(async move {
+                            s.answer_after_run(peer, stream).await;
+                            drop(permit);
+                        });
                     }
                 }
             }
         });
         Ok(svc)
+    }
+
+    /// Answers a control stream while this daemon coordinates nothing: a join for a run it
+    /// coordinated to its end gets the welcome and the end of the run (its last commit, with
+    /// its signed manifest), so that a replica that was away fetches the final state instead
+    /// of looking for a coordinator that will never come back. Anything else is closed.
+    async fn answer_after_run(&self, peer: PeerId, stream: libp2p::Stream) {
+        let (mut rd, mut wr) = stream.split();
+        let first = tokio::time::timeout(ENDED_RUN_ANSWER_TIMEOUT, read_control(&mut rd)).await;
+        let Ok(Ok(Some((
+            TrainControl {
+                msg: Some(Msg::Join(j)),
+                ..
+            },
+            _,
+        )))) = first
+        else {
+            tracing::debug!(%peer, "control stream while not coordinating; closing");
+            return;
+        };
+        let Ok(run_id) = <[u8; 32]>::try_from(j.run_id.as_slice()) else {
+            return;
+        };
+        let (welcome, fin) = match ended_run(&self.inner.data_dir, &run_id) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tracing::debug!(%peer, "a join for a run not coordinated here now; closing");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot tell a replica how its run ended");
+                return;
+            }
+        };
+        tracing::info!(%peer, run = %hex::encode(run_id), "telling a returning replica its run ended");
+        for msg in [Msg::Welcome(welcome), Msg::Finished(fin)] {
+            let m = TrainControl {
+                protocol_version: 0,
+                msg: Some(msg),
+            };
+            let sent =
+                tokio::time::timeout(ENDED_RUN_ANSWER_TIMEOUT, write_control(&mut wr, m)).await;
+            match sent {
+                Ok(Ok(n)) => self.inner.traffic.add(peer, n, 0),
+                _ => return,
+            }
+        }
+        let _ = wr.close().await;
     }
 
     /// Makes this daemon's training stop dead at `point`, as a killed process would.
@@ -441,6 +545,11 @@ impl TrainService {
 
     /// Stops all training here if a test asked for a crash at `point`.
     fn crash_point(&self, point: CrashPoint) -> Result<(), TrainError> {
+        if self.inner.abort_at == Some(point) {
+            // As if the process were killed here: no unwinding, no cleanup, no flush.
+            eprintln!("potluck: aborting at {point:?} ({})", CrashPoint::ENV);
+            std::process::abort();
+        }
         let hit = self
             .inner
             .crash_at
@@ -458,6 +567,11 @@ impl TrainService {
     /// Stops every run this daemon takes part in (the daemon is shutting down).
     pub fn shutdown(&self) {
         self.inner.cancel.cancel();
+    }
+
+    /// The daemon's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.inner.data_dir
     }
 
     /// This daemon's peer id.
@@ -533,11 +647,20 @@ impl TrainService {
             return;
         }
         // A full inbox makes this await, which stops reading the stream: backpressure.
-        let _ = self
+        if self
             .inner
             .inbox_tx
             .send(Inbound { from: peer, frame })
+            .await
+            .is_ok()
+        {
+            // Only now is the frame delivered; the sender waits for this byte.
+            let _ = tokio::time::timeout(ACK_TIMEOUT, async {
+                stream.write_all(&[FRAME_ACK]).await?;
+                stream.close().await
+            })
             .await;
+        }
     }
 
     async fn answer_state_request(
@@ -657,14 +780,55 @@ impl TrainService {
                 .await;
             return Ok(());
         }
+        // A stream the receiver dropped unread (its daemon was busy, or died) gets no
+        // acknowledgement: the frame is sent again on a new stream. Receivers ignore repeats.
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.send_once(peer, &header, &wire).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt >= SEND_ATTEMPTS || self.inner.cancel.is_cancelled() => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, attempt, error = %e, "frame not acknowledged; sending again");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+            }
+        }
+    }
+
+    /// One attempt at a frame: open, write, and wait for the receiver's acknowledgement.
+    async fn send_once(
+        &self,
+        peer: PeerId,
+        header: &FrameHeader,
+        wire: &[u8],
+    ) -> Result<(), TrainError> {
         let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
-        let n = tokio::time::timeout(FRAME_TIMEOUT, write_frame(&mut stream, &header, &wire))
+        let n = tokio::time::timeout(FRAME_TIMEOUT, write_frame(&mut stream, header, wire))
             .await
             .map_err(|_| TrainError::Other(format!("sending to {peer} timed out")))?
             .map_err(|e| TrainError::Other(format!("sending to {peer}: {e}")))?;
-        let _ = stream.close().await;
         self.inner.traffic.add(peer, n, 0);
-        Ok(())
+        let mut ack = [0u8; 1];
+        let got = tokio::time::timeout(FRAME_TIMEOUT, stream.read_exact(&mut ack)).await;
+        let _ = stream.close().await;
+        match got {
+            Ok(Ok(())) if ack[0] == FRAME_ACK => {
+                self.inner.traffic.add(peer, 0, 1);
+                Ok(())
+            }
+            Ok(Ok(())) => Err(TrainError::Other(format!(
+                "{peer} answered a frame with garbage"
+            ))),
+            Ok(Err(e)) => Err(TrainError::Other(format!(
+                "{peer} did not take the frame: {e}"
+            ))),
+            Err(_) => Err(TrainError::Other(format!(
+                "{peer} did not acknowledge the frame in time"
+            ))),
+        }
     }
 
     /// Asks `peer` for its committed state of `run_id`.
@@ -911,7 +1075,7 @@ impl TrainService {
             .replica(
                 run_id,
                 Some(run.clone()),
-                from_replica_tx,
+                (self.inner.local, from_replica_tx),
                 to_replica_rx,
                 join,
                 out.clone(),
@@ -1128,6 +1292,7 @@ impl TrainService {
                     Err(e @ (TrainError::ShuttingDown | TrainError::Worker(_))) => return Err(e),
                     Err(e) => {
                         // Reached but not coordinating (yet), or it died after welcoming us.
+                        tracing::info!(candidate = %cand, error = %e, "candidate coordinator did not take us back");
                         let welcomed = self.context(&run_id).is_some_and(|c| c.welcomed);
                         if welcomed {
                             gone.insert(*cand);
@@ -1192,7 +1357,8 @@ impl TrainService {
             run_id: run_id.to_vec(),
             ..Default::default()
         };
-        self.replica(run_id, None, up_tx, down_rx, join, out).await
+        self.replica(run_id, None, (coordinator, up_tx), down_rx, join, out)
+            .await
     }
 
     /// The replica loop, shared by the coordinator's own replica and joined ones.
@@ -1200,7 +1366,7 @@ impl TrainService {
         &self,
         run_id: [u8; 32],
         known: Option<ResolvedRun>,
-        up: mpsc::Sender<Msg>,
+        (coordinator, up): (PeerId, mpsc::Sender<Msg>),
         mut down: mpsc::Receiver<TrainControl>,
         join: RunJoin,
         out: Option<PathBuf>,
@@ -1453,11 +1619,14 @@ impl TrainService {
                     }
                     if committed.root.as_slice() != f.root.as_slice() {
                         // It joined or disagreed last: fetch the final state like a resync.
+                        // The coordinator kept the final checkpoint; the last round's
+                        // members hold it too.
                         let last = RoundOpen {
                             run_id: run_id.to_vec(),
                             round: f.rounds,
                             members: last_members.clone(),
                             base_root: f.root.clone(),
+                            state_source: coordinator.to_bytes(),
                             ..Default::default()
                         };
                         let snap = self.resync(&last, &run_id, &rep, &run).await.map_err(|e| {
@@ -1495,7 +1664,11 @@ impl TrainService {
                     } else {
                         rep.eval_loss(&data, EVAL_BATCHES)?
                     };
-                    self.set_status(|s| s.state = "finished".into());
+                    self.set_status(|s| {
+                        s.state = "finished".into();
+                        s.committed_round = f.rounds;
+                        s.committed_root = hex::encode(committed.root);
+                    });
                     return Ok(RunSummary {
                         run_id,
                         rounds: f.rounds,
@@ -1629,7 +1802,10 @@ impl TrainService {
     ) -> Result<Snapshot, TrainError> {
         // The named source first, then every other member of the round: any of them that
         // agreed holds the state, and the named one may have died since.
-        let mut sources: Vec<PeerId> = PeerId::from_bytes(&open.state_source).into_iter().collect();
+        let mut sources: Vec<PeerId> = PeerId::from_bytes(&open.state_source)
+            .into_iter()
+            .filter(|p| *p != self.inner.local)
+            .collect();
         for m in &open.members {
             if let Ok(p) = PeerId::from_bytes(m)
                 && p != self.inner.local
@@ -2465,7 +2641,10 @@ fn attach_control_stream(
     let s = svc.clone();
     tokio::spawn(async move {
         if coord
-            .send(CoordEvent::Connected { peer, tx })
+            .send(CoordEvent::Connected {
+                peer,
+                tx: tx.clone(),
+            })
             .await
             .is_err()
         {
@@ -2492,7 +2671,7 @@ fn attach_control_stream(
                 }
             }
         }
-        let _ = coord.send(CoordEvent::Closed { peer }).await;
+        let _ = coord.send(CoordEvent::Closed { peer, tx }).await;
         drop(permit);
     });
 }
@@ -2696,7 +2875,12 @@ async fn run_coordinator(
             CoordEvent::Connected { peer, tx } => {
                 links.insert(peer, tx);
             }
-            CoordEvent::Closed { peer } => {
+            CoordEvent::Closed { peer, tx } => {
+                // A replica that reconnected already replaced this stream: it is still here.
+                if !links.get(&peer).is_some_and(|cur| cur.same_channel(&tx)) {
+                    tracing::debug!(%peer, "an older control stream of a replica ended");
+                    continue;
+                }
                 links.remove(&peer);
                 tracing::info!(%peer, "replica left the run");
                 machine.handle_leave(&CPeerId(peer.to_bytes()), unix_ms());
@@ -2772,6 +2956,13 @@ fn finish(
         root: head.root.0.to_vec(),
         manifest: ledger.head().map(|m| m.encode()).unwrap_or_default(),
     };
+    // Recorded, so that replicas that come back later are told the run ended.
+    let marker = checkpoint::run_dir(&svc.inner.data_dir, run_id).join(ENDED_FILE);
+    if let Err(e) =
+        potluck_coordinator::store::write_atomic(&marker, head.round.to_string().as_bytes())
+    {
+        tracing::warn!(error = %e, "could not record the end of the run");
+    }
     for p in links.keys() {
         send_ctl(links, p, Msg::Finished(fin.clone()));
     }
@@ -2780,6 +2971,52 @@ fn finish(
         root: head.root.0,
     });
     Ok(())
+}
+
+/// The welcome and end of a run this daemon coordinated to its end, from its run directory:
+/// `None` when the run did not end here.
+fn ended_run(
+    data_dir: &std::path::Path,
+    run_id: &[u8; 32],
+) -> Result<Option<(RunWelcome, RunFinished)>, TrainError> {
+    let run_dir = checkpoint::run_dir(data_dir, run_id);
+    if !run_dir.join(ENDED_FILE).exists() {
+        return Ok(None);
+    }
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        TrainError::Other(format!(
+            "the ended run in {}: {what}: {e}",
+            run_dir.display()
+        ))
+    };
+    let run_bytes = read_bounded(
+        &run_dir.join(potluck_coordinator::manifest::RUN_FILE),
+        potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
+    )?;
+    let signed_run = SignedRunManifest::decode(&run_bytes).map_err(|e| bad("run manifest", &e))?;
+    let entries =
+        Ledger::read_entries(&checkpoint::ledger_dir(&run_dir)).map_err(|e| bad("ledger", &e))?;
+    potluck_coordinator::verify::verify_chain(&signed_run, &entries)
+        .map_err(|e| bad("ledger", &e))?;
+    let Some(head) = entries.last() else {
+        return Ok(None);
+    };
+    let commit = potluck_coordinator::failover::commit_of(head);
+    let welcome = RunWelcome {
+        run_id: run_id.to_vec(),
+        manifest: signed_run.body().settings.clone(),
+        committed_round: commit.round,
+        committed_root: commit.root.0.to_vec(),
+        signed_run: run_bytes,
+        head_manifest: head.encode(),
+    };
+    let fin = RunFinished {
+        run_id: run_id.to_vec(),
+        rounds: commit.round,
+        root: commit.root.0.to_vec(),
+        manifest: head.encode(),
+    };
+    Ok(Some((welcome, fin)))
 }
 
 /// The coordinator crate's settings of a run.
