@@ -353,7 +353,10 @@ async fn three_peers_overlapped_end_every_round_on_the_same_root() {
         let timings = n.train().status().round_timings;
         assert_eq!(timings.len(), 4, "{timings:?}");
         for t in &timings {
-            assert!(t.overlap && t.train_ms > 0 && t.wall_ms >= t.train_ms, "{t:?}");
+            assert!(
+                t.overlap && t.train_ms > 0 && t.wall_ms >= t.train_ms,
+                "{t:?}"
+            );
             assert!((0.0..=1.0).contains(&t.network_wait_share), "{t:?}");
         }
     }

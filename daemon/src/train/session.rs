@@ -1928,13 +1928,33 @@ impl TrainService {
         // flush, part 1), so the run ends with every round's work applied: its first
         // exchange gets half the deadline.
         let flush = run.overlap && open.round >= run.rounds;
+        // Where this round's training starts: the committed state, or (overlapped, with a
+        // delta of our own in flight) an eager start.
+        let mut train_from = None;
         let overlapped = if run.overlap {
             let prev = carried.take().filter(|c| c.round + 1 == open.round);
             let compressing = Instant::now();
-            let mine = match prev {
+            let mine = match &prev {
                 Some(c) => Some(contribution(ef, codec, &c.delta, &ranges, c.tokens)?),
                 None => None,
             };
+            // Eager start: train from where the outer step would take theta_t if the mean
+            // still in flight were this replica's own delta. Training from theta_t itself
+            // would leave every delta one update behind, and the outer momentum amplifies
+            // that lag (docs/ARCHITECTURE.md, "Overlap"). Only the local start differs
+            // between replicas; the committed state is the same everywhere.
+            if let Some(c) = &prev {
+                let mut preview = OuterOptimizer::with_velocity(
+                    run.outer.lr,
+                    run.outer.momentum,
+                    outer.velocity().to_vec(),
+                );
+                let start = preview.step(&theta_start, &c.delta)?;
+                rep.as_mut()
+                    .ok_or_else(|| TrainError::Other("replica missing".into()))?
+                    .set_flat_params(&start)?;
+                train_from = Some(start);
+            }
             timing.local_ms += compressing.elapsed().as_millis() as u64;
             if let Some(c) = &mine {
                 c.hash_into(&mut update_hasher);
@@ -1988,7 +2008,10 @@ impl TrainService {
             .ok_or_else(|| TrainError::Other("replica missing".into()))?;
         let computing = Instant::now();
         let theta_now = rep.flat_params()?;
-        let delta = potluck_worker::pseudo_gradient(&theta_start, &theta_now)?;
+        let delta = potluck_worker::pseudo_gradient(
+            train_from.as_deref().unwrap_or(&theta_start),
+            &theta_now,
+        )?;
         self.set_status(|s| {
             s.state = "exchanging updates".into();
             s.train_loss = stats.mean_loss;
