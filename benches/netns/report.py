@@ -47,6 +47,7 @@ print(json.dumps({
     "network_wait_share_total": share("network_wait_ms"),
     "train_share_total": share("train_ms"),
     "local_share_total": share("local_ms"),
+    "persist_share_total": share("persist_ms"),
     "coordination_share_total": share("coordination_ms"),
     "round_wall_ms_mean": round(statistics.mean(walls)) if walls else None,
     "run_seconds": int(seconds),

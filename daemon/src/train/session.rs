@@ -209,11 +209,14 @@ pub struct RoundTiming {
     pub train_ms: u64,
     /// Other local work: compressing, the outer step, the eval, hashing the new state.
     pub local_ms: u64,
+    /// Keeping the committed checkpoint, the ledger entry and the local state on disk.
+    pub persist_ms: u64,
     /// Waiting on the data plane: from the end of training (and compressing) until the
     /// exchange completed, any final flush exchange, and fetching a state to resync.
     pub network_wait_ms: u64,
     /// The rest: from the report until the next opening (the coordinator waits for a quorum
-    /// of reports, commits, and opens the next round), and before training began.
+    /// of reports, commits, and opens the next round) but for persisting the commit, and
+    /// before training began.
     pub coordination_ms: u64,
     /// `network_wait_ms / wall_ms`.
     pub network_wait_share: f64,
@@ -223,7 +226,7 @@ impl RoundTiming {
     /// Fills in the wall time and the shares, once the round's end is known.
     fn close(mut self, wall: Duration) -> Self {
         self.wall_ms = wall.as_millis() as u64;
-        let busy = self.train_ms + self.local_ms + self.network_wait_ms;
+        let busy = self.train_ms + self.local_ms + self.persist_ms + self.network_wait_ms;
         self.coordination_ms = self.wall_ms.saturating_sub(busy);
         self.network_wait_share = if self.wall_ms == 0 {
             0.0
@@ -551,6 +554,7 @@ impl TrainService {
             wall_ms = t.wall_ms,
             train_ms = t.train_ms,
             local_ms = t.local_ms,
+            persist_ms = t.persist_ms,
             network_wait_ms = t.network_wait_ms,
             coordination_ms = t.coordination_ms,
             network_wait_share = t.network_wait_share,
@@ -1486,6 +1490,7 @@ impl TrainService {
                     }
                 }
                 Some(Msg::Commit(c)) => {
+                    let persisting = Instant::now();
                     // The ledger copy takes every commit, held here or not.
                     let manifest = match commit_manifest_of(&c) {
                         Ok(m) => {
@@ -1531,6 +1536,11 @@ impl TrainService {
                                 "our root differs from the committed one; will resync"
                             );
                         }
+                    }
+                    if let Some((_, t)) = timing.as_mut()
+                        && t.round == c.round
+                    {
+                        t.persist_ms += persisting.elapsed().as_millis() as u64;
                     }
                     self.set_status(|s| {
                         s.committed_round = c.round;
