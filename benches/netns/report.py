@@ -28,9 +28,16 @@ shares = [r["network_wait_share"] for r in rows]
 walls = [r["wall_ms"] for r in rows]
 
 
-def share(key):
-    total = sum(walls)
-    return round(sum(r[key] for r in rows) / total, 4) if total else None
+def share(key, rs=None):
+    rs = rows if rs is None else rs
+    total = sum(r["wall_ms"] for r in rs)
+    return round(sum(r.get(key, 0) for r in rs) / total, 4) if total else None
+
+
+# Rounds between the first (nothing to exchange when overlapped) and the last (an overlapped
+# run's final flush is on the critical path): what a long run looks like.
+last = max((r["round"] for r in rows), default=0)
+steady = [r for r in rows if 1 < r["round"] < last]
 
 
 print(json.dumps({
@@ -49,6 +56,7 @@ print(json.dumps({
     "local_share_total": share("local_ms"),
     "persist_share_total": share("persist_ms"),
     "coordination_share_total": share("coordination_ms"),
+    "steady_rounds_network_wait_share_total": share("network_wait_ms", steady),
     "round_wall_ms_mean": round(statistics.mean(walls)) if walls else None,
     "run_seconds": int(seconds),
     "state": status.get("state"),

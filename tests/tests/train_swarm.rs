@@ -517,12 +517,24 @@ async fn a_reducer_killed_after_its_contributions_arrived_is_replaced_within_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_joins_at_round_3_ends_on_the_same_root() {
+    joins_at_round_3(false).await;
+}
+
+/// Overlapped, the late peer has no delta of its own in its first round: it abstains, and
+/// the others' reducers do not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_joins_an_overlapped_run_at_round_3_ends_on_the_same_root() {
+    joins_at_round_3(true).await;
+}
+
+async fn joins_at_round_3(overlap: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path()).await;
     let run = run_with(|m| {
         m.rounds = Some(5);
         m.min_peers = Some(2);
         m.round_deadline_secs = Some(30);
+        m.overlap = Some(overlap);
     });
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
@@ -586,6 +598,14 @@ async fn a_peer_that_joins_at_round_3_ends_on_the_same_root() {
     );
     let early = early.await.unwrap().expect("the early peer finished");
     assert_eq!(early.root, summary.root);
+    for n in nodes.iter().chain([&late_node]) {
+        let st = n.train().status();
+        assert_eq!(
+            (st.missing_slices, st.rejected_updates),
+            (0, 0),
+            "an abstention is neither a missing slice nor a rejected update"
+        );
+    }
     late_node.shutdown().await;
     for n in nodes {
         n.shutdown().await;
