@@ -97,6 +97,11 @@ pub fn signing_bytes(h: &FrameHeader) -> Vec<u8> {
         put(&mut out, c);
     }
     put(&mut out, &h.public_key);
+    // Appended only when set, so that the frames of a round's first exchange sign the same
+    // bytes as before the field existed.
+    if h.part != 0 {
+        out.extend_from_slice(&h.part.to_le_bytes());
+    }
     out
 }
 
@@ -399,6 +404,9 @@ mod tests {
         let mut c = a.clone();
         c.round += 1;
         assert_ne!(signing_bytes(&a), signing_bytes(&c));
+        let mut d = a.clone();
+        d.part = 1;
+        assert_ne!(signing_bytes(&a), signing_bytes(&d));
     }
 
     proptest! {

@@ -281,6 +281,90 @@ async fn three_peers_end_every_round_on_the_same_root() {
     }
 }
 
+/// An overlapped run: each round exchanges the previous round's update while it trains,
+/// and the last round flushes its own. Every round still ends on one root everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_peers_overlapped_end_every_round_on_the_same_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(3, dir.path()).await;
+    let run = run_with(|m| {
+        m.overlap = Some(true);
+        m.rounds = Some(4);
+    });
+    assert!(run.overlap);
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let mut events = nodes[0].train().subscribe();
+    let joins: Vec<_> = nodes
+        .iter()
+        .skip(1)
+        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
+        .collect();
+    let summary = tokio::time::timeout(
+        Duration::from_secs(300),
+        nodes[0].train().coordinate(run.clone(), None),
+    )
+    .await
+    .expect("run finished in time")
+    .expect("run succeeded");
+    assert_eq!(summary.rounds, 4);
+    for j in joins {
+        let s = j.await.unwrap().expect("replica finished");
+        assert_eq!(s.root, summary.root, "every replica ends on the final root");
+    }
+    let mut committed = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let RunEvent::Committed {
+            round,
+            root,
+            agreeing,
+            members,
+            ..
+        } = ev
+        {
+            assert_eq!(members, 3);
+            assert!(agreeing >= 2, "round {round}: {agreeing} agree");
+            committed.push((round, root));
+        }
+    }
+    assert_eq!(committed.len(), 4);
+    // Every checkpoint a replica kept (the newest three rounds) is the committed one.
+    use potluck_daemon::train::checkpoint::{checkpoint_dir, run_dir};
+    let mut kept = 0;
+    for i in 0..3 {
+        let rd = run_dir(&dir.path().join(format!("p{i}")), &run_id);
+        for (round, root) in &committed {
+            let cd = checkpoint_dir(&rd, *round);
+            if !cd.exists() {
+                continue;
+            }
+            kept += 1;
+            let v = potluck_coordinator::verify::verify_checkpoint_dir(
+                &cd,
+                &potluck_coordinator::verify::VerifyOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("peer {i}'s round-{round} checkpoint: {e}"));
+            assert_eq!(v.root.0, *root, "peer {i}, round {round}");
+        }
+    }
+    assert!(kept >= 6, "only {kept} checkpoints kept");
+    // Each replica timed its rounds: training, and the network wait after it.
+    for n in &nodes {
+        let timings = n.train().status().round_timings;
+        assert_eq!(timings.len(), 4, "{timings:?}");
+        for t in &timings {
+            assert!(
+                t.overlap && t.train_ms > 0 && t.wall_ms >= t.train_ms,
+                "{t:?}"
+            );
+            assert!((0.0..=1.0).contains(&t.network_wait_share), "{t:?}");
+        }
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replica_does_not_stop_the_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -433,12 +517,24 @@ async fn a_reducer_killed_after_its_contributions_arrived_is_replaced_within_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_joins_at_round_3_ends_on_the_same_root() {
+    joins_at_round_3(false).await;
+}
+
+/// Overlapped, the late peer has no delta of its own in its first round: it abstains, and
+/// the others' reducers do not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_joins_an_overlapped_run_at_round_3_ends_on_the_same_root() {
+    joins_at_round_3(true).await;
+}
+
+async fn joins_at_round_3(overlap: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path()).await;
     let run = run_with(|m| {
         m.rounds = Some(5);
         m.min_peers = Some(2);
         m.round_deadline_secs = Some(30);
+        m.overlap = Some(overlap);
     });
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
@@ -502,6 +598,14 @@ async fn a_peer_that_joins_at_round_3_ends_on_the_same_root() {
     );
     let early = early.await.unwrap().expect("the early peer finished");
     assert_eq!(early.root, summary.root);
+    for n in nodes.iter().chain([&late_node]) {
+        let st = n.train().status();
+        assert_eq!(
+            (st.missing_slices, st.rejected_updates),
+            (0, 0),
+            "an abstention is neither a missing slice nor a rejected update"
+        );
+    }
     late_node.shutdown().await;
     for n in nodes {
         n.shutdown().await;

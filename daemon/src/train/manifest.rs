@@ -18,6 +18,9 @@ pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
 /// Upper bound on the text a run may read from a path.
 pub const MAX_DATA_BYTES: u64 = 4 << 30;
 
+/// Whether runs overlap communication with computation unless their manifest says.
+pub const DEFAULT_OVERLAP: bool = false;
+
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -124,6 +127,9 @@ pub struct RunManifest {
     pub compression: Option<String>,
     pub round_deadline_secs: Option<u64>,
     pub min_peers: Option<usize>,
+    /// Exchange each round's update during the next round's training, applying it one
+    /// round late (see docs/ARCHITECTURE.md, "Overlap").
+    pub overlap: Option<bool>,
 }
 
 /// A manifest with every default filled in and every value checked: what the run id hashes.
@@ -140,6 +146,15 @@ pub struct ResolvedRun {
     pub compression: String,
     pub round_deadline_secs: u64,
     pub min_peers: usize,
+    /// Whether the outer update is applied one round late, its exchange overlapping the
+    /// next round's training. Left out of the canonical encoding when off, so that the ids
+    /// of runs from before the setting existed do not change.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub overlap: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The embedded default run of `potluck demo`: a small MoE model on the built-in corpus.
@@ -271,6 +286,7 @@ impl RunManifest {
             compression: codec.to_string(),
             round_deadline_secs,
             min_peers,
+            overlap: self.overlap.unwrap_or(DEFAULT_OVERLAP),
         })
     }
 }
@@ -406,6 +422,16 @@ mod tests {
         let mut c = a.clone();
         c.rounds += 1;
         assert_ne!(c.id(), a.id());
+        // The overlap setting is part of the run, and is left out of the encoding when off.
+        let mut d = a.clone();
+        d.overlap = !a.overlap;
+        assert_ne!(d.id(), a.id());
+        let off = if a.overlap { &d } else { &a };
+        let text = String::from_utf8(off.canonical_bytes()).unwrap();
+        assert!(!text.contains("overlap"), "{text}");
+        let on = if a.overlap { &a } else { &d };
+        let back = ResolvedRun::from_canonical(&on.canonical_bytes(), &on.id()).unwrap();
+        assert!(back.overlap);
     }
 
     #[test]

@@ -197,7 +197,54 @@ pub struct RunStatus {
     pub reassigned_slices: u64,
     /// Slices this replica applied as zero because nobody reduced them in time.
     pub missing_slices: u64,
+    /// Where the time of the last rounds went at this replica, oldest first.
+    pub round_timings: Vec<RoundTiming>,
     pub error: String,
+}
+
+/// Rounds whose timings a status keeps.
+const ROUNDS_TIMED: usize = 8;
+
+/// Where one round's wall time went at one replica: computing, waiting on the data plane,
+/// or waiting for the coordinator (and through it for the other replicas' reports). Logged
+/// once per round (`round timing`, target `potluck::timing`) and kept in [`RunStatus`].
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RoundTiming {
+    pub round: u64,
+    /// Whether the round's exchange overlapped its training (the run's `overlap`).
+    pub overlap: bool,
+    /// From the round's opening to the next opening (or the run's end), at this replica.
+    pub wall_ms: u64,
+    /// The H inner steps.
+    pub train_ms: u64,
+    /// Other local work: compressing, the outer step, the eval, hashing the new state.
+    pub local_ms: u64,
+    /// Keeping the committed checkpoint, the ledger entry and the local state on disk.
+    pub persist_ms: u64,
+    /// Waiting on the data plane: from the end of training (and compressing) until the
+    /// exchange completed, any final flush exchange, and fetching a state to resync.
+    pub network_wait_ms: u64,
+    /// The rest: from the report until the next opening (the coordinator waits for a quorum
+    /// of reports, commits, and opens the next round) but for persisting the commit, and
+    /// before training began.
+    pub coordination_ms: u64,
+    /// `network_wait_ms / wall_ms`.
+    pub network_wait_share: f64,
+}
+
+impl RoundTiming {
+    /// Fills in the wall time and the shares, once the round's end is known.
+    fn close(mut self, wall: Duration) -> Self {
+        self.wall_ms = wall.as_millis() as u64;
+        let busy = self.train_ms + self.local_ms + self.persist_ms + self.network_wait_ms;
+        self.coordination_ms = self.wall_ms.saturating_sub(busy);
+        self.network_wait_share = if self.wall_ms == 0 {
+            0.0
+        } else {
+            self.network_wait_ms as f64 / self.wall_ms as f64
+        };
+        self
+    }
 }
 
 /// An event for whoever watches a run (the demo's progress display).
@@ -610,6 +657,28 @@ impl TrainService {
     /// Events of the runs this daemon takes part in.
     pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Logs a finished round's timing and keeps it in the status.
+    fn record_timing(&self, t: RoundTiming) {
+        tracing::info!(
+            target: "potluck::timing",
+            round = t.round,
+            overlap = t.overlap,
+            wall_ms = t.wall_ms,
+            train_ms = t.train_ms,
+            local_ms = t.local_ms,
+            persist_ms = t.persist_ms,
+            network_wait_ms = t.network_wait_ms,
+            coordination_ms = t.coordination_ms,
+            network_wait_share = t.network_wait_share,
+            "round timing"
+        );
+        self.set_status(|s| {
+            s.round_timings.push(t);
+            let extra = s.round_timings.len().saturating_sub(ROUNDS_TIMED);
+            s.round_timings.drain(..extra);
+        });
     }
 
     fn set_status(&self, f: impl FnOnce(&mut RunStatus)) {
@@ -1477,6 +1546,10 @@ impl TrainService {
         });
         // Frames that arrived for a round we have not reached yet.
         let mut early: Vec<Inbound> = Vec::new();
+        // An overlapped run's update of the last round trained, exchanged in the next.
+        let mut carried: Option<Carried> = None;
+        // The round in progress here: when it opened, and where its time went so far.
+        let mut timing: Option<(Instant, RoundTiming)> = None;
         loop {
             let m = tokio::select! {
                 m = down.recv() => m,
@@ -1488,6 +1561,14 @@ impl TrainService {
             match m.msg {
                 Some(Msg::Open(open)) => {
                     let opened_at = Instant::now();
+                    if let Some((at, t)) = timing.take() {
+                        self.record_timing(t.close(opened_at.duration_since(at)));
+                    }
+                    let mut this_round = RoundTiming {
+                        round: open.round,
+                        overlap: run.overlap,
+                        ..Default::default()
+                    };
                     last_members = open.members.clone();
                     self.inner.traffic.set_round(open.round);
                     if let Ok(mut g) = self.inner.context.lock()
@@ -1508,7 +1589,10 @@ impl TrainService {
                         committed = held;
                     }
                     if committed.root.as_slice() != open.base_root.as_slice() {
-                        match self.resync(&open, &run_id, &rep, &run).await {
+                        let fetching = Instant::now();
+                        let fetched = self.resync(&open, &run_id, &rep, &run).await;
+                        this_round.network_wait_ms += fetching.elapsed().as_millis() as u64;
+                        match fetched {
                             Ok(s) => {
                                 committed = Arc::new(s);
                                 self.publish(&committed);
@@ -1529,6 +1613,7 @@ impl TrainService {
                                 up.send(Msg::Report(report))
                                     .await
                                     .map_err(|_| TrainError::CoordinatorGone)?;
+                                timing = Some((opened_at, this_round));
                                 continue;
                             }
                         }
@@ -1542,10 +1627,22 @@ impl TrainService {
                     let mut slot = Some(rep);
                     let report = self
                         .round(
-                            &run, &run_id, &open, &data, codec, &mut slot, &mut outer, &mut ef,
-                            &mut inbox, &mut early, &opened_at,
+                            &run,
+                            &run_id,
+                            &open,
+                            &data,
+                            codec,
+                            &mut slot,
+                            &mut outer,
+                            &mut ef,
+                            &mut inbox,
+                            &mut early,
+                            &opened_at,
+                            &mut carried,
+                            &mut this_round,
                         )
                         .await;
+                    timing = Some((opened_at, this_round));
                     rep = slot.ok_or_else(|| TrainError::Other("replica lost".into()))?;
                     let report = report?;
                     if let Some((report, snap)) = report {
@@ -1559,6 +1656,7 @@ impl TrainService {
                     }
                 }
                 Some(Msg::Commit(c)) => {
+                    let persisting = Instant::now();
                     // The ledger copy takes every commit, held here or not.
                     let manifest = match commit_manifest_of(&c) {
                         Ok(m) => {
@@ -1605,6 +1703,11 @@ impl TrainService {
                             );
                         }
                     }
+                    if let Some((_, t)) = timing.as_mut()
+                        && t.round == c.round
+                    {
+                        t.persist_ms += persisting.elapsed().as_millis() as u64;
+                    }
                     self.set_status(|s| {
                         s.committed_round = c.round;
                         s.committed_root = hex::encode(&c.root);
@@ -1612,6 +1715,9 @@ impl TrainService {
                     });
                 }
                 Some(Msg::Finished(f)) => {
+                    if let Some((at, t)) = timing.take() {
+                        self.record_timing(t.close(at.elapsed()));
+                    }
                     if let Some(p) = pending.take()
                         && p.root.as_slice() == f.root.as_slice()
                     {
@@ -1943,18 +2049,22 @@ impl TrainService {
         inbox: &mut mpsc::Receiver<Inbound>,
         early: &mut Vec<Inbound>,
         opened_at: &Instant,
+        carried: &mut Option<Carried>,
+        timing: &mut RoundTiming,
     ) -> Result<Option<(TrainReport, Snapshot)>, TrainError> {
         // The round's deadline is the coordinator's; what is left of it (never more than the
         // run's round deadline, whatever the clocks say) splits into a phase for
         // contributions and one for reduced slices, leaving the rest for the report.
-        let left = Duration::from_millis(
+        let deadline = Duration::from_millis(
             open.deadline_unix_ms
                 .saturating_sub(unix_ms())
                 .min(run.round_deadline_secs * 1000),
         );
         let started = *opened_at;
-        let elapsed = started.elapsed();
-        let left = left.saturating_sub(elapsed.min(left));
+        let left = |now: Instant| {
+            let spent = now.saturating_duration_since(started);
+            deadline.saturating_sub(spent.min(deadline))
+        };
         let members: Vec<PeerId> = open
             .members
             .iter()
@@ -1981,8 +2091,68 @@ impl TrainService {
             .as_ref()
             .ok_or_else(|| TrainError::Other("replica missing".into()))?
             .flat_params()?;
+        let ranges = slice_ranges(theta_start.len(), members.len());
+        let plan = |part: u32, from: Instant, span: Duration| ExchangePlan {
+            run_id,
+            round: open.round,
+            part,
+            members: &members,
+            me,
+            len: theta_start.len(),
+            ranges: ranges.clone(),
+            codec,
+            contributors: members.len(),
+            reduce_by: from + span.mul_f64(0.6),
+            reassign_at: from + span.mul_f64(0.7),
+            finish_by: from + span.mul_f64(0.85),
+        };
+        let mut update_hasher = blake3::Hasher::new();
+        // An overlapped run exchanges, while this round trains, the update of the previous
+        // round, when this replica trained it from that round's agreed base; a replica that
+        // has none (it joined, restarted, sat a round out) abstains, so reducers need not
+        // wait for it. The last round also exchanges its own update after training (the
+        // flush, part 1), so the run ends with every round's work applied: its first
+        // exchange gets half the deadline.
+        let flush = run.overlap && open.round >= run.rounds;
+        // Where this round's training starts: the committed state, or (overlapped, with a
+        // delta of our own in flight) an eager start.
+        let mut train_from = None;
+        let overlapped = if run.overlap {
+            let prev = carried.take().filter(|c| c.round + 1 == open.round);
+            let compressing = Instant::now();
+            let mine = match &prev {
+                Some(c) => Some(contribution(ef, codec, &c.delta, &ranges, c.tokens)?),
+                None => None,
+            };
+            // Eager start: train from where the outer step would take theta_t if the mean
+            // still in flight were this replica's own delta. Training from theta_t itself
+            // would leave every delta one update behind, and the outer momentum amplifies
+            // that lag (docs/ARCHITECTURE.md, "Overlap"). Only the local start differs
+            // between replicas; the committed state is the same everywhere.
+            if let Some(c) = &prev {
+                let mut preview = OuterOptimizer::with_velocity(
+                    run.outer.lr,
+                    run.outer.momentum,
+                    outer.velocity().to_vec(),
+                );
+                let start = preview.step(&theta_start, &c.delta)?;
+                rep.as_mut()
+                    .ok_or_else(|| TrainError::Other("replica missing".into()))?
+                    .set_flat_params(&start)?;
+                train_from = Some(start);
+            }
+            timing.local_ms += compressing.elapsed().as_millis() as u64;
+            if let Some(c) = &mine {
+                c.hash_into(&mut update_hasher);
+            }
+            let now = Instant::now();
+            let span = if flush { left(now) / 2 } else { left(now) };
+            Some((plan(0, now, span), mine))
+        } else {
+            None
+        };
         let steps = run.inner_steps;
-        let stats = {
+        let training = {
             // Training is CPU-heavy: run it off the async runtime, handing the replica over.
             let data = data.clone();
             let mut moved = rep
@@ -1990,60 +2160,111 @@ impl TrainService {
                 .ok_or_else(|| TrainError::Other("replica missing".into()))?;
             // Every replica's schedule follows the round, whenever it joined.
             moved.set_step(checkpoint::swarm_step(run, open.round.saturating_sub(1)));
-            let (back, res) = tokio::task::spawn_blocking(move || {
-                let r = moved.train_steps(&data, shard, steps);
-                (moved, r)
-            })
-            .await
-            .map_err(|e| TrainError::Other(format!("training task failed: {e}")))?;
-            *rep = Some(back);
-            res?
+            async move {
+                let began = Instant::now();
+                let r = tokio::task::spawn_blocking(move || {
+                    let r = moved.train_steps(&data, shard, steps);
+                    (moved, r)
+                })
+                .await;
+                (r, began.elapsed(), Instant::now())
+            }
         };
+        let exchanging = async {
+            match &overlapped {
+                Some((plan, mine)) => {
+                    let r = self.exchange(plan, mine.as_ref(), inbox, early).await;
+                    Some((r, Instant::now()))
+                }
+                None => None,
+            }
+        };
+        let ((trained, train_time, trained_at), exchanged) = tokio::join!(training, exchanging);
+        let (back, stats) =
+            trained.map_err(|e| TrainError::Other(format!("training task failed: {e}")))?;
+        *rep = Some(back);
+        let stats = stats?;
+        timing.train_ms += train_time.as_millis() as u64;
+        if let Some((_, done_at)) = &exchanged {
+            timing.network_wait_ms +=
+                done_at.saturating_duration_since(trained_at).as_millis() as u64;
+        }
         let rep = rep
             .as_mut()
             .ok_or_else(|| TrainError::Other("replica missing".into()))?;
+        let computing = Instant::now();
         let theta_now = rep.flat_params()?;
-        let delta = potluck_worker::pseudo_gradient(&theta_start, &theta_now)?;
-        let ranges = slice_ranges(delta.len(), members.len());
-        let encoded = ef.compress_slices(codec, &delta, &ranges)?;
-        let mut update_hasher = blake3::Hasher::new();
-        for e in &encoded {
-            update_hasher.update(e);
-        }
+        let delta = potluck_worker::pseudo_gradient(
+            train_from.as_deref().unwrap_or(&theta_start),
+            &theta_now,
+        )?;
         self.set_status(|s| {
             s.state = "exchanging updates".into();
             s.train_loss = stats.mean_loss;
         });
-        // What is left of the deadline: 60% for contributions, then reduced slices; a slice
-        // still missing at 70% goes to its backup reducer; at 85% the round ends.
-        let now = Instant::now();
-        let plan = ExchangePlan {
-            run_id,
-            round: open.round,
-            members: &members,
-            me,
-            len: delta.len(),
-            ranges,
-            codec,
-            contributors: members.len(),
-            reduce_by: now + left.mul_f64(0.6),
-            reassign_at: now + left.mul_f64(0.7),
-            finish_by: now + left.mul_f64(0.85),
+        let mut missing = Vec::new();
+        let mut rejected = Vec::new();
+        let avg = match exchanged {
+            Some((r, _)) => {
+                let ex = r?;
+                *carried = Some(Carried {
+                    round: open.round,
+                    delta,
+                    tokens: stats.tokens,
+                });
+                missing.extend(ex.missing);
+                rejected.extend(ex.rejected);
+                ex.avg
+            }
+            None => {
+                let mine = contribution(ef, codec, &delta, &ranges, stats.tokens)?;
+                mine.hash_into(&mut update_hasher);
+                timing.local_ms += computing.elapsed().as_millis() as u64;
+                // What is left of the deadline: 60% for contributions, then reduced
+                // slices; a slice still missing at 70% goes to its backup reducer; at 85%
+                // the round ends.
+                let now = Instant::now();
+                let ex = self
+                    .exchange(&plan(0, now, left(now)), Some(&mine), inbox, early)
+                    .await?;
+                timing.network_wait_ms += now.elapsed().as_millis() as u64;
+                missing.extend(ex.missing);
+                rejected.extend(ex.rejected);
+                ex.avg
+            }
         };
-        let mine = Contributed {
-            slices: encoded.into_iter().map(Arc::from).collect(),
-            tokens: stats.tokens,
-        };
-        let Exchanged {
-            avg,
-            missing,
-            rejected,
-        } = self.exchange(&plan, Some(&mine), inbox, early).await?;
+        let applying = Instant::now();
+        let mut new_params = outer.step(&theta_start, &avg)?;
+        if flush {
+            // The last round of an overlapped run: exchange this round's update too, so no
+            // replica's last H steps are lost.
+            let mine = match carried.take() {
+                Some(c) => Some(contribution(ef, codec, &c.delta, &ranges, c.tokens)?),
+                None => None,
+            };
+            if let Some(c) = &mine {
+                c.hash_into(&mut update_hasher);
+            }
+            timing.local_ms += applying.elapsed().as_millis() as u64;
+            let now = Instant::now();
+            let ex = self
+                .exchange(&plan(1, now, left(now)), mine.as_ref(), inbox, early)
+                .await?;
+            timing.network_wait_ms += now.elapsed().as_millis() as u64;
+            missing.extend(ex.missing);
+            rejected.extend(ex.rejected);
+            let applying = Instant::now();
+            new_params = outer.step(&new_params, &ex.avg)?;
+            timing.local_ms += applying.elapsed().as_millis() as u64;
+        } else {
+            timing.local_ms += applying.elapsed().as_millis() as u64;
+        }
         self.set_status(|s| s.missing_slices += missing.len() as u64);
-        let new_params = outer.step(&theta_start, &avg)?;
+        let finishing = Instant::now();
         rep.set_flat_params(&new_params)?;
         let eval_loss = rep.eval_loss(data, EVAL_BATCHES)?;
         let snap = Snapshot::new(rep, run, open.round, new_params, outer.velocity().to_vec())?;
+        timing.local_ms += finishing.elapsed().as_millis() as u64;
         let root = snap.root;
         let (sent, received) = self.inner.traffic.totals();
         let report = TrainReport {
@@ -2063,9 +2284,9 @@ impl TrainService {
         Ok(Some((report, snap)))
     }
 
-    /// One sharded exchange among `plan.members`: sends this replica's slices (when it has an
-    /// update), reduces its own slice, shares the mean, and collects every member's reduced
-    /// slice. A reducer whose slice is still missing at the plan's reassignment time has its
+    /// One sharded exchange among `plan.members`: sends this replica's slices (or, with no
+    /// update, an empty contribution that tells each reducer not to wait for it), reduces
+    /// its own slice, shares the mean, and collects every member's reduced slice. A reducer whose slice is still missing at the plan's reassignment time has its
     /// slice reduced again by its backup (the next member in order), from the contributions
     /// every member still holds; a backup that already holds the original reduced slice
     /// forwards it instead, so that replicas agree whenever any of them got the original.
@@ -2083,14 +2304,19 @@ impl TrainService {
         let ranges = &plan.ranges;
         // Send slice i to member i, concurrently, in the background: a dead member must not
         // hold up the round.
-        if let Some(c) = mine {
-            for (i, peer) in members.iter().enumerate() {
-                self.send_contribution(plan, c, i, *peer);
-            }
+        for (i, peer) in members.iter().enumerate() {
+            self.send_contribution(plan, mine, i, *peer);
         }
         let backup_of = |i: usize| (i + 1) % n;
         // Contributions per slice: our own slice, and slices we reduce as a backup.
         let mut contributions: BTreeMap<usize, BTreeMap<PeerId, (u64, Vec<f32>)>> = BTreeMap::new();
+        // Members that said they have no update, per slice.
+        let mut abstained: BTreeMap<usize, BTreeSet<PeerId>> = BTreeMap::new();
+        let heard = |c: &BTreeMap<usize, BTreeMap<PeerId, (u64, Vec<f32>)>>,
+                     a: &BTreeMap<usize, BTreeSet<PeerId>>,
+                     i: usize| {
+            c.get(&i).map_or(0, |c| c.len()) + a.get(&i).map_or(0, |a| a.len())
+        };
         let mut rejected: Vec<String> = Vec::new();
         // Reduced slices as decoded and as received (forwarded unchanged by a backup).
         let mut reduced: BTreeMap<usize, (Vec<f32>, Arc<[u8]>)> = BTreeMap::new();
@@ -2103,7 +2329,7 @@ impl TrainService {
         let mut pending_frames: Vec<Inbound> = std::mem::take(early);
         loop {
             let now = Instant::now();
-            let own_complete = contributions.get(&me).map_or(0, |c| c.len()) == plan.contributors;
+            let own_complete = heard(&contributions, &abstained, me) >= plan.contributors;
             if !reduced_sent.contains(&me) && (own_complete || now >= plan.reduce_by) {
                 reduced_sent.insert(me);
                 self.crash_point(CrashPoint::ReducerBeforeSending(plan.round))?;
@@ -2126,10 +2352,8 @@ impl TrainService {
                             plan.reassign_at + (plan.finish_by - plan.reassign_at) / 2,
                         );
                     }
-                    if let Some(c) = mine
-                        && members[backup] != members[i]
-                    {
-                        self.send_contribution(plan, c, i, members[backup]);
+                    if members[backup] != members[i] {
+                        self.send_contribution(plan, mine, i, members[backup]);
                     }
                 }
                 self.set_status(|s| s.reassigned_slices += backing.len() as u64);
@@ -2140,7 +2364,7 @@ impl TrainService {
                 .filter(|(i, at)| {
                     !reduced_sent.contains(i)
                         && (now >= **at
-                            || contributions.get(i).map_or(0, |c| c.len())
+                            || heard(&contributions, &abstained, **i)
                                 >= plan.contributors.saturating_sub(1))
                 })
                 .map(|(i, _)| *i)
@@ -2196,13 +2420,13 @@ impl TrainService {
             if h.run_id.as_slice() != plan.run_id.as_slice() {
                 continue;
             }
-            if h.round > plan.round {
+            if (h.round, h.part) > (plan.round, plan.part) {
                 if early.len() < 4 * n + 16 {
                     early.push(inb);
                 }
                 continue;
             }
-            if h.round < plan.round {
+            if (h.round, h.part) < (plan.round, plan.part) {
                 tracing::debug!(from = %inb.from, round = h.round, "stale frame ignored");
                 continue;
             }
@@ -2245,13 +2469,24 @@ impl TrainService {
                                 + (plan.finish_by - plan.reassign_at) / 2,
                         );
                     }
+                    let said = contributions
+                        .get(&slice)
+                        .is_some_and(|c| c.contains_key(&inb.from))
+                        || abstained.get(&slice).is_some_and(|a| a.contains(&inb.from));
+                    if said {
+                        // A member's first word for a slice is the one that counts.
+                        continue;
+                    }
+                    if inb.frame.payload.is_empty() {
+                        abstained.entry(slice).or_default().insert(inb.from);
+                        continue;
+                    }
                     match compress::decode(&inb.frame.payload, ranges[slice].len()) {
                         Ok(v) => {
                             contributions
                                 .entry(slice)
                                 .or_default()
-                                .entry(inb.from)
-                                .or_insert((h.tokens, v));
+                                .insert(inb.from, (h.tokens, v));
                         }
                         Err(reason) => {
                             tracing::warn!(from = %inb.from, %reason, "contribution rejected");
@@ -2296,26 +2531,31 @@ impl TrainService {
         })
     }
 
-    /// Sends this replica's contribution to slice `slice` to `to`, in the background.
+    /// Sends this replica's contribution to slice `slice` to `to`, in the background; with
+    /// no update, an empty one (an abstention).
     fn send_contribution(
         &self,
         plan: &ExchangePlan<'_>,
-        c: &Contributed,
+        c: Option<&Contributed>,
         slice: usize,
         to: PeerId,
     ) {
         let header = FrameHeader {
             run_id: plan.run_id.to_vec(),
             round: plan.round,
+            part: plan.part,
             kind: FrameKind::Contribution as i32,
             slice: slice as u32,
             offset: plan.ranges[slice].start as u64,
             len: plan.ranges[slice].len() as u64,
-            tokens: c.tokens,
+            tokens: c.map_or(0, |c| c.tokens),
             ..Default::default()
         };
         let svc = self.clone();
-        let bytes = c.slices[slice].clone();
+        let bytes: Arc<[u8]> = match c {
+            Some(c) => c.slices[slice].clone(),
+            None => Arc::from(Vec::new()),
+        };
         tokio::spawn(async move {
             if let Err(e) = svc.send_frame(to, header, &bytes).await {
                 tracing::warn!(peer = %to, error = %e, "contribution not delivered");
@@ -2384,6 +2624,9 @@ impl TrainService {
 struct ExchangePlan<'a> {
     run_id: &'a [u8; 32],
     round: u64,
+    /// Which exchange of the round this is (frames carry it): 0, or 1 for an overlapped
+    /// run's final flush.
+    part: u32,
     /// The members in the coordinator's order; member `i` reduces slice `i`, and member
     /// `i + 1` (wrapping) is its backup.
     members: &'a [PeerId],
@@ -2392,7 +2635,7 @@ struct ExchangePlan<'a> {
     len: usize,
     ranges: Vec<std::ops::Range<usize>>,
     codec: Codec,
-    /// Contributions a reducer waits for before it reduces early.
+    /// Contributions (abstentions included) a reducer waits for before it reduces early.
     contributors: usize,
     /// A reducer reduces what it has by then.
     reduce_by: Instant,
@@ -2409,6 +2652,39 @@ struct Contributed {
     tokens: u64,
 }
 
+impl Contributed {
+    /// Feeds the encoded slices to the hash of this replica's update (its report's).
+    fn hash_into(&self, h: &mut blake3::Hasher) {
+        for s in &self.slices {
+            h.update(s);
+        }
+    }
+}
+
+/// Compresses `delta` per slice with error feedback into a contribution of `tokens`.
+fn contribution(
+    ef: &mut ErrorFeedback,
+    codec: Codec,
+    delta: &[f32],
+    ranges: &[std::ops::Range<usize>],
+    tokens: u64,
+) -> Result<Contributed, TrainError> {
+    let encoded = ef.compress_slices(codec, delta, ranges)?;
+    Ok(Contributed {
+        slices: encoded.into_iter().map(Arc::from).collect(),
+        tokens,
+    })
+}
+
+/// An overlapped run's pseudo-gradient of one round, exchanged during the next one. It is
+/// not saved: a replica that restarts loses it (one round of its work), and abstains.
+struct Carried {
+    /// The round it was trained in, from that round's agreed base.
+    round: u64,
+    delta: Vec<f32>,
+    tokens: u64,
+}
+
 /// What an exchange produced.
 struct Exchanged {
     /// The averaged update, zero where a slice is missing.
@@ -2422,6 +2698,7 @@ fn reduced_header(plan: &ExchangePlan<'_>, slice: usize) -> FrameHeader {
     FrameHeader {
         run_id: plan.run_id.to_vec(),
         round: plan.round,
+        part: plan.part,
         kind: FrameKind::Reduced as i32,
         slice: slice as u32,
         offset: plan.ranges[slice].start as u64,
@@ -3092,6 +3369,10 @@ fn reduce_slice(
     len: usize,
     rejected: &mut Vec<String>,
 ) -> (Vec<f32>, Vec<PeerId>) {
+    if contributions.is_empty() {
+        // Every member abstained or was silent: a zero update, nothing to warn about.
+        return (vec![0.0; len], Vec::new());
+    }
     let ids: Vec<(PeerId, CPeerId)> = contributions
         .keys()
         .map(|p| (*p, CPeerId(p.to_bytes())))
