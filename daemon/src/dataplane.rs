@@ -97,6 +97,7 @@ pub fn signing_bytes(h: &FrameHeader) -> Vec<u8> {
         put(&mut out, c);
     }
     put(&mut out, &h.public_key);
+    out.extend_from_slice(&h.step.to_le_bytes());
     out
 }
 
@@ -399,6 +400,9 @@ mod tests {
         let mut c = a.clone();
         c.round += 1;
         assert_ne!(signing_bytes(&a), signing_bytes(&c));
+        let mut d = a.clone();
+        d.step += 1;
+        assert_ne!(signing_bytes(&a), signing_bytes(&d));
     }
 
     proptest! {

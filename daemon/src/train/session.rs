@@ -44,10 +44,12 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
 use super::checkpoint;
-use super::manifest::ResolvedRun;
+use super::manifest::{ResolvedRun, RunMode};
 use super::plan::slice_ranges;
 use super::wire::{read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
+
+mod data_parallel;
 
 /// The control protocol of a run.
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/train-ctl/1");
@@ -1374,12 +1376,22 @@ impl TrainService {
                         committed.velocity.clone(),
                     );
                     let mut slot = Some(rep);
-                    let report = self
-                        .round(
-                            &run, &run_id, &open, &data, codec, &mut slot, &mut outer, &mut ef,
-                            &mut inbox, &mut early, &opened_at,
-                        )
-                        .await;
+                    let report = match run.mode {
+                        RunMode::Diloco => {
+                            self.round(
+                                &run, &run_id, &open, &data, codec, &mut slot, &mut outer, &mut ef,
+                                &mut inbox, &mut early, &opened_at,
+                            )
+                            .await
+                        }
+                        RunMode::DataParallel => {
+                            self.dp_round(
+                                &run, &run_id, &open, &data, &mut slot, &outer, &mut inbox,
+                                &mut early, &opened_at,
+                            )
+                            .await
+                        }
+                    };
                     rep = slot.ok_or_else(|| TrainError::Other("replica lost".into()))?;
                     let report = report?;
                     if let Some((report, snap)) = report {
@@ -1849,6 +1861,7 @@ impl TrainService {
             len: delta.len(),
             ranges,
             codec,
+            step: 0,
             contributors: members.len(),
             reduce_by: now + left.mul_f64(0.6),
             reassign_at: now + left.mul_f64(0.7),
@@ -2020,14 +2033,14 @@ impl TrainService {
             if h.run_id.as_slice() != plan.run_id.as_slice() {
                 continue;
             }
-            if h.round > plan.round {
+            if (h.round, h.step) > (plan.round, plan.step) {
                 if early.len() < 4 * n + 16 {
                     early.push(inb);
                 }
                 continue;
             }
-            if h.round < plan.round {
-                tracing::debug!(from = %inb.from, round = h.round, "stale frame ignored");
+            if (h.round, h.step) < (plan.round, plan.step) {
+                tracing::debug!(from = %inb.from, round = h.round, step = h.step, "stale frame ignored");
                 continue;
             }
             if !member_set.contains(&inb.from) {
@@ -2103,6 +2116,8 @@ impl TrainService {
                 _ => {}
             }
         }
+        // Frames taken from `early` but not looked at may belong to a later exchange.
+        early.append(&mut pending_frames);
         // Assemble the averaged update; a slice nobody reduced in time is zero for every
         // replica that missed it.
         let mut avg = vec![0f32; plan.len];
@@ -2132,6 +2147,7 @@ impl TrainService {
             run_id: plan.run_id.to_vec(),
             round: plan.round,
             kind: FrameKind::Contribution as i32,
+            step: plan.step,
             slice: slice as u32,
             offset: plan.ranges[slice].start as u64,
             len: plan.ranges[slice].len() as u64,
@@ -2216,6 +2232,9 @@ struct ExchangePlan<'a> {
     len: usize,
     ranges: Vec<std::ops::Range<usize>>,
     codec: Codec,
+    /// The inner step of the round this exchange belongs to: a data-parallel round runs one
+    /// exchange per step, a DiLoCo round one exchange, step 0. Frames carry it, signed.
+    step: u64,
     /// Contributions a reducer waits for before it reduces early.
     contributors: usize,
     /// A reducer reduces what it has by then.
@@ -2247,6 +2266,7 @@ fn reduced_header(plan: &ExchangePlan<'_>, slice: usize) -> FrameHeader {
         run_id: plan.run_id.to_vec(),
         round: plan.round,
         kind: FrameKind::Reduced as i32,
+        step: plan.step,
         slice: slice as u32,
         offset: plan.ranges[slice].start as u64,
         len: plan.ranges[slice].len() as u64,
