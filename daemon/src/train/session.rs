@@ -81,6 +81,9 @@ const INBOX_CAPACITY: usize = 256;
 const MAX_MEMBERS: usize = 1024;
 /// A contribution whose norm is this many times the median of the others' is refused.
 const MAX_NORM_RATIO: f64 = 10.0;
+/// How long a coordinator waits for its own replica's state of a committed round before it
+/// fetches that state from an agreeing peer.
+const OWN_STATE_WAIT: Duration = Duration::from_secs(3);
 /// Held-out batches evaluated after each round.
 const EVAL_BATCHES: usize = 4;
 
@@ -1536,12 +1539,29 @@ impl TrainService {
         ledger: &mut Ledger,
         hasher: &mut Option<Replica>,
     ) -> Result<SignedManifest, TrainError> {
-        let held = self.inner.served.lock().ok().and_then(|g| {
-            g.iter()
-                .find(|s| s.root == record.root.0)
-                .map(|s| s.content.clone())
-        });
-        let content = match held {
+        let held = || {
+            self.inner.served.lock().ok().and_then(|g| {
+                g.iter()
+                    .find(|s| s.root == record.root.0)
+                    .map(|s| s.content.clone())
+            })
+        };
+        // A quorum of the other replicas can agree a moment before this daemon's own
+        // replica finishes the round: wait briefly for it rather than fetch the whole state
+        // from a peer (a full f32 copy of the weights and momentum on the wire).
+        let own_replica = self
+            .inner
+            .context
+            .lock()
+            .ok()
+            .is_some_and(|c| c.as_ref().is_some_and(|c| c.run.id() == run.id()));
+        let mut held_now = held();
+        let give_up = Instant::now() + OWN_STATE_WAIT;
+        while own_replica && held_now.is_none() && Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            held_now = held();
+        }
+        let content = match held_now {
             Some(c) => c,
             None => {
                 if hasher.is_none() {
