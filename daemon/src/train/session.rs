@@ -71,6 +71,12 @@ const OPEN_ATTEMPTS: u32 = 6;
 const FETCH_ATTEMPTS: u32 = 8;
 /// Deadline for one frame to arrive once its stream is open.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
+/// The byte a receiver answers a frame it accepted with.
+const FRAME_ACK: u8 = 0xac;
+/// Deadline for writing that byte.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts at delivering one frame.
+const SEND_ATTEMPTS: u32 = 5;
 /// Deadline for a joining replica to be welcomed.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most this many inbound tensor streams are served at once.
@@ -538,11 +544,25 @@ impl TrainService {
             return;
         }
         // A full inbox makes this await, which stops reading the stream: backpressure.
-        let _ = self
+        if self
             .inner
             .inbox_tx
             .send(Inbound { from: peer, frame })
-            .await;
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // The sender waits for this byte: a stream that libp2p dropped before we accepted it
+        // (its accept queue holds one stream) never gets it, and the frame is sent again.
+        if let Ok(Ok(())) = tokio::time::timeout(ACK_TIMEOUT, async {
+            stream.write_all(&[FRAME_ACK]).await?;
+            stream.close().await
+        })
+        .await
+        {
+            self.inner.traffic.add(peer, 1, 0);
+        }
     }
 
     async fn answer_state_request(
@@ -662,14 +682,40 @@ impl TrainService {
                 .await;
             return Ok(());
         }
-        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
-        let n = tokio::time::timeout(FRAME_TIMEOUT, write_frame(&mut stream, &header, &wire))
-            .await
-            .map_err(|_| TrainError::Other(format!("sending to {peer} timed out")))?
-            .map_err(|e| TrainError::Other(format!("sending to {peer}: {e}")))?;
-        let _ = stream.close().await;
-        self.inner.traffic.add(peer, n, 0);
-        Ok(())
+        // A frame counts as delivered when the receiver acknowledges it; one whose stream was
+        // dropped unread (the receiver's accept queue was full) is sent again on a new one.
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
+            let sent = tokio::time::timeout(FRAME_TIMEOUT, async {
+                let n = write_frame(&mut stream, &header, &wire).await?;
+                let mut ack = [0u8; 1];
+                let acked = stream.read_exact(&mut ack).await.is_ok() && ack[0] == FRAME_ACK;
+                Ok::<_, crate::dataplane::FrameError>((n, acked))
+            })
+            .await;
+            let err = match sent {
+                Ok(Ok((n, true))) => {
+                    let _ = stream.close().await;
+                    self.inner.traffic.add(peer, n, 1);
+                    return Ok(());
+                }
+                Ok(Ok((n, false))) => {
+                    self.inner.traffic.add(peer, n, 0);
+                    "not acknowledged".to_string()
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => return Err(TrainError::Other(format!("sending to {peer} timed out"))),
+            };
+            if attempt >= SEND_ATTEMPTS || self.inner.cancel.is_cancelled() {
+                return Err(TrainError::Other(format!(
+                    "sending to {peer} failed after {attempt} attempts: {err}"
+                )));
+            }
+            tracing::debug!(%peer, attempt, error = %err, "frame not delivered; sending again");
+            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+        }
     }
 
     /// Asks `peer` for its committed state of `run_id`.
