@@ -963,3 +963,71 @@ async fn a_ledger_that_cannot_be_written_ends_the_run_on_its_last_commit() {
         n.shutdown().await;
     }
 }
+
+/// Plain data parallel (`mode = "data-parallel"`): every inner step the gradients go through
+/// the sharded reduction between the daemons, and every replica applies the mean with its
+/// inner AdamW, so all of them end every round on the committed root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_data_parallel_run_ends_every_round_on_the_same_root_on_every_peer() {
+    use potluck_daemon::train::checkpoint::{checkpoint_dir, run_dir};
+    use potluck_daemon::train::manifest::RunMode;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(3, dir.path()).await;
+    let run = run_with(|m| {
+        m.mode = Some(RunMode::DataParallel);
+        m.compression = None;
+    });
+    assert_eq!(run.mode, RunMode::DataParallel);
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let mut events = nodes[0].train().subscribe();
+    let joins: Vec<_> = nodes
+        .iter()
+        .skip(1)
+        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
+        .collect();
+    let summary = tokio::time::timeout(
+        Duration::from_secs(240),
+        nodes[0].train().coordinate(run.clone(), None),
+    )
+    .await
+    .expect("run finished in time")
+    .expect("run succeeded");
+    assert_eq!(summary.rounds, 3);
+    assert_eq!(summary.total_steps, 3 * 4, "H inner steps per round");
+    for j in joins {
+        let s = j.await.unwrap().expect("replica finished");
+        assert_eq!(s.root, summary.root);
+    }
+    let mut committed = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let RunEvent::Committed { round, root, .. } = ev {
+            committed.push((round, root));
+        }
+    }
+    assert_eq!(committed.len(), 3);
+    // A replica keeps a round's checkpoint only when its own root was the committed one:
+    // every peer holds every round's.
+    for i in 0..3 {
+        let rd = run_dir(&dir.path().join(format!("p{i}")), &run_id);
+        for (round, root) in &committed {
+            let v = potluck_coordinator::verify::verify_checkpoint_dir(
+                &checkpoint_dir(&rd, *round),
+                &potluck_coordinator::verify::VerifyOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("peer {i} did not end round {round} on its root: {e}"));
+            assert_eq!(v.root.0, *root, "peer {i}, round {round}");
+        }
+    }
+    // Every step of every round moved gradients between the peers, both ways.
+    for n in &nodes {
+        let per_round = n.train().traffic().per_round();
+        for r in 1..=3 {
+            let (s, rcv) = per_round.get(&r).copied().unwrap_or_default();
+            assert!(s > 0 && rcv > 0, "round {r}: {s} sent, {rcv} received");
+        }
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

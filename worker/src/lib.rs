@@ -22,4 +22,4 @@ pub use data::{Dataset, SyntheticCorpus, SyntheticSpec, Tokenizer};
 pub use error::WorkerError;
 pub use model::{Model, StageSpec};
 pub use optim::{AdamW, OuterOptimizer, pseudo_gradient};
-pub use replica::{Replica, StepStats};
+pub use replica::{Gradients, Replica, StepStats};

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -19,7 +20,7 @@ use crate::checkpoint::{
     write_f32_tensors,
 };
 use crate::config::{DeviceSpec, LoraConfig, ModelConfig, TrainConfig};
-use crate::data::Dataset;
+use crate::data::{Batch, Dataset};
 use crate::model::{Model, RouteStats};
 use crate::optim::AdamW;
 
@@ -50,6 +51,19 @@ pub struct StepStats {
     pub expert_tokens: Vec<Vec<u64>>,
     /// Expert assignments dropped for lack of capacity, summed over the steps.
     pub dropped: u64,
+}
+
+/// What [`Replica::compute_gradients`] produced.
+#[derive(Debug, Clone, Default)]
+pub struct Gradients {
+    /// The gradient of the objective, one f32 per trainable value in layout order.
+    pub grads: Vec<f32>,
+    /// Tokens of the batch it was computed on.
+    pub tokens: u64,
+    /// Cross-entropy of the batch (nats per token).
+    pub loss: f32,
+    /// Summed load-balancing loss of the batch (before its coefficient).
+    pub aux: f32,
 }
 
 /// The contents of `config.json`.
@@ -277,6 +291,100 @@ impl Replica {
             stats.mean_aux = (aux_sum / stats.steps as f64) as f32;
         }
         Ok(stats)
+    }
+
+    /// The batch of inner step `step` on shard `shard`: drawn from a stream seeded by
+    /// (seed, shard, step), the batch `train_steps` trains on at that step.
+    fn batch_at(&self, data: &Dataset, shard: u64, step: u64) -> Result<Batch, WorkerError> {
+        if data.vocab() > self.model_cfg.vocab {
+            return Err(WorkerError::Data(format!(
+                "data vocabulary {} is larger than the model's {}",
+                data.vocab(),
+                self.model_cfg.vocab
+            )));
+        }
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&self.train_cfg.seed.to_le_bytes());
+        seed[8..16].copy_from_slice(&shard.to_le_bytes());
+        seed[16..24].copy_from_slice(&step.to_le_bytes());
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        let (batch, seq) = (self.train_cfg.batch_size, self.train_cfg.seq_len);
+        data.sample_batch(shard, batch, seq, &mut rng)
+    }
+
+    /// The gradient of the training objective (cross-entropy plus the weighted
+    /// load-balancing loss) on the batch that `train_steps` would train on at the current
+    /// step of shard `shard`, as one f32 vector in layout order (a parameter without a
+    /// gradient contributes zeros). Nothing changes: no step is taken, and the step counter
+    /// stays. This is the first half of a plain data-parallel step; the swarm averages the
+    /// replicas' gradients and each replica applies the mean with [`Replica::apply_gradients`].
+    pub fn compute_gradients(&self, data: &Dataset, shard: u64) -> Result<Gradients, WorkerError> {
+        let (inputs, targets) = self.batch_at(data, shard, self.step)?;
+        let batch = self.train_cfg.batch_size;
+        let (x, y) = self.batch_tensors(&inputs, &targets, batch)?;
+        let w = self.model.weights(true)?;
+        let (total, run) = self.model.loss(&w, &x, &y)?;
+        let ce = match &run.ce {
+            Some(ce) => ce.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+            None => return Err(WorkerError::Mismatch("no loss computed".into())),
+        };
+        let aux = match &run.aux {
+            Some(a) => a.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+            None => 0.0,
+        };
+        if !ce.is_finite() || !aux.is_finite() {
+            return Err(WorkerError::NonFinite(format!(
+                "loss {ce}, aux {aux} at step {}",
+                self.step
+            )));
+        }
+        let grads = total.backward()?;
+        let mut flat = Vec::with_capacity(self.num_params());
+        for (_, v) in self.model.trainable() {
+            match grads.get(v.as_tensor()) {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
+            }
+        }
+        Ok(Gradients {
+            grads: flat,
+            tokens: inputs.len() as u64,
+            loss: ce,
+            aux,
+        })
+    }
+
+    /// Applies a gradient (one f32 vector in layout order, e.g. the swarm's mean of the
+    /// replicas' [`Replica::compute_gradients`]) with the inner AdamW, exactly as
+    /// `train_steps` applies its own: the learning rate of the current step, the global norm
+    /// clipped to `grad_clip`, weight decay on matrices; then the step counter advances.
+    /// Replicas holding the same weights and optimizer state that apply the same gradient
+    /// end bit-identical (on the CPU with f32 masters, where the update is a scalar loop in
+    /// index order). Returns the gradient norm before clipping; a non-finite gradient is
+    /// refused and changes nothing.
+    pub fn apply_gradients(&mut self, flat: &[f32]) -> Result<f64, WorkerError> {
+        if flat.len() != self.num_params() {
+            return Err(WorkerError::Mismatch(format!(
+                "gradient has {} values, the model has {}",
+                flat.len(),
+                self.num_params()
+            )));
+        }
+        let mut grads = GradStore::default();
+        let mut off = 0;
+        for (_, v) in self.model.trainable() {
+            let n = v.elem_count();
+            let g = Tensor::from_slice(&flat[off..off + n], v.dims(), self.model.device())?
+                .to_dtype(self.model.master_dtype())?;
+            grads.insert(v.as_tensor(), g);
+            off += n;
+        }
+        let lr = self.train_cfg.lr_at(self.step);
+        let norm = self
+            .opt
+            .step(self.model.trainable(), &grads, &self.train_cfg, lr)?;
+        self.step += 1;
+        Ok(norm)
     }
 
     /// Mean cross-entropy (nats per token) on up to `max_batches` held-out batches of the

@@ -3,7 +3,7 @@
 //! progress per round, and ends with the eval loss, the bytes exchanged against what plain
 //! data-parallel training would have sent, and the root hash of the final checkpoint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -11,9 +11,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::Multiaddr;
 use serde::Serialize;
 
+use super::manifest::ResolvedRun;
 use super::manifest::{DEMO_MANIFEST, RunManifest};
 use super::plan::plain_data_parallel_bytes;
-use super::session::RunEvent;
+use super::session::{RunEvent, RunSummary};
 use crate::config::Config;
 use crate::node::Node;
 
@@ -72,34 +73,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
         }
     }
     let started = Instant::now();
-
-    // Start the daemons: the first listens, the others bootstrap from it.
-    let mut nodes: Vec<Node> = Vec::new();
-    let mut seed_addr: Option<Multiaddr> = None;
-    for i in 0..opts.peers {
-        let mut cfg = Config {
-            data_dir: peers_dir.join(format!("peer-{i}")),
-            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
-            mdns: false,
-            ..Config::default()
-        };
-        if let Some(a) = &seed_addr {
-            cfg.bootstrap = vec![a.clone()];
-        }
-        let node = Node::start(cfg)
-            .await
-            .with_context(|| format!("starting demo peer {i}"))?;
-        if seed_addr.is_none() {
-            seed_addr = Some(wait_for_listen_addr(&node).await?);
-        }
-        nodes.push(node);
-    }
-    let seed = nodes[0].client().local_peer_id();
-    for (i, n) in nodes.iter().enumerate().skip(1) {
-        wait_connected(n, seed)
-            .await
-            .with_context(|| format!("demo peer {i} did not reach the first peer"))?;
-    }
+    let swarm = LocalSwarm::start(opts.peers, &peers_dir).await?;
 
     let total = run.rounds;
     let bar = if opts.progress {
@@ -113,7 +87,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
     } else {
         None
     };
-    let mut events = nodes[0].train().subscribe();
+    let mut events = swarm.nodes()[0].train().subscribe();
     let watcher_bar = bar.clone();
     let watcher = tokio::spawn(async move {
         while let Ok(ev) = events.recv().await {
@@ -152,48 +126,12 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
     });
 
     let run_id = run.id();
-    let mut joins = Vec::new();
-    for n in nodes.iter().skip(1) {
-        let svc = n.train();
-        joins.push(tokio::spawn(async move {
-            // The coordinator registers its run a moment after it starts: retry briefly.
-            let mut last = None;
-            for _ in 0..50 {
-                match svc.join(seed, run_id, None).await {
-                    Ok(s) => return Ok(s),
-                    Err(e @ super::TrainError::Refused(_)) => return Err(e),
-                    Err(e) => last = Some(e),
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(last.unwrap_or(super::TrainError::CoordinatorGone))
-        }));
-    }
-    let summary = nodes[0]
-        .train()
-        .coordinate(run.clone(), Some(opts.out.join("checkpoint")))
-        .await?;
-    for j in joins {
-        match j.await {
-            Ok(Ok(s)) if s.root != summary.root => {
-                bail!("a replica finished on a different root than the coordinator")
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "a replica ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "a replica task failed"),
-        }
-    }
+    let summary = swarm.train(&run, Some(opts.out.join("checkpoint"))).await?;
     let _ = watcher.await;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let bytes: u64 = nodes
-        .iter()
-        .map(|n| {
-            let (s, r) = n.train().traffic().totals();
-            s + r
-        })
-        .sum();
+    let bytes = swarm.bytes_on_wire();
     let plain = plain_data_parallel_bytes(
         summary.num_params as u64,
         opts.peers as u64,
@@ -206,9 +144,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
         &run_id,
     ));
     super::checkpoint::copy_ledger(&ledger, &opts.out.join("ledger"))?;
-    for n in nodes {
-        n.shutdown().await;
-    }
+    swarm.shutdown().await;
     let entropy = run.entropy_floor();
     Ok(DemoReport {
         peers: opts.peers,
@@ -229,6 +165,123 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
     })
 }
 
+/// A local swarm: `n` daemons in this process, each with its own identity, data dir
+/// (`<dir>/peer-<i>`) and QUIC socket on loopback; the first listens and the others
+/// bootstrap from it. The demo and the benchmarks train on one.
+#[derive(Debug)]
+pub struct LocalSwarm {
+    nodes: Vec<Node>,
+}
+
+impl LocalSwarm {
+    /// Starts the daemons and waits until every one is connected to the first.
+    pub async fn start(peers: usize, dir: &Path) -> Result<Self> {
+        if peers == 0 {
+            bail!("a swarm needs at least one peer");
+        }
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut seed_addr: Option<Multiaddr> = None;
+        for i in 0..peers {
+            let mut cfg = Config {
+                data_dir: dir.join(format!("peer-{i}")),
+                listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
+                mdns: false,
+                ..Config::default()
+            };
+            if let Some(a) = &seed_addr {
+                cfg.bootstrap = vec![a.clone()];
+            }
+            let node = Node::start(cfg)
+                .await
+                .with_context(|| format!("starting local peer {i}"))?;
+            if seed_addr.is_none() {
+                seed_addr = Some(wait_for_listen_addr(&node).await?);
+            }
+            nodes.push(node);
+        }
+        let seed = nodes[0].client().local_peer_id();
+        for (i, n) in nodes.iter().enumerate().skip(1) {
+            wait_connected(n, seed)
+                .await
+                .with_context(|| format!("local peer {i} did not reach the first peer"))?;
+        }
+        Ok(LocalSwarm { nodes })
+    }
+
+    /// The daemons; the first coordinates the runs of [`LocalSwarm::train`].
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Runs `run` to the end: the first daemon coordinates it (writing the final checkpoint
+    /// to `out` when given), every daemon is a replica. Fails when a replica finishes on
+    /// another root than the coordinator.
+    pub async fn train(&self, run: &ResolvedRun, out: Option<PathBuf>) -> Result<RunSummary> {
+        let seed = self.nodes[0].client().local_peer_id();
+        let run_id = run.id();
+        let mut joins = Vec::new();
+        for n in self.nodes.iter().skip(1) {
+            let svc = n.train();
+            joins.push(tokio::spawn(async move {
+                // The coordinator registers its run a moment after it starts: retry briefly.
+                let mut last = None;
+                for _ in 0..50 {
+                    match svc.join(seed, run_id, None).await {
+                        Ok(s) => return Ok(s),
+                        Err(e @ super::TrainError::Refused(_)) => return Err(e),
+                        Err(e) => last = Some(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(last.unwrap_or(super::TrainError::CoordinatorGone))
+            }));
+        }
+        let summary = self.nodes[0].train().coordinate(run.clone(), out).await?;
+        for j in joins {
+            match j.await {
+                Ok(Ok(s)) if s.root != summary.root => {
+                    bail!("a replica finished on a different root than the coordinator")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "a replica ended with an error"),
+                Err(e) => tracing::warn!(error = %e, "a replica task failed"),
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Bytes on the wire so far, sent plus received, summed over every daemon: the tensor
+    /// frames of the data plane, counted at both ends (see [`super::session::Traffic`]).
+    pub fn bytes_on_wire(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let (s, r) = n.train().traffic().totals();
+                s + r
+            })
+            .sum()
+    }
+
+    /// Bytes on the wire during each round (round 0: before the first), sent plus
+    /// received, summed over every daemon.
+    pub fn bytes_per_round(&self) -> std::collections::BTreeMap<u64, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for n in &self.nodes {
+            for (round, (s, r)) in n.train().traffic().per_round() {
+                *out.entry(round).or_default() += s + r;
+            }
+        }
+        out
+    }
+
+    /// Stops every daemon.
+    pub async fn shutdown(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
 async fn wait_for_listen_addr(node: &Node) -> Result<Multiaddr> {
     let client = node.client();
     for _ in 0..100 {
@@ -238,7 +291,7 @@ async fn wait_for_listen_addr(node: &Node) -> Result<Multiaddr> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("the first demo peer did not start listening")
+    bail!("the first local peer did not start listening")
 }
 
 async fn wait_connected(node: &Node, peer: libp2p::PeerId) -> Result<()> {

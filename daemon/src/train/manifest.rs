@@ -130,6 +130,30 @@ pub struct RunManifest {
     /// Exchange each round's update during the next round's training, applying it one
     /// round late (see docs/ARCHITECTURE.md, "Overlap").
     pub overlap: Option<bool>,
+    /// `diloco` (the default) or `data-parallel`.
+    pub mode: Option<RunMode>,
+}
+
+/// How the replicas of a run train together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunMode {
+    /// DiLoCo: H inner AdamW steps alone, then one sharded exchange of the (compressed)
+    /// pseudo-gradients and an outer Nesterov step.
+    #[default]
+    Diloco,
+    /// Plain data parallel, the baseline DiLoCo is measured against: every inner step, the
+    /// replicas' f32 gradients are averaged by the same sharded reduction and every replica
+    /// applies the mean with its inner AdamW. The outer optimizer is not used.
+    DataParallel,
+}
+
+impl RunMode {
+    /// Whether this is the default mode (which the canonical encoding leaves out, so that the
+    /// ids of DiLoCo runs did not change when data-parallel runs were added).
+    pub fn is_diloco(&self) -> bool {
+        *self == RunMode::Diloco
+    }
 }
 
 /// A manifest with every default filled in and every value checked: what the run id hashes.
@@ -151,6 +175,8 @@ pub struct ResolvedRun {
     /// of runs from before the setting existed do not change.
     #[serde(default, skip_serializing_if = "is_false")]
     pub overlap: bool,
+    #[serde(default, skip_serializing_if = "RunMode::is_diloco")]
+    pub mode: RunMode,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -236,9 +262,33 @@ impl RunManifest {
         inner
             .validate(&model)
             .map_err(|e| invalid("inner", e.to_string()))?;
-        let compression = self.compression.clone().unwrap_or_else(|| "topk".into());
+        let mode = self.mode.unwrap_or_default();
+        let compression = self.compression.clone().unwrap_or_else(|| {
+            match mode {
+                RunMode::Diloco => "topk",
+                RunMode::DataParallel => "none",
+            }
+            .into()
+        });
         let codec =
             Codec::parse(&compression).map_err(|e| invalid("compression", e.to_string()))?;
+        if mode == RunMode::DataParallel && codec != Codec::None {
+            return Err(invalid(
+                "compression",
+                format!(
+                    "{codec} is not available in data-parallel mode, which averages exact f32 \
+                     gradients: use \"none\" or leave it out"
+                ),
+            ));
+        }
+        if mode == RunMode::DataParallel && self.overlap == Some(true) {
+            return Err(invalid(
+                "overlap",
+                "data-parallel mode exchanges every step and has no outer update to delay: \
+                 leave overlap out"
+                    .into(),
+            ));
+        }
         if !(self.outer.lr.is_finite() && self.outer.lr > 0.0 && self.outer.lr <= 10.0) {
             return Err(invalid(
                 "outer.lr",
@@ -287,6 +337,7 @@ impl RunManifest {
             round_deadline_secs,
             min_peers,
             overlap: self.overlap.unwrap_or(DEFAULT_OVERLAP),
+            mode,
         })
     }
 }
@@ -448,6 +499,37 @@ mod tests {
         assert!(err.to_string().contains("outer.lr"), "{err}");
         assert!(RunManifest::parse("name = 3").is_err());
         assert!(RunManifest::parse(&"#".repeat(MAX_MANIFEST_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn data_parallel_mode_is_in_the_id_and_takes_f32_only() {
+        let diloco = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        // The default mode is left out of the canonical bytes: DiLoCo ids did not change.
+        assert!(
+            !String::from_utf8(diloco.canonical_bytes())
+                .unwrap()
+                .contains("\"mode\"")
+        );
+        let text = format!("mode = \"data-parallel\"\n{DEMO_MANIFEST}")
+            .replace("compression = \"int8\"\n", "");
+        let dp = RunManifest::parse(&text).unwrap().resolve().unwrap();
+        assert_eq!(dp.mode, RunMode::DataParallel);
+        assert_eq!(dp.codec(), Codec::None);
+        assert_ne!(dp.id(), diloco.id());
+        let back = ResolvedRun::from_canonical(&dp.canonical_bytes(), &dp.id()).unwrap();
+        assert_eq!(back, dp);
+        let err = RunManifest::parse(&format!("mode = \"data-parallel\"\n{DEMO_MANIFEST}"))
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("compression"), "{err}");
+        assert!(
+            RunManifest::parse("name = \"x\"\nmode = \"allreduce\"\n").is_err(),
+            "unknown modes are refused"
+        );
     }
 
     #[test]

@@ -44,10 +44,12 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
 use super::checkpoint;
-use super::manifest::ResolvedRun;
+use super::manifest::{ResolvedRun, RunMode};
 use super::plan::slice_ranges;
 use super::wire::{read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
+
+mod data_parallel;
 
 /// The control protocol of a run.
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/train-ctl/1");
@@ -69,6 +71,12 @@ const OPEN_ATTEMPTS: u32 = 6;
 const FETCH_ATTEMPTS: u32 = 8;
 /// Deadline for one frame to arrive once its stream is open.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
+/// The byte a receiver answers a frame it accepted with.
+const FRAME_ACK: u8 = 0xac;
+/// Deadline for writing that byte.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts at delivering one frame.
+const SEND_ATTEMPTS: u32 = 5;
 /// Deadline for a joining replica to be welcomed.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most this many inbound tensor streams are served at once.
@@ -79,16 +87,13 @@ const INBOX_CAPACITY: usize = 256;
 const MAX_MEMBERS: usize = 1024;
 /// A contribution whose norm is this many times the median of the others' is refused.
 const MAX_NORM_RATIO: f64 = 10.0;
-/// The byte a receiver answers a delivered tensor frame with.
-const FRAME_ACK: u8 = 0xA5;
-/// How long a receiver tries to acknowledge a frame.
-const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Attempts at delivering one tensor frame.
-const SEND_ATTEMPTS: u32 = 3;
 /// How long a daemon that coordinates nothing waits for a join, and for each answer to it.
 const ENDED_RUN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The file in a run's directory that says its coordinator ended the run.
 const ENDED_FILE: &str = "ended";
+/// How long a coordinator waits for its own replica's state of a committed round before it
+/// fetches that state from an agreeing peer.
+const OWN_STATE_WAIT: Duration = Duration::from_secs(3);
 /// Held-out batches evaluated after each round.
 const EVAL_BATCHES: usize = 4;
 
@@ -1625,23 +1630,33 @@ impl TrainService {
                         committed.velocity.clone(),
                     );
                     let mut slot = Some(rep);
-                    let report = self
-                        .round(
-                            &run,
-                            &run_id,
-                            &open,
-                            &data,
-                            codec,
-                            &mut slot,
-                            &mut outer,
-                            &mut ef,
-                            &mut inbox,
-                            &mut early,
-                            &opened_at,
-                            &mut carried,
-                            &mut this_round,
-                        )
-                        .await;
+                    let report = match run.mode {
+                        RunMode::Diloco => {
+                            self.round(
+                                &run,
+                                &run_id,
+                                &open,
+                                &data,
+                                codec,
+                                &mut slot,
+                                &mut outer,
+                                &mut ef,
+                                &mut inbox,
+                                &mut early,
+                                &opened_at,
+                                &mut carried,
+                                &mut this_round,
+                            )
+                            .await
+                        }
+                        RunMode::DataParallel => {
+                            self.dp_round(
+                                &run, &run_id, &open, &data, &mut slot, &outer, &mut inbox,
+                                &mut early, &opened_at,
+                            )
+                            .await
+                        }
+                    };
                     timing = Some((opened_at, this_round));
                     rep = slot.ok_or_else(|| TrainError::Other("replica lost".into()))?;
                     let report = report?;
@@ -1803,12 +1818,29 @@ impl TrainService {
         ledger: &mut Ledger,
         hasher: &mut Option<Replica>,
     ) -> Result<SignedManifest, TrainError> {
-        let held = self.inner.served.lock().ok().and_then(|g| {
-            g.iter()
-                .find(|s| s.root == record.root.0)
-                .map(|s| s.content.clone())
-        });
-        let content = match held {
+        let held = || {
+            self.inner.served.lock().ok().and_then(|g| {
+                g.iter()
+                    .find(|s| s.root == record.root.0)
+                    .map(|s| s.content.clone())
+            })
+        };
+        // A quorum of the other replicas can agree a moment before this daemon's own
+        // replica finishes the round: wait briefly for it rather than fetch the whole state
+        // from a peer (a full f32 copy of the weights and momentum on the wire).
+        let own_replica = self
+            .inner
+            .context
+            .lock()
+            .ok()
+            .is_some_and(|c| c.as_ref().is_some_and(|c| c.run.id() == run.id()));
+        let mut held_now = held();
+        let give_up = Instant::now() + OWN_STATE_WAIT;
+        while own_replica && held_now.is_none() && Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            held_now = held();
+        }
+        let content = match held_now {
             Some(c) => c,
             None => {
                 if hasher.is_none() {
@@ -2514,6 +2546,8 @@ impl TrainService {
                 _ => {}
             }
         }
+        // Frames taken from `early` but not looked at may belong to a later exchange.
+        early.append(&mut pending_frames);
         // Assemble the averaged update; a slice nobody reduced in time is zero for every
         // replica that missed it.
         let mut avg = vec![0f32; plan.len];
