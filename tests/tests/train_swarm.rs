@@ -631,17 +631,21 @@ async fn a_restarted_peer_resumes_from_its_own_state() {
     let victim_dir = dir.path().join("p2");
     // Once round 2 is committed the third daemon stops, and a new daemon on its data dir
     // (same identity, same saved state) joins the run again.
+    // The first life's replica task is waited for before the second starts: in one process
+    // it could otherwise still be saving its state (and pruning the older one) while the new
+    // daemon reads it, which a dead process never does.
     let restarter = tokio::spawn(async move {
         while let Ok(ev) = events.recv().await {
             if let RunEvent::Committed { round: 2, .. } = ev {
                 victim.shutdown().await;
+                let first = first_life.await.unwrap();
                 let again = start_one(&victim_dir, Some(seed)).await;
                 let s = join_retrying(again.train(), coordinator, run_id).await;
                 again.shutdown().await;
-                return s;
+                return (first, s);
             }
         }
-        None
+        (None, None)
     });
     let summary = tokio::time::timeout(
         Duration::from_secs(300),
@@ -651,14 +655,9 @@ async fn a_restarted_peer_resumes_from_its_own_state() {
     .expect("run finished in time")
     .expect("run succeeded");
     assert_eq!(summary.rounds, 6);
-    assert!(
-        first_life.await.unwrap().is_none(),
-        "the first life was cut short"
-    );
-    let second = restarter
-        .await
-        .unwrap()
-        .expect("the restarted peer finished the run");
+    let (first, second) = restarter.await.unwrap();
+    assert!(first.is_none(), "the first life was cut short");
+    let second = second.expect("the restarted peer finished the run");
     assert!(
         second.resumed_from.is_some_and(|r| r >= 1),
         "it resumed from its saved state: {:?}",
