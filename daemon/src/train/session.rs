@@ -4,7 +4,7 @@
 //! A run has one coordinator (the peer that started it) and any number of replicas (the
 //! coordinator's own daemon is one of them). Each replica holds one control stream to the
 //! coordinator (`/potluck/train-ctl/1`, length-prefixed `TrainControl`) and sends tensors as
-//! signed frames on short-lived streams (`/potluck/tensor/1`, see [`crate::dataplane`]).
+//! signed frames on short-lived streams (`/potluck/tensor/2`, see [`crate::dataplane`]).
 //!
 //! A round: the coordinator opens it with the sorted member list; every member trains H
 //! inner steps on its shard, compresses its pseudo-gradient with error feedback, and sends
@@ -54,8 +54,9 @@ mod data_parallel;
 /// The control protocol of a run.
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/train-ctl/1");
 /// The tensor protocol: one frame per stream (a state request gets its answer on the same
-/// stream).
-pub const TENSOR_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/tensor/1");
+/// stream, any other frame a one-byte acknowledgement). Version 2: the acknowledgement and the
+/// signed `part` of a frame header; daemons of version 1 cannot exchange tensors with it.
+pub const TENSOR_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/tensor/2");
 
 /// Deadline to open a stream to a peer.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
