@@ -195,9 +195,10 @@ pub fn daemon_config(
     Ok(c)
 }
 
-fn init_logging(format: LogFormat) {
+/// Logging to stderr; `POTLUCK_LOG` overrides `default` (an `EnvFilter` string).
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POTLUCK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_kad=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -217,7 +218,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Id(q) => id(q).await,
         Command::Swarm(cmd) => swarm(cmd).await,
         Command::Demo(args) => {
-            init_logging(LogFormat::Human);
+            // The demo prints its own line per round; the per-replica timing lines would
+            // only bury it.
+            init_logging(
+                LogFormat::Human,
+                "info,libp2p_kad=error,potluck::timing=warn",
+            );
             crate::train::cli::demo(args).await
         }
         Command::Verify(args) => crate::train::cli::verify(args),
@@ -245,7 +251,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let config = daemon_config(&args, std::env::vars())?;
-    init_logging(config.log_format);
+    init_logging(config.log_format, "info,libp2p_kad=error");
     let node = Node::start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
