@@ -4,13 +4,14 @@
 //! file; the CLI says so clearly when no daemon runs.
 #![allow(clippy::unwrap_used)]
 
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_potluck");
 
-fn spawn_daemon(dir: &Path, extra: &[&str]) -> Child {
+fn spawn_daemon(dir: &Path, extra: &[&str]) -> Daemon {
     spawn_on(
         dir,
         &["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"],
@@ -20,7 +21,7 @@ fn spawn_daemon(dir: &Path, extra: &[&str]) -> Child {
 }
 
 /// A daemon process listening on `listen`, with `env` set.
-fn spawn_on(dir: &Path, listen: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Child {
+fn spawn_on(dir: &Path, listen: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Daemon {
     let mut cmd = Command::new(BIN);
     cmd.args(["daemon", "--no-mdns", "--data-dir"]).arg(dir);
     for l in listen {
@@ -33,7 +34,34 @@ fn spawn_on(dir: &Path, listen: &[&str], extra: &[&str], env: &[(&str, &str)]) -
         .stdout(Stdio::null())
         .stderr(log_file(dir))
         .spawn()
+        .map(Daemon)
         .unwrap()
+}
+
+/// A daemon process that is killed when the test lets go of it, so that a failing test
+/// leaves no daemon behind.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
 }
 
 /// The daemon's log in its data dir, appended to across restarts.
@@ -303,7 +331,7 @@ fn coordinator_process_aborts_and_restarts(point: &str) {
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     let boot = format!("{}/p2p/{}", listen[0], a_id["peer_id"].as_str().unwrap());
-    let mut others: Vec<Child> = dirs[1..]
+    let mut others: Vec<Daemon> = dirs[1..]
         .iter()
         .map(|d| spawn_daemon(d.path(), &["--bootstrap", &boot]))
         .collect();
