@@ -1,9 +1,10 @@
 //! The decoder-only MoE transformer: parameters with stable names, the forward pass, and the
 //! cuts that let a later pipeline/expert-parallel layer run pieces of it elsewhere.
 //!
-//! Every normalisation and softmax here is written with plain differentiable tensor ops:
 //! candle 0.11's fused `rms_norm`, `softmax_last_dim` and `rope` kernels have no backward pass,
-//! and using them would silently stop gradients. Master weights are `Var`s in the master dtype
+//! and using them would silently stop gradients; the normalisations, RoPE, the attention
+//! softmax and SwiGLU's gate are the worker's own fused ops instead (`crate::fused`), with
+//! backward passes, CPU versions and CUDA kernels. Master weights are `Var`s in the master dtype
 //! (f32, or f64 for gradient checks); the compute copy is a differentiable `to_dtype` cast, so
 //! gradients land on the f32 masters even when the pass runs in bf16.
 //!
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, D, DType, Device, Layout, Shape, Storage, Tensor, Var,
+    CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var,
     backend::BackendStorage, backprop::GradStore,
 };
 use rand::{Rng, SeedableRng};
@@ -237,29 +238,44 @@ fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// RMSNorm as differentiable ops, accumulated in at least f32.
+/// RMSNorm, one fused op each way (`fused::rms_norm`; the plain ops where no kernel exists).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let xa = x.to_dtype(acc_dtype(dt))?;
-    let ms = xa.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    Ok(xa.broadcast_mul(&inv)?.to_dtype(dt)?.broadcast_mul(w)?)
+    Ok(crate::fused::rms_norm(x, w, eps)?)
 }
 
 fn swiglu(w: &Weights, prefix: &str, x: &Tensor) -> Result<Tensor> {
     let g = w.linear(&format!("{prefix}.w_gate"), x)?;
     let u = w.linear(&format!("{prefix}.w_up"), x)?;
-    w.linear(&format!("{prefix}.w_down"), &(g.silu()? * u)?)
+    w.linear(
+        &format!("{prefix}.w_down"),
+        &crate::fused::swiglu_gate(&g, &u)?,
+    )
 }
 
-/// RoPE ("rotate half" form) on `x: [B, H, T, hd]` with `cos, sin: [T, hd/2]`.
+/// Vocabularies up to this size embed through a one-hot matrix product on a GPU.
+const ONE_HOT_VOCAB: usize = 4096;
+
+/// The rows of `table: [vocab, d]` for `ids: [N]`. On a GPU with a small vocabulary this is
+/// a product with the one-hot matrix of the ids: the backward of a gather is an index-add,
+/// which candle's CUDA backend runs serially over the ids (4 ms a step for 8192 tokens on the
+/// H100, against microseconds for the `[vocab, N] x [N, d]` product). The product is exact
+/// forward (one 1 per row); on the CPU the gather stays.
+fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let vocab = table.dim(0)?;
+    if table.device().is_cpu() || vocab > ONE_HOT_VOCAB {
+        return Ok(table.index_select(ids, 0)?);
+    }
+    let range = Tensor::arange(0u32, vocab as u32, ids.device())?.unsqueeze(0)?;
+    let one_hot = ids
+        .unsqueeze(1)?
+        .broadcast_eq(&range)?
+        .to_dtype(table.dtype())?;
+    Ok(one_hot.matmul(table)?)
+}
+
+/// RoPE ("rotate half" form) on `x: [B, H, T, hd]` with `cos, sin: [T, hd/2]`, fused.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let r2 = (x1.broadcast_mul(sin)? + x2.broadcast_mul(cos)?)?;
-    Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+    Ok(crate::fused::rope(x, cos, sin)?)
 }
 
 /// Which part of the model a stage holds: blocks `first_layer..end_layer`, plus the token
@@ -698,9 +714,7 @@ impl Model {
                 )));
             }
             let ids = input.flatten_all()?;
-            w.get("tok_emb.weight")?
-                .index_select(&ids, 0)?
-                .reshape((b, t, cfg.d_model))?
+            embed(w.get("tok_emb.weight")?, &ids)?.reshape((b, t, cfg.d_model))?
         } else {
             let (_, t, d) = input.dims3()?;
             if d != cfg.d_model || t > cfg.context {
@@ -714,11 +728,11 @@ impl Model {
             input.to_dtype(self.compute_dtype)?
         };
         let (_, t, _) = x.dims3()?;
-        let (cos, sin, mask) = self.attention_consts(t)?;
+        let (cos, sin) = self.attention_consts(t)?;
         let mut aux: Option<Tensor> = None;
         let mut stats = RouteStats::default();
         for l in spec.first_layer..spec.end_layer {
-            let (nx, layer_aux) = self.block(w, l, &x, &cos, &sin, &mask, &mut stats)?;
+            let (nx, layer_aux) = self.block(w, l, &x, &cos, &sin, &mut stats)?;
             x = nx;
             if let Some(a) = layer_aux {
                 aux = Some(match aux {
@@ -871,8 +885,8 @@ impl Model {
             .collect()
     }
 
-    /// RoPE tables and the causal mask for sequences of `t` tokens.
-    fn attention_consts(&self, t: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    /// RoPE tables for sequences of `t` tokens.
+    fn attention_consts(&self, t: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim();
         let half = hd / 2;
         let theta = self.cfg.rope_theta as f64;
@@ -889,17 +903,9 @@ impl Model {
         let cd = self.compute_dtype;
         let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(cd)?;
         let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(cd)?;
-        let mut mask = vec![0f64; t * t];
-        for i in 0..t {
-            for j in (i + 1)..t {
-                mask[i * t + j] = f64::NEG_INFINITY;
-            }
-        }
-        let mask = Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(acc_dtype(cd))?;
-        Ok((cos, sin, mask))
+        Ok((cos, sin))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         w: &Weights,
@@ -907,13 +913,12 @@ impl Model {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
         stats: &mut RouteStats,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, d) = x.dims3()?;
         let eps = self.cfg.norm_eps as f64;
         let h = rms_norm(x, w.get(&format!("layers.{l}.attn_norm.weight"))?, eps)?;
-        let a = self.attention(w, l, &h, cos, sin, mask)?;
+        let a = self.attention(w, l, &h, cos, sin)?;
         let x = (x + a)?;
         let h = rms_norm(&x, w.get(&format!("layers.{l}.ffn_norm.weight"))?, eps)?
             .reshape((b * t, d))?;
@@ -948,7 +953,6 @@ impl Model {
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
     ) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
         let nh = self.cfg.n_heads;
@@ -963,9 +967,10 @@ impl Model {
         let q = rope(&heads("wq")?, cos, sin)?.contiguous()?;
         let k = rope(&heads("wk")?, cos, sin)?.contiguous()?;
         let v = heads("wv")?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.to_dtype(mask.dtype())?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.compute_dtype)?;
+        // Scale, causal mask and softmax in one kernel each way (f32 arithmetic); the plain
+        // ops were about ten passes over the [B, H, T, T] scores forward and more backward.
+        let scores = q.matmul(&k.t()?)?;
+        let probs = crate::fused::causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
         let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, d))?;
         Ok(w.linear(&format!("layers.{l}.attn.wo"), &o)?
             .reshape((b, t, d))?)
