@@ -329,6 +329,12 @@ pub struct Routing {
     combine_back: Tensor,
     /// Gate weight of each token in each slot (0 where dropped), `[N, 1]` each.
     slot_gates: Vec<Tensor>,
+    /// `sorted_tokens` on the host.
+    sorted_host: Vec<u32>,
+    /// For each (token, slot), `token * top_k + slot`, its sorted position, or `u32::MAX`
+    /// where it was dropped.
+    position: Vec<u32>,
+    top_k: usize,
 }
 
 impl Routing {
@@ -347,6 +353,97 @@ impl Routing {
         let n = self.tokens.get(e)?.len();
         (n > 0).then(|| (self.offsets[e], n))
     }
+
+    /// The experts' inputs in a padded layout, `[experts, cap, d]` with `cap` the largest
+    /// expert's token count: expert `e`'s tokens fill the first rows of block `e`, the rest
+    /// repeat token 0 and are never read back (their outputs get no gradient). With it the
+    /// experts run as batched matrix products. Returns the input and the combine of an output
+    /// in the same layout.
+    fn dispatch_padded(&self, x: &Tensor) -> Result<(Tensor, PaddedCombine)> {
+        let n_exp = self.tokens.len();
+        let cap = self.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let (n, k) = (self.n_tokens, self.top_k);
+        let rows = n_exp * cap;
+        // Padded row of each sorted position.
+        let mut pad_of = Vec::with_capacity(self.sorted_host.len());
+        let mut ids = vec![0u32; rows];
+        for (e, list) in self.tokens.iter().enumerate() {
+            for j in 0..list.len() {
+                let r = e * cap + j;
+                pad_of.push(r as u32);
+                ids[r] = self.sorted_host[self.offsets[e] + j];
+            }
+        }
+        let mut back = Vec::with_capacity(k);
+        let mut combine_ids = Vec::with_capacity(k * n);
+        let mut combine_back = vec![(k * n) as u32; rows + 1];
+        for j in 0..k {
+            let mut slot = Vec::with_capacity(n);
+            for tok in 0..n {
+                let p = self.position[tok * k + j];
+                if p == u32::MAX {
+                    slot.push(rows as u32);
+                } else {
+                    let r = pad_of[p as usize];
+                    slot.push(r);
+                    combine_back[r as usize] = (j * n + tok) as u32;
+                }
+            }
+            combine_ids.extend_from_slice(&slot);
+            back.push(Tensor::from_vec(slot, n, &self.device)?);
+        }
+        let op = GatherRows {
+            ids: Tensor::from_vec(ids, rows, &self.device)?,
+            back,
+        };
+        let xs = x
+            .contiguous()?
+            .apply_op1(op)?
+            .reshape((n_exp, cap, self.d_model))?;
+        let combine = PaddedCombine {
+            ids: Tensor::from_vec(combine_ids, k * n, &self.device)?,
+            back: Tensor::from_vec(combine_back, rows + 1, &self.device)?,
+        };
+        Ok((xs, combine))
+    }
+
+    /// Sums the gated outputs of `dispatch_padded`'s layout (`y: [experts, cap, d]`) back
+    /// into token order, as `moe_combine` does for per-expert outputs.
+    fn combine_padded(&self, y: &Tensor, c: &PaddedCombine) -> Result<Tensor> {
+        let d = self.d_model;
+        let rows = y.elem_count() / d;
+        let zero = Tensor::zeros((1, d), self.dtype, &self.device)?;
+        let flat = Tensor::cat(&[&y.reshape((rows, d))?.to_dtype(self.dtype)?, &zero], 0)?;
+        let gathered = flat.apply_op1(GatherRows {
+            ids: c.ids.clone(),
+            back: vec![c.back.clone()],
+        })?;
+        self.gate_slots(&gathered)
+    }
+
+    /// `sum_j gate_j * rows j*N..(j+1)*N` of the slot-major gathered outputs.
+    fn gate_slots(&self, gathered: &Tensor) -> Result<Tensor> {
+        let n = self.n_tokens;
+        let mut out: Option<Tensor> = None;
+        for (j, gate) in self.slot_gates.iter().enumerate() {
+            let part = gathered.narrow(0, j * n, n)?.broadcast_mul(gate)?;
+            out = Some(match out {
+                Some(o) => (o + part)?,
+                None => part,
+            });
+        }
+        match out {
+            Some(o) => Ok(o),
+            None => Ok(Tensor::zeros((n, self.d_model), self.dtype, &self.device)?),
+        }
+    }
+}
+
+/// The combine gather of the padded expert layout.
+#[derive(Debug)]
+struct PaddedCombine {
+    ids: Tensor,
+    back: Tensor,
 }
 
 /// Rows of the input gathered by `ids` (`out[r] = x[ids[r]]`), with a backward that is again
@@ -494,6 +591,9 @@ pub struct Model {
     trainable: Vec<(String, Var)>,
     frozen: Vec<(String, Tensor)>,
     lora: Option<LoraConfig>,
+    /// Whether the local experts of a layer run as batched products (see `block`); `None`
+    /// chooses by the compute dtype.
+    batched_experts: Option<bool>,
 }
 
 impl Model {
@@ -530,6 +630,7 @@ impl Model {
             trainable,
             frozen: Vec::new(),
             lora: None,
+            batched_experts: None,
         })
     }
 
@@ -575,7 +676,22 @@ impl Model {
             trainable,
             frozen,
             lora: Some(lora.clone()),
+            batched_experts: None,
         })
+    }
+
+    /// Whether a layer's experts run as one batched product per projection or one expert at
+    /// a time; both compute the same function. By default they are batched in bf16 and f16,
+    /// where that was faster on the H100 (`small` 80 -> 66 ms, `base` 213 -> 200 ms a step),
+    /// and not in f32, where cuBLAS's batched f32 product was slower than eight separate ones
+    /// (`base` 305 -> 429 ms; docs/GPU.md). LoRA models always run one expert at a time.
+    pub fn set_batched_experts(&mut self, on: bool) {
+        self.batched_experts = Some(on);
+    }
+
+    fn experts_batched_here(&self) -> bool {
+        let half = matches!(self.compute_dtype, DType::BF16 | DType::F16);
+        self.batched_experts.unwrap_or(half) && self.lora.is_none()
     }
 
     /// The model's config.
@@ -924,17 +1040,24 @@ impl Model {
             .reshape((b * t, d))?;
         let (f, aux) = if self.cfg.is_moe(l) {
             let routing = self.moe_route(w, l, &h)?;
-            let xs = routing.dispatch(&h)?;
-            let mut outputs = Vec::with_capacity(self.cfg.n_experts);
-            for e in 0..self.cfg.n_experts {
-                outputs.push(match routing.expert_rows(e) {
-                    Some((start, len)) => {
-                        Some(self.expert_forward(w, l, e, &xs.narrow(0, start, len)?)?)
-                    }
-                    None => None,
-                });
-            }
-            let y = moe_combine(&routing, &outputs)?;
+            // Batched only when every expert has tokens: an idle expert's parameters then
+            // get no gradient at all, as callers of `collect_grads` expect.
+            let all_busy = routing.tokens.iter().all(|t| !t.is_empty());
+            let y = if self.experts_batched_here() && all_busy {
+                self.experts_batched(w, l, &routing, &h)?
+            } else {
+                let xs = routing.dispatch(&h)?;
+                let mut outputs = Vec::with_capacity(self.cfg.n_experts);
+                for e in 0..self.cfg.n_experts {
+                    outputs.push(match routing.expert_rows(e) {
+                        Some((start, len)) => {
+                            Some(self.expert_forward(w, l, e, &xs.narrow(0, start, len)?)?)
+                        }
+                        None => None,
+                    });
+                }
+                moe_combine(&routing, &outputs)?
+            };
             stats
                 .expert_tokens
                 .push(routing.tokens.iter().map(|t| t.len() as u64).collect());
@@ -1070,6 +1193,7 @@ impl Model {
             let gate = (&probs * onehot)?.sum_keepdim(1)?.div(&denom)?;
             slot_gates.push(gate.to_dtype(self.compute_dtype)?);
         }
+        let sorted_host = sorted_tokens.clone();
         let sorted = Tensor::from_vec(sorted_tokens, kept, &self.device)?;
         let combine_ids = Tensor::from_vec(combine_ids, k * n, &self.device)?;
         let combine_back = Tensor::from_vec(combine_back, kept + 1, &self.device)?;
@@ -1117,7 +1241,42 @@ impl Model {
             combine_ids,
             combine_back,
             slot_gates,
+            sorted_host,
+            position,
+            top_k: k,
         })
+    }
+
+    /// All experts of MoE layer `layer` on their tokens at once: the tokens gathered into the
+    /// padded `[experts, cap, d]` layout, each projection one batched product with the
+    /// experts' weights stacked, then combined. One expert at a time, each expert is a
+    /// dozen graph nodes (and candle's backward adds a zero tensor and an add per node
+    /// input), which made the host the bottleneck on a GPU; padding rows cost a few percent
+    /// more arithmetic and get exactly zero gradient.
+    fn experts_batched(
+        &self,
+        w: &Weights,
+        layer: usize,
+        routing: &Routing,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let stack = |proj: &str| -> Result<Tensor> {
+            let mut ws = Vec::with_capacity(self.cfg.n_experts);
+            for e in 0..self.cfg.n_experts {
+                ws.push(w.get(&format!("layers.{layer}.moe.experts.{e}.{proj}.weight"))?);
+            }
+            let (rows, cols) = ws[0].dims2()?;
+            // [experts, in, out]: the transposed view multiplies without a copy.
+            Ok(Tensor::cat(&ws, 0)?
+                .reshape((self.cfg.n_experts, rows, cols))?
+                .transpose(1, 2)?)
+        };
+        let (xs, combine) = routing.dispatch_padded(x)?;
+        let g = xs.matmul(&stack("w_gate")?)?;
+        let u = xs.matmul(&stack("w_up")?)?;
+        let a = crate::fused::swiglu_gate(&g, &u)?;
+        let y = a.matmul(&stack("w_down")?)?;
+        routing.combine_padded(&y, &combine)
     }
 
     /// One expert's SwiGLU on the tokens routed to it, `x: [n_e, d]` -> `[n_e, d]`.
@@ -1237,23 +1396,7 @@ pub fn moe_combine(routing: &Routing, outputs: &[Option<Tensor>]) -> Result<Tens
         ids: routing.combine_ids.clone(),
         back: vec![routing.combine_back.clone()],
     })?;
-    let n = routing.n_tokens;
-    let mut out: Option<Tensor> = None;
-    for (j, gate) in routing.slot_gates.iter().enumerate() {
-        let part = gathered.narrow(0, j * n, n)?.broadcast_mul(gate)?;
-        out = Some(match out {
-            Some(o) => (o + part)?,
-            None => part,
-        });
-    }
-    match out {
-        Some(o) => Ok(o),
-        None => Ok(Tensor::zeros(
-            (n, routing.d_model),
-            routing.dtype,
-            &routing.device,
-        )?),
-    }
+    routing.gate_slots(&gathered)
 }
 
 fn check_dtypes(master: DType, compute: DType) -> Result<()> {
