@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark of issue 6 and the worker's CUDA test, in one call on the device machine.
-# DIR holds what the call carries: gpu_moe_bench and the worker's `training` test binary
-# (both built with the `cuda` feature, see docs/GPU.md), torch_moe.py and table.py.
+# DIR holds what the call carries: gpu_moe_bench and the worker's `training` and `fused` test
+# binaries (built with the `cuda` feature, see docs/GPU.md), torch_moe.py and table.py.
 # Results go to $OUT: results.jsonl (one JSON line per run), table.txt, logs.
 #   benches/gpu/run.sh DIR [configs] [dtypes]     e.g. run.sh .gpu "small base" "bf16 f32"
 set -u
@@ -16,12 +16,16 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRAR
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))' | tee -a "$OUT/gpu.txt"
-if [ -x "$DIR/training" ] && [ -z "${SKIP_TEST:-}" ]; then
-  echo "== worker CUDA test"
-  timeout 300 "$DIR/training" --ignored --nocapture --test-threads 1 cuda_ >"$OUT/cuda_test.log" 2>&1
-  echo "exit $?" >>"$OUT/cuda_test.log"
-  grep -E "eval loss|test result|panicked|exit|Error|error" "$OUT/cuda_test.log"
-fi
+# The worker's ignored CUDA tests: `training` (the model trains like the CPU) and `fused`
+# (each fused kernel against the plain ops), whichever binaries DIR holds.
+for t in fused training; do
+  if [ -x "$DIR/$t" ] && [ -z "${SKIP_TEST:-}" ]; then
+    echo "== worker CUDA test: $t"
+    timeout 300 "$DIR/$t" --ignored --nocapture --test-threads 1 cuda_ >"$OUT/cuda_test_$t.log" 2>&1
+    echo "exit $?" >>"$OUT/cuda_test_$t.log"
+    grep -E "eval loss|match|test result|panicked|exit|Error|error" "$OUT/cuda_test_$t.log"
+  fi
+done
 for cfg in $CONFIGS; do
   for dt in $DTYPES; do
     echo "== $cfg $dt"

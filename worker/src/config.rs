@@ -294,6 +294,7 @@ impl DeviceSpec {
                 #[cfg(feature = "cuda")]
                 if let Device::Cuda(d) = &device {
                     crate::cuda::keep_freed_memory(d)?;
+                    crate::cuda::skip_event_tracking(d);
                 }
                 Ok(device)
             }

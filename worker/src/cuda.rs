@@ -6,6 +6,10 @@
 //! next step maps it again. With activations and optimizer buffers of hundreds of MB that
 //! costs more than the arithmetic. Raising the threshold keeps freed memory in the pool for
 //! reuse, as PyTorch's caching allocator does; peak use is unchanged.
+//!
+//! cudarc also creates (and later destroys) two CUDA events with every allocation, to order
+//! uses of a buffer across streams. candle keeps each device's work on one stream, where the
+//! events are never waited on, so the worker turns that bookkeeping off.
 
 #![allow(unsafe_code)] // two driver calls that candle and cudarc do not wrap
 
@@ -36,4 +40,15 @@ pub(crate) fn keep_freed_memory(device: &candle_core::CudaDevice) -> Result<(), 
         .map_err(failed)?;
     }
     Ok(())
+}
+
+/// Stops cudarc from creating two CUDA events per allocation of `device` (see the module
+/// documentation). The events only order work between several streams of one context, and
+/// candle submits all work of a device to one stream; cudarc itself waits on them only when
+/// a context has several streams, which candle's devices never do.
+pub(crate) fn skip_event_tracking(device: &candle_core::CudaDevice) {
+    // SAFETY: the obligations of `disable_event_tracking` concern work on several streams
+    // (a buffer freed or written on one while another still uses it); every tensor of this
+    // device is created and used on the device's single stream.
+    unsafe { device.disable_event_tracking() }
 }

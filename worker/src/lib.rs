@@ -13,6 +13,7 @@ pub mod config;
 mod cuda;
 pub mod data;
 mod error;
+pub mod fused;
 pub mod model;
 pub mod optim;
 pub mod replica;

@@ -1,9 +1,10 @@
 //! The decoder-only MoE transformer: parameters with stable names, the forward pass, and the
 //! cuts that let a later pipeline/expert-parallel layer run pieces of it elsewhere.
 //!
-//! Every normalisation and softmax here is written with plain differentiable tensor ops:
 //! candle 0.11's fused `rms_norm`, `softmax_last_dim` and `rope` kernels have no backward pass,
-//! and using them would silently stop gradients. Master weights are `Var`s in the master dtype
+//! and using them would silently stop gradients; the normalisations, RoPE, the attention
+//! softmax and SwiGLU's gate are the worker's own fused ops instead (`crate::fused`), with
+//! backward passes, CPU versions and CUDA kernels. Master weights are `Var`s in the master dtype
 //! (f32, or f64 for gradient checks); the compute copy is a differentiable `to_dtype` cast, so
 //! gradients land on the f32 masters even when the pass runs in bf16.
 //!
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, D, DType, Device, Layout, Shape, Storage, Tensor, Var,
+    CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var,
     backend::BackendStorage, backprop::GradStore,
 };
 use rand::{Rng, SeedableRng};
@@ -237,29 +238,44 @@ fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// RMSNorm as differentiable ops, accumulated in at least f32.
+/// RMSNorm, one fused op each way (`fused::rms_norm`; the plain ops where no kernel exists).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let xa = x.to_dtype(acc_dtype(dt))?;
-    let ms = xa.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    Ok(xa.broadcast_mul(&inv)?.to_dtype(dt)?.broadcast_mul(w)?)
+    Ok(crate::fused::rms_norm(x, w, eps)?)
 }
 
 fn swiglu(w: &Weights, prefix: &str, x: &Tensor) -> Result<Tensor> {
     let g = w.linear(&format!("{prefix}.w_gate"), x)?;
     let u = w.linear(&format!("{prefix}.w_up"), x)?;
-    w.linear(&format!("{prefix}.w_down"), &(g.silu()? * u)?)
+    w.linear(
+        &format!("{prefix}.w_down"),
+        &crate::fused::swiglu_gate(&g, &u)?,
+    )
 }
 
-/// RoPE ("rotate half" form) on `x: [B, H, T, hd]` with `cos, sin: [T, hd/2]`.
+/// Vocabularies up to this size embed through a one-hot matrix product on a GPU.
+const ONE_HOT_VOCAB: usize = 4096;
+
+/// The rows of `table: [vocab, d]` for `ids: [N]`. On a GPU with a small vocabulary this is
+/// a product with the one-hot matrix of the ids: the backward of a gather is an index-add,
+/// which candle's CUDA backend runs serially over the ids (4 ms a step for 8192 tokens on the
+/// H100, against microseconds for the `[vocab, N] x [N, d]` product). The product is exact
+/// forward (one 1 per row); on the CPU the gather stays.
+fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let vocab = table.dim(0)?;
+    if table.device().is_cpu() || vocab > ONE_HOT_VOCAB {
+        return Ok(table.index_select(ids, 0)?);
+    }
+    let range = Tensor::arange(0u32, vocab as u32, ids.device())?.unsqueeze(0)?;
+    let one_hot = ids
+        .unsqueeze(1)?
+        .broadcast_eq(&range)?
+        .to_dtype(table.dtype())?;
+    Ok(one_hot.matmul(table)?)
+}
+
+/// RoPE ("rotate half" form) on `x: [B, H, T, hd]` with `cos, sin: [T, hd/2]`, fused.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let r2 = (x1.broadcast_mul(sin)? + x2.broadcast_mul(cos)?)?;
-    Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+    Ok(crate::fused::rope(x, cos, sin)?)
 }
 
 /// Which part of the model a stage holds: blocks `first_layer..end_layer`, plus the token
@@ -313,6 +329,12 @@ pub struct Routing {
     combine_back: Tensor,
     /// Gate weight of each token in each slot (0 where dropped), `[N, 1]` each.
     slot_gates: Vec<Tensor>,
+    /// `sorted_tokens` on the host.
+    sorted_host: Vec<u32>,
+    /// For each (token, slot), `token * top_k + slot`, its sorted position, or `u32::MAX`
+    /// where it was dropped.
+    position: Vec<u32>,
+    top_k: usize,
 }
 
 impl Routing {
@@ -331,6 +353,97 @@ impl Routing {
         let n = self.tokens.get(e)?.len();
         (n > 0).then(|| (self.offsets[e], n))
     }
+
+    /// The experts' inputs in a padded layout, `[experts, cap, d]` with `cap` the largest
+    /// expert's token count: expert `e`'s tokens fill the first rows of block `e`, the rest
+    /// repeat token 0 and are never read back (their outputs get no gradient). With it the
+    /// experts run as batched matrix products. Returns the input and the combine of an output
+    /// in the same layout.
+    fn dispatch_padded(&self, x: &Tensor) -> Result<(Tensor, PaddedCombine)> {
+        let n_exp = self.tokens.len();
+        let cap = self.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let (n, k) = (self.n_tokens, self.top_k);
+        let rows = n_exp * cap;
+        // Padded row of each sorted position.
+        let mut pad_of = Vec::with_capacity(self.sorted_host.len());
+        let mut ids = vec![0u32; rows];
+        for (e, list) in self.tokens.iter().enumerate() {
+            for j in 0..list.len() {
+                let r = e * cap + j;
+                pad_of.push(r as u32);
+                ids[r] = self.sorted_host[self.offsets[e] + j];
+            }
+        }
+        let mut back = Vec::with_capacity(k);
+        let mut combine_ids = Vec::with_capacity(k * n);
+        let mut combine_back = vec![(k * n) as u32; rows + 1];
+        for j in 0..k {
+            let mut slot = Vec::with_capacity(n);
+            for tok in 0..n {
+                let p = self.position[tok * k + j];
+                if p == u32::MAX {
+                    slot.push(rows as u32);
+                } else {
+                    let r = pad_of[p as usize];
+                    slot.push(r);
+                    combine_back[r as usize] = (j * n + tok) as u32;
+                }
+            }
+            combine_ids.extend_from_slice(&slot);
+            back.push(Tensor::from_vec(slot, n, &self.device)?);
+        }
+        let op = GatherRows {
+            ids: Tensor::from_vec(ids, rows, &self.device)?,
+            back,
+        };
+        let xs = x
+            .contiguous()?
+            .apply_op1(op)?
+            .reshape((n_exp, cap, self.d_model))?;
+        let combine = PaddedCombine {
+            ids: Tensor::from_vec(combine_ids, k * n, &self.device)?,
+            back: Tensor::from_vec(combine_back, rows + 1, &self.device)?,
+        };
+        Ok((xs, combine))
+    }
+
+    /// Sums the gated outputs of `dispatch_padded`'s layout (`y: [experts, cap, d]`) back
+    /// into token order, as `moe_combine` does for per-expert outputs.
+    fn combine_padded(&self, y: &Tensor, c: &PaddedCombine) -> Result<Tensor> {
+        let d = self.d_model;
+        let rows = y.elem_count() / d;
+        let zero = Tensor::zeros((1, d), self.dtype, &self.device)?;
+        let flat = Tensor::cat(&[&y.reshape((rows, d))?.to_dtype(self.dtype)?, &zero], 0)?;
+        let gathered = flat.apply_op1(GatherRows {
+            ids: c.ids.clone(),
+            back: vec![c.back.clone()],
+        })?;
+        self.gate_slots(&gathered)
+    }
+
+    /// `sum_j gate_j * rows j*N..(j+1)*N` of the slot-major gathered outputs.
+    fn gate_slots(&self, gathered: &Tensor) -> Result<Tensor> {
+        let n = self.n_tokens;
+        let mut out: Option<Tensor> = None;
+        for (j, gate) in self.slot_gates.iter().enumerate() {
+            let part = gathered.narrow(0, j * n, n)?.broadcast_mul(gate)?;
+            out = Some(match out {
+                Some(o) => (o + part)?,
+                None => part,
+            });
+        }
+        match out {
+            Some(o) => Ok(o),
+            None => Ok(Tensor::zeros((n, self.d_model), self.dtype, &self.device)?),
+        }
+    }
+}
+
+/// The combine gather of the padded expert layout.
+#[derive(Debug)]
+struct PaddedCombine {
+    ids: Tensor,
+    back: Tensor,
 }
 
 /// Rows of the input gathered by `ids` (`out[r] = x[ids[r]]`), with a backward that is again
@@ -478,6 +591,9 @@ pub struct Model {
     trainable: Vec<(String, Var)>,
     frozen: Vec<(String, Tensor)>,
     lora: Option<LoraConfig>,
+    /// Whether the local experts of a layer run as batched products (see `block`); `None`
+    /// chooses by the compute dtype.
+    batched_experts: Option<bool>,
 }
 
 impl Model {
@@ -514,6 +630,7 @@ impl Model {
             trainable,
             frozen: Vec::new(),
             lora: None,
+            batched_experts: None,
         })
     }
 
@@ -559,7 +676,22 @@ impl Model {
             trainable,
             frozen,
             lora: Some(lora.clone()),
+            batched_experts: None,
         })
+    }
+
+    /// Whether a layer's experts run as one batched product per projection or one expert at
+    /// a time; both compute the same function. By default they are batched in bf16 and f16,
+    /// where that was faster on the H100 (`small` 80 -> 66 ms, `base` 213 -> 200 ms a step),
+    /// and not in f32, where cuBLAS's batched f32 product was slower than eight separate ones
+    /// (`base` 305 -> 429 ms; docs/GPU.md). LoRA models always run one expert at a time.
+    pub fn set_batched_experts(&mut self, on: bool) {
+        self.batched_experts = Some(on);
+    }
+
+    fn experts_batched_here(&self) -> bool {
+        let half = matches!(self.compute_dtype, DType::BF16 | DType::F16);
+        self.batched_experts.unwrap_or(half) && self.lora.is_none()
     }
 
     /// The model's config.
@@ -698,9 +830,7 @@ impl Model {
                 )));
             }
             let ids = input.flatten_all()?;
-            w.get("tok_emb.weight")?
-                .index_select(&ids, 0)?
-                .reshape((b, t, cfg.d_model))?
+            embed(w.get("tok_emb.weight")?, &ids)?.reshape((b, t, cfg.d_model))?
         } else {
             let (_, t, d) = input.dims3()?;
             if d != cfg.d_model || t > cfg.context {
@@ -714,11 +844,11 @@ impl Model {
             input.to_dtype(self.compute_dtype)?
         };
         let (_, t, _) = x.dims3()?;
-        let (cos, sin, mask) = self.attention_consts(t)?;
+        let (cos, sin) = self.attention_consts(t)?;
         let mut aux: Option<Tensor> = None;
         let mut stats = RouteStats::default();
         for l in spec.first_layer..spec.end_layer {
-            let (nx, layer_aux) = self.block(w, l, &x, &cos, &sin, &mask, &mut stats)?;
+            let (nx, layer_aux) = self.block(w, l, &x, &cos, &sin, &mut stats)?;
             x = nx;
             if let Some(a) = layer_aux {
                 aux = Some(match aux {
@@ -871,8 +1001,8 @@ impl Model {
             .collect()
     }
 
-    /// RoPE tables and the causal mask for sequences of `t` tokens.
-    fn attention_consts(&self, t: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    /// RoPE tables for sequences of `t` tokens.
+    fn attention_consts(&self, t: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim();
         let half = hd / 2;
         let theta = self.cfg.rope_theta as f64;
@@ -889,17 +1019,9 @@ impl Model {
         let cd = self.compute_dtype;
         let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(cd)?;
         let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(cd)?;
-        let mut mask = vec![0f64; t * t];
-        for i in 0..t {
-            for j in (i + 1)..t {
-                mask[i * t + j] = f64::NEG_INFINITY;
-            }
-        }
-        let mask = Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(acc_dtype(cd))?;
-        Ok((cos, sin, mask))
+        Ok((cos, sin))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         w: &Weights,
@@ -907,29 +1029,35 @@ impl Model {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
         stats: &mut RouteStats,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, d) = x.dims3()?;
         let eps = self.cfg.norm_eps as f64;
         let h = rms_norm(x, w.get(&format!("layers.{l}.attn_norm.weight"))?, eps)?;
-        let a = self.attention(w, l, &h, cos, sin, mask)?;
+        let a = self.attention(w, l, &h, cos, sin)?;
         let x = (x + a)?;
         let h = rms_norm(&x, w.get(&format!("layers.{l}.ffn_norm.weight"))?, eps)?
             .reshape((b * t, d))?;
         let (f, aux) = if self.cfg.is_moe(l) {
             let routing = self.moe_route(w, l, &h)?;
-            let xs = routing.dispatch(&h)?;
-            let mut outputs = Vec::with_capacity(self.cfg.n_experts);
-            for e in 0..self.cfg.n_experts {
-                outputs.push(match routing.expert_rows(e) {
-                    Some((start, len)) => {
-                        Some(self.expert_forward(w, l, e, &xs.narrow(0, start, len)?)?)
-                    }
-                    None => None,
-                });
-            }
-            let y = moe_combine(&routing, &outputs)?;
+            // Batched only when every expert has tokens: an idle expert's parameters then
+            // get no gradient at all, as callers of `collect_grads` expect.
+            let all_busy = routing.tokens.iter().all(|t| !t.is_empty());
+            let y = if self.experts_batched_here() && all_busy {
+                self.experts_batched(w, l, &routing, &h)?
+            } else {
+                let xs = routing.dispatch(&h)?;
+                let mut outputs = Vec::with_capacity(self.cfg.n_experts);
+                for e in 0..self.cfg.n_experts {
+                    outputs.push(match routing.expert_rows(e) {
+                        Some((start, len)) => {
+                            Some(self.expert_forward(w, l, e, &xs.narrow(0, start, len)?)?)
+                        }
+                        None => None,
+                    });
+                }
+                moe_combine(&routing, &outputs)?
+            };
             stats
                 .expert_tokens
                 .push(routing.tokens.iter().map(|t| t.len() as u64).collect());
@@ -948,7 +1076,6 @@ impl Model {
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
     ) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
         let nh = self.cfg.n_heads;
@@ -963,9 +1090,10 @@ impl Model {
         let q = rope(&heads("wq")?, cos, sin)?.contiguous()?;
         let k = rope(&heads("wk")?, cos, sin)?.contiguous()?;
         let v = heads("wv")?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.to_dtype(mask.dtype())?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.compute_dtype)?;
+        // Scale, causal mask and softmax in one kernel each way (f32 arithmetic); the plain
+        // ops were about ten passes over the [B, H, T, T] scores forward and more backward.
+        let scores = q.matmul(&k.t()?)?;
+        let probs = crate::fused::causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
         let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, d))?;
         Ok(w.linear(&format!("layers.{l}.attn.wo"), &o)?
             .reshape((b, t, d))?)
@@ -1065,6 +1193,7 @@ impl Model {
             let gate = (&probs * onehot)?.sum_keepdim(1)?.div(&denom)?;
             slot_gates.push(gate.to_dtype(self.compute_dtype)?);
         }
+        let sorted_host = sorted_tokens.clone();
         let sorted = Tensor::from_vec(sorted_tokens, kept, &self.device)?;
         let combine_ids = Tensor::from_vec(combine_ids, k * n, &self.device)?;
         let combine_back = Tensor::from_vec(combine_back, kept + 1, &self.device)?;
@@ -1112,7 +1241,42 @@ impl Model {
             combine_ids,
             combine_back,
             slot_gates,
+            sorted_host,
+            position,
+            top_k: k,
         })
+    }
+
+    /// All experts of MoE layer `layer` on their tokens at once: the tokens gathered into the
+    /// padded `[experts, cap, d]` layout, each projection one batched product with the
+    /// experts' weights stacked, then combined. One expert at a time, each expert is a
+    /// dozen graph nodes (and candle's backward adds a zero tensor and an add per node
+    /// input), which made the host the bottleneck on a GPU; padding rows cost a few percent
+    /// more arithmetic and get exactly zero gradient.
+    fn experts_batched(
+        &self,
+        w: &Weights,
+        layer: usize,
+        routing: &Routing,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let stack = |proj: &str| -> Result<Tensor> {
+            let mut ws = Vec::with_capacity(self.cfg.n_experts);
+            for e in 0..self.cfg.n_experts {
+                ws.push(w.get(&format!("layers.{layer}.moe.experts.{e}.{proj}.weight"))?);
+            }
+            let (rows, cols) = ws[0].dims2()?;
+            // [experts, in, out]: the transposed view multiplies without a copy.
+            Ok(Tensor::cat(&ws, 0)?
+                .reshape((self.cfg.n_experts, rows, cols))?
+                .transpose(1, 2)?)
+        };
+        let (xs, combine) = routing.dispatch_padded(x)?;
+        let g = xs.matmul(&stack("w_gate")?)?;
+        let u = xs.matmul(&stack("w_up")?)?;
+        let a = crate::fused::swiglu_gate(&g, &u)?;
+        let y = a.matmul(&stack("w_down")?)?;
+        routing.combine_padded(&y, &combine)
     }
 
     /// One expert's SwiGLU on the tokens routed to it, `x: [n_e, d]` -> `[n_e, d]`.
@@ -1232,23 +1396,7 @@ pub fn moe_combine(routing: &Routing, outputs: &[Option<Tensor>]) -> Result<Tens
         ids: routing.combine_ids.clone(),
         back: vec![routing.combine_back.clone()],
     })?;
-    let n = routing.n_tokens;
-    let mut out: Option<Tensor> = None;
-    for (j, gate) in routing.slot_gates.iter().enumerate() {
-        let part = gathered.narrow(0, j * n, n)?.broadcast_mul(gate)?;
-        out = Some(match out {
-            Some(o) => (o + part)?,
-            None => part,
-        });
-    }
-    match out {
-        Some(o) => Ok(o),
-        None => Ok(Tensor::zeros(
-            (n, routing.d_model),
-            routing.dtype,
-            &routing.device,
-        )?),
-    }
+    routing.gate_slots(&gathered)
 }
 
 fn check_dtypes(master: DType, compute: DType) -> Result<()> {

@@ -8,6 +8,8 @@
 //! flat buffers: candle launches one kernel per op, and a per-parameter update of ~15 ops
 //! over hundreds of parameters is thousands of small launches, which cost more than the
 //! arithmetic (measured on the H100: 258 ms of a 1014 ms step of the `base` benchmark model).
+//! The norm and the update are then one fused kernel each (`fused::sum_squares`,
+//! `fused::adamw_flat`).
 
 use candle_core::{DType, Tensor, Var, backprop::GradStore};
 
@@ -28,8 +30,8 @@ pub struct AdamW {
 /// State of the flat (device) update.
 #[derive(Debug)]
 struct FlatState {
-    m: Tensor,
-    v: Tensor,
+    /// The first moments of all parameters, then the second moments: `[2n]`.
+    mv: Tensor,
     /// 1 for the elements of matrices (which decay), 0 for vectors (which do not).
     decay_mask: Tensor,
 }
@@ -97,7 +99,7 @@ impl AdamW {
                     total += values.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
                     continue;
                 }
-                on_device.push(sum_of_squares(g)?);
+                on_device.push(crate::fused::sum_squares(g)?);
             }
         }
         if !on_device.is_empty() {
@@ -160,9 +162,9 @@ impl AdamW {
     }
 
     /// The update of `step` for every parameter at once: parameters and gradients are
-    /// concatenated into one flat buffer each, the AdamW arithmetic runs as a handful of
-    /// ops over it, and each parameter is then set from its slice. The gradient norm comes
-    /// from the flat gradient with one read-back.
+    /// concatenated into one flat buffer each, the AdamW arithmetic runs as one fused pass
+    /// over them (`fused::adamw_flat`), and each parameter is then set from its slice. The
+    /// gradient norm is one fused pass over the flat gradient, read back once.
     fn step_flat(
         &mut self,
         params: &[(String, Var)],
@@ -192,7 +194,7 @@ impl AdamW {
         }
         let g = Tensor::cat(&gs, 0)?;
         drop(gs);
-        let norm = sum_of_squares(&g)?.to_scalar::<f64>()?.sqrt();
+        let norm = crate::fused::sum_squares(&g)?.to_scalar::<f64>()?.sqrt();
         if !norm.is_finite() {
             return Err(WorkerError::NonFinite(format!("gradient norm is {norm}")));
         }
@@ -201,13 +203,10 @@ impl AdamW {
         let state = match self.flat.take() {
             Some(state) => state,
             None => {
-                let flat = |ts: &[Tensor]| -> Result<Tensor, WorkerError> {
-                    let parts = ts
-                        .iter()
-                        .map(|t| t.to_dtype(dtype)?.flatten_all())
-                        .collect::<candle_core::Result<Vec<_>>>()?;
-                    Ok(Tensor::cat(&parts, 0)?)
-                };
+                let mut parts = Vec::with_capacity(2 * params.len());
+                for t in self.m.iter().chain(&self.v) {
+                    parts.push(t.to_dtype(dtype)?.flatten_all()?);
+                }
                 let mut mask = Vec::with_capacity(params.len());
                 for (_, p) in params {
                     let n = p.elem_count();
@@ -215,8 +214,7 @@ impl AdamW {
                     mask.push(Tensor::full(value, n, &device)?.to_dtype(dtype)?);
                 }
                 FlatState {
-                    m: flat(&self.m)?,
-                    v: flat(&self.v)?,
+                    mv: Tensor::cat(&parts, 0)?,
                     decay_mask: Tensor::cat(&mask, 0)?,
                 }
             }
@@ -225,58 +223,35 @@ impl AdamW {
         self.t += 1;
         let (b1, b2, bc1, bc2) = self.betas(cfg);
         let lr = lr as f64;
-        let m = (state.m.affine(b1, 0.0)? + g.affine(clip * (1.0 - b1), 0.0)?)?;
-        let v = (state.v.affine(b2, 0.0)? + g.sqr()?.affine(clip * clip * (1.0 - b2), 0.0)?)?;
-        drop(g);
-        let denom = v
-            .affine(1.0 / bc2, 0.0)?
-            .sqrt()?
-            .affine(1.0, cfg.eps as f64)?;
-        let update = m.div(&denom)?.affine(lr / bc1, 0.0)?;
-        let decay = state
-            .decay_mask
-            .affine(-lr * cfg.weight_decay as f64, 1.0)?;
-        let new = ((theta * decay)? - update)?;
+        let k = crate::fused::AdamWConsts {
+            g1: clip * (1.0 - b1),
+            b1,
+            g2: clip * clip * (1.0 - b2),
+            b2,
+            inv_bc2: 1.0 / bc2,
+            eps: cfg.eps as f64,
+            step: lr / bc1,
+            decay: -lr * cfg.weight_decay as f64,
+        };
+        // [new weights | m | v]; the moments stay views into this buffer until the next step
+        // replaces it (which keeps one parameter-sized buffer more alive than strictly needed).
+        let out = crate::fused::adamw_flat(&theta, &g, &state.mv, &state.decay_mask, &k)?;
+        drop((theta, g));
+        let n_all = out.elem_count() / 3;
         let mut offset = 0;
         for (i, (_, p)) in params.iter().enumerate() {
             let n = p.elem_count();
-            p.set(&new.narrow(0, offset, n)?.reshape(p.dims())?)?;
-            self.m[i] = m.narrow(0, offset, n)?.reshape(p.dims())?;
-            self.v[i] = v.narrow(0, offset, n)?.reshape(p.dims())?;
+            p.set(&out.narrow(0, offset, n)?.reshape(p.dims())?)?;
+            self.m[i] = out.narrow(0, n_all + offset, n)?.reshape(p.dims())?;
+            self.v[i] = out.narrow(0, 2 * n_all + offset, n)?.reshape(p.dims())?;
             offset += n;
         }
         self.flat = Some(FlatState {
-            m,
-            v,
+            mv: out.narrow(0, n_all, 2 * n_all)?,
             decay_mask: state.decay_mask,
         });
         Ok(norm)
     }
-}
-
-/// Elements per row of the two-level reduction in `sum_of_squares`.
-const NORM_ROW: usize = 1 << 16;
-
-/// Sum of the squares of `t`'s elements as an f64 scalar tensor, left on the device. candle's
-/// CUDA reduction gives each output element one thread block, so a plain `sum_all` over
-/// hundreds of millions of values runs on a single multiprocessor (measured: most of a
-/// 248 ms optimizer step of the `base` model); summing rows of `NORM_ROW` values first
-/// spreads the work over one block per row.
-fn sum_of_squares(t: &Tensor) -> Result<Tensor, WorkerError> {
-    let flat = t.flatten_all()?;
-    let n = flat.elem_count();
-    let rows = n / NORM_ROW;
-    let sq = |x: Tensor| x.to_dtype(DType::F64)?.sqr();
-    let tail = sq(flat.narrow(0, rows * NORM_ROW, n - rows * NORM_ROW)?)?.sum_all()?;
-    if rows == 0 {
-        return Ok(tail);
-    }
-    let main = sq(flat
-        .narrow(0, 0, rows * NORM_ROW)?
-        .reshape((rows, NORM_ROW))?)?
-    .sum(1)?
-    .sum_all()?;
-    Ok((main + tail)?)
 }
 
 /// Factor that scales the gradients so their global norm is at most `cfg.grad_clip`.
@@ -509,28 +484,29 @@ mod tests {
         }
     }
 
-    /// The two-level sum of squares is exact for lengths below, at and around multiples of
-    /// its row size (small integers, so every partial sum is exact in f64).
+    /// The fused sum of squares is exact for lengths around multiples of a block's work
+    /// (small integers, so every partial sum is exact in f64), in f32 and f64.
     #[test]
     fn sum_of_squares_covers_every_element() {
-        for n in [
-            0,
-            1,
-            7,
-            NORM_ROW - 1,
-            NORM_ROW,
-            NORM_ROW + 1,
-            3 * NORM_ROW + 5,
-        ] {
+        for n in [0, 1, 7, 255, 256, 257, 65_536, 3 * 65_536 + 5] {
             let values: Vec<f32> = (0..n).map(|i| ((i % 13) as f32) - 6.0).collect();
             let want: f64 = values.iter().map(|&x| (x as f64) * (x as f64)).sum();
             let t = Tensor::from_vec(values, n, &Device::Cpu).unwrap();
-            let got = sum_of_squares(&t).unwrap().to_scalar::<f64>().unwrap();
-            assert_eq!(got, want, "length {n}");
+            for dt in [DType::F32, DType::F64] {
+                let t = t.to_dtype(dt).unwrap();
+                let got = crate::fused::sum_squares(&t)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert_eq!(got, want, "length {n} {dt:?}");
+            }
         }
         let m = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
         assert_eq!(
-            sum_of_squares(&m).unwrap().to_scalar::<f64>().unwrap(),
+            crate::fused::sum_squares(&m)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
             30.0
         );
     }

@@ -1,0 +1,34 @@
+//! With the `cuda` feature, compiles `src/kernels.cu` to PTX with nvcc (found on `PATH`, or
+//! under `CUDA_ROOT`/`CUDA_PATH`/`CUDA_HOME`, as `../shared/gpu/build-cuda.sh` sets up) for
+//! the compute capability in `CUDA_COMPUTE_CAP` (default 90, Hopper); `fused.rs` embeds it.
+//! Without the feature this does nothing, so CI needs no CUDA toolkit.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/kernels.cu");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let nvcc = ["CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let ptx = out.join("potluck_kernels.ptx");
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17"])
+        .arg(format!("-arch=compute_{cap}"))
+        .arg("src/kernels.cu")
+        .arg("-o")
+        .arg(&ptx)
+        .status()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
+    assert!(status.success(), "nvcc failed on src/kernels.cu ({status})");
+}

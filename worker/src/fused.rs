@@ -1,0 +1,1267 @@
+//! Fused ops: one kernel where plain candle ops would take several passes over memory and
+//! one launch per pass. Each op has a CPU version (what CI tests against the plain candle
+//! formulation) and, with the `cuda` feature, a CUDA kernel from `kernels.cu` (compiled to
+//! PTX by build.rs with the nvcc of `../shared/gpu/build-cuda.sh`), checked against the plain
+//! ops on the GPU by the worker's ignored `cuda_` tests.
+//!
+//! - [`causal_softmax`]: the attention softmax with its scale and causal mask, and a
+//!   backward pass that is one kernel too. As plain ops it is a scale, a cast to f32, a mask
+//!   add and five softmax ops forward, and about twice that backward, each a pass over the
+//!   `[B, H, T, T]` scores.
+//! - [`sum_squares`] and [`adamw_flat`]: the optimizer's gradient norm and its update over
+//!   flat buffers, one pass each instead of about fifteen.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+#[cfg(feature = "cuda")]
+use candle_core::{CudaStorage, backend::BackendStorage};
+
+/// The PTX of `kernels.cu`, built for the compute capability in `CUDA_COMPUTE_CAP`.
+#[cfg(feature = "cuda")]
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/potluck_kernels.ptx"));
+
+/// Name of the custom module in candle's per-device cache.
+#[cfg(feature = "cuda")]
+const MODULE: &str = "potluck_kernels";
+
+/// Softmax over the last dimension of `scores * scale` with a causal mask: `scores` is
+/// `[.., T, T]` (query rows, key columns) and key `j` is visible from query `i` when
+/// `j <= i`; masked entries come out exactly 0. The result has the dtype of `scores`; the
+/// arithmetic runs in f32 (f64 for f64 input). Differentiable with respect to `scores`.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let dims = scores.dims();
+    let rank = dims.len();
+    if rank < 2 || dims[rank - 1] != dims[rank - 2] {
+        candle_core::bail!("causal-softmax: scores {dims:?} are not [.., T, T]");
+    }
+    if native(scores) {
+        scores.contiguous()?.apply_op1(CausalSoftmax { scale })
+    } else {
+        causal_softmax_reference(scores, scale)
+    }
+}
+
+/// The same function as [`causal_softmax`] as plain candle ops (scale, additive `-inf` mask,
+/// softmax in f32 or f64): the reference the fused version is tested against.
+pub fn causal_softmax_reference(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let t = scores.dim(candle_core::D::Minus1)?;
+    let dt = scores.dtype();
+    let acc = if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let mut mask = vec![0f64; t * t];
+    for i in 0..t {
+        for j in (i + 1)..t {
+            mask[i * t + j] = f64::NEG_INFINITY;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (t, t), scores.device())?.to_dtype(acc)?;
+    let s = (scores * scale)?.to_dtype(acc)?.broadcast_add(&mask)?;
+    candle_nn::ops::softmax(&s, candle_core::D::Minus1)?.to_dtype(dt)
+}
+
+/// Rows of a `[.., T, T]` layout: (rows, T), or an error when it is not contiguous.
+fn rows_of(l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused op: input is not contiguous");
+    };
+    let t = l.dims()[l.dims().len() - 1];
+    Ok((start, end, (end - start) / t.max(1), t))
+}
+
+/// Float types the CPU versions run on: f32 rows compute in f32, as the kernels do.
+trait Real:
+    Copy
+    + candle_core::WithDType
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+}
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// CPU softmax of one row: `p[j] = exp(scale * s[j] - max) / sum` for `j <= i`, 0 after.
+fn softmax_row<T: Real>(s: &[T], p: &mut [T], i: usize, scale: T) {
+    let mut mx = s[0] * scale;
+    for &x in &s[1..=i] {
+        if x * scale > mx {
+            mx = x * scale;
+        }
+    }
+    let mut sum = T::from_f64(0.0);
+    for (d, &x) in p[..=i].iter_mut().zip(&s[..=i]) {
+        *d = (x * scale - mx).exp();
+        sum += *d;
+    }
+    let inv = T::from_f64(1.0) / sum;
+    for d in p[..=i].iter_mut() {
+        *d *= inv;
+    }
+    for d in p[i + 1..].iter_mut() {
+        *d = T::from_f64(0.0);
+    }
+}
+
+/// The causal softmax as a custom op (see [`causal_softmax`]).
+#[derive(Debug, Clone, Copy)]
+struct CausalSoftmax {
+    scale: f64,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            src: &[T],
+            l: &Layout,
+            scale: f64,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let (start, end, _, t) = rows_of(l)?;
+            let src = &src[start..end];
+            let scale = T::from_f64(scale);
+            let mut dst = vec![T::from_f64(0.0); src.len()];
+            for (r, (s, p)) in src.chunks(t).zip(dst.chunks_mut(t)).enumerate() {
+                softmax_row(s, p, r % t, scale);
+            }
+            Ok((T::to_cpu_storage_owned(dst), l.shape().clone()))
+        }
+        match s {
+            CpuStorage::F32(v) => run(v, l, self.scale),
+            CpuStorage::F64(v) => run(v, l, self.scale),
+            _ => candle_core::bail!("causal-softmax: the CPU version takes f32 or f64"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (_, _, rows, t) = rows_of(l)?;
+        let out = cuda::alloc_like(s, l.shape().elem_count())?;
+        let args = [
+            cuda::input(s, l)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(rows as i64),
+            cuda::Arg::I32(t as i32),
+            cuda::Arg::F32(self.scale as f32),
+        ];
+        cuda::launch(
+            &s.device,
+            "causal_softmax_fwd",
+            s.dtype(),
+            cuda::rows(rows),
+            &args,
+        )?;
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let ds = res
+            .contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &CausalSoftmaxBwd { scale: self.scale })?;
+        Ok(Some(ds))
+    }
+}
+
+/// Backward of [`CausalSoftmax`] from its output `p` and the output gradient `dp`:
+/// `ds[j] = scale * p[j] * (dp[j] - sum_k p[k] dp[k])`.
+#[derive(Debug, Clone, Copy)]
+struct CausalSoftmaxBwd {
+    scale: f64,
+}
+
+impl CustomOp2 for CausalSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "causal-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        pl: &Layout,
+        dp: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            p: &[T],
+            pl: &Layout,
+            dp: &[T],
+            dl: &Layout,
+            scale: f64,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let (ps, pe, _, t) = rows_of(pl)?;
+            let (ds, de, _, _) = rows_of(dl)?;
+            let (p, dp) = (&p[ps..pe], &dp[ds..de]);
+            let scale = T::from_f64(scale);
+            let mut out = vec![T::from_f64(0.0); p.len()];
+            for (r, ((pr, gr), o)) in p
+                .chunks(t)
+                .zip(dp.chunks(t))
+                .zip(out.chunks_mut(t))
+                .enumerate()
+            {
+                let i = r % t;
+                let mut dot = T::from_f64(0.0);
+                for (&a, &b) in pr[..=i].iter().zip(&gr[..=i]) {
+                    dot += a * b;
+                }
+                for j in 0..=i {
+                    o[j] = scale * pr[j] * (gr[j] - dot);
+                }
+            }
+            Ok((T::to_cpu_storage_owned(out), pl.shape().clone()))
+        }
+        if pl.dims() != dl.dims() {
+            candle_core::bail!(
+                "causal-softmax-bwd: gradient {:?} for output {:?}",
+                dl.dims(),
+                pl.dims()
+            );
+        }
+        match (p, dp) {
+            (CpuStorage::F32(p), CpuStorage::F32(dp)) => run(p, pl, dp, dl, self.scale),
+            (CpuStorage::F64(p), CpuStorage::F64(dp)) => run(p, pl, dp, dl, self.scale),
+            _ => candle_core::bail!("causal-softmax-bwd: unsupported dtypes on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &CudaStorage,
+        pl: &Layout,
+        dp: &CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if pl.dims() != dl.dims() {
+            candle_core::bail!(
+                "causal-softmax-bwd: gradient {:?} for output {:?}",
+                dl.dims(),
+                pl.dims()
+            );
+        }
+        let (_, _, rows, t) = rows_of(pl)?;
+        let out = cuda::alloc_like(p, pl.shape().elem_count())?;
+        let args = [
+            cuda::input(p, pl)?,
+            cuda::input(dp, dl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(rows as i64),
+            cuda::Arg::I32(t as i32),
+            cuda::Arg::F32(self.scale as f32),
+        ];
+        cuda::launch(
+            &p.device,
+            "causal_softmax_bwd",
+            p.dtype(),
+            cuda::rows(rows),
+            &args,
+        )?;
+        Ok((out, pl.shape().clone()))
+    }
+}
+
+/// Sum of the squares of all elements of `t` as an f64 scalar tensor, left on the device:
+/// one pass, accumulated in f64.
+pub fn sum_squares(t: &Tensor) -> candle_core::Result<Tensor> {
+    let dt = t.dtype();
+    let native = match t.device() {
+        candle_core::Device::Cpu => matches!(dt, DType::F32 | DType::F64),
+        _ => matches!(dt, DType::F32 | DType::F64 | DType::BF16),
+    };
+    let flat = t.flatten_all()?.contiguous()?;
+    if !native {
+        return flat.to_dtype(DType::F64)?.sqr()?.sum_all();
+    }
+    flat.apply_op1_no_bwd(&SumSquares)?.sum_all()
+}
+
+/// Partial sums of squares in f64 (one per thread block on a GPU, one on the CPU).
+#[derive(Debug, Clone, Copy)]
+struct SumSquares;
+
+impl CustomOp1 for SumSquares {
+    fn name(&self) -> &'static str {
+        "sum-squares"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("sum-squares: input is not contiguous");
+        };
+        let total = match s {
+            CpuStorage::F32(v) => v[start..end].iter().map(|&x| (x as f64) * (x as f64)).sum(),
+            CpuStorage::F64(v) => v[start..end].iter().map(|&x| x * x).sum(),
+            _ => candle_core::bail!("sum-squares: the CPU version takes f32 or f64"),
+        };
+        Ok((CpuStorage::F64(vec![total]), Shape::from(1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = l.shape().elem_count();
+        let cfg = cuda::flat(n);
+        let blocks = cfg.grid_dim.0 as usize;
+        let out = cuda::alloc_acc(&s.device, blocks, true)?;
+        let args = [
+            cuda::input(s, l)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+        ];
+        cuda::launch(&s.device, "sum_squares", s.dtype(), cfg, &args)?;
+        Ok((out, Shape::from(blocks)))
+    }
+}
+
+/// AdamW constants of one step, in the order the kernel takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConsts {
+    /// `clip * (1 - beta1)`: the gradient's weight in the first moment.
+    pub g1: f64,
+    /// `beta1`.
+    pub b1: f64,
+    /// `clip^2 * (1 - beta2)`: the squared gradient's weight in the second moment.
+    pub g2: f64,
+    /// `beta2`.
+    pub b2: f64,
+    /// `1 / (1 - beta2^t)`.
+    pub inv_bc2: f64,
+    /// Added to the root of the second moment.
+    pub eps: f64,
+    /// `lr / (1 - beta1^t)`.
+    pub step: f64,
+    /// `-lr * weight_decay`.
+    pub decay: f64,
+}
+
+impl AdamWConsts {
+    fn array(&self) -> [f64; 8] {
+        [
+            self.g1,
+            self.b1,
+            self.g2,
+            self.b2,
+            self.inv_bc2,
+            self.eps,
+            self.step,
+            self.decay,
+        ]
+    }
+}
+
+/// One AdamW step over flat buffers in one pass: `theta`, `g` and `decay_mask` are `[n]`,
+/// `mv` is the two moments one after the other (`[2n]`). Returns `[3n]`: the new weights, then
+/// the new first and second moments. `decay_mask` is 1 where weight decay applies.
+/// Arithmetic in the dtype of the inputs (f32 or f64), in the order of the plain formulation
+/// `theta * (1 + mask * decay) - step * m / (sqrt(v * inv_bc2) + eps)`.
+pub fn adamw_flat(
+    theta: &Tensor,
+    g: &Tensor,
+    mv: &Tensor,
+    decay_mask: &Tensor,
+    k: &AdamWConsts,
+) -> candle_core::Result<Tensor> {
+    let n = theta.elem_count();
+    if g.elem_count() != n || decay_mask.elem_count() != n || mv.elem_count() != 2 * n {
+        candle_core::bail!(
+            "adamw-flat: theta {n}, gradient {}, moments {}, mask {}",
+            g.elem_count(),
+            mv.elem_count(),
+            decay_mask.elem_count()
+        );
+    }
+    let dt = theta.dtype();
+    if !matches!(dt, DType::F32 | DType::F64)
+        || g.dtype() != dt
+        || mv.dtype() != dt
+        || decay_mask.dtype() != dt
+    {
+        candle_core::bail!("adamw-flat: all buffers must be f32 or all f64");
+    }
+    theta.contiguous()?.apply_op3_no_bwd(
+        &g.contiguous()?,
+        &mv.contiguous()?,
+        &AdamWFlat {
+            decay_mask: decay_mask.contiguous()?,
+            k: k.array(),
+        },
+    )
+}
+
+/// The flat AdamW step as a custom op; the decay mask rides along as a fourth input.
+#[derive(Debug)]
+struct AdamWFlat {
+    decay_mask: Tensor,
+    k: [f64; 8],
+}
+
+impl CustomOp3 for AdamWFlat {
+    fn name(&self) -> &'static str {
+        "adamw-flat"
+    }
+
+    fn cpu_fwd(
+        &self,
+        theta: &CpuStorage,
+        tl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        mv: &CpuStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            theta: &[T],
+            g: &[T],
+            mv: &[T],
+            mask: &[T],
+            k: [f64; 8],
+        ) -> (CpuStorage, Shape) {
+            let n = theta.len();
+            let k = k.map(T::from_f64);
+            let mut out = vec![T::from_f64(0.0); 3 * n];
+            for j in 0..n {
+                let gj = g[j];
+                let m = mv[j] * k[1] + gj * k[0];
+                let v = mv[n + j] * k[3] + (gj * gj) * k[2];
+                let denom = (v * k[4]).sqrt() + k[5];
+                let update = (m / denom) * k[6];
+                let dec = mask[j] * k[7] + T::from_f64(1.0);
+                out[j] = theta[j] * dec - update;
+                out[n + j] = m;
+                out[2 * n + j] = v;
+            }
+            (T::to_cpu_storage_owned(out), Shape::from(3 * n))
+        }
+        let (mask, ml2) = self.decay_mask.storage_and_layout();
+        let candle_core::Storage::Cpu(mask) = &*mask else {
+            candle_core::bail!("adamw-flat: the decay mask is not on the CPU");
+        };
+        let slice = |l: &Layout| -> candle_core::Result<(usize, usize)> {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("adamw-flat: not contiguous".into()))
+        };
+        let (a, b) = slice(tl)?;
+        let (c, d) = slice(gl)?;
+        let (e, f) = slice(ml)?;
+        let (h, i) = slice(ml2)?;
+        Ok(match (theta, g, mv, mask) {
+            (CpuStorage::F32(t), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(k)) => {
+                run(&t[a..b], &g[c..d], &m[e..f], &k[h..i], self.k)
+            }
+            (CpuStorage::F64(t), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(k)) => {
+                run(&t[a..b], &g[c..d], &m[e..f], &k[h..i], self.k)
+            }
+            _ => candle_core::bail!("adamw-flat: unsupported dtypes"),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        theta: &CudaStorage,
+        tl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        mv: &CudaStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (mask, mask_l) = self.decay_mask.storage_and_layout();
+        let candle_core::Storage::Cuda(mask) = &*mask else {
+            candle_core::bail!("adamw-flat: the decay mask is not on the GPU");
+        };
+        let n = tl.shape().elem_count();
+        let dt = theta.dtype();
+        if g.dtype() != dt || mv.dtype() != dt || mask.dtype() != dt {
+            candle_core::bail!("adamw-flat: all buffers must be f32 or all f64");
+        }
+        let out = cuda::alloc_like(theta, 3 * n)?;
+        let mut args = vec![
+            cuda::input(theta, tl)?,
+            cuda::input(g, gl)?,
+            cuda::input(mv, ml)?,
+            cuda::input(mask, mask_l)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+        ];
+        args.extend(self.k.iter().map(|&x| cuda::real(dt, x)));
+        cuda::launch(&theta.device, "adamw_flat", dt, cuda::flat(n), &args)?;
+        Ok((out, Shape::from(3 * n)))
+    }
+}
+
+/// Whether the fused kernels take `dt` on the device of `t`: f32 and f64 on the CPU, f32
+/// and bf16 on a GPU. Other combinations run the plain reference ops.
+fn native(t: &Tensor) -> bool {
+    let dt = t.dtype();
+    if t.device().is_cpu() {
+        matches!(dt, DType::F32 | DType::F64)
+    } else {
+        matches!(dt, DType::F32 | DType::BF16)
+    }
+}
+
+/// RMSNorm over the last dimension: `x * w / sqrt(mean(x^2) + eps)`, `w: [d]` in the dtype
+/// of `x`, f32 arithmetic (f64 for f64). Differentiable with respect to `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if w.dims() != [d] || w.dtype() != x.dtype() {
+        candle_core::bail!(
+            "rms-norm: weight {:?} {:?} for input {:?} {:?}",
+            w.dims(),
+            w.dtype(),
+            x.dims(),
+            x.dtype()
+        );
+    }
+    if native(x) {
+        x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
+    } else {
+        rms_norm_reference(x, w, eps)
+    }
+}
+
+/// [`rms_norm`] as plain candle ops (normalised in f32 or f64, then cast and scaled).
+pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    let acc = if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let xa = x.to_dtype(acc)?;
+    let ms = xa.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    xa.broadcast_mul(&inv)?.to_dtype(dt)?.broadcast_mul(w)
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row.
+fn inv_rms<T: Real>(x: &[T], eps: T) -> T {
+    let mut ss = T::from_f64(0.0);
+    for &v in x {
+        ss += v * v;
+    }
+    T::from_f64(1.0) / (ss / T::from_f64(x.len() as f64) + eps).sqrt()
+}
+
+/// Contiguous data of a CPU storage as a slice of `T`.
+fn cpu_slice<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused op: input is not contiguous");
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RmsNorm {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            xs: &CpuStorage,
+            xl: &Layout,
+            ws: &CpuStorage,
+            wl: &Layout,
+            eps: f64,
+        ) -> candle_core::Result<CpuStorage> {
+            let (x, w) = (cpu_slice::<T>(xs, xl)?, cpu_slice::<T>(ws, wl)?);
+            let eps = T::from_f64(eps);
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            for (xr, yr) in x.chunks(w.len()).zip(y.chunks_mut(w.len())) {
+                let r = inv_rms(xr, eps);
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * r * g;
+                }
+            }
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let out = match xs {
+            CpuStorage::F32(_) => run::<f32>(xs, xl, ws, wl, self.eps)?,
+            CpuStorage::F64(_) => run::<f64>(xs, xl, ws, wl, self.eps)?,
+            _ => candle_core::bail!("rms-norm: the CPU version takes f32 or f64"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = xl.shape().elem_count();
+        let d = wl.shape().elem_count();
+        let out = cuda::alloc_like(xs, n)?;
+        let args = [
+            cuda::input(xs, xl)?,
+            cuda::input(ws, wl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64((n / d) as i64),
+            cuda::Arg::I32(d as i32),
+            cuda::Arg::F32(self.eps as f32),
+        ];
+        cuda::launch(
+            &xs.device,
+            "rms_norm_fwd",
+            xs.dtype(),
+            cuda::rows(n / d),
+            &args,
+        )?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+        let dx = x.apply_op3_no_bwd(&w.contiguous()?, &grad, &RmsNormBwdX { eps: self.eps })?;
+        // Per-row terms of the weight gradient, summed over rows by a matrix product.
+        let part = x.apply_op2_no_bwd(&grad, &RmsNormBwdW { eps: self.eps })?;
+        let rows = part.dim(0)?;
+        let ones = Tensor::ones((1, rows), part.dtype(), part.device())?;
+        let dw = ones.matmul(&part)?.reshape(w.dims())?.to_dtype(w.dtype())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Gradient of [`RmsNorm`] with respect to `x`, from `x`, `w` and the output gradient.
+#[derive(Debug, Clone, Copy)]
+struct RmsNormBwdX {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormBwdX {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> candle_core::Result<CpuStorage> {
+            let d = w.len();
+            let eps = T::from_f64(eps);
+            let mut dx = vec![T::from_f64(0.0); x.len()];
+            for ((xr, gr), o) in x.chunks(d).zip(g.chunks(d)).zip(dx.chunks_mut(d)) {
+                let r = inv_rms(xr, eps);
+                let mut dot = T::from_f64(0.0);
+                for j in 0..d {
+                    dot += gr[j] * w[j] * xr[j];
+                }
+                let c = r * r * dot / T::from_f64(d as f64);
+                for j in 0..d {
+                    o[j] = r * (gr[j] * w[j] - xr[j] * c);
+                }
+            }
+            Ok(T::to_cpu_storage_owned(dx))
+        }
+        let out = match xs {
+            CpuStorage::F32(_) => run::<f32>(
+                cpu_slice(xs, xl)?,
+                cpu_slice(ws, wl)?,
+                cpu_slice(gs, gl)?,
+                self.eps,
+            )?,
+            CpuStorage::F64(_) => run::<f64>(
+                cpu_slice(xs, xl)?,
+                cpu_slice(ws, wl)?,
+                cpu_slice(gs, gl)?,
+                self.eps,
+            )?,
+            _ => candle_core::bail!("rms-norm-bwd: the CPU version takes f32 or f64"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = xl.shape().elem_count();
+        let d = wl.shape().elem_count();
+        let out = cuda::alloc_like(xs, n)?;
+        let args = [
+            cuda::input(xs, xl)?,
+            cuda::input(ws, wl)?,
+            cuda::input(gs, gl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64((n / d) as i64),
+            cuda::Arg::I32(d as i32),
+            cuda::Arg::F32(self.eps as f32),
+        ];
+        cuda::launch(
+            &xs.device,
+            "rms_norm_bwd_x",
+            xs.dtype(),
+            cuda::rows(n / d),
+            &args,
+        )?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// Per-row terms of the weight gradient of [`RmsNorm`]: `dy * x / rms(x)`, `[rows, d]` in f32
+/// (f64 for f64 input).
+#[derive(Debug, Clone, Copy)]
+struct RmsNormBwdW {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormBwdW {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(x: &[T], g: &[T], d: usize, eps: f64) -> CpuStorage {
+            let eps = T::from_f64(eps);
+            let mut out = vec![T::from_f64(0.0); x.len()];
+            for ((xr, gr), o) in x.chunks(d).zip(g.chunks(d)).zip(out.chunks_mut(d)) {
+                let r = inv_rms(xr, eps);
+                for j in 0..d {
+                    o[j] = gr[j] * xr[j] * r;
+                }
+            }
+            T::to_cpu_storage_owned(out)
+        }
+        let d = xl.dims()[xl.dims().len() - 1];
+        let n = xl.shape().elem_count();
+        let out = match xs {
+            CpuStorage::F32(_) => run::<f32>(cpu_slice(xs, xl)?, cpu_slice(gs, gl)?, d, self.eps),
+            CpuStorage::F64(_) => run::<f64>(cpu_slice(xs, xl)?, cpu_slice(gs, gl)?, d, self.eps),
+            _ => candle_core::bail!("rms-norm-bwd: the CPU version takes f32 or f64"),
+        };
+        Ok((out, Shape::from((n / d.max(1), d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let d = xl.dims()[xl.dims().len() - 1];
+        let n = xl.shape().elem_count();
+        let out = cuda::alloc_acc(&xs.device, n, false)?;
+        let args = [
+            cuda::input(xs, xl)?,
+            cuda::input(gs, gl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64((n / d) as i64),
+            cuda::Arg::I32(d as i32),
+            cuda::Arg::F32(self.eps as f32),
+        ];
+        cuda::launch(
+            &xs.device,
+            "rms_norm_bwd_w",
+            xs.dtype(),
+            cuda::rows(n / d),
+            &args,
+        )?;
+        Ok((out, Shape::from((n / d, d))))
+    }
+}
+
+/// RoPE in the rotate-half form on `x: [B, H, T, hd]` with `cos, sin: [T, hd/2]` (constants,
+/// no gradient): `[x1 cos - x2 sin, x1 sin + x2 cos]`. Differentiable with respect to `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, t, hd) = x.dims4()?;
+    if hd % 2 != 0 || cos.dims() != [t, hd / 2] || sin.dims() != [t, hd / 2] {
+        candle_core::bail!(
+            "rope: tables {:?}/{:?} for input {:?}",
+            cos.dims(),
+            sin.dims(),
+            x.dims()
+        );
+    }
+    if native(x) && cos.dtype() == x.dtype() && sin.dtype() == x.dtype() {
+        x.contiguous()?.apply_op1(Rope {
+            cos: cos.contiguous()?.detach(),
+            sin: sin.contiguous()?.detach(),
+            sign: 1.0,
+        })
+    } else {
+        rope_reference(x, cos, sin)
+    }
+}
+
+/// [`rope`] as plain candle ops.
+pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(candle_core::D::Minus1)? / 2;
+    let x1 = x.narrow(candle_core::D::Minus1, 0, half)?;
+    let x2 = x.narrow(candle_core::D::Minus1, half, half)?;
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x1.broadcast_mul(sin)? + x2.broadcast_mul(cos)?)?;
+    Tensor::cat(&[r1, r2], candle_core::D::Minus1)
+}
+
+/// The rotation as a custom op; its backward is the same rotation with `sign` flipped (the
+/// rotation by the opposite angle is the transpose).
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    sign: f64,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            x: &[T],
+            cos: &[T],
+            sin: &[T],
+            t: usize,
+            hd: usize,
+            sign: f64,
+        ) -> CpuStorage {
+            let half = hd / 2;
+            let sign = T::from_f64(sign);
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            for (r, (xr, yr)) in x.chunks(hd).zip(y.chunks_mut(hd)).enumerate() {
+                let pos = r % t;
+                for i in 0..half {
+                    let (c, s) = (cos[pos * half + i], sin[pos * half + i] * sign);
+                    let (x1, x2) = (xr[i], xr[half + i]);
+                    yr[i] = x1 * c - x2 * s;
+                    yr[half + i] = x1 * s + x2 * c;
+                }
+            }
+            T::to_cpu_storage_owned(y)
+        }
+        let dims = l.dims();
+        let (t, hd) = (dims[2], dims[3]);
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (candle_core::Storage::Cpu(cs), candle_core::Storage::Cpu(ss)) = (&*cs, &*ss) else {
+            candle_core::bail!("rope: tables are not on the CPU");
+        };
+        let out = match s {
+            CpuStorage::F32(_) => run::<f32>(
+                cpu_slice(s, l)?,
+                cpu_slice(cs, cl)?,
+                cpu_slice(ss, sl)?,
+                t,
+                hd,
+                self.sign,
+            ),
+            CpuStorage::F64(_) => run::<f64>(
+                cpu_slice(s, l)?,
+                cpu_slice(cs, cl)?,
+                cpu_slice(ss, sl)?,
+                t,
+                hd,
+                self.sign,
+            ),
+            _ => candle_core::bail!("rope: the CPU version takes f32 or f64"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = l.dims();
+        let (t, hd) = (dims[2], dims[3]);
+        let n = l.shape().elem_count();
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (candle_core::Storage::Cuda(cs), candle_core::Storage::Cuda(ss)) = (&*cs, &*ss) else {
+            candle_core::bail!("rope: tables are not on the GPU");
+        };
+        let out = cuda::alloc_like(s, n)?;
+        let args = [
+            cuda::input(s, l)?,
+            cuda::input(cs, cl)?,
+            cuda::input(ss, sl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64((n / 2) as i64),
+            cuda::Arg::I32(t as i32),
+            cuda::Arg::I32((hd / 2) as i32),
+            cuda::Arg::F32(self.sign as f32),
+        ];
+        cuda::launch(&s.device, "rope", s.dtype(), cuda::flat(n / 2), &args)?;
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let back = Rope {
+            sign: -self.sign,
+            ..self.clone()
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// SwiGLU's gate `silu(g) * u` (f32 arithmetic). Differentiable with respect to both.
+pub fn swiglu_gate(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    if g.dims() != u.dims() || g.dtype() != u.dtype() {
+        candle_core::bail!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
+    }
+    if native(g) {
+        g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+    } else {
+        g.silu()? * u
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(g: &[T], u: &[T]) -> CpuStorage {
+            let one = T::from_f64(1.0);
+            let y = g
+                .iter()
+                .zip(u)
+                .map(|(&a, &b)| a * (one / (one + (T::from_f64(0.0) - a).exp())) * b)
+                .collect();
+            T::to_cpu_storage_owned(y)
+        }
+        let out = match gs {
+            CpuStorage::F32(_) => run::<f32>(cpu_slice(gs, gl)?, cpu_slice(us, ul)?),
+            CpuStorage::F64(_) => run::<f64>(cpu_slice(gs, gl)?, cpu_slice(us, ul)?),
+            _ => candle_core::bail!("swiglu: the CPU version takes f32 or f64"),
+        };
+        Ok((out, gl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        us: &CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = gl.shape().elem_count();
+        let out = cuda::alloc_like(gs, n)?;
+        let args = [
+            cuda::input(gs, gl)?,
+            cuda::input(us, ul)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+        ];
+        cuda::launch(&gs.device, "swiglu_fwd", gs.dtype(), cuda::flat(n), &args)?;
+        Ok((out, gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = g.elem_count();
+        let both =
+            g.contiguous()?
+                .apply_op3_no_bwd(&u.contiguous()?, &grad.contiguous()?, &SwiGluBwd)?;
+        let dg = both.narrow(0, 0, n)?.reshape(g.dims())?;
+        let du = both.narrow(0, n, n)?.reshape(u.dims())?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// Backward of [`SwiGlu`]: `[dg | du]` flat, `dg = dy u silu'(g)`, `du = dy silu(g)`.
+#[derive(Debug, Clone, Copy)]
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(g: &[T], u: &[T], dy: &[T]) -> CpuStorage {
+            let n = g.len();
+            let one = T::from_f64(1.0);
+            let mut out = vec![T::from_f64(0.0); 2 * n];
+            for k in 0..n {
+                let a = g[k];
+                let sig = one / (one + (T::from_f64(0.0) - a).exp());
+                out[k] = dy[k] * u[k] * sig * (one + a * (one - sig));
+                out[n + k] = dy[k] * a * sig;
+            }
+            T::to_cpu_storage_owned(out)
+        }
+        let n = gl.shape().elem_count();
+        let out = match gs {
+            CpuStorage::F32(_) => {
+                run::<f32>(cpu_slice(gs, gl)?, cpu_slice(us, ul)?, cpu_slice(ds, dl)?)
+            }
+            CpuStorage::F64(_) => {
+                run::<f64>(cpu_slice(gs, gl)?, cpu_slice(us, ul)?, cpu_slice(ds, dl)?)
+            }
+            _ => candle_core::bail!("swiglu-bwd: the CPU version takes f32 or f64"),
+        };
+        Ok((out, Shape::from(2 * n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        us: &CudaStorage,
+        ul: &Layout,
+        ds: &CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = gl.shape().elem_count();
+        let out = cuda::alloc_like(gs, 2 * n)?;
+        let args = [
+            cuda::input(gs, gl)?,
+            cuda::input(us, ul)?,
+            cuda::input(ds, dl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+        ];
+        cuda::launch(&gs.device, "swiglu_bwd", gs.dtype(), cuda::flat(n), &args)?;
+        Ok((out, Shape::from(2 * n)))
+    }
+}
+
+/// Kernel launches through raw device pointers, so one launcher serves every op and dtype.
+/// candle runs all work of a device on one stream, so no event bookkeeping is needed.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)] // allocations the kernels fill, and the launches themselves
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{CudaStorageSlice as S, Map1, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
+
+    use super::{MODULE, PTX};
+
+    /// One kernel argument.
+    pub(super) enum Arg {
+        /// A device pointer.
+        P(u64),
+        I64(i64),
+        I32(i32),
+        F32(f32),
+        F64(f64),
+    }
+
+    /// A scalar in the kernel's element type (f32 for bf16 kernels' f32 arithmetic).
+    pub(super) fn real(dt: DType, x: f64) -> Arg {
+        if dt == DType::F64 {
+            Arg::F64(x)
+        } else {
+            Arg::F32(x as f32)
+        }
+    }
+
+    fn suffix(dt: DType) -> Result<&'static str> {
+        Ok(match dt {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::BF16 => "bf16",
+            other => candle_core::bail!("no fused kernel for {other:?}"),
+        })
+    }
+
+    /// The device address of element `start` of a storage.
+    fn address(s: &CudaStorage, start: usize) -> Result<u64> {
+        let stream = s.device.cuda_stream();
+        let (base, size) = match &s.slice {
+            S::F32(v) => (v.device_ptr(&stream).0, 4),
+            S::F64(v) => (v.device_ptr(&stream).0, 8),
+            S::BF16(v) => (v.device_ptr(&stream).0, 2),
+            S::F16(v) => (v.device_ptr(&stream).0, 2),
+            S::U32(v) => (v.device_ptr(&stream).0, 4),
+            _ => candle_core::bail!("fused kernel: unsupported storage {:?}", s.dtype()),
+        };
+        Ok(base + (start * size) as u64)
+    }
+
+    /// The address of a contiguous input.
+    pub(super) fn input(s: &CudaStorage, l: &Layout) -> Result<Arg> {
+        match l.contiguous_offsets() {
+            Some((start, _)) => Ok(Arg::P(address(s, start)?)),
+            None => candle_core::bail!("fused kernel: input is not contiguous"),
+        }
+    }
+
+    /// The address of an output.
+    pub(super) fn output(s: &CudaStorage) -> Result<Arg> {
+        Ok(Arg::P(address(s, 0)?))
+    }
+
+    /// An uninitialised buffer of `n` elements of the dtype of `like`, which the kernel
+    /// about to be launched fills completely.
+    pub(super) fn alloc_like(like: &CudaStorage, n: usize) -> Result<CudaStorage> {
+        struct Alloc(usize);
+        impl Map1 for Alloc {
+            fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+                &self,
+                _: &CudaSlice<T>,
+                dev: &CudaDevice,
+                _: &Layout,
+            ) -> Result<CudaSlice<T>> {
+                // SAFETY: the caller's kernel writes every element before anything reads it.
+                unsafe { dev.alloc::<T>(self.0) }
+            }
+        }
+        let layout = Layout::contiguous(1);
+        let slice = Alloc(n).map(&like.slice, &like.device, &layout)?;
+        Ok(CudaStorage {
+            slice,
+            device: like.device.clone(),
+        })
+    }
+
+    /// An uninitialised f32 (or, for `wide`, f64) buffer of `n` elements.
+    pub(super) fn alloc_acc(dev: &CudaDevice, n: usize, wide: bool) -> Result<CudaStorage> {
+        // SAFETY: the caller's kernel writes every element before anything reads it.
+        let slice = if wide {
+            S::F64(unsafe { dev.alloc::<f64>(n)? })
+        } else {
+            S::F32(unsafe { dev.alloc::<f32>(n)? })
+        };
+        Ok(CudaStorage {
+            slice,
+            device: dev.clone(),
+        })
+    }
+
+    /// Rows per block of the one-warp-per-row kernels.
+    const ROWS_PER_BLOCK: usize = 4;
+
+    /// One warp per row.
+    pub(super) fn rows(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1, 1),
+            block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// A grid-stride launch over `n` elements: enough blocks to fill the GPU a few times.
+    pub(super) fn flat(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 132 * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Launches `{kernel}_{dtype}` from `kernels.cu` on the device's stream.
+    pub(super) fn launch(
+        dev: &CudaDevice,
+        kernel: &str,
+        dt: DType,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<()> {
+        let name = format!("{kernel}_{}", suffix(dt)?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut b = func.builder();
+        for a in args {
+            match a {
+                Arg::P(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+                Arg::F64(v) => b.arg(v),
+            };
+        }
+        // SAFETY: every caller passes the arguments of the kernel's signature in
+        // `kernels.cu`, with pointers to buffers of the sizes the kernel indexes.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+// The worker's own CUDA kernels, compiled to PTX by build.rs when the `cuda` feature is on
+// and loaded through candle's custom-module cache (see `fused.rs`, which also holds the CPU
+// versions of the same functions that CI tests).
+//
+// Each kernel exists because the same work as plain candle ops takes several passes over
+// memory and one launch per pass (and, in candle's backward, a zero tensor and an add per
+// input of every op): the attention softmax (scale, causal mask, softmax and their backward),
+// RMSNorm, RoPE, SwiGLU's gate, and the flat AdamW update with its gradient norm.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ double to_d(double x) { return x; }
+__device__ __forceinline__ double to_d(float x) { return (double)x; }
+__device__ __forceinline__ double to_d(__nv_bfloat16 x) { return (double)__bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Causal softmax over rows of length t: rows are [.., t(query), t(key)] flattened, so row r
+// is query i = r % t and keys j <= i are visible. p[j] = exp(scale*s[j] - max) / sum over
+// visible j, 0 for j > i. One warp per row, math in f32.
+template <typename T>
+__device__ void causal_softmax_fwd(const T *s, T *p, int64_t rows, int t, float scale) {
+  int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  int i = (int)(row % t);
+  const T *src = s + row * t;
+  T *dst = p + row * t;
+  float mx = -INFINITY;
+  for (int j = lane; j <= i; j += 32) mx = fmaxf(mx, to_f(src[j]) * scale);
+  mx = warp_max(mx);
+  float sum = 0.f;
+  for (int j = lane; j <= i; j += 32) sum += expf(to_f(src[j]) * scale - mx);
+  sum = warp_sum(sum);
+  float inv = 1.f / sum;
+  for (int j = lane; j < t; j += 32) {
+    float v = j <= i ? expf(to_f(src[j]) * scale - mx) * inv : 0.f;
+    dst[j] = from_f<T>(v);
+  }
+}
+
+// Backward of the above with respect to s: ds[j] = scale * p[j] * (dp[j] - sum_k p[k] dp[k]).
+template <typename T>
+__device__ void causal_softmax_bwd(const T *p, const T *dp, T *ds, int64_t rows, int t,
+                                   float scale) {
+  int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  int i = (int)(row % t);
+  const T *pr = p + row * t;
+  const T *g = dp + row * t;
+  T *out = ds + row * t;
+  float dot = 0.f;
+  for (int j = lane; j <= i; j += 32) dot += to_f(pr[j]) * to_f(g[j]);
+  dot = warp_sum(dot);
+  for (int j = lane; j < t; j += 32) {
+    float v = j <= i ? scale * to_f(pr[j]) * (to_f(g[j]) - dot) : 0.f;
+    out[j] = from_f<T>(v);
+  }
+}
+
+// Per-block partial sums of squares in f64 (grid-stride); the caller sums the partials.
+template <typename T>
+__device__ void sum_squares(const T *x, double *partial, int64_t n) {
+  __shared__ double warp_sums[32];
+  double acc = 0.0;
+  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+       k += (int64_t)gridDim.x * blockDim.x) {
+    double v = to_d(x[k]);
+    acc += v * v;
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    int nw = blockDim.x / 32;
+    acc = lane < nw ? warp_sums[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) partial[blockIdx.x] = acc;
+  }
+}
+
+// One AdamW step over flat buffers. mv holds m then v ([2n]); out gets the new theta, m and
+// v ([3n]). k = {clip*(1-b1), b1, clip^2*(1-b2), b2, 1/bc2, eps, lr/bc1, -lr*wd}; decay[j] is
+// 1 for elements of matrices and 0 for vectors. Same operation order as the tensor version
+// in optim.rs.
+template <typename T>
+__device__ void adamw_flat(const T *theta, const T *g, const T *mv, const T *decay, T *out,
+                           int64_t n, const T k0, const T k1, const T k2, const T k3,
+                           const T k4, const T k5, const T k6, const T k7) {
+  for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n;
+       j += (int64_t)gridDim.x * blockDim.x) {
+    T gj = g[j];
+    T m = mv[j] * k1 + gj * k0;
+    T v = mv[n + j] * k3 + (gj * gj) * k2;
+    T denom = sqrt(v * k4) + k5;
+    T update = (m / denom) * k6;
+    T dec = decay[j] * k7 + (T)1;
+    out[j] = theta[j] * dec - update;
+    out[n + j] = m;
+    out[2 * n + j] = v;
+  }
+}
+
+#define SOFTMAX(NAME, T)                                                                     \
+  extern "C" __global__ void causal_softmax_fwd_##NAME(const T *s, T *p, int64_t rows,      \
+                                                       int t, float scale) {                \
+    causal_softmax_fwd<T>(s, p, rows, t, scale);                                            \
+  }                                                                                          \
+  extern "C" __global__ void causal_softmax_bwd_##NAME(const T *p, const T *dp, T *ds,      \
+                                                       int64_t rows, int t, float scale) {  \
+    causal_softmax_bwd<T>(p, dp, ds, rows, t, scale);                                       \
+  }
+SOFTMAX(f32, float)
+SOFTMAX(bf16, __nv_bfloat16)
+
+#define SUMSQ(NAME, T)                                                                       \
+  extern "C" __global__ void sum_squares_##NAME(const T *x, double *partial, int64_t n) {   \
+    sum_squares<T>(x, partial, n);                                                          \
+  }
+SUMSQ(f32, float)
+SUMSQ(f64, double)
+SUMSQ(bf16, __nv_bfloat16)
+
+#define ADAMW(NAME, T)                                                                       \
+  extern "C" __global__ void adamw_flat_##NAME(                                             \
+      const T *theta, const T *g, const T *mv, const T *decay, T *out, int64_t n, T k0,     \
+      T k1, T k2, T k3, T k4, T k5, T k6, T k7) {                                           \
+    adamw_flat<T>(theta, g, mv, decay, out, n, k0, k1, k2, k3, k4, k5, k6, k7);             \
+  }
+ADAMW(f32, float)
+ADAMW(f64, double)
+
+// RMSNorm over rows of length d: y = x * r * w with r = 1 / sqrt(mean(x^2) + eps). One warp
+// per row, f32 arithmetic.
+template <typename T>
+__device__ float row_rms(const T *x, int d, float eps, int lane) {
+  float ss = 0.f;
+  for (int j = lane; j < d; j += 32) {
+    float v = to_f(x[j]);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  return rsqrtf(ss / d + eps);
+}
+
+template <typename T>
+__device__ void rms_norm_fwd(const T *x, const T *w, T *y, int64_t rows, int d, float eps) {
+  int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T *xr = x + row * d;
+  T *yr = y + row * d;
+  float r = row_rms(xr, d, eps, lane);
+  for (int j = lane; j < d; j += 32) yr[j] = from_f<T>(to_f(xr[j]) * r * to_f(w[j]));
+}
+
+// dx[k] = r * (dy[k] w[k] - x[k] r^2 / d * sum_j dy[j] w[j] x[j]).
+template <typename T>
+__device__ void rms_norm_bwd_x(const T *x, const T *w, const T *dy, T *dx, int64_t rows, int d,
+                               float eps) {
+  int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T *xr = x + row * d;
+  const T *g = dy + row * d;
+  T *out = dx + row * d;
+  float r = row_rms(xr, d, eps, lane);
+  float dot = 0.f;
+  for (int j = lane; j < d; j += 32) dot += to_f(g[j]) * to_f(w[j]) * to_f(xr[j]);
+  dot = warp_sum(dot);
+  float c = r * r * dot / d;
+  for (int j = lane; j < d; j += 32)
+    out[j] = from_f<T>(r * (to_f(g[j]) * to_f(w[j]) - to_f(xr[j]) * c));
+}
+
+// Per-row terms of the weight gradient, dy[j] * x[j] * r, in f32 (summed over rows by the
+// caller with a matrix product).
+template <typename T>
+__device__ void rms_norm_bwd_w(const T *x, const T *dy, float *part, int64_t rows, int d,
+                               float eps) {
+  int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T *xr = x + row * d;
+  const T *g = dy + row * d;
+  float *out = part + row * d;
+  float r = row_rms(xr, d, eps, lane);
+  for (int j = lane; j < d; j += 32) out[j] = to_f(g[j]) * to_f(xr[j]) * r;
+}
+
+// RoPE, rotate-half form, on x [rows, t, hd] (rows = batch * heads) with tables [t, hd/2]:
+// y1 = x1 c - s x2 sign, y2 = x1 s sign + x2 c. sign = -1 is the backward pass.
+template <typename T>
+__device__ void rope(const T *x, const T *cos, const T *sin, T *y, int64_t pairs, int t,
+                     int half, float sign) {
+  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < pairs;
+       k += (int64_t)gridDim.x * blockDim.x) {
+    int i = (int)(k % half);
+    int64_t rest = k / half;  // row * t + pos
+    int pos = (int)(rest % t);
+    int64_t base = rest * 2 * half;
+    float c = to_f(cos[pos * half + i]);
+    float s = to_f(sin[pos * half + i]) * sign;
+    float x1 = to_f(x[base + i]), x2 = to_f(x[base + half + i]);
+    y[base + i] = from_f<T>(x1 * c - x2 * s);
+    y[base + half + i] = from_f<T>(x1 * s + x2 * c);
+  }
+}
+
+// SwiGLU's gate: y = silu(g) * u.
+template <typename T>
+__device__ void swiglu_fwd(const T *g, const T *u, T *y, int64_t n) {
+  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+       k += (int64_t)gridDim.x * blockDim.x) {
+    float a = to_f(g[k]);
+    float sig = 1.f / (1.f + expf(-a));
+    y[k] = from_f<T>(a * sig * to_f(u[k]));
+  }
+}
+
+// Its backward: out[0..n] = dg = dy u silu'(g), out[n..2n] = du = dy silu(g).
+template <typename T>
+__device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *out, int64_t n) {
+  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+       k += (int64_t)gridDim.x * blockDim.x) {
+    float a = to_f(g[k]);
+    float sig = 1.f / (1.f + expf(-a));
+    float d = to_f(dy[k]);
+    out[k] = from_f<T>(d * to_f(u[k]) * sig * (1.f + a * (1.f - sig)));
+    out[n + k] = from_f<T>(d * a * sig);
+  }
+}
+
+#define ROWOPS(NAME, T)                                                                      \
+  extern "C" __global__ void rms_norm_fwd_##NAME(const T *x, const T *w, T *y, int64_t rows, \
+                                                 int d, float eps) {                        \
+    rms_norm_fwd<T>(x, w, y, rows, d, eps);                                                 \
+  }                                                                                          \
+  extern "C" __global__ void rms_norm_bwd_x_##NAME(const T *x, const T *w, const T *dy,     \
+                                                   T *dx, int64_t rows, int d, float eps) { \
+    rms_norm_bwd_x<T>(x, w, dy, dx, rows, d, eps);                                          \
+  }                                                                                          \
+  extern "C" __global__ void rms_norm_bwd_w_##NAME(const T *x, const T *dy, float *part,    \
+                                                   int64_t rows, int d, float eps) {        \
+    rms_norm_bwd_w<T>(x, dy, part, rows, d, eps);                                           \
+  }                                                                                          \
+  extern "C" __global__ void rope_##NAME(const T *x, const T *cos, const T *sin, T *y,      \
+                                         int64_t pairs, int t, int half, float sign) {      \
+    rope<T>(x, cos, sin, y, pairs, t, half, sign);                                          \
+  }                                                                                          \
+  extern "C" __global__ void swiglu_fwd_##NAME(const T *g, const T *u, T *y, int64_t n) {   \
+    swiglu_fwd<T>(g, u, y, n);                                                              \
+  }                                                                                          \
+  extern "C" __global__ void swiglu_bwd_##NAME(const T *g, const T *u, const T *dy, T *out, \
+                                               int64_t n) {                                 \
+    swiglu_bwd<T>(g, u, dy, out, n);                                                        \
+  }
+ROWOPS(f32, float)
+ROWOPS(bf16, __nv_bfloat16)

@@ -1,0 +1,349 @@
+//! The fused ops (`potluck_worker::fused`) against the plain candle formulation computed in
+//! f64 on the CPU, on fresh random inputs of several shapes (row lengths that are not
+//! multiples of a warp included): forward values, gradients, and the flat AdamW step. The
+//! same checks run on the CPU (CI) and, ignored, on a CUDA GPU:
+//! `cargo test -p potluck-worker --features cuda --test fused -- --ignored cuda_`.
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use candle_core::{DType, Device, Tensor, Var};
+use potluck_worker::fused;
+
+/// `||a - b|| / ||b||`, both read back as f64.
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a: Vec<f64> = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f64> = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().all(|x| x.is_finite()), "non-finite output");
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Forward and gradient tolerance of a compute dtype.
+fn tolerance(dt: DType) -> f64 {
+    match dt {
+        DType::F64 => 1e-10,
+        DType::F32 => 1e-5,
+        _ => 2e-2,
+    }
+}
+
+const SHAPES: &[&[usize]] = &[
+    &[1, 1, 1, 1],
+    &[2, 3, 5, 5],
+    &[4, 7, 7],
+    &[1, 2, 33, 33],
+    &[2, 1, 64, 64],
+    &[1, 2, 130, 130],
+];
+
+fn check_softmax(device: &Device, dt: DType) {
+    for &dims in SHAPES {
+        let t = dims[dims.len() - 1];
+        let scale = 1.0 / (t as f64).sqrt() * 3.0;
+        let x64 = Tensor::randn(0f64, 2.0, dims, &Device::Cpu).unwrap();
+        let w64 = Tensor::randn(0f64, 1.0, dims, &Device::Cpu).unwrap();
+        // The reference sees the same (rounded) inputs as the op under test.
+        let x64 = x64.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap();
+        let xv = Var::from_tensor(&x64.to_dtype(dt).unwrap().to_device(device).unwrap()).unwrap();
+        let y = fused::causal_softmax(xv.as_tensor(), scale).unwrap();
+        assert_eq!(y.dtype(), dt);
+        assert_eq!(y.dims(), dims);
+        let acc = if dt == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let w = w64.to_dtype(acc).unwrap().to_device(device).unwrap();
+        let loss = (y.to_dtype(acc).unwrap() * &w).unwrap().sum_all().unwrap();
+        let gx = loss
+            .backward()
+            .unwrap()
+            .get(xv.as_tensor())
+            .unwrap()
+            .clone();
+
+        let rv = Var::from_tensor(&x64).unwrap();
+        let r = fused::causal_softmax_reference(rv.as_tensor(), scale).unwrap();
+        let rloss = (&r * &w64).unwrap().sum_all().unwrap();
+        let rg = rloss
+            .backward()
+            .unwrap()
+            .get(rv.as_tensor())
+            .unwrap()
+            .clone();
+
+        let e = rel_err(&y, &r);
+        assert!(
+            e < tolerance(dt),
+            "{device:?} {dt:?} {dims:?}: forward error {e}"
+        );
+        let e = rel_err(&gx, &rg);
+        assert!(
+            e < 2.0 * tolerance(dt),
+            "{device:?} {dt:?} {dims:?}: gradient error {e}"
+        );
+        // Masked entries are exactly zero, forward and backward.
+        let y: Vec<f64> = y
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let g: Vec<f64> = gx
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (r, (row, grow)) in y.chunks(t).zip(g.chunks(t)).enumerate() {
+            let i = r % t;
+            assert!(
+                row[i + 1..].iter().all(|&v| v == 0.0),
+                "row {r} sees the future"
+            );
+            assert!(grow[i + 1..].iter().all(|&v| v == 0.0), "row {r} gradient");
+        }
+    }
+}
+
+/// The flat AdamW step against its plain formulation in f64, and the sum of squares against
+/// an f64 sum, at lengths around a block's work.
+fn check_optimizer(device: &Device, dt: DType) {
+    for n in [1usize, 255, 1000, 257 * 1031] {
+        let r = |std: f64| Tensor::randn(0f64, std, n, &Device::Cpu).unwrap();
+        let (theta, g, m) = (r(1.0), r(0.1), r(0.01));
+        let v = r(0.001).sqr().unwrap();
+        let mask = r(1.0).ge(0.0).unwrap().to_dtype(DType::F64).unwrap();
+        let round = |t: &Tensor| t.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap();
+        let (theta, g, m, v) = (round(&theta), round(&g), round(&m), round(&v));
+        let (clip, b1, b2, lr, wd, eps, t) = (0.7f64, 0.9f64, 0.95f64, 1e-3, 0.1, 1e-8, 3);
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let k = fused::AdamWConsts {
+            g1: clip * (1.0 - b1),
+            b1,
+            g2: clip * clip * (1.0 - b2),
+            b2,
+            inv_bc2: 1.0 / bc2,
+            eps,
+            step: lr / bc1,
+            decay: -lr * wd,
+        };
+        let on = |t: &Tensor| t.to_dtype(dt).unwrap().to_device(device).unwrap();
+        let mv = Tensor::cat(&[&m, &v], 0).unwrap();
+        let out = fused::adamw_flat(&on(&theta), &on(&g), &on(&mv), &on(&mask), &k).unwrap();
+        assert_eq!(out.dims(), [3 * n]);
+        let m2 = ((&m * b1).unwrap() + (&g * k.g1).unwrap()).unwrap();
+        let v2 = ((&v * b2).unwrap() + (g.sqr().unwrap() * k.g2).unwrap()).unwrap();
+        let upd = (m2.clone() / ((&v2 * k.inv_bc2).unwrap().sqrt().unwrap() + eps).unwrap())
+            .unwrap()
+            * k.step;
+        let dec = ((&mask * k.decay).unwrap() + 1.0).unwrap();
+        let theta2 = ((&theta * dec).unwrap() - upd.unwrap()).unwrap();
+        let tol = if dt == DType::F64 { 1e-12 } else { 1e-6 };
+        for (j, want) in [theta2, m2, v2].iter().enumerate() {
+            let got = out.narrow(0, j * n, n).unwrap();
+            let e = rel_err(&got, want);
+            assert!(e < tol, "{device:?} {dt:?} n={n} part {j}: error {e}");
+        }
+        let want: f64 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        let got: f64 = fused::sum_squares(&on(&g))
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            (got - want).abs() <= 1e-12 * want,
+            "{device:?} {dt:?} n={n}: sum of squares {got} vs {want}"
+        );
+    }
+}
+
+/// Runs `op` on `inputs` (f64 values, rounded to `dt` and moved to `device`) and `reference`
+/// on the same values in f64 on the CPU; compares the outputs and the gradients of
+/// `sum(out * r)` for a random `r` with respect to every input in `grads`.
+fn check_op(
+    device: &Device,
+    dt: DType,
+    what: &str,
+    inputs: &[Tensor],
+    grads: &[usize],
+    op: impl Fn(&[Tensor]) -> Tensor,
+    reference: impl Fn(&[Tensor]) -> Tensor,
+) {
+    let inputs: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap())
+        .collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dt).unwrap().to_device(device).unwrap()).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = op(&ts);
+    assert_eq!(y.dtype(), dt, "{what}");
+    let acc = if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let r64 = Tensor::randn(0f64, 1.0, y.dims(), &Device::Cpu).unwrap();
+    let r = r64.to_dtype(acc).unwrap().to_device(device).unwrap();
+    let g = (y.to_dtype(acc).unwrap() * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let rvars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let rts: Vec<Tensor> = rvars.iter().map(|v| v.as_tensor().clone()).collect();
+    let want = reference(&rts);
+    let rg = (&want * &r64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let e = rel_err(&y, &want);
+    assert!(
+        e < tolerance(dt),
+        "{what} {device:?} {dt:?}: forward error {e}"
+    );
+    for &i in grads {
+        let got = g.get(vars[i].as_tensor()).unwrap();
+        let want = rg.get(rvars[i].as_tensor()).unwrap();
+        let e = rel_err(got, want);
+        assert!(
+            e < 2.0 * tolerance(dt),
+            "{what} {device:?} {dt:?}: gradient {i} error {e}"
+        );
+    }
+}
+
+/// RMSNorm, RoPE and SwiGLU's gate against their plain formulations.
+fn check_row_ops(device: &Device, dt: DType) {
+    let randn = |dims: &[usize], std: f64| Tensor::randn(0f64, std, dims, &Device::Cpu).unwrap();
+    for dims in [
+        &[1usize, 5][..],
+        &[3, 5],
+        &[2, 7, 33],
+        &[4, 384],
+        &[70, 130],
+    ] {
+        let d = dims[dims.len() - 1];
+        let x = randn(dims, 1.5);
+        let w = (randn(&[d], 0.3) + 1.0).unwrap();
+        check_op(
+            device,
+            dt,
+            &format!("rms-norm {dims:?}"),
+            &[x, w],
+            &[0, 1],
+            |t| fused::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            |t| fused::rms_norm_reference(&t[0], &t[1], 1e-5).unwrap(),
+        );
+        let (g, u) = (randn(dims, 2.0), randn(dims, 1.0));
+        check_op(
+            device,
+            dt,
+            &format!("swiglu {dims:?}"),
+            &[g, u],
+            &[0, 1],
+            |t| fused::swiglu_gate(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
+    }
+    for dims in [
+        [1usize, 1, 1, 2],
+        [2, 3, 5, 8],
+        [2, 2, 33, 64],
+        [1, 3, 70, 6],
+    ] {
+        let (t, half) = (dims[2], dims[3] / 2);
+        let angle = |f: fn(f64) -> f64| {
+            let v: Vec<f64> = (0..t * half)
+                .map(|k| f((k / half) as f64 * 0.37 / (1.0 + (k % half) as f64)))
+                .collect();
+            Tensor::from_vec(v, (t, half), &Device::Cpu).unwrap()
+        };
+        let (cos, sin) = (angle(f64::cos), angle(f64::sin));
+        let on = |c: &Tensor| c.to_dtype(dt).unwrap().to_device(device).unwrap();
+        let (cd, sd) = (on(&cos), on(&sin));
+        let (cr, sr) = (
+            cos.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap(),
+            sin.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap(),
+        );
+        check_op(
+            device,
+            dt,
+            &format!("rope {dims:?}"),
+            &[randn(&dims, 1.0)],
+            &[0],
+            |x| fused::rope(&x[0], &cd, &sd).unwrap(),
+            |x| fused::rope_reference(&x[0], &cr, &sr).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn fused_row_ops_match_the_plain_ops_on_the_cpu() {
+    for dt in [DType::F32, DType::F64, DType::BF16] {
+        check_row_ops(&Device::Cpu, dt);
+    }
+}
+
+#[test]
+fn fused_softmax_matches_the_plain_ops_on_the_cpu() {
+    for dt in [DType::F32, DType::F64, DType::BF16] {
+        check_softmax(&Device::Cpu, dt);
+    }
+}
+
+#[test]
+fn fused_optimizer_matches_the_plain_ops_on_the_cpu() {
+    for dt in [DType::F32, DType::F64] {
+        check_optimizer(&Device::Cpu, dt);
+    }
+}
+
+/// The CUDA kernels against the same f64 CPU reference.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_fused_kernels_match_the_plain_ops() {
+    let device = Device::new_cuda(0).unwrap();
+    for dt in [DType::F32, DType::BF16] {
+        check_softmax(&device, dt);
+        check_row_ops(&device, dt);
+    }
+    for dt in [DType::F32, DType::F64] {
+        check_optimizer(&device, dt);
+    }
+    eprintln!("fused kernels match on {device:?}");
+}
