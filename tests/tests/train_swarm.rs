@@ -456,6 +456,16 @@ async fn a_reducer_killed_after_its_contributions_arrived_is_replaced_within_the
     victim
         .train()
         .crash_at(Some(CrashPoint::ReducerBeforeSending(2)));
+    // The run is coordinated before anyone joins, so that both join in time for round 2.
+    let coordinating = nodes[0].train();
+    let run_task = tokio::spawn(async move { coordinating.coordinate(run, None).await });
+    // Its own replica has been welcomed once the status names the run.
+    for _ in 0..600 {
+        if !nodes[0].train().status().run_id.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let survivor = tokio::spawn(join_retrying(nodes[1].train(), coordinator, run_id));
     let victim_task = tokio::spawn(join_retrying(victim.train(), coordinator, run_id));
     let watcher = tokio::spawn(async move {
@@ -471,8 +481,6 @@ async fn a_reducer_killed_after_its_contributions_arrived_is_replaced_within_the
         }
         commits
     });
-    let coordinating = nodes[0].train();
-    let run_task = tokio::spawn(async move { coordinating.coordinate(run, None).await });
     let died = tokio::time::timeout(Duration::from_secs(300), victim_task)
         .await
         .expect("the victim reached its crash point")
