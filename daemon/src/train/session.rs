@@ -2098,28 +2098,9 @@ impl TrainService {
             let spent = now.saturating_duration_since(started);
             deadline.saturating_sub(spent.min(deadline))
         };
-        let members: Vec<PeerId> = open
-            .members
-            .iter()
-            .filter_map(|b| PeerId::from_bytes(b).ok())
-            .collect();
-        let Some(me) = members.iter().position(|p| *p == self.inner.local) else {
+        let Some((members, me, shard)) = self.place_in_round(open, "training") else {
             return Ok(None);
         };
-        // Shards are the coordinator's decision (its placement planner); a round that names
-        // none for us is malformed, and we sit it out.
-        let Some(&shard) = open.shards.get(me) else {
-            tracing::warn!(
-                round = open.round,
-                "round names no data shard for this replica"
-            );
-            return Ok(None);
-        };
-        self.set_status(|s| {
-            s.round = open.round;
-            s.state = format!("training on shard {shard}");
-            s.peers = members.iter().map(|p| p.to_string()).collect();
-        });
         let theta_start = rep
             .as_ref()
             .ok_or_else(|| TrainError::Other("replica missing".into()))?
@@ -2315,6 +2296,36 @@ impl TrainService {
         };
         self.set_status(|s| s.state = "waiting for the commit".into());
         Ok(Some((report, snap)))
+    }
+
+    /// This replica's place in a round: the members, its index among them and its data
+    /// shard, with the status updated to say what it does there; `None` when the round does
+    /// not include it or names no shard for it (malformed: shards are the coordinator's
+    /// decision, and we sit the round out).
+    pub(super) fn place_in_round(
+        &self,
+        open: &RoundOpen,
+        doing: &str,
+    ) -> Option<(Vec<PeerId>, usize, u64)> {
+        let members: Vec<PeerId> = open
+            .members
+            .iter()
+            .filter_map(|b| PeerId::from_bytes(b).ok())
+            .collect();
+        let me = members.iter().position(|p| *p == self.inner.local)?;
+        let Some(&shard) = open.shards.get(me) else {
+            tracing::warn!(
+                round = open.round,
+                "round names no data shard for this replica"
+            );
+            return None;
+        };
+        self.set_status(|s| {
+            s.round = open.round;
+            s.state = format!("{doing} on shard {shard}");
+            s.peers = members.iter().map(|p| p.to_string()).collect();
+        });
+        Some((members, me, shard))
     }
 
     /// One sharded exchange among `plan.members`: sends this replica's slices (or, with no
@@ -2576,15 +2587,8 @@ impl TrainService {
         to: PeerId,
     ) {
         let header = FrameHeader {
-            run_id: plan.run_id.to_vec(),
-            round: plan.round,
-            part: plan.part,
-            kind: FrameKind::Contribution as i32,
-            slice: slice as u32,
-            offset: plan.ranges[slice].start as u64,
-            len: plan.ranges[slice].len() as u64,
             tokens: c.map_or(0, |c| c.tokens),
-            ..Default::default()
+            ..slice_header(plan, slice, FrameKind::Contribution)
         };
         let svc = self.clone();
         let bytes: Arc<[u8]> = match c {
@@ -2614,7 +2618,7 @@ impl TrainService {
         let header = FrameHeader {
             tokens: got.values().map(|c| c.0).sum(),
             contributors: contributors.iter().map(|p| p.to_bytes()).collect(),
-            ..reduced_header(plan, slice)
+            ..slice_header(plan, slice, FrameKind::Reduced)
         };
         self.send_reduced_frame(plan, header, bytes, only);
     }
@@ -2627,7 +2631,12 @@ impl TrainService {
         bytes: Arc<[u8]>,
         only: Option<PeerId>,
     ) {
-        self.send_reduced_frame(plan, reduced_header(plan, slice), bytes, only);
+        self.send_reduced_frame(
+            plan,
+            slice_header(plan, slice, FrameKind::Reduced),
+            bytes,
+            only,
+        );
     }
 
     /// Sends a reduced slice to every member (or to `only`), in the background.
@@ -2728,13 +2737,14 @@ struct Exchanged {
     rejected: Vec<String>,
 }
 
-/// The header of a reduced slice, without the contributors.
-fn reduced_header(plan: &ExchangePlan<'_>, slice: usize) -> FrameHeader {
+/// The header of a frame of `kind` for one slice of an exchange, without tokens or
+/// contributors.
+fn slice_header(plan: &ExchangePlan<'_>, slice: usize, kind: FrameKind) -> FrameHeader {
     FrameHeader {
         run_id: plan.run_id.to_vec(),
         round: plan.round,
         part: plan.part,
-        kind: FrameKind::Reduced as i32,
+        kind: kind as i32,
         slice: slice as u32,
         offset: plan.ranges[slice].start as u64,
         len: plan.ranges[slice].len() as u64,

@@ -78,26 +78,9 @@ impl TrainService {
         );
         let left = left.saturating_sub(opened_at.elapsed().min(left));
         let exchanges_end = Instant::now() + left.mul_f64(0.85);
-        let members: Vec<libp2p::PeerId> = open
-            .members
-            .iter()
-            .filter_map(|b| libp2p::PeerId::from_bytes(b).ok())
-            .collect();
-        let Some(me) = members.iter().position(|p| *p == self.inner.local) else {
+        let Some((members, me, shard)) = self.place_in_round(open, "data parallel") else {
             return Ok(None);
         };
-        let Some(&shard) = open.shards.get(me) else {
-            tracing::warn!(
-                round = open.round,
-                "round names no data shard for this replica"
-            );
-            return Ok(None);
-        };
-        self.set_status(|s| {
-            s.round = open.round;
-            s.state = format!("data parallel on shard {shard}");
-            s.peers = members.iter().map(|p| p.to_string()).collect();
-        });
         let steps = run.inner_steps;
         // Every replica's schedule follows the round, whenever it joined.
         let first_step = checkpoint::swarm_step(run, open.round.saturating_sub(1));
