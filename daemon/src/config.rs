@@ -54,6 +54,9 @@ pub struct Config {
     pub max_connections_per_peer: u32,
     /// Peers the daemon dials on its own when it learns of them (beyond those Kademlia finds).
     pub target_peers: u32,
+    /// Committed checkpoints of a run kept on disk, the newest first; the last commit's is
+    /// never pruned.
+    pub keep_checkpoints: usize,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             max_connections: 512,
             max_connections_per_peer: 4,
             target_peers: 16,
+            keep_checkpoints: 3,
         }
     }
 }
@@ -151,6 +155,7 @@ pub const KEYS: &[&str] = &[
     "max_connections",
     "max_connections_per_peer",
     "target_peers",
+    "keep_checkpoints",
 ];
 
 /// The TOML file is small by nature; refuse anything absurd before reading it.
@@ -228,6 +233,9 @@ impl Config {
                 self.max_connections_per_peer = as_int(&value, 1, 64).map_err(bad)? as u32
             }
             "target_peers" => self.target_peers = as_int(&value, 0, 10_000).map_err(bad)? as u32,
+            "keep_checkpoints" => {
+                self.keep_checkpoints = as_int(&value, 1, 1_000_000).map_err(bad)? as usize
+            }
             _ => {
                 return Err(ConfigError::Unknown {
                     key: key.to_string(),
@@ -418,6 +426,17 @@ mod tests {
                 .to_string()
                 .contains("max_connections")
         );
+        // The last commit's checkpoint is never pruned: 0 is refused.
+        std::fs::write(&file, "keep_checkpoints = 0\n").unwrap();
+        assert!(
+            c.apply_file(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("keep_checkpoints")
+        );
+        std::fs::write(&file, "keep_checkpoints = 1\n").unwrap();
+        c.apply_file(&file).unwrap();
+        assert_eq!(c.keep_checkpoints, 1);
         std::fs::write(&file, "no_such_key = 1\n").unwrap();
         assert!(
             c.apply_file(&file)

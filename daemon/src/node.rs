@@ -78,9 +78,15 @@ impl Node {
             Some(addr) => Some((addr, control::load_or_create_token(&dir)?)),
             None => None,
         };
+        let keep_checkpoints = config.keep_checkpoints;
         let (client, event_loop) = net::build(config, key.clone())?;
-        let train =
-            TrainService::start(key, client.stream_control(), DeviceSpec::Cpu, dir.clone())?;
+        let train = TrainService::start(
+            key,
+            client.stream_control(),
+            DeviceSpec::Cpu,
+            dir.clone(),
+            keep_checkpoints,
+        )?;
         let runs = dir.join(crate::train::checkpoint::RUNS_DIR);
         crate::ckpt_transfer::serve_checkpoints(client.stream_control(), runs, Default::default())?;
         // Measure the reference training step off the runtime; the figure joins the

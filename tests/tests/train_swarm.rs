@@ -606,6 +606,18 @@ async fn joins_at_round_3(overlap: bool) {
         held.iter().any(|r| *r < first_trained),
         "checkpoints held {held:?}, first round trained {first_trained}"
     );
+    // It copied the ledger it joined too late to see begin (so it could take the run over):
+    // one verified chain from the genesis to the final commit, as the coordinator's.
+    let copy = potluck_coordinator::store::Ledger::read_entries(
+        &potluck_daemon::train::checkpoint::ledger_dir(&late_dir),
+    )
+    .unwrap();
+    let own = verified_ledger(&dir.path().join("p0"), &run_id);
+    assert_eq!(
+        copy.iter().map(|m| m.encode()).collect::<Vec<_>>(),
+        own.iter().map(|m| m.encode()).collect::<Vec<_>>(),
+        "the late peer's ledger copy is the coordinator's ledger"
+    );
     let early = early.await.unwrap().expect("the early peer finished");
     assert_eq!(early.root, summary.root);
     for n in nodes.iter().chain([&late_node]) {
@@ -774,6 +786,23 @@ async fn coordinator_dies_and_comes_back(point: Option<CrashPoint>) {
         }
     };
     assert!(res.is_err(), "the first life was cut short at {point:?}");
+    if point.is_some() {
+        // Whatever its ledger names, the dead coordinator kept on disk, verified: even the
+        // commit that no replica was told of before it died.
+        let head = verified_ledger(&dir.path().join("p0"), &run_id)
+            .pop()
+            .unwrap();
+        let kept = potluck_daemon::train::checkpoint::checkpoint_dir(
+            &potluck_daemon::train::checkpoint::run_dir(&dir.path().join("p0"), &run_id),
+            head.body().round,
+        );
+        let verified = potluck_coordinator::verify::verify_checkpoint_dir(
+            &kept,
+            &potluck_coordinator::verify::VerifyOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{point:?}: round {}: {e}", head.body().round));
+        assert_eq!(verified.root, head.body().root, "{point:?}");
+    }
     let mut announced = Vec::new();
     while let Ok(ev) = events.try_recv() {
         if let RunEvent::Committed { round, .. } = ev {
@@ -788,6 +817,8 @@ async fn coordinator_dies_and_comes_back(point: Option<CrashPoint>) {
         listen: vec![first_addr],
         mdns: false,
         bootstrap: vec![listen_addr(&nodes[0]).await],
+        // Its second life keeps only the last commit's checkpoint.
+        keep_checkpoints: 1,
         ..Config::default()
     };
     let mut again = None;
@@ -818,6 +849,18 @@ async fn coordinator_dies_and_comes_back(point: Option<CrashPoint>) {
     // was announced before the crash.
     let ledger = verified_ledger(&dir.path().join("p0"), &run_id);
     assert_eq!(ledger.last().unwrap().body().root.0, summary.root);
+    let checkpoints = potluck_daemon::train::checkpoint::run_dir(&dir.path().join("p0"), &run_id)
+        .join(potluck_coordinator::store::CHECKPOINTS_DIR);
+    let kept: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(
+        kept,
+        [format!("{:020}", 5)],
+        "{point:?}: keep_checkpoints = 1 keeps the last commit's only"
+    );
     for r in &announced {
         assert!(
             ledger.iter().any(|m| m.body().round == *r),

@@ -28,10 +28,6 @@ use super::session::TrainError;
 pub const OUTER_FILE: &str = "outer.bin";
 /// Where a daemon keeps what it holds of runs, under its data directory.
 pub const RUNS_DIR: &str = "runs";
-/// Committed checkpoints a replica keeps on disk (older ones are pruned; the ledger keeps
-/// every round's manifest).
-pub const KEEP_CHECKPOINTS: usize = 3;
-
 /// The raw ed25519 secret key of a libp2p identity, for the coordinator crate's signatures.
 pub fn secret_key(keypair: &Keypair) -> Result<[u8; 32], TrainError> {
     let ed = keypair

@@ -95,6 +95,11 @@ const ENDED_FILE: &str = "ended";
 /// How long a coordinator waits for its own replica's state of a committed round before it
 /// fetches that state from an agreeing peer.
 const OWN_STATE_WAIT: Duration = Duration::from_secs(3);
+/// The most ledger bytes one answer carries (about 500 rounds of a manifest of 128 KiB,
+/// that is of a checkpoint of 4 GB at 1 MiB chunks); a longer ledger is not copied.
+const MAX_LEDGER_BYTES: usize = 64 << 20;
+/// How long a replica waits for the ledger entries it asked for.
+const LEDGER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Held-out batches evaluated after each round.
 const EVAL_BATCHES: usize = 4;
 
@@ -382,6 +387,8 @@ struct Inner {
     crash_at: Mutex<Option<CrashPoint>>,
     /// Where a fault test makes the whole process abort (`POTLUCK_CRASH_AT`).
     abort_at: Option<CrashPoint>,
+    /// Committed checkpoints of a run kept on disk (the daemon's `keep_checkpoints`).
+    keep_checkpoints: usize,
 }
 
 /// A persistence point of the coordinator where a test can make the daemon's training stop
@@ -465,6 +472,7 @@ impl TrainService {
         mut control: libp2p_stream::Control,
         device: DeviceSpec,
         data_dir: PathBuf,
+        keep_checkpoints: usize,
     ) -> Result<Self, TrainError> {
         let mut tensors = control
             .accept(TENSOR_PROTOCOL)
@@ -496,6 +504,7 @@ impl TrainService {
                 context: Mutex::new(None),
                 crash_at: Mutex::new(None),
                 abort_at: CrashPoint::from_env(),
+                keep_checkpoints: keep_checkpoints.max(1),
             }),
         };
         let s = svc.clone();
@@ -721,6 +730,10 @@ impl TrainService {
             self.answer_state_request(peer, &req, &mut stream).await;
             return;
         }
+        if frame.kind() == FrameKind::LedgerRequest {
+            self.answer_ledger_request(peer, &frame, &mut stream).await;
+            return;
+        }
         // A full inbox makes this await, which stops reading the stream: backpressure.
         if self
             .inner
@@ -785,6 +798,97 @@ impl TrainService {
             }
             _ => tracing::warn!(%peer, "could not send state"),
         }
+    }
+
+    /// Sends the ledger entries of the run named in `req` from the round it asks for: the
+    /// coordinator's ledger, or this replica's copy of it. Closes the stream without an
+    /// answer when this daemon holds none.
+    async fn answer_ledger_request(&self, peer: PeerId, req: &Frame, stream: &mut libp2p::Stream) {
+        let (Ok(run_id), Ok(from)) = (
+            <[u8; 32]>::try_from(req.header.run_id.as_slice()),
+            <[u8; 8]>::try_from(req.payload.as_slice()).map(u64::from_le_bytes),
+        ) else {
+            tracing::warn!(%peer, "malformed ledger request");
+            let _ = stream.close().await;
+            return;
+        };
+        let dir = checkpoint::ledger_dir(&checkpoint::run_dir(&self.inner.data_dir, &run_id));
+        let entries = match Ledger::read_entries(&dir) {
+            Ok(e) if !e.is_empty() => e,
+            _ => {
+                tracing::info!(%peer, "ledger requested of a run this daemon keeps none of");
+                let _ = stream.close().await;
+                return;
+            }
+        };
+        let mut payload = Vec::new();
+        let mut head = 0;
+        for m in entries.iter().filter(|m| m.body().round >= from) {
+            let bytes = m.encode();
+            if payload.len() + 4 + bytes.len() > MAX_LEDGER_BYTES {
+                tracing::warn!(%peer, "the ledger is too long to send; its copy stops short");
+                break;
+            }
+            payload.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&bytes);
+            head = m.body().round;
+        }
+        let mut header = FrameHeader {
+            run_id: run_id.to_vec(),
+            round: head,
+            kind: FrameKind::Ledger as i32,
+            ..Default::default()
+        };
+        let wire = seal_payload(&mut header, &payload, Some(1));
+        if let Err(e) = self.sign(&mut header) {
+            tracing::warn!(error = %e, "could not sign a ledger frame");
+            return;
+        }
+        match tokio::time::timeout(FRAME_TIMEOUT, write_frame(stream, &header, &wire)).await {
+            Ok(Ok(n)) => {
+                self.inner.traffic.add(peer, n, 0);
+                let _ = stream.close().await;
+            }
+            _ => tracing::warn!(%peer, "could not send the ledger"),
+        }
+    }
+
+    /// Asks `peer` for the ledger entries of `run_id` from round `from` on, in round order
+    /// (unverified: the caller appends them to its ledger, which checks every link).
+    async fn fetch_ledger(
+        &self,
+        peer: PeerId,
+        run_id: &[u8; 32],
+        from: u64,
+    ) -> Result<Vec<SignedManifest>, TrainError> {
+        let fail = |what: String| TrainError::Other(format!("ledger from {peer}: {what}"));
+        let mut header = FrameHeader {
+            run_id: run_id.to_vec(),
+            kind: FrameKind::LedgerRequest as i32,
+            ..Default::default()
+        };
+        let wire = seal_payload(&mut header, &from.to_le_bytes(), None);
+        self.sign(&mut header)?;
+        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
+        let n = write_frame(&mut stream, &header, &wire)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        self.inner.traffic.add(peer, n, 0);
+        let limits = Limits {
+            max_header: self.inner.limits.max_header,
+            max_payload: MAX_LEDGER_BYTES,
+        };
+        let frame = tokio::time::timeout(LEDGER_TIMEOUT, read_frame(&mut stream, &limits))
+            .await
+            .map_err(|_| fail("timed out".into()))?
+            .map_err(|e| fail(e.to_string()))?
+            .ok_or_else(|| fail("it keeps no ledger of this run".into()))?;
+        self.inner.traffic.add(peer, 0, frame.wire_bytes);
+        verify_sender(&frame.header, peer).map_err(|e| fail(e.into()))?;
+        if frame.kind() != FrameKind::Ledger || frame.header.run_id.as_slice() != run_id {
+            return Err(fail("an answer of another kind or run".into()));
+        }
+        ledger_entries(&frame.payload).map_err(fail)
     }
 
     fn sign(&self, header: &mut FrameHeader) -> Result<(), TrainError> {
@@ -1516,7 +1620,12 @@ impl TrainService {
         let mut ledger = if coordinating {
             None
         } else {
-            self.replica_ledger(&run_dir, &signed_run, &welcome.head_manifest)
+            self.replica_ledger(
+                &run_dir,
+                &signed_run,
+                (&run_id, &welcome.head_manifest, coordinator),
+            )
+            .await
         };
         // A restarted replica resumes with its own inner optimizer and error feedback.
         let local_dir = run_dir.join(LOCAL_DIR);
@@ -1586,13 +1695,24 @@ impl TrainService {
                     if let Some(p) = pending.take()
                         && p.root.as_slice() == open.base_root.as_slice()
                     {
+                        // Committed, though its commit never reached us (the coordinator
+                        // restarted in between): saved for a restart as a commit would be.
                         committed = p;
                         self.publish(&committed);
+                        if let Err(e) = save_local(&local_dir, &rep, &committed, &ef, &run) {
+                            tracing::warn!(error = %e, "could not save this replica's state for a restart");
+                        }
                     }
                     if committed.root.as_slice() != open.base_root.as_slice()
                         && let Some(held) = self.held_state(&open.base_root)
                     {
                         committed = held;
+                    }
+                    if committed.root.as_slice() != open.base_root.as_slice()
+                        && let Some(kept) = kept_state(&run_dir, &open.base_root, &rep, &run)
+                    {
+                        committed = Arc::new(kept);
+                        self.publish(&committed);
                     }
                     if committed.root.as_slice() != open.base_root.as_slice() {
                         let fetching = Instant::now();
@@ -1695,7 +1815,7 @@ impl TrainService {
                                     &committed,
                                     &m,
                                     &signed_run,
-                                    &run_dir,
+                                    (&run_dir, self.inner.keep_checkpoints),
                                 ) {
                                     tracing::warn!(
                                         round = c.round,
@@ -1739,14 +1859,33 @@ impl TrainService {
                     {
                         committed = p;
                     }
+                    if committed.root.as_slice() != f.root.as_slice()
+                        && let Some(held) = self.held_state(&f.root)
+                    {
+                        committed = held;
+                    }
+                    if committed.root.as_slice() != f.root.as_slice()
+                        && let Some(kept) = kept_state(&run_dir, &f.root, &rep, &run)
+                    {
+                        committed = Arc::new(kept);
+                    }
                     if committed.root.as_slice() != f.root.as_slice() {
-                        // It joined or disagreed last: fetch the final state like a resync.
-                        // The coordinator kept the final checkpoint; the last round's
-                        // members hold it too.
+                        // It joined or disagreed last, or came back after the last commit:
+                        // fetch the final state like a resync. The coordinator kept the
+                        // final checkpoint; the last round's members and the replicas that
+                        // agreed on it hold it too.
+                        let mut members = last_members.clone();
+                        if let Ok(m) = SignedManifest::decode(&f.manifest) {
+                            for c in &m.body().contributors {
+                                if !members.contains(&c.peer.0) {
+                                    members.push(c.peer.0.clone());
+                                }
+                            }
+                        }
                         let last = RoundOpen {
                             run_id: run_id.to_vec(),
                             round: f.rounds,
-                            members: last_members.clone(),
+                            members,
                             base_root: f.root.clone(),
                             state_source: coordinator.to_bytes(),
                             ..Default::default()
@@ -1808,9 +1947,10 @@ impl TrainService {
         }
     }
 
-    /// Signs the manifest of a committed round and appends it to the coordinator's ledger.
-    /// The checkpoint's content comes from this daemon's own replica when it holds the
-    /// committed state, else from an agreeing peer (fetched and hashed here).
+    /// Signs the manifest of a committed round, keeps its checkpoint in the run directory,
+    /// and only then appends it to the coordinator's ledger. The state comes from this
+    /// daemon's own replica when it holds it, else from an agreeing peer (fetched and
+    /// hashed here).
     async fn commit_manifest(
         &self,
         run: &ResolvedRun,
@@ -1819,13 +1959,6 @@ impl TrainService {
         ledger: &mut Ledger,
         hasher: &mut Option<Replica>,
     ) -> Result<SignedManifest, TrainError> {
-        let held = || {
-            self.inner.served.lock().ok().and_then(|g| {
-                g.iter()
-                    .find(|s| s.root == record.root.0)
-                    .map(|s| s.content.clone())
-            })
-        };
         // A quorum of the other replicas can agree a moment before this daemon's own
         // replica finishes the round: wait briefly for it rather than fetch the whole state
         // from a peer (a full f32 copy of the weights and momentum on the wire).
@@ -1835,59 +1968,77 @@ impl TrainService {
             .lock()
             .ok()
             .is_some_and(|c| c.as_ref().is_some_and(|c| c.run.id() == run.id()));
-        let mut held_now = held();
+        let mut held_now = self.held_state(&record.root.0);
         let give_up = Instant::now() + OWN_STATE_WAIT;
         while own_replica && held_now.is_none() && Instant::now() < give_up {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            held_now = held();
+            held_now = self.held_state(&record.root.0);
         }
-        let content = match held_now {
-            Some(c) => c,
+        if hasher.is_none() {
+            *hasher = Some(Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?);
+        }
+        let rep = hasher
+            .as_ref()
+            .ok_or_else(|| TrainError::Other("no replica to hash with".into()))?;
+        let snap = match held_now {
+            Some(s) => s,
             None => {
-                if hasher.is_none() {
-                    *hasher = Some(Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?);
-                }
-                let rep = hasher
-                    .as_ref()
-                    .ok_or_else(|| TrainError::Other("no replica to hash with".into()))?;
                 // The root covers the round too (the step and file names in the files).
                 let others: Vec<PeerId> = agreeing
                     .iter()
                     .copied()
                     .filter(|p| *p != self.inner.local)
                     .collect();
-                self.state_from_any(&others, &run.id(), &record.root.0, rep, run)
+                let fetched = self
+                    .state_from_any(&others, &run.id(), &record.root.0, rep, run)
                     .await
                     .map_err(|e| {
                         TrainError::Other(format!(
                             "no agreeing peer served the committed state: {e}"
                         ))
-                    })?
-                    .content
+                    })?;
+                Arc::new(fetched)
             }
         };
         let m = checkpoint::sign_round(
             ledger.run(),
             record.round,
             record.parent,
-            content,
+            snap.content.clone(),
             record.agreeing.clone(),
             &self.inner.keypair,
         )?;
-        ledger
-            .append(m.clone())
-            .map_err(|e| TrainError::Other(format!("appending to the ledger: {e}")))?;
+        // The coordinator keeps every state its ledger names before the ledger names it:
+        // a coordinator that dies right after this commit, before any replica heard of it,
+        // still serves the state its restarted self (or a replica) continues from.
+        let run_dir = checkpoint::run_dir(&self.inner.data_dir, &run.id());
+        keep_checkpoint(
+            run,
+            rep,
+            &snap,
+            &m,
+            ledger.run(),
+            (&run_dir, self.inner.keep_checkpoints),
+        )
+        .map_err(|e| TrainError::Other(format!("keeping the committed checkpoint: {e}")))?;
+        if let Err(e) = ledger.append(m.clone()) {
+            // A checkpoint the ledger does not name is no commit: do not leave it behind.
+            let _ = std::fs::remove_dir_all(checkpoint::checkpoint_dir(&run_dir, record.round));
+            return Err(TrainError::Other(format!("appending to the ledger: {e}")));
+        }
         Ok(m)
     }
 
-    /// This replica's copy of the run's ledger. It starts from the run's genesis, so a
-    /// replica that joins after round 0 keeps the committed checkpoints (each with its
-    /// signed manifest) but no ledger copy.
-    fn replica_ledger(
+    /// This replica's copy of the run's ledger, from the run's genesis to the coordinator's
+    /// `head`. A replica that joins after round 0, or comes back after missing commits,
+    /// fetches the entries it lacks from the coordinator (each link checked as it is
+    /// appended); without them it keeps the committed checkpoints but no ledger copy, and
+    /// cannot take the run over.
+    async fn replica_ledger(
         &self,
         run_dir: &std::path::Path,
         signed_run: &SignedRunManifest,
-        head: &[u8],
+        (run_id, head, coordinator): (&[u8; 32], &[u8], PeerId),
     ) -> Option<Ledger> {
         let dir = checkpoint::ledger_dir(run_dir);
         let mut ledger = match Ledger::open(&dir, signed_run.clone()) {
@@ -1897,19 +2048,41 @@ impl TrainService {
                 return None;
             }
         };
-        if ledger.head().is_none() {
-            match SignedManifest::decode(head) {
-                Ok(m) if m.body().round == 0 => {
-                    if let Err(e) = ledger.append(m) {
-                        tracing::warn!(error = %e, "the run's genesis manifest was refused");
-                        return None;
-                    }
-                }
-                _ => {
-                    tracing::info!("joined after round 0: keeping checkpoints, not the ledger");
-                    return None;
-                }
+        let head = match SignedManifest::decode(head) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "the coordinator sent no usable ledger head");
+                return None;
             }
+        };
+        let have = ledger.head().map(|m| m.body().round);
+        if have.is_none_or(|r| r < head.body().round) {
+            let from = have.map_or(0, |r| r + 1);
+            let entries = if head.body().round == 0 {
+                Ok(vec![head.clone()])
+            } else {
+                self.fetch_ledger(coordinator, run_id, from).await
+            };
+            let copied = entries.and_then(|entries| {
+                for m in entries {
+                    ledger
+                        .append(m)
+                        .map_err(|e| TrainError::Other(format!("an entry was refused: {e}")))?;
+                }
+                Ok(())
+            });
+            if let Err(e) = copied {
+                tracing::warn!(
+                    error = %e,
+                    "no copy of the run's ledger: keeping checkpoints, not the ledger"
+                );
+                return None;
+            }
+        }
+        // The copy must hold the head the coordinator welcomed us with.
+        if !ledger.entries().iter().any(|m| m.encode() == head.encode()) {
+            tracing::warn!("the ledger copy does not hold the coordinator's head; not kept");
+            return None;
         }
         Some(ledger)
     }
@@ -2772,6 +2945,13 @@ fn commit_manifest_of(c: &RoundCommit) -> Result<SignedManifest, TrainError> {
 /// Appends a commit's manifest to this replica's ledger copy; a copy that cannot take it
 /// (it missed a link) stops there.
 fn append_ledger(ledger: &mut Option<Ledger>, m: &SignedManifest) {
+    // A commit the copy already holds (fetched with the ledger when this replica joined).
+    if ledger
+        .as_ref()
+        .is_some_and(|l| l.entries().iter().any(|e| e.encode() == m.encode()))
+    {
+        return;
+    }
     if let Some(l) = ledger
         && let Err(e) = l.append(m.clone())
     {
@@ -2780,31 +2960,98 @@ fn append_ledger(ledger: &mut Option<Ledger>, m: &SignedManifest) {
     }
 }
 
+/// Parses a ledger answer: entries of a 4-byte little-endian length and a signed
+/// manifest's bytes, each length checked against what is left before anything is kept.
+fn ledger_entries(payload: &[u8]) -> Result<Vec<SignedManifest>, String> {
+    let mut out = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or("an entry's length is cut short")?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > potluck_coordinator::manifest::MAX_MANIFEST_BYTES || len > tail.len() {
+            return Err(format!("an entry of {len} bytes does not fit"));
+        }
+        let (bytes, tail) = tail.split_at(len);
+        out.push(SignedManifest::decode(bytes).map_err(|e| format!("an entry: {e}"))?);
+        rest = tail;
+    }
+    Ok(out)
+}
+
 /// Writes the committed checkpoint this replica holds, with the coordinator's signed
-/// manifest, under the run directory, and prunes old checkpoints.
+/// manifest, under the run directory, and prunes old checkpoints down to the newest `keep`
+/// (never this one).
 fn keep_checkpoint(
     run: &ResolvedRun,
     rep: &Replica,
     committed: &Snapshot,
     m: &SignedManifest,
     signed_run: &SignedRunManifest,
-    run_dir: &std::path::Path,
+    (run_dir, keep): (&std::path::Path, usize),
 ) -> Result<(), TrainError> {
+    let dir = checkpoint::checkpoint_dir(run_dir, committed.round);
+    // The coordinator of this daemon kept it already (the directory is replaced whole, so
+    // one with this manifest is complete).
+    let manifest = dir.join(potluck_coordinator::manifest::MANIFEST_FILE);
+    if std::fs::read(&manifest).is_ok_and(|b| b == m.encode()) {
+        return Ok(());
+    }
     let files = committed.files(rep, run)?;
     // write_checkpoint refuses a manifest the run's coordinator did not sign.
-    checkpoint::write_checkpoint(
-        &checkpoint::checkpoint_dir(run_dir, committed.round),
-        &files,
-        m,
-        signed_run,
-    )?;
+    checkpoint::write_checkpoint(&dir, &files, m, signed_run)?;
     potluck_coordinator::store::prune_checkpoints(
         &run_dir.join(potluck_coordinator::store::CHECKPOINTS_DIR),
-        checkpoint::KEEP_CHECKPOINTS,
+        keep,
         committed.round,
     )
     .map_err(|e| TrainError::Other(format!("pruning old checkpoints: {e}")))?;
     Ok(())
+}
+
+/// A committed state kept in this daemon's run directory, found by its root. The
+/// coordinator keeps each commit's checkpoint before its ledger names it, so a daemon that
+/// restarted finds there the state that no peer may hold any more.
+fn kept_state(
+    run_dir: &std::path::Path,
+    root: &[u8],
+    rep: &Replica,
+    run: &ResolvedRun,
+) -> Option<Snapshot> {
+    let dirs = std::fs::read_dir(run_dir.join(potluck_coordinator::store::CHECKPOINTS_DIR)).ok()?;
+    for dir in dirs.flatten().map(|e| e.path()) {
+        // Skip what a checkpoint being written leaves beside the others.
+        if dir
+            .file_name()
+            .is_none_or(|n| n.to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
+        let Ok(bytes) = read_bounded(
+            &dir.join(potluck_coordinator::manifest::MANIFEST_FILE),
+            potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
+        ) else {
+            continue;
+        };
+        if SignedManifest::decode(&bytes).map_or(true, |m| m.body().root.0.as_slice() != root) {
+            continue;
+        }
+        // The files are hashed again: a damaged checkpoint is no source.
+        match read_checkpoint_state(&dir, rep, run) {
+            Ok(snap) if snap.root.as_slice() == root => {
+                tracing::info!(round = snap.round, "took the state from a kept checkpoint");
+                return Some(snap);
+            }
+            Ok(_) => {
+                tracing::warn!(dir = %dir.display(), "a kept checkpoint does not hold the state its manifest names")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "a kept checkpoint is unreadable")
+            }
+        }
+    }
+    None
 }
 
 /// Reads the replica state out of a verified checkpoint directory: the weights from its
@@ -3010,7 +3257,8 @@ async fn run_coordinator(
     let run_id = run.id();
     let run_dir = checkpoint::run_dir(&svc.inner.data_dir, &run_id);
     let signed_run_bytes = ledger.run().encode();
-    // A CPU replica to hash a committed state fetched from a peer, made when first needed.
+    // A CPU replica that lays out the checkpoint files of each commit (and hashes a state
+    // fetched from a peer), made at the first commit.
     let mut hasher: Option<Replica> = None;
     let manifest = run.canonical_bytes();
     let mut links: BTreeMap<PeerId, mpsc::Sender<TrainControl>> = BTreeMap::new();
@@ -3611,6 +3859,54 @@ mod tests {
         // The root is the content root of the checkpoint files `potluck verify` checks.
         let files = a.files(&rep, &run).unwrap();
         assert_eq!(checkpoint::content_of(&files).unwrap().root().0, a.root);
+    }
+
+    #[test]
+    fn ledger_answers_parse_and_refuse_damage() {
+        use super::super::manifest::{DEMO_MANIFEST, RunManifest};
+        let run = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu).unwrap();
+        let p = rep.flat_params().unwrap();
+        let genesis = Snapshot::new(&rep, &run, 0, p.clone(), vec![0.0; p.len()]).unwrap();
+        let kp = Keypair::generate_ed25519();
+        let signed_run =
+            checkpoint::signed_run(&run, Hash32(genesis.root), &kp, Vec::new()).unwrap();
+        let m = checkpoint::sign_round(
+            &signed_run,
+            0,
+            None,
+            genesis.content.clone(),
+            Vec::new(),
+            &kp,
+        )
+        .unwrap();
+        let bytes = m.encode();
+        let mut answer = Vec::new();
+        for _ in 0..2 {
+            answer.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            answer.extend_from_slice(&bytes);
+        }
+        let parsed = ledger_entries(&answer).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert!(parsed.iter().all(|e| e.encode() == bytes));
+        assert!(ledger_entries(&[]).unwrap().is_empty());
+        // Cut anywhere inside an entry, or a length beyond what is left or allowed: refused.
+        for cut in [1, 3, 4, 10, answer.len() / 2 + 2, answer.len() - 1] {
+            assert!(ledger_entries(&answer[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut huge = answer.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(ledger_entries(&huge).is_err());
+        // A flipped byte inside an entry's manifest is refused when it is decoded.
+        let mut flipped = answer.clone();
+        flipped[4 + bytes.len() / 2] ^= 0x40;
+        let ok_or_changed = ledger_entries(&flipped)
+            .map(|v| v.iter().all(|e| e.encode() == bytes))
+            .unwrap_or(false);
+        assert!(!ok_or_changed, "a damaged entry passed as the original");
     }
 
     #[test]
