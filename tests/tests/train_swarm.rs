@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use libp2p::Multiaddr;
+use potluck_daemon::train::manifest::RunMode;
 use potluck_daemon::train::session::CrashPoint;
 use potluck_daemon::train::{RunEvent, RunManifest};
 use potluck_daemon::{Config, Node};
@@ -527,17 +528,24 @@ async fn a_reducer_killed_after_its_contributions_arrived_is_replaced_within_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_joins_at_round_3_ends_on_the_same_root() {
-    joins_at_round_3(false).await;
+    joins_at_round_3(false, RunMode::Diloco).await;
+}
+
+/// In a data-parallel run the inner AdamW moments are part of the shared state: the late
+/// peer takes them with the weights and agrees from its first round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_joins_a_data_parallel_run_at_round_3_agrees_from_its_first_round() {
+    joins_at_round_3(false, RunMode::DataParallel).await;
 }
 
 /// Overlapped, the late peer has no delta of its own in its first round: it abstains, and
 /// the others' reducers do not wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_joins_an_overlapped_run_at_round_3_ends_on_the_same_root() {
-    joins_at_round_3(true).await;
+    joins_at_round_3(true, RunMode::Diloco).await;
 }
 
-async fn joins_at_round_3(overlap: bool) {
+async fn joins_at_round_3(overlap: bool, mode: RunMode) {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path()).await;
     let run = run_with(|m| {
@@ -545,6 +553,10 @@ async fn joins_at_round_3(overlap: bool) {
         m.min_peers = Some(2);
         m.round_deadline_secs = Some(30);
         m.overlap = Some(overlap);
+        m.mode = Some(mode);
+        if mode == RunMode::DataParallel {
+            m.compression = None;
+        }
     });
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
@@ -627,6 +639,9 @@ async fn joins_at_round_3(overlap: bool) {
             (0, 0),
             "an abstention is neither a missing slice nor a rejected update"
         );
+        // Every replica, the late one included, ended every round it trained in on the
+        // committed root (one that computed another root would resync each round).
+        assert_eq!(st.disagreed_rounds, 0);
     }
     late_node.shutdown().await;
     for n in nodes {
@@ -1022,7 +1037,6 @@ async fn a_ledger_that_cannot_be_written_ends_the_run_on_its_last_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_data_parallel_run_ends_every_round_on_the_same_root_on_every_peer() {
     use potluck_daemon::train::checkpoint::{checkpoint_dir, run_dir};
-    use potluck_daemon::train::manifest::RunMode;
     let dir = tempfile::tempdir().unwrap();
     let nodes = start(3, dir.path()).await;
     let run = run_with(|m| {

@@ -457,6 +457,55 @@ impl Replica {
         Ok(())
     }
 
+    /// The inner AdamW state, flattened in layout order like [`Self::flat_params`]: the
+    /// optimizer's step count, then the first and the second moments. Data-parallel replicas
+    /// share it as part of a round's state, so that one that joins or resyncs applies the
+    /// swarm's gradients with the swarm's moments.
+    pub fn flat_optimizer_state(&self) -> Result<(u64, Vec<f32>, Vec<f32>), WorkerError> {
+        let (m, v) = self.opt.moments();
+        let flat = |ts: &[Tensor]| -> Result<Vec<f32>, WorkerError> {
+            let mut out = Vec::with_capacity(self.num_params());
+            for t in ts {
+                out.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Ok(out)
+        };
+        Ok((self.opt.steps(), flat(m)?, flat(v)?))
+    }
+
+    /// Replaces the inner AdamW state with one from [`Self::flat_optimizer_state`].
+    pub fn set_flat_optimizer_state(
+        &mut self,
+        steps: u64,
+        m: &[f32],
+        v: &[f32],
+    ) -> Result<(), WorkerError> {
+        let n = self.num_params();
+        if m.len() != n || v.len() != n {
+            return Err(WorkerError::Mismatch(format!(
+                "optimizer state has {} and {} values, the model has {n}",
+                m.len(),
+                v.len()
+            )));
+        }
+        let dev = self.model.device().clone();
+        let master = self.model.master_dtype();
+        let split = |flat: &[f32]| -> Result<Vec<Tensor>, WorkerError> {
+            let mut out = Vec::new();
+            let mut off = 0;
+            for (_, var) in self.model.trainable() {
+                let k = var.elem_count();
+                out.push(
+                    Tensor::from_slice(&flat[off..off + k], var.dims(), &dev)?.to_dtype(master)?,
+                );
+                off += k;
+            }
+            Ok(out)
+        };
+        let (m, v) = (split(m)?, split(v)?);
+        self.opt.set_state(steps, m, v)
+    }
+
     fn tensors_of(
         &self,
         tensors: &[Tensor],

@@ -115,3 +115,40 @@ fn bad_gradients_are_refused_and_change_nothing() {
     assert_eq!(r.step(), 0);
     assert_eq!(bits(&before), bits(&r.flat_params().unwrap()));
 }
+
+#[test]
+fn the_inner_optimizer_state_moves_to_another_replica_exactly() {
+    let data = data();
+    let mut a = replica();
+    for _ in 0..3 {
+        let g = a.compute_gradients(&data, 0).unwrap();
+        a.apply_gradients(&g.grads).unwrap();
+    }
+    let (steps, m, v) = a.flat_optimizer_state().unwrap();
+    assert_eq!(steps, 3);
+    assert!(m.iter().any(|x| *x != 0.0) && v.iter().any(|x| *x != 0.0));
+    // A fresh replica given the weights and the moments takes the same next step.
+    let mut b = replica();
+    b.set_flat_params(&a.flat_params().unwrap()).unwrap();
+    b.set_flat_optimizer_state(steps, &m, &v).unwrap();
+    b.set_step(a.step());
+    let g = a.compute_gradients(&data, 1).unwrap();
+    a.apply_gradients(&g.grads).unwrap();
+    b.apply_gradients(&g.grads).unwrap();
+    assert_eq!(
+        bits(&a.flat_params().unwrap()),
+        bits(&b.flat_params().unwrap())
+    );
+    // Without the moments it would not have.
+    let mut c = replica();
+    c.set_flat_params(&b.flat_params().unwrap()).unwrap();
+    let (_, m2, _) = b.flat_optimizer_state().unwrap();
+    assert_ne!(bits(&m2), bits(&c.flat_optimizer_state().unwrap().1));
+    // A state of the wrong size is refused and changes nothing.
+    let n = c.num_params();
+    assert!(matches!(
+        c.set_flat_optimizer_state(1, &vec![0.0; n - 1], &vec![0.0; n]),
+        Err(WorkerError::Mismatch(_))
+    ));
+    assert_eq!(c.flat_optimizer_state().unwrap().0, 0);
+}

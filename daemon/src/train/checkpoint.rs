@@ -26,6 +26,8 @@ use super::session::TrainError;
 
 /// The outer optimizer's state file in a checkpoint.
 pub const OUTER_FILE: &str = "outer.bin";
+/// The inner optimizer's state in a data-parallel run's checkpoints.
+pub const INNER_FILE: &str = "inner.bin";
 /// Where a daemon keeps what it holds of runs, under its data directory.
 pub const RUNS_DIR: &str = "runs";
 /// The raw ed25519 secret key of a libp2p identity, for the coordinator crate's signatures.
@@ -44,17 +46,71 @@ fn err(e: &dyn std::fmt::Display) -> TrainError {
 }
 
 /// The files of a replica state at the end of `round`: the worker's weights-only checkpoint
-/// at the swarm's step for that round, and the outer optimizer's state.
+/// at the swarm's step for that round, the outer optimizer's state, and in a data-parallel
+/// run the inner optimizer's state the replicas share (`inner.bin`).
 pub fn state_files(
     rep: &Replica,
     run: &ResolvedRun,
     round: u64,
-    params: &[f32],
-    velocity: &[f32],
+    (params, velocity): (&[f32], &[f32]),
+    inner: Option<&InnerState>,
 ) -> Result<Vec<(String, Vec<u8>)>, TrainError> {
     let mut files = rep.checkpoint_files(params, swarm_step(run, round))?;
     files.push((OUTER_FILE.to_string(), outer_bytes(run, velocity)));
+    if let Some(inner) = inner {
+        files.push((INNER_FILE.to_string(), inner.to_bytes()));
+    }
     Ok(files)
+}
+
+/// The inner AdamW state of a data-parallel run, which every replica holds alike (they apply
+/// the same mean gradients), so it is part of the state a round's root names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InnerState {
+    pub steps: u64,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl InnerState {
+    /// The state of `rep`'s inner optimizer.
+    pub fn of(rep: &Replica) -> Result<Self, TrainError> {
+        let (steps, m, v) = rep.flat_optimizer_state()?;
+        Ok(InnerState { steps, m, v })
+    }
+
+    /// The bytes of `inner.bin` (and of a state frame's tail): the step count (8 bytes),
+    /// then the first and the second moments, all little-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + 4 * (self.m.len() + self.v.len()));
+        out.extend_from_slice(&self.steps.to_le_bytes());
+        for x in self.m.iter().chain(&self.v) {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out
+    }
+
+    /// Parses [`Self::to_bytes`] for a model of `n` parameters: exactly `8 + 8 n` bytes.
+    pub fn from_bytes(bytes: &[u8], n: usize) -> Result<Self, TrainError> {
+        if bytes.len() != 8 + 8 * n {
+            return Err(err(&format!(
+                "inner optimizer state of {} bytes, expected {} for {n} parameters",
+                bytes.len(),
+                8 + 8 * n
+            )));
+        }
+        let (steps, rest) = bytes.split_at(8);
+        let floats: Vec<f32> = rest
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let (m, v) = floats.split_at(n);
+        Ok(InnerState {
+            steps: u64::from_le_bytes(steps.try_into().map_err(|_| err(&"steps"))?),
+            m: m.to_vec(),
+            v: v.to_vec(),
+        })
+    }
 }
 
 /// The bytes of `outer.bin`: the run's outer optimizer with this momentum.
@@ -200,4 +256,28 @@ pub fn ledger_dir(run_dir: &Path) -> PathBuf {
 /// The directory of the checkpoint committed at `round`, in a run directory.
 pub fn checkpoint_dir(run_dir: &Path, round: u64) -> PathBuf {
     potluck_coordinator::store::checkpoint_dir(run_dir, round)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inner_state_round_trips_and_refuses_other_sizes() {
+        let s = InnerState {
+            steps: 7,
+            m: vec![1.0, -2.5, 3.0],
+            v: vec![0.5, 0.25, f32::MIN_POSITIVE],
+        };
+        let b = s.to_bytes();
+        assert_eq!(b.len(), 8 + 8 * 3);
+        assert_eq!(InnerState::from_bytes(&b, 3).unwrap(), s);
+        for len in [0, 7, 8, b.len() - 1, b.len() + 1] {
+            let mut c = b.clone();
+            c.resize(len, 0);
+            assert!(InnerState::from_bytes(&c, 3).is_err(), "{len} bytes");
+        }
+        assert!(InnerState::from_bytes(&b, 2).is_err());
+    }
 }

@@ -43,7 +43,7 @@ use potluck_worker::{DeviceSpec, OuterOptimizer, Replica};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
-use super::checkpoint;
+use super::checkpoint::{self, InnerState};
 use super::manifest::{ResolvedRun, RunMode};
 use super::plan::slice_ranges;
 use super::wire::{read_control, write_control};
@@ -208,6 +208,8 @@ pub struct RunStatus {
     pub reassigned_slices: u64,
     /// Slices this replica applied as zero because nobody reduced them in time.
     pub missing_slices: u64,
+    /// Rounds this replica ended on another root than the committed one (it then resyncs).
+    pub disagreed_rounds: u64,
     /// Where the time of the last rounds went at this replica, oldest first.
     pub round_timings: Vec<RoundTiming>,
     pub error: String,
@@ -290,11 +292,15 @@ struct Snapshot {
     root: [u8; 32],
     params: Vec<f32>,
     velocity: Vec<f32>,
+    /// The inner optimizer's state, shared in a data-parallel run only.
+    inner: Option<InnerState>,
     content: CheckpointContent,
 }
 
 impl Snapshot {
-    /// Names the state of `round` by the root of its checkpoint files.
+    /// Names the state of `round` by the root of its checkpoint files. In a data-parallel
+    /// run the state includes the inner optimizer's, taken from `rep`: call it when `rep`
+    /// holds the state being named (or use [`Self::with_inner`]).
     fn new(
         rep: &Replica,
         run: &ResolvedRun,
@@ -302,13 +308,35 @@ impl Snapshot {
         params: Vec<f32>,
         velocity: Vec<f32>,
     ) -> Result<Self, TrainError> {
-        let files = checkpoint::state_files(rep, run, round, &params, &velocity)?;
+        let inner = match run.mode {
+            RunMode::DataParallel => Some(InnerState::of(rep)?),
+            RunMode::Diloco => None,
+        };
+        Self::with_inner(rep, run, round, (params, velocity), inner)
+    }
+
+    /// [`Self::new`] with the inner optimizer's state given (it came from a peer or a
+    /// file); it must be present exactly in a data-parallel run.
+    fn with_inner(
+        rep: &Replica,
+        run: &ResolvedRun,
+        round: u64,
+        (params, velocity): (Vec<f32>, Vec<f32>),
+        inner: Option<InnerState>,
+    ) -> Result<Self, TrainError> {
+        if inner.is_some() != (run.mode == RunMode::DataParallel) {
+            return Err(TrainError::Other(
+                "a state with the inner optimizer's is shared in data-parallel runs only".into(),
+            ));
+        }
+        let files = checkpoint::state_files(rep, run, round, (&params, &velocity), inner.as_ref())?;
         let content = checkpoint::content_of(&files)?;
         Ok(Snapshot {
             round,
             root: content.root().0,
             params,
             velocity,
+            inner,
             content,
         })
     }
@@ -318,7 +346,13 @@ impl Snapshot {
         rep: &Replica,
         run: &ResolvedRun,
     ) -> Result<Vec<(String, Vec<u8>)>, TrainError> {
-        checkpoint::state_files(rep, run, self.round, &self.params, &self.velocity)
+        checkpoint::state_files(
+            rep,
+            run,
+            self.round,
+            (&self.params, &self.velocity),
+            self.inner.as_ref(),
+        )
     }
 }
 
@@ -786,6 +820,9 @@ impl TrainService {
         };
         let mut payload = f32_bytes(&snap.params);
         payload.extend_from_slice(&f32_bytes(&snap.velocity));
+        if let Some(inner) = &snap.inner {
+            payload.extend_from_slice(&inner.to_bytes());
+        }
         let wire = seal_payload(&mut header, &payload, Some(1));
         if let Err(e) = self.sign(&mut header) {
             tracing::warn!(error = %e, "could not sign a state frame");
@@ -1010,14 +1047,16 @@ impl TrainService {
         }
     }
 
-    /// Asks `peer` for its committed state of `run_id`.
+    /// Asks `peer` for its committed state of `run_id`: the round, weights, outer momentum
+    /// and, with `with_inner` (a data-parallel run), the inner optimizer's state.
     async fn fetch_state(
         &self,
         peer: PeerId,
-        run_id: &[u8],
-        wanted: &[u8],
+        (run_id, wanted): (&[u8], &[u8]),
         n_params: usize,
-    ) -> Result<(u64, Vec<f32>, Vec<f32>), TrainError> {
+        with_inner: bool,
+    ) -> Result<(u64, Vec<f32>, Vec<f32>, Option<InnerState>), TrainError> {
+        let expected = n_params * 8 + if with_inner { 8 + n_params * 8 } else { 0 };
         let mut header = FrameHeader {
             run_id: run_id.to_vec(),
             kind: FrameKind::StateRequest as i32,
@@ -1033,7 +1072,7 @@ impl TrainService {
         self.inner.traffic.add(peer, n, 0);
         let limits = Limits {
             max_header: self.inner.limits.max_header,
-            max_payload: n_params * 8,
+            max_payload: expected,
         };
         let frame = tokio::time::timeout(FRAME_TIMEOUT, read_frame(&mut stream, &limits))
             .await
@@ -1042,14 +1081,22 @@ impl TrainService {
             .ok_or_else(|| TrainError::Other(format!("{peer} holds no committed state")))?;
         self.inner.traffic.add(peer, 0, frame.wire_bytes);
         verify_sender(&frame.header, peer).map_err(|e| TrainError::Other(e.into()))?;
-        if frame.kind() != FrameKind::State || frame.payload.len() != n_params * 8 {
+        if frame.kind() != FrameKind::State || frame.payload.len() != expected {
             return Err(TrainError::Other(format!(
                 "{peer} sent a state of the wrong kind or size"
             )));
         }
         let params = bytes_f32(&frame.payload[..n_params * 4]);
-        let velocity = bytes_f32(&frame.payload[n_params * 4..]);
-        Ok((frame.header.round, params, velocity))
+        let velocity = bytes_f32(&frame.payload[n_params * 4..n_params * 8]);
+        let inner = if with_inner {
+            Some(InnerState::from_bytes(
+                &frame.payload[n_params * 8..],
+                n_params,
+            )?)
+        } else {
+            None
+        };
+        Ok((frame.header.round, params, velocity, inner))
     }
 
     /// Starts a run with this daemon as its coordinator and one of its replicas, and drives
@@ -1745,6 +1792,10 @@ impl TrainService {
                         }
                     }
                     rep.set_flat_params(&committed.params)?;
+                    // A data-parallel swarm shares its inner optimizer's state too.
+                    if let Some(inner) = &committed.inner {
+                        rep.set_flat_optimizer_state(inner.steps, &inner.m, &inner.v)?;
+                    }
                     outer = OuterOptimizer::with_velocity(
                         run.outer.lr,
                         run.outer.momentum,
@@ -1837,6 +1888,7 @@ impl TrainService {
                                 round = c.round,
                                 "our root differs from the committed one; will resync"
                             );
+                            self.set_status(|s| s.disagreed_rounds += 1);
                         }
                     }
                     if let Some((_, t)) = timing.as_mut()
@@ -2151,14 +2203,16 @@ impl TrainService {
         let n = rep.num_params();
         let mut last = TrainError::Other("no peer to fetch the state from".into());
         for &source in sources {
-            let (round, params, velocity) = match self.fetch_state(source, run_id, root, n).await {
+            let dp = run.mode == RunMode::DataParallel;
+            let fetched = self.fetch_state(source, (run_id, root), n, dp).await;
+            let (round, params, velocity, inner) = match fetched {
                 Ok(s) => s,
                 Err(e) => {
                     last = e;
                     continue;
                 }
             };
-            let snap = Snapshot::new(rep, run, round, params, velocity)?;
+            let snap = Snapshot::with_inner(rep, run, round, (params, velocity), inner)?;
             if snap.root.as_slice() != root {
                 last = TrainError::Other(format!(
                     "state from {source} hashes to {} but {} was asked for",
@@ -3088,12 +3142,19 @@ fn read_checkpoint_state(
         )?,
         n,
     )?;
-    Snapshot::new(
+    let inner = match run.mode {
+        RunMode::DataParallel => Some(InnerState::from_bytes(
+            &read_bounded(&dir.join(checkpoint::INNER_FILE), 8 + (n as u64) * 8)?,
+            n,
+        )?),
+        RunMode::Diloco => None,
+    };
+    Snapshot::with_inner(
         rep,
         run,
         manifest.body().round,
-        params,
-        outer.velocity().to_vec(),
+        (params, outer.velocity().to_vec()),
+        inner,
     )
 }
 

@@ -13,10 +13,10 @@
 //! that dies mid-round thus costs each later step of that round its reduction deadlines, and
 //! the coordinator leaves it out of the next round.
 //!
-//! Known limit: the inner AdamW moments are not part of the state a round's root names, so
-//! a replica that joins or resyncs mid-run takes the weights but not the moments; it still
-//! contributes correct gradients (computed on the agreed weights), but applies them with
-//! other moments and ends its rounds on another root until the run ends.
+//! The inner AdamW state is the same at every replica, so it is part of the state a round's
+//! root names ([`Snapshot::new`] takes it from the replica in this mode): a replica that
+//! joins or resyncs mid-run takes the moments with the weights and agrees from its first
+//! round.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
