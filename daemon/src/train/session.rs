@@ -811,7 +811,7 @@ impl TrainService {
             let _ = stream.close().await;
             return;
         };
-        let mut header = FrameHeader {
+        let header = FrameHeader {
             run_id: req.run_id.clone(),
             round: snap.round,
             kind: FrameKind::State as i32,
@@ -823,9 +823,22 @@ impl TrainService {
         if let Some(inner) = &snap.inner {
             payload.extend_from_slice(&inner.to_bytes());
         }
-        let wire = seal_payload(&mut header, &payload, Some(1));
+        self.answer(peer, stream, header, &payload).await;
+    }
+
+    /// Seals `payload` (zstd when it pays), signs `header` and sends the frame as the answer
+    /// to a request on `stream`, then closes it.
+    async fn answer(
+        &self,
+        peer: PeerId,
+        stream: &mut libp2p::Stream,
+        mut header: FrameHeader,
+        payload: &[u8],
+    ) {
+        let kind = header.kind;
+        let wire = seal_payload(&mut header, payload, Some(1));
         if let Err(e) = self.sign(&mut header) {
-            tracing::warn!(error = %e, "could not sign a state frame");
+            tracing::warn!(error = %e, kind, "could not sign an answer");
             return;
         }
         match tokio::time::timeout(FRAME_TIMEOUT, write_frame(stream, &header, &wire)).await {
@@ -833,8 +846,50 @@ impl TrainService {
                 self.inner.traffic.add(peer, n, 0);
                 let _ = stream.close().await;
             }
-            _ => tracing::warn!(%peer, "could not send state"),
+            _ => tracing::warn!(%peer, kind, "could not send an answer"),
         }
+    }
+
+    /// Sends a signed request frame of `kind` for `run_id` to `peer` and reads its answer
+    /// (at most `max_payload` bytes, within `timeout`), checked to come from `peer` as a
+    /// frame of kind `answer` for the same run. `Ok(None)`: the peer closed the stream
+    /// without an answer (it does not hold what was asked for).
+    async fn request(
+        &self,
+        peer: PeerId,
+        (kind, run_id, payload): (FrameKind, &[u8], &[u8]),
+        (answer, max_payload, timeout): (FrameKind, usize, Duration),
+    ) -> Result<Option<Frame>, TrainError> {
+        let fail = |what: String| TrainError::Other(format!("{kind:?} to {peer}: {what}"));
+        let mut header = FrameHeader {
+            run_id: run_id.to_vec(),
+            kind: kind as i32,
+            ..Default::default()
+        };
+        let wire = seal_payload(&mut header, payload, None);
+        self.sign(&mut header)?;
+        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
+        let n = write_frame(&mut stream, &header, &wire)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        self.inner.traffic.add(peer, n, 0);
+        let limits = Limits {
+            max_header: self.inner.limits.max_header,
+            max_payload,
+        };
+        let Some(frame) = tokio::time::timeout(timeout, read_frame(&mut stream, &limits))
+            .await
+            .map_err(|_| fail("no answer in time".into()))?
+            .map_err(|e| fail(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        self.inner.traffic.add(peer, 0, frame.wire_bytes);
+        verify_sender(&frame.header, peer).map_err(|e| fail(e.into()))?;
+        if frame.kind() != answer || frame.header.run_id.as_slice() != run_id {
+            return Err(fail("an answer of another kind or run".into()));
+        }
+        Ok(Some(frame))
     }
 
     /// Sends the ledger entries of the run named in `req` from the round it asks for: the
@@ -870,24 +925,13 @@ impl TrainService {
             payload.extend_from_slice(&bytes);
             head = m.body().round;
         }
-        let mut header = FrameHeader {
+        let header = FrameHeader {
             run_id: run_id.to_vec(),
             round: head,
             kind: FrameKind::Ledger as i32,
             ..Default::default()
         };
-        let wire = seal_payload(&mut header, &payload, Some(1));
-        if let Err(e) = self.sign(&mut header) {
-            tracing::warn!(error = %e, "could not sign a ledger frame");
-            return;
-        }
-        match tokio::time::timeout(FRAME_TIMEOUT, write_frame(stream, &header, &wire)).await {
-            Ok(Ok(n)) => {
-                self.inner.traffic.add(peer, n, 0);
-                let _ = stream.close().await;
-            }
-            _ => tracing::warn!(%peer, "could not send the ledger"),
-        }
+        self.answer(peer, stream, header, &payload).await;
     }
 
     /// Asks `peer` for the ledger entries of `run_id` from round `from` on, in round order
@@ -898,34 +942,21 @@ impl TrainService {
         run_id: &[u8; 32],
         from: u64,
     ) -> Result<Vec<SignedManifest>, TrainError> {
-        let fail = |what: String| TrainError::Other(format!("ledger from {peer}: {what}"));
-        let mut header = FrameHeader {
-            run_id: run_id.to_vec(),
-            kind: FrameKind::LedgerRequest as i32,
-            ..Default::default()
-        };
-        let wire = seal_payload(&mut header, &from.to_le_bytes(), None);
-        self.sign(&mut header)?;
-        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
-        let n = write_frame(&mut stream, &header, &wire)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        self.inner.traffic.add(peer, n, 0);
-        let limits = Limits {
-            max_header: self.inner.limits.max_header,
-            max_payload: MAX_LEDGER_BYTES,
-        };
-        let frame = tokio::time::timeout(LEDGER_TIMEOUT, read_frame(&mut stream, &limits))
-            .await
-            .map_err(|_| fail("timed out".into()))?
-            .map_err(|e| fail(e.to_string()))?
-            .ok_or_else(|| fail("it keeps no ledger of this run".into()))?;
-        self.inner.traffic.add(peer, 0, frame.wire_bytes);
-        verify_sender(&frame.header, peer).map_err(|e| fail(e.into()))?;
-        if frame.kind() != FrameKind::Ledger || frame.header.run_id.as_slice() != run_id {
-            return Err(fail("an answer of another kind or run".into()));
-        }
-        ledger_entries(&frame.payload).map_err(fail)
+        let request = (
+            FrameKind::LedgerRequest,
+            &run_id[..],
+            &from.to_le_bytes()[..],
+        );
+        let frame = self
+            .request(
+                peer,
+                request,
+                (FrameKind::Ledger, MAX_LEDGER_BYTES, LEDGER_TIMEOUT),
+            )
+            .await?
+            .ok_or_else(|| TrainError::Other(format!("{peer} keeps no ledger of this run")))?;
+        ledger_entries(&frame.payload)
+            .map_err(|e| TrainError::Other(format!("ledger from {peer}: {e}")))
     }
 
     fn sign(&self, header: &mut FrameHeader) -> Result<(), TrainError> {
@@ -1057,31 +1088,16 @@ impl TrainService {
         with_inner: bool,
     ) -> Result<(u64, Vec<f32>, Vec<f32>, Option<InnerState>), TrainError> {
         let expected = n_params * 8 + if with_inner { 8 + n_params * 8 } else { 0 };
-        let mut header = FrameHeader {
-            run_id: run_id.to_vec(),
-            kind: FrameKind::StateRequest as i32,
-            ..Default::default()
-        };
         // The payload is the root wanted; its hash travels in the header.
-        let wire = seal_payload(&mut header, wanted, None);
-        self.sign(&mut header)?;
-        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
-        let n = write_frame(&mut stream, &header, &wire)
-            .await
-            .map_err(|e| TrainError::Other(format!("state request to {peer}: {e}")))?;
-        self.inner.traffic.add(peer, n, 0);
-        let limits = Limits {
-            max_header: self.inner.limits.max_header,
-            max_payload: expected,
-        };
-        let frame = tokio::time::timeout(FRAME_TIMEOUT, read_frame(&mut stream, &limits))
-            .await
-            .map_err(|_| TrainError::Other(format!("state from {peer} timed out")))?
-            .map_err(|e| TrainError::Other(format!("state from {peer}: {e}")))?
+        let frame = self
+            .request(
+                peer,
+                (FrameKind::StateRequest, run_id, wanted),
+                (FrameKind::State, expected, FRAME_TIMEOUT),
+            )
+            .await?
             .ok_or_else(|| TrainError::Other(format!("{peer} holds no committed state")))?;
-        self.inner.traffic.add(peer, 0, frame.wire_bytes);
-        verify_sender(&frame.header, peer).map_err(|e| TrainError::Other(e.into()))?;
-        if frame.kind() != FrameKind::State || frame.payload.len() != expected {
+        if frame.payload.len() != expected {
             return Err(TrainError::Other(format!(
                 "{peer} sent a state of the wrong kind or size"
             )));
@@ -1751,15 +1767,9 @@ impl TrainService {
                         }
                     }
                     if committed.root.as_slice() != open.base_root.as_slice()
-                        && let Some(held) = self.held_state(&open.base_root)
+                        && let Some(s) = self.state_at_hand(&open.base_root, &run_dir, &rep, &run)
                     {
-                        committed = held;
-                    }
-                    if committed.root.as_slice() != open.base_root.as_slice()
-                        && let Some(kept) = kept_state(&run_dir, &open.base_root, &rep, &run)
-                    {
-                        committed = Arc::new(kept);
-                        self.publish(&committed);
+                        committed = s;
                     }
                     if committed.root.as_slice() != open.base_root.as_slice() {
                         let fetching = Instant::now();
@@ -1912,14 +1922,9 @@ impl TrainService {
                         committed = p;
                     }
                     if committed.root.as_slice() != f.root.as_slice()
-                        && let Some(held) = self.held_state(&f.root)
+                        && let Some(s) = self.state_at_hand(&f.root, &run_dir, &rep, &run)
                     {
-                        committed = held;
-                    }
-                    if committed.root.as_slice() != f.root.as_slice()
-                        && let Some(kept) = kept_state(&run_dir, &f.root, &rep, &run)
-                    {
-                        committed = Arc::new(kept);
+                        committed = s;
                     }
                     if committed.root.as_slice() != f.root.as_slice() {
                         // It joined or disagreed last, or came back after the last commit:
@@ -2137,6 +2142,23 @@ impl TrainService {
             return None;
         }
         Some(ledger)
+    }
+
+    /// The state named `root` when this daemon has it without the network: in memory, or
+    /// in a checkpoint kept on its disk (then served from memory too).
+    fn state_at_hand(
+        &self,
+        root: &[u8],
+        run_dir: &std::path::Path,
+        rep: &Replica,
+        run: &ResolvedRun,
+    ) -> Option<Arc<Snapshot>> {
+        if let Some(held) = self.held_state(root) {
+            return Some(held);
+        }
+        let kept = Arc::new(kept_state(run_dir, root, rep, run)?);
+        self.publish(&kept);
+        Some(kept)
     }
 
     /// A state this daemon still holds, by root.
@@ -3894,14 +3916,20 @@ mod tests {
         assert!(load_local(&dir, &other, &DeviceSpec::Cpu).is_err());
     }
 
-    #[test]
-    fn snapshot_root_covers_weights_momentum_and_round() {
+    /// The demo's run and a fresh CPU replica of its model.
+    fn demo_run() -> (ResolvedRun, Replica) {
         use super::super::manifest::{DEMO_MANIFEST, RunManifest};
         let run = RunManifest::parse(DEMO_MANIFEST)
             .unwrap()
             .resolve()
             .unwrap();
         let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu).unwrap();
+        (run, rep)
+    }
+
+    #[test]
+    fn snapshot_root_covers_weights_momentum_and_round() {
+        let (run, rep) = demo_run();
         let p = rep.flat_params().unwrap();
         let n = p.len();
         let snap = |round, p: &[f32], v: &[f32]| {
@@ -3920,16 +3948,35 @@ mod tests {
         // The root is the content root of the checkpoint files `potluck verify` checks.
         let files = a.files(&rep, &run).unwrap();
         assert_eq!(checkpoint::content_of(&files).unwrap().root().0, a.root);
+        // In a data-parallel run it covers the inner optimizer's state too, which must be
+        // there (and nowhere else).
+        let mut dp = run.clone();
+        dp.mode = RunMode::DataParallel;
+        let inner = InnerState::of(&rep).unwrap();
+        let with = |i: &InnerState| {
+            Snapshot::with_inner(&rep, &dp, 1, (p.clone(), zeros.clone()), Some(i.clone()))
+                .unwrap()
+                .root
+        };
+        let mut moved = inner.clone();
+        moved.v[n / 3] = 1e-12;
+        assert_ne!(with(&inner), with(&moved));
+        assert_ne!(with(&inner), a.root);
+        assert_eq!(
+            Snapshot::new(&rep, &dp, 1, p.clone(), zeros.clone())
+                .unwrap()
+                .root,
+            with(&inner)
+        );
+        assert!(Snapshot::with_inner(&rep, &dp, 1, (p.clone(), zeros.clone()), None).is_err());
+        assert!(
+            Snapshot::with_inner(&rep, &run, 1, (p.clone(), zeros.clone()), Some(inner)).is_err()
+        );
     }
 
     #[test]
     fn ledger_answers_parse_and_refuse_damage() {
-        use super::super::manifest::{DEMO_MANIFEST, RunManifest};
-        let run = RunManifest::parse(DEMO_MANIFEST)
-            .unwrap()
-            .resolve()
-            .unwrap();
-        let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu).unwrap();
+        let (run, rep) = demo_run();
         let p = rep.flat_params().unwrap();
         let genesis = Snapshot::new(&rep, &run, 0, p.clone(), vec![0.0; p.len()]).unwrap();
         let kp = Keypair::generate_ed25519();
