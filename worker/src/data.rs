@@ -114,6 +114,9 @@ pub struct SyntheticCorpus {
     /// `cdf[s * alphabet + c]`: cumulative next-symbol probabilities of context `s`.
     cdf: Vec<f64>,
     entropy_rate: f64,
+    /// `H(X_m | X_0..X_{m-1})` for `m` in `1..order`, from the stationary distribution: what
+    /// a prediction costs at best when it sees fewer than `order` symbols of context.
+    short_context: Vec<f64>,
 }
 
 impl SyntheticCorpus {
@@ -179,6 +182,24 @@ impl SyntheticCorpus {
                 .sum();
             entropy_rate += pi[s] * h;
         }
+        // The first `j` symbols of a stationary context are its `j` most significant base-`a`
+        // digits: H(X_0..X_{j-1}) from the marginal of `pi`, and the conditional entropies
+        // as differences.
+        let joint_entropy = |j: usize| -> f64 {
+            let div = a.pow((spec.order - j) as u32);
+            let mut marginal = vec![0f64; a.pow(j as u32)];
+            for (s, p) in pi.iter().enumerate() {
+                marginal[s / div] += p;
+            }
+            marginal
+                .iter()
+                .filter(|&&p| p > 0.0)
+                .map(|&p| -p * p.ln())
+                .sum()
+        };
+        let short_context = (1..spec.order)
+            .map(|m| joint_entropy(m + 1) - joint_entropy(m))
+            .collect();
         let mut cdf = probs;
         for s in 0..states {
             let mut acc = 0f64;
@@ -191,6 +212,7 @@ impl SyntheticCorpus {
             spec,
             cdf,
             entropy_rate,
+            short_context,
         })
     }
 
@@ -198,6 +220,19 @@ impl SyntheticCorpus {
     /// reach on its output.
     pub fn entropy_rate_nats_per_byte(&self) -> f64 {
         self.entropy_rate
+    }
+
+    /// The lowest expected loss per prediction, in nats per byte, on windows of `seq_len`
+    /// next-byte predictions cut from a stationary stream with nothing seen before the window
+    /// (how `eval_loss` measures): the first `order - 1` predictions lack part of their
+    /// context, so this lies above the entropy rate, by less the longer the window.
+    pub fn window_floor_nats_per_byte(&self, seq_len: usize) -> f64 {
+        if seq_len == 0 {
+            return self.entropy_rate;
+        }
+        let short: f64 = self.short_context.iter().take(seq_len).sum();
+        let full = seq_len.saturating_sub(self.short_context.len());
+        (short + full as f64 * self.entropy_rate) / seq_len as f64
     }
 
     /// The source's parameters.

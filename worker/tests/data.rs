@@ -33,6 +33,45 @@ fn synthetic_entropy_rate_matches_empirical_conditional_entropy() {
 }
 
 #[test]
+fn window_floor_matches_empirical_bigram_entropy() {
+    // In a window that starts from nothing, the first prediction sees one symbol of the
+    // order-2 context: its floor is H(X_1 | X_0), between the entropy rate and ln 8.
+    let corpus = SyntheticCorpus::new(SyntheticSpec::default()).unwrap();
+    let rate = corpus.entropy_rate_nats_per_byte();
+    let first = corpus.window_floor_nats_per_byte(1);
+    assert!(first > rate && first < 8f64.ln(), "{first}");
+    let w64 = corpus.window_floor_nats_per_byte(64);
+    assert!((w64 - (first + 63.0 * rate) / 64.0).abs() < 1e-12);
+    assert!(corpus.window_floor_nats_per_byte(1 << 20) - rate < 1e-5);
+    let bytes = corpus.generate(400_000, 0);
+    let mut one: HashMap<u8, u64> = HashMap::new();
+    let mut two: HashMap<(u8, u8), u64> = HashMap::new();
+    for w in bytes.windows(2) {
+        *one.entry(w[0]).or_default() += 1;
+        *two.entry((w[0], w[1])).or_default() += 1;
+    }
+    let n = (bytes.len() - 1) as f64;
+    let est: f64 = two
+        .iter()
+        .map(|(&(a, _), &c)| -(c as f64 / n) * (c as f64 / one[&a] as f64).ln())
+        .sum();
+    assert!(
+        (est - first).abs() < 0.01,
+        "empirical {est} vs exact {first}"
+    );
+    // An order-1 source has its full context from the first prediction on.
+    let order1 = SyntheticCorpus::new(SyntheticSpec {
+        order: 1,
+        ..SyntheticSpec::default()
+    })
+    .unwrap();
+    assert_eq!(
+        order1.window_floor_nats_per_byte(64),
+        order1.entropy_rate_nats_per_byte()
+    );
+}
+
+#[test]
 fn synthetic_spec_is_validated() {
     for spec in [
         SyntheticSpec {

@@ -123,7 +123,8 @@ pub struct RunManifest {
     /// Inner steps per round (H).
     pub inner_steps: Option<usize>,
     pub rounds: Option<u64>,
-    /// `none`, `int8`, `topk` or with parameters (see the worker's codec docs).
+    /// `none`, `int8`, `topk`, `sign` or with parameters (`int8:BLOCK`, `topk:CHUNK:K:BITS`,
+    /// `sign:BLOCK`; see the worker's `compress` module).
     pub compression: Option<String>,
     pub round_deadline_secs: Option<u64>,
     pub min_peers: Option<usize>,
@@ -427,6 +428,19 @@ impl ResolvedRun {
             .map(|c| c.entropy_rate_nats_per_byte())
     }
 
+    /// The best eval loss any model can reach on the built-in source as `eval_loss` measures
+    /// it, in windows of `inner.seq_len` predictions that see nothing before the window: a
+    /// little above [`ResolvedRun::entropy_floor`]. `None` for other data.
+    pub fn window_floor(&self) -> Option<f64> {
+        let spec = self.data.synthetic.clone()?;
+        if self.data.source != "builtin" {
+            return None;
+        }
+        SyntheticCorpus::new(spec)
+            .ok()
+            .map(|c| c.window_floor_nats_per_byte(self.inner.seq_len))
+    }
+
     /// The manifest with the data hash pinned, as the run's starter publishes it: loads the
     /// data, and checks it against the hash when one is already set. The run id covers the
     /// hash, so pin before taking the id.
@@ -497,6 +511,11 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(err.to_string().contains("outer.lr"), "{err}");
+        let err = RunManifest::parse("name = \"x\"\ncompression = \"sign:0\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("compression"), "{err}");
         assert!(RunManifest::parse("name = 3").is_err());
         assert!(RunManifest::parse(&"#".repeat(MAX_MANIFEST_BYTES + 1)).is_err());
     }
@@ -530,6 +549,30 @@ mod tests {
             RunManifest::parse("name = \"x\"\nmode = \"allreduce\"\n").is_err(),
             "unknown modes are refused"
         );
+    }
+
+    #[test]
+    fn every_codec_name_resolves() {
+        for (name, codec) in [
+            ("none", Codec::None),
+            ("int8:128", Codec::Int8 { block: 128 }),
+            ("topk", Codec::TOPK),
+            ("sign", Codec::SIGN),
+            ("sign:4096", Codec::Sign { block: 4096 }),
+        ] {
+            let text = DEMO_MANIFEST.replace(
+                "compression = \"int8\"",
+                &format!("compression = \"{name}\""),
+            );
+            let run = RunManifest::parse(&text).unwrap().resolve().unwrap();
+            assert_eq!(run.codec(), codec, "{name}");
+            let back = ResolvedRun::from_canonical(&run.canonical_bytes(), &run.id()).unwrap();
+            assert_eq!(back.codec(), codec, "{name}");
+        }
+        // Data parallel averages exact gradients: a lossy codec is refused there.
+        let text = format!("mode = \"data-parallel\"\n{DEMO_MANIFEST}")
+            .replace("compression = \"int8\"", "compression = \"sign\"");
+        assert!(RunManifest::parse(&text).unwrap().resolve().is_err());
     }
 
     #[test]

@@ -3724,7 +3724,12 @@ fn sitting_out_root(peer: &PeerId, round: u64) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// The codec for a reduced slice: top-k keeps the union of the contributors' supports.
+/// The codec for a reduced slice: top-k keeps the union of the contributors' supports; any
+/// other codec re-encodes the mean with itself. For `sign` that is the sign of the
+/// token-weighted mean at its mean magnitude (with equal weights, signSGD's majority vote),
+/// one bit per value like the contributions. On the one seed tried it ended lower than a
+/// 2-bit encoding of the mean that cost 1.44x the bytes (docs/BENCHMARKS.md). Reducers keep
+/// no error feedback: what the re-encoding drops is lost.
 fn reduce_codec(codec: Codec, contributors: usize) -> Codec {
     match codec {
         Codec::TopK { chunk, k, .. } => Codec::TopK {
@@ -4041,5 +4046,6 @@ mod tests {
             }
         );
         assert_eq!(reduce_codec(Codec::INT8, 3), Codec::INT8);
+        assert_eq!(reduce_codec(Codec::SIGN, 3), Codec::SIGN);
     }
 }
