@@ -317,7 +317,7 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
         Codec::Int8 { block } => {
             let mut pos = 0;
             for blk in out.chunks_mut(block as usize) {
-                let scale = finite_scale(&body[pos..pos + 4])?;
+                let scale = finite_scale(&body[pos..pos + 4], 127)?;
                 pos += 4;
                 let n = blk.len();
                 for (o, &q) in blk.iter_mut().zip(&body[pos..pos + n]) {
@@ -330,7 +330,8 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
             let mut pos = 0;
             for ch in out.chunks_mut(chunk as usize) {
                 let k = (k as usize).min(ch.len());
-                let scale = finite_scale(&body[pos..pos + 4])?;
+                let qmax = if bits == 8 { 127 } else { 7 };
+                let scale = finite_scale(&body[pos..pos + 4], qmax)?;
                 pos += 4;
                 let idx_bytes = &body[pos..pos + 2 * k];
                 pos += 2 * k;
@@ -366,7 +367,7 @@ pub fn decode(bytes: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
         Codec::Sign { block } => {
             let mut pos = 0;
             for blk in out.chunks_mut(block as usize) {
-                let scale = finite_scale(&body[pos..pos + 4])?;
+                let scale = finite_scale(&body[pos..pos + 4], 1)?;
                 pos += 4;
                 let packed = &body[pos..pos + blk.len().div_ceil(8)];
                 pos += packed.len();
@@ -393,13 +394,15 @@ fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
     a
 }
 
-fn finite_scale(b: &[u8]) -> Result<f32, CodecError> {
+/// A block's scale: finite, non-negative, and small enough that every value it decodes to
+/// (at most `qmax` times the scale in magnitude) is finite too.
+fn finite_scale(b: &[u8], qmax: i32) -> Result<f32, CodecError> {
     let s = f32::from_le_bytes(arr(b));
-    if s.is_finite() && s >= 0.0 {
+    if s.is_finite() && s >= 0.0 && (s * qmax as f32).is_finite() {
         Ok(s)
     } else {
         Err(CodecError::Malformed(format!(
-            "block scale {s} is not a finite non-negative number"
+            "block scale {s} is not a finite non-negative number whose values stay finite"
         )))
     }
 }
@@ -720,6 +723,25 @@ mod tests {
             decode(&nan_scale, 10),
             Err(CodecError::Malformed(_))
         ));
+        // A finite scale whose values would overflow to infinity is refused too, for every
+        // codec with scales (the scale is the first 4 bytes of the body in each).
+        for codec in [Codec::INT8, Codec::TOPK, Codec::SIGN] {
+            let v: Vec<f32> = (0..50).map(|i| i as f32 - 20.0).collect();
+            let mut huge = encode(codec, &v);
+            assert!(decode(&huge, v.len()).is_ok(), "{codec}");
+            let s = if codec == Codec::SIGN {
+                f32::MAX
+            } else {
+                f32::MAX / 2.0
+            };
+            huge[HEADER..HEADER + 4].copy_from_slice(&s.to_le_bytes());
+            let out = decode(&huge, v.len());
+            assert!(
+                matches!(out, Err(CodecError::Malformed(_)))
+                    || out.as_ref().is_ok_and(|o| o.iter().all(|x| x.is_finite())),
+                "{codec}: {out:?}"
+            );
+        }
     }
 
     #[test]
