@@ -326,7 +326,8 @@ impl Snapshot {
     ) -> Result<Self, TrainError> {
         if inner.is_some() != (run.mode == RunMode::DataParallel) {
             return Err(TrainError::Other(
-                "a state with the inner optimizer's is shared in data-parallel runs only".into(),
+                "the inner optimizer's state is part of a data-parallel run's state, and only of it"
+                    .into(),
             ));
         }
         let files = checkpoint::state_files(rep, run, round, (&params, &velocity), inner.as_ref())?;
@@ -1099,7 +1100,7 @@ impl TrainService {
             .ok_or_else(|| TrainError::Other(format!("{peer} holds no committed state")))?;
         if frame.payload.len() != expected {
             return Err(TrainError::Other(format!(
-                "{peer} sent a state of the wrong kind or size"
+                "{peer} sent a state of the wrong size"
             )));
         }
         let params = bytes_f32(&frame.payload[..n_params * 4]);
