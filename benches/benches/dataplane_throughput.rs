@@ -5,7 +5,10 @@
 //! bytes written raw on one stream of a plain `quinn` connection with the same transport
 //! settings, in the same run: every run of ours has its own quinn run right beside it (in
 //! alternating order), and the summary gives the median of those paired ratios and their
-//! range. Prints one JSON object per run and a summary.
+//! range. On a busy machine wall times swing by 2x; the summary's `cpu_ratio`s (median of
+//! the quinn run's CPU seconds over ours, per pair) are steadier, and where the transfer is
+//! CPU-bound (loopback on few cores) they estimate the ratio an idle machine would show.
+//! Prints one JSON object per run and a summary.
 //!
 //! Run: `cargo bench -p potluck-benches --bench dataplane_throughput`
 //! (env `POTLUCK_BENCH_MB` total MiB per run, default 256; `POTLUCK_BENCH_FRAME_MB` frame
@@ -15,7 +18,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{env_num, incompressible, libp2p_pair, median, quinn_pair};
+use common::{env_num, incompressible, libp2p_pair, median, process_cpu_secs, quinn_pair};
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::StreamProtocol;
 use potluck_daemon::dataplane::{Limits, read_frame, seal_payload, write_frame};
@@ -147,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
     let modes = [Mode::Full, Mode::NoZstd, Mode::Raw];
     let mut ours: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut pairs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut cpu_pairs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut plain = Vec::new();
     for rep in 0..reps {
         for (k, mode) in modes.iter().enumerate() {
@@ -154,27 +158,31 @@ async fn main() -> anyhow::Result<()> {
             // alternating order, so that the two share the machine's load of that moment
             // and neither always goes first.
             let quinn_first = (rep + k) % 2 == 1;
-            let mut q = 0.0;
+            let mut q = (0.0, 0.0);
             if quinn_first {
                 q = quinn_gbps(&payloads, frames, bytes, rep).await?;
             }
             // A fresh pair per run, so that each run starts on a new connection, as the
             // quinn runs do.
             let (mut a, mut b, a_peer) = libp2p_pair().await?;
+            let cpu0 = process_cpu_secs();
             let (secs, wire) = run_libp2p(&mut a, &mut b, a_peer, &payloads, frames, *mode).await?;
+            let cpu = process_cpu_secs() - cpu0;
             let gbps = bytes * 8.0 / secs / 1e9;
             println!(
                 "{}",
                 json!({"bench": "dataplane_throughput", "path": mode.name(), "rep": rep,
                        "payload_bytes": bytes as u64, "wire_bytes": wire,
-                       "frame_bytes": frame_len, "secs": secs, "gbit_per_s": gbps})
+                       "frame_bytes": frame_len, "secs": secs, "cpu_secs": cpu,
+                       "gbit_per_s": gbps})
             );
             if !quinn_first {
                 q = quinn_gbps(&payloads, frames, bytes, rep).await?;
             }
             ours[k].push(gbps);
-            pairs[k].push(gbps / q);
-            plain.push(q);
+            pairs[k].push(gbps / q.0);
+            cpu_pairs[k].push(q.1 / cpu);
+            plain.push(q.0);
         }
     }
     let spread = |v: &[f64]| {
@@ -184,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let spreads: Vec<[f64; 2]> = pairs.iter().map(|v| spread(v)).collect();
     let paired: Vec<f64> = pairs.iter_mut().map(|v| median(v)).collect();
+    let cpu_paired: Vec<f64> = cpu_pairs.iter_mut().map(|v| median(v)).collect();
     let p = median(&mut plain);
     let meds: Vec<f64> = ours.iter_mut().map(|v| median(v)).collect();
     println!(
@@ -203,24 +212,30 @@ async fn main() -> anyhow::Result<()> {
                "paired_ratio_range": spreads[0],
                "paired_ratio_no_zstd_range": spreads[1],
                "paired_ratio_libp2p_raw_range": spreads[2],
+               "cpu_ratio": cpu_paired[0],
+               "cpu_ratio_no_zstd": cpu_paired[1],
+               "cpu_ratio_libp2p_raw": cpu_paired[2],
                "goal_ratio": 0.9})
     );
     Ok(())
 }
 
-/// One plain-quinn run, printed; returns its Gbit/s.
+/// One plain-quinn run, printed; returns its Gbit/s and the CPU seconds it took.
 async fn quinn_gbps(
     payloads: &[Vec<u8>],
     frames: usize,
     bytes: f64,
     rep: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
+    let cpu0 = process_cpu_secs();
     let secs = run_quinn(payloads, frames).await?;
+    let cpu = process_cpu_secs() - cpu0;
     let gbps = bytes * 8.0 / secs / 1e9;
     println!(
         "{}",
         json!({"bench": "dataplane_throughput", "path": "plain_quinn", "rep": rep,
-               "payload_bytes": bytes as u64, "secs": secs, "gbit_per_s": gbps})
+               "payload_bytes": bytes as u64, "secs": secs, "cpu_secs": cpu,
+               "gbit_per_s": gbps})
     );
-    Ok(gbps)
+    Ok((gbps, cpu))
 }
