@@ -181,7 +181,10 @@ async fn main() -> anyhow::Result<()> {
             }
             ours[k].push(gbps);
             pairs[k].push(gbps / q.0);
-            cpu_pairs[k].push(q.1 / cpu);
+            // Left out where /proc could not be read (not Linux).
+            if cpu > 0.0 && q.1 > 0.0 {
+                cpu_pairs[k].push(q.1 / cpu);
+            }
             plain.push(q.0);
         }
     }
