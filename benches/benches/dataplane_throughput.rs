@@ -1,9 +1,14 @@
 //! Data-plane throughput on loopback with incompressible payloads: frames sealed by the
-//! daemon's codec (`seal_payload`: blake3 of the payload, zstd level 1 tried and dropped
-//! when it does not shrink the payload) and written and read with `write_frame` /
+//! daemon's codec (`seal_payload`: blake3 of the payload, zstd level 1 as the daemon asks
+//! for it, which large frames try on a sample first) and written and read with `write_frame` /
 //! `read_frame` (length limits, hash check) over one libp2p QUIC stream, against the same
 //! bytes written raw on one stream of a plain `quinn` connection with the same transport
-//! settings, alternating in the same run. Prints one JSON object per run and a summary.
+//! settings, in the same run: every run of ours has its own quinn run right beside it (in
+//! alternating order), and the summary gives the median of those paired ratios and their
+//! range. On a busy machine wall times swing by 2x; the summary's `cpu_ratio`s (median of
+//! the quinn run's CPU seconds over ours, per pair) are steadier, and where the transfer is
+//! CPU-bound (loopback on few cores) they estimate the ratio an idle machine would show.
+//! Prints one JSON object per run and a summary.
 //!
 //! Run: `cargo bench -p potluck-benches --bench dataplane_throughput`
 //! (env `POTLUCK_BENCH_MB` total MiB per run, default 256; `POTLUCK_BENCH_FRAME_MB` frame
@@ -13,7 +18,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{env_num, incompressible, libp2p_pair, median, paired_ratio, quinn_pair};
+use common::{env_num, incompressible, libp2p_pair, median, process_cpu_secs, quinn_pair};
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::StreamProtocol;
 use potluck_daemon::dataplane::{Limits, read_frame, seal_payload, write_frame};
@@ -25,8 +30,8 @@ const PROTO: StreamProtocol = StreamProtocol::new("/potluck/bench/dataplane/1");
 /// What travels over the libp2p stream.
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
-    /// The daemon's path: `seal_payload` with zstd level 1 tried, `write_frame`,
-    /// `read_frame`.
+    /// The daemon's path: `seal_payload` with zstd level 1 (tried on a sample of a large
+    /// frame first), `write_frame`, `read_frame`.
     Full,
     /// Framing and hashing, no compression attempt (`seal_payload(.., None)`).
     NoZstd,
@@ -144,32 +149,53 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let modes = [Mode::Full, Mode::NoZstd, Mode::Raw];
     let mut ours: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut pairs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut cpu_pairs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut plain = Vec::new();
     for rep in 0..reps {
         for (k, mode) in modes.iter().enumerate() {
+            // Each run of ours is paired with a plain-quinn run right beside it, in
+            // alternating order, so that the two share the machine's load of that moment
+            // and neither always goes first.
+            let quinn_first = (rep + k) % 2 == 1;
+            let mut q = (0.0, 0.0);
+            if quinn_first {
+                q = quinn_gbps(&payloads, frames, bytes, rep).await?;
+            }
             // A fresh pair per run, so that each run starts on a new connection, as the
             // quinn runs do.
             let (mut a, mut b, a_peer) = libp2p_pair().await?;
+            let cpu0 = process_cpu_secs();
             let (secs, wire) = run_libp2p(&mut a, &mut b, a_peer, &payloads, frames, *mode).await?;
+            let cpu = process_cpu_secs() - cpu0;
             let gbps = bytes * 8.0 / secs / 1e9;
             println!(
                 "{}",
                 json!({"bench": "dataplane_throughput", "path": mode.name(), "rep": rep,
                        "payload_bytes": bytes as u64, "wire_bytes": wire,
-                       "frame_bytes": frame_len, "secs": secs, "gbit_per_s": gbps})
+                       "frame_bytes": frame_len, "secs": secs, "cpu_secs": cpu,
+                       "gbit_per_s": gbps})
             );
+            if !quinn_first {
+                q = quinn_gbps(&payloads, frames, bytes, rep).await?;
+            }
             ours[k].push(gbps);
+            pairs[k].push(gbps / q.0);
+            // Left out where /proc could not be read (not Linux).
+            if cpu > 0.0 && q.1 > 0.0 {
+                cpu_pairs[k].push(q.1 / cpu);
+            }
+            plain.push(q.0);
         }
-        let secs = run_quinn(&payloads, frames).await?;
-        let gbps = bytes * 8.0 / secs / 1e9;
-        println!(
-            "{}",
-            json!({"bench": "dataplane_throughput", "path": "plain_quinn", "rep": rep,
-                   "payload_bytes": bytes as u64, "secs": secs, "gbit_per_s": gbps})
-        );
-        plain.push(gbps);
     }
-    let paired: Vec<f64> = ours.iter().map(|v| paired_ratio(v, &plain)).collect();
+    let spread = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        [v[0], v[v.len() - 1]]
+    };
+    let spreads: Vec<[f64; 2]> = pairs.iter().map(|v| spread(v)).collect();
+    let paired: Vec<f64> = pairs.iter_mut().map(|v| median(v)).collect();
+    let cpu_paired: Vec<f64> = cpu_pairs.iter_mut().map(|v| median(v)).collect();
     let p = median(&mut plain);
     let meds: Vec<f64> = ours.iter_mut().map(|v| median(v)).collect();
     println!(
@@ -186,7 +212,33 @@ async fn main() -> anyhow::Result<()> {
                "paired_ratio": paired[0],
                "paired_ratio_no_zstd": paired[1],
                "paired_ratio_libp2p_raw": paired[2],
+               "paired_ratio_range": spreads[0],
+               "paired_ratio_no_zstd_range": spreads[1],
+               "paired_ratio_libp2p_raw_range": spreads[2],
+               "cpu_ratio": cpu_paired[0],
+               "cpu_ratio_no_zstd": cpu_paired[1],
+               "cpu_ratio_libp2p_raw": cpu_paired[2],
                "goal_ratio": 0.9})
     );
     Ok(())
+}
+
+/// One plain-quinn run, printed; returns its Gbit/s and the CPU seconds it took.
+async fn quinn_gbps(
+    payloads: &[Vec<u8>],
+    frames: usize,
+    bytes: f64,
+    rep: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let cpu0 = process_cpu_secs();
+    let secs = run_quinn(payloads, frames).await?;
+    let cpu = process_cpu_secs() - cpu0;
+    let gbps = bytes * 8.0 / secs / 1e9;
+    println!(
+        "{}",
+        json!({"bench": "dataplane_throughput", "path": "plain_quinn", "rep": rep,
+               "payload_bytes": bytes as u64, "secs": secs, "cpu_secs": cpu,
+               "gbit_per_s": gbps})
+    );
+    Ok((gbps, cpu))
 }

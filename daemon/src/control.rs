@@ -340,6 +340,21 @@ impl v1::control_server::Control for ControlService {
                     received,
                 })
                 .collect(),
+            round_timings: v
+                .round_timings
+                .iter()
+                .map(|t| v1::RoundTiming {
+                    round: t.round,
+                    overlap: t.overlap,
+                    wall_ms: t.wall_ms,
+                    train_ms: t.train_ms,
+                    local_ms: t.local_ms,
+                    persist_ms: t.persist_ms,
+                    network_wait_ms: t.network_wait_ms,
+                    coordination_ms: t.coordination_ms,
+                    network_wait_share: t.network_wait_share,
+                })
+                .collect(),
             reassigned_slices: v.reassigned_slices,
             missing_slices: v.missing_slices,
         }))

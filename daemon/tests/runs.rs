@@ -390,6 +390,18 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
         "{:?}",
         sb.round_bytes
     );
+    // Per-round timings, newest first: each round's wall time covers its parts.
+    let timed: Vec<u64> = sb.round_timings.iter().map(|t| t.round).collect();
+    assert!(
+        timed.starts_with(&[2, 1]) || timed.starts_with(&[3, 2, 1]),
+        "{timed:?}"
+    );
+    for t in &sb.round_timings {
+        let parts = t.train_ms + t.local_ms + t.persist_ms + t.network_wait_ms;
+        assert!(t.wall_ms > 0 && t.train_ms > 0, "{t:?}");
+        assert_eq!(t.coordination_ms, t.wall_ms.saturating_sub(parts), "{t:?}");
+        assert!((0.0..=1.0).contains(&t.network_wait_share), "{t:?}");
+    }
     assert!(sa.eval_loss.is_finite());
     assert!(!sa.checkpoint_root.is_empty(), "the checkpoint was written");
 
@@ -409,9 +421,26 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
     assert_eq!(j["state"], "finished");
     assert_eq!(j["role"], "replica");
     assert!(j["round_bytes"][0]["sent"].as_u64().unwrap() > 0, "{j}");
+    assert_eq!(
+        j["round_timings"][0]["round"].as_u64(),
+        Some(sb.round_timings[0].round),
+        "{j}"
+    );
+    assert!(
+        j["round_timings"][0]["wall_ms"].as_u64().unwrap() > 0,
+        "{j}"
+    );
     let out = potluck(args(&["run", "status"], &db)).await;
     assert!(
         text(&out.stdout).contains("per round:  round "),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).contains(&format!(
+            "timing:     round {}: ",
+            sb.round_timings[0].round
+        )),
         "{}",
         text(&out.stdout)
     );

@@ -163,3 +163,21 @@ pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
     let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
     median(&mut r)
 }
+
+/// CPU time this process has used so far (user and system, all threads), in seconds, from
+/// `/proc/self/stat` (10 ms resolution); 0 where that cannot be read. On a busy shared
+/// machine the CPU a transfer costs is steadier than its wall time: where the transfer is
+/// CPU-bound, `cpu(plain) / cpu(ours)` is the throughput ratio a dedicated machine would see.
+pub fn process_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces: count fields from after it.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15, in USER_HZ (100 on Linux) ticks.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}

@@ -490,6 +490,12 @@ fn status_json(s: &v1::RunStatusResponse) -> serde_json::Value {
         "round_bytes": s.round_bytes.iter().map(|b| serde_json::json!({
             "round": b.round, "sent": b.sent, "received": b.received,
         })).collect::<Vec<_>>(),
+        "round_timings": s.round_timings.iter().map(|t| serde_json::json!({
+            "round": t.round, "overlap": t.overlap, "wall_ms": t.wall_ms,
+            "train_ms": t.train_ms, "local_ms": t.local_ms, "persist_ms": t.persist_ms,
+            "network_wait_ms": t.network_wait_ms, "coordination_ms": t.coordination_ms,
+            "network_wait_share": t.network_wait_share,
+        })).collect::<Vec<_>>(),
         "rejected_updates": s.rejected_updates,
         "reassigned_slices": s.reassigned_slices,
         "missing_slices": s.missing_slices,
@@ -498,6 +504,11 @@ fn status_json(s: &v1::RunStatusResponse) -> serde_json::Value {
         "elapsed_secs": s.elapsed_secs,
         "checkpoint_root": s.checkpoint_root,
     })
+}
+
+/// Milliseconds as seconds, for the status display.
+fn secs(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
 }
 
 fn print_status(s: &v1::RunStatusResponse) {
@@ -564,6 +575,26 @@ fn print_status(s: &v1::RunStatusResponse) {
             b.round,
             human_bytes(b.sent),
             human_bytes(b.received)
+        );
+    }
+    for (i, t) in s.round_timings.iter().take(3).enumerate() {
+        println!(
+            "{}round {}: {} wall = train {}, local {}, persist {}, network {} ({:.0}%), \
+             coordination {}{}",
+            if i == 0 {
+                "timing:     "
+            } else {
+                "            "
+            },
+            t.round,
+            secs(t.wall_ms),
+            secs(t.train_ms),
+            secs(t.local_ms),
+            secs(t.persist_ms),
+            secs(t.network_wait_ms),
+            t.network_wait_share * 100.0,
+            secs(t.coordination_ms),
+            if t.overlap { " (overlapped)" } else { "" }
         );
     }
     if s.rejected_updates > 0 {

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::checkpoint::{RUNS_DIR, ledger_dir};
 use super::manifest::{ManifestError, RunManifest};
-use super::session::{RunSummary, TrainError, TrainService};
+use super::session::{RoundTiming, RunSummary, TrainError, TrainService};
 
 /// How long a joining replica keeps trying to reach a coordinator that is not ready yet (it
 /// may still be loading its data).
@@ -167,6 +167,8 @@ pub struct RunView {
     pub bytes_received: u64,
     /// `(round, sent, received)` for the last rounds, newest first.
     pub round_bytes: Vec<(u64, u64, u64)>,
+    /// Where the time of the last rounds went at this daemon, newest first.
+    pub round_timings: Vec<RoundTiming>,
     pub rejected_updates: u64,
     pub reassigned_slices: u64,
     pub missing_slices: u64,
@@ -574,6 +576,7 @@ impl Runs {
             v.reassigned_slices = live.reassigned_slices;
             v.missing_slices = live.missing_slices;
             v.round_bytes = live.round_bytes.clone();
+            v.round_timings = live.round_timings.iter().rev().cloned().collect();
             v.state = live.state.clone();
         }
         // Bytes are the daemon's totals: they count from its start, across runs.
