@@ -357,6 +357,7 @@ impl v1::control_server::Control for ControlService {
                 .collect(),
             reassigned_slices: v.reassigned_slices,
             missing_slices: v.missing_slices,
+            disagreed_rounds: v.disagreed_rounds,
         }))
     }
 

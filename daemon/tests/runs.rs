@@ -421,6 +421,8 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
     assert_eq!(j["state"], "finished");
     assert_eq!(j["role"], "replica");
     assert!(j["round_bytes"][0]["sent"].as_u64().unwrap() > 0, "{j}");
+    // Its replica ended every round on the committed root.
+    assert_eq!(j["disagreed_rounds"].as_u64(), Some(0), "{j}");
     assert_eq!(
         j["round_timings"][0]["round"].as_u64(),
         Some(sb.round_timings[0].round),

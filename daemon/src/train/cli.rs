@@ -499,6 +499,7 @@ fn status_json(s: &v1::RunStatusResponse) -> serde_json::Value {
         "rejected_updates": s.rejected_updates,
         "reassigned_slices": s.reassigned_slices,
         "missing_slices": s.missing_slices,
+        "disagreed_rounds": s.disagreed_rounds,
         "error": s.error,
         "out_dir": s.out_dir,
         "elapsed_secs": s.elapsed_secs,
@@ -604,6 +605,12 @@ fn print_status(s: &v1::RunStatusResponse) {
         println!(
             "reducers:   {} slices reduced for a silent reducer, {} applied as zero",
             s.reassigned_slices, s.missing_slices
+        );
+    }
+    if s.disagreed_rounds > 0 {
+        println!(
+            "disagreed:  {} rounds ended on another root than the committed one (resynced)",
+            s.disagreed_rounds
         );
     }
     println!("elapsed:    {} s", s.elapsed_secs);

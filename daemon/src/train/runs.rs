@@ -172,6 +172,7 @@ pub struct RunView {
     pub rejected_updates: u64,
     pub reassigned_slices: u64,
     pub missing_slices: u64,
+    pub disagreed_rounds: u64,
     pub error: String,
     pub out_dir: String,
     pub elapsed_secs: u64,
@@ -575,6 +576,7 @@ impl Runs {
             v.rejected_updates = live.rejected_updates;
             v.reassigned_slices = live.reassigned_slices;
             v.missing_slices = live.missing_slices;
+            v.disagreed_rounds = live.disagreed_rounds;
             v.round_bytes = live.round_bytes.clone();
             v.round_timings = live.round_timings.iter().rev().cloned().collect();
             v.state = live.state.clone();
