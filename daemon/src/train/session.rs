@@ -19,6 +19,7 @@
 //! (the next member in order) from the contributions every member keeps until the exchange
 //! ends; at 85% whatever is still missing is zero for that round.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1004,21 +1005,32 @@ impl TrainService {
     }
 
     /// Sends one frame to `peer` (to our own inbox when `peer` is us).
-    async fn send_frame(
-        &self,
-        peer: PeerId,
-        mut header: FrameHeader,
-        payload: &[u8],
-    ) -> Result<(), TrainError> {
+    /// Hashes, compresses (when it pays) and signs a frame once, for any number of peers:
+    /// the signed header names no recipient.
+    fn seal(&self, mut header: FrameHeader, payload: Arc<[u8]>) -> Result<Sealed, TrainError> {
+        let wire: Arc<[u8]> = match seal_payload(&mut header, &payload, Some(1)) {
+            Cow::Borrowed(_) => payload.clone(),
+            Cow::Owned(w) => w.into(),
+        };
+        self.sign(&mut header)?;
+        Ok(Sealed {
+            header,
+            wire,
+            payload,
+        })
+    }
+
+    /// Delivers a sealed frame to `peer` (to this daemon's own inbox when it is this
+    /// daemon), sending it again until the receiver acknowledges it.
+    async fn send_frame(&self, peer: PeerId, sealed: &Sealed) -> Result<(), TrainError> {
         if self.inner.cancel.is_cancelled() {
             return Err(TrainError::ShuttingDown);
         }
-        let wire = seal_payload(&mut header, payload, Some(1));
-        self.sign(&mut header)?;
+        let (header, wire) = (&sealed.header, &sealed.wire);
         if peer == self.inner.local {
             let frame = Frame {
-                header,
-                payload: payload.to_vec(),
+                header: header.clone(),
+                payload: sealed.payload.to_vec(),
                 wire_bytes: 0,
             };
             let _ = self
@@ -1033,7 +1045,7 @@ impl TrainService {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match self.send_once(peer, &header, &wire).await {
+            match self.send_once(peer, header, wire).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt >= SEND_ATTEMPTS || self.inner.cancel.is_cancelled() => {
                     return Err(e);
@@ -2846,7 +2858,11 @@ impl TrainService {
             None => Arc::from(Vec::new()),
         };
         tokio::spawn(async move {
-            if let Err(e) = svc.send_frame(to, header, &bytes).await {
+            let sent = match svc.seal(header, bytes) {
+                Ok(sealed) => svc.send_frame(to, &sealed).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
                 tracing::warn!(peer = %to, error = %e, "contribution not delivered");
             }
         });
@@ -2901,17 +2917,36 @@ impl TrainService {
             Some(p) => vec![p],
             None => plan.members.to_vec(),
         };
-        for peer in targets {
-            let svc = self.clone();
-            let header = header.clone();
-            let bytes = bytes.clone();
-            tokio::spawn(async move {
-                if let Err(e) = svc.send_frame(peer, header, &bytes).await {
-                    tracing::warn!(%peer, error = %e, "reduced slice not delivered");
+        // Sealed once for every member (hashed, compressed and signed a single time), off
+        // the exchange's own task.
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let sealed = match svc.seal(header, bytes) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reduced slice not sealed; not sent");
+                    return;
                 }
-            });
-        }
+            };
+            for peer in targets {
+                let svc = svc.clone();
+                let sealed = sealed.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = svc.send_frame(peer, &sealed).await {
+                        tracing::warn!(%peer, error = %e, "reduced slice not delivered");
+                    }
+                });
+            }
+        });
     }
+}
+
+/// A frame hashed, compressed and signed once, ready for any member.
+struct Sealed {
+    header: FrameHeader,
+    /// What goes on the wire: the payload itself, or its zstd compression.
+    wire: Arc<[u8]>,
+    payload: Arc<[u8]>,
 }
 
 /// One sharded exchange: who takes part, which slice each reduces, and its deadlines.
