@@ -342,7 +342,8 @@ fn breakdown(
         let h1 = t1.elapsed();
         device.synchronize()?;
         let t2 = Instant::now();
-        opt.step(model.trainable(), &grads, train, train.lr)?;
+        let grads = model.param_grads(&grads)?;
+        model.optimizer_step(&mut opt, &grads, train, train.lr)?;
         let h2 = t2.elapsed();
         device.synchronize()?;
         let t3 = Instant::now();
