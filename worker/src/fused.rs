@@ -1499,6 +1499,7 @@ mod cuda {
             S::BF16(v) => (v.device_ptr(&stream).0, 2),
             S::F16(v) => (v.device_ptr(&stream).0, 2),
             S::U32(v) => (v.device_ptr(&stream).0, 4),
+            S::I64(v) => (v.device_ptr(&stream).0, 8),
             _ => candle_core::bail!("fused kernel: unsupported storage {:?}", s.dtype()),
         };
         Ok(base + (start * size) as u64)

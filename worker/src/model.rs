@@ -205,6 +205,10 @@ pub struct Weights {
     compute: DType,
     /// The stacked expert leaves `[experts, out, in]`, by `layers.{l}.moe.experts.{proj}`.
     stacks: HashMap<String, Tensor>,
+    /// Expert weights of the stacked leaves whose expert got no tokens in this pass: their
+    /// slices of the leaf's gradient are zeros, not gradients (`Model::collect_grads` leaves
+    /// them out, as it does for an idle expert of the per-expert path).
+    idle: RefCell<Vec<String>>,
     lora_scale: f64,
 }
 
@@ -1022,6 +1026,7 @@ impl Model {
             cache: RefCell::new(HashMap::new()),
             compute: self.compute_dtype,
             stacks,
+            idle: RefCell::new(Vec::new()),
             lora_scale,
         })
     }
@@ -1246,7 +1251,7 @@ impl Model {
             Some(v) => grads.get(v.as_tensor()).cloned(),
             None => None,
         };
-        let param_grads = self.collect_grads(&grads, |n| self.stage_owns(spec, n))?;
+        let param_grads = self.collect_grads_of(Some(&w), &grads, |n| self.stage_owns(spec, n))?;
         Ok(StageBackward {
             input_grad,
             param_grads,
@@ -1257,16 +1262,29 @@ impl Model {
 
     /// The gradients of the trainable parameters selected by `keep`, in layout order and
     /// the masters' dtype; parameters that took no part (an expert that got no tokens) are
-    /// left out.
+    /// left out. For a model with compute leaves (bf16/f16) that ran experts batched, use
+    /// the `Weights`-aware path of `stage_backward`/`expert_backward`: here an idle expert's
+    /// zero slice of the stacked gradient is returned as a gradient.
     pub fn collect_grads(
         &self,
         grads: &GradStore,
         keep: impl Fn(&str) -> bool,
     ) -> Result<Vec<(String, Tensor)>> {
+        self.collect_grads_of(None, grads, keep)
+    }
+
+    fn collect_grads_of(
+        &self,
+        w: Option<&Weights>,
+        grads: &GradStore,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let idle = w.map(|w| w.idle.borrow().clone()).unwrap_or_default();
         let mut out = Vec::new();
         for ((n, _), g) in self.trainable.iter().zip(self.param_grads(grads)?) {
             if let Some(g) = g
                 && keep(n)
+                && !idle.contains(n)
             {
                 out.push((n.clone(), g.to_dtype(self.master_dtype)?));
             }
@@ -1315,8 +1333,20 @@ impl Model {
             let routing = self.moe_route(w, l, &h)?;
             // Batched only when every expert has tokens: an idle expert's parameters then
             // get no gradient at all, as callers of `collect_grads` expect.
+            // With stacked leaves the batched path runs anyway: an idle expert's rows are all
+            // padding, its slice of the leaf's gradient is zero, and it is recorded as idle.
             let all_busy = routing.tokens.iter().all(|t| !t.is_empty());
-            let y = if self.experts_batched_here() && all_busy {
+            let stacked = !w.stacks.is_empty();
+            let y = if self.experts_batched_here() && (all_busy || stacked) {
+                if stacked {
+                    for e in (0..routing.tokens.len()).filter(|&e| routing.tokens[e].is_empty()) {
+                        for proj in ["w_gate", "w_up", "w_down"] {
+                            w.idle
+                                .borrow_mut()
+                                .push(format!("layers.{l}.moe.experts.{e}.{proj}.weight"));
+                        }
+                    }
+                }
                 self.experts_batched(w, l, &routing, &h)?
             } else {
                 let xs = routing.dispatch(&h)?;
@@ -1617,7 +1647,10 @@ impl Model {
             .cloned()
             .ok_or_else(|| WorkerError::Mismatch("expert input got no gradient".into()))?;
         let prefix = format!("layers.{layer}.moe.experts.{expert}.");
-        Ok((gx, self.collect_grads(&grads, |n| n.starts_with(&prefix))?))
+        Ok((
+            gx,
+            self.collect_grads_of(Some(&w), &grads, |n| n.starts_with(&prefix))?,
+        ))
     }
 
     /// Final norm, output head and mean cross-entropy (in at least f32).

@@ -168,6 +168,15 @@ impl AdamW {
                 });
             }
             let on_gpu = params.iter().all(|(_, p)| !p.device().is_cpu());
+            if on_gpu && !crate::fused::MultiTensor::supported(&multi) {
+                // Gradients of mixed dtypes (an expert that ran on its own cast master next
+                // to stacked leaves): one dtype, the masters', for the kernels.
+                for m in &mut multi {
+                    if let Some(g) = &m.grad {
+                        m.grad = Some(g.to_dtype(DType::F32)?);
+                    }
+                }
+            }
             if on_gpu && crate::fused::MultiTensor::supported(&multi) {
                 return Ok((self.step_multi(params, multi, cfg, lr)?, true));
             }
