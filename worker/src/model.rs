@@ -5,8 +5,10 @@
 //! and using them would silently stop gradients; the normalisations, RoPE, the attention
 //! softmax and SwiGLU's gate are the worker's own fused ops instead (`crate::fused`), with
 //! backward passes, CPU versions and CUDA kernels. Master weights are `Var`s in the master dtype
-//! (f32, or f64 for gradient checks); the compute copy is a differentiable `to_dtype` cast, so
-//! gradients land on the f32 masters even when the pass runs in bf16.
+//! (f32, or f64 for gradient checks). With f32/f64 compute the pass reads the masters; with
+//! bf16/f16 compute it reads compute copies kept as leaves of the graph (`Leaves`: one per
+//! parameter, the experts' weights stacked per layer and projection), which the optimizer
+//! refreshes in its own pass, and `Model::param_grads` maps their gradients to the masters.
 //!
 //! The training path and the stage path are the same code: a full forward is one stage that
 //! holds every layer, the embedding and the head; an MoE layer always runs as
