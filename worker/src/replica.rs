@@ -231,11 +231,15 @@ impl Replica {
                 self.step
             )));
         }
-        let grads = self.model.param_grads(&total.backward()?)?;
+        let store = total.backward()?;
+        let grads = self.model.param_grads(&store)?;
         let lr = self.train_cfg.lr_at(self.step);
         let norm = self
             .model
             .optimizer_step(&mut self.opt, &grads, &self.train_cfg, lr)?;
+        // The gradient store (every intermediate gradient) is freed after the optimizer's
+        // launches, while the GPU runs them, not before them.
+        drop(store);
         self.step += 1;
         Ok((ce, aux, run.stats, norm))
     }
