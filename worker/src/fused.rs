@@ -516,6 +516,342 @@ impl CustomOp3 for AdamWFlat {
     }
 }
 
+/// One parameter of a multi-tensor optimizer step (see [`MultiTensor`]).
+#[derive(Debug, Clone)]
+pub struct MultiParam {
+    /// The master weights (f32; f64 on the CPU), contiguous, updated in place.
+    pub master: Tensor,
+    /// Its gradient: contiguous, as many elements, any float dtype. `None` reads as zeros.
+    pub grad: Option<Tensor>,
+    /// A compute copy to refresh with the new weights: a contiguous tensor and the element
+    /// offset of this parameter's values in it.
+    pub copy: Option<(Tensor, usize)>,
+    /// Whether weight decay applies (matrices).
+    pub decay: bool,
+}
+
+/// The parameters of one optimizer step, laid out back to back in one global index space
+/// (the layout of the flat moments). The norm of the gradients and the AdamW update are one
+/// pass each over every parameter in place, without concatenating them into flat buffers
+/// and scattering the result back: on a GPU the buffers' addresses go to the device once, as
+/// a table, and each pass is one launch (a parameter of a flat update cost about four
+/// launches, ~1,500 a step on `base`). On the CPU the same arithmetic runs parameter by
+/// parameter; that version is what CI tests against [`adamw_flat`].
+#[derive(Debug)]
+pub struct MultiTensor {
+    params: Vec<MultiParam>,
+    total: usize,
+    /// The device table of addresses (`MT_FIELDS` i64 per parameter), on a GPU.
+    table: Option<Tensor>,
+}
+
+/// Fields per parameter in the device table (`MT_FIELDS` in kernels.cu).
+#[cfg(feature = "cuda")]
+const MT_FIELDS: usize = 6;
+
+impl MultiTensor {
+    /// Checks the parameters and, on a GPU, uploads their table. Fails when a tensor is not
+    /// contiguous, a gradient or a copy does not fit its parameter, or the dtypes are not
+    /// ones the device kernels take (see [`MultiTensor::supported`]).
+    pub fn new(params: Vec<MultiParam>) -> candle_core::Result<Self> {
+        if !Self::supported(&params) {
+            candle_core::bail!("multi-tensor step: unsupported devices, dtypes or layouts");
+        }
+        let mut total = 0;
+        for p in &params {
+            let n = p.master.elem_count();
+            if let Some(g) = &p.grad
+                && g.elem_count() != n
+            {
+                candle_core::bail!(
+                    "multi-tensor step: gradient {:?} for a parameter {:?}",
+                    g.dims(),
+                    p.master.dims()
+                );
+            }
+            if let Some((c, off)) = &p.copy
+                && off + n > c.elem_count()
+            {
+                candle_core::bail!("multi-tensor step: the compute copy is too small");
+            }
+            total += n;
+        }
+        let table = match params.first().map(|p| p.master.device().clone()) {
+            #[cfg(feature = "cuda")]
+            Some(dev @ candle_core::Device::Cuda(_)) => {
+                let mut tab = Vec::with_capacity(params.len() * MT_FIELDS);
+                let mut off = 0usize;
+                for p in &params {
+                    let n = p.master.elem_count();
+                    let copy = match &p.copy {
+                        Some((c, o)) => cuda::tensor_address(c, *o)?,
+                        None => 0,
+                    };
+                    let grad = match &p.grad {
+                        Some(g) => cuda::tensor_address(g, 0)?,
+                        None => 0,
+                    };
+                    tab.extend([
+                        cuda::tensor_address(&p.master, 0)? as i64,
+                        grad as i64,
+                        copy as i64,
+                        n as i64,
+                        off as i64,
+                        i64::from(p.decay),
+                    ]);
+                    off += n;
+                }
+                let len = tab.len();
+                Some(Tensor::from_vec(tab, len, &dev)?)
+            }
+            _ => None,
+        };
+        Ok(MultiTensor {
+            params,
+            total,
+            table,
+        })
+    }
+
+    /// Whether [`MultiTensor::new`] takes these parameters: all on one device, contiguous;
+    /// on the CPU f32 or f64 masters; on a GPU f32 masters, gradients all f32 or all bf16,
+    /// compute copies all f32 or all bf16.
+    pub fn supported(params: &[MultiParam]) -> bool {
+        let Some(first) = params.first() else {
+            return true;
+        };
+        let dev = first.master.device();
+        let contiguous = |t: &Tensor| t.is_contiguous() && t.device().same_device(dev);
+        let layouts = params.iter().all(|p| {
+            contiguous(&p.master)
+                && p.grad.as_ref().is_none_or(contiguous)
+                && p.copy.as_ref().is_none_or(|(c, _)| contiguous(c))
+        });
+        if !layouts {
+            return false;
+        }
+        if dev.is_cpu() {
+            let dt = first.master.dtype();
+            return matches!(dt, DType::F32 | DType::F64)
+                && params.iter().all(|p| p.master.dtype() == dt);
+        }
+        let one_of = |mut it: Box<dyn Iterator<Item = DType> + '_>| match it.next() {
+            None => true,
+            Some(d) => matches!(d, DType::F32 | DType::BF16) && it.all(|x| x == d),
+        };
+        cfg!(feature = "cuda")
+            && params.iter().all(|p| p.master.dtype() == DType::F32)
+            && one_of(Box::new(
+                params
+                    .iter()
+                    .filter_map(|p| p.grad.as_ref().map(Tensor::dtype)),
+            ))
+            && one_of(Box::new(
+                params
+                    .iter()
+                    .filter_map(|p| p.copy.as_ref().map(|(c, _)| c.dtype())),
+            ))
+    }
+
+    /// Number of values over all parameters.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Sum of the squared gradients, in f64 (one pass; read back once).
+    pub fn sum_squares(&self) -> candle_core::Result<f64> {
+        if self.total == 0 {
+            return Ok(0.0);
+        }
+        let Some(table) = &self.table else {
+            let mut acc = 0f64;
+            for g in self.params.iter().filter_map(|p| p.grad.as_ref()) {
+                let v: Vec<f64> = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+                acc += v.iter().map(|x| x * x).sum::<f64>();
+            }
+            return Ok(acc);
+        };
+        let op = MtSumSquares {
+            ntens: self.params.len(),
+            total: self.total,
+            grad_dtype: self.grad_dtype(),
+        };
+        table.apply_op1_no_bwd(&op)?.sum_all()?.to_scalar::<f64>()
+    }
+
+    fn grad_dtype(&self) -> DType {
+        self.params
+            .iter()
+            .find_map(|p| p.grad.as_ref().map(Tensor::dtype))
+            .unwrap_or(DType::F32)
+    }
+
+    fn copy_dtype(&self) -> DType {
+        self.params
+            .iter()
+            .find_map(|p| p.copy.as_ref().map(|(c, _)| c.dtype()))
+            .unwrap_or(DType::F32)
+    }
+
+    /// One AdamW step in place: the masters, the moments `mv` (`[2 * total]`, first moments
+    /// then second, at each value's global index) and the compute copies. The arithmetic and
+    /// its order are those of [`adamw_flat`].
+    pub fn adamw(&self, mv: &Tensor, k: &AdamWConsts) -> candle_core::Result<()> {
+        if mv.elem_count() != 2 * self.total || !mv.is_contiguous() {
+            candle_core::bail!(
+                "multi-tensor AdamW: moments of {} values for {} parameters' values",
+                mv.elem_count(),
+                self.total
+            );
+        }
+        if self.total == 0 {
+            return Ok(());
+        }
+        if let Some(table) = &self.table {
+            return mv.inplace_op1(&MtAdamW {
+                table: table.clone(),
+                ntens: self.params.len(),
+                total: self.total,
+                grad_dtype: self.grad_dtype(),
+                copy_dtype: self.copy_dtype(),
+                k: k.array(),
+            });
+        }
+        match self.params[0].master.dtype() {
+            DType::F64 => self.adamw_cpu::<f64>(mv, k),
+            _ => self.adamw_cpu::<f32>(mv, k),
+        }
+    }
+
+    /// The CPU version: parameter by parameter, the arithmetic of `AdamWFlat::cpu_fwd`.
+    fn adamw_cpu<T: Real>(&self, mv: &Tensor, k: &AdamWConsts) -> candle_core::Result<()> {
+        let dt = T::DTYPE;
+        let k = k.array().map(T::from_f64);
+        let mut off = 0;
+        for p in &self.params {
+            let n = p.master.elem_count();
+            let theta: Vec<T> = p.master.flatten_all()?.to_vec1()?;
+            let g: Vec<T> = match &p.grad {
+                Some(g) => g.flatten_all()?.to_dtype(dt)?.to_vec1()?,
+                None => vec![T::from_f64(0.0); n],
+            };
+            let mut m: Vec<T> = mv.narrow(0, off, n)?.to_dtype(dt)?.to_vec1()?;
+            let mut v: Vec<T> = mv.narrow(0, self.total + off, n)?.to_dtype(dt)?.to_vec1()?;
+            let mask = T::from_f64(if p.decay { 1.0 } else { 0.0 });
+            let mut out = theta;
+            for j in 0..n {
+                let gj = g[j];
+                m[j] = m[j] * k[1] + gj * k[0];
+                v[j] = v[j] * k[3] + (gj * gj) * k[2];
+                let denom = (v[j] * k[4]).sqrt() + k[5];
+                let update = (m[j] / denom) * k[6];
+                let dec = mask * k[7] + T::from_f64(1.0);
+                out[j] = out[j] * dec - update;
+            }
+            let dev = p.master.device();
+            let new = Tensor::from_vec(out, n, dev)?;
+            p.master.flatten_all()?.slice_set(&new, 0, 0)?;
+            let mvt = mv.dtype();
+            mv.slice_set(&Tensor::from_vec(m, n, dev)?.to_dtype(mvt)?, 0, off)?;
+            mv.slice_set(
+                &Tensor::from_vec(v, n, dev)?.to_dtype(mvt)?,
+                0,
+                self.total + off,
+            )?;
+            if let Some((c, o)) = &p.copy {
+                c.flatten_all()?
+                    .slice_set(&new.to_dtype(c.dtype())?, 0, *o)?;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+}
+
+/// Blocks of the multi-tensor kernels, and the values each covers.
+#[cfg(feature = "cuda")]
+fn mt_grid(total: usize) -> (usize, usize) {
+    let blocks = total.div_ceil(4096).clamp(1, 132 * 8);
+    (blocks, total.div_ceil(blocks))
+}
+
+/// The multi-tensor sum of squares, launched on the table: partial sums per block.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct MtSumSquares {
+    ntens: usize,
+    total: usize,
+    grad_dtype: DType,
+}
+
+impl CustomOp1 for MtSumSquares {
+    fn name(&self) -> &'static str {
+        "mt-sum-squares"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("mt-sum-squares runs on a GPU only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (blocks, per) = mt_grid(self.total);
+        let out = cuda::alloc_acc(&s.device, blocks, true)?;
+        let args = [
+            cuda::input(s, l)?,
+            cuda::Arg::I32(self.ntens as i32),
+            cuda::Arg::I64(self.total as i64),
+            cuda::Arg::I64(per as i64),
+            cuda::output(&out)?,
+        ];
+        let name = format!("mt_sum_squares_{}", cuda::suffix(self.grad_dtype)?);
+        cuda::launch_named(&s.device, &name, cuda::blocks(blocks), &args)?;
+        Ok((out, Shape::from(blocks)))
+    }
+}
+
+/// The multi-tensor AdamW, applied in place to the moments.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct MtAdamW {
+    table: Tensor,
+    ntens: usize,
+    total: usize,
+    grad_dtype: DType,
+    copy_dtype: DType,
+    k: [f64; 8],
+}
+
+impl candle_core::InplaceOp1 for MtAdamW {
+    fn name(&self) -> &'static str {
+        "mt-adamw"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("mt-adamw runs on a GPU only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, mv: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        let (blocks, per) = mt_grid(self.total);
+        let mut args = vec![
+            cuda::Arg::P(cuda::tensor_address(&self.table, 0)?),
+            cuda::Arg::I32(self.ntens as i32),
+            cuda::Arg::I64(self.total as i64),
+            cuda::Arg::I64(per as i64),
+            cuda::input(mv, l)?,
+        ];
+        args.extend(self.k.iter().map(|&x| cuda::Arg::F32(x as f32)));
+        let name = format!(
+            "mt_adamw_{}_{}",
+            cuda::suffix(self.grad_dtype)?,
+            cuda::suffix(self.copy_dtype)?
+        );
+        cuda::launch_named(&mv.device, &name, cuda::blocks(blocks), &args)?;
+        Ok(())
+    }
+}
+
 /// Whether the fused kernels take `dt` on the device of `t`: f32 and f64 on the CPU, f32
 /// and bf16 on a GPU. Other combinations run the plain reference ops.
 fn native(t: &Tensor) -> bool {
@@ -1145,7 +1481,7 @@ mod cuda {
         }
     }
 
-    fn suffix(dt: DType) -> Result<&'static str> {
+    pub(super) fn suffix(dt: DType) -> Result<&'static str> {
         Ok(match dt {
             DType::F32 => "f32",
             DType::F64 => "f64",
@@ -1163,9 +1499,22 @@ mod cuda {
             S::BF16(v) => (v.device_ptr(&stream).0, 2),
             S::F16(v) => (v.device_ptr(&stream).0, 2),
             S::U32(v) => (v.device_ptr(&stream).0, 4),
+            S::I64(v) => (v.device_ptr(&stream).0, 8),
             _ => candle_core::bail!("fused kernel: unsupported storage {:?}", s.dtype()),
         };
         Ok(base + (start * size) as u64)
+    }
+
+    /// The device address of element `start` of a contiguous tensor's own values.
+    pub(super) fn tensor_address(t: &candle_core::Tensor, start: usize) -> Result<u64> {
+        let (st, l) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(s) = &*st else {
+            candle_core::bail!("fused kernel: tensor is not on the GPU");
+        };
+        if !l.is_contiguous() {
+            candle_core::bail!("fused kernel: tensor is not contiguous");
+        }
+        address(s, l.start_offset() + start)
     }
 
     /// The address of a contiguous input.
@@ -1239,6 +1588,15 @@ mod cuda {
         }
     }
 
+    /// `n` blocks of 256 threads.
+    pub(super) fn blocks(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n.max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     /// Launches `{kernel}_{dtype}` from `kernels.cu` on the device's stream.
     pub(super) fn launch(
         dev: &CudaDevice,
@@ -1247,8 +1605,17 @@ mod cuda {
         cfg: LaunchConfig,
         args: &[Arg],
     ) -> Result<()> {
-        let name = format!("{kernel}_{}", suffix(dt)?);
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        launch_named(dev, &format!("{kernel}_{}", suffix(dt)?), cfg, args)
+    }
+
+    /// Launches the kernel `name` from `kernels.cu` on the device's stream.
+    pub(super) fn launch_named(
+        dev: &CudaDevice,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<()> {
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let mut b = func.builder();
         for a in args {
             match a {

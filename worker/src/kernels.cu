@@ -148,6 +148,115 @@ SUMSQ(bf16, __nv_bfloat16)
 ADAMW(f32, float)
 ADAMW(f64, double)
 
+// Multi-tensor optimizer kernels: one launch over every parameter of the model, each a
+// separate buffer, instead of concatenating the gradients and the weights into flat buffers
+// and scattering the result back (about four launches per parameter, ~1,500 on `base`).
+// `tab` holds MT_FIELDS int64 per tensor: the address of the f32 master, of the gradient
+// (0: no gradient, read as zeros), of the compute copy to refresh (0: none), the element
+// count, the tensor's offset in the global index space (ascending, tensors back to back),
+// and 1 where weight decay applies. Block b covers global indices [b*per, (b+1)*per).
+#define MT_FIELDS 6
+
+__device__ __forceinline__ int mt_find(const int64_t *tab, int ntens, int64_t j) {
+  int lo = 0, hi = ntens - 1;  // the last tensor whose offset is <= j
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (tab[mid * MT_FIELDS + 4] <= j) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ float to_f32_any(float x) { return x; }
+__device__ __forceinline__ float to_f32_any(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Per-block partial sums of the squared gradients, in f64.
+template <typename G>
+__device__ void mt_sum_squares(const int64_t *tab, int ntens, int64_t total, int64_t per,
+                               double *partial) {
+  __shared__ double warp_sums[32];
+  int64_t start = (int64_t)blockIdx.x * per;
+  int64_t end = start + per < total ? start + per : total;
+  double acc = 0.0;
+  if (start < end) {
+    for (int t = mt_find(tab, ntens, start); t < ntens && tab[t * MT_FIELDS + 4] < end; ++t) {
+      const G *g = (const G *)tab[t * MT_FIELDS + 1];
+      int64_t off = tab[t * MT_FIELDS + 4], n = tab[t * MT_FIELDS + 3];
+      if (g == nullptr) continue;
+      int64_t lo = start > off ? start : off, hi = end < off + n ? end : off + n;
+      for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        double v = (double)to_f32_any(g[j - off]);
+        acc += v * v;
+      }
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    int nw = blockDim.x / 32;
+    acc = lane < nw ? warp_sums[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) partial[blockIdx.x] = acc;
+  }
+}
+
+// One AdamW step in place: masters (f32), the moments mv ([2 * total]: m then v, at each
+// element's global index) and the compute copies. Same constants and operation order as
+// adamw_flat.
+template <typename G, typename C>
+__device__ void mt_adamw(const int64_t *tab, int ntens, int64_t total, int64_t per, float *mv,
+                         float k0, float k1, float k2, float k3, float k4, float k5, float k6,
+                         float k7) {
+  int64_t start = (int64_t)blockIdx.x * per;
+  int64_t end = start + per < total ? start + per : total;
+  if (start >= end) return;
+  for (int t = mt_find(tab, ntens, start); t < ntens && tab[t * MT_FIELDS + 4] < end; ++t) {
+    const int64_t *e = tab + t * MT_FIELDS;
+    float *p = (float *)e[0];
+    const G *g = (const G *)e[1];
+    C *c = (C *)e[2];
+    int64_t n = e[3], off = e[4];
+    float mask = e[5] ? 1.f : 0.f;
+    int64_t lo = start > off ? start : off, hi = end < off + n ? end : off + n;
+    for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+      int64_t l = j - off;
+      float gj = g == nullptr ? 0.f : to_f32_any(g[l]);
+      float m = mv[j] * k1 + gj * k0;
+      float v = mv[total + j] * k3 + (gj * gj) * k2;
+      float denom = sqrtf(v * k4) + k5;
+      float update = (m / denom) * k6;
+      float dec = mask * k7 + 1.f;
+      float th = p[l] * dec - update;
+      p[l] = th;
+      mv[j] = m;
+      mv[total + j] = v;
+      if (c != nullptr) c[l] = from_f<C>(th);
+    }
+  }
+}
+
+#define MTSUMSQ(NAME, G)                                                                     \
+  extern "C" __global__ void mt_sum_squares_##NAME(const int64_t *tab, int ntens,           \
+                                                   int64_t total, int64_t per,              \
+                                                   double *partial) {                       \
+    mt_sum_squares<G>(tab, ntens, total, per, partial);                                     \
+  }
+MTSUMSQ(f32, float)
+MTSUMSQ(bf16, __nv_bfloat16)
+
+#define MTADAMW(NAME, G, C)                                                                  \
+  extern "C" __global__ void mt_adamw_##NAME(const int64_t *tab, int ntens, int64_t total,  \
+                                             int64_t per, float *mv, float k0, float k1,    \
+                                             float k2, float k3, float k4, float k5,        \
+                                             float k6, float k7) {                          \
+    mt_adamw<G, C>(tab, ntens, total, per, mv, k0, k1, k2, k3, k4, k5, k6, k7);             \
+  }
+MTADAMW(f32_f32, float, float)
+MTADAMW(f32_bf16, float, __nv_bfloat16)
+MTADAMW(bf16_f32, __nv_bfloat16, float)
+MTADAMW(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+
 // RMSNorm over rows of length d: y = x * r * w with r = 1 / sqrt(mean(x^2) + eps). One warp
 // per row, f32 arithmetic.
 template <typename T>

@@ -5,8 +5,10 @@
 //! and using them would silently stop gradients; the normalisations, RoPE, the attention
 //! softmax and SwiGLU's gate are the worker's own fused ops instead (`crate::fused`), with
 //! backward passes, CPU versions and CUDA kernels. Master weights are `Var`s in the master dtype
-//! (f32, or f64 for gradient checks); the compute copy is a differentiable `to_dtype` cast, so
-//! gradients land on the f32 masters even when the pass runs in bf16.
+//! (f32, or f64 for gradient checks). With f32/f64 compute the pass reads the masters; with
+//! bf16/f16 compute it reads compute copies kept as leaves of the graph (`Leaves`: one per
+//! parameter, the experts' weights stacked per layer and projection), which the optimizer
+//! refreshes in its own pass, and `Model::param_grads` maps their gradients to the masters.
 //!
 //! The training path and the stage path are the same code: a full forward is one stage that
 //! holds every layer, the embedding and the head; an MoE layer always runs as
@@ -14,6 +16,7 @@
 //! Dispatch and combine are gathers whose backward passes are gathers too (`GatherRows`):
 //! candle's CUDA index-add, the usual backward of a gather, is serial over the indices.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -196,20 +199,48 @@ fn acc_dtype(dt: DType) -> DType {
 #[derive(Debug)]
 pub struct Weights {
     map: HashMap<String, Tensor>,
+    /// In a model with compute leaves, the experts' own master weights: the per-expert path
+    /// (a layer with an idle expert, or batching switched off) casts them on first use, so
+    /// the batched path, which reads the stacked leaves, pays nothing for them.
+    lazy: HashMap<String, Tensor>,
+    cache: RefCell<HashMap<String, Tensor>>,
+    compute: DType,
+    /// The stacked expert leaves `[experts, out, in]`, by `layers.{l}.moe.experts.{proj}`.
+    stacks: HashMap<String, Tensor>,
+    /// Expert weights of the stacked leaves whose expert got no tokens in this pass: their
+    /// slices of the leaf's gradient are zeros, not gradients (`Model::collect_grads` leaves
+    /// them out, as it does for an idle expert of the per-expert path).
+    idle: RefCell<Vec<String>>,
     lora_scale: f64,
 }
 
 impl Weights {
-    fn get(&self, name: &str) -> Result<&Tensor> {
-        self.map
+    fn get(&self, name: &str) -> Result<Tensor> {
+        if let Some(t) = self.map.get(name) {
+            return Ok(t.clone());
+        }
+        if let Some(t) = self.cache.borrow().get(name) {
+            return Ok(t.clone());
+        }
+        let master = self
+            .lazy
             .get(name)
-            .ok_or_else(|| WorkerError::Mismatch(format!("parameter {name} is missing")))
+            .ok_or_else(|| WorkerError::Mismatch(format!("parameter {name} is missing")))?;
+        let t = master.to_dtype(self.compute)?;
+        self.cache.borrow_mut().insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    /// The experts' weights of projection `proj` of MoE layer `layer` stacked as
+    /// `[experts, out, in]`, where the model keeps them as one leaf.
+    fn stack(&self, layer: usize, proj: &str) -> Option<&Tensor> {
+        self.stacks.get(&stack_key(layer, proj))
     }
 
     /// `x @ W^T` for `x: [N, in]`, plus the LoRA path when the projection has an adapter.
     fn linear(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
         let w = self.get(&format!("{prefix}.weight"))?;
-        let y = matmul_wt(x, w)?;
+        let y = matmul_wt(x, &w)?;
         match (
             self.map.get(&format!("{prefix}.lora_a")),
             self.map.get(&format!("{prefix}.lora_b")),
@@ -220,6 +251,136 @@ impl Weights {
             }
             _ => Ok(y),
         }
+    }
+}
+
+/// Name of the leaf that stacks the experts' weights of one projection of one MoE layer.
+fn stack_key(layer: usize, proj: &str) -> String {
+    format!("layers.{layer}.moe.experts.{proj}")
+}
+
+/// `(layer, expert, projection)` of an expert's base weight name.
+fn expert_weight(name: &str) -> Option<(usize, usize, &str)> {
+    let rest = name.strip_prefix("layers.")?;
+    let (layer, rest) = rest.split_once(".moe.experts.")?;
+    let (expert, rest) = rest.split_once('.')?;
+    let proj = rest.strip_suffix(".weight")?;
+    if !matches!(proj, "w_gate" | "w_up" | "w_down") {
+        return None;
+    }
+    Some((layer.parse().ok()?, expert.parse().ok()?, proj))
+}
+
+/// Compute-dtype copies of the trainable weights that the forward pass reads directly, as
+/// leaves of the graph, when the compute dtype is not the masters' (bf16 or f16 on f32
+/// masters). Casting every master each step was a graph node per parameter: a cast forward,
+/// and backward a zero tensor, a cast and an add, about four launches per parameter, and
+/// for the batched experts a `cat` of the eight experts' weights and its backward (about
+/// 2,300 launches a step on `base`). The optimizer writes the new weights into the copies in
+/// the same pass (`fused::MultiTensor`); whatever else changes the masters calls
+/// `Model::sync_compute`.
+#[derive(Debug)]
+struct Leaves {
+    vars: Vec<Leaf>,
+    /// For each trainable parameter: its leaf, and its position there (the expert's index
+    /// in a stacked leaf, 0 otherwise).
+    of_param: Vec<(usize, usize)>,
+    /// For each trainable parameter: its leaf's tensor and the element offset of its values.
+    copies: Vec<Option<(Tensor, usize)>>,
+}
+
+/// One compute leaf: a parameter's copy, or the stacked copies of one MoE layer's experts'
+/// weights of one projection (`[experts, out, in]`).
+#[derive(Debug)]
+struct Leaf {
+    key: String,
+    var: Var,
+    members: Vec<usize>,
+    stacked: bool,
+}
+
+impl Leaves {
+    /// Leaves for `trainable` in dtype `compute`, filled from the masters.
+    fn build(trainable: &[(String, Var)], compute: DType) -> Result<Self> {
+        // (key, members, stacked) of each leaf, then the leaves themselves.
+        let mut groups: Vec<(String, Vec<usize>, bool)> = Vec::new();
+        let mut of_param = Vec::with_capacity(trainable.len());
+        let mut stacks: HashMap<String, usize> = HashMap::new();
+        for (i, (name, _)) in trainable.iter().enumerate() {
+            match expert_weight(name) {
+                Some((l, e, proj)) => {
+                    let key = stack_key(l, proj);
+                    let li = *stacks.entry(key.clone()).or_insert_with(|| {
+                        groups.push((key, Vec::new(), true));
+                        groups.len() - 1
+                    });
+                    let members = &mut groups[li].1;
+                    if members.len() != e {
+                        return Err(WorkerError::Mismatch(format!(
+                            "expert weight {name} is out of order"
+                        )));
+                    }
+                    of_param.push((li, e));
+                    members.push(i);
+                }
+                None => {
+                    groups.push((name.clone(), vec![i], false));
+                    of_param.push((groups.len() - 1, 0));
+                }
+            }
+        }
+        let mut vars = Vec::with_capacity(groups.len());
+        for (key, members, stacked) in groups {
+            let cast = |i: usize| trainable[i].1.as_tensor().to_dtype(compute);
+            let t = if stacked {
+                let parts = members
+                    .iter()
+                    .map(|&i| cast(i))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::stack(&parts, 0)?
+            } else {
+                cast(members[0])?
+            };
+            // A fresh storage: the optimizer writes into it in place.
+            let var = Var::from_tensor(&t.detach().copy()?)?;
+            vars.push(Leaf {
+                key,
+                var,
+                members,
+                stacked,
+            });
+        }
+        let copies = trainable
+            .iter()
+            .zip(&of_param)
+            .map(|((_, v), &(li, pos)): (&(String, Var), &(usize, usize))| {
+                Some((vars[li].var.as_tensor().clone(), pos * v.elem_count()))
+            })
+            .collect();
+        Ok(Leaves {
+            vars,
+            of_param,
+            copies,
+        })
+    }
+
+    /// Refreshes every leaf from its masters.
+    fn sync(&self, trainable: &[(String, Var)]) -> Result<()> {
+        for leaf in &self.vars {
+            let dt = leaf.var.dtype();
+            let t = if leaf.stacked {
+                let parts = leaf
+                    .members
+                    .iter()
+                    .map(|&i| trainable[i].1.as_tensor().to_dtype(dt))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::stack(&parts, 0)?
+            } else {
+                trainable[leaf.members[0]].1.as_tensor().to_dtype(dt)?
+            };
+            leaf.var.set(&t)?;
+        }
+        Ok(())
     }
 }
 
@@ -374,26 +535,31 @@ impl Routing {
                 ids[r] = self.sorted_host[self.offsets[e] + j];
             }
         }
-        let mut back = Vec::with_capacity(k);
-        let mut combine_ids = Vec::with_capacity(k * n);
+        // One upload: [padded ids (rows) | the slots' padded rows (k * N: the combine gather,
+        // and the dispatch backward) | combine backward (rows + 1)].
         let mut combine_back = vec![(k * n) as u32; rows + 1];
+        ids.reserve(k * n + rows + 1);
         for j in 0..k {
-            let mut slot = Vec::with_capacity(n);
             for tok in 0..n {
                 let p = self.position[tok * k + j];
                 if p == u32::MAX {
-                    slot.push(rows as u32);
+                    ids.push(rows as u32);
                 } else {
                     let r = pad_of[p as usize];
-                    slot.push(r);
+                    ids.push(r);
                     combine_back[r as usize] = (j * n + tok) as u32;
                 }
             }
-            combine_ids.extend_from_slice(&slot);
-            back.push(Tensor::from_vec(slot, n, &self.device)?);
         }
+        ids.extend_from_slice(&combine_back);
+        let len = ids.len();
+        let all = Tensor::from_vec(ids, len, &self.device)?;
+        let combine_ids = all.narrow(0, rows, k * n)?;
+        let back = (0..k)
+            .map(|j| combine_ids.narrow(0, j * n, n))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let op = GatherRows {
-            ids: Tensor::from_vec(ids, rows, &self.device)?,
+            ids: all.narrow(0, 0, rows)?,
             back,
         };
         let xs = x
@@ -401,8 +567,8 @@ impl Routing {
             .apply_op1(op)?
             .reshape((n_exp, cap, self.d_model))?;
         let combine = PaddedCombine {
-            ids: Tensor::from_vec(combine_ids, k * n, &self.device)?,
-            back: Tensor::from_vec(combine_back, rows + 1, &self.device)?,
+            ids: combine_ids,
+            back: all.narrow(0, rows + k * n, rows + 1)?,
         };
         Ok((xs, combine))
     }
@@ -594,6 +760,9 @@ pub struct Model {
     /// Whether the local experts of a layer run as batched products (see `block`); `None`
     /// chooses by the compute dtype.
     batched_experts: Option<bool>,
+    /// Compute-dtype copies of the trainable weights, when the compute dtype is not the
+    /// masters'.
+    leaves: Option<Leaves>,
 }
 
 impl Model {
@@ -627,6 +796,7 @@ impl Model {
             device: device.clone(),
             master_dtype: master,
             compute_dtype: compute,
+            leaves: Self::leaves_for(&trainable, master, compute)?,
             trainable,
             frozen: Vec::new(),
             lora: None,
@@ -673,6 +843,7 @@ impl Model {
             device: device.clone(),
             master_dtype: master,
             compute_dtype: compute,
+            leaves: Self::leaves_for(&trainable, master, compute)?,
             trainable,
             frozen,
             lora: Some(lora.clone()),
@@ -720,8 +891,83 @@ impl Model {
     }
 
     /// The trainable parameters in their fixed order (for a LoRA model: the adapters only).
+    /// With bf16 or f16 compute the forward pass reads compute copies of these masters:
+    /// whoever changes a master other than through `Model` or `Replica` must call
+    /// [`Model::sync_compute`] before the next pass.
     pub fn trainable(&self) -> &[(String, Var)] {
         &self.trainable
+    }
+
+    /// Compute leaves when the compute dtype differs from the masters'.
+    fn leaves_for(
+        trainable: &[(String, Var)],
+        master: DType,
+        compute: DType,
+    ) -> Result<Option<Leaves>> {
+        if master == compute || trainable.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Leaves::build(trainable, compute)?))
+    }
+
+    /// Refreshes the compute copies from the master weights (nothing to do when the forward
+    /// pass reads the masters).
+    pub fn sync_compute(&self) -> Result<()> {
+        match &self.leaves {
+            Some(l) => l.sync(&self.trainable),
+            None => Ok(()),
+        }
+    }
+
+    /// The gradient of each trainable parameter in `grads`, in layout order (`None` where
+    /// it took no part): the master's own gradient, or its compute copy's (in the compute
+    /// dtype; for an expert's weight, its slice of the stacked leaf's gradient), or the sum
+    /// of both where both exist.
+    pub fn param_grads(&self, grads: &GradStore) -> Result<Vec<Option<Tensor>>> {
+        let mut out = Vec::with_capacity(self.trainable.len());
+        for (i, (_, v)) in self.trainable.iter().enumerate() {
+            let own = grads.get(v.as_tensor()).cloned();
+            let copy = match &self.leaves {
+                Some(lv) => {
+                    let (li, pos) = lv.of_param[i];
+                    let leaf = &lv.vars[li];
+                    match grads.get(leaf.var.as_tensor()) {
+                        Some(g) if leaf.stacked => Some(g.get(pos)?),
+                        Some(g) => Some(g.clone()),
+                        None => None,
+                    }
+                }
+                None => None,
+            };
+            out.push(match (own, copy) {
+                (Some(a), Some(b)) => Some((&a + b.to_dtype(a.dtype())?)?),
+                (a, b) => a.or(b),
+            });
+        }
+        Ok(out)
+    }
+
+    /// One step of the inner AdamW on gradients from [`Model::param_grads`] (or any in
+    /// layout order): the masters are updated and the compute copies refreshed, on a GPU in
+    /// the same pass. Returns the gradient norm before clipping.
+    pub fn optimizer_step(
+        &self,
+        opt: &mut crate::optim::AdamW,
+        grads: &[Option<Tensor>],
+        cfg: &crate::config::TrainConfig,
+        lr: f32,
+    ) -> Result<f64> {
+        let (norm, written) = match &self.leaves {
+            Some(l) => opt.step_params(&self.trainable, grads, &l.copies, cfg, lr)?,
+            None => {
+                let none = vec![None; self.trainable.len()];
+                opt.step_params(&self.trainable, grads, &none, cfg, lr)?
+            }
+        };
+        if !written {
+            self.sync_compute()?;
+        }
+        Ok(norm)
     }
 
     /// Names and shapes of the trainable parameters in their fixed order.
@@ -736,10 +982,12 @@ impl Model {
     /// without, the view is detached (evaluation).
     pub fn weights(&self, track: bool) -> Result<Weights> {
         let mut map = HashMap::with_capacity(self.trainable.len() + self.frozen.len());
+        let mut lazy = HashMap::new();
+        let mut stacks = HashMap::new();
+        let view = |t: &Tensor| if track { t.clone() } else { t.detach() };
         let cast = |t: &Tensor| -> Result<Tensor> {
-            let t = if track { t.clone() } else { t.detach() };
             if t.dtype() == self.compute_dtype {
-                Ok(t)
+                Ok(t.clone())
             } else {
                 Ok(t.to_dtype(self.compute_dtype)?)
             }
@@ -747,15 +995,42 @@ impl Model {
         for (name, t) in &self.frozen {
             map.insert(name.clone(), cast(&t.detach())?);
         }
-        for (name, v) in &self.trainable {
-            map.insert(name.clone(), cast(v.as_tensor())?);
+        match &self.leaves {
+            Some(lv) => {
+                for leaf in &lv.vars {
+                    let t = view(leaf.var.as_tensor());
+                    if leaf.stacked {
+                        stacks.insert(leaf.key.clone(), t);
+                    } else {
+                        map.insert(leaf.key.clone(), t);
+                    }
+                }
+                for (i, (name, v)) in self.trainable.iter().enumerate() {
+                    if lv.vars[lv.of_param[i].0].stacked {
+                        lazy.insert(name.clone(), view(v.as_tensor()));
+                    }
+                }
+            }
+            None => {
+                for (name, v) in &self.trainable {
+                    map.insert(name.clone(), cast(&view(v.as_tensor()))?);
+                }
+            }
         }
         let lora_scale = self
             .lora
             .as_ref()
             .map(|l| l.alpha as f64 / l.rank as f64)
             .unwrap_or(0.0);
-        Ok(Weights { map, lora_scale })
+        Ok(Weights {
+            map,
+            lazy,
+            cache: RefCell::new(HashMap::new()),
+            compute: self.compute_dtype,
+            stacks,
+            idle: RefCell::new(Vec::new()),
+            lora_scale,
+        })
     }
 
     /// The whole model as one stage.
@@ -830,7 +1105,7 @@ impl Model {
                 )));
             }
             let ids = input.flatten_all()?;
-            embed(w.get("tok_emb.weight")?, &ids)?.reshape((b, t, cfg.d_model))?
+            embed(&w.get("tok_emb.weight")?, &ids)?.reshape((b, t, cfg.d_model))?
         } else {
             let (_, t, d) = input.dims3()?;
             if d != cfg.d_model || t > cfg.context {
@@ -978,7 +1253,7 @@ impl Model {
             Some(v) => grads.get(v.as_tensor()).cloned(),
             None => None,
         };
-        let param_grads = self.collect_grads(&grads, |n| self.stage_owns(spec, n));
+        let param_grads = self.collect_grads_of(Some(&w), &grads, |n| self.stage_owns(spec, n))?;
         Ok(StageBackward {
             input_grad,
             param_grads,
@@ -987,18 +1262,36 @@ impl Model {
         })
     }
 
-    /// The gradients of the trainable parameters selected by `keep`, in layout order;
-    /// parameters that took no part (an expert that got no tokens) are left out.
+    /// The gradients of the trainable parameters selected by `keep`, in layout order and
+    /// the masters' dtype; parameters that took no part (an expert that got no tokens) are
+    /// left out. For a model with compute leaves (bf16/f16) that ran experts batched, use
+    /// the `Weights`-aware path of `stage_backward`/`expert_backward`: here an idle expert's
+    /// zero slice of the stacked gradient is returned as a gradient.
     pub fn collect_grads(
         &self,
         grads: &GradStore,
         keep: impl Fn(&str) -> bool,
-    ) -> Vec<(String, Tensor)> {
-        self.trainable
-            .iter()
-            .filter(|(n, _)| keep(n))
-            .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
-            .collect()
+    ) -> Result<Vec<(String, Tensor)>> {
+        self.collect_grads_of(None, grads, keep)
+    }
+
+    fn collect_grads_of(
+        &self,
+        w: Option<&Weights>,
+        grads: &GradStore,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let idle = w.map(|w| w.idle.borrow().clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        for ((n, _), g) in self.trainable.iter().zip(self.param_grads(grads)?) {
+            if let Some(g) = g
+                && keep(n)
+                && !idle.contains(n)
+            {
+                out.push((n.clone(), g.to_dtype(self.master_dtype)?));
+            }
+        }
+        Ok(out)
     }
 
     /// RoPE tables for sequences of `t` tokens.
@@ -1033,17 +1326,29 @@ impl Model {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, d) = x.dims3()?;
         let eps = self.cfg.norm_eps as f64;
-        let h = rms_norm(x, w.get(&format!("layers.{l}.attn_norm.weight"))?, eps)?;
+        let h = rms_norm(x, &w.get(&format!("layers.{l}.attn_norm.weight"))?, eps)?;
         let a = self.attention(w, l, &h, cos, sin)?;
         let x = (x + a)?;
-        let h = rms_norm(&x, w.get(&format!("layers.{l}.ffn_norm.weight"))?, eps)?
+        let h = rms_norm(&x, &w.get(&format!("layers.{l}.ffn_norm.weight"))?, eps)?
             .reshape((b * t, d))?;
         let (f, aux) = if self.cfg.is_moe(l) {
             let routing = self.moe_route(w, l, &h)?;
             // Batched only when every expert has tokens: an idle expert's parameters then
             // get no gradient at all, as callers of `collect_grads` expect.
+            // With stacked leaves the batched path runs anyway: an idle expert's rows are all
+            // padding, its slice of the leaf's gradient is zero, and it is recorded as idle.
             let all_busy = routing.tokens.iter().all(|t| !t.is_empty());
-            let y = if self.experts_batched_here() && all_busy {
+            let stacked = !w.stacks.is_empty();
+            let y = if self.experts_batched_here() && (all_busy || stacked) {
+                if stacked {
+                    for e in (0..routing.tokens.len()).filter(|&e| routing.tokens[e].is_empty()) {
+                        for proj in ["w_gate", "w_up", "w_down"] {
+                            w.idle
+                                .borrow_mut()
+                                .push(format!("layers.{l}.moe.experts.{e}.{proj}.weight"));
+                        }
+                    }
+                }
                 self.experts_batched(w, l, &routing, &h)?
             } else {
                 let xs = routing.dispatch(&h)?;
@@ -1110,7 +1415,7 @@ impl Model {
         let k = cfg.top_k;
         let acc = acc_dtype(self.compute_dtype);
         let router = w.get(&format!("layers.{layer}.moe.router.weight"))?;
-        let logits = matmul_wt(x, router)?.to_dtype(acc)?;
+        let logits = matmul_wt(x, &router)?.to_dtype(acc)?;
         let probs = candle_nn::ops::softmax(&logits, 1)?;
         let p: Vec<f64> = probs.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
         let mut choice = vec![0usize; n * k];
@@ -1151,8 +1456,6 @@ impl Model {
         for list in &mut tokens {
             list.sort_unstable();
         }
-        let mask = Tensor::from_vec(chosen_mask, (n, n_exp), &self.device)?.to_dtype(acc)?;
-        let denom = (&probs * &mask)?.sum_keepdim(1)?;
         // Sorted order of the kept assignments, and where each (token, slot) landed in it.
         let mut offsets = Vec::with_capacity(n_exp);
         let mut sorted_tokens: Vec<u32> = Vec::with_capacity(n * k);
@@ -1168,43 +1471,67 @@ impl Model {
             }
         }
         let kept = sorted_tokens.len();
-        let mut slot_positions = Vec::with_capacity(k);
-        let mut combine_ids = Vec::with_capacity(k * n);
+        // Every index vector of the layer goes to the device in one upload and every mask
+        // in another, viewed in place: an upload from pageable memory waits for the stream,
+        // and there were about ten a layer. `ids` is [the slots' sorted positions (k * N, the
+        // combine gather) | sorted tokens (A) | combine backward (A + 1) | flat gate ids (A)];
+        // `reals` is [chosen mask (N * E) | one-hot choice of each slot (k * N * E) | f (E)].
+        let mut ids: Vec<u32> = Vec::with_capacity(k * n + 3 * kept + 1);
         let mut combine_back = vec![(k * n) as u32; kept + 1];
-        let mut slot_gates = Vec::with_capacity(k);
+        let mut reals = chosen_mask;
+        reals.resize((1 + k) * n * n_exp, 0.0);
         for j in 0..k {
-            let mut pos = Vec::with_capacity(n);
-            let mut onehot = vec![0f64; n * n_exp];
+            let onehot = &mut reals[(1 + j) * n * n_exp..(2 + j) * n * n_exp];
             for tok in 0..n {
                 let p = position[tok * k + j];
                 if p == u32::MAX {
-                    pos.push(kept as u32);
+                    ids.push(kept as u32);
                 } else {
-                    pos.push(p);
+                    ids.push(p);
                     combine_back[p as usize] = (j * n + tok) as u32;
                     onehot[tok * n_exp + choice[tok * k + j]] = 1.0;
                 }
             }
-            combine_ids.extend_from_slice(&pos);
-            slot_positions.push(Tensor::from_vec(pos, n, &self.device)?);
+        }
+        ids.extend_from_slice(&sorted_tokens);
+        ids.extend_from_slice(&combine_back);
+        ids.extend(
+            tokens
+                .iter()
+                .enumerate()
+                .flat_map(|(e, list)| list.iter().map(move |&t| t * n_exp as u32 + e as u32)),
+        );
+        reals.extend(chosen_count.iter().map(|&c| c as f64 / (n * k) as f64));
+        let ids_len = ids.len();
+        let ids = Tensor::from_vec(ids, ids_len, &self.device)?;
+        let reals_len = reals.len();
+        let reals = if acc == DType::F32 {
+            let r: Vec<f32> = reals.iter().map(|&x| x as f32).collect();
+            Tensor::from_vec(r, reals_len, &self.device)?
+        } else {
+            Tensor::from_vec(reals, reals_len, &self.device)?.to_dtype(acc)?
+        };
+        let ne = n * n_exp;
+        let mask = reals.narrow(0, 0, ne)?.reshape((n, n_exp))?;
+        let denom = (&probs * &mask)?.sum_keepdim(1)?;
+        let combine_ids = ids.narrow(0, 0, k * n)?;
+        let mut slot_positions = Vec::with_capacity(k);
+        let mut slot_gates = Vec::with_capacity(k);
+        for j in 0..k {
+            slot_positions.push(combine_ids.narrow(0, j * n, n)?);
             // The gate as a dense product with the slot's one-hot choice: differentiable
             // with respect to the router without a gather (whose backward is an index-add).
-            let onehot = Tensor::from_vec(onehot, (n, n_exp), &self.device)?.to_dtype(acc)?;
+            let onehot = reals.narrow(0, (1 + j) * ne, ne)?.reshape((n, n_exp))?;
             let gate = (&probs * onehot)?.sum_keepdim(1)?.div(&denom)?;
             slot_gates.push(gate.to_dtype(self.compute_dtype)?);
         }
-        let sorted_host = sorted_tokens.clone();
-        let sorted = Tensor::from_vec(sorted_tokens, kept, &self.device)?;
-        let combine_ids = Tensor::from_vec(combine_ids, k * n, &self.device)?;
-        let combine_back = Tensor::from_vec(combine_back, kept + 1, &self.device)?;
+        let sorted_host = sorted_tokens;
+        let sorted = ids.narrow(0, k * n, kept)?;
+        let combine_back = ids.narrow(0, k * n + kept, kept + 1)?;
+        let flat = ids.narrow(0, k * n + 2 * kept + 1, kept)?;
         let gate_all = probs.broadcast_div(&denom)?.flatten_all()?;
-        let flat: Vec<u32> = tokens
-            .iter()
-            .enumerate()
-            .flat_map(|(e, list)| list.iter().map(move |&t| t * n_exp as u32 + e as u32))
-            .collect();
         let sorted_gates = gate_all
-            .index_select(&Tensor::from_vec(flat, kept, &self.device)?, 0)?
+            .index_select(&flat, 0)?
             .to_dtype(self.compute_dtype)?;
         let mut index = Vec::with_capacity(n_exp);
         let mut gates = Vec::with_capacity(n_exp);
@@ -1217,11 +1544,7 @@ impl Model {
                 gates.push(Some(sorted_gates.narrow(0, offsets[e], list.len())?));
             }
         }
-        let frac: Vec<f64> = chosen_count
-            .iter()
-            .map(|&c| c as f64 / (n * k) as f64)
-            .collect();
-        let frac = Tensor::from_vec(frac, n_exp, &self.device)?.to_dtype(acc)?;
+        let frac = reals.narrow(0, (1 + k) * ne, n_exp)?;
         let aux = (probs.mean(0)? * frac)?
             .sum_all()?
             .affine(n_exp as f64, 0.0)?;
@@ -1261,6 +1584,10 @@ impl Model {
         x: &Tensor,
     ) -> Result<Tensor> {
         let stack = |proj: &str| -> Result<Tensor> {
+            // A model with compute leaves keeps the stacked weights as one leaf.
+            if let Some(s) = w.stack(layer, proj) {
+                return Ok(s.transpose(1, 2)?);
+            }
             let mut ws = Vec::with_capacity(self.cfg.n_experts);
             for e in 0..self.cfg.n_experts {
                 ws.push(w.get(&format!("layers.{layer}.moe.experts.{e}.{proj}.weight"))?);
@@ -1322,7 +1649,10 @@ impl Model {
             .cloned()
             .ok_or_else(|| WorkerError::Mismatch("expert input got no gradient".into()))?;
         let prefix = format!("layers.{layer}.moe.experts.{expert}.");
-        Ok((gx, self.collect_grads(&grads, |n| n.starts_with(&prefix))))
+        Ok((
+            gx,
+            self.collect_grads_of(Some(&w), &grads, |n| n.starts_with(&prefix))?,
+        ))
     }
 
     /// Final norm, output head and mean cross-entropy (in at least f32).
@@ -1334,7 +1664,7 @@ impl Model {
                 targets.dims()
             )));
         }
-        let h = rms_norm(x, w.get("final_norm.weight")?, self.cfg.norm_eps as f64)?
+        let h = rms_norm(x, &w.get("final_norm.weight")?, self.cfg.norm_eps as f64)?
             .reshape((b * t, d))?;
         let head = if self.cfg.tie_embeddings {
             w.get("tok_emb.weight")?

@@ -119,18 +119,75 @@ impl AdamW {
         cfg: &TrainConfig,
         lr: f32,
     ) -> Result<f64, WorkerError> {
-        if params.len() != self.m.len() {
+        let grads: Vec<Option<Tensor>> = params
+            .iter()
+            .map(|(_, p)| grads.get(p.as_tensor()).cloned())
+            .collect();
+        let copies = vec![None; params.len()];
+        Ok(self.step_params(params, &grads, &copies, cfg, lr)?.0)
+    }
+
+    /// [`AdamW::step`] with the gradients given per parameter (`grads[i]` for `params[i]`,
+    /// any float dtype, `None` for none) and, per parameter, a compute copy to refresh with
+    /// the new weights (a tensor and the element offset of the parameter's values in it; see
+    /// `fused::MultiParam`). Returns the norm before clipping and whether the copies were
+    /// written: they are on a GPU with f32 masters (the multi-tensor kernels), otherwise the
+    /// caller refreshes them from the masters.
+    pub fn step_params(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Option<Tensor>],
+        copies: &[Option<(Tensor, usize)>],
+        cfg: &TrainConfig,
+        lr: f32,
+    ) -> Result<(f64, bool), WorkerError> {
+        if params.len() != self.m.len() || grads.len() != params.len() {
             return Err(WorkerError::Mismatch(
                 "optimizer built for other parameters".into(),
+            ));
+        }
+        if copies.len() != params.len() {
+            return Err(WorkerError::Mismatch(
+                "one compute copy entry per parameter expected".into(),
             ));
         }
         let cpu_f32 = params
             .iter()
             .all(|(_, p)| p.device().is_cpu() && p.dtype() == DType::F32);
         if !cpu_f32 {
-            return self.step_flat(params, grads, cfg, lr);
+            let mut multi = Vec::with_capacity(params.len());
+            for ((_, p), (g, c)) in params.iter().zip(grads.iter().zip(copies)) {
+                multi.push(crate::fused::MultiParam {
+                    master: p.as_tensor().clone(),
+                    grad: match g {
+                        Some(g) => Some(g.contiguous()?),
+                        None => None,
+                    },
+                    copy: c.clone(),
+                    decay: p.rank() >= 2,
+                });
+            }
+            let on_gpu = params.iter().all(|(_, p)| !p.device().is_cpu());
+            if on_gpu && !crate::fused::MultiTensor::supported(&multi) {
+                // Gradients of mixed dtypes (an expert that ran on its own cast master next
+                // to stacked leaves): one dtype, the masters', for the kernels.
+                for m in &mut multi {
+                    if let Some(g) = &m.grad {
+                        m.grad = Some(g.to_dtype(DType::F32)?);
+                    }
+                }
+            }
+            if on_gpu && crate::fused::MultiTensor::supported(&multi) {
+                return Ok((self.step_multi(params, multi, cfg, lr)?, true));
+            }
+            return Ok((self.step_flat(params, grads, cfg, lr)?, false));
         }
-        let norm = Self::grad_norm(params, grads)?;
+        let mut total = 0f64;
+        for g in grads.iter().flatten() {
+            let values: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            total += values.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+        }
+        let norm = total.sqrt();
         if !norm.is_finite() {
             return Err(WorkerError::NonFinite(format!("gradient norm is {norm}")));
         }
@@ -147,10 +204,94 @@ impl AdamW {
             self.step_cpu_f32(
                 i,
                 p,
-                grads.get(p.as_tensor()),
+                grads[i].as_ref(),
                 [clip, b1, b2, bc1, bc2, lr, decay, cfg.eps as f64],
             )?;
         }
+        Ok((norm, false))
+    }
+
+    /// The AdamW constants of the flat and multi-tensor kernels at the current step.
+    fn kernel_consts(&self, cfg: &TrainConfig, lr: f32, clip: f64) -> crate::fused::AdamWConsts {
+        let (b1, b2, bc1, bc2) = self.betas(cfg);
+        let lr = lr as f64;
+        crate::fused::AdamWConsts {
+            g1: clip * (1.0 - b1),
+            b1,
+            g2: clip * clip * (1.0 - b2),
+            b2,
+            inv_bc2: 1.0 / bc2,
+            eps: cfg.eps as f64,
+            step: lr / bc1,
+            decay: -lr * cfg.weight_decay as f64,
+        }
+    }
+
+    /// The flat state (moments as one `[2n]` buffer, `m` and `v` views into it), built from
+    /// the per-parameter moments on first use.
+    fn flat_state(
+        &mut self,
+        params: &[(String, Var)],
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<FlatState, WorkerError> {
+        if let Some(state) = self.flat.take() {
+            return Ok(state);
+        }
+        let mut parts = Vec::with_capacity(2 * params.len());
+        for t in self.m.iter().chain(&self.v) {
+            parts.push(t.to_dtype(dtype)?.flatten_all()?);
+        }
+        let mut mask = Vec::with_capacity(params.len());
+        for (_, p) in params {
+            let n = p.elem_count();
+            let value = if p.rank() >= 2 { 1.0 } else { 0.0 };
+            mask.push(Tensor::full(value, n, device)?.to_dtype(dtype)?);
+        }
+        Ok(FlatState {
+            mv: Tensor::cat(&parts, 0)?,
+            decay_mask: Tensor::cat(&mask, 0)?,
+        })
+    }
+
+    /// The multi-tensor step (`fused::MultiTensor`): the norm and the update are one pass
+    /// each over every parameter in place; the moments are updated in their flat buffer,
+    /// which `m` and `v` view.
+    fn step_multi(
+        &mut self,
+        params: &[(String, Var)],
+        multi: Vec<crate::fused::MultiParam>,
+        cfg: &TrainConfig,
+        lr: f32,
+    ) -> Result<f64, WorkerError> {
+        let Some((_, first)) = params.first() else {
+            return Ok(0.0);
+        };
+        let (dtype, device) = (first.dtype(), first.device().clone());
+        let mt = crate::fused::MultiTensor::new(multi)?;
+        let norm = mt.sum_squares()?.sqrt();
+        if !norm.is_finite() {
+            return Err(WorkerError::NonFinite(format!("gradient norm is {norm}")));
+        }
+        let fresh = self.flat.is_none();
+        let state = self.flat_state(params, dtype, &device)?;
+        let clip = clip_scale(cfg, norm);
+        self.t += 1;
+        let k = self.kernel_consts(cfg, lr, clip);
+        mt.adamw(&state.mv, &k)?;
+        if fresh {
+            // From now on the moments live in the flat buffer, which the kernel updates in
+            // place: `m` and `v` become views into it once.
+            let n_all = mt.total();
+            let mut offset = 0;
+            for (i, (_, p)) in params.iter().enumerate() {
+                let n = p.elem_count();
+                self.m[i] = state.mv.narrow(0, offset, n)?.reshape(p.dims())?;
+                self.v[i] = state.mv.narrow(0, n_all + offset, n)?.reshape(p.dims())?;
+                offset += n;
+            }
+        }
+        self.flat = Some(state);
         Ok(norm)
     }
 
@@ -168,7 +309,7 @@ impl AdamW {
     fn step_flat(
         &mut self,
         params: &[(String, Var)],
-        grads: &GradStore,
+        grads: &[Option<Tensor>],
         cfg: &TrainConfig,
         lr: f32,
     ) -> Result<f64, WorkerError> {
@@ -179,14 +320,14 @@ impl AdamW {
         let device = first.device().clone();
         let mut thetas = Vec::with_capacity(params.len());
         let mut gs = Vec::with_capacity(params.len());
-        for (name, p) in params {
+        for ((name, p), grad) in params.iter().zip(grads) {
             if p.dtype() != dtype || !p.device().same_device(&device) {
                 return Err(WorkerError::Mismatch(format!(
                     "parameter {name} is not on the device and dtype of the others"
                 )));
             }
             let theta = p.as_tensor().detach();
-            gs.push(match grads.get(p.as_tensor()) {
+            gs.push(match grad {
                 Some(g) => g.detach().to_dtype(dtype)?.flatten_all()?,
                 None => theta.flatten_all()?.zeros_like()?,
             });
@@ -200,39 +341,10 @@ impl AdamW {
         }
         let theta = Tensor::cat(&thetas, 0)?;
         drop(thetas);
-        let state = match self.flat.take() {
-            Some(state) => state,
-            None => {
-                let mut parts = Vec::with_capacity(2 * params.len());
-                for t in self.m.iter().chain(&self.v) {
-                    parts.push(t.to_dtype(dtype)?.flatten_all()?);
-                }
-                let mut mask = Vec::with_capacity(params.len());
-                for (_, p) in params {
-                    let n = p.elem_count();
-                    let value = if p.rank() >= 2 { 1.0 } else { 0.0 };
-                    mask.push(Tensor::full(value, n, &device)?.to_dtype(dtype)?);
-                }
-                FlatState {
-                    mv: Tensor::cat(&parts, 0)?,
-                    decay_mask: Tensor::cat(&mask, 0)?,
-                }
-            }
-        };
+        let state = self.flat_state(params, dtype, &device)?;
         let clip = clip_scale(cfg, norm);
         self.t += 1;
-        let (b1, b2, bc1, bc2) = self.betas(cfg);
-        let lr = lr as f64;
-        let k = crate::fused::AdamWConsts {
-            g1: clip * (1.0 - b1),
-            b1,
-            g2: clip * clip * (1.0 - b2),
-            b2,
-            inv_bc2: 1.0 / bc2,
-            eps: cfg.eps as f64,
-            step: lr / bc1,
-            decay: -lr * cfg.weight_decay as f64,
-        };
+        let k = self.kernel_consts(cfg, lr, clip);
         // [new weights | m | v]; the moments stay views into this buffer until the next step
         // replaces it (which keeps one parameter-sized buffer more alive than strictly needed).
         let out = crate::fused::adamw_flat(&theta, &g, &state.mv, &state.decay_mask, &k)?;
@@ -511,6 +623,12 @@ mod tests {
         );
     }
 
+    fn by_param(ps: &[(String, Var)], grads: &GradStore) -> Vec<Option<Tensor>> {
+        ps.iter()
+            .map(|(_, p)| grads.get(p.as_tensor()).cloned())
+            .collect()
+    }
+
     fn var(values: &[f32], shape: &[usize]) -> Var {
         Var::from_tensor(&Tensor::from_slice(values, shape, &Device::Cpu).unwrap()).unwrap()
     }
@@ -562,7 +680,9 @@ mod tests {
             };
             let lr = 0.05 * (step + 1) as f32;
             let na = opt_a.step(&a, &objective(&a), &cfg, lr).unwrap();
-            let nb = opt_b.step_flat(&b, &objective(&b), &cfg, lr).unwrap();
+            let nb = opt_b
+                .step_flat(&b, &by_param(&b, &objective(&b)), &cfg, lr)
+                .unwrap();
             assert!(
                 (na - nb).abs() <= 1e-6 * na,
                 "step {step}: norm {na} vs {nb}"
@@ -600,7 +720,8 @@ mod tests {
         let cfg = TrainConfig::default();
         let mut opt = AdamW::new(&ps).unwrap();
         let grads = ps[0].1.as_tensor().sum_all().unwrap().backward().unwrap();
-        opt.step_flat(&ps, &grads, &cfg, 0.1).unwrap();
+        opt.step_flat(&ps, &by_param(&ps, &grads), &cfg, 0.1)
+            .unwrap();
         let before = values(&ps[0].1);
         let bad = ps[0]
             .1
@@ -609,7 +730,7 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap();
-        let err = opt.step_flat(&ps, &bad.backward().unwrap(), &cfg, 0.1);
+        let err = opt.step_flat(&ps, &by_param(&ps, &bad.backward().unwrap()), &cfg, 0.1);
         assert!(matches!(err, Err(WorkerError::NonFinite(_))));
         assert_eq!(values(&ps[0].1), before);
         assert_eq!(opt.steps(), 1);
@@ -622,7 +743,7 @@ mod tests {
         let twin = vec![("w".to_string(), var(&before, &[2, 2]))];
         let g1 = ps[0].1.as_tensor().sum_all().unwrap().backward().unwrap();
         let g2 = twin[0].1.as_tensor().sum_all().unwrap().backward().unwrap();
-        opt.step_flat(&ps, &g1, &cfg, 0.1).unwrap();
+        opt.step_flat(&ps, &by_param(&ps, &g1), &cfg, 0.1).unwrap();
         reference.step(&twin, &g2, &cfg, 0.1).unwrap();
         for (x, y) in values(&ps[0].1).iter().zip(values(&twin[0].1)) {
             assert!((x - y).abs() <= 1e-6, "{x} vs {y}");

@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -232,11 +231,15 @@ impl Replica {
                 self.step
             )));
         }
-        let grads = total.backward()?;
+        let store = total.backward()?;
+        let grads = self.model.param_grads(&store)?;
         let lr = self.train_cfg.lr_at(self.step);
         let norm = self
-            .opt
-            .step(self.model.trainable(), &grads, &self.train_cfg, lr)?;
+            .model
+            .optimizer_step(&mut self.opt, &grads, &self.train_cfg, lr)?;
+        // The gradient store (every intermediate gradient) is freed after the optimizer's
+        // launches, while the GPU runs them, not before them.
+        drop(store);
         self.step += 1;
         Ok((ce, aux, run.stats, norm))
     }
@@ -338,10 +341,10 @@ impl Replica {
                 self.step
             )));
         }
-        let grads = total.backward()?;
+        let grads = self.model.param_grads(&total.backward()?)?;
         let mut flat = Vec::with_capacity(self.num_params());
-        for (_, v) in self.model.trainable() {
-            match grads.get(v.as_tensor()) {
+        for ((_, v), g) in self.model.trainable().iter().zip(&grads) {
+            match g {
                 Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
                 None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
             }
@@ -370,19 +373,19 @@ impl Replica {
                 self.num_params()
             )));
         }
-        let mut grads = GradStore::default();
+        let mut grads = Vec::with_capacity(self.model.trainable().len());
         let mut off = 0;
         for (_, v) in self.model.trainable() {
             let n = v.elem_count();
             let g = Tensor::from_slice(&flat[off..off + n], v.dims(), self.model.device())?
                 .to_dtype(self.model.master_dtype())?;
-            grads.insert(v.as_tensor(), g);
+            grads.push(Some(g));
             off += n;
         }
         let lr = self.train_cfg.lr_at(self.step);
         let norm = self
-            .opt
-            .step(self.model.trainable(), &grads, &self.train_cfg, lr)?;
+            .model
+            .optimizer_step(&mut self.opt, &grads, &self.train_cfg, lr)?;
         self.step += 1;
         Ok(norm)
     }
@@ -454,6 +457,7 @@ impl Replica {
             v.set(&t)?;
             off += n;
         }
+        self.model.sync_compute()?;
         Ok(())
     }
 

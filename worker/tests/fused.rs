@@ -182,6 +182,133 @@ fn check_optimizer(device: &Device, dt: DType) {
     }
 }
 
+/// The multi-tensor optimizer step (`fused::MultiTensor`) against the plain AdamW formula
+/// in f64: many parameters of lengths around a block's work (so blocks cover several
+/// parameters and parameters span several blocks), some without a gradient, gradients in
+/// `grad_dt`, compute copies in `copy_dt` written at offsets into one buffer whose gaps
+/// must stay untouched; and the sum of squares against an f64 sum.
+fn check_multi(device: &Device, grad_dt: DType, copy_dt: Option<DType>) {
+    let mut sizes = vec![
+        1usize,
+        7,
+        255,
+        256,
+        257,
+        4095,
+        4096,
+        4097,
+        1000,
+        257 * 131,
+        70_001,
+    ];
+    sizes.extend((0..300).map(|i| 1 + (i * 7919) % 600));
+    let total: usize = sizes.iter().sum();
+    let r = |n: usize, std: f64| Tensor::randn(0f64, std, n, &Device::Cpu).unwrap();
+    let round = |t: &Tensor, dt: DType| t.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap();
+    let on = |t: &Tensor, dt: DType| t.to_dtype(dt).unwrap().to_device(device).unwrap();
+    let gap = 1;
+    let copy_len = total + gap * sizes.len();
+    const POISON: f64 = 7.0;
+    let copy_buf = copy_dt.map(|dt| {
+        Tensor::full(POISON, copy_len, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+            .to_device(device)
+            .unwrap()
+    });
+    let (mut params, mut thetas, mut gs, mut masks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut copy_off = 0;
+    for (i, &n) in sizes.iter().enumerate() {
+        let theta = round(&r(n, 1.0), DType::F32);
+        let g = round(&r(n, 0.1), grad_dt);
+        let has_grad = i % 5 != 3;
+        let decay = i % 2 == 0;
+        params.push(fused::MultiParam {
+            master: Var::from_tensor(&on(&theta, DType::F32))
+                .unwrap()
+                .as_tensor()
+                .clone(),
+            grad: has_grad.then(|| on(&g, grad_dt)),
+            copy: copy_buf.as_ref().map(|c| (c.clone(), copy_off)),
+            decay,
+        });
+        copy_off += n + gap;
+        thetas.push(theta);
+        gs.push(if has_grad {
+            g
+        } else {
+            Tensor::zeros(n, DType::F64, &Device::Cpu).unwrap()
+        });
+        masks.push(Tensor::full(if decay { 1f64 } else { 0.0 }, n, &Device::Cpu).unwrap());
+    }
+    let theta = Tensor::cat(&thetas, 0).unwrap();
+    let g = Tensor::cat(&gs, 0).unwrap();
+    let mask = Tensor::cat(&masks, 0).unwrap();
+    let m = round(&r(total, 0.01), DType::F32);
+    let v = round(&r(total, 0.001).sqr().unwrap(), DType::F32);
+    let (clip, b1, b2, lr, wd, eps, t) = (0.7f64, 0.9f64, 0.95f64, 1e-3, 0.1, 1e-8, 3);
+    let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+    let k = fused::AdamWConsts {
+        g1: clip * (1.0 - b1),
+        b1,
+        g2: clip * clip * (1.0 - b2),
+        b2,
+        inv_bc2: 1.0 / bc2,
+        eps,
+        step: lr / bc1,
+        decay: -lr * wd,
+    };
+    let mv = on(&Tensor::cat(&[&m, &v], 0).unwrap(), DType::F32);
+    let multi = fused::MultiTensor::new(params.clone()).unwrap();
+    assert_eq!(multi.total(), total);
+    let want_ss: f64 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    let got_ss = multi.sum_squares().unwrap();
+    assert!(
+        (got_ss - want_ss).abs() <= 1e-12 * want_ss,
+        "{device:?} {grad_dt:?}: sum of squares {got_ss} vs {want_ss}"
+    );
+    multi.adamw(&mv, &k).unwrap();
+    let m2 = ((&m * b1).unwrap() + (&g * k.g1).unwrap()).unwrap();
+    let v2 = ((&v * b2).unwrap() + (g.sqr().unwrap() * k.g2).unwrap()).unwrap();
+    let upd = (m2.clone() / ((&v2 * k.inv_bc2).unwrap().sqrt().unwrap() + eps).unwrap()).unwrap()
+        * k.step;
+    let dec = ((&mask * k.decay).unwrap() + 1.0).unwrap();
+    let theta2 = ((&theta * dec).unwrap() - upd.unwrap()).unwrap();
+    let masters: Vec<Tensor> = params.iter().map(|p| p.master.clone()).collect();
+    let got_theta = Tensor::cat(&masters, 0).unwrap();
+    let what = format!("{device:?} grads {grad_dt:?} copies {copy_dt:?}");
+    for (name, got, want) in [
+        ("weights", got_theta.clone(), theta2),
+        ("m", mv.narrow(0, 0, total).unwrap(), m2),
+        ("v", mv.narrow(0, total, total).unwrap(), v2),
+    ] {
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-6, "{what}: {name} error {e}");
+    }
+    if let (Some(buf), Some(dt)) = (&copy_buf, copy_dt) {
+        let mut off = 0;
+        for (p, &n) in params.iter().zip(&sizes) {
+            let got = buf.narrow(0, off, n).unwrap();
+            let want = p.master.to_dtype(dt).unwrap();
+            let e = rel_err(&got, &want);
+            assert!(e < 1e-6, "{what}: compute copy error {e}");
+            let poison: f64 = buf
+                .narrow(0, off + n, gap)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(poison, POISON * gap as f64, "{what}: a gap was written");
+            off += n + gap;
+        }
+    }
+}
+
 /// Runs `op` on `inputs` (f64 values, rounded to `dt` and moved to `device`) and `reference`
 /// on the same values in f64 on the CPU; compares the outputs and the gradients of
 /// `sum(out * r)` for a random `r` with respect to every input in `grads`.
@@ -332,6 +459,13 @@ fn fused_optimizer_matches_the_plain_ops_on_the_cpu() {
     }
 }
 
+#[test]
+fn multi_tensor_step_matches_the_plain_update_on_the_cpu() {
+    check_multi(&Device::Cpu, DType::F32, None);
+    check_multi(&Device::Cpu, DType::BF16, Some(DType::BF16));
+    check_multi(&Device::Cpu, DType::F32, Some(DType::BF16));
+}
+
 /// The CUDA kernels against the same f64 CPU reference.
 #[cfg(feature = "cuda")]
 #[test]
@@ -344,6 +478,15 @@ fn cuda_fused_kernels_match_the_plain_ops() {
     }
     for dt in [DType::F32, DType::F64] {
         check_optimizer(&device, dt);
+    }
+    for (g, c) in [
+        (DType::F32, None),
+        (DType::F32, Some(DType::F32)),
+        (DType::F32, Some(DType::BF16)),
+        (DType::BF16, Some(DType::BF16)),
+        (DType::BF16, Some(DType::F32)),
+    ] {
+        check_multi(&device, g, c);
     }
     eprintln!("fused kernels match on {device:?}");
 }

@@ -141,7 +141,7 @@ fn batched_matches_single(capacity_factor: f32, seed: u64) {
         let w = model.weights(true).unwrap();
         let (loss, stats) = model.loss(&w, &x, &y).unwrap();
         let grads = loss.backward().unwrap();
-        let g = model.collect_grads(&grads, |_| true);
+        let g = model.collect_grads(&grads, |_| true).unwrap();
         (loss.to_scalar::<f64>().unwrap(), stats.stats, g)
     };
     let (l1, s1, g1) = run(true);
@@ -163,4 +163,141 @@ fn batched_matches_single(capacity_factor: f32, seed: u64) {
 fn batched_experts_match_one_at_a_time() {
     batched_matches_single(4.0, 3);
     batched_matches_single(0.5, 7);
+}
+
+/// With bf16 compute the forward pass reads compute leaves (the experts' weights stacked,
+/// one leaf per layer and projection): each parameter's gradient from `param_grads` (its
+/// slice of the stacked leaf's gradient) matches the one-expert-at-a-time path, which casts
+/// the experts' masters; and after optimizer steps the leaves hold exactly the masters cast
+/// to bf16 (a fresh model given the same masters computes the same loss, bit for bit).
+#[test]
+fn compute_leaves_match_casting_the_masters() {
+    let cfg = micro(vec![0, 1], 2);
+    let mut model = Model::new(&cfg, &Device::Cpu, DType::BF16, 5).unwrap();
+    let (x, y) = batch(cfg.vocab, 4, cfg.context, 5);
+    let mut run = |batched: bool| {
+        model.set_batched_experts(batched);
+        let w = model.weights(true).unwrap();
+        let (loss, stats) = model.loss(&w, &x, &y).unwrap();
+        let grads = loss.backward().unwrap();
+        let g = model.param_grads(&grads).unwrap();
+        let loss = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        (loss, stats.stats, g)
+    };
+    let (l1, s1, g1) = run(true);
+    let (l0, s0, g0) = run(false);
+    assert!(
+        s1.expert_tokens.iter().flatten().all(|&c| c > 0),
+        "the batched path needs every expert busy"
+    );
+    assert_eq!(s1.expert_tokens, s0.expert_tokens);
+    assert!((l1 - l0).abs() < 2e-2 * l0.abs(), "loss {l1} vs {l0}");
+    for (((name, _), a), b) in model.trainable().iter().zip(&g1).zip(&g0) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        let a = a.to_dtype(DType::F64).unwrap();
+        let b = b.to_dtype(DType::F64).unwrap();
+        let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let den = b.sqr().unwrap().sum_all().unwrap();
+        let e =
+            (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-300)).sqrt();
+        assert!(e < 5e-2, "{name}: relative gradient difference {e}");
+    }
+
+    let train = potluck_worker::TrainConfig::default();
+    let mut opt = potluck_worker::optim::AdamW::new(model.trainable()).unwrap();
+    model.set_batched_experts(true);
+    for _ in 0..2 {
+        let w = model.weights(true).unwrap();
+        let (loss, _) = model.loss(&w, &x, &y).unwrap();
+        let g = model.param_grads(&loss.backward().unwrap()).unwrap();
+        model.optimizer_step(&mut opt, &g, &train, 1e-2).unwrap();
+    }
+    let fresh = Model::new(&cfg, &Device::Cpu, DType::BF16, 99).unwrap();
+    for ((_, a), (_, b)) in fresh.trainable().iter().zip(model.trainable()) {
+        a.set(&b.as_tensor().copy().unwrap()).unwrap();
+    }
+    fresh.sync_compute().unwrap();
+    let loss_of = |m: &Model| {
+        let w = m.weights(false).unwrap();
+        let (loss, _) = m.loss(&w, &x, &y).unwrap();
+        loss.to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    assert_eq!(loss_of(&model), loss_of(&fresh));
+    assert_ne!(loss_of(&model), l1, "the steps changed nothing");
+}
+
+/// With stacked bf16 leaves a layer whose expert got no tokens still runs batched: the busy
+/// experts' gradients match the one-expert-at-a-time path, the idle expert's slice of the
+/// stacked gradient is zero, and `stage_backward` leaves the idle expert's weights out, as
+/// the per-expert path does.
+#[test]
+fn batched_leaves_handle_an_idle_expert() {
+    let cfg = micro(vec![0], 1);
+    let found = (0..64u64).find_map(|seed| {
+        let model = Model::new(&cfg, &Device::Cpu, DType::BF16, seed).unwrap();
+        let (x, y) = batch(cfg.vocab, 1, 3, seed as u32);
+        let w = model.weights(false).unwrap();
+        let (_, run) = model.loss(&w, &x, &y).unwrap();
+        let idle = run.stats.expert_tokens[0].iter().position(|&c| c == 0)?;
+        Some((model, x, y, idle))
+    });
+    let (mut model, x, y, idle) = found.expect("some seed leaves an expert idle");
+    let idle_prefix = format!("layers.0.moe.experts.{idle}.");
+    let mut grads = |batched: bool| {
+        model.set_batched_experts(batched);
+        let w = model.weights(true).unwrap();
+        let (loss, _) = model.loss(&w, &x, &y).unwrap();
+        model.param_grads(&loss.backward().unwrap()).unwrap()
+    };
+    let (g1, g0) = (grads(true), grads(false));
+    for (((name, _), a), b) in model.trainable().iter().zip(&g1).zip(&g0) {
+        if name.starts_with(&idle_prefix) {
+            assert!(
+                b.is_none(),
+                "{name}: the per-expert path gave an idle expert a gradient"
+            );
+            let a = a.as_ref().unwrap().to_dtype(DType::F64).unwrap();
+            let s = a
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert_eq!(s, 0.0, "{name}: the idle slice is not zero");
+            continue;
+        }
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        let a = a.to_dtype(DType::F64).unwrap();
+        let b = b.to_dtype(DType::F64).unwrap();
+        let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let den = b.sqr().unwrap().sum_all().unwrap();
+        let e =
+            (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-300)).sqrt();
+        assert!(e < 5e-2, "{name}: relative gradient difference {e}");
+    }
+    for batched in [true, false] {
+        model.set_batched_experts(batched);
+        let back = model
+            .stage_backward(&model.full_stage(), &x, None, Some(&y))
+            .unwrap();
+        assert!(
+            back.param_grads
+                .iter()
+                .all(|(n, _)| !n.starts_with(&idle_prefix)),
+            "batched {batched}: the idle expert got a gradient"
+        );
+        assert!(
+            back.param_grads
+                .iter()
+                .any(|(n, _)| n.contains(".experts."))
+        );
+    }
 }

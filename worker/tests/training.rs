@@ -354,6 +354,16 @@ fn cuda_f32_and_bf16_reach_the_cpu_loss() {
              dropped {}",
             stats.last_loss, stats.dropped
         );
+        // The optimizer wrote the bf16 compute copies in its own pass: they must be what a
+        // fresh cast of the masters gives.
+        let flat = r.flat_params().unwrap();
+        r.set_flat_params(&flat).unwrap();
+        let resynced = r.eval_loss(&data, 8).unwrap();
+        assert!(
+            (resynced - after).abs() <= 1e-6 * after,
+            "{device:?} {dtype:?}: eval loss {after} with the optimizer's compute copies, \
+             {resynced} with the masters cast again"
+        );
         (before, after)
     };
     let (cpu0, cpu) = run(DeviceSpec::Cpu, ComputeDType::F32);

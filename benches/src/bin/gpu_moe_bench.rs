@@ -342,7 +342,11 @@ fn breakdown(
         let h1 = t1.elapsed();
         device.synchronize()?;
         let t2 = Instant::now();
-        opt.step(model.trainable(), &grads, train, train.lr)?;
+        let grads = model.param_grads(&grads)?;
+        if i == 0 {
+            eprintln!("{}", grad_summary(model, &grads));
+        }
+        model.optimizer_step(&mut opt, &grads, train, train.lr)?;
         let h2 = t2.elapsed();
         device.synchronize()?;
         let t3 = Instant::now();
@@ -357,6 +361,34 @@ fn breakdown(
         }
     }
     Ok(parts.map(|mut p| median(&mut p)))
+}
+
+/// What the optimizer is given: gradients by dtype, missing and non-contiguous ones, and
+/// whether the multi-tensor kernels take them (printed once by `--breakdown`).
+fn grad_summary(model: &potluck_worker::Model, grads: &[Option<Tensor>]) -> String {
+    let mut by_dtype: std::collections::BTreeMap<String, usize> = Default::default();
+    let (mut missing, mut strided) = (0, 0);
+    let mut params = Vec::new();
+    for ((_, p), g) in model.trainable().iter().zip(grads) {
+        match g {
+            Some(g) => {
+                *by_dtype.entry(format!("{:?}", g.dtype())).or_default() += 1;
+                strided += usize::from(!g.is_contiguous());
+            }
+            None => missing += 1,
+        }
+        params.push(potluck_worker::fused::MultiParam {
+            master: p.as_tensor().clone(),
+            grad: g.clone(),
+            copy: None,
+            decay: false,
+        });
+    }
+    format!(
+        "optimizer input: grads by dtype {by_dtype:?}, missing {missing}, non-contiguous \
+         {strided}, multi-tensor kernels take them (without copies): {}",
+        potluck_worker::fused::MultiTensor::supported(&params)
+    )
 }
 
 /// Times single candle ops at the shapes one MoE layer of the config uses (tokens, width,
