@@ -438,6 +438,22 @@ fn coordinator_process_aborts_and_restarts(point: &str) {
         &[0, 1]
     };
     assert!(rounds.starts_with(before), "{point}: {rounds:?}");
+    // `potluck verify` checks the final checkpoint offline and names the run as `run status`
+    // does.
+    let last = potluck_coordinator::store::checkpoint_dir(&ledger.run_dir, 4);
+    let out = Command::new(BIN)
+        .args(["verify", last.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{point}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["round"], 4, "{point}: {v}");
+    assert_eq!(v["run"], ends[0]["run_id"], "{point}: {v}");
+    assert_eq!(v["root"], ends[0]["committed_root"], "{point}: {v}");
     assert!(
         !dirs[0].path().join("runs").join("active-run.json").exists(),
         "{point}: a finished run is no longer resumed"

@@ -105,6 +105,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     };
     let v = verify_checkpoint_dir(&args.path, &opts)
         .with_context(|| format!("{} does not verify", args.path.display()))?;
+    let run = settings_run_id(&args.path)?;
     if let Some(dest) = &args.export {
         let files = potluck_coordinator::verify::export_checkpoint(&args.path, dest, &opts)
             .with_context(|| format!("exporting to {}", dest.display()))?;
@@ -115,6 +116,9 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     if args.json {
         let out = serde_json::json!({
             "ok": true,
+            // The run as `run status`, invites and data directories name it.
+            "run": hex::encode(run),
+            // The id the manifests carry: the hash of the signed run manifest.
             "run_id": v.run_id.to_hex(),
             "round": v.round,
             "root": v.root.to_hex(),
@@ -127,8 +131,10 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         println!(
-            "ok: round {} of run {}, root {}, {} bytes checked, signed by coordinator {}{}",
+            "ok: round {} of run {} (signed run manifest {}), root {}, {} bytes checked, \
+             signed by coordinator {}{}",
             v.round,
+            hex::encode(&run[..8]),
             v.run_id.short(),
             v.root,
             v.bytes_checked,
@@ -141,6 +147,20 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The id of the run a verified checkpoint belongs to, as `run status`, invites and data
+/// directories name it: the hash of the run's settings inside its signed run manifest.
+fn settings_run_id(checkpoint: &Path) -> anyhow::Result<[u8; 32]> {
+    let path = checkpoint.join(potluck_coordinator::manifest::RUN_FILE);
+    let bytes = crate::fsutil::read_limited(
+        &path,
+        potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
+    )
+    .with_context(|| format!("reading {}", path.display()))?;
+    let signed = potluck_coordinator::failover::SignedRunManifest::decode(&bytes)
+        .with_context(|| format!("{} is not a signed run manifest", path.display()))?;
+    Ok(*blake3::hash(&signed.body().settings).as_bytes())
 }
 
 /// The ledger that belongs with a checkpoint directory, when there is one: `../ledger`
