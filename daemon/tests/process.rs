@@ -477,3 +477,138 @@ fn the_coordinator_process_killed_at_each_persistence_point_continues_the_run() 
         coordinator_process_aborts_and_restarts(point);
     }
 }
+
+/// The coordinator's process is killed for good (SIGKILL, never restarted) in the middle of
+/// the run: the successor named in the signed run manifest takes the run over from its
+/// ledger copy, the other replica follows it, and both end on one root, with one chain
+/// signed first by the dead coordinator and then by its successor.
+#[test]
+fn the_successor_process_takes_over_a_run_whose_coordinator_was_killed_for_good() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut a = spawn_daemon(dirs[0].path(), &[]);
+    let a_id = id_of(dirs[0].path());
+    let boot = format!(
+        "{}/p2p/{}",
+        a_id["listen_addrs"][0].as_str().unwrap(),
+        a_id["peer_id"].as_str().unwrap()
+    );
+    let mut others: Vec<Daemon> = dirs[1..]
+        .iter()
+        .map(|d| spawn_daemon(d.path(), &["--bootstrap", &boot]))
+        .collect();
+    let successor = id_of(dirs[1].path())["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    id_of(dirs[2].path());
+    // Rounds long enough that the kill lands mid-run.
+    let run = RUN
+        .replace("rounds = 4", "rounds = 8")
+        .replace("inner_steps = 2", "inner_steps = 12")
+        .replace("round_deadline_secs = 30", "round_deadline_secs = 10");
+    let file = dirs[0].path().join("run.toml");
+    std::fs::write(&file, run).unwrap();
+    let out = cli(
+        &[
+            "run",
+            "start",
+            file.to_str().unwrap(),
+            "--successor",
+            &successor,
+        ],
+        dirs[0].path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let invite = wait_for(Duration::from_secs(20), || {
+        let out = cli(&["invite"], dirs[0].path());
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .expect("an invite");
+    for d in &dirs[1..] {
+        let out = cli(&["join", &invite], d.path());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Once the successor holds round 2, the coordinator's process dies for good.
+    let at_kill = wait_for(Duration::from_secs(240), || {
+        let v = json(&["run", "status", "--json"], dirs[1].path())?;
+        (v["committed_round"].as_u64()? >= 2).then_some(v)
+    })
+    .expect("round 2 committed");
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let killed_after = at_kill["committed_round"].as_u64().unwrap();
+    assert!(killed_after < 8, "the run ended before the kill: {at_kill}");
+    let ends: Vec<serde_json::Value> = dirs[1..]
+        .iter()
+        .map(|d| {
+            wait_for(Duration::from_secs(300), || finished(d.path())).unwrap_or_else(|| {
+                panic!(
+                    "{} did not finish the run\n{}",
+                    d.path().display(),
+                    log_tails(&dirs)
+                )
+            })
+        })
+        .collect();
+    for e in &ends {
+        assert_eq!(e["committed_round"], 8, "{e}");
+        assert_eq!(e["committed_root"], ends[0]["committed_root"], "{e}");
+    }
+    // The successor's ledger: one verified chain to the last round, signed by the dead
+    // coordinator up to the kill and by the successor after it.
+    let ledger = potluck_daemon::train::runs::list_ledgers(dirs[1].path(), None)
+        .unwrap()
+        .remove(0);
+    let rounds: Vec<u64> = ledger.entries.iter().map(|e| e.round).collect();
+    assert_eq!(
+        ledger.chain,
+        potluck_daemon::train::runs::ChainVerdict::Ok {
+            entries: rounds.len(),
+            anchored: true
+        },
+        "{rounds:?}"
+    );
+    assert_eq!(rounds.last(), Some(&8), "{rounds:?}");
+    let entries = potluck_coordinator::store::Ledger::read_entries(
+        &ledger.run_dir.join(potluck_coordinator::store::LEDGER_DIR),
+    )
+    .unwrap();
+    let signers: std::collections::BTreeSet<[u8; 32]> =
+        entries.iter().map(|m| m.body().coordinator_key).collect();
+    assert_eq!(
+        signers.len(),
+        2,
+        "signed by the coordinator, then its successor"
+    );
+    let key_of = |i: usize| entries[i].body().coordinator_key;
+    assert_ne!(
+        key_of(0),
+        key_of(entries.len() - 1),
+        "the last round is the successor's"
+    );
+    // One change of signer: the coordinator's rounds, then the successor's.
+    let changes = (1..entries.len())
+        .filter(|&i| key_of(i) != key_of(i - 1))
+        .count();
+    assert_eq!(changes, 1);
+    assert!(
+        entries
+            .iter()
+            .filter(|m| m.body().round <= killed_after)
+            .all(|m| m.body().coordinator_key == key_of(0)),
+        "the rounds committed before the kill are the coordinator's"
+    );
+    for child in others.iter_mut() {
+        assert!(sigterm(child).success());
+    }
+}

@@ -203,7 +203,8 @@ pub enum RunCommand {
         #[arg(long)]
         follow: bool,
         /// A peer that takes the run over if this daemon disappears (repeat for more, in
-        /// order of succession). It must have been in the run from round 0.
+        /// order of succession). It must be a replica of the run (one that joins late
+        /// copies the ledger from the coordinator).
         #[arg(long = "successor", value_name = "PEER_ID")]
         successors: Vec<String>,
         /// Coordinate only: this daemon trains no replica (a public swarm's coordinator).
