@@ -62,6 +62,11 @@ pub struct DataSpec {
     /// The synthetic source's parameters (builtin only).
     #[serde(default)]
     pub synthetic: Option<SyntheticSpec>,
+    /// A Hugging Face `tokenizer.json` for a path source (bytes when absent). Every peer
+    /// needs the same file: `hash` covers the tokens it produces, so a peer whose tokenizer
+    /// differs refuses to train.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
 }
 
 impl Default for DataSpec {
@@ -74,6 +79,7 @@ impl Default for DataSpec {
             eval_fraction: 0.05,
             hash: String::new(),
             synthetic: None,
+            tokenizer: None,
         }
     }
 }
@@ -326,6 +332,12 @@ impl RunManifest {
         if data.source == "builtin" && data.synthetic.is_none() {
             data.synthetic = Some(SyntheticSpec::default());
         }
+        if data.source == "builtin" && data.tokenizer.is_some() {
+            return Err(invalid(
+                "data.tokenizer",
+                "applies to a path source; the built-in corpus is bytes".into(),
+            ));
+        }
         Ok(ResolvedRun {
             name: self.name.clone(),
             model,
@@ -397,9 +409,22 @@ impl ResolvedRun {
                 SyntheticCorpus::new(spec).map_err(|e| ManifestError::Data(e.to_string()))?;
             Dataset::synthetic(&corpus, d.train_bytes, d.eval_bytes, d.shards)
         } else {
+            let tokenizer = match &d.tokenizer {
+                Some(path) => potluck_worker::Tokenizer::from_file(&PathBuf::from(path))
+                    .map_err(|e| ManifestError::Data(e.to_string()))?,
+                None => potluck_worker::Tokenizer::Byte,
+            };
+            if tokenizer.vocab_size() > self.model.vocab {
+                return Err(ManifestError::Data(format!(
+                    "the tokenizer has {} tokens but the model's vocabulary only {}: raise \
+                     the model's `vocab`",
+                    tokenizer.vocab_size(),
+                    self.model.vocab
+                )));
+            }
             Dataset::from_path(
                 &PathBuf::from(&d.source),
-                &potluck_worker::Tokenizer::Byte,
+                &tokenizer,
                 d.shards,
                 d.eval_fraction,
                 MAX_DATA_BYTES,
@@ -573,6 +598,65 @@ mod tests {
         let text = format!("mode = \"data-parallel\"\n{DEMO_MANIFEST}")
             .replace("compression = \"int8\"", "compression = \"sign\"");
         assert!(RunManifest::parse(&text).unwrap().resolve().is_err());
+    }
+
+    const TOKENIZER_JSON: &str = r#"{
+      "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+      "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+      "decoder": null,
+      "model": {"type": "WordLevel", "vocab": {"hello": 0, "world": 1, "[UNK]": 2, "!": 3},
+                "unk_token": "[UNK]"}
+    }"#;
+
+    #[test]
+    fn a_path_source_takes_a_tokenizer_json_and_its_hash_covers_the_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("text.txt");
+        std::fs::write(&text, "hello world ! ".repeat(500)).unwrap();
+        let tok = dir.path().join("tokenizer.json");
+        std::fs::write(&tok, TOKENIZER_JSON).unwrap();
+        let manifest = |extra: &str| {
+            let text = format!(
+                "{DEMO_MANIFEST}\n[data]\nsource = {:?}\ntrain_bytes = 0\neval_bytes = 0\n\
+                 shards = 2\neval_fraction = 0.1\n{extra}",
+                text.display().to_string()
+            );
+            RunManifest::parse(&text).unwrap().resolve()
+        };
+        let bytes = manifest("").unwrap();
+        let words = manifest(&format!("tokenizer = {:?}", tok.display().to_string())).unwrap();
+        assert_ne!(bytes.id(), words.id());
+        assert!(
+            !String::from_utf8_lossy(&bytes.canonical_bytes()).contains("tokenizer"),
+            "runs without a tokenizer keep their ids"
+        );
+        let (db, hb) = bytes.load_data().unwrap();
+        let (dw, hw) = words.load_data().unwrap();
+        assert_eq!((db.vocab(), dw.vocab()), (256, 4));
+        assert_ne!(hb, hw);
+        // A peer whose tokenizer.json maps words otherwise is refused by the pinned hash.
+        let pinned = words.pin_data().unwrap();
+        std::fs::write(
+            &tok,
+            TOKENIZER_JSON.replace("\"hello\": 0, \"world\": 1", "\"hello\": 1, \"world\": 0"),
+        )
+        .unwrap();
+        let err = pinned.load_data().unwrap_err().to_string();
+        assert!(err.contains("hashes to"), "{err}");
+        // A missing tokenizer says so; the built-in corpus takes none.
+        std::fs::remove_file(&tok).unwrap();
+        assert!(
+            pinned
+                .load_data()
+                .unwrap_err()
+                .to_string()
+                .contains("tokenizer")
+        );
+        let err = RunManifest::parse(&format!("{DEMO_MANIFEST}\n[data]\nsource = \"builtin\"\ntrain_bytes = 1000\neval_bytes = 100\nshards = 2\neval_fraction = 0.1\ntokenizer = \"t.json\"\n"))
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("data.tokenizer"), "{err}");
     }
 
     #[test]
