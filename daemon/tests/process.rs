@@ -311,6 +311,84 @@ fn finished(dir: &Path) -> Option<serde_json::Value> {
     (v["state"] == "finished").then_some(v)
 }
 
+/// Writes `run` into the first daemon's data dir, starts it there (with `start_args`), and
+/// joins every other daemon with the run's invite.
+fn start_and_join(dirs: &[tempfile::TempDir], run: &str, start_args: &[&str]) {
+    let file = dirs[0].path().join("run.toml");
+    std::fs::write(&file, run).unwrap();
+    let mut args = vec!["run", "start", file.to_str().unwrap()];
+    args.extend_from_slice(start_args);
+    let out = cli(&args, dirs[0].path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let invite = wait_for(Duration::from_secs(20), || {
+        let out = cli(&["invite"], dirs[0].path());
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .expect("an invite");
+    for d in &dirs[1..] {
+        let out = cli(&["join", &invite], d.path());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Waits until every daemon of `which` shows the run finished at round `rounds`, all on
+/// one root, and returns their statuses (the logs of `all` on a failure).
+fn all_finish_on_one_root(
+    which: &[tempfile::TempDir],
+    all: &[tempfile::TempDir],
+    rounds: u64,
+    case: &str,
+) -> Vec<serde_json::Value> {
+    let ends: Vec<serde_json::Value> = which
+        .iter()
+        .map(|d| {
+            wait_for(Duration::from_secs(300), || finished(d.path())).unwrap_or_else(|| {
+                panic!(
+                    "{case}: {} did not finish the run\n{}",
+                    d.path().display(),
+                    log_tails(all)
+                )
+            })
+        })
+        .collect();
+    for e in &ends {
+        assert_eq!(e["committed_round"], rounds, "{case}: {e}");
+        assert_eq!(
+            e["committed_root"], ends[0]["committed_root"],
+            "{case}: {e}"
+        );
+    }
+    ends
+}
+
+/// The one ledger in `dir`, checked to be a verified chain anchored at the genesis, and
+/// its rounds.
+fn verified_chain(dir: &Path, case: &str) -> (potluck_daemon::train::runs::LedgerReport, Vec<u64>) {
+    let ledger = potluck_daemon::train::runs::list_ledgers(dir, None)
+        .unwrap()
+        .remove(0);
+    let rounds: Vec<u64> = ledger.entries.iter().map(|e| e.round).collect();
+    assert_eq!(
+        ledger.chain,
+        potluck_daemon::train::runs::ChainVerdict::Ok {
+            entries: rounds.len(),
+            anchored: true
+        },
+        "{case}: {rounds:?}"
+    );
+    (ledger, rounds)
+}
+
 /// The coordinator's daemon process aborts at `point` (`POTLUCK_CRASH_AT`), is started
 /// again by hand on the same data dir and addresses, and takes the run up again on its own
 /// from its ledger; the replicas' daemons find it again; all end on one root, and the
@@ -338,29 +416,7 @@ fn coordinator_process_aborts_and_restarts(point: &str) {
     for d in &dirs[1..] {
         id_of(d.path());
     }
-    let file = dirs[0].path().join("run.toml");
-    std::fs::write(&file, RUN).unwrap();
-    let out = cli(&["run", "start", file.to_str().unwrap()], dirs[0].path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let invite = wait_for(Duration::from_secs(20), || {
-        let out = cli(&["invite"], dirs[0].path());
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    })
-    .expect("an invite");
-    for d in &dirs[1..] {
-        let out = cli(&["join", &invite], d.path());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    start_and_join(&dirs, RUN, &[]);
     // The coordinator's process dies at the crash point.
     let died = wait_for(Duration::from_secs(240), || a.try_wait().unwrap());
     let status = died.unwrap_or_else(|| panic!("{point}: the coordinator never reached it"));
@@ -390,37 +446,8 @@ fn coordinator_process_aborts_and_restarts(point: &str) {
     // Started again by hand (as systemd would), it takes the run up on its own.
     let listen: Vec<&str> = listen.iter().map(|s| s.as_str()).collect();
     let mut a = spawn_on(dirs[0].path(), &listen, &[], &[]);
-    let ends: Vec<serde_json::Value> = dirs
-        .iter()
-        .map(|d| {
-            wait_for(Duration::from_secs(300), || finished(d.path())).unwrap_or_else(|| {
-                panic!(
-                    "{point}: {} did not finish the run\n{}",
-                    d.path().display(),
-                    log_tails(&dirs)
-                )
-            })
-        })
-        .collect();
-    for e in &ends {
-        assert_eq!(e["committed_round"], 4, "{point}: {e}");
-        assert_eq!(
-            e["committed_root"], ends[0]["committed_root"],
-            "{point}: {e}"
-        );
-    }
-    let ledger = potluck_daemon::train::runs::list_ledgers(dirs[0].path(), None)
-        .unwrap()
-        .remove(0);
-    let rounds: Vec<u64> = ledger.entries.iter().map(|e| e.round).collect();
-    assert_eq!(
-        ledger.chain,
-        potluck_daemon::train::runs::ChainVerdict::Ok {
-            entries: rounds.len(),
-            anchored: true
-        },
-        "{point}: {rounds:?}"
-    );
+    let ends = all_finish_on_one_root(&dirs, &dirs, 4, point);
+    let (ledger, rounds) = verified_chain(dirs[0].path(), point);
     // One chain from the genesis to the last round, no round twice, and every round
     // committed before the crash kept (a round open at the crash is never reused).
     assert!(
@@ -506,38 +533,7 @@ fn the_successor_process_takes_over_a_run_whose_coordinator_was_killed_for_good(
         .replace("rounds = 4", "rounds = 8")
         .replace("inner_steps = 2", "inner_steps = 12")
         .replace("round_deadline_secs = 30", "round_deadline_secs = 10");
-    let file = dirs[0].path().join("run.toml");
-    std::fs::write(&file, run).unwrap();
-    let out = cli(
-        &[
-            "run",
-            "start",
-            file.to_str().unwrap(),
-            "--successor",
-            &successor,
-        ],
-        dirs[0].path(),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let invite = wait_for(Duration::from_secs(20), || {
-        let out = cli(&["invite"], dirs[0].path());
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    })
-    .expect("an invite");
-    for d in &dirs[1..] {
-        let out = cli(&["join", &invite], d.path());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    start_and_join(&dirs, &run, &["--successor", &successor]);
     // Once the successor holds round 2, the coordinator's process dies for good.
     let at_kill = wait_for(Duration::from_secs(240), || {
         let v = json(&["run", "status", "--json"], dirs[1].path())?;
@@ -548,36 +544,10 @@ fn the_successor_process_takes_over_a_run_whose_coordinator_was_killed_for_good(
     a.wait().unwrap();
     let killed_after = at_kill["committed_round"].as_u64().unwrap();
     assert!(killed_after < 8, "the run ended before the kill: {at_kill}");
-    let ends: Vec<serde_json::Value> = dirs[1..]
-        .iter()
-        .map(|d| {
-            wait_for(Duration::from_secs(300), || finished(d.path())).unwrap_or_else(|| {
-                panic!(
-                    "{} did not finish the run\n{}",
-                    d.path().display(),
-                    log_tails(&dirs)
-                )
-            })
-        })
-        .collect();
-    for e in &ends {
-        assert_eq!(e["committed_round"], 8, "{e}");
-        assert_eq!(e["committed_root"], ends[0]["committed_root"], "{e}");
-    }
+    all_finish_on_one_root(&dirs[1..], &dirs, 8, "killed for good");
     // The successor's ledger: one verified chain to the last round, signed by the dead
     // coordinator up to the kill and by the successor after it.
-    let ledger = potluck_daemon::train::runs::list_ledgers(dirs[1].path(), None)
-        .unwrap()
-        .remove(0);
-    let rounds: Vec<u64> = ledger.entries.iter().map(|e| e.round).collect();
-    assert_eq!(
-        ledger.chain,
-        potluck_daemon::train::runs::ChainVerdict::Ok {
-            entries: rounds.len(),
-            anchored: true
-        },
-        "{rounds:?}"
-    );
+    let (ledger, rounds) = verified_chain(dirs[1].path(), "killed for good");
     assert_eq!(rounds.last(), Some(&8), "{rounds:?}");
     let entries = potluck_coordinator::store::Ledger::read_entries(
         &ledger.run_dir.join(potluck_coordinator::store::LEDGER_DIR),
