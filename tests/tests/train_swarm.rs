@@ -296,11 +296,7 @@ async fn three_peers_overlapped_end_every_round_on_the_same_root() {
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
     let mut events = nodes[0].train().subscribe();
-    let joins: Vec<_> = nodes
-        .iter()
-        .skip(1)
-        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
-        .collect();
+    let joins = join_all_but_the_first(&nodes, coordinator, run_id);
     let summary = tokio::time::timeout(
         Duration::from_secs(300),
         nodes[0].train().coordinate(run.clone(), None),
@@ -1047,11 +1043,7 @@ async fn a_data_parallel_run_ends_every_round_on_the_same_root_on_every_peer() {
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
     let mut events = nodes[0].train().subscribe();
-    let joins: Vec<_> = nodes
-        .iter()
-        .skip(1)
-        .map(|n| tokio::spawn(join_retrying(n.train(), coordinator, run_id)))
-        .collect();
+    let joins = join_all_but_the_first(&nodes, coordinator, run_id);
     let summary = tokio::time::timeout(
         Duration::from_secs(240),
         nodes[0].train().coordinate(run.clone(), None),
