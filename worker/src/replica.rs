@@ -214,6 +214,28 @@ impl Replica {
         targets: &[u32],
         batch: usize,
     ) -> Result<(f32, f32, RouteStats, f64), WorkerError> {
+        let (ce, aux, stats, store) = self.forward_backward(inputs, targets, batch)?;
+        let grads = self.model.param_grads(&store)?;
+        let lr = self.train_cfg.lr_at(self.step);
+        let norm = self
+            .model
+            .optimizer_step(&mut self.opt, &grads, &self.train_cfg, lr)?;
+        // The gradient store (every intermediate gradient) is freed after the optimizer's
+        // launches, while the GPU runs them, not before them.
+        drop(store);
+        self.step += 1;
+        Ok((ce, aux, stats, norm))
+    }
+
+    /// The forward and backward pass of one batch: the cross-entropy and the summed
+    /// load-balancing loss (both refused when not finite), the routing counts, and the
+    /// gradients of every tensor of the graph.
+    fn forward_backward(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<(f32, f32, RouteStats, candle_core::backprop::GradStore), WorkerError> {
         let (x, y) = self.batch_tensors(inputs, targets, batch)?;
         let w = self.model.weights(true)?;
         let (total, run) = self.model.loss(&w, &x, &y)?;
@@ -231,17 +253,7 @@ impl Replica {
                 self.step
             )));
         }
-        let store = total.backward()?;
-        let grads = self.model.param_grads(&store)?;
-        let lr = self.train_cfg.lr_at(self.step);
-        let norm = self
-            .model
-            .optimizer_step(&mut self.opt, &grads, &self.train_cfg, lr)?;
-        // The gradient store (every intermediate gradient) is freed after the optimizer's
-        // launches, while the GPU runs them, not before them.
-        drop(store);
-        self.step += 1;
-        Ok((ce, aux, run.stats, norm))
+        Ok((ce, aux, run.stats, total.backward()?))
     }
 
     /// Runs `steps` inner steps on shard `shard` of `data`. Batches are drawn from a stream
@@ -324,24 +336,9 @@ impl Replica {
     pub fn compute_gradients(&self, data: &Dataset, shard: u64) -> Result<Gradients, WorkerError> {
         let (inputs, targets) = self.batch_at(data, shard, self.step)?;
         let batch = self.train_cfg.batch_size;
-        let (x, y) = self.batch_tensors(&inputs, &targets, batch)?;
-        let w = self.model.weights(true)?;
-        let (total, run) = self.model.loss(&w, &x, &y)?;
-        let ce = match &run.ce {
-            Some(ce) => ce.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-            None => return Err(WorkerError::Mismatch("no loss computed".into())),
-        };
-        let aux = match &run.aux {
-            Some(a) => a.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-            None => 0.0,
-        };
-        if !ce.is_finite() || !aux.is_finite() {
-            return Err(WorkerError::NonFinite(format!(
-                "loss {ce}, aux {aux} at step {}",
-                self.step
-            )));
-        }
-        let grads = self.model.param_grads(&total.backward()?)?;
+        let (ce, aux, _, store) = self.forward_backward(&inputs, &targets, batch)?;
+        let grads = self.model.param_grads(&store)?;
+        drop(store);
         let mut flat = Vec::with_capacity(self.num_params());
         for ((_, v), g) in self.model.trainable().iter().zip(&grads) {
             match g {
