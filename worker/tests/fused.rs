@@ -8,26 +8,22 @@
 use candle_core::{DType, Device, Tensor, Var};
 use potluck_worker::fused;
 
+/// A tensor's values on the host, as f64, flattened.
+fn host_f64(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// `||a - b|| / ||b||`, both read back as f64.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f64> = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let a = host_f64(a);
+    let b = host_f64(b);
     assert_eq!(a.len(), b.len());
     assert!(a.iter().all(|x| x.is_finite()), "non-finite output");
     let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
@@ -100,24 +96,8 @@ fn check_softmax(device: &Device, dt: DType) {
             "{device:?} {dt:?} {dims:?}: gradient error {e}"
         );
         // Masked entries are exactly zero, forward and backward.
-        let y: Vec<f64> = y
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let g: Vec<f64> = gx
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let y = host_f64(&y);
+        let g = host_f64(&gx);
         for (r, (row, grow)) in y.chunks(t).zip(g.chunks(t)).enumerate() {
             let i = r % t;
             assert!(
