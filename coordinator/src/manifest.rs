@@ -209,6 +209,34 @@ impl CheckpointContent {
         Ok(CheckpointContent { chunk_size, files })
     }
 
+    /// Hashes files that lie elsewhere as if they were in one checkpoint directory under the
+    /// names given, `(name, path)`: the content a directory holding copies of them would
+    /// have. A run's data package is pinned this way before any copy exists.
+    pub fn of_files(files: &[(String, PathBuf)], chunk_size: u32) -> Result<Self, ManifestError> {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(invalid("chunk size", format!("{chunk_size} out of range")).into());
+        }
+        if files.len() > MAX_FILES {
+            return Err(ManifestError::TooManyFiles);
+        }
+        let mut sorted: Vec<&(String, PathBuf)> = files.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut buf = vec![0u8; chunk_size as usize];
+        let mut out = Vec::with_capacity(sorted.len());
+        for (i, (name, path)) in sorted.iter().enumerate() {
+            let reserved = *name == MANIFEST_FILE || *name == RUN_FILE;
+            let duplicate = i > 0 && sorted[i - 1].0 == *name;
+            if reserved || duplicate || !valid_file_name(name) {
+                return Err(ManifestError::NotAFile { path: path.clone() });
+            }
+            out.push(hash_file(path, name.clone(), chunk_size, &mut buf)?);
+        }
+        Ok(CheckpointContent {
+            chunk_size,
+            files: out,
+        })
+    }
+
     /// Hashes a checkpoint held in memory as `(file name, bytes)`, exactly as [`Self::scan`]
     /// would hash the same files written to a directory: a replica computes the root of the
     /// checkpoint its state would be without writing it.
@@ -1068,6 +1096,35 @@ mod tests {
         }
         let dup = vec![("a".to_string(), vec![1u8]), ("a".to_string(), vec![2u8])];
         assert!(CheckpointContent::from_files(&dup, MIN_CHUNK_SIZE).is_err());
+    }
+
+    #[test]
+    fn files_hashed_in_place_under_other_names_hash_like_the_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dir) = (t.path().join("src"), t.path().join("dir"));
+        std::fs::create_dir_all(src.join("nested")).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        let texts = [("nested/x.txt", vec![3u8; 9_000]), ("y.txt", vec![4u8; 10])];
+        let mut named = Vec::new();
+        for (i, (path, bytes)) in texts.iter().enumerate() {
+            std::fs::write(src.join(path), bytes).unwrap();
+            std::fs::write(dir.join(format!("text-{i}")), bytes).unwrap();
+            named.push((format!("text-{i}"), src.join(path)));
+        }
+        named.reverse();
+        let in_place = CheckpointContent::of_files(&named, MIN_CHUNK_SIZE).unwrap();
+        assert_eq!(
+            in_place,
+            CheckpointContent::scan(&dir, MIN_CHUNK_SIZE).unwrap()
+        );
+        // The same rules on names as a directory's, and a missing file says which.
+        let twice = vec![named[0].clone(), named[0].clone()];
+        assert!(CheckpointContent::of_files(&twice, MIN_CHUNK_SIZE).is_err());
+        let reserved = vec![(RUN_FILE.to_string(), named[0].1.clone())];
+        assert!(CheckpointContent::of_files(&reserved, MIN_CHUNK_SIZE).is_err());
+        let missing = vec![("a".to_string(), src.join("gone"))];
+        let err = CheckpointContent::of_files(&missing, MIN_CHUNK_SIZE).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
     }
 
     #[test]

@@ -328,23 +328,30 @@ impl Dataset {
         eval_fraction: f64,
         max_bytes: u64,
     ) -> Result<Self, WorkerError> {
+        let files = text_files(path)?;
+        Self::from_files(&files, tokenizer, num_shards, eval_fraction, max_bytes)
+    }
+
+    /// Text from `files`, read and tokenized in the order given (each file on its own, as
+    /// [`Self::from_path`] does); the last `eval_fraction` of the tokens is held out.
+    pub fn from_files(
+        files: &[PathBuf],
+        tokenizer: &Tokenizer,
+        num_shards: u64,
+        eval_fraction: f64,
+        max_bytes: u64,
+    ) -> Result<Self, WorkerError> {
         if !(eval_fraction > 0.0 && eval_fraction < 1.0) {
             return Err(WorkerError::Data("eval_fraction must be in (0, 1)".into()));
         }
-        let mut files = Vec::new();
-        collect_files(path, &mut files, 0)?;
-        files.sort();
         if files.is_empty() {
-            return Err(WorkerError::Data(format!(
-                "no files under {}",
-                path.display()
-            )));
+            return Err(WorkerError::Data("no text files given".into()));
         }
         let mut tokens = Vec::new();
         let mut total = 0u64;
         for f in files {
             let left = max_bytes.saturating_sub(total);
-            let bytes = read_limited(&f, left).map_err(|_| {
+            let bytes = read_limited(f, left).map_err(|_| {
                 WorkerError::Data(format!(
                     "text input is larger than the limit of {max_bytes} bytes (at {})",
                     f.display()
@@ -447,6 +454,21 @@ impl Dataset {
         }
         Ok(out)
     }
+}
+
+/// The text files of a path source in the order [`Dataset::from_path`] reads them: the file
+/// itself, or every regular file under the directory (recursively), sorted by path.
+pub fn text_files(path: &Path) -> Result<Vec<PathBuf>, WorkerError> {
+    let mut files = Vec::new();
+    collect_files(path, &mut files, 0)?;
+    files.sort();
+    if files.is_empty() {
+        return Err(WorkerError::Data(format!(
+            "no files under {}",
+            path.display()
+        )));
+    }
+    Ok(files)
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<(), WorkerError> {
