@@ -1089,3 +1089,103 @@ async fn a_data_parallel_run_ends_every_round_on_the_same_root_on_every_peer() {
         n.shutdown().await;
     }
 }
+
+/// Peers that lack a run's data and tokenizer fetch them from the swarm. The starter has a
+/// directory of text files and a tokenizer; once it has packaged them, both are moved away,
+/// so the other peers cannot read them at the manifest's paths. One of those peers holds a
+/// copy of the package with a flipped byte: it refuses that copy and fetches a good one.
+/// Every peer trains on the run's data (the pinned token hash is checked on what they
+/// read) and ends on the committed root, and both keep the verified package to serve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_without_the_data_fetch_it_and_its_tokenizer_from_the_swarm() {
+    use potluck_daemon::train::checkpoint::run_dir;
+    use potluck_daemon::train::datapack::{DATA_DIR, holds, pinned_root};
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(3, dir.path()).await;
+    let src = dir.path().join("corpus");
+    std::fs::create_dir_all(src.join("more")).unwrap();
+    std::fs::write(src.join("a.txt"), "hello world ! ".repeat(900)).unwrap();
+    std::fs::write(src.join("more/b.txt"), "world ! hello hello ".repeat(700)).unwrap();
+    let tok = dir.path().join("words.json");
+    std::fs::write(
+        &tok,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                      "vocab": {"hello": 0, "world": 1, "[UNK]": 2, "!": 3}}}"#,
+    )
+    .unwrap();
+    let run = run_with(|m| {
+        m.rounds = Some(2);
+        m.data.source = src.display().to_string();
+        m.data.tokenizer = Some(tok.display().to_string());
+        m.data.train_bytes = 0;
+        m.data.eval_bytes = 0;
+        m.data.eval_fraction = 0.1;
+    });
+    let run_id = run.id();
+    let root = pinned_root(&run)
+        .unwrap()
+        .expect("a path source pins its package");
+    let coordinator = nodes[0].client().local_peer_id();
+    let svc = nodes[0].train();
+    let coordinating = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(240), svc.coordinate(run, None)).await
+    });
+    // The starter packages the data before its run waits for peers.
+    let package = run_dir(&dir.path().join("p0"), &run_id).join(DATA_DIR);
+    for _ in 0..600 {
+        if holds(&package, root) == Ok(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        holds(&package, root),
+        Ok(true),
+        "the starter packaged its data"
+    );
+    let gone = dir.path().join("gone");
+    std::fs::create_dir_all(&gone).unwrap();
+    std::fs::rename(&src, gone.join("corpus")).unwrap();
+    std::fs::rename(&tok, gone.join("words.json")).unwrap();
+    // Peer 2 holds a damaged copy of the package.
+    let damaged = run_dir(&dir.path().join("p2"), &run_id).join(DATA_DIR);
+    std::fs::create_dir_all(&damaged).unwrap();
+    for e in std::fs::read_dir(&package).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), damaged.join(e.file_name())).unwrap();
+    }
+    let good = std::fs::read(package.join("text-000001")).unwrap();
+    let mut bad = good.clone();
+    bad[100] ^= 0x01;
+    std::fs::write(damaged.join("text-000001"), &bad).unwrap();
+    assert!(holds(&damaged, root).is_err());
+
+    let joins = join_all_but_the_first(&nodes, coordinator, run_id);
+    let summary = coordinating
+        .await
+        .unwrap()
+        .expect("run finished in time")
+        .expect("run succeeded");
+    assert_eq!(summary.rounds, 2);
+    for j in joins {
+        let s = j.await.unwrap().expect("replica finished");
+        assert_eq!(s.root, summary.root);
+    }
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        let pack = run_dir(&dir.path().join(format!("p{i}")), &run_id).join(DATA_DIR);
+        assert_eq!(holds(&pack, root), Ok(true), "peer {i} keeps the package");
+        assert_eq!(std::fs::read(pack.join("text-000001")).unwrap(), good);
+        let st = node.train().status();
+        assert_eq!(
+            (st.rejected_updates, st.disagreed_rounds),
+            (0, 0),
+            "peer {i}"
+        );
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -7,7 +7,7 @@
 //! in; the canonical encoding is the JSON of that resolved struct (struct fields in declaration
 //! order, no maps), so two peers that agree on the resolved settings agree on the run id.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use potluck_worker::compress::Codec;
 use potluck_worker::{Dataset, ModelConfig, SyntheticCorpus, SyntheticSpec, TrainConfig};
@@ -67,6 +67,12 @@ pub struct DataSpec {
     /// differs refuses to train.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<String>,
+    /// Root (hex) of the run's data package: the source's files and the tokenizer, hashed
+    /// as one checkpoint-style content (see [`super::datapack`]). Empty in a user's file
+    /// means "compute it"; a peer without the data fetches the package from the swarm by
+    /// this root. The built-in corpus has none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub root: String,
 }
 
 impl Default for DataSpec {
@@ -80,6 +86,7 @@ impl Default for DataSpec {
             hash: String::new(),
             synthetic: None,
             tokenizer: None,
+            root: String::new(),
         }
     }
 }
@@ -332,6 +339,21 @@ impl RunManifest {
         if data.source == "builtin" && data.synthetic.is_none() {
             data.synthetic = Some(SyntheticSpec::default());
         }
+        data.root.make_ascii_lowercase();
+        if data.source == "builtin" && !data.root.is_empty() {
+            return Err(invalid(
+                "data.root",
+                "applies to a path source; the built-in corpus is generated".into(),
+            ));
+        }
+        if !data.root.is_empty()
+            && (data.root.len() != 64 || !data.root.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(invalid(
+                "data.root",
+                format!("{:?} is not a 64-digit hex hash", data.root),
+            ));
+        }
         if data.source == "builtin" && data.tokenizer.is_some() {
             return Err(invalid(
                 "data.tokenizer",
@@ -399,8 +421,8 @@ impl ResolvedRun {
         Codec::parse(&self.compression).unwrap_or(Codec::None)
     }
 
-    /// Builds the run's dataset and checks it against the manifest's data hash (when set).
-    /// Returns the dataset and its hash.
+    /// Builds the run's dataset from its source and checks it against the manifest's data
+    /// hash (when set). Returns the dataset and its hash.
     pub fn load_data(&self) -> Result<(Dataset, String), ManifestError> {
         let d = &self.data;
         let data = if d.source == "builtin" {
@@ -408,34 +430,55 @@ impl ResolvedRun {
             let corpus =
                 SyntheticCorpus::new(spec).map_err(|e| ManifestError::Data(e.to_string()))?;
             Dataset::synthetic(&corpus, d.train_bytes, d.eval_bytes, d.shards)
+                .map_err(|e| ManifestError::Data(e.to_string()))?
         } else {
-            let tokenizer = match &d.tokenizer {
-                Some(path) => potluck_worker::Tokenizer::from_file(&PathBuf::from(path))
-                    .map_err(|e| ManifestError::Data(e.to_string()))?,
-                None => potluck_worker::Tokenizer::Byte,
-            };
-            if tokenizer.vocab_size() > self.model.vocab {
-                return Err(ManifestError::Data(format!(
-                    "the tokenizer has {} tokens but the model's vocabulary only {}: raise \
-                     the model's `vocab`",
-                    tokenizer.vocab_size(),
-                    self.model.vocab
-                )));
-            }
-            Dataset::from_path(
-                &PathBuf::from(&d.source),
-                &tokenizer,
-                d.shards,
-                d.eval_fraction,
-                MAX_DATA_BYTES,
-            )
-        }
-        .map_err(|e| ManifestError::Data(e.to_string()))?;
-        let hash = dataset_hash(&data);
-        if !d.hash.is_empty() && d.hash != hash {
+            let files = potluck_worker::data::text_files(&PathBuf::from(&d.source))
+                .map_err(|e| ManifestError::Data(e.to_string()))?;
+            self.tokenize(&files, d.tokenizer.as_ref().map(PathBuf::from).as_deref())?
+        };
+        self.checked(data, &format!("'{}'", d.source))
+    }
+
+    /// Builds the run's dataset from a data package directory ([`super::datapack`]) instead
+    /// of the source path, and checks it against the manifest's data hash.
+    pub fn load_data_from_package(&self, dir: &Path) -> Result<(Dataset, String), ManifestError> {
+        let (texts, tokenizer) = super::datapack::package_texts(dir, &self.data)?;
+        let data = self.tokenize(&texts, tokenizer.as_deref())?;
+        self.checked(data, &format!("the data package {}", dir.display()))
+    }
+
+    /// Tokenizes `files` in order with the tokenizer at `tokenizer` (bytes when `None`).
+    fn tokenize(
+        &self,
+        files: &[PathBuf],
+        tokenizer: Option<&Path>,
+    ) -> Result<Dataset, ManifestError> {
+        let d = &self.data;
+        let tokenizer = match tokenizer {
+            Some(path) => potluck_worker::Tokenizer::from_file(path)
+                .map_err(|e| ManifestError::Data(e.to_string()))?,
+            None => potluck_worker::Tokenizer::Byte,
+        };
+        if tokenizer.vocab_size() > self.model.vocab {
             return Err(ManifestError::Data(format!(
-                "data from '{}' hashes to {hash}, but the run expects {}: this peer's copy differs",
-                d.source, d.hash
+                "the tokenizer has {} tokens but the model's vocabulary only {}: raise \
+                 the model's `vocab`",
+                tokenizer.vocab_size(),
+                self.model.vocab
+            )));
+        }
+        Dataset::from_files(files, &tokenizer, d.shards, d.eval_fraction, MAX_DATA_BYTES)
+            .map_err(|e| ManifestError::Data(e.to_string()))
+    }
+
+    /// Checks `data` (read from `from`) against the pinned hash; returns it with its hash.
+    fn checked(&self, data: Dataset, from: &str) -> Result<(Dataset, String), ManifestError> {
+        let hash = dataset_hash(&data);
+        if !self.data.hash.is_empty() && self.data.hash != hash {
+            return Err(ManifestError::Data(format!(
+                "data from {from} hashes to {hash}, but the run expects {}: this peer's copy \
+                 differs",
+                self.data.hash
             )));
         }
         Ok((data, hash))
@@ -469,9 +512,21 @@ impl ResolvedRun {
     /// The manifest with the data hash pinned, as the run's starter publishes it: loads the
     /// data, and checks it against the hash when one is already set. The run id covers the
     /// hash, so pin before taking the id.
+    /// A path source's package root is pinned too (checked when already set).
     pub fn pin_data(mut self) -> Result<Self, ManifestError> {
         let (_, hash) = self.load_data()?;
         self.data.hash = hash;
+        if self.data.source != "builtin" {
+            let root = super::datapack::package_root(&self.data)?.to_hex();
+            if !self.data.root.is_empty() && self.data.root != root {
+                return Err(ManifestError::Data(format!(
+                    "the files of '{}' have the package root {root}, but the run expects {}: \
+                     this peer's copy differs",
+                    self.data.source, self.data.root
+                )));
+            }
+            self.data.root = root;
+        }
         Ok(self)
     }
 }
@@ -493,7 +548,7 @@ pub fn dataset_hash(data: &Dataset) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -600,7 +655,7 @@ mod tests {
         assert!(RunManifest::parse(&text).unwrap().resolve().is_err());
     }
 
-    const TOKENIZER_JSON: &str = r#"{
+    pub(crate) const TOKENIZER_JSON: &str = r#"{
       "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
       "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
       "decoder": null,

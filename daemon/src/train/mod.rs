@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod datapack;
 pub mod demo;
 pub mod manifest;
 pub mod plan;

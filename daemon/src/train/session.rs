@@ -45,7 +45,8 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
 use super::checkpoint::{self, InnerState};
-use super::manifest::{ResolvedRun, RunMode};
+use super::datapack;
+use super::manifest::{ManifestError, ResolvedRun, RunMode};
 use super::plan::slice_ranges;
 use super::wire::{read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
@@ -71,6 +72,8 @@ const STATE_WAIT_POLLS: usize = 50;
 const OPEN_ATTEMPTS: u32 = 6;
 /// Tries at fetching a committed checkpoint before asking for the state instead.
 const FETCH_ATTEMPTS: u32 = 8;
+/// Peers a welcome names as sources of the run's data, at most.
+const MAX_DATA_SOURCES: usize = 16;
 /// Deadline for one frame to arrive once its stream is open.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 /// The byte a receiver answers a frame it accepted with.
@@ -112,7 +115,7 @@ pub enum TrainError {
     #[error("codec: {0}")]
     Codec(#[from] compress::CodecError),
     #[error("run manifest: {0}")]
-    Manifest(#[from] super::manifest::ManifestError),
+    Manifest(#[from] ManifestError),
     #[error("the run's coordinator {0} could not be reached: {1}")]
     Unreachable(PeerId, String),
     #[error("the coordinator refused to admit this peer: {0}")]
@@ -1164,7 +1167,18 @@ impl TrainService {
         let opened = run
             .pin_data()
             .map_err(TrainError::from)
-            .and_then(|run| Ok((self.open_ledger(&run, successors)?, run)));
+            .and_then(|run| Ok((self.open_ledger(&run, successors)?, run)))
+            .and_then(|((ledger, machine), run)| {
+                // What peers without the run's data fetch from this daemon.
+                let run_dir = checkpoint::run_dir(&self.inner.data_dir, &run.id());
+                datapack::write_package(
+                    &run_dir.join(datapack::DATA_DIR),
+                    &run,
+                    ledger.run(),
+                    &self.inner.keypair,
+                )?;
+                Ok(((ledger, machine), run))
+            });
         match opened {
             Ok(((ledger, machine), run)) => Ok((run, ledger, machine)),
             Err(e) => {
@@ -1669,8 +1683,17 @@ impl TrainService {
                 welcomed: true,
             });
         }
-        let (data, _) = run.load_data()?;
-        let data = Arc::new(data);
+        let run_dir = checkpoint::run_dir(&self.inner.data_dir, &run_id);
+        let mut data_sources = vec![coordinator];
+        for p in welcome.data_sources.iter().take(MAX_DATA_SOURCES) {
+            if let Ok(p) = PeerId::from_bytes(p)
+                && p != self.inner.local
+                && !data_sources.contains(&p)
+            {
+                data_sources.push(p);
+            }
+        }
+        let data = Arc::new(self.run_data(&run, &run_dir, &data_sources).await?);
         let codec = run.codec();
         let mut rep = Replica::new(&run.model, &run.inner, &self.inner.device)?;
         let n = rep.num_params();
@@ -1692,7 +1715,6 @@ impl TrainService {
             )));
         }
         self.publish(&committed);
-        let run_dir = checkpoint::run_dir(&self.inner.data_dir, &run_id);
         let mut ledger = if coordinating {
             None
         } else {
@@ -2260,6 +2282,103 @@ impl TrainService {
             return Ok(snap);
         }
         Err(last)
+    }
+
+    /// The run's data for this replica. For a path source with a pinned package root: the
+    /// package this daemon holds, else its own copy at the source path when that is the
+    /// run's data, else the package fetched from `sources` (verified piece by piece) and
+    /// kept, so that this daemon serves it too. The token hash is checked either way.
+    async fn run_data(
+        &self,
+        run: &ResolvedRun,
+        run_dir: &std::path::Path,
+        sources: &[PeerId],
+    ) -> Result<potluck_worker::Dataset, TrainError> {
+        let Some(root) = datapack::pinned_root(run)? else {
+            let run = run.clone();
+            return load_off_runtime(move || run.load_data()).await;
+        };
+        let pack = run_dir.join(datapack::DATA_DIR);
+        let (held, own) = {
+            let (pack, spec) = (pack.clone(), run.data.clone());
+            tokio::task::spawn_blocking(move || {
+                let held = datapack::holds(&pack, root);
+                // Only hash this peer's own copy when no package is at hand.
+                let own = match held {
+                    Ok(true) => None,
+                    _ => Some(datapack::package_root(&spec)),
+                };
+                (held, own)
+            })
+            .await
+            .map_err(|_| TrainError::ShuttingDown)?
+        };
+        match held {
+            Ok(true) => {
+                let (run, pack) = (run.clone(), pack.clone());
+                return load_off_runtime(move || run.load_data_from_package(&pack)).await;
+            }
+            Err(reason) => {
+                tracing::warn!(dir = %pack.display(), %reason, "removing a damaged data package");
+                std::fs::remove_dir_all(&pack)
+                    .map_err(|e| TrainError::Other(format!("{}: {e}", pack.display())))?;
+            }
+            _ => {}
+        }
+        match own {
+            Some(Ok(r)) if r == root => {
+                let run = run.clone();
+                return load_off_runtime(move || run.load_data()).await;
+            }
+            Some(Ok(r)) => tracing::warn!(
+                source = %run.data.source,
+                root = %r.short(),
+                expected = %root.short(),
+                "this peer's copy of the run's data differs; fetching the run's data"
+            ),
+            Some(Err(e)) => tracing::info!(
+                source = %run.data.source,
+                reason = %e,
+                "the run's data is not here; fetching it from the swarm"
+            ),
+            None => {}
+        }
+        self.set_status(|s| s.state = "fetching the run's data".into());
+        let opts = crate::ckpt_transfer::FetchOptions {
+            cancel: self.inner.cancel.child_token(),
+            ..Default::default()
+        };
+        let mut attempt = 0;
+        let report = loop {
+            match crate::ckpt_transfer::fetch_root(&self.inner.control, sources, root, &pack, &opts)
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) if attempt >= FETCH_ATTEMPTS || self.inner.cancel.is_cancelled() => {
+                    return Err(TrainError::Other(format!(
+                        "the run's data is not at '{}' on this peer, and fetching its package \
+                         {} from {} peer(s) failed: {e}",
+                        run.data.source,
+                        root.short(),
+                        sources.len()
+                    )));
+                }
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        };
+        for s in &report.sources {
+            self.inner.traffic.add(s.peer, 0, s.served_bytes);
+        }
+        tracing::info!(
+            bytes = report.fetched_bytes,
+            root = %root.short(),
+            "fetched the run's data package"
+        );
+        let run = run.clone();
+        load_off_runtime(move || run.load_data_from_package(&pack)).await
     }
 
     /// Fetches the checkpoint named by the round's base root from `sources` with the
@@ -3095,6 +3214,17 @@ fn ledger_entries(payload: &[u8]) -> Result<Vec<SignedManifest>, String> {
 /// Writes the committed checkpoint this replica holds, with the coordinator's signed
 /// manifest, under the run directory, and prunes old checkpoints down to the newest `keep`
 /// (never this one).
+/// Reads (tokenizes, hashes) a run's data on a blocking thread: a corpus can take a while.
+async fn load_off_runtime(
+    load: impl FnOnce() -> Result<(potluck_worker::Dataset, String), ManifestError> + Send + 'static,
+) -> Result<potluck_worker::Dataset, TrainError> {
+    tokio::task::spawn_blocking(load)
+        .await
+        .map_err(|_| TrainError::ShuttingDown)?
+        .map(|(data, _)| data)
+        .map_err(TrainError::from)
+}
+
 fn keep_checkpoint(
     run: &ResolvedRun,
     rep: &Replica,
@@ -3399,6 +3529,12 @@ async fn run_coordinator(
                         committed_root: head.root.0.to_vec(),
                         signed_run: signed_run_bytes.clone(),
                         head_manifest: ledger.head().map(|m| m.encode()).unwrap_or_default(),
+                        data_sources: links
+                            .keys()
+                            .filter(|p| **p != peer)
+                            .take(MAX_DATA_SOURCES)
+                            .map(|p| p.to_bytes())
+                            .collect(),
                     });
                     send_ctl(&links, &peer, welcome);
                 }
@@ -3698,6 +3834,7 @@ fn ended_run(
         committed_root: commit.root.0.to_vec(),
         signed_run: run_bytes,
         head_manifest: head.encode(),
+        data_sources: Vec::new(),
     };
     let fin = RunFinished {
         run_id: run_id.to_vec(),

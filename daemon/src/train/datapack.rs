@@ -1,0 +1,340 @@
+//! A run's data as a package that peers fetch from the swarm.
+//!
+//! A run whose data comes from a path pins two hashes: the hash of the token stream (what
+//! every replica trains on) and the root of the *data package*, the source's files and the
+//! tokenizer hashed as one checkpoint-style content. In the package the text files are
+//! named `text-000000`, `text-000001`, ... in the order the worker reads them (so reading
+//! the package in name order gives the same tokens), and the tokenizer is `tokenizer.json`.
+//!
+//! The run's starter copies the files into `runs/<run id>/data/` beside a manifest signed
+//! with its coordinator key, where the checkpoint server (`ckpt_transfer`) serves them as
+//! it serves any checkpoint. A peer that lacks the data, or whose copy differs, fetches the
+//! package by its root with the verified multi-source transfer (every piece checked
+//! against the manifest before it is written; a peer that serves a bad one is banned), then
+//! serves it in turn. The token hash is checked on whatever is read, so a package can only
+//! ever feed a replica the run's own data.
+
+use std::path::{Path, PathBuf};
+
+use libp2p::identity::Keypair;
+use potluck_coordinator::Hash32;
+use potluck_coordinator::failover::SignedRunManifest;
+use potluck_coordinator::manifest::{
+    CheckpointContent, DEFAULT_CHUNK_SIZE, MANIFEST_FILE, MAX_FILES, RUN_FILE, SignedManifest,
+};
+
+use super::checkpoint;
+use super::manifest::{DataSpec, ManifestError, ResolvedRun};
+use super::session::TrainError;
+
+/// The package's directory in a run directory.
+pub const DATA_DIR: &str = "data";
+/// The tokenizer's name in a package.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+const TEXT_PREFIX: &str = "text-";
+
+fn text_name(i: usize) -> String {
+    format!("{TEXT_PREFIX}{i:06}")
+}
+
+fn data_err(e: impl std::fmt::Display) -> ManifestError {
+    ManifestError::Data(e.to_string())
+}
+
+/// The files of a path source's package as `(name in the package, path here)`.
+pub fn package_files(spec: &DataSpec) -> Result<Vec<(String, PathBuf)>, ManifestError> {
+    let texts = potluck_worker::data::text_files(Path::new(&spec.source)).map_err(data_err)?;
+    // One name is kept for the tokenizer.
+    if texts.len() >= MAX_FILES {
+        return Err(ManifestError::Data(format!(
+            "'{}' holds {} files, but a run's data may have at most {}: concatenate them \
+             into fewer files",
+            spec.source,
+            texts.len(),
+            MAX_FILES - 1
+        )));
+    }
+    let mut files: Vec<(String, PathBuf)> = texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (text_name(i), p))
+        .collect();
+    if let Some(t) = &spec.tokenizer {
+        files.push((TOKENIZER_FILE.into(), PathBuf::from(t)));
+    }
+    Ok(files)
+}
+
+/// The content a path source's package has, hashed from the files where they are.
+pub fn package_content(spec: &DataSpec) -> Result<CheckpointContent, ManifestError> {
+    CheckpointContent::of_files(&package_files(spec)?, DEFAULT_CHUNK_SIZE).map_err(data_err)
+}
+
+/// The root a path source's package has.
+pub fn package_root(spec: &DataSpec) -> Result<Hash32, ManifestError> {
+    Ok(package_content(spec)?.root())
+}
+
+/// The text files of a package directory in reading order, and its tokenizer when the run
+/// has one.
+pub fn package_texts(
+    dir: &Path,
+    spec: &DataSpec,
+) -> Result<(Vec<PathBuf>, Option<PathBuf>), ManifestError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| data_err(format!("{}: {e}", dir.display())))?;
+    let mut texts = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| data_err(format!("{}: {e}", dir.display())))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(TEXT_PREFIX) {
+            texts.push(e.path());
+        }
+    }
+    texts.sort();
+    let tokenizer = spec.tokenizer.as_ref().map(|_| dir.join(TOKENIZER_FILE));
+    Ok((texts, tokenizer))
+}
+
+/// The package's root as the run pins it.
+pub fn pinned_root(run: &ResolvedRun) -> Result<Option<Hash32>, TrainError> {
+    if run.data.root.is_empty() {
+        return Ok(None);
+    }
+    hex::decode(&run.data.root)
+        .ok()
+        .and_then(|b| Hash32::from_slice("data root", &b).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            TrainError::Other(format!(
+                "the run's data root {:?} is not a hash",
+                run.data.root
+            ))
+        })
+}
+
+/// Whether `dir` holds the package of root `root` with every file intact. `Ok(false)`: no
+/// package there; an error says what is wrong with the one that is.
+pub fn holds(dir: &Path, root: Hash32) -> Result<bool, String> {
+    let mpath = dir.join(MANIFEST_FILE);
+    let bytes = match crate::fsutil::read_limited(
+        &mpath,
+        potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
+    ) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(format!("{}: {e}", mpath.display())),
+    };
+    let m = SignedManifest::decode(&bytes).map_err(|e| format!("its manifest: {e}"))?;
+    let content = &m.body().content;
+    if m.body().root != root || content.root() != root {
+        return Err(format!(
+            "it is the package of root {}, not {}",
+            content.root().short(),
+            root.short()
+        ));
+    }
+    potluck_coordinator::verify::verify_content(dir, content)
+        .map(|_| true)
+        .map_err(|e| e.to_string())
+}
+
+/// Writes the package of `run` (a pinned path source) into `dest`, copying the source's
+/// files, beside a manifest signed with `keypair` (the run's coordinator key) and the
+/// signed run manifest, so that the checkpoint server serves it. Nothing is done when
+/// `dest` already holds it intact. Copies are checked against the hashes the files had
+/// when the package was hashed, and the directory appears whole or not at all.
+pub fn write_package(
+    dest: &Path,
+    run: &ResolvedRun,
+    signed_run: &SignedRunManifest,
+    keypair: &Keypair,
+) -> Result<(), TrainError> {
+    let Some(root) = pinned_root(run)? else {
+        return Ok(());
+    };
+    let io = |p: &Path, e: &dyn std::fmt::Display| {
+        TrainError::Other(format!(
+            "writing the run's data package at {}: {e}",
+            p.display()
+        ))
+    };
+    match holds(dest, root) {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(reason) => {
+            tracing::warn!(dir = %dest.display(), %reason, "replacing a damaged data package");
+            std::fs::remove_dir_all(dest).map_err(|e| io(dest, &e))?;
+        }
+    }
+    let files = package_files(&run.data)?;
+    let content = CheckpointContent::of_files(&files, DEFAULT_CHUNK_SIZE)
+        .map_err(|e| TrainError::Other(format!("the run's data: {e}")))?;
+    if content.root() != root {
+        return Err(TrainError::Other(format!(
+            "the files of '{}' changed since the run was started (package root {} instead \
+             of {}): restore them, or start a new run",
+            run.data.source,
+            content.root().short(),
+            root.short()
+        )));
+    }
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let partial = parent.join(".data-partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, &e))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(|e| io(&partial, &e))?;
+    let written = (|| {
+        for ((name, from), rec) in sorted(&files).into_iter().zip(&content.files) {
+            debug_assert_eq!(*name, rec.path);
+            potluck_coordinator::store::copy_atomic(from, &partial.join(name), Some(rec.file_hash))
+                .map_err(|e| io(from, &e))?;
+        }
+        let manifest = checkpoint::sign_round(signed_run, 0, None, content, Vec::new(), keypair)?;
+        for (name, bytes) in [
+            (MANIFEST_FILE, manifest.encode()),
+            (RUN_FILE, signed_run.encode()),
+        ] {
+            potluck_coordinator::store::write_atomic(&partial.join(name), &bytes)
+                .map_err(|e| io(&partial, &e))?;
+        }
+        std::fs::rename(&partial, dest).map_err(|e| io(dest, &e))?;
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(parent, &e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    written
+}
+
+fn sorted(files: &[(String, PathBuf)]) -> Vec<&(String, PathBuf)> {
+    let mut v: Vec<&(String, PathBuf)> = files.iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::train::RunManifest;
+    use crate::train::manifest::tests::TOKENIZER_JSON;
+
+    fn run_on(source: &Path, tokenizer: Option<&Path>) -> ResolvedRun {
+        let tok = tokenizer
+            .map(|t| format!("tokenizer = {:?}\n", t.display().to_string()))
+            .unwrap_or_default();
+        let toml = format!(
+            "name = \"t\"\nmodel = \"tiny\"\n[data]\nsource = {:?}\ntrain_bytes = 0\n\
+             eval_bytes = 0\nshards = 2\neval_fraction = 0.1\n{tok}",
+            source.display().to_string()
+        );
+        RunManifest::parse(&toml).unwrap().resolve().unwrap()
+    }
+
+    /// A directory source with nested files whose path order is not their name order
+    /// within each level.
+    fn corpus(dir: &Path) -> PathBuf {
+        let src = dir.join("src");
+        std::fs::create_dir_all(src.join("b/inner")).unwrap();
+        std::fs::write(src.join("a.txt"), "hello world ! ".repeat(40)).unwrap();
+        std::fs::write(src.join("b/inner/z.txt"), "world hello ! ! ".repeat(30)).unwrap();
+        std::fs::write(src.join("b/c.txt"), "! world world hello ".repeat(50)).unwrap();
+        src
+    }
+
+    #[test]
+    fn a_package_reads_as_the_same_data_as_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = corpus(dir.path());
+        let tok = dir.path().join("words.json");
+        std::fs::write(&tok, TOKENIZER_JSON).unwrap();
+        for tokenizer in [None, Some(tok.as_path())] {
+            let run = run_on(&src, tokenizer).pin_data().unwrap();
+            assert_eq!(
+                run.data.root.len(),
+                64,
+                "a path source pins its package root"
+            );
+            let keypair = Keypair::generate_ed25519();
+            let signed = checkpoint::signed_run(&run, Hash32([7; 32]), &keypair, vec![]).unwrap();
+            let dest = dir.path().join(format!("pack-{}", tokenizer.is_some()));
+            write_package(&dest, &run, &signed, &keypair).unwrap();
+            let root = pinned_root(&run).unwrap().unwrap();
+            assert_eq!(holds(&dest, root), Ok(true));
+            let names: Vec<String> = std::fs::read_dir(&dest)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".pb"))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let mut want = vec!["text-000000", "text-000001", "text-000002"];
+            if tokenizer.is_some() {
+                want.push(TOKENIZER_FILE);
+            }
+            assert_eq!(names, want);
+            // Same tokens, so the same pinned hash, read from the package.
+            let (_, from_pack) = run.load_data_from_package(&dest).unwrap();
+            assert_eq!(from_pack, run.data.hash);
+            // Writing it again leaves the intact package alone.
+            write_package(&dest, &run, &signed, &keypair).unwrap();
+            // The checkpoint server would serve it: it verifies like a checkpoint.
+            assert!(dest.join(RUN_FILE).is_file());
+        }
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_package_is_not_held_and_a_changed_source_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = corpus(dir.path());
+        let run = run_on(&src, None).pin_data().unwrap();
+        let root = pinned_root(&run).unwrap().unwrap();
+        let keypair = Keypair::generate_ed25519();
+        let signed = checkpoint::signed_run(&run, Hash32([7; 32]), &keypair, vec![]).unwrap();
+        let dest = dir.path().join("pack");
+        assert_eq!(holds(&dest, root), Ok(false), "nothing there");
+        write_package(&dest, &run, &signed, &keypair).unwrap();
+        // Another root: not this run's package.
+        assert!(holds(&dest, Hash32([1; 32])).is_err());
+        // One flipped byte in a text file.
+        let text = dest.join("text-000001");
+        let mut bytes = std::fs::read(&text).unwrap();
+        bytes[10] ^= 0x20;
+        std::fs::write(&text, &bytes).unwrap();
+        let err = holds(&dest, root).unwrap_err();
+        assert!(err.contains("text-000001"), "{err}");
+        // Writing the package again replaces the damaged one.
+        write_package(&dest, &run, &signed, &keypair).unwrap();
+        assert_eq!(holds(&dest, root), Ok(true));
+        // A source that changed after the run was pinned is refused, with what to do.
+        std::fs::write(src.join("a.txt"), "hello !").unwrap();
+        std::fs::remove_dir_all(&dest).unwrap();
+        let err = write_package(&dest, &run, &signed, &keypair)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("changed since the run was started"), "{err}");
+        assert!(!dest.exists() && !dir.path().join(".data-partial").exists());
+        // And pinning it again under the old root says the copy differs.
+        let mut stale = run_on(&src, None);
+        stale.data.root = run.data.root.clone();
+        let err = stale.pin_data().unwrap_err().to_string();
+        assert!(err.contains("package root"), "{err}");
+    }
+
+    #[test]
+    fn too_many_files_are_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("many");
+        std::fs::create_dir_all(&src).unwrap();
+        for i in 0..MAX_FILES {
+            std::fs::write(src.join(format!("{i}.txt")), "hello ").unwrap();
+        }
+        let err = package_files(&run_on(&src, None).data)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("concatenate"), "{err}");
+    }
+}
