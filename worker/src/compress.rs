@@ -437,6 +437,13 @@ fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+fn outside(r: &std::ops::Range<usize>, len: usize) -> CodecError {
+    CodecError::Params(format!(
+        "slice {}..{} lies outside a vector of {len} values (or its values differ in length)",
+        r.start, r.end
+    ))
+}
+
 /// Carries what a lossy codec did not send into the next round.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ErrorFeedback {
@@ -498,29 +505,44 @@ impl ErrorFeedback {
                 expected: self.residual.len(),
             });
         }
-        let mut out = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            if r.start > r.end || r.end > update.len() {
-                return Err(CodecError::Params(format!(
-                    "slice {}..{} lies outside an update of {} values",
-                    r.start,
-                    r.end,
-                    update.len()
-                )));
-            }
-            let sum: Vec<f32> = update[r.clone()]
-                .iter()
-                .zip(&self.residual[r.clone()])
-                .map(|(u, e)| u + e)
-                .collect();
-            let bytes = encode(codec, &sum);
-            let sent = decode(&bytes, sum.len())?;
-            for ((e, s), t) in self.residual[r.clone()].iter_mut().zip(&sum).zip(&sent) {
-                *e = s - t;
-            }
-            out.push(bytes);
+        ranges
+            .iter()
+            .map(|r| {
+                let values = update
+                    .get(r.clone())
+                    .ok_or_else(|| outside(r, update.len()))?;
+                self.compress_range(codec, values, r.clone())
+            })
+            .collect()
+    }
+
+    /// Encodes `values`, the slice `range` of a vector, with this buffer's residual for that
+    /// range, and keeps what was not sent there (one slice of
+    /// [`ErrorFeedback::compress_slices`]). Returns the encoded bytes.
+    pub fn compress_range(
+        &mut self,
+        codec: Codec,
+        values: &[f32],
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<u8>, CodecError> {
+        codec.validate()?;
+        let len = self.residual.len();
+        let residual = self
+            .residual
+            .get_mut(range.clone())
+            .filter(|r| r.len() == values.len())
+            .ok_or_else(|| outside(&range, len))?;
+        let sum: Vec<f32> = values
+            .iter()
+            .zip(residual.iter())
+            .map(|(u, e)| u + e)
+            .collect();
+        let bytes = encode(codec, &sum);
+        let sent = decode(&bytes, sum.len())?;
+        for ((e, s), t) in residual.iter_mut().zip(&sum).zip(&sent) {
+            *e = s - t;
         }
-        Ok(out)
+        Ok(bytes)
     }
 
     /// The residual as bytes (little-endian f32), for saving.
@@ -693,6 +715,38 @@ mod tests {
         assert_eq!(sliced, whole);
         let too_long = std::slice::from_ref(&(0..2000));
         assert!(sliced.compress_slices(codec, &update, too_long).is_err());
+    }
+
+    proptest! {
+        /// Feedback on one range: over several updates, what was sent plus what is kept is
+        /// what was meant, for every codec; values outside the range are never touched, and
+        /// a range or length that does not fit is refused.
+        #[test]
+        fn a_range_sends_what_was_meant_in_the_end(
+            codec in codecs(),
+            updates in proptest::collection::vec(
+                proptest::collection::vec(-10f32..10.0, 40), 1..6),
+            start in 0usize..30,
+        ) {
+            let range = start..start + 40;
+            let mut ef = ErrorFeedback::new(100);
+            let (mut meant, mut sent) = (vec![0f64; 40], vec![0f64; 40]);
+            for m in &updates {
+                let bytes = ef.compress_range(codec, m, range.clone()).unwrap();
+                for (i, (d, v)) in decode(&bytes, 40).unwrap().iter().zip(m).enumerate() {
+                    sent[i] += f64::from(*d);
+                    meant[i] += f64::from(*v);
+                }
+            }
+            for i in 0..40 {
+                let kept = f64::from(ef.residual()[start + i]);
+                prop_assert!((meant[i] - sent[i] - kept).abs() < 1e-3 * (1.0 + meant[i].abs()));
+            }
+            prop_assert!(ef.residual()[..start].iter().chain(&ef.residual()[start + 40..])
+                .all(|r| *r == 0.0));
+            prop_assert!(ef.compress_range(codec, &updates[0], 70..110).is_err());
+            prop_assert!(ef.compress_range(codec, &updates[0][..39], range.clone()).is_err());
+        }
     }
 
     #[test]
