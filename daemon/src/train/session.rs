@@ -910,8 +910,10 @@ impl TrainService {
             return;
         };
         let dir = checkpoint::ledger_dir(&checkpoint::run_dir(&self.inner.data_dir, &run_id));
-        let entries = match Ledger::read_entries(&dir) {
-            Ok(e) if !e.is_empty() => e,
+        // Reading a long ledger is file I/O: off the runtime's threads.
+        let read = tokio::task::spawn_blocking(move || Ledger::read_entries(&dir)).await;
+        let entries = match read {
+            Ok(Ok(e)) if !e.is_empty() => e,
             _ => {
                 tracing::info!(%peer, "ledger requested of a run this daemon keeps none of");
                 let _ = stream.close().await;
@@ -1152,33 +1154,37 @@ impl TrainService {
         successors: Vec<PeerId>,
     ) -> Result<RunSummary, TrainError> {
         let (coord_tx, coord_rx) = self.claim_coordinator()?;
-        let (run, ledger, machine) = self.prepare_run(run, &successors)?;
+        let (run, ledger, machine) = self.prepare_run(run, &successors).await?;
         self.drive(run, ledger, machine, out, coord_tx, coord_rx)
             .await
     }
 
     /// Pins the run's data and opens its ledger for this daemon, which has claimed the
     /// coordinator's place; gives the place back when that fails.
-    fn prepare_run(
+    async fn prepare_run(
         &self,
         run: ResolvedRun,
         successors: &[PeerId],
     ) -> Result<(ResolvedRun, Ledger, RunMachine), TrainError> {
-        let opened = run
-            .pin_data()
-            .map_err(TrainError::from)
-            .and_then(|run| Ok((self.open_ledger(&run, successors)?, run)))
-            .and_then(|((ledger, machine), run)| {
-                // What peers without the run's data fetch from this daemon.
-                let run_dir = checkpoint::run_dir(&self.inner.data_dir, &run.id());
-                datapack::write_package(
-                    &run_dir.join(datapack::DATA_DIR),
-                    &run,
-                    ledger.run(),
-                    &self.inner.keypair,
-                )?;
-                Ok(((ledger, machine), run))
-            });
+        // Reading, hashing and copying the data can take a while on a big corpus: off the
+        // runtime's threads.
+        let (svc, successors) = (self.clone(), successors.to_vec());
+        let opened = tokio::task::spawn_blocking(move || {
+            let run = run.pin_data()?;
+            let (ledger, machine) = svc.open_ledger(&run, &successors)?;
+            // What peers without the run's data fetch from this daemon.
+            let run_dir = checkpoint::run_dir(&svc.inner.data_dir, &run.id());
+            datapack::write_package(
+                &run_dir.join(datapack::DATA_DIR),
+                &run,
+                ledger.run(),
+                &svc.inner.keypair,
+            )?;
+            Ok(((ledger, machine), run))
+        })
+        .await
+        .map_err(|_| TrainError::ShuttingDown)
+        .and_then(|r| r);
         match opened {
             Ok(((ledger, machine), run)) => Ok((run, ledger, machine)),
             Err(e) => {
@@ -1197,7 +1203,7 @@ impl TrainService {
         successors: Vec<PeerId>,
     ) -> Result<RunSummary, TrainError> {
         let (_coord_tx, coord_rx) = self.claim_coordinator()?;
-        let (run, ledger, machine) = self.prepare_run(run, &successors)?;
+        let (run, ledger, machine) = self.prepare_run(run, &successors).await?;
         self.set_status(|s| {
             s.run_id = hex::encode(run.id());
             s.name = run.name.clone();
@@ -3902,7 +3908,8 @@ fn sitting_out_root(peer: &PeerId, round: u64) -> [u8; 32] {
 /// token-weighted mean at its mean magnitude (with equal weights, signSGD's majority vote),
 /// one bit per value like the contributions. On the one seed tried it ended lower than a
 /// 2-bit encoding of the mean that cost 1.44x the bytes (docs/BENCHMARKS.md). Reducers keep
-/// no error feedback: what the re-encoding drops is lost.
+/// no error feedback: what the re-encoding drops is lost (feedback at the reducer was
+/// tried, and made `sign` worse: docs/BENCHMARKS.md).
 fn reduce_codec(codec: Codec, contributors: usize) -> Codec {
     match codec {
         Codec::TopK { chunk, k, .. } => Codec::TopK {
