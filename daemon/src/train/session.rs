@@ -3217,9 +3217,6 @@ fn ledger_entries(payload: &[u8]) -> Result<Vec<SignedManifest>, String> {
     Ok(out)
 }
 
-/// Writes the committed checkpoint this replica holds, with the coordinator's signed
-/// manifest, under the run directory, and prunes old checkpoints down to the newest `keep`
-/// (never this one).
 /// Reads (tokenizes, hashes) a run's data on a blocking thread: a corpus can take a while.
 async fn load_off_runtime(
     load: impl FnOnce() -> Result<(potluck_worker::Dataset, String), ManifestError> + Send + 'static,
@@ -3231,6 +3228,9 @@ async fn load_off_runtime(
         .map_err(TrainError::from)
 }
 
+/// Writes the committed checkpoint this replica holds, with the coordinator's signed
+/// manifest, under the run directory, and prunes old checkpoints down to the newest `keep`
+/// (never this one).
 fn keep_checkpoint(
     run: &ResolvedRun,
     rep: &Replica,
