@@ -1090,6 +1090,54 @@ async fn a_data_parallel_run_ends_every_round_on_the_same_root_on_every_peer() {
     }
 }
 
+/// A two-round run on a directory of text files with a word-level tokenizer, both under
+/// `dir`, waiting for `min_peers`; returns it with the corpus's and the tokenizer's paths.
+fn path_source_run(
+    dir: &std::path::Path,
+    min_peers: usize,
+) -> (
+    potluck_daemon::train::ResolvedRun,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let src = dir.join("corpus");
+    std::fs::create_dir_all(src.join("more")).unwrap();
+    std::fs::write(src.join("a.txt"), "hello world ! ".repeat(900)).unwrap();
+    std::fs::write(src.join("more/b.txt"), "world ! hello hello ".repeat(700)).unwrap();
+    let tok = dir.join("words.json");
+    std::fs::write(
+        &tok,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                      "vocab": {"hello": 0, "world": 1, "[UNK]": 2, "!": 3}}}"#,
+    )
+    .unwrap();
+    let run = run_with(|m| {
+        m.rounds = Some(2);
+        m.min_peers = Some(min_peers);
+        m.data.source = src.display().to_string();
+        m.data.tokenizer = Some(tok.display().to_string());
+        m.data.train_bytes = 0;
+        m.data.eval_bytes = 0;
+        m.data.eval_fraction = 0.1;
+    });
+    (run, src, tok)
+}
+
+/// Waits until `package` holds the data package of `root`.
+async fn packaged(package: &std::path::Path, root: potluck_coordinator::Hash32) {
+    use potluck_daemon::train::datapack::holds;
+    for _ in 0..600 {
+        if holds(package, root) == Ok(true) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the starter never packaged its data");
+}
+
 /// Peers that lack a run's data and tokenizer fetch them from the swarm. The starter has a
 /// directory of text files and a tokenizer; once it has packaged them, both are moved away,
 /// so the other peers cannot read them at the manifest's paths. One of those peers holds a
@@ -1102,28 +1150,7 @@ async fn peers_without_the_data_fetch_it_and_its_tokenizer_from_the_swarm() {
     use potluck_daemon::train::datapack::{DATA_DIR, holds, pinned_root};
     let dir = tempfile::tempdir().unwrap();
     let nodes = start(3, dir.path()).await;
-    let src = dir.path().join("corpus");
-    std::fs::create_dir_all(src.join("more")).unwrap();
-    std::fs::write(src.join("a.txt"), "hello world ! ".repeat(900)).unwrap();
-    std::fs::write(src.join("more/b.txt"), "world ! hello hello ".repeat(700)).unwrap();
-    let tok = dir.path().join("words.json");
-    std::fs::write(
-        &tok,
-        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-            "post_processor": null, "decoder": null,
-            "model": {"type": "WordLevel", "unk_token": "[UNK]",
-                      "vocab": {"hello": 0, "world": 1, "[UNK]": 2, "!": 3}}}"#,
-    )
-    .unwrap();
-    let run = run_with(|m| {
-        m.rounds = Some(2);
-        m.data.source = src.display().to_string();
-        m.data.tokenizer = Some(tok.display().to_string());
-        m.data.train_bytes = 0;
-        m.data.eval_bytes = 0;
-        m.data.eval_fraction = 0.1;
-    });
+    let (run, src, tok) = path_source_run(dir.path(), 3);
     let run_id = run.id();
     let root = pinned_root(&run)
         .unwrap()
@@ -1135,17 +1162,7 @@ async fn peers_without_the_data_fetch_it_and_its_tokenizer_from_the_swarm() {
     });
     // The starter packages the data before its run waits for peers.
     let package = run_dir(&dir.path().join("p0"), &run_id).join(DATA_DIR);
-    for _ in 0..600 {
-        if holds(&package, root) == Ok(true) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        holds(&package, root),
-        Ok(true),
-        "the starter packaged its data"
-    );
+    packaged(&package, root).await;
     let gone = dir.path().join("gone");
     std::fs::create_dir_all(&gone).unwrap();
     std::fs::rename(&src, gone.join("corpus")).unwrap();
@@ -1185,6 +1202,48 @@ async fn peers_without_the_data_fetch_it_and_its_tokenizer_from_the_swarm() {
             "peer {i}"
         );
     }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// A peer without the run's data, when no peer holds the run's package any more, is refused
+/// with an error that says so, and keeps no package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_can_fetch_the_data_from_nowhere_says_so() {
+    use potluck_daemon::train::checkpoint::run_dir;
+    use potluck_daemon::train::datapack::{DATA_DIR, pinned_root};
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(2, dir.path()).await;
+    let (run, src, tok) = path_source_run(dir.path(), 1);
+    let run_id = run.id();
+    let root = pinned_root(&run).unwrap().unwrap();
+    let coordinator = nodes[0].client().local_peer_id();
+    let svc = nodes[0].train();
+    let coordinating = tokio::spawn(async move { svc.coordinate_only(run, Vec::new()).await });
+    let package = run_dir(&dir.path().join("p0"), &run_id).join(DATA_DIR);
+    packaged(&package, root).await;
+    // The data is gone everywhere: the source, the tokenizer and the starter's package.
+    for p in [&src, &package] {
+        std::fs::remove_dir_all(p).unwrap();
+    }
+    std::fs::remove_file(&tok).unwrap();
+    let mut refused = None;
+    for _ in 0..100 {
+        match nodes[1].train().join(coordinator, run_id, None).await {
+            Err(e) if e.to_string().contains("fetching its package") => {
+                refused = Some(e.to_string());
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Ok(_) => panic!("a replica trained without the run's data"),
+        }
+    }
+    let refused = refused.expect("the join was refused for want of the data");
+    assert!(refused.contains(&root.short()), "{refused}");
+    let joiner = run_dir(&dir.path().join("p1"), &run_id).join(DATA_DIR);
+    assert!(!joiner.exists(), "no package left behind");
+    coordinating.abort();
     for n in nodes {
         n.shutdown().await;
     }
