@@ -2350,10 +2350,26 @@ impl TrainService {
             None => {}
         }
         self.set_status(|s| s.state = "fetching the run's data".into());
+        let (progress, mut seen) = tokio::sync::watch::channel(Default::default());
         let opts = crate::ckpt_transfer::FetchOptions {
             cancel: self.inner.cancel.child_token(),
+            progress: Some(progress),
             ..Default::default()
         };
+        // `run status` shows how far the fetch is; the task ends with the fetch's sender.
+        let svc = self.clone();
+        tokio::spawn(async move {
+            while seen.changed().await.is_ok() {
+                let p: crate::ckpt_transfer::FetchProgress = *seen.borrow_and_update();
+                svc.set_status(|s| {
+                    s.state = format!(
+                        "fetching the run's data: {:.1} of {:.1} MiB verified",
+                        p.verified_bytes as f64 / (1 << 20) as f64,
+                        p.total_bytes as f64 / (1 << 20) as f64
+                    )
+                });
+            }
+        });
         let mut attempt = 0;
         let report = loop {
             match crate::ckpt_transfer::fetch_root(&self.inner.control, sources, root, &pack, &opts)
