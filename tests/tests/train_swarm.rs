@@ -1126,7 +1126,7 @@ fn path_source_run(
     (run, src, tok)
 }
 
-/// Waits until `package` holds the data package of `root`.
+/// Waits until `package` holds the data package of `root`, intact.
 async fn packaged(package: &std::path::Path, root: potluck_coordinator::Hash32) {
     use potluck_daemon::train::datapack::holds;
     for _ in 0..600 {
@@ -1135,15 +1135,16 @@ async fn packaged(package: &std::path::Path, root: potluck_coordinator::Hash32) 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the starter never packaged its data");
+    panic!("{} never held the run's data package", package.display());
 }
 
 /// Peers that lack a run's data and tokenizer fetch them from the swarm. The starter has a
-/// directory of text files and a tokenizer; once it has packaged them, both are moved away,
-/// so the other peers cannot read them at the manifest's paths. One of those peers holds a
-/// copy of the package with a flipped byte: it refuses that copy and fetches a good one.
-/// Every peer trains on the run's data (the pinned token hash is checked on what they
-/// read) and ends on the committed root, and both keep the verified package to serve it.
+/// directory of text files and a tokenizer and packages them; peer 1, which finds them at
+/// the manifest's paths, reads its own copy and serves it too. Then both are moved away,
+/// so the last peer cannot read them; it holds a copy of the package with a flipped byte,
+/// refuses that copy and fetches a good one from the others. Every peer trains on the run's
+/// data (the pinned token hash is checked on what they read) and ends on the committed
+/// root, and both keep the verified package to serve it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peers_without_the_data_fetch_it_and_its_tokenizer_from_the_swarm() {
     use potluck_daemon::train::checkpoint::run_dir;
@@ -1163,6 +1164,18 @@ async fn peers_without_the_data_fetch_it_and_its_tokenizer_from_the_swarm() {
     // The starter packages the data before its run waits for peers.
     let package = run_dir(&dir.path().join("p0"), &run_id).join(DATA_DIR);
     packaged(&package, root).await;
+    // Peer 1 finds the data at the manifest's paths: it trains on its own copy and serves
+    // it too, through hard links to the very files it read (no copy).
+    let first = tokio::spawn(join_retrying(nodes[1].train(), coordinator, run_id));
+    let linked = run_dir(&dir.path().join("p1"), &run_id).join(DATA_DIR);
+    packaged(&linked, root).await;
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: std::path::PathBuf| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(ino(linked.join("text-000000")), ino(src.join("a.txt")));
+        assert_eq!(ino(linked.join("tokenizer.json")), ino(tok.clone()));
+    }
+    // Then the data disappears from the paths.
     let gone = dir.path().join("gone");
     std::fs::create_dir_all(&gone).unwrap();
     std::fs::rename(&src, gone.join("corpus")).unwrap();
@@ -1180,14 +1193,14 @@ async fn peers_without_the_data_fetch_it_and_its_tokenizer_from_the_swarm() {
     std::fs::write(damaged.join("text-000001"), &bad).unwrap();
     assert!(holds(&damaged, root).is_err());
 
-    let joins = join_all_but_the_first(&nodes, coordinator, run_id);
+    let last = tokio::spawn(join_retrying(nodes[2].train(), coordinator, run_id));
     let summary = coordinating
         .await
         .unwrap()
         .expect("run finished in time")
         .expect("run succeeded");
     assert_eq!(summary.rounds, 2);
-    for j in joins {
+    for j in [first, last] {
         let s = j.await.unwrap().expect("replica finished");
         assert_eq!(s.root, summary.root);
     }

@@ -209,6 +209,81 @@ pub fn write_package(
     written
 }
 
+/// Largest data package manifest a coordinator puts in a welcome: the welcome must stay
+/// well inside the control channel's 1 MiB with the ledger head beside it.
+pub const MAX_WELCOME_MANIFEST: usize = 256 << 10;
+
+/// The signed manifest of the package in `dir`, for a welcome: empty when there is none or
+/// it is larger than [`MAX_WELCOME_MANIFEST`].
+pub fn welcome_manifest(dir: &Path) -> Vec<u8> {
+    crate::fsutil::read_limited(&dir.join(MANIFEST_FILE), MAX_WELCOME_MANIFEST as u64)
+        .unwrap_or_default()
+}
+
+/// Serves this peer's own copy of a run's data (already read and found to be the run's)
+/// as the run's package in `dest`, with `manifest`, the package's signed manifest that the
+/// coordinator sent: the files are hard-linked, never copied, so this costs no disk.
+/// `Ok(false)` when there is nothing to do or it cannot be done without a copy (another
+/// file system, a manifest that is not the run's).
+pub fn link_package(
+    dest: &Path,
+    run: &ResolvedRun,
+    manifest: &[u8],
+    signed_run: &SignedRunManifest,
+) -> Result<bool, TrainError> {
+    let Some(root) = pinned_root(run)? else {
+        return Ok(false);
+    };
+    if manifest.is_empty() || dest.exists() {
+        return Ok(false);
+    }
+    let signed = SignedManifest::decode(manifest)
+        .map_err(|e| TrainError::Other(format!("the run's data manifest: {e}")))?;
+    potluck_coordinator::verify::check_manifest_against_run(signed_run, &signed)
+        .map_err(|e| TrainError::Other(format!("the run's data manifest: {e}")))?;
+    if signed.body().root != root || signed.body().content.root() != root {
+        return Err(TrainError::Other(
+            "the coordinator's data manifest is not the run's package".into(),
+        ));
+    }
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let partial = parent.join(".data-partial");
+    let io = |p: &Path, e: &dyn std::fmt::Display| {
+        TrainError::Other(format!("linking the run's data at {}: {e}", p.display()))
+    };
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, &e))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(|e| io(&partial, &e))?;
+    let linked = (|| {
+        for (name, from) in package_files(&run.data)? {
+            if std::fs::hard_link(&from, partial.join(&name)).is_err() {
+                return Ok(false);
+            }
+        }
+        // The links are the files this peer read; check them against the manifest anyway
+        // (a file may have changed since), as a server's pieces would be checked.
+        potluck_coordinator::verify::verify_content(&partial, &signed.body().content)
+            .map_err(|e| io(&partial, &e))?;
+        for (name, bytes) in [
+            (MANIFEST_FILE, manifest.to_vec()),
+            (RUN_FILE, signed_run.encode()),
+        ] {
+            potluck_coordinator::store::write_atomic(&partial.join(name), &bytes)
+                .map_err(|e| io(&partial, &e))?;
+        }
+        std::fs::rename(&partial, dest).map_err(|e| io(dest, &e))?;
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(parent, &e))?;
+        Ok(true)
+    })();
+    if !matches!(linked, Ok(true)) {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    linked
+}
+
 fn sorted(files: &[(String, PathBuf)]) -> Vec<&(String, PathBuf)> {
     let mut v: Vec<&(String, PathBuf)> = files.iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -322,6 +397,39 @@ mod tests {
         stale.data.root = run.data.root.clone();
         let err = stale.pin_data().unwrap_err().to_string();
         assert!(err.contains("package root"), "{err}");
+    }
+
+    #[test]
+    fn a_peer_links_its_own_copy_only_under_the_coordinators_manifest_of_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = corpus(dir.path());
+        let run = run_on(&src, None).pin_data().unwrap();
+        let coordinator = Keypair::generate_ed25519();
+        let signed = checkpoint::signed_run(&run, Hash32([7; 32]), &coordinator, vec![]).unwrap();
+        let starter = dir.path().join("starter");
+        write_package(&starter, &run, &signed, &coordinator).unwrap();
+        let manifest = std::fs::read(starter.join(MANIFEST_FILE)).unwrap();
+        let dest = dir.path().join("linked");
+        // No manifest (the built-in corpus, or one too large for a welcome): nothing done.
+        assert!(!link_package(&dest, &run, &[], &signed).unwrap());
+        // A manifest signed by another key than the run's coordinator is refused.
+        let other = Keypair::generate_ed25519();
+        let content = package_content(&run.data).unwrap();
+        let forged = checkpoint::sign_round(&signed, 0, None, content, vec![], &other).unwrap();
+        assert!(link_package(&dest, &run, &forged.encode(), &signed).is_err());
+        assert!(!dest.exists());
+        // The coordinator's manifest: linked, and it is the same package as the starter's.
+        assert!(link_package(&dest, &run, &manifest, &signed).unwrap());
+        let root = pinned_root(&run).unwrap().unwrap();
+        assert_eq!(holds(&dest, root), Ok(true));
+        assert_eq!(std::fs::read(dest.join(MANIFEST_FILE)).unwrap(), manifest);
+        // Once there, it is left alone.
+        assert!(!link_package(&dest, &run, &manifest, &signed).unwrap());
+        // A source file that changed since it was read is caught before anything is served.
+        let again = dir.path().join("again");
+        std::fs::write(src.join("a.txt"), "hello !").unwrap();
+        assert!(link_package(&again, &run, &manifest, &signed).is_err());
+        assert!(!again.exists() && !dir.path().join(".data-partial").exists());
     }
 
     #[test]

@@ -1699,7 +1699,15 @@ impl TrainService {
                 data_sources.push(p);
             }
         }
-        let data = Arc::new(self.run_data(&run, &run_dir, &data_sources).await?);
+        let data = Arc::new(
+            self.run_data(
+                &run,
+                &run_dir,
+                &data_sources,
+                (&welcome.data_manifest, &signed_run),
+            )
+            .await?,
+        );
         let codec = run.codec();
         let mut rep = Replica::new(&run.model, &run.inner, &self.inner.device)?;
         let n = rep.num_params();
@@ -2292,13 +2300,16 @@ impl TrainService {
 
     /// The run's data for this replica. For a path source with a pinned package root: the
     /// package this daemon holds, else its own copy at the source path when that is the
-    /// run's data, else the package fetched from `sources` (verified piece by piece) and
-    /// kept, so that this daemon serves it too. The token hash is checked either way.
+    /// run's data (served too when the coordinator sent the package's signed manifest and
+    /// the files can be hard-linked), else the package fetched from `sources` (verified
+    /// piece by piece) and kept, so that this daemon serves it too. The token hash is
+    /// checked either way.
     async fn run_data(
         &self,
         run: &ResolvedRun,
         run_dir: &std::path::Path,
         sources: &[PeerId],
+        (data_manifest, signed_run): (&[u8], &SignedRunManifest),
     ) -> Result<potluck_worker::Dataset, TrainError> {
         let Some(root) = datapack::pinned_root(run)? else {
             let run = run.clone();
@@ -2333,8 +2344,19 @@ impl TrainService {
         }
         match own {
             Some(Ok(r)) if r == root => {
-                let run = run.clone();
-                return load_off_runtime(move || run.load_data()).await;
+                let (run, pack) = (run.clone(), pack.clone());
+                let (manifest, signed_run) = (data_manifest.to_vec(), signed_run.clone());
+                return load_off_runtime(move || {
+                    let loaded = run.load_data()?;
+                    // Read and checked: now serve it too, if that costs no copy.
+                    match datapack::link_package(&pack, &run, &manifest, &signed_run) {
+                        Ok(true) => tracing::info!("serving this peer's copy of the run's data"),
+                        Ok(false) => {}
+                        Err(e) => tracing::info!(error = %e, "not serving the run's data"),
+                    }
+                    Ok(loaded)
+                })
+                .await;
             }
             Some(Ok(r)) => tracing::warn!(
                 source = %run.data.source,
@@ -3528,6 +3550,7 @@ async fn run_coordinator(
     let run_id = run.id();
     let run_dir = checkpoint::run_dir(&svc.inner.data_dir, &run_id);
     let signed_run_bytes = ledger.run().encode();
+    let data_manifest = datapack::welcome_manifest(&run_dir.join(datapack::DATA_DIR));
     // A CPU replica that lays out the checkpoint files of each commit (and hashes a state
     // fetched from a peer), made at the first commit.
     let mut hasher: Option<Replica> = None;
@@ -3557,6 +3580,7 @@ async fn run_coordinator(
                             .take(MAX_DATA_SOURCES)
                             .map(|p| p.to_bytes())
                             .collect(),
+                        data_manifest: data_manifest.clone(),
                     });
                     send_ctl(&links, &peer, welcome);
                 }
@@ -3857,6 +3881,7 @@ fn ended_run(
         signed_run: run_bytes,
         head_manifest: head.encode(),
         data_sources: Vec::new(),
+        data_manifest: Vec::new(),
     };
     let fin = RunFinished {
         run_id: run_id.to_vec(),
