@@ -178,12 +178,7 @@ pub fn write_package(
             root.short()
         )));
     }
-    let parent = dest.parent().unwrap_or(Path::new("."));
-    let partial = parent.join(".data-partial");
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, &e))?;
-    }
-    std::fs::create_dir_all(&partial).map_err(|e| io(&partial, &e))?;
+    let partial = fresh_partial(dest)?;
     let written = (|| {
         for ((name, from), rec) in sorted(&files).into_iter().zip(&content.files) {
             debug_assert_eq!(*name, rec.path);
@@ -191,17 +186,7 @@ pub fn write_package(
                 .map_err(|e| io(from, &e))?;
         }
         let manifest = checkpoint::sign_round(signed_run, 0, None, content, Vec::new(), keypair)?;
-        for (name, bytes) in [
-            (MANIFEST_FILE, manifest.encode()),
-            (RUN_FILE, signed_run.encode()),
-        ] {
-            potluck_coordinator::store::write_atomic(&partial.join(name), &bytes)
-                .map_err(|e| io(&partial, &e))?;
-        }
-        std::fs::rename(&partial, dest).map_err(|e| io(dest, &e))?;
-        std::fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io(parent, &e))
+        seal(&partial, dest, &manifest.encode(), signed_run)
     })();
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
@@ -246,15 +231,10 @@ pub fn link_package(
             "the coordinator's data manifest is not the run's package".into(),
         ));
     }
-    let parent = dest.parent().unwrap_or(Path::new("."));
-    let partial = parent.join(".data-partial");
+    let partial = fresh_partial(dest)?;
     let io = |p: &Path, e: &dyn std::fmt::Display| {
         TrainError::Other(format!("linking the run's data at {}: {e}", p.display()))
     };
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, &e))?;
-    }
-    std::fs::create_dir_all(&partial).map_err(|e| io(&partial, &e))?;
     let linked = (|| {
         for (name, from) in package_files(&run.data)? {
             if std::fs::hard_link(&from, partial.join(&name)).is_err() {
@@ -265,23 +245,60 @@ pub fn link_package(
         // (a file may have changed since), as a server's pieces would be checked.
         potluck_coordinator::verify::verify_content(&partial, &signed.body().content)
             .map_err(|e| io(&partial, &e))?;
-        for (name, bytes) in [
-            (MANIFEST_FILE, manifest.to_vec()),
-            (RUN_FILE, signed_run.encode()),
-        ] {
-            potluck_coordinator::store::write_atomic(&partial.join(name), &bytes)
-                .map_err(|e| io(&partial, &e))?;
-        }
-        std::fs::rename(&partial, dest).map_err(|e| io(dest, &e))?;
-        std::fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io(parent, &e))?;
-        Ok(true)
+        seal(&partial, dest, manifest, signed_run).map(|()| true)
     })();
     if !matches!(linked, Ok(true)) {
         let _ = std::fs::remove_dir_all(&partial);
     }
     linked
+}
+
+/// An empty hidden directory beside `dest` to build its package in (the checkpoint server
+/// skips hidden names); what an interrupted build left there is removed.
+fn fresh_partial(dest: &Path) -> Result<PathBuf, TrainError> {
+    let partial = dest
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(".data-partial");
+    let made = match std::fs::remove_dir_all(&partial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => std::fs::create_dir_all(&partial),
+    };
+    made.map_err(|e| {
+        TrainError::Other(format!(
+            "preparing the run's data package at {}: {e}",
+            partial.display()
+        ))
+    })?;
+    Ok(partial)
+}
+
+/// Writes the signed manifests beside the files in `partial` and moves it into place at
+/// `dest`, durably: the package appears whole or not at all.
+fn seal(
+    partial: &Path,
+    dest: &Path,
+    manifest: &[u8],
+    signed_run: &SignedRunManifest,
+) -> Result<(), TrainError> {
+    let io = |p: &Path, e: &dyn std::fmt::Display| {
+        TrainError::Other(format!(
+            "writing the run's data package at {}: {e}",
+            p.display()
+        ))
+    };
+    for (name, bytes) in [
+        (MANIFEST_FILE, manifest.to_vec()),
+        (RUN_FILE, signed_run.encode()),
+    ] {
+        potluck_coordinator::store::write_atomic(&partial.join(name), &bytes)
+            .map_err(|e| io(partial, &e))?;
+    }
+    std::fs::rename(partial, dest).map_err(|e| io(dest, &e))?;
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(parent, &e))
 }
 
 fn sorted(files: &[(String, PathBuf)]) -> Vec<&(String, PathBuf)> {

@@ -2392,20 +2392,45 @@ impl TrainService {
                 });
             }
         });
+        let report = self
+            .fetch_root_retrying(sources, root, &pack, &opts)
+            .await
+            .map_err(|e| {
+                TrainError::Other(format!(
+                    "the run's data is not at '{}' on this peer, and fetching its package {} \
+                     from {} peer(s) failed: {e}",
+                    run.data.source,
+                    root.short(),
+                    sources.len()
+                ))
+            })?;
+        tracing::info!(
+            bytes = report.fetched_bytes,
+            root = %root.short(),
+            "fetched the run's data package"
+        );
+        let run = run.clone();
+        load_off_runtime(move || run.load_data_from_package(&pack)).await
+    }
+
+    /// Fetches what `root` names (a checkpoint or a data package) from `sources` into
+    /// `dest` with the verified multi-source transfer, trying again a few times while no
+    /// source serves it yet, and counts what each source sent.
+    async fn fetch_root_retrying(
+        &self,
+        sources: &[PeerId],
+        root: Hash32,
+        dest: &std::path::Path,
+        opts: &crate::ckpt_transfer::FetchOptions,
+    ) -> Result<crate::ckpt_transfer::FetchReport, crate::ckpt_transfer::FetchError> {
         let mut attempt = 0;
         let report = loop {
-            match crate::ckpt_transfer::fetch_root(&self.inner.control, sources, root, &pack, &opts)
+            match crate::ckpt_transfer::fetch_root(&self.inner.control, sources, root, dest, opts)
                 .await
             {
                 Ok(r) => break r,
                 Err(e) if attempt >= FETCH_ATTEMPTS || self.inner.cancel.is_cancelled() => {
-                    return Err(TrainError::Other(format!(
-                        "the run's data is not at '{}' on this peer, and fetching its package \
-                         {} from {} peer(s) failed: {e}",
-                        run.data.source,
-                        root.short(),
-                        sources.len()
-                    )));
+                    return Err(e);
                 }
                 Err(_) => {
                     attempt += 1;
@@ -2416,13 +2441,7 @@ impl TrainService {
         for s in &report.sources {
             self.inner.traffic.add(s.peer, 0, s.served_bytes);
         }
-        tracing::info!(
-            bytes = report.fetched_bytes,
-            root = %root.short(),
-            "fetched the run's data package"
-        );
-        let run = run.clone();
-        load_off_runtime(move || run.load_data_from_package(&pack)).await
+        Ok(report)
     }
 
     /// Fetches the checkpoint named by the round's base root from `sources` with the
@@ -2448,28 +2467,11 @@ impl TrainService {
             ..Default::default()
         };
         // The sources write the checkpoint when the commit reaches them, which can be a
-        // moment after the round that starts from it opened: try again briefly.
-        let mut attempt = 0;
-        let report = loop {
-            match crate::ckpt_transfer::fetch_root(&self.inner.control, sources, root, &dest, &opts)
-                .await
-            {
-                Ok(r) => break r,
-                Err(e) if attempt >= FETCH_ATTEMPTS || self.inner.cancel.is_cancelled() => {
-                    return Err(TrainError::Other(format!(
-                        "fetching checkpoint {}: {e}",
-                        root.short()
-                    )));
-                }
-                Err(_) => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-            }
-        };
-        for s in &report.sources {
-            self.inner.traffic.add(s.peer, 0, s.served_bytes);
-        }
+        // moment after the round that starts from it opened: the fetch tries again briefly.
+        let report = self
+            .fetch_root_retrying(sources, root, &dest, &opts)
+            .await
+            .map_err(|e| TrainError::Other(format!("fetching checkpoint {}: {e}", root.short())))?;
         tracing::info!(
             bytes = report.fetched_bytes,
             "fetched the committed checkpoint"
