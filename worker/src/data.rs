@@ -13,7 +13,7 @@ use crate::WorkerError;
 use crate::checkpoint::read_limited;
 
 /// Largest `tokenizer.json` accepted.
-const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
+pub const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
 
 /// Turns text into token ids.
 #[derive(Debug, Clone, Default)]

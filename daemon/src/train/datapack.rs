@@ -24,7 +24,7 @@ use potluck_coordinator::manifest::{
 };
 
 use super::checkpoint;
-use super::manifest::{DataSpec, ManifestError, ResolvedRun};
+use super::manifest::{DataSpec, MAX_DATA_BYTES, ManifestError, ResolvedRun};
 use super::session::TrainError;
 
 /// The package's directory in a run directory.
@@ -54,12 +54,30 @@ pub fn package_files(spec: &DataSpec) -> Result<Vec<(String, PathBuf)>, Manifest
             MAX_FILES - 1
         )));
     }
+    // Nothing is read past the limit a run's text has anyway.
+    let mut total = 0u64;
+    for t in &texts {
+        total += std::fs::metadata(t).map(|m| m.len()).unwrap_or(0);
+        if total > MAX_DATA_BYTES {
+            return Err(ManifestError::Data(format!(
+                "'{}' holds more than the limit of {MAX_DATA_BYTES} bytes of text",
+                spec.source
+            )));
+        }
+    }
     let mut files: Vec<(String, PathBuf)> = texts
         .into_iter()
         .enumerate()
         .map(|(i, p)| (text_name(i), p))
         .collect();
     if let Some(t) = &spec.tokenizer {
+        let len = std::fs::metadata(t).map(|m| m.len()).unwrap_or(0);
+        if len > potluck_worker::data::MAX_TOKENIZER_BYTES {
+            return Err(ManifestError::Data(format!(
+                "the tokenizer '{t}' is larger than the limit of {} bytes",
+                potluck_worker::data::MAX_TOKENIZER_BYTES
+            )));
+        }
         files.push((TOKENIZER_FILE.into(), PathBuf::from(t)));
     }
     Ok(files)
@@ -447,6 +465,28 @@ mod tests {
         std::fs::write(src.join("a.txt"), "hello !").unwrap();
         assert!(link_package(&again, &run, &manifest, &signed).is_err());
         assert!(!again.exists() && !dir.path().join(".data-partial").exists());
+    }
+
+    #[test]
+    fn text_past_the_limit_and_a_huge_tokenizer_are_refused_before_any_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = corpus(dir.path());
+        // Sparse files: their length is what counts, and nothing is read.
+        let big = std::fs::File::create(src.join("big.txt")).unwrap();
+        big.set_len(MAX_DATA_BYTES).unwrap();
+        let err = package_files(&run_on(&src, None).data)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than the limit"), "{err}");
+        std::fs::remove_file(src.join("big.txt")).unwrap();
+        let tok = dir.path().join("huge.json");
+        let f = std::fs::File::create(&tok).unwrap();
+        f.set_len(potluck_worker::data::MAX_TOKENIZER_BYTES + 1)
+            .unwrap();
+        let err = package_files(&run_on(&src, Some(&tok)).data)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("larger than the limit"), "{err}");
     }
 
     #[test]
