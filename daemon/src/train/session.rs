@@ -48,7 +48,7 @@ use super::checkpoint::{self, InnerState};
 use super::datapack;
 use super::manifest::{ManifestError, ResolvedRun, RunMode};
 use super::plan::slice_ranges;
-use super::wire::{read_control, write_control};
+use super::wire::{MAX_CONTROL_BYTES, read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
 
 mod data_parallel;
@@ -3569,7 +3569,7 @@ async fn run_coordinator(
                     let Some(peer) = to_libp2p(&p) else { continue };
                     tracing::info!(%peer, "replica admitted");
                     let head = machine.head();
-                    let welcome = Msg::Welcome(RunWelcome {
+                    let mut welcome = RunWelcome {
                         run_id: run_id.to_vec(),
                         manifest: manifest.clone(),
                         committed_round: head.round,
@@ -3583,8 +3583,13 @@ async fn run_coordinator(
                             .map(|p| p.to_bytes())
                             .collect(),
                         data_manifest: data_manifest.clone(),
-                    });
-                    send_ctl(&links, &peer, welcome);
+                    };
+                    // The data manifest is a convenience: it never pushes a welcome (whose
+                    // ledger head grows with the model) past the control channel's limit.
+                    if prost::Message::encoded_len(&welcome) + 4096 > MAX_CONTROL_BYTES {
+                        welcome.data_manifest.clear();
+                    }
+                    send_ctl(&links, &peer, Msg::Welcome(welcome));
                 }
                 Action::Refused { peer, reason } => {
                     if let Some(peer) = to_libp2p(&peer) {
