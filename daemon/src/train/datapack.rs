@@ -11,8 +11,10 @@
 //! it serves any checkpoint. A peer that lacks the data, or whose copy differs, fetches the
 //! package by its root with the verified multi-source transfer (every piece checked
 //! against the manifest before it is written; a peer that serves a bad one is banned), then
-//! serves it in turn. The token hash is checked on whatever is read, so a package can only
-//! ever feed a replica the run's own data.
+//! serves it in turn. A peer that has its own copy at the source's paths serves that too,
+//! hard-linked under the package manifest the coordinator's welcome carries. The token hash
+//! is checked on whatever is read, so a package can only ever feed a replica the run's own
+//! data.
 
 use std::path::{Path, PathBuf};
 
