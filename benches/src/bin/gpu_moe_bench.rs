@@ -3,9 +3,11 @@
 //! side (issue 6). One step is exactly what a replica does in the swarm:
 //! `Replica::train_on_batch` (forward, backward, gradient clipping, f32-master AdamW).
 //!
-//! Usage: `gpu_moe_bench --config small|base|tiny --dtype f32|bf16 --device cpu|cuda
-//! [--warmup N] [--steps N] [--json PATH]`. Prints one JSON line per run (and appends it to
-//! `--json`). Build for the GPU with the `cuda` feature; without it the binary still builds
+//! Usage: `gpu_moe_bench --config small|base|tiny --dtype f32|tf32|bf16 --device cpu|cuda
+//! [--warmup N] [--steps N] [--json PATH] [--experts batched|single] [--breakdown] [--micro]`.
+//! Prints one JSON line per run (and appends it to `--json`). `tf32` is f32 training with
+//! TF32 tensor-core matrix products (candle's reduced-precision f32 GEMM switch): an explicit
+//! opt-in reported under its own label, never as the f32 row. Build for the GPU with the `cuda` feature; without it the binary still builds
 //! and runs on the CPU, which is what CI exercises with the tiny config.
 
 use std::io::Write;
@@ -117,6 +119,10 @@ struct Args {
     json: Option<std::path::PathBuf>,
     breakdown: bool,
     micro: bool,
+    /// f32 matrix products in TF32 (`--dtype tf32`).
+    tf32: bool,
+    /// `--experts batched|single`: force the experts' path (default: the model's choice).
+    batched: Option<bool>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args> {
@@ -129,6 +135,8 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         json: None,
         breakdown: false,
         micro: false,
+        tf32: false,
+        batched: None,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -140,10 +148,19 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         match flag.as_str() {
             "--config" => a.config = value()?,
             "--dtype" => {
-                a.dtype = match value()?.as_str() {
-                    "f32" => ComputeDType::F32,
+                let v = value()?;
+                a.tf32 = v == "tf32";
+                a.dtype = match v.as_str() {
+                    "f32" | "tf32" => ComputeDType::F32,
                     "bf16" => ComputeDType::Bf16,
-                    other => bail!("unknown dtype {other:?} (use f32 or bf16)"),
+                    other => bail!("unknown dtype {other:?} (use f32, tf32 or bf16)"),
+                }
+            }
+            "--experts" => {
+                a.batched = match value()?.as_str() {
+                    "batched" => Some(true),
+                    "single" => Some(false),
+                    other => bail!("unknown experts path {other:?} (use batched or single)"),
                 }
             }
             "--device" => {
@@ -220,6 +237,15 @@ impl Measured {
     }
 }
 
+/// The dtype as reported: `tf32` for f32 with TF32 matrix products.
+fn dtype_label(a: &Args) -> &'static str {
+    match a.dtype {
+        ComputeDType::F32 if a.tf32 => "tf32",
+        ComputeDType::F32 => "f32",
+        ComputeDType::Bf16 => "bf16",
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -244,7 +270,12 @@ fn run(a: &Args) -> Result<Measured> {
         compute_dtype: a.dtype,
         ..TrainConfig::default()
     };
+    // Process-wide in candle: only this opt-in run changes it.
+    candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     let mut replica = Replica::new(&s.model, &train, &a.device).context("building the replica")?;
+    if let Some(on) = a.batched {
+        replica.set_batched_experts(on)?;
+    }
     let device = replica.model().device().clone();
     // Random bytes, never zeros: uniform tokens keep the router busy on every expert.
     let mut rng = ChaCha8Rng::seed_from_u64(42);
@@ -289,10 +320,7 @@ fn run(a: &Args) -> Result<Measured> {
     let flops = flops_per_step(&s);
     Ok(Measured {
         config: s.name.clone(),
-        dtype: match a.dtype {
-            ComputeDType::F32 => "f32",
-            ComputeDType::Bf16 => "bf16",
-        },
+        dtype: dtype_label(a),
         device: match a.device {
             DeviceSpec::Cpu => "cpu".into(),
             DeviceSpec::Cuda(i) => format!("cuda:{i}"),
@@ -398,6 +426,7 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
     let s = shape(&a.config)?;
     let device = a.device.device()?;
     let dt = a.dtype.dtype();
+    candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     let (n, d) = (s.batch * s.seq, s.model.d_model);
     let per_expert = n * s.model.top_k / s.model.n_experts;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -416,6 +445,19 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
     let gate_src = Tensor::randn(0f32, 1.0, per_expert, &device)?.to_dtype(dt)?;
     let w = Tensor::randn(0f32, 1.0, (2 * d, d), &device)?.to_dtype(dt)?;
     let big = Tensor::randn(0f32, 1.0, 46_000_000, &device)?;
+    // One MoE layer's experts in the padded batched layout, and their stacked weights as the
+    // model keeps them (`[experts, out, in]`).
+    let n_exp = s.model.n_experts;
+    let hid = s.model.expert_hidden;
+    let xs = Tensor::randn(0f32, 1.0, (n_exp, per_expert, d), &device)?.to_dtype(dt)?;
+    let gs = Tensor::randn(0f32, 1.0, (n_exp, per_expert, hid), &device)?.to_dtype(dt)?;
+    let ws = Tensor::randn(0f32, 1.0, (n_exp, hid, d), &device)?.to_dtype(dt)?;
+    let xs_e: Vec<Tensor> = (0..n_exp)
+        .map(|e| xs.get(e))
+        .collect::<candle_core::Result<_>>()?;
+    let ws_e: Vec<Tensor> = (0..n_exp)
+        .map(|e| ws.get(e))
+        .collect::<candle_core::Result<_>>()?;
     type Op<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
     let ops: Vec<(&str, Op)> = vec![
         (
@@ -442,6 +484,33 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
             "matmul expert up [per_expert, d] x [d, 2d]",
             Box::new(|| src.matmul(&w.t()?)),
         ),
+        (
+            "experts up, batched [E, per_expert, d] x [E, d, 2d] (transposed stack)",
+            Box::new(|| xs.matmul(&ws.transpose(1, 2)?)),
+        ),
+        (
+            "experts up, one product per expert [per_expert, d] x [d, 2d] (x E)",
+            Box::new(|| {
+                let ys = xs_e
+                    .iter()
+                    .zip(&ws_e)
+                    .map(|(x, w)| x.matmul(&w.t()?))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(ys.into_iter().next_back().unwrap_or(xs.clone()))
+            }),
+        ),
+        (
+            "experts up backward dx, batched [E, per_expert, 2d] x [E, 2d, d]",
+            Box::new(|| gs.matmul(&ws)),
+        ),
+        (
+            "experts up backward dw, batched [E, d, per_expert] x [E, per_expert, 2d]",
+            Box::new(|| xs.transpose(1, 2)?.matmul(&gs)),
+        ),
+        (
+            "experts up backward dw in the stack's layout [E, 2d, per_expert] x [E, per_expert, d]",
+            Box::new(|| gs.transpose(1, 2)?.matmul(&xs)),
+        ),
         ("sum_all f32 [46M]", Box::new(|| big.sum_all())),
         (
             "sum over rows f32 [46M / 65536, 65536]",
@@ -449,6 +518,32 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
         ),
     ];
     let mut out = Vec::new();
+    // Routing of one MoE layer (`Model::moe_route`, host decisions included) on a model of
+    // the config: the host time until it returns, from an idle GPU, and the full time.
+    let model = potluck_worker::Model::new(&s.model, &device, dt, 1)?;
+    let w = model.weights(false)?;
+    let h = Tensor::randn(0f32, 1.0, (n, d), &device)?.to_dtype(dt)?;
+    let (mut host, mut full) = (Vec::new(), Vec::new());
+    for i in 0..a.warmup + a.steps {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let r = model.moe_route(&w, 0, &h)?;
+        let th = t0.elapsed();
+        device.synchronize()?;
+        if i >= a.warmup {
+            host.push(th.as_secs_f64() * 1e3);
+            full.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        drop(r);
+    }
+    out.push(serde_json::json!({
+        "micro": "moe_route of one layer (host ms until it returns)", "config": s.name,
+        "dtype": format!("{dt:?}"), "tokens": n, "d": d, "median_ms": median(&mut host),
+    }));
+    out.push(serde_json::json!({
+        "micro": "moe_route of one layer (synchronised)", "config": s.name,
+        "dtype": format!("{dt:?}"), "tokens": n, "d": d, "median_ms": median(&mut full),
+    }));
     for (name, op) in &ops {
         let mut times = Vec::new();
         for i in 0..a.warmup + a.steps {
@@ -546,7 +641,7 @@ mod tests {
     fn micro_timings_run_on_the_cpu() {
         let a = parse_args(&args("--config tiny --steps 1 --warmup 0 --micro")).unwrap();
         let out = micro(&a).unwrap();
-        assert_eq!(out.len(), 7);
+        assert_eq!(out.len(), 14);
         assert!(out.iter().all(|v| v["median_ms"].as_f64().unwrap() >= 0.0));
     }
 
@@ -559,9 +654,13 @@ mod tests {
             "--steps 0",
             "--steps",
             "--what 1",
+            "--experts some",
         ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad} accepted");
         }
+        let a = parse_args(&args("--dtype tf32 --experts single")).unwrap();
+        assert!(a.tf32 && a.dtype == ComputeDType::F32 && a.batched == Some(false));
+        assert_eq!(dtype_label(&a), "tf32");
         let a = parse_args(&args("--config base --dtype bf16 --device cuda --steps 25")).unwrap();
         assert_eq!(a.config, "base");
         assert_eq!(a.dtype, ComputeDType::Bf16);
