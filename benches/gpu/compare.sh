@@ -90,5 +90,6 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     b = r.get("breakdown_ms")
     if b:
-        print(r["config"], r["dtype"], json.dumps(b))
+        print(r["config"], r["dtype"], json.dumps(b), "pad ratio mean/max",
+              r.get("pad_ratio_mean"), r.get("pad_ratio_max"))
 PY

@@ -517,22 +517,33 @@ impl Routing {
         (n > 0).then(|| (self.offsets[e], n))
     }
 
-    /// The experts' inputs in a padded layout, `[experts, cap, d]` with `cap` the largest
-    /// expert's token count: expert `e`'s tokens fill the first rows of block `e`, the rest
-    /// repeat token 0 and are never read back (their outputs get no gradient). With it the
-    /// experts run as batched matrix products. Returns the input and the combine of an output
-    /// in the same layout.
-    fn dispatch_padded(&self, x: &Tensor) -> Result<(Tensor, PaddedCombine)> {
+    /// The experts' inputs in a padded layout, `[experts * cap + overflow, d]`: expert
+    /// `e`'s first `cap` tokens fill the rows of block `e` (the rest of a block repeats token
+    /// 0 and is never read back: those outputs get no gradient), and the tokens of experts
+    /// with more than `cap` follow all blocks, expert by expert (`overflow` rows). With it the
+    /// experts run as batched matrix products over the blocks and one at a time over their
+    /// overflow. Returns the input and the combine of an output in the same layout.
+    fn dispatch_padded(&self, x: &Tensor, cap: usize) -> Result<(Tensor, PaddedCombine)> {
         let n_exp = self.tokens.len();
-        let cap = self.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let (n, k) = (self.n_tokens, self.top_k);
-        let rows = n_exp * cap;
+        let overflow: usize = self
+            .tokens
+            .iter()
+            .map(|l| l.len().saturating_sub(cap))
+            .sum();
+        let rows = n_exp * cap + overflow;
         // Padded row of each sorted position.
         let mut pad_of = Vec::with_capacity(self.sorted_host.len());
         let mut ids = vec![0u32; rows];
+        let mut next = n_exp * cap;
         for (e, list) in self.tokens.iter().enumerate() {
             for j in 0..list.len() {
-                let r = e * cap + j;
+                let r = if j < cap {
+                    e * cap + j
+                } else {
+                    next += 1;
+                    next - 1
+                };
                 pad_of.push(r as u32);
                 ids[r] = self.sorted_host[self.offsets[e] + j];
             }
@@ -564,10 +575,7 @@ impl Routing {
             ids: all.narrow(0, 0, rows)?,
             back,
         };
-        let xs = x
-            .contiguous()?
-            .apply_op1(op)?
-            .reshape((n_exp, cap, self.d_model))?;
+        let xs = x.contiguous()?.apply_op1(op)?;
         let combine = PaddedCombine {
             ids: combine_ids,
             back: all.narrow(0, rows + k * n, rows + 1)?,
@@ -575,8 +583,8 @@ impl Routing {
         Ok((xs, combine))
     }
 
-    /// Sums the gated outputs of `dispatch_padded`'s layout (`y: [experts, cap, d]`) back
-    /// into token order, as `moe_combine` does for per-expert outputs.
+    /// Sums the gated outputs of `dispatch_padded`'s layout (`y: [experts * cap + overflow,
+    /// d]`) back into token order, as `moe_combine` does for per-expert outputs.
     fn combine_padded(&self, y: &Tensor, c: &PaddedCombine) -> Result<Tensor> {
         let d = self.d_model;
         let rows = y.elem_count() / d;
@@ -748,6 +756,8 @@ pub struct Model {
     /// Compute-dtype copies of the trainable weights, when the compute dtype is not the
     /// masters'; with f32 compute and batched experts, stacked copies of the experts' weights.
     leaves: Option<Leaves>,
+    /// Rows per expert of the batched layout, when fixed (`set_batch_cap`).
+    batch_cap: Option<usize>,
 }
 
 impl Model {
@@ -791,6 +801,7 @@ impl Model {
             frozen: Vec::new(),
             lora: None,
             batched_experts: None,
+            batch_cap: None,
         })
     }
 
@@ -839,6 +850,7 @@ impl Model {
             frozen,
             lora: Some(lora.clone()),
             batched_experts: None,
+            batch_cap: None,
         })
     }
 
@@ -855,6 +867,51 @@ impl Model {
                 Self::leaves_for(&self.trainable, self.master_dtype, self.compute_dtype, true)?;
         }
         Ok(())
+    }
+
+    /// Rows per expert of the batched layout for this routing, or `None` to run the layer's
+    /// experts one at a time. The batched layout gives every expert the same rows; with
+    /// uneven routing, giving it the busiest expert's count is arithmetic on padding (`base`
+    /// f32 on the H100: 3.5 times the routed rows, 502 ms a step against 274 ms one expert at
+    /// a time; docs/GPU.md, session 5). So the rows `c` are chosen among the experts' counts
+    /// (or none) to minimise the padding's matrix work at the H100's rate for the compute
+    /// dtype plus the host time of running each expert with more than `c` tokens on its own
+    /// over its overflow. `set_batch_cap` fixes `c` (tests, benchmarks); an explicit
+    /// `set_batched_experts(true)` batches everything in the blocks.
+    fn batch_cap(&self, routing: &Routing) -> Option<usize> {
+        let counts: Vec<usize> = routing.tokens.iter().map(Vec::len).collect();
+        let max = counts.iter().copied().max().unwrap_or(0).max(1);
+        if let Some(c) = self.batch_cap {
+            return Some(c.clamp(1, max));
+        }
+        if self.batched_experts == Some(true) {
+            return Some(max);
+        }
+        // Multiply-adds of the three projections, forward (1) and backward (2), 2 FLOPs each.
+        let per_row = 18.0 * self.cfg.d_model as f64 * self.cfg.expert_hidden as f64;
+        let rate = match self.compute_dtype {
+            DType::BF16 | DType::F16 => HALF_FLOPS,
+            _ => F32_FLOPS,
+        };
+        let cost = |c: usize| {
+            let pad: usize = counts.iter().map(|&n| c - n.min(c)).sum();
+            let alone = counts.iter().filter(|&&n| n > c).count();
+            pad as f64 * per_row / rate + alone as f64 * PER_EXPERT_HOST_S
+        };
+        let mut best = (cost(0), None);
+        for &c in counts.iter().filter(|&&c| c > 0) {
+            let x = cost(c);
+            if x < best.0 {
+                best = (x, Some(c));
+            }
+        }
+        best.1
+    }
+
+    /// Fixes the rows per expert of the batched experts' layout (see `batch_cap`); `None`
+    /// lets the cost model choose. For tests and benchmarks.
+    pub fn set_batch_cap(&mut self, cap: Option<usize>) {
+        self.batch_cap = cap;
     }
 
     fn experts_batched_here(&self) -> bool {
@@ -1357,7 +1414,12 @@ impl Model {
             // padding, its slice of the leaf's gradient is zero, and it is recorded as idle.
             let all_busy = routing.tokens.iter().all(|t| !t.is_empty());
             let stacked = !w.stacks.is_empty();
-            let y = if self.experts_batched_here() && (all_busy || stacked) {
+            let cap = if self.experts_batched_here() && (all_busy || stacked) {
+                self.batch_cap(&routing)
+            } else {
+                None
+            };
+            let y = if let Some(cap) = cap {
                 if stacked {
                     for e in (0..routing.tokens.len()).filter(|&e| routing.tokens[e].is_empty()) {
                         for proj in ["w_gate", "w_up", "w_down"] {
@@ -1367,7 +1429,7 @@ impl Model {
                         }
                     }
                 }
-                self.experts_batched(w, l, &routing, &h)?
+                self.experts_batched(w, l, &routing, &h, cap)?
             } else {
                 let xs = routing.dispatch(&h)?;
                 let mut outputs = Vec::with_capacity(self.cfg.n_experts);
@@ -1599,6 +1661,7 @@ impl Model {
         layer: usize,
         routing: &Routing,
         x: &Tensor,
+        cap: usize,
     ) -> Result<Tensor> {
         // The experts' weights of one projection as `[experts, out, in]`.
         let stack = |proj: &str| -> Result<Tensor> {
@@ -1612,14 +1675,36 @@ impl Model {
             }
             Ok(Tensor::stack(&ws, 0)?)
         };
-        let (xs, combine) = routing.dispatch_padded(x)?;
+        let n_exp = self.cfg.n_experts;
+        let (xs, combine) = routing.dispatch_padded(x, cap)?;
         let mm = |a: &Tensor, proj: &str| -> Result<Tensor> {
             Ok(crate::fused::matmul_t(a, &stack(proj)?)?)
         };
-        let g = mm(&xs, "w_gate")?;
-        let u = mm(&xs, "w_up")?;
+        let blocks = n_exp * cap;
+        let xb = if xs.dim(0)? == blocks {
+            xs.reshape((n_exp, cap, self.cfg.d_model))?
+        } else {
+            xs.narrow(0, 0, blocks)?
+                .reshape((n_exp, cap, self.cfg.d_model))?
+        };
+        let g = mm(&xb, "w_gate")?;
+        let u = mm(&xb, "w_up")?;
         let a = crate::fused::swiglu_gate(&g, &u)?;
-        let y = mm(&a, "w_down")?;
+        let mut parts = vec![mm(&a, "w_down")?.reshape((blocks, self.cfg.d_model))?];
+        // Experts with more tokens than the blocks hold run on their own over the rest.
+        let mut at = blocks;
+        for (e, list) in routing.tokens.iter().enumerate() {
+            let extra = list.len().saturating_sub(cap);
+            if extra > 0 {
+                parts.push(self.expert_forward(w, layer, e, &xs.narrow(0, at, extra)?)?);
+                at += extra;
+            }
+        }
+        let y = if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
         routing.combine_padded(&y, &combine)
     }
 
@@ -1749,6 +1834,15 @@ pub fn moe_combine(routing: &Routing, outputs: &[Option<Tensor>]) -> Result<Tens
         &routing.combine_back,
     )?)
 }
+
+/// Matrix-product rates (FLOP/s) and the host time that running an expert on its own adds,
+/// as measured on the H100 (docs/GPU.md, session 5): a batched f32 expert product ran at
+/// about 48 TFLOP/s, bf16 products at several hundred; `small` f32 took 9 ms more per step
+/// over 6 layers of 8 experts one at a time. They only steer `Model::batch_cap`.
+const F32_FLOPS: f64 = 48e12;
+const HALF_FLOPS: f64 = 400e12;
+/// Host time of one expert run on its own (1.5 ms for the 8 experts of a layer).
+const PER_EXPERT_HOST_S: f64 = 1.5e-3 / 8.0;
 
 /// Whether the experts run batched unless `Model::set_batched_experts` says otherwise: in
 /// bf16 and f16, and in f32 on a GPU (on the CPU one expert at a time is as fast and needs no

@@ -203,6 +203,9 @@ struct Measured {
     first_loss: f32,
     last_loss: f32,
     dropped: u64,
+    /// Padding of the batched experts' layout in the last timed step, mean and largest over
+    /// the MoE layers: experts x the busiest expert's tokens, over the tokens routed.
+    pad_ratio: [f64; 2],
     /// Median forward, backward and optimizer milliseconds of separately timed steps, then
     /// the host time until each of the three calls returned (before the synchronisation):
     /// when that is close to the full time, the host (launching kernels, routing) is the
@@ -229,6 +232,8 @@ impl Measured {
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,
             "dropped": self.dropped,
+            "pad_ratio_mean": self.pad_ratio[0],
+            "pad_ratio_max": self.pad_ratio[1],
             "breakdown_ms": self.breakdown_ms.map(|[f, b, o, fh, bh, oh]| serde_json::json!({
                 "forward": f, "backward": b, "optimizer": o,
                 "forward_host": fh, "backward_host": bh, "optimizer_host": oh,
@@ -290,6 +295,7 @@ fn run(a: &Args) -> Result<Measured> {
     let mut first_loss = f32::NAN;
     let mut last_loss = f32::NAN;
     let mut dropped = 0;
+    let mut pad_ratio = [f64::NAN; 2];
     for i in 0..a.warmup {
         let (x, y) = &batches[i % BATCHES];
         let (ce, _, _, _) = replica.train_on_batch(x, y, s.batch)?;
@@ -310,6 +316,7 @@ fn run(a: &Args) -> Result<Measured> {
         }
         last_loss = ce;
         dropped += stats.dropped;
+        pad_ratio = padding(&stats.expert_tokens);
     }
     let step_s = median(&mut times);
     let breakdown_ms = if a.breakdown {
@@ -336,8 +343,26 @@ fn run(a: &Args) -> Result<Measured> {
         first_loss,
         last_loss,
         dropped,
+        pad_ratio,
         breakdown_ms,
     })
+}
+
+/// Mean and largest padding ratio over the layers (see `Measured::pad_ratio`).
+fn padding(expert_tokens: &[Vec<u64>]) -> [f64; 2] {
+    let ratios: Vec<f64> = expert_tokens
+        .iter()
+        .filter(|c| c.iter().sum::<u64>() > 0)
+        .map(|c| {
+            let cap = c.iter().copied().max().unwrap_or(0);
+            (c.len() as u64 * cap) as f64 / c.iter().sum::<u64>() as f64
+        })
+        .collect();
+    if ratios.is_empty() {
+        return [f64::NAN; 2];
+    }
+    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    [mean, ratios.iter().copied().fold(f64::MIN, f64::max)]
 }
 
 /// Times forward, backward and the optimizer step apart (a synchronisation after each), on
@@ -643,6 +668,13 @@ mod tests {
         let out = micro(&a).unwrap();
         assert_eq!(out.len(), 14);
         assert!(out.iter().all(|v| v["median_ms"].as_f64().unwrap() >= 0.0));
+    }
+
+    #[test]
+    fn padding_ratio_counts_the_busiest_expert() {
+        let [mean, max] = padding(&[vec![2, 2], vec![3, 1], vec![0, 0]]);
+        assert!((mean - 1.25).abs() < 1e-12 && (max - 1.5).abs() < 1e-12);
+        assert!(padding(&[]).iter().all(|x| x.is_nan()));
     }
 
     #[test]
