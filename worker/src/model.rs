@@ -517,33 +517,22 @@ impl Routing {
         (n > 0).then(|| (self.offsets[e], n))
     }
 
-    /// The experts' inputs in a padded layout, `[experts * cap + overflow, d]`: expert
-    /// `e`'s first `cap` tokens fill the rows of block `e` (the rest of a block repeats token
-    /// 0 and is never read back: those outputs get no gradient), and the tokens of experts
-    /// with more than `cap` follow all blocks, expert by expert (`overflow` rows). With it the
-    /// experts run as batched matrix products over the blocks and one at a time over their
-    /// overflow. Returns the input and the combine of an output in the same layout.
-    fn dispatch_padded(&self, x: &Tensor, cap: usize) -> Result<(Tensor, PaddedCombine)> {
+    /// The experts' inputs in a padded layout, `[experts, cap, d]` with `cap` the largest
+    /// expert's token count: expert `e`'s tokens fill the first rows of block `e`, the rest
+    /// repeat token 0 and are never read back (their outputs get no gradient). With it the
+    /// experts run as batched matrix products. Returns the input and the combine of an output
+    /// in the same layout.
+    fn dispatch_padded(&self, x: &Tensor) -> Result<(Tensor, PaddedCombine)> {
         let n_exp = self.tokens.len();
+        let cap = self.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let (n, k) = (self.n_tokens, self.top_k);
-        let overflow: usize = self
-            .tokens
-            .iter()
-            .map(|l| l.len().saturating_sub(cap))
-            .sum();
-        let rows = n_exp * cap + overflow;
+        let rows = n_exp * cap;
         // Padded row of each sorted position.
         let mut pad_of = Vec::with_capacity(self.sorted_host.len());
         let mut ids = vec![0u32; rows];
-        let mut next = n_exp * cap;
         for (e, list) in self.tokens.iter().enumerate() {
             for j in 0..list.len() {
-                let r = if j < cap {
-                    e * cap + j
-                } else {
-                    next += 1;
-                    next - 1
-                };
+                let r = e * cap + j;
                 pad_of.push(r as u32);
                 ids[r] = self.sorted_host[self.offsets[e] + j];
             }
@@ -575,7 +564,10 @@ impl Routing {
             ids: all.narrow(0, 0, rows)?,
             back,
         };
-        let xs = x.contiguous()?.apply_op1(op)?;
+        let xs = x
+            .contiguous()?
+            .apply_op1(op)?
+            .reshape((n_exp, cap, self.d_model))?;
         let combine = PaddedCombine {
             ids: combine_ids,
             back: all.narrow(0, rows + k * n, rows + 1)?,
@@ -583,8 +575,8 @@ impl Routing {
         Ok((xs, combine))
     }
 
-    /// Sums the gated outputs of `dispatch_padded`'s layout (`y: [experts * cap + overflow,
-    /// d]`) back into token order, as `moe_combine` does for per-expert outputs.
+    /// Sums the gated outputs of `dispatch_padded`'s layout (`y: [experts, cap, d]`) back
+    /// into token order, as `moe_combine` does for per-expert outputs.
     fn combine_padded(&self, y: &Tensor, c: &PaddedCombine) -> Result<Tensor> {
         let d = self.d_model;
         let rows = y.elem_count() / d;
@@ -756,8 +748,6 @@ pub struct Model {
     /// Compute-dtype copies of the trainable weights, when the compute dtype is not the
     /// masters'; with f32 compute and batched experts, stacked copies of the experts' weights.
     leaves: Option<Leaves>,
-    /// Rows per expert of the batched layout, when fixed (`set_batch_cap`).
-    batch_cap: Option<usize>,
 }
 
 impl Model {
@@ -801,7 +791,6 @@ impl Model {
             frozen: Vec::new(),
             lora: None,
             batched_experts: None,
-            batch_cap: None,
         })
     }
 
@@ -850,7 +839,6 @@ impl Model {
             frozen,
             lora: Some(lora.clone()),
             batched_experts: None,
-            batch_cap: None,
         })
     }
 
@@ -869,49 +857,27 @@ impl Model {
         Ok(())
     }
 
-    /// Rows per expert of the batched layout for this routing, or `None` to run the layer's
-    /// experts one at a time. The batched layout gives every expert the same rows; with
-    /// uneven routing, giving it the busiest expert's count is arithmetic on padding (`base`
-    /// f32 on the H100: 3.5 times the routed rows, 502 ms a step against 274 ms one expert at
-    /// a time; docs/GPU.md, session 5). So the rows `c` are chosen among the experts' counts
-    /// (or none) to minimise the padding's matrix work at the H100's rate for the compute
-    /// dtype plus the host time of running each expert with more than `c` tokens on its own
-    /// over its overflow. `set_batch_cap` fixes `c` (tests, benchmarks); an explicit
-    /// `set_batched_experts(true)` batches everything in the blocks.
-    fn batch_cap(&self, routing: &Routing) -> Option<usize> {
+    /// Whether running a layer's experts batched pays for its padding, in f32: the batched
+    /// layout gives every expert the busiest expert's row count, and with uneven routing
+    /// that is f32 arithmetic on padding rows (`base` f32 on the H100, 3.5 times the routed
+    /// rows: 502 ms a step batched against 274 ms one expert at a time; docs/GPU.md session
+    /// 5). Batched when the padding's extra matrix work at the H100's f32 rate costs less
+    /// than the host time one expert at a time adds to a layer (about 1.5 ms, `small` f32).
+    /// bf16 and f16 always batch: there padding is cheap and one expert at a time was slower
+    /// even at 3.5 times the rows (`base` bf16 135 against 151 ms with the slowest experts
+    /// on their own). An explicit `set_batched_experts(true)` batches regardless.
+    fn padding_pays(&self, routing: &Routing) -> bool {
+        if self.batched_experts == Some(true)
+            || matches!(self.compute_dtype, DType::BF16 | DType::F16)
+        {
+            return true;
+        }
         let counts: Vec<usize> = routing.tokens.iter().map(Vec::len).collect();
-        let max = counts.iter().copied().max().unwrap_or(0).max(1);
-        if let Some(c) = self.batch_cap {
-            return Some(c.clamp(1, max));
-        }
-        if self.batched_experts == Some(true) {
-            return Some(max);
-        }
+        let cap = counts.iter().copied().max().unwrap_or(0);
+        let pad = (counts.len() * cap - counts.iter().sum::<usize>()) as f64;
         // Multiply-adds of the three projections, forward (1) and backward (2), 2 FLOPs each.
-        let per_row = 18.0 * self.cfg.d_model as f64 * self.cfg.expert_hidden as f64;
-        let rate = match self.compute_dtype {
-            DType::BF16 | DType::F16 => HALF_FLOPS,
-            _ => F32_FLOPS,
-        };
-        let cost = |c: usize| {
-            let pad: usize = counts.iter().map(|&n| c - n.min(c)).sum();
-            let alone = counts.iter().filter(|&&n| n > c).count();
-            pad as f64 * per_row / rate + alone as f64 * PER_EXPERT_HOST_S
-        };
-        let mut best = (cost(0), None);
-        for &c in counts.iter().filter(|&&c| c > 0) {
-            let x = cost(c);
-            if x < best.0 {
-                best = (x, Some(c));
-            }
-        }
-        best.1
-    }
-
-    /// Fixes the rows per expert of the batched experts' layout (see `batch_cap`); `None`
-    /// lets the cost model choose. For tests and benchmarks.
-    pub fn set_batch_cap(&mut self, cap: Option<usize>) {
-        self.batch_cap = cap;
+        let flops = pad * 18.0 * self.cfg.d_model as f64 * self.cfg.expert_hidden as f64;
+        flops / F32_FLOPS <= PER_LAYER_HOST_S
     }
 
     fn experts_batched_here(&self) -> bool {
@@ -1414,12 +1380,10 @@ impl Model {
             // padding, its slice of the leaf's gradient is zero, and it is recorded as idle.
             let all_busy = routing.tokens.iter().all(|t| !t.is_empty());
             let stacked = !w.stacks.is_empty();
-            let cap = if self.experts_batched_here() && (all_busy || stacked) {
-                self.batch_cap(&routing)
-            } else {
-                None
-            };
-            let y = if let Some(cap) = cap {
+            let y = if self.experts_batched_here()
+                && (all_busy || stacked)
+                && self.padding_pays(&routing)
+            {
                 if stacked {
                     for e in (0..routing.tokens.len()).filter(|&e| routing.tokens[e].is_empty()) {
                         for proj in ["w_gate", "w_up", "w_down"] {
@@ -1429,7 +1393,7 @@ impl Model {
                         }
                     }
                 }
-                self.experts_batched(w, l, &routing, &h, cap)?
+                self.experts_batched(w, l, &routing, &h)?
             } else {
                 let xs = routing.dispatch(&h)?;
                 let mut outputs = Vec::with_capacity(self.cfg.n_experts);
@@ -1661,7 +1625,6 @@ impl Model {
         layer: usize,
         routing: &Routing,
         x: &Tensor,
-        cap: usize,
     ) -> Result<Tensor> {
         // The experts' weights of one projection as `[experts, out, in]`.
         let stack = |proj: &str| -> Result<Tensor> {
@@ -1675,36 +1638,14 @@ impl Model {
             }
             Ok(Tensor::stack(&ws, 0)?)
         };
-        let n_exp = self.cfg.n_experts;
-        let (xs, combine) = routing.dispatch_padded(x, cap)?;
+        let (xs, combine) = routing.dispatch_padded(x)?;
         let mm = |a: &Tensor, proj: &str| -> Result<Tensor> {
             Ok(crate::fused::matmul_t(a, &stack(proj)?)?)
         };
-        let blocks = n_exp * cap;
-        let xb = if xs.dim(0)? == blocks {
-            xs.reshape((n_exp, cap, self.cfg.d_model))?
-        } else {
-            xs.narrow(0, 0, blocks)?
-                .reshape((n_exp, cap, self.cfg.d_model))?
-        };
-        let g = mm(&xb, "w_gate")?;
-        let u = mm(&xb, "w_up")?;
+        let g = mm(&xs, "w_gate")?;
+        let u = mm(&xs, "w_up")?;
         let a = crate::fused::swiglu_gate(&g, &u)?;
-        let mut parts = vec![mm(&a, "w_down")?.reshape((blocks, self.cfg.d_model))?];
-        // Experts with more tokens than the blocks hold run on their own over the rest.
-        let mut at = blocks;
-        for (e, list) in routing.tokens.iter().enumerate() {
-            let extra = list.len().saturating_sub(cap);
-            if extra > 0 {
-                parts.push(self.expert_forward(w, layer, e, &xs.narrow(0, at, extra)?)?);
-                at += extra;
-            }
-        }
-        let y = if parts.len() == 1 {
-            parts.remove(0)
-        } else {
-            Tensor::cat(&parts, 0)?
-        };
+        let y = mm(&a, "w_down")?;
         routing.combine_padded(&y, &combine)
     }
 
@@ -1835,14 +1776,11 @@ pub fn moe_combine(routing: &Routing, outputs: &[Option<Tensor>]) -> Result<Tens
     )?)
 }
 
-/// Matrix-product rates (FLOP/s) and the host time that running an expert on its own adds,
-/// as measured on the H100 (docs/GPU.md, session 5): a batched f32 expert product ran at
-/// about 48 TFLOP/s, bf16 products at several hundred; `small` f32 took 9 ms more per step
-/// over 6 layers of 8 experts one at a time. They only steer `Model::batch_cap`.
+/// The rate of a batched f32 expert product on the H100 (about 48 TFLOP/s, `--micro` in
+/// docs/GPU.md session 5) and the host time that running a layer's experts one at a time
+/// adds (`small` f32: 9 ms a step over 6 layers). They only steer `Model::padding_pays`.
 const F32_FLOPS: f64 = 48e12;
-const HALF_FLOPS: f64 = 400e12;
-/// Host time of one expert run on its own (1.5 ms for the 8 experts of a layer).
-const PER_EXPERT_HOST_S: f64 = 1.5e-3 / 8.0;
+const PER_LAYER_HOST_S: f64 = 1.5e-3;
 
 /// Whether the experts run batched unless `Model::set_batched_experts` says otherwise: in
 /// bf16 and f16, and in f32 on a GPU (on the CPU one expert at a time is as fast and needs no
