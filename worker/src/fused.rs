@@ -1922,16 +1922,16 @@ pub fn matmul_t(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     a.apply_op2(b, MatmulT)
 }
 
+/// `(batch, m, n, k)` of a batched matrix product.
+type Bmnk = (usize, usize, usize, usize);
+
 /// `a @ b^T` as a custom op (see [`matmul_t`]).
 #[derive(Debug, Clone, Copy)]
 struct MatmulT;
 
 impl MatmulT {
     /// `(batch, m, n, k)`, the layout of `b^T` and the output shape.
-    fn dims(
-        al: &Layout,
-        bl: &Layout,
-    ) -> candle_core::Result<((usize, usize, usize, usize), Layout, Shape)> {
+    fn dims(al: &Layout, bl: &Layout) -> candle_core::Result<(Bmnk, Layout, Shape)> {
         let ad = al.dims();
         let r = ad.len();
         let (m, k, n) = (ad[r - 2], ad[r - 1], bl.dims()[r - 2]);
