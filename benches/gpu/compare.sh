@@ -5,6 +5,11 @@
 # binaries (xz-compressed or not), torch_moe.py and table.py. Tables go to stdout, JSON
 # lines to $OUT/{new,base,torch}.jsonl.
 #   benches/gpu/compare.sh DIR [configs] [dtypes]
+# dtypes may include tf32 (f32 with TF32 matrix products on both sides, an opt-in row; the
+# baseline binary is not run for it). VARIANTS="label:--flag value;label2@f32:..." also runs
+# the new build with those extra arguments (for every dtype, or the one after @; JSON to
+# $OUT/new-LABEL.jsonl, tables below), and
+# MICRO="small:f32 base:bf16" runs `gpu_moe_bench --micro` for those at the end.
 set -u
 DIR=${1:-.gpu}
 CONFIGS=${2:-small base}
@@ -42,7 +47,15 @@ for cfg in $CONFIGS; do
   for dt in $DTYPES; do
     echo "== $cfg $dt $(date +%T)"
     bench new gpu_moe_bench new.jsonl --breakdown "$cfg" "$dt"
-    [ -x "$BIN/gpu_moe_bench_base" ] && bench base gpu_moe_bench_base base.jsonl "" "$cfg" "$dt"
+    IFS=';' read -ra vs <<<"${VARIANTS:-}"
+    for v in "${vs[@]}"; do # label[@dtype]:args (with @dtype, for that dtype only)
+      [ -n "$v" ] || continue
+      name=${v%%:*}
+      if [[ $name == *@* ]]; then [ "${name#*@}" = "$dt" ] || continue; name=${name%@*}; fi
+      bench "new-$name" gpu_moe_bench "new-$name.jsonl" "${v#*:}" "$cfg" "$dt"
+    done
+    [ -x "$BIN/gpu_moe_bench_base" ] && [ "$dt" != tf32 ] \
+      && bench base gpu_moe_bench_base base.jsonl "" "$cfg" "$dt"
     timeout 240 python3 "$BIN/torch_moe.py" --config "$cfg" --dtype "$dt" \
       --warmup "$WARMUP" --steps "$STEPS" --json "$OUT/torch.jsonl" >>"$OUT/bench-torch.log" 2>&1 \
       || { echo "pytorch $cfg $dt failed: exit $?"; tail -5 "$OUT/bench-torch.log"; }
@@ -54,6 +67,22 @@ if [ -f "$OUT/base.jsonl" ]; then
   echo "== baseline build against PyTorch"
   python3 "$BIN/table.py" "$OUT/base.jsonl" "$OUT/torch.jsonl" | tee "$OUT/table-base.txt"
 fi
+for f in "$OUT"/new-*.jsonl; do
+  [ -f "$f" ] || continue
+  echo "== variant $(basename "$f" .jsonl) against PyTorch"
+  python3 "$BIN/table.py" "$f" "$OUT/torch.jsonl" | tee "$OUT/table-$(basename "$f" .jsonl).txt"
+done
+for m in ${MICRO:-}; do
+  echo "== micro ${m%%:*} ${m#*:}"
+  timeout 120 "$BIN/gpu_moe_bench" --micro --config "${m%%:*}" --dtype "${m#*:}" --device cuda \
+    --warmup 3 --steps 15 2>&1 | tee -a "$OUT/micro.jsonl" | python3 -c '
+import json, sys
+for l in sys.stdin:
+    if l.startswith("{"):
+        r = json.loads(l); print("%9.3f ms  %s" % (r["median_ms"], r["micro"]))
+    else:
+        print(l, end="")'
+done
 echo "== breakdown of the new build (forward / backward / optimizer ms, host ms)"
 python3 - "$OUT/new.jsonl" <<'PY'
 import json, sys
@@ -61,5 +90,6 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     b = r.get("breakdown_ms")
     if b:
-        print(r["config"], r["dtype"], json.dumps(b))
+        print(r["config"], r["dtype"], json.dumps(b), "pad ratio mean/max",
+              r.get("pad_ratio_mean"), r.get("pad_ratio_max"))
 PY

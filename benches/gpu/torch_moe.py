@@ -5,8 +5,9 @@ The same MoE transformer as the worker's (byte vocabulary, RMSNorm, RoPE, causal
 every layer MoE with 8 SwiGLU experts of hidden 2*d, top-2, tied embeddings, Switch
 load-balancing loss), written the way a PyTorch user writes it: eager mode,
 scaled_dot_product_attention, a Python loop over experts with index_add_, fused AdamW, and
-bf16 autocast or plain f32 (TF32 off, as candle's default). The MoE is dropless, as is the
-candle side's benchmark config.
+bf16 autocast or plain f32 (TF32 off, as candle's default), or, as an explicitly labelled
+opt-in row, f32 with TF32 matrix products (--dtype tf32, against candle's --dtype tf32). The
+MoE is dropless, as is the candle side's benchmark config.
 
 Measurement follows the candle binary (benches/src/bin/gpu_moe_bench.rs): warm-up steps
 first, then each step timed on its own with torch.cuda.synchronize() before each clock read,
@@ -259,7 +260,9 @@ def run(config, dtype, device, warmup, steps):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="small")
-    p.add_argument("--dtype", choices=["f32", "bf16"], default="bf16")
+    # tf32: f32 weights and activations with TF32 tensor-core matrix products
+    # (allow_tf32), an explicit opt-in compared with candle's --dtype tf32, never the f32 row.
+    p.add_argument("--dtype", choices=["f32", "tf32", "bf16"], default="bf16")
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=25)
@@ -267,8 +270,8 @@ def main():
     a = p.parse_args()
     if a.steps < 1:
         p.error("--steps must be at least 1")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = a.dtype == "tf32"
+    torch.backends.cudnn.allow_tf32 = a.dtype == "tf32"
     result = run(a.config, a.dtype, torch.device(a.device), a.warmup, a.steps)
     line = json.dumps(result)
     print(line, flush=True)

@@ -8,6 +8,7 @@
 //!   backward pass that is one kernel too. As plain ops it is a scale, a cast to f32, a mask
 //!   add and five softmax ops forward, and about twice that backward, each a pass over the
 //!   `[B, H, T, T]` scores.
+//! - [`softmax_last_dim`]: the same kernels without the mask, for the MoE router.
 //! - [`sum_squares`] and [`adamw_flat`]: the optimizer's gradient norm and its update over
 //!   flat buffers, one pass each instead of about fifteen.
 
@@ -35,9 +36,39 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> candle_core::Result<Tensor
         candle_core::bail!("causal-softmax: scores {dims:?} are not [.., T, T]");
     }
     if native(scores) {
-        scores.contiguous()?.apply_op1(CausalSoftmax { scale })
+        scores.contiguous()?.apply_op1(CausalSoftmax {
+            scale,
+            causal: true,
+        })
     } else {
         causal_softmax_reference(scores, scale)
+    }
+}
+
+/// Softmax over the last dimension of `x` (any rank of at least 1), in one kernel each way:
+/// the result has the dtype of `x`, the arithmetic runs in f32 (f64 for f64 input). The plain
+/// formulation (`candle_nn::ops::softmax`: max, subtract, exp, sum, divide, with broadcasts)
+/// is seven graph nodes, each a launch forward and several backward; this is the MoE router's.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.rank() == 0 {
+        candle_core::bail!("softmax: a scalar has no last dimension");
+    }
+    if x.elem_count() == 0 {
+        return Ok(x.clone());
+    }
+    if native(x) {
+        x.contiguous()?.apply_op1(CausalSoftmax {
+            scale: 1.0,
+            causal: false,
+        })
+    } else {
+        // Other dtypes (bf16 on the CPU): the plain ops, in f32 as the kernels compute.
+        let acc = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        candle_nn::ops::softmax(&x.to_dtype(acc)?, candle_core::D::Minus1)?.to_dtype(x.dtype())
     }
 }
 
@@ -101,7 +132,8 @@ impl Real for f64 {
     }
 }
 
-/// CPU softmax of one row: `p[j] = exp(scale * s[j] - max) / sum` for `j <= i`, 0 after.
+/// CPU softmax of one row: `p[j] = exp(scale * s[j] - max) / sum` for `j <= i`, 0 after
+/// (`i = t - 1` for a plain softmax).
 fn softmax_row<T: Real>(s: &[T], p: &mut [T], i: usize, scale: T) {
     let mut mx = s[0] * scale;
     for &x in &s[1..=i] {
@@ -123,10 +155,17 @@ fn softmax_row<T: Real>(s: &[T], p: &mut [T], i: usize, scale: T) {
     }
 }
 
-/// The causal softmax as a custom op (see [`causal_softmax`]).
+/// The causal softmax as a custom op (see [`causal_softmax`]); with `causal` false every
+/// entry of a row is visible and rows need not be square ([`softmax_last_dim`]).
 #[derive(Debug, Clone, Copy)]
 struct CausalSoftmax {
     scale: f64,
+    causal: bool,
+}
+
+/// The last visible column of row `r` of rows of length `t`.
+fn visible(causal: bool, r: usize, t: usize) -> usize {
+    if causal { r % t } else { t - 1 }
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -139,19 +178,20 @@ impl CustomOp1 for CausalSoftmax {
             src: &[T],
             l: &Layout,
             scale: f64,
+            causal: bool,
         ) -> candle_core::Result<(CpuStorage, Shape)> {
             let (start, end, _, t) = rows_of(l)?;
             let src = &src[start..end];
             let scale = T::from_f64(scale);
             let mut dst = vec![T::from_f64(0.0); src.len()];
             for (r, (s, p)) in src.chunks(t).zip(dst.chunks_mut(t)).enumerate() {
-                softmax_row(s, p, r % t, scale);
+                softmax_row(s, p, visible(causal, r, t), scale);
             }
             Ok((T::to_cpu_storage_owned(dst), l.shape().clone()))
         }
         match s {
-            CpuStorage::F32(v) => run(v, l, self.scale),
-            CpuStorage::F64(v) => run(v, l, self.scale),
+            CpuStorage::F32(v) => run(v, l, self.scale, self.causal),
+            CpuStorage::F64(v) => run(v, l, self.scale, self.causal),
             _ => candle_core::bail!("causal-softmax: the CPU version takes f32 or f64"),
         }
     }
@@ -166,6 +206,7 @@ impl CustomOp1 for CausalSoftmax {
             cuda::Arg::I64(rows as i64),
             cuda::Arg::I32(t as i32),
             cuda::Arg::F32(self.scale as f32),
+            cuda::Arg::I32(i32::from(self.causal)),
         ];
         cuda::launch(
             &s.device,
@@ -183,9 +224,13 @@ impl CustomOp1 for CausalSoftmax {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let ds = res
-            .contiguous()?
-            .apply_op2_no_bwd(&grad.contiguous()?, &CausalSoftmaxBwd { scale: self.scale })?;
+        let ds = res.contiguous()?.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &CausalSoftmaxBwd {
+                scale: self.scale,
+                causal: self.causal,
+            },
+        )?;
         Ok(Some(ds))
     }
 }
@@ -195,6 +240,7 @@ impl CustomOp1 for CausalSoftmax {
 #[derive(Debug, Clone, Copy)]
 struct CausalSoftmaxBwd {
     scale: f64,
+    causal: bool,
 }
 
 impl CustomOp2 for CausalSoftmaxBwd {
@@ -215,6 +261,7 @@ impl CustomOp2 for CausalSoftmaxBwd {
             dp: &[T],
             dl: &Layout,
             scale: f64,
+            causal: bool,
         ) -> candle_core::Result<(CpuStorage, Shape)> {
             let (ps, pe, _, t) = rows_of(pl)?;
             let (ds, de, _, _) = rows_of(dl)?;
@@ -227,7 +274,7 @@ impl CustomOp2 for CausalSoftmaxBwd {
                 .zip(out.chunks_mut(t))
                 .enumerate()
             {
-                let i = r % t;
+                let i = visible(causal, r, t);
                 let mut dot = T::from_f64(0.0);
                 for (&a, &b) in pr[..=i].iter().zip(&gr[..=i]) {
                     dot += a * b;
@@ -246,8 +293,12 @@ impl CustomOp2 for CausalSoftmaxBwd {
             );
         }
         match (p, dp) {
-            (CpuStorage::F32(p), CpuStorage::F32(dp)) => run(p, pl, dp, dl, self.scale),
-            (CpuStorage::F64(p), CpuStorage::F64(dp)) => run(p, pl, dp, dl, self.scale),
+            (CpuStorage::F32(p), CpuStorage::F32(dp)) => {
+                run(p, pl, dp, dl, self.scale, self.causal)
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(dp)) => {
+                run(p, pl, dp, dl, self.scale, self.causal)
+            }
             _ => candle_core::bail!("causal-softmax-bwd: unsupported dtypes on the CPU"),
         }
     }
@@ -276,6 +327,7 @@ impl CustomOp2 for CausalSoftmaxBwd {
             cuda::Arg::I64(rows as i64),
             cuda::Arg::I32(t as i32),
             cuda::Arg::F32(self.scale as f32),
+            cuda::Arg::I32(i32::from(self.causal)),
         ];
         cuda::launch(
             &p.device,
@@ -1300,6 +1352,646 @@ impl CustomOp1 for Rope {
     }
 }
 
+/// The u32 values of a contiguous index tensor on the CPU.
+fn cpu_ids(t: &Tensor) -> candle_core::Result<Vec<u32>> {
+    t.flatten_all()?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1::<u32>()
+}
+
+/// The MoE combine: `out[t] = sum_j gates[t, j] * y[ids[j * n + t]]` for the `k` slots of
+/// each of the `n` tokens, a slot whose id is `>= r` (dropped, or reading nothing) adding
+/// nothing. `y: [r, d]` holds the experts' outputs (sorted or padded rows), `gates: [n, k]`
+/// in the dtype of `y`, `ids: [k * n]` slot-major, and `back: [>= r]` lists for each row of
+/// `y` the slot-major position `j * n + t` that reads it (`>= k * n`: none; a row is read by
+/// at most one slot). Differentiable with respect to `y` and `gates`, one kernel each way
+/// (the gradient of `y` is a gather through `back`). As plain ops this was a concatenation
+/// with a zero row, a gather, and per slot a narrow, a broadcast product and a sum: about
+/// ten graph nodes, each with a zero tensor and an add in the backward pass.
+pub fn moe_combine(
+    y: &Tensor,
+    gates: &Tensor,
+    ids: &Tensor,
+    back: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (r, _) = y.dims2()?;
+    let (n, k) = gates.dims2()?;
+    if ids.dims() != [k * n] || back.elem_count() < r || gates.dtype() != y.dtype() {
+        candle_core::bail!(
+            "moe-combine: y {:?}, gates {:?} {:?}, ids {:?}, back {:?}",
+            y.dims(),
+            gates.dims(),
+            gates.dtype(),
+            ids.dims(),
+            back.dims()
+        );
+    }
+    if !native(y) || r == 0 || n == 0 {
+        return moe_combine_reference(y, gates, ids);
+    }
+    let op = MoeCombine {
+        ids: ids.contiguous()?,
+        back: back.narrow(0, 0, r)?.contiguous()?,
+        n,
+        k,
+    };
+    y.contiguous()?.apply_op2(&gates.contiguous()?, op)
+}
+
+/// [`moe_combine`] as plain candle ops: the reference it is tested against.
+pub fn moe_combine_reference(
+    y: &Tensor,
+    gates: &Tensor,
+    ids: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (r, d) = y.dims2()?;
+    let (n, k) = gates.dims2()?;
+    // Every id >= r reads the appended zero row.
+    let clamped: Vec<u32> = cpu_ids(ids)?.iter().map(|&i| i.min(r as u32)).collect();
+    let ids = Tensor::from_vec(clamped, k * n, y.device())?;
+    let zero = Tensor::zeros((1, d), y.dtype(), y.device())?;
+    let rows = Tensor::cat(&[y, &zero], 0)?.index_select(&ids, 0)?;
+    let mut out = Tensor::zeros((n, d), y.dtype(), y.device())?;
+    for j in 0..k {
+        let part = rows
+            .narrow(0, j * n, n)?
+            .broadcast_mul(&gates.narrow(1, j, 1)?)?;
+        out = (out + part)?;
+    }
+    Ok(out)
+}
+
+/// [`moe_combine`] as a custom op.
+#[derive(Debug, Clone)]
+struct MoeCombine {
+    ids: Tensor,
+    back: Tensor,
+    n: usize,
+    k: usize,
+}
+
+impl CustomOp2 for MoeCombine {
+    fn name(&self) -> &'static str {
+        "moe-combine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            y: &[T],
+            g: &[T],
+            ids: &[u32],
+            (n, k, d): (usize, usize, usize),
+        ) -> CpuStorage {
+            let r = y.len() / d.max(1);
+            let mut out = vec![T::from_f64(0.0); n * d];
+            for (t, o) in out.chunks_mut(d).enumerate() {
+                for j in 0..k {
+                    let id = ids[j * n + t] as usize;
+                    if id < r {
+                        let gate = g[t * k + j];
+                        for (x, &v) in o.iter_mut().zip(&y[id * d..(id + 1) * d]) {
+                            *x += gate * v;
+                        }
+                    }
+                }
+            }
+            T::to_cpu_storage_owned(out)
+        }
+        let d = yl.dims()[1];
+        let ids = cpu_ids(&self.ids)?;
+        let dims = (self.n, self.k, d);
+        let out = match ys {
+            CpuStorage::F32(_) => run::<f32>(cpu_slice(ys, yl)?, cpu_slice(gs, gl)?, &ids, dims),
+            CpuStorage::F64(_) => run::<f64>(cpu_slice(ys, yl)?, cpu_slice(gs, gl)?, &ids, dims),
+            _ => candle_core::bail!("moe-combine: the CPU version takes f32 or f64"),
+        };
+        Ok((out, Shape::from((self.n, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &CudaStorage,
+        yl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (r, d) = (yl.dims()[0], yl.dims()[1]);
+        let out = cuda::alloc_like(ys, self.n * d)?;
+        let args = [
+            cuda::input(ys, yl)?,
+            cuda::input(gs, gl)?,
+            cuda::Arg::P(cuda::tensor_address(&self.ids, 0)?),
+            cuda::output(&out)?,
+            cuda::Arg::I64(self.n as i64),
+            cuda::Arg::I32(self.k as i32),
+            cuda::Arg::I32(d as i32),
+            cuda::Arg::I64(r as i64),
+        ];
+        cuda::launch(
+            &ys.device,
+            "moe_combine_fwd",
+            ys.dtype(),
+            cuda::rows(self.n),
+            &args,
+        )?;
+        Ok((out, Shape::from((self.n, d))))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dy = grad.apply_op2_no_bwd(
+            g,
+            &MoeCombineBwd {
+                of_y: true,
+                op: self.clone(),
+                rows: y.dim(0)?,
+            },
+        )?;
+        let dg = grad.apply_op2_no_bwd(
+            y,
+            &MoeCombineBwd {
+                of_y: false,
+                op: self.clone(),
+                rows: y.dim(0)?,
+            },
+        )?;
+        Ok((Some(dy), Some(dg)))
+    }
+}
+
+/// Backward of [`MoeCombine`] from the output gradient and the other input: the gradient of
+/// `y` (`of_y`, from the gates: `dy[i] = g[t, j] * dout[t]` for the slot that reads row `i`)
+/// or of the gates (from `y`: `dg[t, j] = dout[t] . y[ids[j * n + t]]`).
+#[derive(Debug, Clone)]
+struct MoeCombineBwd {
+    of_y: bool,
+    op: MoeCombine,
+    rows: usize,
+}
+
+impl CustomOp2 for MoeCombineBwd {
+    fn name(&self) -> &'static str {
+        "moe-combine-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ds: &CpuStorage,
+        dl: &Layout,
+        os: &CpuStorage,
+        ol: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            dout: &[T],
+            other: &[T],
+            idx: &[u32],
+            of_y: bool,
+            (n, k, d, r): (usize, usize, usize, usize),
+        ) -> CpuStorage {
+            let zero = T::from_f64(0.0);
+            if of_y {
+                let mut dy = vec![zero; r * d];
+                for (i, row) in dy.chunks_mut(d).enumerate() {
+                    let b = idx[i] as usize;
+                    if b < k * n {
+                        let (t, j) = (b % n, b / n);
+                        let gate = other[t * k + j];
+                        for (x, &v) in row.iter_mut().zip(&dout[t * d..(t + 1) * d]) {
+                            *x = gate * v;
+                        }
+                    }
+                }
+                T::to_cpu_storage_owned(dy)
+            } else {
+                let mut dg = vec![zero; n * k];
+                for t in 0..n {
+                    for j in 0..k {
+                        let id = idx[j * n + t] as usize;
+                        if id < r {
+                            let mut acc = zero;
+                            for (&a, &b) in dout[t * d..(t + 1) * d]
+                                .iter()
+                                .zip(&other[id * d..(id + 1) * d])
+                            {
+                                acc += a * b;
+                            }
+                            dg[t * k + j] = acc;
+                        }
+                    }
+                }
+                T::to_cpu_storage_owned(dg)
+            }
+        }
+        let d = dl.dims()[1];
+        let (n, k, r) = (self.op.n, self.op.k, self.rows);
+        let idx = cpu_ids(if self.of_y {
+            &self.op.back
+        } else {
+            &self.op.ids
+        })?;
+        let dims = (n, k, d, r);
+        let out = match ds {
+            CpuStorage::F32(_) => run::<f32>(
+                cpu_slice(ds, dl)?,
+                cpu_slice(os, ol)?,
+                &idx,
+                self.of_y,
+                dims,
+            ),
+            CpuStorage::F64(_) => run::<f64>(
+                cpu_slice(ds, dl)?,
+                cpu_slice(os, ol)?,
+                &idx,
+                self.of_y,
+                dims,
+            ),
+            _ => candle_core::bail!("moe-combine-bwd: the CPU version takes f32 or f64"),
+        };
+        let shape = if self.of_y {
+            Shape::from((r, d))
+        } else {
+            Shape::from((n, k))
+        };
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ds: &CudaStorage,
+        dl: &Layout,
+        os: &CudaStorage,
+        ol: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let d = dl.dims()[1];
+        let (n, k, r) = (self.op.n, self.op.k, self.rows);
+        let (len, shape, kernel, idx, warps) = if self.of_y {
+            (
+                r * d,
+                Shape::from((r, d)),
+                "moe_combine_bwd_y",
+                &self.op.back,
+                r,
+            )
+        } else {
+            (
+                n * k,
+                Shape::from((n, k)),
+                "moe_combine_bwd_g",
+                &self.op.ids,
+                n * k,
+            )
+        };
+        let out = cuda::alloc_like(ds, len)?;
+        let args = [
+            cuda::input(ds, dl)?,
+            cuda::input(os, ol)?,
+            cuda::Arg::P(cuda::tensor_address(idx, 0)?),
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+            cuda::Arg::I32(k as i32),
+            cuda::Arg::I32(d as i32),
+            cuda::Arg::I64(r as i64),
+        ];
+        cuda::launch(&ds.device, kernel, ds.dtype(), cuda::rows(warps), &args)?;
+        Ok((out, shape))
+    }
+}
+
+/// The MoE router's gate of each token's `k` slots from the router probabilities
+/// `probs: [n, e]`: `choice: [n * k]` (u32, token-major) holds the expert of each slot, plus
+/// `e` where the assignment was dropped. `gates[t, j] = p[t, c] / S_t` for a kept slot, 0
+/// for a dropped one, `S_t` the sum of `p` over all `k` chosen experts (kept or not): the
+/// top-k renormalisation. Differentiable with respect to `probs`; one kernel each way in
+/// f32 on a GPU (other dtypes run [`router_gates_reference`]). As plain ops this was a
+/// masked product, a sum and per slot a one-hot product, a sum and a division, about ten
+/// graph nodes with a zero tensor and an add each in the backward pass.
+pub fn router_gates(probs: &Tensor, choice: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    let (n, e) = probs.dims2()?;
+    if choice.dims() != [n * k] || k == 0 || k > e {
+        candle_core::bail!(
+            "router-gates: probs {:?}, choice {:?}, k {k}",
+            probs.dims(),
+            choice.dims()
+        );
+    }
+    let fused = match probs.device() {
+        candle_core::Device::Cpu => matches!(probs.dtype(), DType::F32 | DType::F64),
+        _ => probs.dtype() == DType::F32,
+    };
+    if !fused || n == 0 {
+        return router_gates_reference(probs, choice, k);
+    }
+    probs.contiguous()?.apply_op1(RouterGates {
+        choice: choice.contiguous()?,
+        k,
+    })
+}
+
+/// [`router_gates`] as plain candle ops (masked products and sums): the reference.
+pub fn router_gates_reference(
+    probs: &Tensor,
+    choice: &Tensor,
+    k: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, e) = probs.dims2()?;
+    let c = cpu_ids(choice)?;
+    let mut chosen = vec![0f64; n * e];
+    let mut onehot = vec![0f64; k * n * e];
+    for t in 0..n {
+        for j in 0..k {
+            let x = c[t * k + j] as usize;
+            chosen[t * e + x % e] = 1.0;
+            if x < e {
+                onehot[j * n * e + t * e + x] = 1.0;
+            }
+        }
+    }
+    let dt = probs.dtype();
+    let dev = probs.device();
+    let chosen = Tensor::from_vec(chosen, (n, e), dev)?.to_dtype(dt)?;
+    let denom = (probs * chosen)?.sum_keepdim(1)?;
+    let mut cols = Vec::with_capacity(k);
+    for j in 0..k {
+        let oh = Tensor::from_vec(onehot[j * n * e..(j + 1) * n * e].to_vec(), (n, e), dev)?
+            .to_dtype(dt)?;
+        cols.push((probs * oh)?.sum_keepdim(1)?.div(&denom)?);
+    }
+    Tensor::cat(&cols, 1)
+}
+
+/// [`router_gates`] as a custom op.
+#[derive(Debug, Clone)]
+struct RouterGates {
+    choice: Tensor,
+    k: usize,
+}
+
+/// CPU gates of one token (see `router_gates_fwd` in kernels.cu).
+fn gates_row<T: Real>(p: &[T], c: &[u32], g: &mut [T]) {
+    let e = p.len();
+    let mut s = T::from_f64(0.0);
+    for &x in c {
+        s += p[x as usize % e];
+    }
+    for (gj, &x) in g.iter_mut().zip(c) {
+        *gj = if (x as usize) < e {
+            p[x as usize] / s
+        } else {
+            T::from_f64(0.0)
+        };
+    }
+}
+
+/// CPU gradient of one token's probabilities (see `router_gates_bwd` in kernels.cu).
+fn gates_row_bwd<T: Real>(p: &[T], c: &[u32], dg: &[T], dp: &mut [T]) {
+    let e = p.len();
+    let (mut s, mut a) = (T::from_f64(0.0), T::from_f64(0.0));
+    for (&x, &d) in c.iter().zip(dg) {
+        s += p[x as usize % e];
+        if (x as usize) < e {
+            a += d * p[x as usize];
+        }
+    }
+    dp.fill(T::from_f64(0.0));
+    let inv = T::from_f64(1.0) / s;
+    for (&x, &d) in c.iter().zip(dg) {
+        let mut v = T::from_f64(0.0) - a * inv * inv;
+        if (x as usize) < e {
+            v += d * inv;
+        }
+        dp[x as usize % e] += v;
+    }
+}
+
+impl CustomOp1 for RouterGates {
+    fn name(&self) -> &'static str {
+        "router-gates"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(p: &[T], c: &[u32], e: usize, k: usize) -> CpuStorage {
+            let mut g = vec![T::from_f64(0.0); c.len()];
+            for ((pr, cr), gr) in p.chunks(e).zip(c.chunks(k)).zip(g.chunks_mut(k)) {
+                gates_row(pr, cr, gr);
+            }
+            T::to_cpu_storage_owned(g)
+        }
+        let (n, e) = (l.dims()[0], l.dims()[1]);
+        let c = cpu_ids(&self.choice)?;
+        let out = match s {
+            CpuStorage::F32(_) => run::<f32>(cpu_slice(s, l)?, &c, e, self.k),
+            CpuStorage::F64(_) => run::<f64>(cpu_slice(s, l)?, &c, e, self.k),
+            _ => candle_core::bail!("router-gates: the CPU version takes f32 or f64"),
+        };
+        Ok((out, Shape::from((n, self.k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, e) = (l.dims()[0], l.dims()[1]);
+        let out = cuda::alloc_like(s, n * self.k)?;
+        let args = [
+            cuda::input(s, l)?,
+            cuda::Arg::P(cuda::tensor_address(&self.choice, 0)?),
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+            cuda::Arg::I32(e as i32),
+            cuda::Arg::I32(self.k as i32),
+        ];
+        cuda::launch(
+            &s.device,
+            "router_gates_fwd",
+            s.dtype(),
+            cuda::flat_exact(n),
+            &args,
+        )?;
+        Ok((out, Shape::from((n, self.k))))
+    }
+
+    fn bwd(
+        &self,
+        probs: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dp = probs.apply_op2_no_bwd(&grad.contiguous()?, &RouterGatesBwd(self.clone()))?;
+        Ok(Some(dp))
+    }
+}
+
+/// Backward of [`RouterGates`] from the probabilities and the gates' gradient.
+#[derive(Debug, Clone)]
+struct RouterGatesBwd(RouterGates);
+
+impl CustomOp2 for RouterGatesBwd {
+    fn name(&self) -> &'static str {
+        "router-gates-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(p: &[T], c: &[u32], dg: &[T], e: usize, k: usize) -> CpuStorage {
+            let mut dp = vec![T::from_f64(0.0); p.len()];
+            for (((pr, cr), gr), dr) in p
+                .chunks(e)
+                .zip(c.chunks(k))
+                .zip(dg.chunks(k))
+                .zip(dp.chunks_mut(e))
+            {
+                gates_row_bwd(pr, cr, gr, dr);
+            }
+            T::to_cpu_storage_owned(dp)
+        }
+        let e = pl.dims()[1];
+        let c = cpu_ids(&self.0.choice)?;
+        let k = self.0.k;
+        let out = match ps {
+            CpuStorage::F32(_) => run::<f32>(cpu_slice(ps, pl)?, &c, cpu_slice(gs, gl)?, e, k),
+            CpuStorage::F64(_) => run::<f64>(cpu_slice(ps, pl)?, &c, cpu_slice(gs, gl)?, e, k),
+            _ => candle_core::bail!("router-gates-bwd: the CPU version takes f32 or f64"),
+        };
+        Ok((out, pl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ps: &CudaStorage,
+        pl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, e) = (pl.dims()[0], pl.dims()[1]);
+        let out = cuda::alloc_like(ps, n * e)?;
+        let args = [
+            cuda::input(ps, pl)?,
+            cuda::Arg::P(cuda::tensor_address(&self.0.choice, 0)?),
+            cuda::input(gs, gl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+            cuda::Arg::I32(e as i32),
+            cuda::Arg::I32(self.0.k as i32),
+        ];
+        cuda::launch(
+            &ps.device,
+            "router_gates_bwd",
+            ps.dtype(),
+            cuda::flat_exact(n),
+            &args,
+        )?;
+        Ok((out, pl.shape().clone()))
+    }
+}
+
+/// `a @ b^T` over the last two dimensions: `a: [.., m, k]`, `b: [.., n, k]` with the same
+/// batch dimensions -> `[.., m, n]` (a linear layer `x @ w^T`, the experts' batched
+/// projections against their stacked `[experts, out, in]` weights, attention scores
+/// `q @ k^T`). The same product as `a.matmul(&b.t())`, as one graph node: there `b.t()` is a
+/// node of its own, whose backward allocates a zero tensor and adds the gradient of `b^T`
+/// into it through a strided (transposing) pass, then the product's backward does the same
+/// for the view. Here the gradients are `g @ b` and `g^T @ a`, computed in their final
+/// layouts by the matrix library.
+pub fn matmul_t(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (ad, bd) = (a.dims(), b.dims());
+    let r = ad.len();
+    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 1] {
+        candle_core::bail!("matmul-t: {ad:?} x {bd:?}^T do not fit");
+    }
+    if a.elem_count() == 0 || b.elem_count() == 0 {
+        return a.matmul(&b.t()?);
+    }
+    a.apply_op2(b, MatmulT)
+}
+
+/// `(batch, m, n, k)` of a batched matrix product.
+type Bmnk = (usize, usize, usize, usize);
+
+/// `a @ b^T` as a custom op (see [`matmul_t`]).
+#[derive(Debug, Clone, Copy)]
+struct MatmulT;
+
+impl MatmulT {
+    /// `(batch, m, n, k)`, the layout of `b^T` and the output shape.
+    fn dims(al: &Layout, bl: &Layout) -> candle_core::Result<(Bmnk, Layout, Shape)> {
+        let ad = al.dims();
+        let r = ad.len();
+        let (m, k, n) = (ad[r - 2], ad[r - 1], bl.dims()[r - 2]);
+        let batch = ad[..r - 2].iter().product();
+        let mut out = ad.to_vec();
+        out[r - 1] = n;
+        Ok((
+            (batch, m, n, k),
+            bl.transpose(r - 2, r - 1)?,
+            Shape::from(out),
+        ))
+    }
+}
+
+impl CustomOp2 for MatmulT {
+    fn name(&self) -> &'static str {
+        "matmul-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (bmnk, bt, shape) = Self::dims(al, bl)?;
+        Ok((a.matmul(b, bmnk, al, &bt)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (bmnk, bt, shape) = Self::dims(al, bl)?;
+        Ok((a.matmul(b, bmnk, al, &bt)?, shape))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // Detached operands: the gradients are values, not graphs that keep activations.
+        let (a, b) = (a.detach(), b.detach());
+        let grad = grad.contiguous()?;
+        let r = grad.rank();
+        let da = grad.matmul(&b)?;
+        let db = grad.transpose(r - 2, r - 1)?.matmul(&a)?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
 /// SwiGLU's gate `silu(g) * u` (f32 arithmetic). Differentiable with respect to both.
 pub fn swiglu_gate(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
     if g.dims() != u.dims() || g.dtype() != u.dtype() {
@@ -1583,6 +2275,15 @@ mod cuda {
     pub(super) fn flat(n: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (n.div_ceil(256).clamp(1, 132 * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One thread per item, for kernels without a grid-stride loop.
+    pub(super) fn flat_exact(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }

@@ -33,13 +33,15 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Causal softmax over rows of length t: rows are [.., t(query), t(key)] flattened, so row r
 // is query i = r % t and keys j <= i are visible. p[j] = exp(scale*s[j] - max) / sum over
-// visible j, 0 for j > i. One warp per row, math in f32.
+// visible j, 0 for j > i. With causal == 0 every entry of a row is visible (a plain softmax
+// over the last dimension, e.g. the MoE router's). One warp per row, math in f32.
 template <typename T>
-__device__ void causal_softmax_fwd(const T *s, T *p, int64_t rows, int t, float scale) {
+__device__ void causal_softmax_fwd(const T *s, T *p, int64_t rows, int t, float scale,
+                                   int causal) {
   int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  int i = (int)(row % t);
+  int i = causal ? (int)(row % t) : t - 1;
   const T *src = s + row * t;
   T *dst = p + row * t;
   float mx = -INFINITY;
@@ -58,11 +60,11 @@ __device__ void causal_softmax_fwd(const T *s, T *p, int64_t rows, int t, float 
 // Backward of the above with respect to s: ds[j] = scale * p[j] * (dp[j] - sum_k p[k] dp[k]).
 template <typename T>
 __device__ void causal_softmax_bwd(const T *p, const T *dp, T *ds, int64_t rows, int t,
-                                   float scale) {
+                                   float scale, int causal) {
   int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  int i = (int)(row % t);
+  int i = causal ? (int)(row % t) : t - 1;
   const T *pr = p + row * t;
   const T *g = dp + row * t;
   T *out = ds + row * t;
@@ -121,12 +123,13 @@ __device__ void adamw_flat(const T *theta, const T *g, const T *mv, const T *dec
 
 #define SOFTMAX(NAME, T)                                                                     \
   extern "C" __global__ void causal_softmax_fwd_##NAME(const T *s, T *p, int64_t rows,      \
-                                                       int t, float scale) {                \
-    causal_softmax_fwd<T>(s, p, rows, t, scale);                                            \
+                                                       int t, float scale, int causal) {    \
+    causal_softmax_fwd<T>(s, p, rows, t, scale, causal);                                    \
   }                                                                                          \
   extern "C" __global__ void causal_softmax_bwd_##NAME(const T *p, const T *dp, T *ds,      \
-                                                       int64_t rows, int t, float scale) {  \
-    causal_softmax_bwd<T>(p, dp, ds, rows, t, scale);                                       \
+                                                       int64_t rows, int t, float scale,    \
+                                                       int causal) {                        \
+    causal_softmax_bwd<T>(p, dp, ds, rows, t, scale, causal);                               \
   }
 SOFTMAX(f32, float)
 SOFTMAX(bf16, __nv_bfloat16)
@@ -384,3 +387,126 @@ __device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *out, int64_t 
   }
 ROWOPS(f32, float)
 ROWOPS(bf16, __nv_bfloat16)
+
+// The MoE combine: out[t] = sum_j g[t*k + j] * y[ids[j*n + t]] over the top-k slots j, a slot
+// whose id is >= r (dropped, or an expert that did not answer) adding nothing. y: [r, d],
+// g: [n, k], ids: [k * n] (slot-major), out: [n, d]. One warp per token, f32 sums.
+template <typename T>
+__device__ void moe_combine_fwd(const T *y, const T *g, const uint32_t *ids, T *out,
+                                int64_t n, int k, int d, int64_t r) {
+  int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (t >= n) return;
+  for (int c = lane; c < d; c += 32) {
+    float acc = 0.f;
+    for (int j = 0; j < k; ++j) {
+      uint32_t id = ids[(int64_t)j * n + t];
+      if (id < r) acc += to_f(g[t * k + j]) * to_f(y[(int64_t)id * d + c]);
+    }
+    out[t * d + c] = from_f<T>(acc);
+  }
+}
+
+// Gradient of y: row i is read by at most one (token, slot), back[i] = j*n + t (>= k*n: by
+// none), so dy[i] = g[t*k + j] * dout[t]. One warp per row of y.
+template <typename T>
+__device__ void moe_combine_bwd_y(const T *dout, const T *g, const uint32_t *back, T *dy,
+                                  int64_t n, int k, int d, int64_t r) {
+  int64_t i = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (i >= r) return;
+  uint32_t b = back[i];
+  bool read = (int64_t)b < (int64_t)k * n;
+  int64_t t = read ? b % n : 0;
+  float gate = read ? to_f(g[t * k + b / n]) : 0.f;
+  for (int c = lane; c < d; c += 32) {
+    dy[i * d + c] = from_f<T>(read ? gate * to_f(dout[t * d + c]) : 0.f);
+  }
+}
+
+// Gradient of g: dg[t*k + j] = dout[t] . y[ids[j*n + t]] (0 for a slot that reads nothing).
+// One warp per (token, slot).
+template <typename T>
+__device__ void moe_combine_bwd_g(const T *dout, const T *y, const uint32_t *ids, T *dg,
+                                  int64_t n, int k, int d, int64_t r) {
+  int64_t q = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (q >= n * k) return;
+  int64_t t = q / k;
+  int j = (int)(q % k);
+  uint32_t id = ids[(int64_t)j * n + t];
+  float acc = 0.f;
+  if (id < r) {
+    for (int c = lane; c < d; c += 32) acc += to_f(dout[t * d + c]) * to_f(y[(int64_t)id * d + c]);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) dg[q] = from_f<T>(acc);
+}
+
+// The router's gates: c[t*k + j] is the expert of token t's slot j, plus e (the number of
+// experts) where that assignment was dropped. g[t*k + j] = p[t, c] / S_t for a kept slot and
+// 0 for a dropped one, S_t = sum over all k chosen experts of p[t, c]. One thread per token.
+template <typename T>
+__device__ void router_gates_fwd(const T *p, const uint32_t *c, T *g, int64_t n, int e,
+                                 int k) {
+  int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= n) return;
+  T s = (T)0;
+  for (int j = 0; j < k; ++j) s += p[t * e + c[t * k + j] % e];
+  for (int j = 0; j < k; ++j) {
+    uint32_t x = c[t * k + j];
+    g[t * k + j] = x < (uint32_t)e ? p[t * e + x] / s : (T)0;
+  }
+}
+
+// Its backward: dp[t, c_j] = kept_j dg_j / S - (sum_i kept_i dg_i p[c_i]) / S^2 for each
+// chosen expert c_j, 0 for the others. One thread per token.
+template <typename T>
+__device__ void router_gates_bwd(const T *p, const uint32_t *c, const T *dg, T *dp, int64_t n,
+                                 int e, int k) {
+  int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= n) return;
+  T s = (T)0, a = (T)0;
+  for (int j = 0; j < k; ++j) {
+    uint32_t x = c[t * k + j];
+    s += p[t * e + x % e];
+    if (x < (uint32_t)e) a += dg[t * k + j] * p[t * e + x];
+  }
+  for (int i = 0; i < e; ++i) dp[t * e + i] = (T)0;
+  T inv = (T)1 / s;
+  for (int j = 0; j < k; ++j) {
+    uint32_t x = c[t * k + j];
+    T v = -a * inv * inv;
+    if (x < (uint32_t)e) v += dg[t * k + j] * inv;
+    dp[t * e + x % e] += v;
+  }
+}
+
+#define MOEOPS(NAME, T)                                                                      \
+  extern "C" __global__ void moe_combine_fwd_##NAME(const T *y, const T *g,                 \
+                                                    const uint32_t *ids, T *out, int64_t n, \
+                                                    int k, int d, int64_t r) {              \
+    moe_combine_fwd<T>(y, g, ids, out, n, k, d, r);                                         \
+  }                                                                                          \
+  extern "C" __global__ void moe_combine_bwd_y_##NAME(const T *dout, const T *g,            \
+                                                      const uint32_t *back, T *dy,          \
+                                                      int64_t n, int k, int d, int64_t r) { \
+    moe_combine_bwd_y<T>(dout, g, back, dy, n, k, d, r);                                    \
+  }                                                                                          \
+  extern "C" __global__ void moe_combine_bwd_g_##NAME(const T *dout, const T *y,            \
+                                                      const uint32_t *ids, T *dg,           \
+                                                      int64_t n, int k, int d, int64_t r) { \
+    moe_combine_bwd_g<T>(dout, y, ids, dg, n, k, d, r);                                     \
+  }
+MOEOPS(f32, float)
+MOEOPS(bf16, __nv_bfloat16)
+
+extern "C" __global__ void router_gates_fwd_f32(const float *p, const uint32_t *c, float *g,
+                                                int64_t n, int e, int k) {
+  router_gates_fwd<float>(p, c, g, n, e, k);
+}
+extern "C" __global__ void router_gates_bwd_f32(const float *p, const uint32_t *c,
+                                                const float *dg, float *dp, int64_t n, int e,
+                                                int k) {
+  router_gates_bwd<float>(p, c, dg, dp, n, e, k);
+}

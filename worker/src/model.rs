@@ -5,16 +5,19 @@
 //! and using them would silently stop gradients; the normalisations, RoPE, the attention
 //! softmax and SwiGLU's gate are the worker's own fused ops instead (`crate::fused`), with
 //! backward passes, CPU versions and CUDA kernels. Master weights are `Var`s in the master dtype
-//! (f32, or f64 for gradient checks). With f32/f64 compute the pass reads the masters; with
-//! bf16/f16 compute it reads compute copies kept as leaves of the graph (`Leaves`: one per
-//! parameter, the experts' weights stacked per layer and projection), which the optimizer
-//! refreshes in its own pass, and `Model::param_grads` maps their gradients to the masters.
+//! (f32, or f64 for gradient checks). With f32/f64 compute the pass reads the masters (with
+//! f32 on a GPU, the experts' weights through stacked copies); with bf16/f16 compute it reads
+//! compute copies kept as leaves of the graph (`Leaves`: one per parameter, the experts'
+//! weights stacked per layer and projection), which the optimizer refreshes in its own pass,
+//! and `Model::param_grads` maps their gradients to the masters.
 //!
 //! The training path and the stage path are the same code: a full forward is one stage that
 //! holds every layer, the embedding and the head; an MoE layer always runs as
 //! route -> per-expert forward -> combine, so a remote expert slots into the same seams.
-//! Dispatch and combine are gathers whose backward passes are gathers too (`GatherRows`):
-//! candle's CUDA index-add, the usual backward of a gather, is serial over the indices.
+//! Dispatch is a gather whose backward pass is a gather too (`GatherRows`), and the gated
+//! combine one fused op (`fused::moe_combine`), whose backward is a gather and a row-wise
+//! dot product: candle's CUDA index-add, the usual backward of a gather, is serial over the
+//! indices.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -279,12 +282,16 @@ fn expert_weight(name: &str) -> Option<(usize, usize, &str)> {
 /// 2,300 launches a step on `base`). The optimizer writes the new weights into the copies in
 /// the same pass (`fused::MultiTensor`); whatever else changes the masters calls
 /// `Model::sync_compute`.
+///
+/// With f32 compute on f32 masters only the experts' weights get leaves (`stacked_only`):
+/// the stacked copies let the experts run batched without a `cat` of the eight masters per
+/// projection (and its backward) each step, and the other parameters are read directly.
 #[derive(Debug)]
 struct Leaves {
     vars: Vec<Leaf>,
     /// For each trainable parameter: its leaf, and its position there (the expert's index
-    /// in a stacked leaf, 0 otherwise).
-    of_param: Vec<(usize, usize)>,
+    /// in a stacked leaf, 0 otherwise); `None` for a parameter read directly.
+    of_param: Vec<Option<(usize, usize)>>,
     /// For each trainable parameter: its leaf's tensor and the element offset of its values.
     copies: Vec<Option<(Tensor, usize)>>,
 }
@@ -300,8 +307,9 @@ struct Leaf {
 }
 
 impl Leaves {
-    /// Leaves for `trainable` in dtype `compute`, filled from the masters.
-    fn build(trainable: &[(String, Var)], compute: DType) -> Result<Self> {
+    /// Leaves for `trainable` in dtype `compute`, filled from the masters; with
+    /// `stacked_only`, for the experts' weights alone.
+    fn build(trainable: &[(String, Var)], compute: DType, stacked_only: bool) -> Result<Self> {
         // (key, members, stacked) of each leaf, then the leaves themselves.
         let mut groups: Vec<(String, Vec<usize>, bool)> = Vec::new();
         let mut of_param = Vec::with_capacity(trainable.len());
@@ -320,12 +328,13 @@ impl Leaves {
                             "expert weight {name} is out of order"
                         )));
                     }
-                    of_param.push((li, e));
+                    of_param.push(Some((li, e)));
                     members.push(i);
                 }
+                None if stacked_only => of_param.push(None),
                 None => {
                     groups.push((name.clone(), vec![i], false));
-                    of_param.push((groups.len() - 1, 0));
+                    of_param.push(Some((groups.len() - 1, 0)));
                 }
             }
         }
@@ -353,8 +362,8 @@ impl Leaves {
         let copies = trainable
             .iter()
             .zip(&of_param)
-            .map(|((_, v), &(li, pos)): (&(String, Var), &(usize, usize))| {
-                Some((vars[li].var.as_tensor().clone(), pos * v.elem_count()))
+            .map(|((_, v), at): (&(String, Var), &Option<(usize, usize)>)| {
+                at.map(|(li, pos)| (vars[li].var.as_tensor().clone(), pos * v.elem_count()))
             })
             .collect();
         Ok(Leaves {
@@ -384,19 +393,11 @@ impl Leaves {
     }
 }
 
-/// `x @ w^T` for `x: [N, in]`, `w: [out, in]`, in whichever of two equal formulations leaves
-/// the cheaper strided work to candle's CPU backend. `x @ w.t()` hands the weight its gradient
-/// as a transposed view, and accumulating that costs a slow strided pass over `in * out`
-/// values; `(w @ x.t()).t()` moves the strided work to the activations, `N * (in + out)`
-/// values. The choice depends on shapes only, so runs stay deterministic.
+/// `x @ w^T` for `x: [N, in]`, `w: [out, in]`, as one graph node (`fused::matmul_t`): the
+/// weight's gradient comes out in its own layout, with no transposed view whose backward is
+/// a zero tensor and a strided add.
 fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let n = x.dim(0)?;
-    let (out, inp) = w.dims2()?;
-    if n * (inp + out) < inp * out {
-        Ok(w.matmul(&x.t()?)?.t()?)
-    } else {
-        Ok(x.matmul(&w.t()?)?)
-    }
+    Ok(crate::fused::matmul_t(x, w)?)
 }
 
 /// RMSNorm, one fused op each way (`fused::rms_norm`; the plain ops where no kernel exists).
@@ -488,8 +489,9 @@ pub struct Routing {
     /// For each sorted position (and one more, the zero row), the slot-major row that reads
     /// it, `[A + 1]`: the backward of the combine gather.
     combine_back: Tensor,
-    /// Gate weight of each token in each slot (0 where dropped), `[N, 1]` each.
-    slot_gates: Vec<Tensor>,
+    /// Gate weight of each token in each slot (0 where dropped), `[N, top_k]`, in the
+    /// compute dtype.
+    gates_nk: Tensor,
     /// `sorted_tokens` on the host.
     sorted_host: Vec<u32>,
     /// For each (token, slot), `token * top_k + slot`, its sorted position, or `u32::MAX`
@@ -578,30 +580,13 @@ impl Routing {
     fn combine_padded(&self, y: &Tensor, c: &PaddedCombine) -> Result<Tensor> {
         let d = self.d_model;
         let rows = y.elem_count() / d;
-        let zero = Tensor::zeros((1, d), self.dtype, &self.device)?;
-        let flat = Tensor::cat(&[&y.reshape((rows, d))?.to_dtype(self.dtype)?, &zero], 0)?;
-        let gathered = flat.apply_op1(GatherRows {
-            ids: c.ids.clone(),
-            back: vec![c.back.clone()],
-        })?;
-        self.gate_slots(&gathered)
-    }
-
-    /// `sum_j gate_j * rows j*N..(j+1)*N` of the slot-major gathered outputs.
-    fn gate_slots(&self, gathered: &Tensor) -> Result<Tensor> {
-        let n = self.n_tokens;
-        let mut out: Option<Tensor> = None;
-        for (j, gate) in self.slot_gates.iter().enumerate() {
-            let part = gathered.narrow(0, j * n, n)?.broadcast_mul(gate)?;
-            out = Some(match out {
-                Some(o) => (o + part)?,
-                None => part,
-            });
-        }
-        match out {
-            Some(o) => Ok(o),
-            None => Ok(Tensor::zeros((n, self.d_model), self.dtype, &self.device)?),
-        }
+        let flat = y.reshape((rows, d))?.to_dtype(self.dtype)?;
+        Ok(crate::fused::moe_combine(
+            &flat,
+            &self.gates_nk,
+            &c.ids,
+            &c.back,
+        )?)
     }
 }
 
@@ -761,7 +746,7 @@ pub struct Model {
     /// chooses by the compute dtype.
     batched_experts: Option<bool>,
     /// Compute-dtype copies of the trainable weights, when the compute dtype is not the
-    /// masters'.
+    /// masters'; with f32 compute and batched experts, stacked copies of the experts' weights.
     leaves: Option<Leaves>,
 }
 
@@ -796,7 +781,12 @@ impl Model {
             device: device.clone(),
             master_dtype: master,
             compute_dtype: compute,
-            leaves: Self::leaves_for(&trainable, master, compute)?,
+            leaves: Self::leaves_for(
+                &trainable,
+                master,
+                compute,
+                default_batched(device, compute),
+            )?,
             trainable,
             frozen: Vec::new(),
             lora: None,
@@ -843,7 +833,8 @@ impl Model {
             device: device.clone(),
             master_dtype: master,
             compute_dtype: compute,
-            leaves: Self::leaves_for(&trainable, master, compute)?,
+            // Adapters only: no expert weights are trainable, so no stacked leaves.
+            leaves: Self::leaves_for(&trainable, master, compute, false)?,
             trainable,
             frozen,
             lora: Some(lora.clone()),
@@ -852,17 +843,47 @@ impl Model {
     }
 
     /// Whether a layer's experts run as one batched product per projection or one expert at
-    /// a time; both compute the same function. By default they are batched in bf16 and f16,
-    /// where that was faster on the H100 (`small` 80 -> 66 ms, `base` 213 -> 200 ms a step),
-    /// and not in f32, where cuBLAS's batched f32 product was slower than eight separate ones
-    /// (`base` 305 -> 429 ms; docs/GPU.md). LoRA models always run one expert at a time.
-    pub fn set_batched_experts(&mut self, on: bool) {
+    /// a time; both compute the same function. By default they are batched in bf16 and f16
+    /// (faster on the H100: `small` 80 -> 66 ms, `base` 213 -> 200 ms a step) and in f32 on
+    /// a GPU, reading stacked f32 copies of the experts' weights (session 5 of docs/GPU.md;
+    /// a `cat` of the masters each step was slower, `base` 305 -> 429 ms). Switching it on
+    /// for f32 compute builds those copies. LoRA models always run one expert at a time.
+    pub fn set_batched_experts(&mut self, on: bool) -> Result<()> {
         self.batched_experts = Some(on);
+        if on && self.leaves.is_none() && self.lora.is_none() {
+            self.leaves =
+                Self::leaves_for(&self.trainable, self.master_dtype, self.compute_dtype, true)?;
+        }
+        Ok(())
+    }
+
+    /// Whether running a layer's experts batched pays for its padding, in f32: the batched
+    /// layout gives every expert the busiest expert's row count, and with uneven routing
+    /// that is f32 arithmetic on padding rows (`base` f32 on the H100, 3.5 times the routed
+    /// rows: 502 ms a step batched against 274 ms one expert at a time; docs/GPU.md session
+    /// 5). Batched when the padding's extra matrix work at the H100's f32 rate costs less
+    /// than the host time one expert at a time adds to a layer (about 1.5 ms, `small` f32).
+    /// bf16 and f16 always batch: there padding is cheap and one expert at a time was slower
+    /// even at 3.5 times the rows (`base` bf16 135 against 151 ms with the slowest experts
+    /// on their own). An explicit `set_batched_experts(true)` batches regardless.
+    fn padding_pays(&self, routing: &Routing) -> bool {
+        if self.batched_experts == Some(true)
+            || matches!(self.compute_dtype, DType::BF16 | DType::F16)
+        {
+            return true;
+        }
+        let counts: Vec<usize> = routing.tokens.iter().map(Vec::len).collect();
+        let cap = counts.iter().copied().max().unwrap_or(0);
+        let pad = (counts.len() * cap - counts.iter().sum::<usize>()) as f64;
+        // Multiply-adds of the three projections, forward (1) and backward (2), 2 FLOPs each.
+        let flops = pad * 18.0 * self.cfg.d_model as f64 * self.cfg.expert_hidden as f64;
+        flops / F32_FLOPS <= PER_LAYER_HOST_S
     }
 
     fn experts_batched_here(&self) -> bool {
-        let half = matches!(self.compute_dtype, DType::BF16 | DType::F16);
-        self.batched_experts.unwrap_or(half) && self.lora.is_none()
+        self.batched_experts
+            .unwrap_or(default_batched(&self.device, self.compute_dtype))
+            && self.lora.is_none()
     }
 
     /// The model's config.
@@ -891,23 +912,33 @@ impl Model {
     }
 
     /// The trainable parameters in their fixed order (for a LoRA model: the adapters only).
-    /// With bf16 or f16 compute the forward pass reads compute copies of these masters:
+    /// With bf16 or f16 compute (and for the experts' weights with batched f32 experts) the
+    /// forward pass reads compute copies of these masters:
     /// whoever changes a master other than through `Model` or `Replica` must call
     /// [`Model::sync_compute`] before the next pass.
     pub fn trainable(&self) -> &[(String, Var)] {
         &self.trainable
     }
 
-    /// Compute leaves when the compute dtype differs from the masters'.
+    /// Compute leaves when the compute dtype differs from the masters'; stacked f32 leaves
+    /// of the experts' weights when both are f32 and the experts run `batched`.
     fn leaves_for(
         trainable: &[(String, Var)],
         master: DType,
         compute: DType,
+        batched: bool,
     ) -> Result<Option<Leaves>> {
-        if master == compute || trainable.is_empty() {
+        if trainable.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Leaves::build(trainable, compute)?))
+        if master != compute {
+            return Ok(Some(Leaves::build(trainable, compute, false)?));
+        }
+        let experts = trainable.iter().any(|(n, _)| expert_weight(n).is_some());
+        if batched && compute == DType::F32 && experts {
+            return Ok(Some(Leaves::build(trainable, compute, true)?));
+        }
+        Ok(None)
     }
 
     /// Refreshes the compute copies from the master weights (nothing to do when the forward
@@ -927,9 +958,12 @@ impl Model {
         let mut out = Vec::with_capacity(self.trainable.len());
         for (i, (_, v)) in self.trainable.iter().enumerate() {
             let own = grads.get(v.as_tensor()).cloned();
-            let copy = match &self.leaves {
-                Some(lv) => {
-                    let (li, pos) = lv.of_param[i];
+            let copy = match self
+                .leaves
+                .as_ref()
+                .and_then(|lv| Some((lv, lv.of_param[i]?)))
+            {
+                Some((lv, (li, pos))) => {
                     let leaf = &lv.vars[li];
                     match grads.get(leaf.var.as_tensor()) {
                         Some(g) if leaf.stacked => Some(g.get(pos)?),
@@ -1006,8 +1040,15 @@ impl Model {
                     }
                 }
                 for (i, (name, v)) in self.trainable.iter().enumerate() {
-                    if lv.vars[lv.of_param[i].0].stacked {
-                        lazy.insert(name.clone(), view(v.as_tensor()));
+                    match lv.of_param[i] {
+                        Some((li, _)) if lv.vars[li].stacked => {
+                            lazy.insert(name.clone(), view(v.as_tensor()));
+                        }
+                        Some(_) => {}
+                        // Read directly (f32 compute: only the experts have leaves).
+                        None => {
+                            map.insert(name.clone(), cast(&view(v.as_tensor()))?);
+                        }
                     }
                 }
             }
@@ -1339,7 +1380,10 @@ impl Model {
             // padding, its slice of the leaf's gradient is zero, and it is recorded as idle.
             let all_busy = routing.tokens.iter().all(|t| !t.is_empty());
             let stacked = !w.stacks.is_empty();
-            let y = if self.experts_batched_here() && (all_busy || stacked) {
+            let y = if self.experts_batched_here()
+                && (all_busy || stacked)
+                && self.padding_pays(&routing)
+            {
                 if stacked {
                     for e in (0..routing.tokens.len()).filter(|&e| routing.tokens[e].is_empty()) {
                         for proj in ["w_gate", "w_up", "w_down"] {
@@ -1397,7 +1441,7 @@ impl Model {
         let v = heads("wv")?;
         // Scale, causal mask and softmax in one kernel each way (f32 arithmetic); the plain
         // ops were about ten passes over the [B, H, T, T] scores forward and more backward.
-        let scores = q.matmul(&k.t()?)?;
+        let scores = crate::fused::matmul_t(&q, &k)?;
         let probs = crate::fused::causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
         let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, d))?;
         Ok(w.linear(&format!("layers.{l}.attn.wo"), &o)?
@@ -1416,8 +1460,17 @@ impl Model {
         let acc = acc_dtype(self.compute_dtype);
         let router = w.get(&format!("layers.{layer}.moe.router.weight"))?;
         let logits = matmul_wt(x, &router)?.to_dtype(acc)?;
-        let probs = candle_nn::ops::softmax(&logits, 1)?;
-        let p: Vec<f64> = probs.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let probs = crate::fused::softmax_last_dim(&logits)?;
+        // Read back as computed (f32 values compare the same way widened to f64).
+        let p: Vec<f64> = match probs.dtype() {
+            DType::F32 => probs
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            _ => probs.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
+        };
         let mut choice = vec![0usize; n * k];
         let mut chosen_mask = vec![0f64; n * n_exp];
         let mut chosen_count = vec![0u64; n_exp];
@@ -1471,17 +1524,16 @@ impl Model {
             }
         }
         let kept = sorted_tokens.len();
-        // Every index vector of the layer goes to the device in one upload and every mask
-        // in another, viewed in place: an upload from pageable memory waits for the stream,
-        // and there were about ten a layer. `ids` is [the slots' sorted positions (k * N, the
-        // combine gather) | sorted tokens (A) | combine backward (A + 1) | flat gate ids (A)];
-        // `reals` is [chosen mask (N * E) | one-hot choice of each slot (k * N * E) | f (E)].
-        let mut ids: Vec<u32> = Vec::with_capacity(k * n + 3 * kept + 1);
+        // Every index vector of the layer goes to the device in one upload, viewed in place:
+        // an upload from pageable memory waits for the stream, and there were about ten a
+        // layer. `ids` is [the slots' sorted positions (k * N, slot-major: the combine
+        // gather) | sorted tokens (A) | combine backward (A + 1) | the (token, slot) of each
+        // sorted position, `t * k + j` (A) | each slot's expert, plus E where it was dropped
+        // (N * k, token-major: the gates)].
+        let mut ids: Vec<u32> = Vec::with_capacity(2 * k * n + 3 * kept + 1);
         let mut combine_back = vec![(k * n) as u32; kept + 1];
-        let mut reals = chosen_mask;
-        reals.resize((1 + k) * n * n_exp, 0.0);
+        let mut slot_of = vec![0u32; kept];
         for j in 0..k {
-            let onehot = &mut reals[(1 + j) * n * n_exp..(2 + j) * n * n_exp];
             for tok in 0..n {
                 let p = position[tok * k + j];
                 if p == u32::MAX {
@@ -1489,50 +1541,42 @@ impl Model {
                 } else {
                     ids.push(p);
                     combine_back[p as usize] = (j * n + tok) as u32;
-                    onehot[tok * n_exp + choice[tok * k + j]] = 1.0;
+                    slot_of[p as usize] = (tok * k + j) as u32;
                 }
             }
         }
         ids.extend_from_slice(&sorted_tokens);
         ids.extend_from_slice(&combine_back);
-        ids.extend(
-            tokens
-                .iter()
-                .enumerate()
-                .flat_map(|(e, list)| list.iter().map(move |&t| t * n_exp as u32 + e as u32)),
-        );
-        reals.extend(chosen_count.iter().map(|&c| c as f64 / (n * k) as f64));
+        ids.extend_from_slice(&slot_of);
+        ids.extend((0..n * k).map(|q| {
+            let dropped = if position[q] == u32::MAX { n_exp } else { 0 };
+            (choice[q] + dropped) as u32
+        }));
         let ids_len = ids.len();
         let ids = Tensor::from_vec(ids, ids_len, &self.device)?;
-        let reals_len = reals.len();
-        let reals = if acc == DType::F32 {
-            let r: Vec<f32> = reals.iter().map(|&x| x as f32).collect();
-            Tensor::from_vec(r, reals_len, &self.device)?
+        let frac: Vec<f64> = chosen_count
+            .iter()
+            .map(|&c| c as f64 / (n * k) as f64)
+            .collect();
+        let frac = if acc == DType::F32 {
+            let f: Vec<f32> = frac.iter().map(|&x| x as f32).collect();
+            Tensor::from_vec(f, n_exp, &self.device)?
         } else {
-            Tensor::from_vec(reals, reals_len, &self.device)?.to_dtype(acc)?
+            Tensor::from_vec(frac, n_exp, &self.device)?.to_dtype(acc)?
         };
-        let ne = n * n_exp;
-        let mask = reals.narrow(0, 0, ne)?.reshape((n, n_exp))?;
-        let denom = (&probs * &mask)?.sum_keepdim(1)?;
         let combine_ids = ids.narrow(0, 0, k * n)?;
-        let mut slot_positions = Vec::with_capacity(k);
-        let mut slot_gates = Vec::with_capacity(k);
-        for j in 0..k {
-            slot_positions.push(combine_ids.narrow(0, j * n, n)?);
-            // The gate as a dense product with the slot's one-hot choice: differentiable
-            // with respect to the router without a gather (whose backward is an index-add).
-            let onehot = reals.narrow(0, (1 + j) * ne, ne)?.reshape((n, n_exp))?;
-            let gate = (&probs * onehot)?.sum_keepdim(1)?.div(&denom)?;
-            slot_gates.push(gate.to_dtype(self.compute_dtype)?);
-        }
+        let slot_positions = (0..k)
+            .map(|j| combine_ids.narrow(0, j * n, n))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // Each slot's gate, renormalised over the token's top-k, in one op each way.
+        let gates_nk =
+            crate::fused::router_gates(&probs, &ids.narrow(0, k * n + 3 * kept + 1, n * k)?, k)?
+                .to_dtype(self.compute_dtype)?;
         let sorted_host = sorted_tokens;
         let sorted = ids.narrow(0, k * n, kept)?;
         let combine_back = ids.narrow(0, k * n + kept, kept + 1)?;
-        let flat = ids.narrow(0, k * n + 2 * kept + 1, kept)?;
-        let gate_all = probs.broadcast_div(&denom)?.flatten_all()?;
-        let sorted_gates = gate_all
-            .index_select(&flat, 0)?
-            .to_dtype(self.compute_dtype)?;
+        let slots = ids.narrow(0, k * n + 2 * kept + 1, kept)?;
+        let sorted_gates = gates_nk.flatten_all()?.index_select(&slots, 0)?;
         let mut index = Vec::with_capacity(n_exp);
         let mut gates = Vec::with_capacity(n_exp);
         for (e, list) in tokens.iter().enumerate() {
@@ -1544,7 +1588,6 @@ impl Model {
                 gates.push(Some(sorted_gates.narrow(0, offsets[e], list.len())?));
             }
         }
-        let frac = reals.narrow(0, (1 + k) * ne, n_exp)?;
         let aux = (probs.mean(0)? * frac)?
             .sum_all()?
             .affine(n_exp as f64, 0.0)?;
@@ -1563,7 +1606,7 @@ impl Model {
             slot_positions,
             combine_ids,
             combine_back,
-            slot_gates,
+            gates_nk,
             sorted_host,
             position,
             top_k: k,
@@ -1583,26 +1626,26 @@ impl Model {
         routing: &Routing,
         x: &Tensor,
     ) -> Result<Tensor> {
+        // The experts' weights of one projection as `[experts, out, in]`.
         let stack = |proj: &str| -> Result<Tensor> {
             // A model with compute leaves keeps the stacked weights as one leaf.
             if let Some(s) = w.stack(layer, proj) {
-                return Ok(s.transpose(1, 2)?);
+                return Ok(s.clone());
             }
             let mut ws = Vec::with_capacity(self.cfg.n_experts);
             for e in 0..self.cfg.n_experts {
                 ws.push(w.get(&format!("layers.{layer}.moe.experts.{e}.{proj}.weight"))?);
             }
-            let (rows, cols) = ws[0].dims2()?;
-            // [experts, in, out]: the transposed view multiplies without a copy.
-            Ok(Tensor::cat(&ws, 0)?
-                .reshape((self.cfg.n_experts, rows, cols))?
-                .transpose(1, 2)?)
+            Ok(Tensor::stack(&ws, 0)?)
         };
         let (xs, combine) = routing.dispatch_padded(x)?;
-        let g = xs.matmul(&stack("w_gate")?)?;
-        let u = xs.matmul(&stack("w_up")?)?;
+        let mm = |a: &Tensor, proj: &str| -> Result<Tensor> {
+            Ok(crate::fused::matmul_t(a, &stack(proj)?)?)
+        };
+        let g = mm(&xs, "w_gate")?;
+        let u = mm(&xs, "w_up")?;
         let a = crate::fused::swiglu_gate(&g, &u)?;
-        let y = a.matmul(&stack("w_down")?)?;
+        let y = mm(&a, "w_down")?;
         routing.combine_padded(&y, &combine)
     }
 
@@ -1716,17 +1759,38 @@ pub fn moe_combine(routing: &Routing, outputs: &[Option<Tensor>]) -> Result<Tens
             )?),
         }
     }
-    rows.push(Tensor::zeros(
-        (1, routing.d_model),
-        routing.dtype,
-        &routing.device,
-    )?);
+    if rows.is_empty() {
+        // Every assignment was dropped: every gate is 0.
+        return Ok(Tensor::zeros(
+            (routing.n_tokens, routing.d_model),
+            routing.dtype,
+            &routing.device,
+        )?);
+    }
     let sorted = Tensor::cat(&rows, 0)?;
-    let gathered = sorted.apply_op1(GatherRows {
-        ids: routing.combine_ids.clone(),
-        back: vec![routing.combine_back.clone()],
-    })?;
-    routing.gate_slots(&gathered)
+    Ok(crate::fused::moe_combine(
+        &sorted,
+        &routing.gates_nk,
+        &routing.combine_ids,
+        &routing.combine_back,
+    )?)
+}
+
+/// The rate of a batched f32 expert product on the H100 (about 48 TFLOP/s, `--micro` in
+/// docs/GPU.md session 5) and the host time that running a layer's experts one at a time
+/// adds (`small` f32: 9 ms a step over 6 layers). They only steer `Model::padding_pays`.
+const F32_FLOPS: f64 = 48e12;
+const PER_LAYER_HOST_S: f64 = 1.5e-3;
+
+/// Whether the experts run batched unless `Model::set_batched_experts` says otherwise: in
+/// bf16 and f16, and in f32 on a GPU (on the CPU one expert at a time is as fast and needs no
+/// stacked copies).
+fn default_batched(device: &Device, compute: DType) -> bool {
+    match compute {
+        DType::BF16 | DType::F16 => true,
+        DType::F32 => !device.is_cpu(),
+        _ => false,
+    }
 }
 
 fn check_dtypes(master: DType, compute: DType) -> Result<()> {

@@ -155,6 +155,12 @@ impl Replica {
         &self.model
     }
 
+    /// Runs each MoE layer's experts as batched products or one at a time
+    /// ([`Model::set_batched_experts`]); both compute the same function.
+    pub fn set_batched_experts(&mut self, on: bool) -> Result<(), WorkerError> {
+        self.model.set_batched_experts(on)
+    }
+
     /// The model config.
     pub fn model_config(&self) -> &ModelConfig {
         &self.model_cfg

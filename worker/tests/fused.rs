@@ -353,7 +353,7 @@ fn check_op(
     }
 }
 
-/// RMSNorm, RoPE and SwiGLU's gate against their plain formulations.
+/// RMSNorm, the unmasked softmax, RoPE and SwiGLU's gate against their plain formulations.
 fn check_row_ops(device: &Device, dt: DType) {
     let randn = |dims: &[usize], std: f64| Tensor::randn(0f64, std, dims, &Device::Cpu).unwrap();
     for dims in [
@@ -361,6 +361,7 @@ fn check_row_ops(device: &Device, dt: DType) {
         &[3, 5],
         &[2, 7, 33],
         &[4, 384],
+        &[9, 8],
         &[70, 130],
     ] {
         let d = dims[dims.len() - 1];
@@ -374,6 +375,16 @@ fn check_row_ops(device: &Device, dt: DType) {
             &[0, 1],
             |t| fused::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
             |t| fused::rms_norm_reference(&t[0], &t[1], 1e-5).unwrap(),
+        );
+        // The plain (unmasked) softmax over the last dimension, as the MoE router uses it.
+        check_op(
+            device,
+            dt,
+            &format!("softmax {dims:?}"),
+            &[randn(dims, 2.0)],
+            &[0],
+            |t| fused::softmax_last_dim(&t[0]).unwrap(),
+            |t| candle_nn::ops::softmax(&t[0], candle_core::D::Minus1).unwrap(),
         );
         let (g, u) = (randn(dims, 2.0), randn(dims, 1.0));
         check_op(
@@ -418,6 +429,117 @@ fn check_row_ops(device: &Device, dt: DType) {
     }
 }
 
+/// `a @ b^T` (linear layers, stacked experts, attention scores) against `a.matmul(b.t())`,
+/// at sizes that are not multiples of a tile.
+fn check_matmul_t(device: &Device, dt: DType) {
+    let randn = |dims: &[usize]| Tensor::randn(0f64, 1.0, dims, &Device::Cpu).unwrap();
+    for (a, b) in [
+        (&[1usize, 1][..], &[1usize, 1][..]),
+        (&[5, 3], &[7, 3]),
+        (&[33, 70], &[130, 70]),
+        (&[3, 17, 9], &[3, 5, 9]),
+        (&[2, 3, 33, 8], &[2, 3, 33, 8]),
+    ] {
+        check_op(
+            device,
+            dt,
+            &format!("matmul-t {a:?} x {b:?}^T"),
+            &[randn(a), randn(b)],
+            &[0, 1],
+            |t| fused::matmul_t(&t[0], &t[1]).unwrap(),
+            |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+        );
+    }
+    assert!(fused::matmul_t(&randn(&[2, 3]), &randn(&[2, 4])).is_err());
+}
+
+/// A small deterministic generator for index patterns (the values come from `randn`).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as usize) % n.max(1)
+    }
+}
+
+/// The MoE combine and the router's gates against their plain formulations, with dropped
+/// slots, rows that no slot reads, and sizes that are not multiples of a warp.
+fn check_moe_ops(device: &Device, dt: DType) {
+    let randn = |dims: &[usize], std: f64| Tensor::randn(0f64, std, dims, &Device::Cpu).unwrap();
+    let mut rng = Lcg(11);
+    for (n, k, e, d) in [
+        (1usize, 1usize, 1usize, 1usize),
+        (5, 2, 4, 3),
+        (37, 2, 8, 70),
+        (64, 3, 5, 33),
+    ] {
+        // Each (token, slot) reads a distinct row of y, or nothing (id r) about a fifth of
+        // the time; some rows are read by nobody.
+        let r = n * k + 3;
+        let mut free: Vec<usize> = (0..r).collect();
+        let mut ids = vec![r as u32; k * n];
+        let mut back = vec![(k * n) as u32; r];
+        let mut choice = vec![0u32; n * k];
+        for t in 0..n {
+            let mut experts: Vec<usize> = (0..e).collect();
+            for j in 0..k {
+                let x = experts.swap_remove(rng.below(experts.len()));
+                let dropped = rng.below(5) == 0;
+                choice[t * k + j] = (x + if dropped { e } else { 0 }) as u32;
+                if !dropped {
+                    let row = free.swap_remove(rng.below(free.len()));
+                    ids[j * n + t] = row as u32;
+                    back[row] = (j * n + t) as u32;
+                }
+            }
+        }
+        let ids = Tensor::from_vec(ids, k * n, device).unwrap();
+        let ids_cpu = ids.to_device(&Device::Cpu).unwrap();
+        let back = Tensor::from_vec(back, r, device).unwrap();
+        check_op(
+            device,
+            dt,
+            &format!("moe-combine n {n} k {k} d {d}"),
+            &[randn(&[r, d], 1.0), randn(&[n, k], 0.5)],
+            &[0, 1],
+            |t| fused::moe_combine(&t[0], &t[1], &ids, &back).unwrap(),
+            |t| fused::moe_combine_reference(&t[0], &t[1], &ids_cpu).unwrap(),
+        );
+        let choice = Tensor::from_vec(choice, n * k, device).unwrap();
+        let choice_cpu = choice.to_device(&Device::Cpu).unwrap();
+        // Probabilities: positive rows summing to one.
+        let logits = randn(&[n, e], 1.5);
+        let probs = candle_nn::ops::softmax(&logits, candle_core::D::Minus1).unwrap();
+        check_op(
+            device,
+            dt,
+            &format!("router-gates n {n} k {k} e {e}"),
+            &[probs],
+            &[0],
+            |t| fused::router_gates(&t[0], &choice, k).unwrap(),
+            |t| fused::router_gates_reference(&t[0], &choice_cpu, k).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn fused_moe_ops_match_the_plain_ops_on_the_cpu() {
+    for dt in [DType::F32, DType::F64, DType::BF16] {
+        check_moe_ops(&Device::Cpu, dt);
+    }
+}
+
+#[test]
+fn fused_matmul_t_matches_the_plain_product_on_the_cpu() {
+    for dt in [DType::F32, DType::F64] {
+        check_matmul_t(&Device::Cpu, dt);
+    }
+}
+
 #[test]
 fn fused_row_ops_match_the_plain_ops_on_the_cpu() {
     for dt in [DType::F32, DType::F64, DType::BF16] {
@@ -455,6 +577,8 @@ fn cuda_fused_kernels_match_the_plain_ops() {
     for dt in [DType::F32, DType::BF16] {
         check_softmax(&device, dt);
         check_row_ops(&device, dt);
+        check_matmul_t(&device, dt);
+        check_moe_ops(&device, dt);
     }
     for dt in [DType::F32, DType::F64] {
         check_optimizer(&device, dt);

@@ -137,7 +137,7 @@ fn batched_matches_single(capacity_factor: f32, seed: u64) {
     let mut model = Model::with_dtypes(&cfg, &Device::Cpu, DType::F64, DType::F64, seed).unwrap();
     let (x, y) = batch(cfg.vocab, 3, cfg.context, seed as u32);
     let mut run = |batched: bool| {
-        model.set_batched_experts(batched);
+        model.set_batched_experts(batched).unwrap();
         let w = model.weights(true).unwrap();
         let (loss, stats) = model.loss(&w, &x, &y).unwrap();
         let grads = loss.backward().unwrap();
@@ -176,7 +176,7 @@ fn compute_leaves_match_casting_the_masters() {
     let mut model = Model::new(&cfg, &Device::Cpu, DType::BF16, 5).unwrap();
     let (x, y) = batch(cfg.vocab, 4, cfg.context, 5);
     let mut run = |batched: bool| {
-        model.set_batched_experts(batched);
+        model.set_batched_experts(batched).unwrap();
         let w = model.weights(true).unwrap();
         let (loss, stats) = model.loss(&w, &x, &y).unwrap();
         let grads = loss.backward().unwrap();
@@ -209,7 +209,7 @@ fn compute_leaves_match_casting_the_masters() {
 
     let train = potluck_worker::TrainConfig::default();
     let mut opt = potluck_worker::optim::AdamW::new(model.trainable()).unwrap();
-    model.set_batched_experts(true);
+    model.set_batched_experts(true).unwrap();
     for _ in 0..2 {
         let w = model.weights(true).unwrap();
         let (loss, _) = model.loss(&w, &x, &y).unwrap();
@@ -233,6 +233,67 @@ fn compute_leaves_match_casting_the_masters() {
     assert_ne!(loss_of(&model), l1, "the steps changed nothing");
 }
 
+/// f32 compute with the experts batched reads stacked f32 copies of the experts' weights
+/// (the default on a GPU; switched on here on the CPU): every parameter's gradient matches
+/// the one-expert-at-a-time path, which reads the masters, and after optimizer steps (the
+/// CPU optimizer, then a resync of the copies) a fresh model given the same masters
+/// computes the same loss bit for bit.
+#[test]
+fn stacked_f32_experts_match_one_at_a_time() {
+    let cfg = micro(vec![0, 1], 2);
+    let mut model = Model::new(&cfg, &Device::Cpu, DType::F32, 5).unwrap();
+    let (x, y) = batch(cfg.vocab, 4, cfg.context, 5);
+    let mut run = |batched: bool| {
+        model.set_batched_experts(batched).unwrap();
+        let w = model.weights(true).unwrap();
+        let (loss, stats) = model.loss(&w, &x, &y).unwrap();
+        let grads = loss.backward().unwrap();
+        let g = model.param_grads(&grads).unwrap();
+        (loss.to_scalar::<f32>().unwrap() as f64, stats.stats, g)
+    };
+    let (l0, s0, g0) = run(false);
+    let (l1, s1, g1) = run(true);
+    assert!(
+        s1.expert_tokens.iter().flatten().all(|&c| c > 0),
+        "every expert must be busy for the two paths to give the same gradients"
+    );
+    assert_eq!(s1.expert_tokens, s0.expert_tokens);
+    assert!((l1 - l0).abs() < 1e-5 * l0.abs(), "loss {l1} vs {l0}");
+    for (((name, _), a), b) in model.trainable().iter().zip(&g1).zip(&g0) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert_eq!(a.dtype(), DType::F32, "{name}");
+        let a = a.to_dtype(DType::F64).unwrap();
+        let b = b.to_dtype(DType::F64).unwrap();
+        let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let den = b.sqr().unwrap().sum_all().unwrap();
+        let e =
+            (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-300)).sqrt();
+        assert!(e < 1e-4, "{name}: relative gradient difference {e}");
+    }
+
+    let train = potluck_worker::TrainConfig::default();
+    let mut opt = potluck_worker::optim::AdamW::new(model.trainable()).unwrap();
+    for _ in 0..2 {
+        let w = model.weights(true).unwrap();
+        let (loss, _) = model.loss(&w, &x, &y).unwrap();
+        let g = model.param_grads(&loss.backward().unwrap()).unwrap();
+        model.optimizer_step(&mut opt, &g, &train, 1e-2).unwrap();
+    }
+    let mut fresh = Model::new(&cfg, &Device::Cpu, DType::F32, 99).unwrap();
+    fresh.set_batched_experts(true).unwrap();
+    for ((_, a), (_, b)) in fresh.trainable().iter().zip(model.trainable()) {
+        a.set(&b.as_tensor().copy().unwrap()).unwrap();
+    }
+    fresh.sync_compute().unwrap();
+    let loss_of = |m: &Model| {
+        let w = m.weights(false).unwrap();
+        let (loss, _) = m.loss(&w, &x, &y).unwrap();
+        loss.to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(loss_of(&model), loss_of(&fresh));
+    assert_ne!(loss_of(&model) as f64, l1, "the steps changed nothing");
+}
+
 /// With stacked bf16 leaves a layer whose expert got no tokens still runs batched: the busy
 /// experts' gradients match the one-expert-at-a-time path, the idle expert's slice of the
 /// stacked gradient is zero, and `stage_backward` leaves the idle expert's weights out, as
@@ -251,7 +312,7 @@ fn batched_leaves_handle_an_idle_expert() {
     let (mut model, x, y, idle) = found.expect("some seed leaves an expert idle");
     let idle_prefix = format!("layers.0.moe.experts.{idle}.");
     let mut grads = |batched: bool| {
-        model.set_batched_experts(batched);
+        model.set_batched_experts(batched).unwrap();
         let w = model.weights(true).unwrap();
         let (loss, _) = model.loss(&w, &x, &y).unwrap();
         model.param_grads(&loss.backward().unwrap()).unwrap()
@@ -284,7 +345,7 @@ fn batched_leaves_handle_an_idle_expert() {
         assert!(e < 5e-2, "{name}: relative gradient difference {e}");
     }
     for batched in [true, false] {
-        model.set_batched_experts(batched);
+        model.set_batched_experts(batched).unwrap();
         let back = model
             .stage_backward(&model.full_stage(), &x, None, Some(&y))
             .unwrap();

@@ -3,9 +3,11 @@
 //! side (issue 6). One step is exactly what a replica does in the swarm:
 //! `Replica::train_on_batch` (forward, backward, gradient clipping, f32-master AdamW).
 //!
-//! Usage: `gpu_moe_bench --config small|base|tiny --dtype f32|bf16 --device cpu|cuda
-//! [--warmup N] [--steps N] [--json PATH]`. Prints one JSON line per run (and appends it to
-//! `--json`). Build for the GPU with the `cuda` feature; without it the binary still builds
+//! Usage: `gpu_moe_bench --config small|base|tiny --dtype f32|tf32|bf16 --device cpu|cuda
+//! [--warmup N] [--steps N] [--json PATH] [--experts batched|single] [--breakdown] [--micro]`.
+//! Prints one JSON line per run (and appends it to `--json`). `tf32` is f32 training with
+//! TF32 tensor-core matrix products (candle's reduced-precision f32 GEMM switch): an explicit
+//! opt-in reported under its own label, never as the f32 row. Build for the GPU with the `cuda` feature; without it the binary still builds
 //! and runs on the CPU, which is what CI exercises with the tiny config.
 
 use std::io::Write;
@@ -117,6 +119,10 @@ struct Args {
     json: Option<std::path::PathBuf>,
     breakdown: bool,
     micro: bool,
+    /// f32 matrix products in TF32 (`--dtype tf32`).
+    tf32: bool,
+    /// `--experts batched|single`: force the experts' path (default: the model's choice).
+    batched: Option<bool>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args> {
@@ -129,6 +135,8 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         json: None,
         breakdown: false,
         micro: false,
+        tf32: false,
+        batched: None,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -140,10 +148,19 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         match flag.as_str() {
             "--config" => a.config = value()?,
             "--dtype" => {
-                a.dtype = match value()?.as_str() {
-                    "f32" => ComputeDType::F32,
+                let v = value()?;
+                a.tf32 = v == "tf32";
+                a.dtype = match v.as_str() {
+                    "f32" | "tf32" => ComputeDType::F32,
                     "bf16" => ComputeDType::Bf16,
-                    other => bail!("unknown dtype {other:?} (use f32 or bf16)"),
+                    other => bail!("unknown dtype {other:?} (use f32, tf32 or bf16)"),
+                }
+            }
+            "--experts" => {
+                a.batched = match value()?.as_str() {
+                    "batched" => Some(true),
+                    "single" => Some(false),
+                    other => bail!("unknown experts path {other:?} (use batched or single)"),
                 }
             }
             "--device" => {
@@ -186,6 +203,9 @@ struct Measured {
     first_loss: f32,
     last_loss: f32,
     dropped: u64,
+    /// Padding of the batched experts' layout in the last timed step, mean and largest over
+    /// the MoE layers: experts x the busiest expert's tokens, over the tokens routed.
+    pad_ratio: [f64; 2],
     /// Median forward, backward and optimizer milliseconds of separately timed steps, then
     /// the host time until each of the three calls returned (before the synchronisation):
     /// when that is close to the full time, the host (launching kernels, routing) is the
@@ -212,11 +232,22 @@ impl Measured {
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,
             "dropped": self.dropped,
+            "pad_ratio_mean": self.pad_ratio[0],
+            "pad_ratio_max": self.pad_ratio[1],
             "breakdown_ms": self.breakdown_ms.map(|[f, b, o, fh, bh, oh]| serde_json::json!({
                 "forward": f, "backward": b, "optimizer": o,
                 "forward_host": fh, "backward_host": bh, "optimizer_host": oh,
             })),
         })
+    }
+}
+
+/// The dtype as reported: `tf32` for f32 with TF32 matrix products.
+fn dtype_label(a: &Args) -> &'static str {
+    match a.dtype {
+        ComputeDType::F32 if a.tf32 => "tf32",
+        ComputeDType::F32 => "f32",
+        ComputeDType::Bf16 => "bf16",
     }
 }
 
@@ -244,7 +275,12 @@ fn run(a: &Args) -> Result<Measured> {
         compute_dtype: a.dtype,
         ..TrainConfig::default()
     };
+    // Process-wide in candle: only this opt-in run changes it.
+    candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     let mut replica = Replica::new(&s.model, &train, &a.device).context("building the replica")?;
+    if let Some(on) = a.batched {
+        replica.set_batched_experts(on)?;
+    }
     let device = replica.model().device().clone();
     // Random bytes, never zeros: uniform tokens keep the router busy on every expert.
     let mut rng = ChaCha8Rng::seed_from_u64(42);
@@ -259,6 +295,7 @@ fn run(a: &Args) -> Result<Measured> {
     let mut first_loss = f32::NAN;
     let mut last_loss = f32::NAN;
     let mut dropped = 0;
+    let mut pad_ratio = [f64::NAN; 2];
     for i in 0..a.warmup {
         let (x, y) = &batches[i % BATCHES];
         let (ce, _, _, _) = replica.train_on_batch(x, y, s.batch)?;
@@ -279,6 +316,7 @@ fn run(a: &Args) -> Result<Measured> {
         }
         last_loss = ce;
         dropped += stats.dropped;
+        pad_ratio = padding(&stats.expert_tokens);
     }
     let step_s = median(&mut times);
     let breakdown_ms = if a.breakdown {
@@ -289,10 +327,7 @@ fn run(a: &Args) -> Result<Measured> {
     let flops = flops_per_step(&s);
     Ok(Measured {
         config: s.name.clone(),
-        dtype: match a.dtype {
-            ComputeDType::F32 => "f32",
-            ComputeDType::Bf16 => "bf16",
-        },
+        dtype: dtype_label(a),
         device: match a.device {
             DeviceSpec::Cpu => "cpu".into(),
             DeviceSpec::Cuda(i) => format!("cuda:{i}"),
@@ -308,8 +343,26 @@ fn run(a: &Args) -> Result<Measured> {
         first_loss,
         last_loss,
         dropped,
+        pad_ratio,
         breakdown_ms,
     })
+}
+
+/// Mean and largest padding ratio over the layers (see `Measured::pad_ratio`).
+fn padding(expert_tokens: &[Vec<u64>]) -> [f64; 2] {
+    let ratios: Vec<f64> = expert_tokens
+        .iter()
+        .filter(|c| c.iter().sum::<u64>() > 0)
+        .map(|c| {
+            let cap = c.iter().copied().max().unwrap_or(0);
+            (c.len() as u64 * cap) as f64 / c.iter().sum::<u64>() as f64
+        })
+        .collect();
+    if ratios.is_empty() {
+        return [f64::NAN; 2];
+    }
+    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    [mean, ratios.iter().copied().fold(f64::MIN, f64::max)]
 }
 
 /// Times forward, backward and the optimizer step apart (a synchronisation after each), on
@@ -398,6 +451,7 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
     let s = shape(&a.config)?;
     let device = a.device.device()?;
     let dt = a.dtype.dtype();
+    candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     let (n, d) = (s.batch * s.seq, s.model.d_model);
     let per_expert = n * s.model.top_k / s.model.n_experts;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -416,6 +470,19 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
     let gate_src = Tensor::randn(0f32, 1.0, per_expert, &device)?.to_dtype(dt)?;
     let w = Tensor::randn(0f32, 1.0, (2 * d, d), &device)?.to_dtype(dt)?;
     let big = Tensor::randn(0f32, 1.0, 46_000_000, &device)?;
+    // One MoE layer's experts in the padded batched layout, and their stacked weights as the
+    // model keeps them (`[experts, out, in]`).
+    let n_exp = s.model.n_experts;
+    let hid = s.model.expert_hidden;
+    let xs = Tensor::randn(0f32, 1.0, (n_exp, per_expert, d), &device)?.to_dtype(dt)?;
+    let gs = Tensor::randn(0f32, 1.0, (n_exp, per_expert, hid), &device)?.to_dtype(dt)?;
+    let ws = Tensor::randn(0f32, 1.0, (n_exp, hid, d), &device)?.to_dtype(dt)?;
+    let xs_e: Vec<Tensor> = (0..n_exp)
+        .map(|e| xs.get(e))
+        .collect::<candle_core::Result<_>>()?;
+    let ws_e: Vec<Tensor> = (0..n_exp)
+        .map(|e| ws.get(e))
+        .collect::<candle_core::Result<_>>()?;
     type Op<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
     let ops: Vec<(&str, Op)> = vec![
         (
@@ -442,6 +509,33 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
             "matmul expert up [per_expert, d] x [d, 2d]",
             Box::new(|| src.matmul(&w.t()?)),
         ),
+        (
+            "experts up, batched [E, per_expert, d] x [E, d, 2d] (transposed stack)",
+            Box::new(|| xs.matmul(&ws.transpose(1, 2)?)),
+        ),
+        (
+            "experts up, one product per expert [per_expert, d] x [d, 2d] (x E)",
+            Box::new(|| {
+                let ys = xs_e
+                    .iter()
+                    .zip(&ws_e)
+                    .map(|(x, w)| x.matmul(&w.t()?))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(ys.into_iter().next_back().unwrap_or(xs.clone()))
+            }),
+        ),
+        (
+            "experts up backward dx, batched [E, per_expert, 2d] x [E, 2d, d]",
+            Box::new(|| gs.matmul(&ws)),
+        ),
+        (
+            "experts up backward dw, batched [E, d, per_expert] x [E, per_expert, 2d]",
+            Box::new(|| xs.transpose(1, 2)?.matmul(&gs)),
+        ),
+        (
+            "experts up backward dw in the stack's layout [E, 2d, per_expert] x [E, per_expert, d]",
+            Box::new(|| gs.transpose(1, 2)?.matmul(&xs)),
+        ),
         ("sum_all f32 [46M]", Box::new(|| big.sum_all())),
         (
             "sum over rows f32 [46M / 65536, 65536]",
@@ -449,6 +543,32 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
         ),
     ];
     let mut out = Vec::new();
+    // Routing of one MoE layer (`Model::moe_route`, host decisions included) on a model of
+    // the config: the host time until it returns, from an idle GPU, and the full time.
+    let model = potluck_worker::Model::new(&s.model, &device, dt, 1)?;
+    let w = model.weights(false)?;
+    let h = Tensor::randn(0f32, 1.0, (n, d), &device)?.to_dtype(dt)?;
+    let (mut host, mut full) = (Vec::new(), Vec::new());
+    for i in 0..a.warmup + a.steps {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let r = model.moe_route(&w, 0, &h)?;
+        let th = t0.elapsed();
+        device.synchronize()?;
+        if i >= a.warmup {
+            host.push(th.as_secs_f64() * 1e3);
+            full.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        drop(r);
+    }
+    out.push(serde_json::json!({
+        "micro": "moe_route of one layer (host ms until it returns)", "config": s.name,
+        "dtype": format!("{dt:?}"), "tokens": n, "d": d, "median_ms": median(&mut host),
+    }));
+    out.push(serde_json::json!({
+        "micro": "moe_route of one layer (synchronised)", "config": s.name,
+        "dtype": format!("{dt:?}"), "tokens": n, "d": d, "median_ms": median(&mut full),
+    }));
     for (name, op) in &ops {
         let mut times = Vec::new();
         for i in 0..a.warmup + a.steps {
@@ -546,8 +666,15 @@ mod tests {
     fn micro_timings_run_on_the_cpu() {
         let a = parse_args(&args("--config tiny --steps 1 --warmup 0 --micro")).unwrap();
         let out = micro(&a).unwrap();
-        assert_eq!(out.len(), 7);
+        assert_eq!(out.len(), 14);
         assert!(out.iter().all(|v| v["median_ms"].as_f64().unwrap() >= 0.0));
+    }
+
+    #[test]
+    fn padding_ratio_counts_the_busiest_expert() {
+        let [mean, max] = padding(&[vec![2, 2], vec![3, 1], vec![0, 0]]);
+        assert!((mean - 1.25).abs() < 1e-12 && (max - 1.5).abs() < 1e-12);
+        assert!(padding(&[]).iter().all(|x| x.is_nan()));
     }
 
     #[test]
@@ -559,9 +686,13 @@ mod tests {
             "--steps 0",
             "--steps",
             "--what 1",
+            "--experts some",
         ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad} accepted");
         }
+        let a = parse_args(&args("--dtype tf32 --experts single")).unwrap();
+        assert!(a.tf32 && a.dtype == ComputeDType::F32 && a.batched == Some(false));
+        assert_eq!(dtype_label(&a), "tf32");
         let a = parse_args(&args("--config base --dtype bf16 --device cuda --steps 25")).unwrap();
         assert_eq!(a.config, "base");
         assert_eq!(a.dtype, ComputeDType::Bf16);
