@@ -20,6 +20,15 @@ fn tokens(n: usize, d: usize, seed: u64) -> Var {
     Var::from_tensor(&Tensor::from_vec(vals, (n, d), &Device::Cpu).unwrap()).unwrap()
 }
 
+/// `|a - b| / |b|` in the L2 norm, in f64 whatever the tensors' dtype.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap();
+    (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-300)).sqrt()
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
@@ -215,12 +224,7 @@ fn batched_copies_match_one_at_a_time(dtype: DType, loss_tol: f64, grad_tol: f64
         if dtype == DType::F32 {
             assert_eq!(a.dtype(), DType::F32, "{name}");
         }
-        let a = a.to_dtype(DType::F64).unwrap();
-        let b = b.to_dtype(DType::F64).unwrap();
-        let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-        let den = b.sqr().unwrap().sum_all().unwrap();
-        let e =
-            (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-300)).sqrt();
+        let e = rel_diff(a, b);
         assert!(e < grad_tol, "{name}: relative gradient difference {e}");
     }
 
@@ -288,12 +292,7 @@ fn batched_leaves_handle_an_idle_expert() {
             continue;
         }
         let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-        let a = a.to_dtype(DType::F64).unwrap();
-        let b = b.to_dtype(DType::F64).unwrap();
-        let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-        let den = b.sqr().unwrap().sum_all().unwrap();
-        let e =
-            (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-300)).sqrt();
+        let e = rel_diff(a, b);
         assert!(e < 5e-2, "{name}: relative gradient difference {e}");
     }
     for batched in [true, false] {

@@ -487,12 +487,7 @@ impl ResolvedRun {
     /// The entropy rate of the built-in source in nats per byte: the best eval loss any model
     /// can reach on it. `None` for other data.
     pub fn entropy_floor(&self) -> Option<f64> {
-        let spec = self.data.synthetic.clone()?;
-        if self.data.source != "builtin" {
-            return None;
-        }
-        SyntheticCorpus::new(spec)
-            .ok()
+        self.builtin_corpus()
             .map(|c| c.entropy_rate_nats_per_byte())
     }
 
@@ -500,13 +495,17 @@ impl ResolvedRun {
     /// it, in windows of `inner.seq_len` predictions that see nothing before the window: a
     /// little above [`ResolvedRun::entropy_floor`]. `None` for other data.
     pub fn window_floor(&self) -> Option<f64> {
+        self.builtin_corpus()
+            .map(|c| c.window_floor_nats_per_byte(self.inner.seq_len))
+    }
+
+    /// The built-in source of a run on it; `None` for other data.
+    fn builtin_corpus(&self) -> Option<SyntheticCorpus> {
         let spec = self.data.synthetic.clone()?;
         if self.data.source != "builtin" {
             return None;
         }
-        SyntheticCorpus::new(spec)
-            .ok()
-            .map(|c| c.window_floor_nats_per_byte(self.inner.seq_len))
+        SyntheticCorpus::new(spec).ok()
     }
 
     /// The manifest with the data hash pinned, as the run's starter publishes it: loads the
