@@ -153,6 +153,41 @@ pub fn valid_file_name(name: &str) -> bool {
         && !name.contains(['/', '\\', '\0'])
 }
 
+/// Hashes `(name, source)` pairs in name order with `hash_one`, after the checks a
+/// directory's names would get (no reserved, duplicate or invalid name, at most
+/// [`MAX_FILES`]); `path_of` names a refused one in the error.
+fn hash_named<T>(
+    files: &[(String, T)],
+    chunk_size: u32,
+    path_of: impl Fn(&str, &T) -> PathBuf,
+    mut hash_one: impl FnMut(&str, &T, &mut [u8]) -> Result<FileRecord, ManifestError>,
+) -> Result<CheckpointContent, ManifestError> {
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        return Err(invalid("chunk size", format!("{chunk_size} out of range")).into());
+    }
+    if files.len() > MAX_FILES {
+        return Err(ManifestError::TooManyFiles);
+    }
+    let mut sorted: Vec<&(String, T)> = files.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut buf = vec![0u8; chunk_size as usize];
+    let mut out = Vec::with_capacity(sorted.len());
+    for (i, (name, source)) in sorted.iter().enumerate() {
+        let reserved = name == MANIFEST_FILE || name == RUN_FILE;
+        let duplicate = i > 0 && sorted[i - 1].0 == *name;
+        if reserved || duplicate || !valid_file_name(name) {
+            return Err(ManifestError::NotAFile {
+                path: path_of(name, source),
+            });
+        }
+        out.push(hash_one(name, source, &mut buf)?);
+    }
+    Ok(CheckpointContent {
+        chunk_size,
+        files: out,
+    })
+}
+
 /// Hashes `len` bytes of `r` in `chunk_size` pieces, feeding the whole-file hasher too.
 fn hash_chunks<R: Read>(
     r: &mut R,
@@ -200,79 +235,48 @@ impl CheckpointContent {
                 return Err(ManifestError::TooManyFiles);
             }
         }
-        names.sort();
-        let mut buf = vec![0u8; chunk_size as usize];
-        let mut files = Vec::with_capacity(names.len());
-        for name in names {
-            files.push(hash_file(&dir.join(&name), name, chunk_size, &mut buf)?);
-        }
-        Ok(CheckpointContent { chunk_size, files })
+        let named: Vec<(String, PathBuf)> = names
+            .into_iter()
+            .map(|name| {
+                let path = dir.join(&name);
+                (name, path)
+            })
+            .collect();
+        Self::of_files(&named, chunk_size)
     }
 
     /// Hashes files that lie elsewhere as if they were in one checkpoint directory under the
     /// names given, `(name, path)`: the content a directory holding copies of them would
     /// have. A run's data package is pinned this way before any copy exists.
     pub fn of_files(files: &[(String, PathBuf)], chunk_size: u32) -> Result<Self, ManifestError> {
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
-            return Err(invalid("chunk size", format!("{chunk_size} out of range")).into());
-        }
-        if files.len() > MAX_FILES {
-            return Err(ManifestError::TooManyFiles);
-        }
-        let mut sorted: Vec<&(String, PathBuf)> = files.iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut buf = vec![0u8; chunk_size as usize];
-        let mut out = Vec::with_capacity(sorted.len());
-        for (i, (name, path)) in sorted.iter().enumerate() {
-            let reserved = *name == MANIFEST_FILE || *name == RUN_FILE;
-            let duplicate = i > 0 && sorted[i - 1].0 == *name;
-            if reserved || duplicate || !valid_file_name(name) {
-                return Err(ManifestError::NotAFile { path: path.clone() });
-            }
-            out.push(hash_file(path, name.clone(), chunk_size, &mut buf)?);
-        }
-        Ok(CheckpointContent {
+        hash_named(
+            files,
             chunk_size,
-            files: out,
-        })
+            |_, path| path.clone(),
+            |name, path, buf| hash_file(path, name.to_string(), chunk_size, buf),
+        )
     }
 
     /// Hashes a checkpoint held in memory as `(file name, bytes)`, exactly as [`Self::scan`]
     /// would hash the same files written to a directory: a replica computes the root of the
     /// checkpoint its state would be without writing it.
     pub fn from_files(files: &[(String, Vec<u8>)], chunk_size: u32) -> Result<Self, ManifestError> {
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
-            return Err(invalid("chunk size", format!("{chunk_size} out of range")).into());
-        }
-        if files.len() > MAX_FILES {
-            return Err(ManifestError::TooManyFiles);
-        }
-        let mut sorted: Vec<&(String, Vec<u8>)> = files.iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut buf = vec![0u8; chunk_size as usize];
-        let mut out = Vec::with_capacity(sorted.len());
-        for (i, (name, bytes)) in sorted.iter().enumerate() {
-            let path = Path::new(name.as_str());
-            let reserved = *name == MANIFEST_FILE || *name == RUN_FILE;
-            let duplicate = i > 0 && sorted[i - 1].0 == *name;
-            if reserved || duplicate || !valid_file_name(name) {
-                return Err(ManifestError::NotAFile {
-                    path: path.to_path_buf(),
-                });
-            }
-            out.push(hash_reader(
-                bytes.as_slice(),
-                bytes.len() as u64,
-                path,
-                name.clone(),
-                chunk_size,
-                &mut buf,
-            )?);
-        }
-        Ok(CheckpointContent {
+        hash_named(
+            files,
             chunk_size,
-            files: out,
-        })
+            |name, _| PathBuf::from(name),
+            |name, bytes, buf| {
+                let len = bytes.len() as u64;
+                hash_reader(
+                    bytes.as_slice(),
+                    len,
+                    Path::new(name),
+                    name.to_string(),
+                    chunk_size,
+                    buf,
+                )
+            },
+        )
     }
 
     /// The checkpoint's root hash.
