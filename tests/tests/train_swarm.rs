@@ -978,6 +978,17 @@ async fn a_coordinator_without_a_replica_runs_the_swarm() {
         !own.join("local").exists(),
         "no replica state on the coordinator"
     );
+    // A run that ended under an older daemon recorded only its last round in `ended`: a
+    // replica that comes back is told the end from the ledger.
+    std::fs::write(own.join("ended"), b"3").unwrap();
+    let again = tokio::time::timeout(
+        Duration::from_secs(60),
+        nodes[1].train().join(coordinator, run_id, None),
+    )
+    .await
+    .expect("the ended run answered in time")
+    .expect("a returning replica is told the run ended");
+    assert_eq!((again.rounds, again.root), (3, summary.root));
     for n in nodes {
         n.shutdown().await;
     }
@@ -1022,6 +1033,16 @@ async fn a_ledger_that_cannot_be_written_ends_the_run_on_its_last_commit() {
         assert_eq!(s.rounds, 1);
         assert_eq!(s.root, kept);
     }
+    // A replica that comes back after the end (as one that joined late, or was away when
+    // the end was sent, does) is told the same end, though the ledger cannot be read.
+    let again = tokio::time::timeout(
+        Duration::from_secs(60),
+        nodes[1].train().join(coordinator, run_id, None),
+    )
+    .await
+    .expect("the ended run answered in time")
+    .expect("a returning replica is told the run ended");
+    assert_eq!((again.rounds, again.root), (1, kept));
     for n in nodes {
         n.shutdown().await;
     }

@@ -3834,11 +3834,10 @@ fn finish(
         root: head.root.0.to_vec(),
         manifest: ledger.head().map(|m| m.encode()).unwrap_or_default(),
     };
-    // Recorded, so that replicas that come back later are told the run ended.
+    // Recorded with the last commit's signed manifest, so that replicas that come back later
+    // are told the run ended even when the ledger itself can no longer be read.
     let marker = checkpoint::run_dir(&svc.inner.data_dir, run_id).join(ENDED_FILE);
-    if let Err(e) =
-        potluck_coordinator::store::write_atomic(&marker, head.round.to_string().as_bytes())
-    {
+    if let Err(e) = potluck_coordinator::store::write_atomic(&marker, &fin.manifest) {
         tracing::warn!(error = %e, "could not record the end of the run");
     }
     for p in links.keys() {
@@ -3858,7 +3857,8 @@ fn ended_run(
     run_id: &[u8; 32],
 ) -> Result<Option<(RunWelcome, RunFinished)>, TrainError> {
     let run_dir = checkpoint::run_dir(data_dir, run_id);
-    if !run_dir.join(ENDED_FILE).exists() {
+    let marker = run_dir.join(ENDED_FILE);
+    if !marker.exists() {
         return Ok(None);
     }
     let bad = |what: &str, e: &dyn std::fmt::Display| {
@@ -3872,14 +3872,30 @@ fn ended_run(
         potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
     )?;
     let signed_run = SignedRunManifest::decode(&run_bytes).map_err(|e| bad("run manifest", &e))?;
-    let entries =
-        Ledger::read_entries(&checkpoint::ledger_dir(&run_dir)).map_err(|e| bad("ledger", &e))?;
-    potluck_coordinator::verify::verify_chain(&signed_run, &entries)
-        .map_err(|e| bad("ledger", &e))?;
-    let Some(head) = entries.last() else {
-        return Ok(None);
+    // The marker holds the last commit's signed manifest; a marker written before it did
+    // (a round number) leaves the ledger to say where the run ended.
+    let recorded = read_bounded(
+        &marker,
+        potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
+    )?;
+    let head = match SignedManifest::decode(&recorded) {
+        Ok(m) => {
+            potluck_coordinator::verify::check_manifest_against_run(&signed_run, &m)
+                .map_err(|e| bad("last commit", &e))?;
+            m
+        }
+        Err(_) => {
+            let mut entries = Ledger::read_entries(&checkpoint::ledger_dir(&run_dir))
+                .map_err(|e| bad("ledger", &e))?;
+            potluck_coordinator::verify::verify_chain(&signed_run, &entries)
+                .map_err(|e| bad("ledger", &e))?;
+            match entries.pop() {
+                Some(head) => head,
+                None => return Ok(None),
+            }
+        }
     };
-    let commit = potluck_coordinator::failover::commit_of(head);
+    let commit = potluck_coordinator::failover::commit_of(&head);
     let welcome = RunWelcome {
         run_id: run_id.to_vec(),
         manifest: signed_run.body().settings.clone(),
