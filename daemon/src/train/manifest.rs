@@ -508,6 +508,12 @@ impl ResolvedRun {
         SyntheticCorpus::new(spec).ok()
     }
 
+    /// Whether the data is pinned: the token hash is set, and for a path source the package
+    /// root too.
+    pub fn is_pinned(&self) -> bool {
+        !self.data.hash.is_empty() && (self.data.source == "builtin" || !self.data.root.is_empty())
+    }
+
     /// The manifest with the data hash pinned, as the run's starter publishes it: loads the
     /// data, and checks it against the hash when one is already set. The run id covers the
     /// hash, so pin before taking the id.
@@ -561,6 +567,7 @@ pub(crate) mod tests {
             .resolve()
             .unwrap();
         assert_eq!(a.id(), b.id());
+        assert!(!a.is_pinned() && a.clone().pin_data().unwrap().is_pinned());
         let back = ResolvedRun::from_canonical(&a.canonical_bytes(), &a.id()).unwrap();
         assert_eq!(back, a);
         let mut c = a.clone();
@@ -689,7 +696,15 @@ pub(crate) mod tests {
         assert_eq!((db.vocab(), dw.vocab()), (256, 4));
         assert_ne!(hb, hw);
         // A peer whose tokenizer.json maps words otherwise is refused by the pinned hash.
-        let pinned = words.pin_data().unwrap();
+        assert!(!words.is_pinned());
+        let pinned = words.clone().pin_data().unwrap();
+        assert!(
+            pinned.is_pinned(),
+            "the token hash and the package root are set"
+        );
+        let mut half = pinned.clone();
+        half.data.root.clear();
+        assert!(!half.is_pinned(), "a path source without its package root");
         std::fs::write(
             &tok,
             TOKENIZER_JSON.replace("\"hello\": 0, \"world\": 1", "\"hello\": 1, \"world\": 0"),

@@ -1170,7 +1170,14 @@ impl TrainService {
         // runtime's threads.
         let (svc, successors) = (self.clone(), successors.to_vec());
         let opened = tokio::task::spawn_blocking(move || {
-            let run = run.pin_data()?;
+            // A run pinned by its caller (`potluck run start`, the demo) is not read and
+            // hashed a second time: the package below is checked against its root, and every
+            // replica checks the token hash of what it reads.
+            let run = if run.is_pinned() {
+                run
+            } else {
+                run.pin_data()?
+            };
             let (ledger, machine) = svc.open_ledger(&run, &successors)?;
             // What peers without the run's data fetch from this daemon.
             let run_dir = checkpoint::run_dir(&svc.inner.data_dir, &run.id());
