@@ -1992,6 +1992,229 @@ impl CustomOp2 for MatmulT {
     }
 }
 
+/// The experts' projections without padding: `x: [A, k]` holds the rows of all experts one
+/// after another (expert `e`'s `counts[e]` rows, in expert order, as [`crate::Routing`]'s
+/// dispatch lays them out) and `w: [E, n, k]` their stacked weights; row `r` of expert `e`
+/// comes out as `x[r] @ w[e]^T`, so the result is `[A, n]`. The batched product over a
+/// padded `[E, cap, k]` layout does `E * cap` rows of arithmetic, and with uneven routing
+/// `cap` is several times the mean; here each expert is one matrix product of exactly its
+/// rows (one cuBLAS call each, all inside one graph node). Differentiable with respect to
+/// both: `dx` is the grouped product with `w[e]` itself and `dw[e] = dy_e^T @ x_e` (zero for
+/// an expert without rows).
+pub fn grouped_matmul_t(x: &Tensor, w: &Tensor, counts: &[usize]) -> candle_core::Result<Tensor> {
+    let (a, k) = x.dims2()?;
+    let (e, _n, wk) = w.dims3()?;
+    if wk != k || counts.len() != e || counts.iter().sum::<usize>() != a {
+        candle_core::bail!(
+            "grouped matmul: x {:?}, w {:?} and {} rows in {} groups do not fit",
+            x.dims(),
+            w.dims(),
+            counts.iter().sum::<usize>(),
+            counts.len()
+        );
+    }
+    if x.dtype() != w.dtype() {
+        candle_core::bail!("grouped matmul: x is {:?}, w {:?}", x.dtype(), w.dtype());
+    }
+    let op = Grouped {
+        counts: counts.into(),
+        kind: GroupedKind::XWt,
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+/// Which product of [`grouped_matmul_t`] a [`Grouped`] op computes, per expert `e` with rows
+/// `r_e` of the sorted layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GroupedKind {
+    /// `a: [A, k]`, `b: [E, n, k]` -> `[A, n]`: `a[r_e] @ b[e]^T` (the forward).
+    XWt,
+    /// `a: [A, n]`, `b: [E, n, k]` -> `[A, k]`: `a[r_e] @ b[e]` (the input's gradient).
+    XW,
+    /// `a: [A, n]`, `b: [A, k]` -> `[E, n, k]`: `a[r_e]^T @ b[r_e]` (the weights' gradient).
+    AtB,
+}
+
+#[derive(Debug, Clone)]
+struct Grouped {
+    counts: std::sync::Arc<[usize]>,
+    kind: GroupedKind,
+}
+
+/// One expert's product in row-major terms: `c[m, n] = op(a) @ op(b)` where `a` starts at
+/// element `a_off` with row stride `lda`, `b` at `b_off` with `ldb`, and `c` at `c_off`
+/// (row stride `n`); `ta`/`tb` say the operand is stored transposed.
+#[derive(Debug, Clone, Copy)]
+struct GroupGemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    a_off: usize,
+    ta: bool,
+    b_off: usize,
+    tb: bool,
+    c_off: usize,
+}
+
+impl Grouped {
+    /// The output shape and each expert's product, for inputs of dims `ad`, `bd`.
+    fn plan(&self, ad: &[usize], bd: &[usize]) -> (Shape, Vec<GroupGemm>) {
+        let e = self.counts.len();
+        let mut gemms = Vec::with_capacity(e);
+        let mut row = 0;
+        let shape = match self.kind {
+            GroupedKind::XWt => {
+                let (k, n) = (ad[1], bd[1]);
+                for (g, &m) in self.counts.iter().enumerate() {
+                    gemms.push(GroupGemm {
+                        m,
+                        n,
+                        k,
+                        a_off: row * k,
+                        ta: false,
+                        b_off: g * n * k,
+                        tb: true,
+                        c_off: row * n,
+                    });
+                    row += m;
+                }
+                Shape::from((ad[0], n))
+            }
+            GroupedKind::XW => {
+                let (n, k) = (bd[1], bd[2]);
+                for (g, &m) in self.counts.iter().enumerate() {
+                    gemms.push(GroupGemm {
+                        m,
+                        n: k,
+                        k: n,
+                        a_off: row * n,
+                        ta: false,
+                        b_off: g * n * k,
+                        tb: false,
+                        c_off: row * k,
+                    });
+                    row += m;
+                }
+                Shape::from((ad[0], k))
+            }
+            GroupedKind::AtB => {
+                let (n, k) = (ad[1], bd[1]);
+                for (g, &m) in self.counts.iter().enumerate() {
+                    gemms.push(GroupGemm {
+                        m: n,
+                        n: k,
+                        k: m,
+                        a_off: row * n,
+                        ta: true,
+                        b_off: row * k,
+                        tb: false,
+                        c_off: g * n * k,
+                    });
+                    row += m;
+                }
+                Shape::from((e, n, k))
+            }
+        };
+        (shape, gemms)
+    }
+}
+
+impl CustomOp2 for Grouped {
+    fn name(&self) -> &'static str {
+        "grouped-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let (shape, gemms) = self.plan(al.dims(), bl.dims());
+        let (a0, b0) = (al.start_offset(), bl.start_offset());
+        // Each product through candle's own CPU matmul on a view of its rows, then one
+        // concatenation; an expert without rows adds zeros to a weights' gradient and
+        // nothing to a row layout.
+        let mut parts = Vec::with_capacity(gemms.len());
+        let mut written = 0;
+        for g in &gemms {
+            if g.m == 0 || g.n == 0 {
+                continue;
+            }
+            debug_assert_eq!(g.c_off, written, "the products fill the output in order");
+            written += g.m * g.n;
+            if g.k == 0 {
+                let zeros = candle_core::cpu_backend::CpuDevice
+                    .zeros_impl(&Shape::from((g.m, g.n)), a.dtype())?;
+                parts.push(zeros);
+                continue;
+            }
+            let view =
+                |off: usize, rows: usize, cols: usize, t: bool| -> candle_core::Result<Layout> {
+                    if t {
+                        Layout::contiguous_with_offset((cols, rows), off).transpose(0, 1)
+                    } else {
+                        Ok(Layout::contiguous_with_offset((rows, cols), off))
+                    }
+                };
+            let la = view(a0 + g.a_off, g.m, g.k, g.ta)?;
+            let lb = view(b0 + g.b_off, g.k, g.n, g.tb)?;
+            parts.push(a.matmul(b, (1, g.m, g.n, g.k), &la, &lb)?);
+        }
+        if parts.is_empty() {
+            let zeros = candle_core::cpu_backend::CpuDevice.zeros_impl(&shape, a.dtype())?;
+            return Ok((zeros, shape));
+        }
+        Ok((CpuStorage::concat(&parts)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (shape, gemms) = self.plan(al.dims(), bl.dims());
+        // Every row of a row layout is written by its expert's product; a weights' gradient
+        // has experts without rows, whose block must read as zero.
+        let out = if self.kind == GroupedKind::AtB && gemms.iter().any(|g| g.k == 0) {
+            cuda::zeros_like(a, shape.elem_count())?
+        } else {
+            cuda::alloc_like(a, shape.elem_count())?
+        };
+        let (a0, b0) = (al.start_offset(), bl.start_offset());
+        for g in gemms.iter().filter(|g| g.m > 0 && g.n > 0 && g.k > 0) {
+            cuda::gemm_row_major(a, a0, b, b0, &out, g)?;
+        }
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.kind != GroupedKind::XWt {
+            candle_core::bail!("grouped matmul: only the forward product is differentiable");
+        }
+        let (x, w) = (a.detach(), b.detach());
+        let grad = grad.contiguous()?;
+        let with = |kind| Grouped {
+            counts: self.counts.clone(),
+            kind,
+        };
+        let dx = grad.apply_op2(&w, with(GroupedKind::XW))?;
+        let dw = grad.apply_op2(&x, with(GroupedKind::AtB))?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
 /// SwiGLU's gate `silu(g) * u` (f32 arithmetic). Differentiable with respect to both.
 pub fn swiglu_gate(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
     if g.dims() != u.dims() || g.dtype() != u.dtype() {
@@ -2243,6 +2466,123 @@ mod cuda {
             slice,
             device: like.device.clone(),
         })
+    }
+
+    /// A zeroed buffer of `n` elements of the dtype of `like`.
+    pub(super) fn zeros_like(like: &CudaStorage, n: usize) -> Result<CudaStorage> {
+        struct Zeros(usize);
+        impl Map1 for Zeros {
+            fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+                &self,
+                _: &CudaSlice<T>,
+                dev: &CudaDevice,
+                _: &Layout,
+            ) -> Result<CudaSlice<T>> {
+                dev.alloc_zeros::<T>(self.0)
+            }
+        }
+        let layout = Layout::contiguous(1);
+        let slice = Zeros(n).map(&like.slice, &like.device, &layout)?;
+        Ok(CudaStorage {
+            slice,
+            device: like.device.clone(),
+        })
+    }
+
+    /// One row-major product `c = op(a) @ op(b)` of [`super::GroupGemm`] through cuBLAS on the
+    /// device's stream, on raw addresses within `a` (from element `a0`), `b` (from `b0`) and
+    /// `c`. f32 products honour candle's TF32 switch as its own matmul does (off unless a
+    /// caller turned it on); bf16 and f16 accumulate in f32.
+    pub(super) fn gemm_row_major(
+        a: &CudaStorage,
+        a0: usize,
+        b: &CudaStorage,
+        b0: usize,
+        c: &CudaStorage,
+        g: &super::GroupGemm,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+        use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let (ty, compute) = match a.dtype() {
+            DType::F32 if candle_core::cuda_backend::gemm_reduced_precision_f32() => (
+                sys::cudaDataType_t::CUDA_R_32F,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            ),
+            DType::F32 => (
+                sys::cudaDataType_t::CUDA_R_32F,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
+            DType::BF16 => (
+                sys::cudaDataType_t::CUDA_R_16BF,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
+            DType::F16 => (
+                sys::cudaDataType_t::CUDA_R_16F,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
+            DType::F64 => (
+                sys::cudaDataType_t::CUDA_R_64F,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_64F,
+            ),
+            other => candle_core::bail!("grouped matmul: no product for {other:?}"),
+        };
+        let (one, zero) = (1f64, 0f64);
+        let (one32, zero32) = (1f32, 0f32);
+        let (alpha, beta): (*const std::ffi::c_void, *const std::ffi::c_void) =
+            if a.dtype() == DType::F64 {
+                ((&one as *const f64).cast(), (&zero as *const f64).cast())
+            } else {
+                (
+                    (&one32 as *const f32).cast(),
+                    (&zero32 as *const f32).cast(),
+                )
+            };
+        // Row-major `c[m, n] = op(a) @ op(b)` is column-major `c^T[n, m] = op(b)^T @ op(a)^T`:
+        // cuBLAS gets `b` first. A row-major operand stored as `[rows, cols]` is a
+        // column-major `[cols, rows]` with leading dimension `cols`.
+        let lda = if g.ta { g.m } else { g.k };
+        let ldb = if g.tb { g.k } else { g.n };
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let int = |v: usize| -> Result<i32> {
+            i32::try_from(v).map_err(|_| {
+                candle_core::Error::Msg(format!("grouped matmul: {v} is too large for cuBLAS"))
+            })
+        };
+        let (pa, pb, pc) = (
+            address(a, a0 + g.a_off)?,
+            address(b, b0 + g.b_off)?,
+            address(c, g.c_off)?,
+        );
+        let blas = a.device.cublas_handle();
+        // SAFETY: the addresses point into live buffers of the storages' dtype, holding the
+        // operands' `m x k`, `k x n` and `m x n` elements at the given strides (the plan of
+        // `Grouped` computes them from the inputs' dims); alpha and beta outlive the call,
+        // which is enqueued on the stream candle runs all of the device's work on.
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                op(g.tb),
+                op(g.ta),
+                int(g.n)?,
+                int(g.m)?,
+                int(g.k)?,
+                alpha,
+                pb as *const _,
+                ty,
+                int(ldb)?,
+                pa as *const _,
+                ty,
+                int(lda)?,
+                beta,
+                pc as *mut _,
+                ty,
+                int(g.n)?,
+                compute,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("grouped matmul: cuBLAS: {e:?}")))?;
+        Ok(())
     }
 
     /// An uninitialised f32 (or, for `wide`, f64) buffer of `n` elements.

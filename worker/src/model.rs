@@ -517,27 +517,29 @@ impl Routing {
         (n > 0).then(|| (self.offsets[e], n))
     }
 
-    /// The experts' inputs in a padded layout, `[experts, cap, d]` with `cap` the largest
-    /// expert's token count: expert `e`'s tokens fill the first rows of block `e`, the rest
-    /// repeat token 0 and are never read back (their outputs get no gradient). With it the
-    /// experts run as batched matrix products. Returns the input and the combine of an output
-    /// in the same layout.
-    fn dispatch_padded(&self, x: &Tensor) -> Result<(Tensor, PaddedCombine)> {
-        let n_exp = self.tokens.len();
-        let cap = self.tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    /// The experts' inputs in a block layout: expert `e`'s block holds `block_rows[e]` rows
+    /// (at least its token count), blocks follow one another in expert order, expert `e`'s
+    /// tokens fill the first rows of its block and the rest repeat token 0; those are never
+    /// read back (their outputs get no gradient, so they add nothing to a weight's gradient).
+    /// Returns the input `[sum of block_rows, d]` and the combine of an output in the same
+    /// layout.
+    fn dispatch_blocks(&self, x: &Tensor, block_rows: &[usize]) -> Result<(Tensor, PaddedCombine)> {
         let (n, k) = (self.n_tokens, self.top_k);
-        let rows = n_exp * cap;
-        // Padded row of each sorted position.
+        let rows: usize = block_rows.iter().sum();
+        // Block row of each sorted position.
         let mut pad_of = Vec::with_capacity(self.sorted_host.len());
         let mut ids = vec![0u32; rows];
-        for (e, list) in self.tokens.iter().enumerate() {
+        let mut start = 0;
+        for ((e, list), &block) in self.tokens.iter().enumerate().zip(block_rows) {
+            debug_assert!(block >= list.len());
             for j in 0..list.len() {
-                let r = e * cap + j;
+                let r = start + j;
                 pad_of.push(r as u32);
                 ids[r] = self.sorted_host[self.offsets[e] + j];
             }
+            start += block;
         }
-        // One upload: [padded ids (rows) | the slots' padded rows (k * N: the combine gather,
+        // One upload: [block ids (rows) | the slots' block rows (k * N: the combine gather,
         // and the dispatch backward) | combine backward (rows + 1)].
         let mut combine_back = vec![(k * n) as u32; rows + 1];
         ids.reserve(k * n + rows + 1);
@@ -564,10 +566,7 @@ impl Routing {
             ids: all.narrow(0, 0, rows)?,
             back,
         };
-        let xs = x
-            .contiguous()?
-            .apply_op1(op)?
-            .reshape((n_exp, cap, self.d_model))?;
+        let xs = x.contiguous()?.apply_op1(op)?;
         let combine = PaddedCombine {
             ids: combine_ids,
             back: all.narrow(0, rows + k * n, rows + 1)?,
@@ -575,8 +574,8 @@ impl Routing {
         Ok((xs, combine))
     }
 
-    /// Sums the gated outputs of `dispatch_padded`'s layout (`y: [experts, cap, d]`) back
-    /// into token order, as `moe_combine` does for per-expert outputs.
+    /// Sums the gated outputs of `dispatch_blocks`'s layout (`y: [rows, d]`, or any shape of
+    /// those rows) back into token order, as `moe_combine` does for per-expert outputs.
     fn combine_padded(&self, y: &Tensor, c: &PaddedCombine) -> Result<Tensor> {
         let d = self.d_model;
         let rows = y.elem_count() / d;
@@ -590,7 +589,7 @@ impl Routing {
     }
 }
 
-/// The combine gather of the padded expert layout.
+/// The combine gather of a block layout of the experts' rows.
 #[derive(Debug)]
 struct PaddedCombine {
     ids: Tensor,
@@ -745,6 +744,8 @@ pub struct Model {
     /// Whether the local experts of a layer run as batched products (see `block`); `None`
     /// chooses by the compute dtype.
     batched_experts: Option<bool>,
+    /// The layout batched experts run on (see `experts_batched`).
+    expert_layout: ExpertLayout,
     /// Compute-dtype copies of the trainable weights, when the compute dtype is not the
     /// masters'; with f32 compute and batched experts, stacked copies of the experts' weights.
     leaves: Option<Leaves>,
@@ -791,6 +792,7 @@ impl Model {
             frozen: Vec::new(),
             lora: None,
             batched_experts: None,
+            expert_layout: ExpertLayout::default(),
         })
     }
 
@@ -839,6 +841,7 @@ impl Model {
             frozen,
             lora: Some(lora.clone()),
             batched_experts: None,
+            expert_layout: ExpertLayout::default(),
         })
     }
 
@@ -865,9 +868,11 @@ impl Model {
     /// than the host time one expert at a time adds to a layer (about 1.5 ms, `small` f32).
     /// bf16 and f16 always batch: there padding is cheap and one expert at a time was slower
     /// even at 3.5 times the rows (`base` bf16 135 against 151 ms with the slowest experts
-    /// on their own). An explicit `set_batched_experts(true)` batches regardless.
+    /// on their own). An explicit `set_batched_experts(true)` batches regardless, and the
+    /// default grouped products have no padding to pay for.
     fn padding_pays(&self, routing: &Routing) -> bool {
-        if self.batched_experts == Some(true)
+        if self.expert_layout != ExpertLayout::Padded
+            || self.batched_experts == Some(true)
             || matches!(self.compute_dtype, DType::BF16 | DType::F16)
         {
             return true;
@@ -878,6 +883,13 @@ impl Model {
         // Multiply-adds of the three projections, forward (1) and backward (2), 2 FLOPs each.
         let flops = pad * 18.0 * self.cfg.d_model as f64 * self.cfg.expert_hidden as f64;
         flops / F32_FLOPS <= PER_LAYER_HOST_S
+    }
+
+    /// The layout batched experts run on ([`ExpertLayout`]). Every layout computes the same
+    /// function; the others are kept to measure them side by side (`gpu_moe_bench
+    /// --experts`).
+    pub fn set_expert_layout(&mut self, layout: ExpertLayout) {
+        self.expert_layout = layout;
     }
 
     fn experts_batched_here(&self) -> bool {
@@ -1613,12 +1625,15 @@ impl Model {
         })
     }
 
-    /// All experts of MoE layer `layer` on their tokens at once: the tokens gathered into the
-    /// padded `[experts, cap, d]` layout, each projection one batched product with the
-    /// experts' weights stacked, then combined. One expert at a time, each expert is a
-    /// dozen graph nodes (and candle's backward adds a zero tensor and an add per node
-    /// input), which made the host the bottleneck on a GPU; padding rows cost a few percent
-    /// more arithmetic and get exactly zero gradient.
+    /// All experts of MoE layer `layer` on their tokens at once, each projection one graph
+    /// node over the experts' stacked weights, on the rows of `Routing::dispatch_blocks`: by
+    /// default grouped products (`fused::grouped_matmul_t`, one matrix product per expert of
+    /// its own rows, rounded up to a multiple of 128 so that cuBLAS sees a few shapes again
+    /// and again), or one batched product over the padded `[experts, cap, d]` layout, whose
+    /// padding costs arithmetic (3.5 times the routed rows on `base` after warm-up). Padding
+    /// rows get exactly zero gradient. One expert at a time, each expert is a dozen graph
+    /// nodes (and candle's backward adds a zero tensor and an add per node input), which
+    /// made the host the bottleneck on a GPU.
     fn experts_batched(
         &self,
         w: &Weights,
@@ -1638,9 +1653,30 @@ impl Model {
             }
             Ok(Tensor::stack(&ws, 0)?)
         };
-        let (xs, combine) = routing.dispatch_padded(x)?;
+        let counts: Vec<usize> = routing.tokens.iter().map(Vec::len).collect();
+        let n_exp = counts.len();
+        let (xs, combine, blocks) = match self.expert_layout {
+            ExpertLayout::Padded => {
+                let cap = counts.iter().copied().max().unwrap_or(0).max(1);
+                let (xs, combine) = routing.dispatch_blocks(x, &vec![cap; n_exp])?;
+                (xs.reshape((n_exp, cap, self.cfg.d_model))?, combine, None)
+            }
+            ExpertLayout::Grouped { align } => {
+                let align = align.max(1);
+                let blocks: Vec<usize> = counts.iter().map(|c| c.div_ceil(align) * align).collect();
+                if blocks.iter().all(|&b| b == 0) {
+                    return moe_combine(routing, &vec![None; n_exp]);
+                }
+                let (xs, combine) = routing.dispatch_blocks(x, &blocks)?;
+                (xs, combine, Some(blocks))
+            }
+        };
         let mm = |a: &Tensor, proj: &str| -> Result<Tensor> {
-            Ok(crate::fused::matmul_t(a, &stack(proj)?)?)
+            let w = stack(proj)?;
+            Ok(match &blocks {
+                Some(b) => crate::fused::grouped_matmul_t(a, &w, b)?,
+                None => crate::fused::matmul_t(a, &w)?,
+            })
         };
         let g = mm(&xs, "w_gate")?;
         let u = mm(&xs, "w_up")?;
@@ -1774,6 +1810,28 @@ pub fn moe_combine(routing: &Routing, outputs: &[Option<Tensor>]) -> Result<Tens
         &routing.combine_ids,
         &routing.combine_back,
     )?)
+}
+
+/// The layout a layer's batched experts run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertLayout {
+    /// One batched product per projection over `[experts, cap, d]`, `cap` the busiest
+    /// expert's token count: every expert computes `cap` rows.
+    Padded,
+    /// One matrix product per expert (`fused::grouped_matmul_t`) over its own block of rows,
+    /// its token count rounded up to a multiple of `align`.
+    Grouped { align: usize },
+}
+
+/// The default is grouped products at a 128-row granularity (docs/GPU.md, session 6, same
+/// call on the H100: `base` bf16 101.6 ms a step against 127.4 padded and 154.1 at exact
+/// counts, `small` bf16 28.0 against 32.9 and 56.0). At exact counts every step brings new
+/// shapes, and each cuBLAS call paid about 30 us of host time choosing a kernel for its
+/// shape; rounded counts repeat and the choice is cached.
+impl Default for ExpertLayout {
+    fn default() -> Self {
+        ExpertLayout::Grouped { align: 128 }
+    }
 }
 
 /// The rate of a batched f32 expert product on the H100 (about 48 TFLOP/s, `--micro` in

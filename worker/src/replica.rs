@@ -161,6 +161,12 @@ impl Replica {
         self.model.set_batched_experts(on)
     }
 
+    /// The layout batched experts run on ([`Model::set_expert_layout`]); all compute the
+    /// same function.
+    pub fn set_expert_layout(&mut self, layout: crate::model::ExpertLayout) {
+        self.model.set_expert_layout(layout);
+    }
+
     /// The model config.
     pub fn model_config(&self) -> &ModelConfig {
         &self.model_cfg

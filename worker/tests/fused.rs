@@ -453,6 +453,60 @@ fn check_matmul_t(device: &Device, dt: DType) {
     assert!(fused::matmul_t(&randn(&[2, 3]), &randn(&[2, 4])).is_err());
 }
 
+/// The experts' grouped products (`fused::grouped_matmul_t`) against one plain product per
+/// expert on its rows, values and both gradients: experts without rows (first, inside and
+/// last), one expert holding every row, and widths that are not tile multiples.
+fn check_grouped_matmul(device: &Device, dt: DType) {
+    let randn = |dims: &[usize]| Tensor::randn(0f64, 1.0, dims, &Device::Cpu).unwrap();
+    for (counts, n, k) in [
+        (vec![1usize], 1usize, 1usize),
+        (vec![3, 0, 5, 2], 7, 3),
+        (vec![0, 40, 0, 0, 29, 1, 0, 0], 33, 70),
+        (vec![0, 0, 17], 130, 9),
+    ] {
+        let rows: usize = counts.iter().sum();
+        let e = counts.len();
+        let reference = |t: &[Tensor]| {
+            let mut out = Vec::new();
+            let mut at = 0;
+            for (g, &m) in counts.iter().enumerate() {
+                if m > 0 {
+                    let x = t[0].narrow(0, at, m).unwrap();
+                    out.push(x.matmul(&t[1].get(g).unwrap().t().unwrap()).unwrap());
+                }
+                at += m;
+            }
+            Tensor::cat(&out, 0).unwrap()
+        };
+        check_op(
+            device,
+            dt,
+            &format!("grouped matmul {counts:?} x [{e}, {n}, {k}]"),
+            &[randn(&[rows, k]), randn(&[e, n, k])],
+            &[0, 1],
+            |t| fused::grouped_matmul_t(&t[0], &t[1], &counts).unwrap(),
+            reference,
+        );
+    }
+    let (x, w) = (randn(&[5, 3]), randn(&[2, 4, 3]));
+    assert!(
+        fused::grouped_matmul_t(&x, &w, &[2, 2]).is_err(),
+        "rows must add up"
+    );
+    assert!(
+        fused::grouped_matmul_t(&x, &w, &[5]).is_err(),
+        "one count per expert"
+    );
+    assert!(fused::grouped_matmul_t(&x, &randn(&[2, 4, 2]), &[2, 3]).is_err());
+}
+
+#[test]
+fn fused_grouped_matmul_matches_one_product_per_expert_on_the_cpu() {
+    for dt in [DType::F32, DType::F64] {
+        check_grouped_matmul(&Device::Cpu, dt);
+    }
+}
+
 /// A small deterministic generator for index patterns (the values come from `randn`).
 struct Lcg(u64);
 
@@ -578,6 +632,7 @@ fn cuda_fused_kernels_match_the_plain_ops() {
         check_softmax(&device, dt);
         check_row_ops(&device, dt);
         check_matmul_t(&device, dt);
+        check_grouped_matmul(&device, dt);
         check_moe_ops(&device, dt);
     }
     for dt in [DType::F32, DType::F64] {

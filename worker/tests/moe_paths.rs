@@ -2,8 +2,8 @@
 //! against the plain formulation with one `index_select` and one `index_add` per expert:
 //! the same output and the same gradients for the tokens, the router and every expert, with
 //! and without dropped assignments and with an expert that did not answer. And the batched
-//! expert path (`Model::set_batched_experts`) against one expert at a time, through the
-//! whole model's loss and every gradient.
+//! expert paths (`Model::set_batched_experts`, on each `ExpertLayout`) against one expert
+//! at a time, through the whole model's loss and every gradient.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod common;
@@ -11,7 +11,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{batch, micro};
 use potluck_worker::Model;
-use potluck_worker::model::moe_combine;
+use potluck_worker::model::{ExpertLayout, moe_combine};
 
 fn tokens(n: usize, d: usize, seed: u64) -> Var {
     let vals: Vec<f64> = (0..n * d)
@@ -145,26 +145,34 @@ fn batched_matches_single(capacity_factor: f32, seed: u64) {
     };
     let mut model = Model::with_dtypes(&cfg, &Device::Cpu, DType::F64, DType::F64, seed).unwrap();
     let (x, y) = batch(cfg.vocab, 3, cfg.context, seed as u32);
-    let mut run = |batched: bool| {
+    let mut run = |batched: bool, layout: ExpertLayout| {
         model.set_batched_experts(batched).unwrap();
+        model.set_expert_layout(layout);
         let w = model.weights(true).unwrap();
         let (loss, stats) = model.loss(&w, &x, &y).unwrap();
         let grads = loss.backward().unwrap();
         let g = model.collect_grads(&grads, |_| true).unwrap();
         (loss.to_scalar::<f64>().unwrap(), stats.stats, g)
     };
-    let (l1, s1, g1) = run(true);
-    let (l0, s0, g0) = run(false);
-    assert!((l1 - l0).abs() < 1e-12, "loss {l1} vs {l0}");
-    assert_eq!(s1.expert_tokens, s0.expert_tokens);
-    assert_eq!(s1.dropped, s0.dropped);
-    if capacity_factor < 1.0 {
-        assert!(s1.dropped > 0, "this case must drop assignments");
-    }
-    assert_eq!(g1.len(), g0.len());
-    for ((n1, a), (n0, b)) in g1.iter().zip(&g0) {
-        assert_eq!(n1, n0);
-        assert!(max_diff(a, b) < 1e-12, "{n1}: gradients differ");
+    let (l0, s0, g0) = run(false, ExpertLayout::default());
+    for layout in [
+        ExpertLayout::default(),
+        ExpertLayout::Grouped { align: 1 },
+        ExpertLayout::Grouped { align: 5 },
+        ExpertLayout::Padded,
+    ] {
+        let (l1, s1, g1) = run(true, layout);
+        assert!((l1 - l0).abs() < 1e-12, "{layout:?}: loss {l1} vs {l0}");
+        assert_eq!(s1.expert_tokens, s0.expert_tokens);
+        assert_eq!(s1.dropped, s0.dropped);
+        if capacity_factor < 1.0 {
+            assert!(s1.dropped > 0, "this case must drop assignments");
+        }
+        assert_eq!(g1.len(), g0.len());
+        for ((n1, a), (n0, b)) in g1.iter().zip(&g0) {
+            assert_eq!(n1, n0);
+            assert!(max_diff(a, b) < 1e-12, "{layout:?}, {n1}: gradients differ");
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! `Replica::train_on_batch` (forward, backward, gradient clipping, f32-master AdamW).
 //!
 //! Usage: `gpu_moe_bench --config small|base|tiny --dtype f32|tf32|bf16 --device cpu|cuda
-//! [--warmup N] [--steps N] [--json PATH] [--experts batched|single] [--breakdown] [--micro]`.
+//! [--warmup N] [--steps N] [--json PATH] [--experts batched|single|padded|grouped:ALIGN] [--breakdown] [--micro]`.
 //! Prints one JSON line per run (and appends it to `--json`). `tf32` is f32 training with
 //! TF32 tensor-core matrix products (candle's reduced-precision f32 GEMM switch): an explicit
 //! opt-in reported under its own label, never as the f32 row. Build for the GPU with the `cuda` feature; without it the binary still builds
@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
+use potluck_worker::model::ExpertLayout;
 use potluck_worker::{AdamW, ComputeDType, DeviceSpec, ModelConfig, Replica, TrainConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -121,8 +122,11 @@ struct Args {
     micro: bool,
     /// f32 matrix products in TF32 (`--dtype tf32`).
     tf32: bool,
-    /// `--experts batched|single`: force the experts' path (default: the model's choice).
+    /// `--experts batched|single|padded|grouped:ALIGN`: force the experts' path, or keep the
+    /// model's choice of path on another layout (default: the model's choice on its
+    /// default layout).
     batched: Option<bool>,
+    layout: Option<ExpertLayout>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args> {
@@ -137,6 +141,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         micro: false,
         tf32: false,
         batched: None,
+        layout: None,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -157,10 +162,25 @@ fn parse_args(argv: &[String]) -> Result<Args> {
                 }
             }
             "--experts" => {
-                a.batched = match value()?.as_str() {
-                    "batched" => Some(true),
-                    "single" => Some(false),
-                    other => bail!("unknown experts path {other:?} (use batched or single)"),
+                let v = value()?;
+                match v.as_str() {
+                    "batched" => a.batched = Some(true),
+                    "single" => a.batched = Some(false),
+                    // Where the model batches (in f32 only where the padding pays).
+                    "padded" => a.layout = Some(ExpertLayout::Padded),
+                    other => {
+                        let align = other
+                            .strip_prefix("grouped:")
+                            .and_then(|n| n.parse::<usize>().ok())
+                            .filter(|&n| n > 0)
+                            .with_context(|| {
+                                format!(
+                                    "unknown experts path {other:?} (use batched, single, \
+                                     padded or grouped:ALIGN)"
+                                )
+                            })?;
+                        a.layout = Some(ExpertLayout::Grouped { align });
+                    }
                 }
             }
             "--device" => {
@@ -280,6 +300,9 @@ fn run(a: &Args) -> Result<Measured> {
     let mut replica = Replica::new(&s.model, &train, &a.device).context("building the replica")?;
     if let Some(on) = a.batched {
         replica.set_batched_experts(on)?;
+    }
+    if let Some(layout) = a.layout {
+        replica.set_expert_layout(layout);
     }
     let device = replica.model().device().clone();
     // Random bytes, never zeros: uniform tokens keep the router busy on every expert.
@@ -693,6 +716,11 @@ mod tests {
         let a = parse_args(&args("--dtype tf32 --experts single")).unwrap();
         assert!(a.tf32 && a.dtype == ComputeDType::F32 && a.batched == Some(false));
         assert_eq!(dtype_label(&a), "tf32");
+        let a = parse_args(&args("--experts padded")).unwrap();
+        assert!(a.layout == Some(ExpertLayout::Padded) && a.batched.is_none());
+        let a = parse_args(&args("--experts grouped:16")).unwrap();
+        assert_eq!(a.layout, Some(ExpertLayout::Grouped { align: 16 }));
+        assert!(parse_args(&args("--experts grouped:0")).is_err());
         let a = parse_args(&args("--config base --dtype bf16 --device cuda --steps 25")).unwrap();
         assert_eq!(a.config, "base");
         assert_eq!(a.dtype, ComputeDType::Bf16);
