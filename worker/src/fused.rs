@@ -11,6 +11,8 @@
 //! - [`softmax_last_dim`]: the same kernels without the mask, for the MoE router.
 //! - [`sum_squares`] and [`adamw_flat`]: the optimizer's gradient norm and its update over
 //!   flat buffers, one pass each instead of about fifteen.
+//! - [`grouped_matmul_t`]: the MoE experts' projections over their blocks of rows, one
+//!   matrix-library call per expert inside one graph node.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
@@ -1993,7 +1995,7 @@ impl CustomOp2 for MatmulT {
 }
 
 /// The experts' projections without padding: `x: [A, k]` holds the rows of all experts one
-/// after another (expert `e`'s `counts[e]` rows, in expert order, as [`crate::Routing`]'s
+/// after another (expert `e`'s `counts[e]` rows, in expert order, as the model's block
 /// dispatch lays them out) and `w: [E, n, k]` their stacked weights; row `r` of expert `e`
 /// comes out as `x[r] @ w[e]^T`, so the result is `[A, n]`. The batched product over a
 /// padded `[E, cap, k]` layout does `E * cap` rows of arithmetic, and with uneven routing
@@ -2041,9 +2043,9 @@ struct Grouped {
     kind: GroupedKind,
 }
 
-/// One expert's product in row-major terms: `c[m, n] = op(a) @ op(b)` where `a` starts at
-/// element `a_off` with row stride `lda`, `b` at `b_off` with `ldb`, and `c` at `c_off`
-/// (row stride `n`); `ta`/`tb` say the operand is stored transposed.
+/// One expert's product in row-major terms, `c[m, n] = op(a) @ op(b)`, on dense operands:
+/// `a` from element `a_off`, stored `[m, k]` (`[k, m]` when `ta`), `b` from `b_off`, stored
+/// `[k, n]` (`[n, k]` when `tb`), and `c` from `c_off`, stored `[m, n]`.
 #[derive(Debug, Clone, Copy)]
 struct GroupGemm {
     m: usize,
