@@ -733,6 +733,21 @@ fn verified_ledger(
     entries
 }
 
+/// `node` joins `run_id` again after its coordinator ended it, and is told the end.
+async fn rejoin_after_the_end(
+    node: &Node,
+    coordinator: libp2p::PeerId,
+    run_id: [u8; 32],
+) -> potluck_daemon::train::RunSummary {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        node.train().join(coordinator, run_id, None),
+    )
+    .await
+    .expect("the ended run answered in time")
+    .expect("a returning replica is told the run ended")
+}
+
 /// Five rounds that go on with two replicas.
 fn five_rounds_of_two() -> potluck_daemon::train::ResolvedRun {
     run_with(|m| {
@@ -981,13 +996,7 @@ async fn a_coordinator_without_a_replica_runs_the_swarm() {
     // A run that ended under an older daemon recorded only its last round in `ended`: a
     // replica that comes back is told the end from the ledger.
     std::fs::write(own.join("ended"), b"3").unwrap();
-    let again = tokio::time::timeout(
-        Duration::from_secs(60),
-        nodes[1].train().join(coordinator, run_id, None),
-    )
-    .await
-    .expect("the ended run answered in time")
-    .expect("a returning replica is told the run ended");
+    let again = rejoin_after_the_end(&nodes[1], coordinator, run_id).await;
     assert_eq!((again.rounds, again.root), (3, summary.root));
     for n in nodes {
         n.shutdown().await;
@@ -1035,13 +1044,7 @@ async fn a_ledger_that_cannot_be_written_ends_the_run_on_its_last_commit() {
     }
     // A replica that comes back after the end (as one that joined late, or was away when
     // the end was sent, does) is told the same end, though the ledger cannot be read.
-    let again = tokio::time::timeout(
-        Duration::from_secs(60),
-        nodes[1].train().join(coordinator, run_id, None),
-    )
-    .await
-    .expect("the ended run answered in time")
-    .expect("a returning replica is told the run ended");
+    let again = rejoin_after_the_end(&nodes[1], coordinator, run_id).await;
     assert_eq!((again.rounds, again.root), (1, kept));
     for n in nodes {
         n.shutdown().await;

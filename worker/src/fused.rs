@@ -2061,63 +2061,50 @@ struct GroupGemm {
 impl Grouped {
     /// The output shape and each expert's product, for inputs of dims `ad`, `bd`.
     fn plan(&self, ad: &[usize], bd: &[usize]) -> (Shape, Vec<GroupGemm>) {
-        let e = self.counts.len();
-        let mut gemms = Vec::with_capacity(e);
+        use GroupedKind::{AtB, XW, XWt};
+        // The weights of one expert are `[n, k]` (out, in).
+        let (n, k) = match self.kind {
+            XWt | XW => (bd[1], bd[2]),
+            AtB => (ad[1], bd[1]),
+        };
         let mut row = 0;
+        let mut gemms = Vec::with_capacity(self.counts.len());
+        for (g, &m) in self.counts.iter().enumerate() {
+            let w = g * n * k;
+            gemms.push(match self.kind {
+                XWt => GroupGemm::new((m, n, k), (row * k, false), (w, true), row * n),
+                XW => GroupGemm::new((m, k, n), (row * n, false), (w, false), row * k),
+                AtB => GroupGemm::new((n, k, m), (row * n, true), (row * k, false), w),
+            });
+            row += m;
+        }
         let shape = match self.kind {
-            GroupedKind::XWt => {
-                let (k, n) = (ad[1], bd[1]);
-                for (g, &m) in self.counts.iter().enumerate() {
-                    gemms.push(GroupGemm {
-                        m,
-                        n,
-                        k,
-                        a_off: row * k,
-                        ta: false,
-                        b_off: g * n * k,
-                        tb: true,
-                        c_off: row * n,
-                    });
-                    row += m;
-                }
-                Shape::from((ad[0], n))
-            }
-            GroupedKind::XW => {
-                let (n, k) = (bd[1], bd[2]);
-                for (g, &m) in self.counts.iter().enumerate() {
-                    gemms.push(GroupGemm {
-                        m,
-                        n: k,
-                        k: n,
-                        a_off: row * n,
-                        ta: false,
-                        b_off: g * n * k,
-                        tb: false,
-                        c_off: row * k,
-                    });
-                    row += m;
-                }
-                Shape::from((ad[0], k))
-            }
-            GroupedKind::AtB => {
-                let (n, k) = (ad[1], bd[1]);
-                for (g, &m) in self.counts.iter().enumerate() {
-                    gemms.push(GroupGemm {
-                        m: n,
-                        n: k,
-                        k: m,
-                        a_off: row * n,
-                        ta: true,
-                        b_off: row * k,
-                        tb: false,
-                        c_off: g * n * k,
-                    });
-                    row += m;
-                }
-                Shape::from((e, n, k))
-            }
+            XWt => Shape::from((ad[0], n)),
+            XW => Shape::from((ad[0], k)),
+            AtB => Shape::from((self.counts.len(), n, k)),
         };
         (shape, gemms)
+    }
+}
+
+impl GroupGemm {
+    /// `(m, n, k)`, `(a_off, ta)`, `(b_off, tb)` and `c_off`.
+    fn new(
+        (m, n, k): (usize, usize, usize),
+        (a_off, ta): (usize, bool),
+        (b_off, tb): (usize, bool),
+        c_off: usize,
+    ) -> Self {
+        GroupGemm {
+            m,
+            n,
+            k,
+            a_off,
+            ta,
+            b_off,
+            tb,
+            c_off,
+        }
     }
 }
 
@@ -2450,7 +2437,16 @@ mod cuda {
     /// An uninitialised buffer of `n` elements of the dtype of `like`, which the kernel
     /// about to be launched fills completely.
     pub(super) fn alloc_like(like: &CudaStorage, n: usize) -> Result<CudaStorage> {
-        struct Alloc(usize);
+        buffer_like(like, n, false)
+    }
+
+    /// A zeroed buffer of `n` elements of the dtype of `like`.
+    pub(super) fn zeros_like(like: &CudaStorage, n: usize) -> Result<CudaStorage> {
+        buffer_like(like, n, true)
+    }
+
+    fn buffer_like(like: &CudaStorage, n: usize, zeroed: bool) -> Result<CudaStorage> {
+        struct Alloc(usize, bool);
         impl Map1 for Alloc {
             fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
                 &self,
@@ -2458,33 +2454,16 @@ mod cuda {
                 dev: &CudaDevice,
                 _: &Layout,
             ) -> Result<CudaSlice<T>> {
-                // SAFETY: the caller's kernel writes every element before anything reads it.
+                if self.1 {
+                    return dev.alloc_zeros::<T>(self.0);
+                }
+                // SAFETY: the callers of `alloc_like` write every element before anything
+                // reads it.
                 unsafe { dev.alloc::<T>(self.0) }
             }
         }
         let layout = Layout::contiguous(1);
-        let slice = Alloc(n).map(&like.slice, &like.device, &layout)?;
-        Ok(CudaStorage {
-            slice,
-            device: like.device.clone(),
-        })
-    }
-
-    /// A zeroed buffer of `n` elements of the dtype of `like`.
-    pub(super) fn zeros_like(like: &CudaStorage, n: usize) -> Result<CudaStorage> {
-        struct Zeros(usize);
-        impl Map1 for Zeros {
-            fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
-                &self,
-                _: &CudaSlice<T>,
-                dev: &CudaDevice,
-                _: &Layout,
-            ) -> Result<CudaSlice<T>> {
-                dev.alloc_zeros::<T>(self.0)
-            }
-        }
-        let layout = Layout::contiguous(1);
-        let slice = Zeros(n).map(&like.slice, &like.device, &layout)?;
+        let slice = Alloc(n, zeroed).map(&like.slice, &like.device, &layout)?;
         Ok(CudaStorage {
             slice,
             device: like.device.clone(),
@@ -2505,27 +2484,14 @@ mod cuda {
     ) -> Result<()> {
         use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
         use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        use sys::{cublasComputeType_t as C, cudaDataType_t as D};
+        let tf32 = candle_core::cuda_backend::gemm_reduced_precision_f32();
         let (ty, compute) = match a.dtype() {
-            DType::F32 if candle_core::cuda_backend::gemm_reduced_precision_f32() => (
-                sys::cudaDataType_t::CUDA_R_32F,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-            ),
-            DType::F32 => (
-                sys::cudaDataType_t::CUDA_R_32F,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ),
-            DType::BF16 => (
-                sys::cudaDataType_t::CUDA_R_16BF,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ),
-            DType::F16 => (
-                sys::cudaDataType_t::CUDA_R_16F,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            ),
-            DType::F64 => (
-                sys::cudaDataType_t::CUDA_R_64F,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_64F,
-            ),
+            DType::F32 if tf32 => (D::CUDA_R_32F, C::CUBLAS_COMPUTE_32F_FAST_TF32),
+            DType::F32 => (D::CUDA_R_32F, C::CUBLAS_COMPUTE_32F),
+            DType::BF16 => (D::CUDA_R_16BF, C::CUBLAS_COMPUTE_32F),
+            DType::F16 => (D::CUDA_R_16F, C::CUBLAS_COMPUTE_32F),
+            DType::F64 => (D::CUDA_R_64F, C::CUBLAS_COMPUTE_64F),
             other => candle_core::bail!("grouped matmul: no product for {other:?}"),
         };
         let (one, zero) = (1f64, 0f64);
