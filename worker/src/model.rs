@@ -1632,8 +1632,7 @@ impl Model {
     /// and again), or one batched product over the padded `[experts, cap, d]` layout, whose
     /// padding costs arithmetic (3.5 times the routed rows on `base` after warm-up). Padding
     /// rows get exactly zero gradient. One expert at a time, each expert is a dozen graph
-    /// nodes (and candle's backward adds a zero tensor and an add per node input), which
-    /// made the host the bottleneck on a GPU.
+    /// nodes forward and more backward, which made the host the bottleneck on a GPU.
     fn experts_batched(
         &self,
         w: &Weights,
