@@ -2168,9 +2168,10 @@ impl CustomOp2 for Grouped {
         bl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (shape, gemms) = self.plan(al.dims(), bl.dims());
-        // Every row of a row layout is written by its expert's product; a weights' gradient
-        // has experts without rows, whose block must read as zero.
-        let out = if self.kind == GroupedKind::AtB && gemms.iter().any(|g| g.k == 0) {
+        // Every product with a nonzero inner dimension writes its block; a product without
+        // one (an expert without rows, in a weights' gradient) leaves a block that must read
+        // as zero.
+        let out = if gemms.iter().any(|g| g.k == 0 && g.m * g.n > 0) {
             cuda::zeros_like(a, shape.elem_count())?
         } else {
             cuda::alloc_like(a, shape.elem_count())?
