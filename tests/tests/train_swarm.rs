@@ -1244,6 +1244,41 @@ async fn peers_without_the_data_fetch_it_and_its_tokenizer_from_the_swarm() {
     }
 }
 
+/// A run whose source files changed after it was pinned (between `potluck run start`'s pin
+/// and its coordinator opening the run) is refused before anything of the run is written:
+/// no ledger, no package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_changed_after_pinning_is_refused_before_the_ledger_exists() {
+    use potluck_daemon::train::checkpoint::{ledger_dir, run_dir};
+    use potluck_daemon::train::datapack::DATA_DIR;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(1, dir.path()).await;
+    let (run, src, _) = path_source_run(dir.path(), 1);
+    let run_id = run.id();
+    std::fs::write(src.join("a.txt"), "edited after the run was pinned").unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        nodes[0].train().coordinate(run, None),
+    )
+    .await
+    .expect("refused in time")
+    .expect_err("a changed source is refused");
+    assert!(
+        err.to_string()
+            .contains("changed since the run was started"),
+        "{err}"
+    );
+    let rd = run_dir(&dir.path().join("p0"), &run_id);
+    assert!(!ledger_dir(&rd).exists(), "no ledger for the refused run");
+    assert!(
+        !rd.join(DATA_DIR).exists(),
+        "no package for the refused run"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 /// A peer without the run's data, when no peer holds the run's package any more, is refused
 /// with an error that says so, and keeps no package.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

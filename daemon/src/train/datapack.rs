@@ -158,32 +158,36 @@ pub fn holds(dir: &Path, root: Hash32) -> Result<bool, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Writes the package of `run` (a pinned path source) into `dest`, copying the source's
-/// files, beside a manifest signed with `keypair` (the run's coordinator key) and the
-/// signed run manifest, so that the checkpoint server serves it. Nothing is done when
-/// `dest` already holds it intact. Copies are checked against the hashes the files had
-/// when the package was hashed, and the directory appears whole or not at all.
-pub fn write_package(
+/// The source files of a run's package, checked against the root the run pinned
+/// ([`check_package_source`]), ready to be copied by [`write_checked_package`].
+#[derive(Debug)]
+pub struct PackageSource {
+    files: Vec<(String, PathBuf)>,
+    content: CheckpointContent,
+}
+
+/// Checks what [`write_package`] would copy into `dest`, before anything of the run is
+/// written: `None` when there is nothing to copy (no path source, or `dest` already holds
+/// the package intact; a damaged one is removed), an error when the source's files no
+/// longer have the pinned root.
+pub fn check_package_source(
     dest: &Path,
     run: &ResolvedRun,
-    signed_run: &SignedRunManifest,
-    keypair: &Keypair,
-) -> Result<(), TrainError> {
+) -> Result<Option<PackageSource>, TrainError> {
     let Some(root) = pinned_root(run)? else {
-        return Ok(());
-    };
-    let io = |p: &Path, e: &dyn std::fmt::Display| {
-        TrainError::Other(format!(
-            "writing the run's data package at {}: {e}",
-            p.display()
-        ))
+        return Ok(None);
     };
     match holds(dest, root) {
-        Ok(true) => return Ok(()),
+        Ok(true) => return Ok(None),
         Ok(false) => {}
         Err(reason) => {
             tracing::warn!(dir = %dest.display(), %reason, "replacing a damaged data package");
-            std::fs::remove_dir_all(dest).map_err(|e| io(dest, &e))?;
+            std::fs::remove_dir_all(dest).map_err(|e| {
+                TrainError::Other(format!(
+                    "removing the damaged data package at {}: {e}",
+                    dest.display()
+                ))
+            })?;
         }
     }
     let files = package_files(&run.data)?;
@@ -198,6 +202,26 @@ pub fn write_package(
             root.short()
         )));
     }
+    Ok(Some(PackageSource { files, content }))
+}
+
+/// Writes a checked package into `dest`, copying the source's files, beside a manifest
+/// signed with `keypair` (the run's coordinator key) and the signed run manifest, so that
+/// the checkpoint server serves it. Copies are checked against the hashes the files had
+/// when they were checked, and the directory appears whole or not at all.
+pub fn write_checked_package(
+    dest: &Path,
+    source: PackageSource,
+    signed_run: &SignedRunManifest,
+    keypair: &Keypair,
+) -> Result<(), TrainError> {
+    let io = |p: &Path, e: &dyn std::fmt::Display| {
+        TrainError::Other(format!(
+            "writing the run's data package at {}: {e}",
+            p.display()
+        ))
+    };
+    let PackageSource { files, content } = source;
     let partial = fresh_partial(dest)?;
     let written = (|| {
         for ((name, from), rec) in sorted(&files).into_iter().zip(&content.files) {
@@ -212,6 +236,20 @@ pub fn write_package(
         let _ = std::fs::remove_dir_all(&partial);
     }
     written
+}
+
+/// [`check_package_source`] then [`write_checked_package`]: the package of `run` (a pinned
+/// path source) in `dest`. Nothing is done when `dest` already holds it intact.
+pub fn write_package(
+    dest: &Path,
+    run: &ResolvedRun,
+    signed_run: &SignedRunManifest,
+    keypair: &Keypair,
+) -> Result<(), TrainError> {
+    match check_package_source(dest, run)? {
+        Some(source) => write_checked_package(dest, source, signed_run, keypair),
+        None => Ok(()),
+    }
 }
 
 /// Largest data package manifest a coordinator puts in a welcome: the welcome must stay

@@ -1178,15 +1178,21 @@ impl TrainService {
             } else {
                 run.pin_data()?
             };
-            let (ledger, machine) = svc.open_ledger(&run, &successors)?;
-            // What peers without the run's data fetch from this daemon.
+            // What peers without the run's data fetch from this daemon, checked against the
+            // pinned root before the run's ledger exists: a source changed since the run was
+            // pinned leaves nothing behind.
             let run_dir = checkpoint::run_dir(&svc.inner.data_dir, &run.id());
-            datapack::write_package(
-                &run_dir.join(datapack::DATA_DIR),
-                &run,
-                ledger.run(),
-                &svc.inner.keypair,
-            )?;
+            let package = run_dir.join(datapack::DATA_DIR);
+            let source = datapack::check_package_source(&package, &run)?;
+            let (ledger, machine) = svc.open_ledger(&run, &successors)?;
+            if let Some(source) = source {
+                datapack::write_checked_package(
+                    &package,
+                    source,
+                    ledger.run(),
+                    &svc.inner.keypair,
+                )?;
+            }
             Ok(((ledger, machine), run))
         })
         .await
