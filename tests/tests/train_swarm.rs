@@ -662,14 +662,30 @@ async fn a_restarted_peer_resumes_from_its_own_state() {
     let victim = nodes.pop().unwrap();
     let first_life = tokio::spawn(join_retrying(victim.train(), coordinator, run_id));
     let victim_dir = dir.path().join("p2");
-    // Once round 2 is committed the third daemon stops, and a new daemon on its data dir
-    // (same identity, same saved state) joins the run again.
+    // Once round 2 is committed and the third daemon has saved a state (it saves after each
+    // round it took part in; under load it may have joined too late for round 1), it stops,
+    // and a new daemon on its data dir (same identity, same saved state) joins the run again.
     // The first life's replica task is waited for before the second starts: in one process
     // it could otherwise still be saving its state (and pruning the older one) while the new
     // daemon reads it, which a dead process never does.
+    let local = potluck_daemon::train::checkpoint::run_dir(&victim_dir, &run_id).join("local");
+    let saved = move || {
+        std::fs::read_dir(&local).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        })
+    };
     let restarter = tokio::spawn(async move {
-        while let Ok(ev) = events.recv().await {
-            if let RunEvent::Committed { round: 2, .. } = ev {
+        loop {
+            let ev = match events.recv().await {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            };
+            if let RunEvent::Committed { round, .. } = ev
+                && round >= 2
+                && saved()
+            {
                 victim.shutdown().await;
                 let first = first_life.await.unwrap();
                 let again = start_one(&victim_dir, Some(seed)).await;
