@@ -215,19 +215,13 @@ pub fn write_checked_package(
     signed_run: &SignedRunManifest,
     keypair: &Keypair,
 ) -> Result<(), TrainError> {
-    let io = |p: &Path, e: &dyn std::fmt::Display| {
-        TrainError::Other(format!(
-            "writing the run's data package at {}: {e}",
-            p.display()
-        ))
-    };
     let PackageSource { files, content } = source;
     let partial = fresh_partial(dest)?;
     let written = (|| {
         for ((name, from), rec) in sorted(&files).into_iter().zip(&content.files) {
             debug_assert_eq!(*name, rec.path);
             potluck_coordinator::store::copy_atomic(from, &partial.join(name), Some(rec.file_hash))
-                .map_err(|e| io(from, &e))?;
+                .map_err(|e| write_err(from, &e))?;
         }
         let manifest = checkpoint::sign_round(signed_run, 0, None, content, Vec::new(), keypair)?;
         seal(&partial, dest, &manifest.encode(), signed_run)
@@ -331,6 +325,14 @@ fn fresh_partial(dest: &Path) -> Result<PathBuf, TrainError> {
     Ok(partial)
 }
 
+/// An I/O error while writing a run's data package at `p`.
+fn write_err(p: &Path, e: &dyn std::fmt::Display) -> TrainError {
+    TrainError::Other(format!(
+        "writing the run's data package at {}: {e}",
+        p.display()
+    ))
+}
+
 /// Writes the signed manifests beside the files in `partial` and moves it into place at
 /// `dest`, durably: the package appears whole or not at all.
 fn seal(
@@ -339,24 +341,18 @@ fn seal(
     manifest: &[u8],
     signed_run: &SignedRunManifest,
 ) -> Result<(), TrainError> {
-    let io = |p: &Path, e: &dyn std::fmt::Display| {
-        TrainError::Other(format!(
-            "writing the run's data package at {}: {e}",
-            p.display()
-        ))
-    };
     for (name, bytes) in [
         (MANIFEST_FILE, manifest.to_vec()),
         (RUN_FILE, signed_run.encode()),
     ] {
         potluck_coordinator::store::write_atomic(&partial.join(name), &bytes)
-            .map_err(|e| io(partial, &e))?;
+            .map_err(|e| write_err(partial, &e))?;
     }
-    std::fs::rename(partial, dest).map_err(|e| io(dest, &e))?;
+    std::fs::rename(partial, dest).map_err(|e| write_err(dest, &e))?;
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::File::open(parent)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io(parent, &e))
+        .map_err(|e| write_err(parent, &e))
 }
 
 fn sorted(files: &[(String, PathBuf)]) -> Vec<&(String, PathBuf)> {
