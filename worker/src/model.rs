@@ -435,11 +435,6 @@ fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     Ok(one_hot.matmul(table)?)
 }
 
-/// RoPE ("rotate half" form) on `x: [B, H, T, hd]` with `cos, sin: [T, hd/2]`, fused.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(crate::fused::rope(x, cos, sin)?)
-}
-
 /// Which part of the model a stage holds: blocks `first_layer..end_layer`, plus the token
 /// embedding (first stage) and the final norm, head and loss (last stage).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -586,6 +581,101 @@ impl Routing {
             &c.ids,
             &c.back,
         )?)
+    }
+}
+
+/// The host side of one layer's routing decision, from the router's probabilities
+/// `p: [N, E]` (row-major).
+struct HostRoute {
+    /// Each (token, slot)'s expert, `[N * top_k]`, token-major.
+    choice: Vec<u32>,
+    /// Assignments chosen per expert, before capacity.
+    chosen_count: Vec<u64>,
+    /// For each expert, the tokens it keeps, ascending.
+    tokens: Vec<Vec<u32>>,
+    /// Where each expert's block starts in the sorted order.
+    offsets: Vec<usize>,
+    /// Kept assignments in expert order, tokens ascending within an expert.
+    sorted_tokens: Vec<u32>,
+    /// Each (token, slot)'s sorted position, `u32::MAX` where dropped.
+    position: Vec<u32>,
+    dropped: u64,
+}
+
+/// Top-k per token (ties to the lower expert), capacity (first choices before second
+/// choices, in token order), and the expert-sorted order of what is kept. On a GPU this runs
+/// with the device idle, once per MoE layer and step, so it makes a few linear passes and no
+/// sort: a token picks an expert at most once, so walking tokens in order lists each expert's
+/// tokens ascending.
+fn route_host<T: Copy + PartialOrd>(p: &[T], n_exp: usize, k: usize, capacity: usize) -> HostRoute {
+    let n = p.len() / n_exp;
+    let mut choice = vec![0u32; n * k];
+    let mut chosen_count = vec![0u64; n_exp];
+    // The k best so far, best first; a later expert must beat a value to pass it, so equal
+    // values keep the lower index first.
+    let mut best: Vec<(T, u32)> = Vec::with_capacity(k + 1);
+    for (tok, row) in p.chunks_exact(n_exp).enumerate() {
+        best.clear();
+        for (e, &pe) in row.iter().enumerate() {
+            // (`<=` would differ for NaN: a NaN never enters a full list.)
+            if best.len() == k
+                && pe.partial_cmp(&best[k - 1].0) != Some(std::cmp::Ordering::Greater)
+            {
+                continue;
+            }
+            let at = best.iter().position(|&(b, _)| pe > b).unwrap_or(best.len());
+            best.insert(at, (pe, e as u32));
+            best.truncate(k);
+        }
+        for (slot, &(_, e)) in choice[tok * k..(tok + 1) * k].iter_mut().zip(&best) {
+            *slot = e;
+            chosen_count[e as usize] += 1;
+        }
+    }
+    // Capacity, slot-major: `position` first marks what is kept (0) or dropped (MAX).
+    let mut position = vec![u32::MAX; n * k];
+    let mut kept_count = vec![0usize; n_exp];
+    let mut dropped = 0u64;
+    for j in 0..k {
+        for tok in 0..n {
+            let e = choice[tok * k + j] as usize;
+            if kept_count[e] < capacity {
+                kept_count[e] += 1;
+                position[tok * k + j] = 0;
+            } else {
+                dropped += 1;
+            }
+        }
+    }
+    let mut offsets = Vec::with_capacity(n_exp);
+    let mut at = 0;
+    for &c in &kept_count {
+        offsets.push(at);
+        at += c;
+    }
+    let mut tokens: Vec<Vec<u32>> = kept_count.iter().map(|&c| Vec::with_capacity(c)).collect();
+    let mut sorted_tokens = vec![0u32; at];
+    for tok in 0..n {
+        for j in 0..k {
+            let q = tok * k + j;
+            if position[q] == u32::MAX {
+                continue;
+            }
+            let e = choice[q] as usize;
+            let pos = offsets[e] + tokens[e].len();
+            tokens[e].push(tok as u32);
+            sorted_tokens[pos] = tok as u32;
+            position[q] = pos as u32;
+        }
+    }
+    HostRoute {
+        choice,
+        chosen_count,
+        tokens,
+        offsets,
+        sorted_tokens,
+        position,
+        dropped,
     }
 }
 
@@ -1442,20 +1532,19 @@ impl Model {
         let nh = self.cfg.n_heads;
         let hd = self.cfg.head_dim();
         let h2 = h.reshape((b * t, d))?;
-        let heads = |p: &str| -> Result<Tensor> {
-            Ok(w.linear(&format!("layers.{l}.attn.{p}"), &h2)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        // Each projection's heads as [B, H, T, hd], queries and keys rotated, in one op each.
+        let heads = |p: &str, rope: Option<(&Tensor, &Tensor)>| -> Result<Tensor> {
+            let y = w.linear(&format!("layers.{l}.attn.{p}"), &h2)?;
+            Ok(crate::fused::split_heads(&y, b, t, nh, rope)?)
         };
-        let q = rope(&heads("wq")?, cos, sin)?.contiguous()?;
-        let k = rope(&heads("wk")?, cos, sin)?.contiguous()?;
-        let v = heads("wv")?;
+        let q = heads("wq", Some((cos, sin)))?;
+        let k = heads("wk", Some((cos, sin)))?;
+        let v = heads("wv", None)?;
         // Scale, causal mask and softmax in one kernel each way (f32 arithmetic); the plain
         // ops were about ten passes over the [B, H, T, T] scores forward and more backward.
         let scores = crate::fused::matmul_t(&q, &k)?;
         let probs = crate::fused::causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
-        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, d))?;
+        let o = crate::fused::merge_heads(&probs.matmul(&v)?)?;
         Ok(w.linear(&format!("layers.{l}.attn.wo"), &o)?
             .reshape((b, t, d))?)
     }
@@ -1473,68 +1562,27 @@ impl Model {
         let router = w.get(&format!("layers.{layer}.moe.router.weight"))?;
         let logits = matmul_wt(x, &router)?.to_dtype(acc)?;
         let probs = crate::fused::softmax_last_dim(&logits)?;
-        // Read back as computed (f32 values compare the same way widened to f64).
-        let p: Vec<f64> = match probs.dtype() {
-            DType::F32 => probs
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-            _ => probs.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
-        };
-        let mut choice = vec![0usize; n * k];
-        let mut chosen_mask = vec![0f64; n * n_exp];
-        let mut chosen_count = vec![0u64; n_exp];
-        for tok in 0..n {
-            let row = &p[tok * n_exp..(tok + 1) * n_exp];
-            for j in 0..k {
-                let mut best: Option<usize> = None;
-                for (e, &pe) in row.iter().enumerate() {
-                    if chosen_mask[tok * n_exp + e] > 0.0 {
-                        continue;
-                    }
-                    if best.is_none_or(|b| pe > row[b]) {
-                        best = Some(e);
-                    }
-                }
-                let e = best.unwrap_or(0);
-                choice[tok * k + j] = e;
-                chosen_mask[tok * n_exp + e] = 1.0;
-                chosen_count[e] += 1;
-            }
-        }
+        // Read back as computed, and decided on in that dtype.
         let capacity =
             ((cfg.capacity_factor as f64 * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
-        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n_exp];
-        let mut dropped = 0u64;
-        for j in 0..k {
-            for tok in 0..n {
-                let e = choice[tok * k + j];
-                if tokens[e].len() < capacity {
-                    tokens[e].push(tok as u32);
-                } else {
-                    dropped += 1;
-                }
-            }
-        }
-        for list in &mut tokens {
-            list.sort_unstable();
-        }
-        // Sorted order of the kept assignments, and where each (token, slot) landed in it.
-        let mut offsets = Vec::with_capacity(n_exp);
-        let mut sorted_tokens: Vec<u32> = Vec::with_capacity(n * k);
-        let mut position = vec![u32::MAX; n * k];
-        for (e, list) in tokens.iter().enumerate() {
-            offsets.push(sorted_tokens.len());
-            for &tok in list {
-                let t = tok as usize;
-                if let Some(j) = (0..k).find(|&j| choice[t * k + j] == e) {
-                    position[t * k + j] = sorted_tokens.len() as u32;
-                }
-                sorted_tokens.push(tok);
-            }
-        }
+        let probs_flat = probs.flatten_all()?;
+        let HostRoute {
+            choice,
+            chosen_count,
+            tokens,
+            offsets,
+            sorted_tokens,
+            position,
+            dropped,
+        } = match probs.dtype() {
+            DType::F32 => route_host(&probs_flat.to_vec1::<f32>()?, n_exp, k, capacity),
+            _ => route_host(
+                &probs_flat.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+                n_exp,
+                k,
+                capacity,
+            ),
+        };
         let kept = sorted_tokens.len();
         // Every index vector of the layer goes to the device in one upload, viewed in place:
         // an upload from pageable memory waits for the stream, and there were about ten a
@@ -1562,7 +1610,7 @@ impl Model {
         ids.extend_from_slice(&slot_of);
         ids.extend((0..n * k).map(|q| {
             let dropped = if position[q] == u32::MAX { n_exp } else { 0 };
-            (choice[q] + dropped) as u32
+            choice[q] + dropped as u32
         }));
         let ids_len = ids.len();
         let ids = Tensor::from_vec(ids, ids_len, &self.device)?;
@@ -1857,5 +1905,114 @@ fn check_dtypes(master: DType, compute: DType) -> Result<()> {
             "unsupported dtypes: master {master:?}, compute {compute:?} (use f32 masters with \
              f32/bf16 compute, or f64/f64 for gradient checks)"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The routing rule written the plain way: repeated arg-max per token (the first of equal
+    /// values wins), then capacity slot by slot in token order, then each expert's tokens
+    /// sorted.
+    fn route_plain(p: &[f64], n_exp: usize, k: usize, capacity: usize) -> HostRoute {
+        let n = p.len() / n_exp;
+        let mut choice = vec![0u32; n * k];
+        let mut chosen_count = vec![0u64; n_exp];
+        for tok in 0..n {
+            let row = &p[tok * n_exp..(tok + 1) * n_exp];
+            let mut taken = vec![false; n_exp];
+            for j in 0..k {
+                let mut best = None;
+                for e in (0..n_exp).filter(|&e| !taken[e]) {
+                    if best.is_none_or(|b: usize| row[e] > row[b]) {
+                        best = Some(e);
+                    }
+                }
+                let e = best.unwrap();
+                taken[e] = true;
+                choice[tok * k + j] = e as u32;
+                chosen_count[e] += 1;
+            }
+        }
+        let mut tokens = vec![Vec::new(); n_exp];
+        let mut dropped = 0;
+        for j in 0..k {
+            for tok in 0..n {
+                let e = choice[tok * k + j] as usize;
+                if tokens[e].len() < capacity {
+                    tokens[e].push(tok as u32);
+                } else {
+                    dropped += 1;
+                }
+            }
+        }
+        let mut kept_slot = vec![false; n * k];
+        let mut seen = vec![0usize; n_exp];
+        for j in 0..k {
+            for tok in 0..n {
+                let e = choice[tok * k + j] as usize;
+                seen[e] += 1;
+                kept_slot[tok * k + j] = seen[e] <= capacity;
+            }
+        }
+        tokens.iter_mut().for_each(|t| t.sort_unstable());
+        let mut offsets = Vec::new();
+        let mut sorted_tokens = Vec::new();
+        let mut position = vec![u32::MAX; n * k];
+        for (e, list) in tokens.iter().enumerate() {
+            offsets.push(sorted_tokens.len());
+            for &tok in list {
+                let q = (0..k)
+                    .map(|j| tok as usize * k + j)
+                    .find(|&q| choice[q] as usize == e && kept_slot[q])
+                    .unwrap();
+                position[q] = sorted_tokens.len() as u32;
+                sorted_tokens.push(tok);
+            }
+        }
+        HostRoute {
+            choice,
+            chosen_count,
+            tokens,
+            offsets,
+            sorted_tokens,
+            position,
+            dropped,
+        }
+    }
+
+    fn same(a: &HostRoute, b: &HostRoute) -> bool {
+        a.choice == b.choice
+            && a.chosen_count == b.chosen_count
+            && a.tokens == b.tokens
+            && a.offsets == b.offsets
+            && a.sorted_tokens == b.sorted_tokens
+            && a.position == b.position
+            && a.dropped == b.dropped
+    }
+
+    proptest! {
+        /// The single-pass routing decides exactly as the plain rule, ties and drops
+        /// included (probabilities come from a few values, so rows hold many ties).
+        #[test]
+        fn host_routing_matches_the_plain_rule(
+            (n_exp, k, p) in (1usize..10).prop_flat_map(|e| (
+                Just(e),
+                1..=e,
+                prop::collection::vec(0u8..4, e..e * 40),
+            )),
+            cap_frac in 0.05f64..2.0,
+        ) {
+            let n = p.len() / n_exp;
+            let p: Vec<f64> = p[..n * n_exp].iter().map(|&v| f64::from(v) / 4.0).collect();
+            let capacity = ((cap_frac * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
+            let got = route_host(&p, n_exp, k, capacity);
+            let want = route_plain(&p, n_exp, k, capacity);
+            prop_assert!(same(&got, &want), "n {n} experts {n_exp} top {k} capacity {capacity}");
+            let f32s: Vec<f32> = p.iter().map(|&v| v as f32).collect();
+            prop_assert!(same(&route_host(&f32s, n_exp, k, capacity), &want));
+        }
     }
 }

@@ -197,8 +197,10 @@ fn check_optimizer(device: &Device, dt: DType) {
 /// in f64: many parameters of lengths around a block's work (so blocks cover several
 /// parameters and parameters span several blocks), some without a gradient, gradients in
 /// `grad_dt`, compute copies in `copy_dt` written at offsets into one buffer whose gaps
-/// must stay untouched; and the sum of squares against an f64 sum.
-fn check_multi(device: &Device, grad_dt: DType, copy_dt: Option<DType>) {
+/// must stay untouched; and the sum of squares against an f64 sum. With `aligned`, every
+/// length and gap is a multiple of four, so that the GPU kernel's four-element body runs
+/// (blocks still begin and end inside tensors); without, most tensors take its scalar path.
+fn check_multi(device: &Device, grad_dt: DType, copy_dt: Option<DType>, aligned: bool) {
     reseed(3);
     let mut sizes = vec![
         1usize,
@@ -214,11 +216,16 @@ fn check_multi(device: &Device, grad_dt: DType, copy_dt: Option<DType>) {
         70_001,
     ];
     sizes.extend((0..300).map(|i| 1 + (i * 7919) % 600));
+    let gap = if aligned {
+        sizes.iter_mut().for_each(|n| *n = n.next_multiple_of(4));
+        4
+    } else {
+        1
+    };
     let total: usize = sizes.iter().sum();
     let r = |n: usize, std: f64| normal(n, std);
     let round = |t: &Tensor, dt: DType| t.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap();
     let on = |t: &Tensor, dt: DType| t.to_dtype(dt).unwrap().to_device(device).unwrap();
-    let gap = 1;
     let copy_len = total + gap * sizes.len();
     const POISON: f64 = 7.0;
     let copy_buf = copy_dt.map(|dt| {
@@ -290,7 +297,18 @@ fn check_multi(device: &Device, grad_dt: DType, copy_dt: Option<DType>) {
     let theta2 = ((&theta * dec).unwrap() - upd.unwrap()).unwrap();
     let masters: Vec<Tensor> = params.iter().map(|p| p.master.clone()).collect();
     let got_theta = Tensor::cat(&masters, 0).unwrap();
-    let what = format!("{device:?} grads {grad_dt:?} copies {copy_dt:?}");
+    let what = format!("{device:?} grads {grad_dt:?} copies {copy_dt:?} aligned {aligned}");
+    // Element by element too: one element left out of the update would hide in a norm.
+    for (i, (got, want)) in host_f64(&got_theta)
+        .into_iter()
+        .zip(host_f64(&theta2))
+        .enumerate()
+    {
+        assert!(
+            (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+            "{what}: weight {i} is {got}, expected {want}"
+        );
+    }
     for (name, got, want) in [
         ("weights", got_theta.clone(), theta2),
         ("m", mv.narrow(0, 0, total).unwrap(), m2),
@@ -385,7 +403,8 @@ fn check_op(
     }
 }
 
-/// RMSNorm, the unmasked softmax, RoPE and SwiGLU's gate against their plain formulations.
+/// RMSNorm, the unmasked softmax, SwiGLU's gate, and the attention heads' split (with and
+/// without RoPE) and merge against their plain formulations.
 fn check_row_ops(device: &Device, dt: DType) {
     reseed(4);
     let randn = |dims: &[usize], std: f64| normal(dims, std);
@@ -450,16 +469,45 @@ fn check_row_ops(device: &Device, dt: DType) {
             cos.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap(),
             sin.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap(),
         );
+        // dims are [B, H, T, hd]; the projection's output is [B * T, H * hd].
+        let [b, h, _, hd] = dims;
+        let tokens = [b * t, h * hd];
         check_op(
             device,
             dt,
-            &format!("rope {dims:?}"),
+            &format!("split heads with rope {dims:?}"),
+            &[randn(&tokens, 1.0)],
+            &[0],
+            |x| fused::split_heads(&x[0], b, t, h, Some((&cd, &sd))).unwrap(),
+            |x| fused::split_heads_reference(&x[0], b, t, h, Some((&cr, &sr))).unwrap(),
+        );
+        check_op(
+            device,
+            dt,
+            &format!("split heads {dims:?}"),
+            &[randn(&tokens, 1.0)],
+            &[0],
+            |x| fused::split_heads(&x[0], b, t, h, None).unwrap(),
+            |x| fused::split_heads_reference(&x[0], b, t, h, None).unwrap(),
+        );
+        check_op(
+            device,
+            dt,
+            &format!("merge heads {dims:?}"),
             &[randn(&dims, 1.0)],
             &[0],
-            |x| fused::rope(&x[0], &cd, &sd).unwrap(),
-            |x| fused::rope_reference(&x[0], &cr, &sr).unwrap(),
+            |x| fused::merge_heads(&x[0]).unwrap(),
+            |x| {
+                x[0].transpose(1, 2)
+                    .unwrap()
+                    .reshape((b * t, h * hd))
+                    .unwrap()
+            },
         );
     }
+    // A shape that is not a whole number of heads is refused.
+    let x = randn(&[6, 10], 1.0).to_device(device).unwrap();
+    assert!(fused::split_heads(&x, 2, 3, 3, None).is_err());
 }
 
 /// `a @ b^T` (linear layers, stacked experts, attention scores) against `a.matmul(b.t())`,
@@ -653,9 +701,10 @@ fn fused_optimizer_matches_the_plain_ops_on_the_cpu() {
 
 #[test]
 fn multi_tensor_step_matches_the_plain_update_on_the_cpu() {
-    check_multi(&Device::Cpu, DType::F32, None);
-    check_multi(&Device::Cpu, DType::BF16, Some(DType::BF16));
-    check_multi(&Device::Cpu, DType::F32, Some(DType::BF16));
+    check_multi(&Device::Cpu, DType::F32, None, false);
+    check_multi(&Device::Cpu, DType::BF16, Some(DType::BF16), false);
+    check_multi(&Device::Cpu, DType::F32, Some(DType::BF16), false);
+    check_multi(&Device::Cpu, DType::F32, Some(DType::F32), true);
 }
 
 /// The CUDA kernels against the same f64 CPU reference.
@@ -681,7 +730,9 @@ fn cuda_fused_kernels_match_the_plain_ops() {
         (DType::BF16, Some(DType::BF16)),
         (DType::BF16, Some(DType::F32)),
     ] {
-        check_multi(&device, g, c);
+        for aligned in [false, true] {
+            check_multi(&device, g, c, aligned);
+        }
     }
     eprintln!("fused kernels match on {device:?}");
 }
