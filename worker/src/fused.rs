@@ -1251,7 +1251,9 @@ pub fn split_heads(
         None => None,
     };
     let fits = rope.is_none_or(|(c, s)| c.dtype() == x.dtype() && s.dtype() == x.dtype());
-    if native(x) && hd.is_multiple_of(2) && fits {
+    // The kernel indexes in 32 bits.
+    let small = x.elem_count() / 2 < i32::MAX as usize;
+    if native(x) && hd.is_multiple_of(2) && fits && small {
         x.contiguous()?.apply_op1(Heads {
             dims: [b, heads, t, hd],
             merge: false,
@@ -1288,7 +1290,7 @@ pub fn split_heads_reference(
 /// [`split_heads`] without rotation; one kernel each way.
 pub fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, h, t, hd) = x.dims4()?;
-    if native(x) && hd.is_multiple_of(2) {
+    if native(x) && hd.is_multiple_of(2) && x.elem_count() / 2 < i32::MAX as usize {
         x.contiguous()?.apply_op1(Heads {
             dims: [b, h, t, hd],
             merge: true,
@@ -1459,6 +1461,99 @@ impl CustomOp1 for Heads {
         };
         let g = grad.contiguous()?.apply_op1_no_bwd(&back)?;
         Ok(Some(g.reshape(arg.dims())?))
+    }
+}
+
+/// Rows of `x: [r, ...]` picked by `ids: [m]` (u32, each at most `r`): `out[i] = x[ids[i]]`,
+/// and a row of zeros where `ids[i] == r`. No gradient (the MoE dispatch builds its
+/// backward from gathers too). On a GPU one kernel copies whole rows in 16-byte words where
+/// the rows' width allows; candle's CUDA `index_select` computes each element's indices
+/// with 64-bit divisions and ran at about a third of the memory bandwidth, and the zero row
+/// cost a concatenation (a full copy of `x`) first.
+pub fn gather_rows(x: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    if ids.dtype() != DType::U32 || ids.rank() != 1 || x.rank() == 0 {
+        candle_core::bail!(
+            "gather_rows: ids {:?} {:?} for rows of {:?}",
+            ids.dtype(),
+            ids.dims(),
+            x.dims()
+        );
+    }
+    if x.device().is_cuda() {
+        x.contiguous()?
+            .apply_op2_no_bwd(&ids.contiguous()?, &GatherRowsOp)
+    } else {
+        gather_rows_reference(x, ids)
+    }
+}
+
+/// [`gather_rows`] as plain candle ops: a zero row appended, then `index_select`.
+pub fn gather_rows_reference(x: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    let mut zero_dims = x.dims().to_vec();
+    zero_dims[0] = 1;
+    let zero = Tensor::zeros(zero_dims, x.dtype(), x.device())?;
+    Tensor::cat(&[x, &zero], 0)?.index_select(ids, 0)
+}
+
+/// [`gather_rows`] on a GPU (also the forward of the MoE dispatch's own gather op).
+#[derive(Debug)]
+pub(crate) struct GatherRowsOp;
+
+impl CustomOp2 for GatherRowsOp {
+    fn name(&self) -> &'static str {
+        "gather-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("gather-rows: the CPU takes the plain ops")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        ids: &CudaStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = xl.dims();
+        let r = dims[0];
+        let width = xl.shape().elem_count() / r.max(1);
+        let m = il.shape().elem_count();
+        let out = cuda::alloc_like(x, m * width)?;
+        let row_bytes = width * x.dtype().size_in_bytes();
+        let (src, dst) = (cuda::input(x, xl)?, cuda::output(&out)?);
+        let (cuda::Arg::P(sa), cuda::Arg::P(da)) = (&src, &dst) else {
+            candle_core::bail!("gather-rows: addresses expected");
+        };
+        // The widest word that divides a row and both addresses.
+        let word = [16usize, 8, 4, 2, 1]
+            .into_iter()
+            .find(|&w| row_bytes % w == 0 && *sa % w as u64 == 0 && *da % w as u64 == 0)
+            .unwrap_or(1);
+        let args = [
+            src,
+            cuda::input(ids, il)?,
+            dst,
+            cuda::Arg::I64(m as i64),
+            cuda::Arg::I64(r as i64),
+            cuda::Arg::I64((row_bytes / word) as i64),
+        ];
+        cuda::launch_named(
+            &x.device,
+            &format!("gather_rows_w{word}"),
+            cuda::row_groups(m),
+            &args,
+        )?;
+        let mut out_dims = dims.to_vec();
+        out_dims[0] = m;
+        Ok((out, Shape::from(out_dims)))
     }
 }
 
@@ -1809,6 +1904,84 @@ pub fn router_gates(probs: &Tensor, choice: &Tensor, k: usize) -> candle_core::R
         choice: choice.contiguous()?,
         k,
     })
+}
+
+/// Each token's `k` experts by router probability, `probs: [N, E]` -> `[N, k]` u32, best
+/// first; of equal probabilities the lower expert wins (an arg-max `k` times, each skipping
+/// the experts already taken). No gradient: the gates carry it ([`router_gates`]). One
+/// kernel on a GPU (f32), so that routing reads back the choice, not the probabilities.
+pub fn router_topk(probs: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    let (n, e) = probs.dims2()?;
+    if k == 0 || k > e {
+        candle_core::bail!("router-topk: top {k} of {e} experts");
+    }
+    let device = probs.device();
+    if device.is_cuda() && probs.dtype() == DType::F32 {
+        return probs.contiguous()?.apply_op1_no_bwd(&RouterTopk { k });
+    }
+    let flat = probs.flatten_all()?;
+    let choice = match probs.dtype() {
+        DType::F32 => topk_host(&flat.to_vec1::<f32>()?, e, k),
+        _ => topk_host(&flat.to_dtype(DType::F64)?.to_vec1::<f64>()?, e, k),
+    };
+    Tensor::from_vec(choice, (n, k), device)
+}
+
+/// [`router_topk`] on host values `p: [N, E]` (row-major): `[N * k]`, token-major.
+pub fn topk_host<T: Copy + PartialOrd>(p: &[T], e: usize, k: usize) -> Vec<u32> {
+    let n = p.len() / e;
+    let mut choice = Vec::with_capacity(n * k);
+    let mut taken = vec![false; e];
+    for row in p.chunks_exact(e) {
+        let first = choice.len();
+        for _ in 0..k {
+            let mut best: Option<usize> = None;
+            for (x, &px) in row.iter().enumerate() {
+                if !taken[x] && best.is_none_or(|b| px > row[b]) {
+                    best = Some(x);
+                }
+            }
+            let x = best.unwrap_or(0);
+            taken[x] = true;
+            choice.push(x as u32);
+        }
+        for &x in &choice[first..] {
+            taken[x as usize] = false;
+        }
+    }
+    choice
+}
+
+/// [`router_topk`] on a GPU.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RouterTopk {
+    k: usize,
+}
+
+impl CustomOp1 for RouterTopk {
+    fn name(&self) -> &'static str {
+        "router-topk"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("router-topk: the CPU takes the host loop")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, e) = l.shape().dims2()?;
+        let out = cuda::alloc_u32(&s.device, n * self.k)?;
+        let args = [
+            cuda::input(s, l)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+            cuda::Arg::I32(e as i32),
+            cuda::Arg::I32(self.k as i32),
+        ];
+        cuda::launch_named(&s.device, "router_topk_f32", cuda::flat_exact(n), &args)?;
+        Ok((out, Shape::from((n, self.k))))
+    }
 }
 
 /// [`router_gates`] as plain candle ops (masked products and sums): the reference.
@@ -2676,6 +2849,16 @@ mod cuda {
         })
     }
 
+    /// An uninitialised u32 buffer of `n` elements, which the caller's kernel fills.
+    pub(super) fn alloc_u32(dev: &CudaDevice, n: usize) -> Result<CudaStorage> {
+        // SAFETY: the caller's kernel writes every element before anything reads it.
+        let slice = S::U32(unsafe { dev.alloc::<u32>(n)? });
+        Ok(CudaStorage {
+            slice,
+            device: dev.clone(),
+        })
+    }
+
     /// Rows per block of the one-warp-per-row kernels.
     const ROWS_PER_BLOCK: usize = 4;
 
@@ -2689,6 +2872,15 @@ mod cuda {
     }
 
     /// A grid-stride launch over `n` elements: enough blocks to fill the GPU a few times.
+    pub(super) fn row_groups(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(8).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// A grid-stride launch over `n` elements, 256 threads a block, at most 8 blocks an SM.
     pub(super) fn flat(n: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (n.div_ceil(256).clamp(1, 132 * 8) as u32, 1, 1),

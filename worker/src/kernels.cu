@@ -396,25 +396,25 @@ __device__ void rms_norm_bwd_w(const T *x, const T *dy, float *part, int64_t row
 template <typename T>
 __device__ void heads(const T *x, const T *cos, const T *sin, T *y, int64_t pairs, int h,
                        int t, int half, int merge, int rotate, float sign) {
-  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < pairs;
-       k += (int64_t)gridDim.x * blockDim.x) {
-    int i = (int)(k % half);
-    int64_t r = k / half;  // output row
-    int64_t src;
-    int pos;
+  // 32-bit index arithmetic (the caller keeps `pairs` below 2^31): 64-bit divisions made
+  // this kernel compute-bound.
+  for (uint32_t k = blockIdx.x * blockDim.x + threadIdx.x; k < (uint32_t)pairs;
+       k += gridDim.x * blockDim.x) {
+    uint32_t i = k % (uint32_t)half;
+    uint32_t r = k / (uint32_t)half;  // output row
+    uint32_t src, pos;
     if (merge) {  // output [b, t, h], input [b, h, t]
-      int hh = (int)(r % h);
-      int64_t rest = r / h;
-      pos = (int)(rest % t);
-      src = ((rest / t) * h + hh) * t + pos;
+      uint32_t hh = r % (uint32_t)h, rest = r / (uint32_t)h;
+      pos = rest % (uint32_t)t;
+      src = ((rest / (uint32_t)t) * h + hh) * t + pos;
     } else {  // output [b, h, t], input [b, t, h]
-      pos = (int)(r % t);
-      int64_t rest = r / t;
-      int hh = (int)(rest % h);
-      src = ((rest / h) * t + pos) * h + hh;
+      pos = r % (uint32_t)t;
+      uint32_t rest = r / (uint32_t)t;
+      uint32_t hh = rest % (uint32_t)h;
+      src = ((rest / (uint32_t)h) * t + pos) * h + hh;
     }
-    const T *xr = x + src * 2 * half;
-    T *yr = y + r * 2 * half;
+    const T *xr = x + (int64_t)src * 2 * half;
+    T *yr = y + (int64_t)r * 2 * half;
     if (rotate) {
       float c = to_f(cos[pos * half + i]);
       float s = to_f(sin[pos * half + i]) * sign;
@@ -601,4 +601,56 @@ extern "C" __global__ void router_gates_bwd_f32(const float *p, const uint32_t *
                                                 const float *dg, float *dp, int64_t n, int e,
                                                 int k) {
   router_gates_bwd<float>(p, c, dg, dp, n, e, k);
+}
+
+// Rows gathered by index, a row of zeros for an index >= r: out[i] = x[ids[i]]. A row is
+// `words` words of type W (16, 8, 4, 2 or 1 bytes, as wide as the rows' width and both
+// addresses allow); blocks of 32 x 8 threads copy eight rows at a time.
+template <typename W>
+__device__ void gather_rows(const W *x, const uint32_t *ids, W *y, int64_t m, int64_t r,
+                            int64_t words) {
+  for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; row < m;
+       row += (int64_t)gridDim.x * blockDim.y) {
+    int64_t id = ids[row];
+    W *yr = y + row * words;
+    if (id >= r) {
+      W zero;
+      memset(&zero, 0, sizeof(W));
+      for (int64_t c = threadIdx.x; c < words; c += blockDim.x) yr[c] = zero;
+    } else {
+      const W *xr = x + id * words;
+      for (int64_t c = threadIdx.x; c < words; c += blockDim.x) yr[c] = xr[c];
+    }
+  }
+}
+
+#define GATHER(NAME, W)                                                                      \
+  extern "C" __global__ void gather_rows_##NAME(const W *x, const uint32_t *ids, W *y,     \
+                                                int64_t m, int64_t r, int64_t words) {     \
+    gather_rows<W>(x, ids, y, m, r, words);                                                 \
+  }
+GATHER(w16, uint4)
+GATHER(w8, uint2)
+GATHER(w4, uint32_t)
+GATHER(w2, uint16_t)
+GATHER(w1, uint8_t)
+
+// Each token's k experts by router probability, best first, the lower expert winning a tie:
+// an arg-max k times, each skipping the experts already taken (fused::topk_host's rule).
+extern "C" __global__ void router_topk_f32(const float *p, uint32_t *out, int64_t n, int e,
+                                           int k) {
+  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < n;
+       t += (int64_t)gridDim.x * blockDim.x) {
+    const float *row = p + t * e;
+    uint32_t *o = out + t * k;
+    for (int j = 0; j < k; ++j) {
+      int best = -1;
+      for (int x = 0; x < e; ++x) {
+        bool taken = false;
+        for (int q = 0; q < j; ++q) taken |= o[q] == (uint32_t)x;
+        if (!taken && (best < 0 || row[x] > row[best])) best = x;
+      }
+      o[j] = (uint32_t)(best < 0 ? 0 : best);
+    }
+  }
 }

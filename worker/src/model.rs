@@ -458,13 +458,6 @@ pub struct Routing {
     pub d_model: usize,
     /// For each expert, the token rows it processes (after capacity), ascending.
     pub tokens: Vec<Vec<u32>>,
-    /// For each expert with tokens, the row indices as a device tensor (a remote expert's
-    /// input is `x.index_select(index[e], 0)`, the same rows in the same order as its block of
-    /// `dispatch`).
-    pub index: Vec<Option<Tensor>>,
-    /// For each expert with tokens, the gate weight of each routed token `[n_e]`, in the
-    /// compute dtype; differentiable with respect to the router.
-    pub gates: Vec<Option<Tensor>>,
     /// The load-balancing loss of this layer (a scalar, not yet multiplied by its coefficient).
     pub aux: Tensor,
     /// Expert assignments dropped for lack of capacity.
@@ -489,6 +482,8 @@ pub struct Routing {
     gates_nk: Tensor,
     /// `sorted_tokens` on the host.
     sorted_host: Vec<u32>,
+    /// For each sorted position, its (token, slot) as `t * k + j`, `[A]`.
+    sorted_slots: Tensor,
     /// For each (token, slot), `token * top_k + slot`, its sorted position, or `u32::MAX`
     /// where it was dropped.
     position: Vec<u32>,
@@ -504,6 +499,30 @@ impl Routing {
             back: self.slot_positions.clone(),
         };
         Ok(x.contiguous()?.apply_op1(op)?)
+    }
+
+    /// The token rows of expert `e` as a device tensor, `None` for an expert without tokens:
+    /// a remote expert's input is `x.index_select(&index, 0)`, the same rows in the same
+    /// order as its block of `dispatch`.
+    pub fn index(&self, e: usize) -> Result<Option<Tensor>> {
+        match self.expert_rows(e) {
+            Some((start, len)) => Ok(Some(self.sorted_tokens.narrow(0, start, len)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The gate weight of each token of expert `e`, `[n_e]` in the compute dtype (`None`
+    /// for an expert without tokens); differentiable with respect to the router. Made on
+    /// demand: the batched experts combine through all the gates at once.
+    pub fn gates(&self, e: usize) -> Result<Option<Tensor>> {
+        match self.expert_rows(e) {
+            Some((start, len)) => Ok(Some(
+                self.gates_nk
+                    .flatten_all()?
+                    .index_select(&self.sorted_slots.narrow(0, start, len)?, 0)?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// Rows of expert `e` within `dispatch`'s output.
@@ -602,35 +621,16 @@ struct HostRoute {
     dropped: u64,
 }
 
-/// Top-k per token (ties to the lower expert), capacity (first choices before second
-/// choices, in token order), and the expert-sorted order of what is kept. On a GPU this runs
-/// with the device idle, once per MoE layer and step, so it makes a few linear passes and no
-/// sort: a token picks an expert at most once, so walking tokens in order lists each expert's
-/// tokens ascending.
-fn route_host<T: Copy + PartialOrd>(p: &[T], n_exp: usize, k: usize, capacity: usize) -> HostRoute {
-    let n = p.len() / n_exp;
-    let mut choice = vec![0u32; n * k];
+/// Capacity (first choices before second choices, in token order) and the expert-sorted
+/// order of what is kept, from each token's top-k choice `choice: [N * top_k]` (token-major,
+/// as `fused::router_topk` gives it). On a GPU this runs with the device idle, once per MoE
+/// layer and step, so it makes a few linear passes and no sort: a token picks an expert at
+/// most once, so walking tokens in order lists each expert's tokens ascending.
+fn route_choices(choice: Vec<u32>, n_exp: usize, k: usize, capacity: usize) -> HostRoute {
+    let n = choice.len() / k;
     let mut chosen_count = vec![0u64; n_exp];
-    // The k best so far, best first; a later expert must beat a value to pass it, so equal
-    // values keep the lower index first.
-    let mut best: Vec<(T, u32)> = Vec::with_capacity(k + 1);
-    for (tok, row) in p.chunks_exact(n_exp).enumerate() {
-        best.clear();
-        for (e, &pe) in row.iter().enumerate() {
-            // (`<=` would differ for NaN: a NaN never enters a full list.)
-            if best.len() == k
-                && pe.partial_cmp(&best[k - 1].0) != Some(std::cmp::Ordering::Greater)
-            {
-                continue;
-            }
-            let at = best.iter().position(|&(b, _)| pe > b).unwrap_or(best.len());
-            best.insert(at, (pe, e as u32));
-            best.truncate(k);
-        }
-        for (slot, &(_, e)) in choice[tok * k..(tok + 1) * k].iter_mut().zip(&best) {
-            *slot = e;
-            chosen_count[e as usize] += 1;
-        }
+    for &e in &choice {
+        chosen_count[e as usize] += 1;
     }
     // Capacity, slot-major: `position` first marks what is kept (0) or dropped (MAX).
     let mut position = vec![u32::MAX; n * k];
@@ -725,7 +725,7 @@ impl CustomOp1 for GatherRows {
         let Storage::Cuda(ids) = &*ids else {
             candle_core::bail!("gather-rows: indices are not on the GPU");
         };
-        Ok((s.index_select(ids, l, ids_l, 0)?, self.out_shape(l)?))
+        candle_core::CustomOp2::cuda_fwd(&crate::fused::GatherRowsOp, s, l, ids, ids_l)
     }
 
     fn bwd(
@@ -734,13 +734,10 @@ impl CustomOp1 for GatherRows {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let mut zero_dims = grad.dims().to_vec();
-        zero_dims[0] = 1;
-        let zero = Tensor::zeros(zero_dims, grad.dtype(), grad.device())?;
-        let ext = Tensor::cat(&[grad, &zero], 0)?;
+        let grad = grad.contiguous()?;
         let mut acc: Option<Tensor> = None;
         for b in &self.back {
-            let g = ext.index_select(b, 0)?;
+            let g = crate::fused::gather_rows(&grad, b)?;
             acc = Some(match acc {
                 Some(a) => (a + g)?,
                 None => g,
@@ -1562,10 +1559,13 @@ impl Model {
         let router = w.get(&format!("layers.{layer}.moe.router.weight"))?;
         let logits = matmul_wt(x, &router)?.to_dtype(acc)?;
         let probs = crate::fused::softmax_last_dim(&logits)?;
-        // Read back as computed, and decided on in that dtype.
         let capacity =
             ((cfg.capacity_factor as f64 * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
-        let probs_flat = probs.flatten_all()?;
+        // The choice is made where the probabilities are (a GPU reads back 4 bytes a slot
+        // instead of 4 a probability, and skips the host's compare-heavy loop).
+        let choice = crate::fused::router_topk(&probs, k)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
         let HostRoute {
             choice,
             chosen_count,
@@ -1574,23 +1574,15 @@ impl Model {
             sorted_tokens,
             position,
             dropped,
-        } = match probs.dtype() {
-            DType::F32 => route_host(&probs_flat.to_vec1::<f32>()?, n_exp, k, capacity),
-            _ => route_host(
-                &probs_flat.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-                n_exp,
-                k,
-                capacity,
-            ),
-        };
+        } = route_choices(choice, n_exp, k, capacity);
         let kept = sorted_tokens.len();
         // Every index vector of the layer goes to the device in one upload, viewed in place:
         // an upload from pageable memory waits for the stream, and there were about ten a
         // layer. `ids` is [the slots' sorted positions (k * N, slot-major: the combine
         // gather) | sorted tokens (A) | combine backward (A + 1) | the (token, slot) of each
         // sorted position, `t * k + j` (A) | each slot's expert, plus E where it was dropped
-        // (N * k, token-major: the gates)].
-        let mut ids: Vec<u32> = Vec::with_capacity(2 * k * n + 3 * kept + 1);
+        // (N * k, token-major: the gates) | each expert's chosen count (E)].
+        let mut ids: Vec<u32> = Vec::with_capacity(2 * k * n + 3 * kept + 1 + n_exp);
         let mut combine_back = vec![(k * n) as u32; kept + 1];
         let mut slot_of = vec![0u32; kept];
         for j in 0..k {
@@ -1612,18 +1604,16 @@ impl Model {
             let dropped = if position[q] == u32::MAX { n_exp } else { 0 };
             choice[q] + dropped as u32
         }));
+        // Each expert's share of the choices, as counts: made a fraction on the device
+        // rather than uploaded on its own (an upload from pageable memory waits for the
+        // stream).
+        ids.extend(chosen_count.iter().map(|&c| c as u32));
         let ids_len = ids.len();
         let ids = Tensor::from_vec(ids, ids_len, &self.device)?;
-        let frac: Vec<f64> = chosen_count
-            .iter()
-            .map(|&c| c as f64 / (n * k) as f64)
-            .collect();
-        let frac = if acc == DType::F32 {
-            let f: Vec<f32> = frac.iter().map(|&x| x as f32).collect();
-            Tensor::from_vec(f, n_exp, &self.device)?
-        } else {
-            Tensor::from_vec(frac, n_exp, &self.device)?.to_dtype(acc)?
-        };
+        let frac = ids
+            .narrow(0, ids_len - n_exp, n_exp)?
+            .to_dtype(acc)?
+            .affine(1.0 / (n * k) as f64, 0.0)?;
         let combine_ids = ids.narrow(0, 0, k * n)?;
         let slot_positions = (0..k)
             .map(|j| combine_ids.narrow(0, j * n, n))
@@ -1635,19 +1625,7 @@ impl Model {
         let sorted_host = sorted_tokens;
         let sorted = ids.narrow(0, k * n, kept)?;
         let combine_back = ids.narrow(0, k * n + kept, kept + 1)?;
-        let slots = ids.narrow(0, k * n + 2 * kept + 1, kept)?;
-        let sorted_gates = gates_nk.flatten_all()?.index_select(&slots, 0)?;
-        let mut index = Vec::with_capacity(n_exp);
-        let mut gates = Vec::with_capacity(n_exp);
-        for (e, list) in tokens.iter().enumerate() {
-            if list.is_empty() {
-                index.push(None);
-                gates.push(None);
-            } else {
-                index.push(Some(sorted.narrow(0, offsets[e], list.len())?));
-                gates.push(Some(sorted_gates.narrow(0, offsets[e], list.len())?));
-            }
-        }
+        let sorted_slots = ids.narrow(0, k * n + 2 * kept + 1, kept)?;
         let aux = (probs.mean(0)? * frac)?
             .sum_all()?
             .affine(n_exp as f64, 0.0)?;
@@ -1655,8 +1633,6 @@ impl Model {
             n_tokens: n,
             d_model: d,
             tokens,
-            index,
-            gates,
             aux,
             dropped,
             dtype: self.compute_dtype,
@@ -1668,6 +1644,7 @@ impl Model {
             combine_back,
             gates_nk,
             sorted_host,
+            sorted_slots,
             position,
             top_k: k,
         })
@@ -1994,8 +1971,8 @@ mod tests {
     }
 
     proptest! {
-        /// The single-pass routing decides exactly as the plain rule, ties and drops
-        /// included (probabilities come from a few values, so rows hold many ties).
+        /// The top-k op and the linear capacity passes decide exactly as the plain rule, ties
+        /// and drops included (probabilities come from a few values, so rows hold many ties).
         #[test]
         fn host_routing_matches_the_plain_rule(
             (n_exp, k, p) in (1usize..10).prop_flat_map(|e| (
@@ -2008,11 +1985,17 @@ mod tests {
             let n = p.len() / n_exp;
             let p: Vec<f64> = p[..n * n_exp].iter().map(|&v| f64::from(v) / 4.0).collect();
             let capacity = ((cap_frac * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
-            let got = route_host(&p, n_exp, k, capacity);
+            let route = |choice| route_choices(choice, n_exp, k, capacity);
             let want = route_plain(&p, n_exp, k, capacity);
+            let got = route(crate::fused::topk_host(&p, n_exp, k));
             prop_assert!(same(&got, &want), "n {n} experts {n_exp} top {k} capacity {capacity}");
             let f32s: Vec<f32> = p.iter().map(|&v| v as f32).collect();
-            prop_assert!(same(&route_host(&f32s, n_exp, k, capacity), &want));
+            prop_assert!(same(&route(crate::fused::topk_host(&f32s, n_exp, k)), &want));
+            // The op, as the forward pass calls it.
+            let probs = Tensor::from_vec(f32s, (n, n_exp), &Device::Cpu).unwrap();
+            let choice = crate::fused::router_topk(&probs, k).unwrap();
+            prop_assert_eq!(choice.dims(), &[n, k]);
+            prop_assert!(same(&route(choice.flatten_all().unwrap().to_vec1().unwrap()), &want));
         }
     }
 }

@@ -603,6 +603,87 @@ impl Lcg {
     }
 }
 
+/// The router's top-k choice (`fused::router_topk`) against the host rule, on rows full of
+/// ties (probabilities drawn from four values), for expert counts and `k` around a warp.
+fn check_topk(device: &Device) {
+    let mut rng = Lcg(17);
+    for (n, e, k) in [
+        (1usize, 1usize, 1usize),
+        (33, 8, 2),
+        (100, 5, 5),
+        (70, 40, 3),
+        (9, 64, 1),
+    ] {
+        let p: Vec<f32> = (0..n * e).map(|_| rng.below(4) as f32 / 4.0).collect();
+        let probs = Tensor::from_vec(p.clone(), (n, e), device).unwrap();
+        let got = fused::router_topk(&probs, k).unwrap();
+        assert_eq!(got.dims(), [n, k]);
+        let got: Vec<u32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(
+            got,
+            fused::topk_host(&p, e, k),
+            "{device:?} n {n} e {e} k {k}"
+        );
+    }
+    let probs = Tensor::zeros((3, 4), DType::F32, device).unwrap();
+    assert!(fused::router_topk(&probs, 5).is_err());
+    assert!(fused::router_topk(&probs, 0).is_err());
+}
+
+/// Rows gathered by index (`fused::gather_rows`) against the same rows read on the host:
+/// repeated rows, zero rows (index `r`), rows whose width in bytes takes each word size of
+/// the GPU kernel (16, 8, 4, 2 bytes and, for f64, 8), and inputs that start at an offset.
+fn check_gather(device: &Device, dt: DType) {
+    reseed(9);
+    let mut rng = Lcg(5);
+    for (r, d, m) in [
+        (1usize, 1usize, 1usize),
+        (7, 768, 40),
+        (9, 5, 33),
+        (6, 3, 17),
+        (12, 2, 70),
+        (300, 64, 1000),
+    ] {
+        let x = normal(&[r + 1, d], 1.0).to_dtype(dt).unwrap();
+        let ids: Vec<u32> = (0..m)
+            .map(|_| {
+                if rng.below(6) == 0 {
+                    r as u32
+                } else {
+                    rng.below(r) as u32
+                }
+            })
+            .collect();
+        // Rows 0..r or 1..=r of the buffer on the device: an input that starts one row in.
+        for start in [0, 1] {
+            let xs = x.narrow(0, start, r).unwrap();
+            let got = fused::gather_rows(
+                &x.to_device(device).unwrap().narrow(0, start, r).unwrap(),
+                &Tensor::from_vec(ids.clone(), m, device).unwrap(),
+            )
+            .unwrap();
+            let host = host_f64(&xs);
+            let want: Vec<f64> = ids
+                .iter()
+                .flat_map(|&i| {
+                    let i = i as usize;
+                    if i < r {
+                        host[i * d..(i + 1) * d].to_vec()
+                    } else {
+                        vec![0.0; d]
+                    }
+                })
+                .collect();
+            assert_eq!(got.dims(), [m, d]);
+            assert_eq!(
+                host_f64(&got),
+                want,
+                "{device:?} {dt:?} r {r} d {d} m {m} start {start}"
+            );
+        }
+    }
+}
+
 /// The MoE combine and the router's gates against their plain formulations, with dropped
 /// slots, rows that no slot reads, and sizes that are not multiples of a warp.
 fn check_moe_ops(device: &Device, dt: DType) {
@@ -668,6 +749,8 @@ fn check_moe_ops(device: &Device, dt: DType) {
 fn fused_moe_ops_match_the_plain_ops_on_the_cpu() {
     for dt in [DType::F32, DType::F64, DType::BF16] {
         check_moe_ops(&Device::Cpu, dt);
+        check_gather(&Device::Cpu, DType::F32);
+        check_topk(&Device::Cpu);
     }
 }
 
@@ -720,6 +803,10 @@ fn cuda_fused_kernels_match_the_plain_ops() {
         check_grouped_matmul(&device, dt);
         check_moe_ops(&device, dt);
     }
+    for dt in [DType::F32, DType::BF16, DType::F64, DType::U32] {
+        check_gather(&device, dt);
+    }
+    check_topk(&device);
     for dt in [DType::F32, DType::F64] {
         check_optimizer(&device, dt);
     }

@@ -77,16 +77,16 @@ fn check(capacity_factor: f32, missing: Option<usize>, seed: u64) {
     // Plain path: gather and scatter-add per expert.
     let mut plain = Tensor::zeros((n, cfg.d_model), DType::F64, &Device::Cpu).unwrap();
     for e in 0..cfg.n_experts {
-        let (Some(idx), Some(gate)) = (&routing.index[e], &routing.gates[e]) else {
+        let (Some(idx), Some(gate)) = (routing.index(e).unwrap(), routing.gates(e).unwrap()) else {
             continue;
         };
         if missing == Some(e) {
             continue;
         }
-        let xe = x.as_tensor().index_select(idx, 0).unwrap();
+        let xe = x.as_tensor().index_select(&idx, 0).unwrap();
         let ye = model.expert_forward(&w, 0, e, &xe).unwrap();
         let contrib = ye.broadcast_mul(&gate.unsqueeze(1).unwrap()).unwrap();
-        plain = plain.index_add(idx, &contrib, 0).unwrap();
+        plain = plain.index_add(&idx, &contrib, 0).unwrap();
     }
     assert!(max_diff(&fast, &plain) < 1e-12, "outputs differ");
 
