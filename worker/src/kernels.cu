@@ -654,3 +654,29 @@ extern "C" __global__ void router_topk_f32(const float *p, uint32_t *out, int64_
     }
   }
 }
+
+// The rows that nsum index lists pick, summed in f32: out[i] = sum_j x[ids[j * m + i]], an
+// index >= r reading zeros. Blocks of 32 x 8 threads, eight rows at a time.
+template <typename T>
+__device__ void gather_sum(const T *x, const uint32_t *ids, T *y, int64_t m, int64_t r,
+                           int64_t d, int nsum) {
+  for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; row < m;
+       row += (int64_t)gridDim.x * blockDim.y) {
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      float acc = 0.f;
+      for (int j = 0; j < nsum; ++j) {
+        int64_t id = ids[j * m + row];
+        if (id < r) acc += to_f(x[id * d + c]);
+      }
+      y[row * d + c] = from_f<T>(acc);
+    }
+  }
+}
+
+#define GATHER_SUM(NAME, T)                                                                  \
+  extern "C" __global__ void gather_sum_##NAME(const T *x, const uint32_t *ids, T *y,      \
+                                               int64_t m, int64_t r, int64_t d, int nsum) { \
+    gather_sum<T>(x, ids, y, m, r, d, nsum);                                                \
+  }
+GATHER_SUM(f32, float)
+GATHER_SUM(bf16, __nv_bfloat16)

@@ -470,9 +470,8 @@ pub struct Routing {
     /// the token of each, `[A]`.
     sorted_tokens: Tensor,
     /// For each of the `top_k` slots, the sorted position of each token's assignment in that
-    /// slot, or `A` where it was dropped: `[N]` each. The backward of the dispatch gather.
-    slot_positions: Vec<Tensor>,
-    /// The slots side by side, `[top_k * N]`: the combine gather.
+    /// slot, or `A` where it was dropped, the slots side by side, `[top_k * N]`: the combine
+    /// gather, and the backward of the dispatch gather.
     combine_ids: Tensor,
     /// For each sorted position (and one more, the zero row), the slot-major row that reads
     /// it, `[A + 1]`: the backward of the combine gather.
@@ -496,7 +495,7 @@ impl Routing {
     pub fn dispatch(&self, x: &Tensor) -> Result<Tensor> {
         let op = GatherRows {
             ids: self.sorted_tokens.clone(),
-            back: self.slot_positions.clone(),
+            back: self.combine_ids.reshape((self.top_k, self.n_tokens))?,
         };
         Ok(x.contiguous()?.apply_op1(op)?)
     }
@@ -573,12 +572,9 @@ impl Routing {
         let len = ids.len();
         let all = Tensor::from_vec(ids, len, &self.device)?;
         let combine_ids = all.narrow(0, rows, k * n)?;
-        let back = (0..k)
-            .map(|j| combine_ids.narrow(0, j * n, n))
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let op = GatherRows {
             ids: all.narrow(0, 0, rows)?,
-            back,
+            back: combine_ids.reshape((k, n))?,
         };
         let xs = x.contiguous()?.apply_op1(op)?;
         let combine = PaddedCombine {
@@ -687,16 +683,17 @@ struct PaddedCombine {
 }
 
 /// Rows of the input gathered by `ids` (`out[r] = x[ids[r]]`), with a backward that is again
-/// made of gathers: `grad_x = sum_b grad_ext[b]` over the index tensors of `back`, where
-/// `grad_ext` is the output gradient with one zero row appended. It is correct when every
-/// input row is read by at most `back.len()` output rows, listed in `back` (the zero row
-/// standing in for the rest). candle 0.11's CUDA index-add, the backward of a plain
+/// made of gathers: `grad_x[i] = sum_b grad_ext[back[b, i]]` (`fused::gather_rows_sum`),
+/// where `grad_ext` is the output gradient with one zero row appended. It is correct when
+/// every input row is read by at most `back.dim(0)` output rows, listed in `back` (the zero
+/// row standing in for the rest). candle 0.11's CUDA index-add, the backward of a plain
 /// `index_select`, runs one thread per column and loops over the indices: 0.6 ms for 2048
 /// rows against 0.02 ms for the gather (measured on the H100, see docs/GPU.md).
 #[derive(Debug)]
 struct GatherRows {
     ids: Tensor,
-    back: Vec<Tensor>,
+    /// `[slots, input rows]`.
+    back: Tensor,
 }
 
 impl GatherRows {
@@ -734,16 +731,10 @@ impl CustomOp1 for GatherRows {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let mut acc: Option<Tensor> = None;
-        for b in &self.back {
-            let g = crate::fused::gather_rows(&grad, b)?;
-            acc = Some(match acc {
-                Some(a) => (a + g)?,
-                None => g,
-            });
-        }
-        Ok(acc)
+        Ok(Some(crate::fused::gather_rows_sum(
+            &grad.contiguous()?,
+            &self.back,
+        )?))
     }
 }
 
@@ -1615,9 +1606,6 @@ impl Model {
             .to_dtype(acc)?
             .affine(1.0 / (n * k) as f64, 0.0)?;
         let combine_ids = ids.narrow(0, 0, k * n)?;
-        let slot_positions = (0..k)
-            .map(|j| combine_ids.narrow(0, j * n, n))
-            .collect::<candle_core::Result<Vec<_>>>()?;
         // Each slot's gate, renormalised over the token's top-k, in one op each way.
         let gates_nk =
             crate::fused::router_gates(&probs, &ids.narrow(0, k * n + 3 * kept + 1, n * k)?, k)?
@@ -1639,7 +1627,6 @@ impl Model {
             device: self.device.clone(),
             offsets,
             sorted_tokens: sorted,
-            slot_positions,
             combine_ids,
             combine_back,
             gates_nk,

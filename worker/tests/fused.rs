@@ -630,7 +630,8 @@ fn check_topk(device: &Device) {
     assert!(fused::router_topk(&probs, 0).is_err());
 }
 
-/// Rows gathered by index (`fused::gather_rows`) against the same rows read on the host:
+/// Rows gathered by index (`fused::gather_rows`, and summed over several index lists by
+/// `fused::gather_rows_sum`) against the same rows read on the host:
 /// repeated rows, zero rows (index `r`), rows whose width in bytes takes each word size of
 /// the GPU kernel (16, 8, 4, 2 bytes and, for f64, 8), and inputs that start at an offset.
 fn check_gather(device: &Device, dt: DType) {
@@ -681,7 +682,53 @@ fn check_gather(device: &Device, dt: DType) {
                 "{device:?} {dt:?} r {r} d {d} m {m} start {start}"
             );
         }
+        // Sums over one to three index lists (`fused::gather_rows_sum`), in f32 on a GPU.
+        if dt == DType::U32 {
+            continue;
+        }
+        let xs = x.narrow(0, 0, r).unwrap();
+        let host = host_f64(&xs);
+        for lists in 1..=3 {
+            let ids: Vec<u32> = (0..lists * m)
+                .map(|_| {
+                    if rng.below(4) == 0 {
+                        r as u32
+                    } else {
+                        rng.below(r) as u32
+                    }
+                })
+                .collect();
+            let got = fused::gather_rows_sum(
+                &xs.to_device(device).unwrap(),
+                &Tensor::from_vec(ids.clone(), (lists, m), device).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(got.dims(), [m, d]);
+            let got = host_f64(&got);
+            let tol = if dt == DType::BF16 { 1e-2 } else { 1e-6 };
+            for i in 0..m {
+                for c in 0..d {
+                    let want: f64 = (0..lists)
+                        .map(|j| ids[j * m + i] as usize)
+                        .filter(|&id| id < r)
+                        .map(|id| host[id * d + c])
+                        .sum();
+                    let e = (got[i * d + c] - want).abs();
+                    assert!(
+                        e <= tol * (1.0 + want.abs()),
+                        "{device:?} {dt:?} sum of {lists}: row {i} col {c} {} vs {want}",
+                        got[i * d + c]
+                    );
+                }
+            }
+        }
     }
+    let x = Tensor::zeros((4, 2), DType::F32, device).unwrap();
+    let flat = Tensor::zeros(3, DType::U32, device).unwrap();
+    assert!(
+        fused::gather_rows_sum(&x, &flat).is_err(),
+        "ids must be [lists, rows]"
+    );
 }
 
 /// The MoE combine and the router's gates against their plain formulations, with dropped
