@@ -13,6 +13,12 @@
 //!   flat buffers, one pass each instead of about fifteen.
 //! - [`grouped_matmul_t`]: the MoE experts' projections over their blocks of rows, one
 //!   matrix-library call per expert inside one graph node.
+//! - [`split_heads`] and [`merge_heads`]: attention's head split (with RoPE for queries and
+//!   keys) and merge, one kernel each way instead of a transpose, candle's strided copy and
+//!   the rotation.
+//! - [`router_topk`], [`gather_rows`] and [`gather_rows_sum`]: the MoE router's choice on the
+//!   device (routing reads back the choice, not the probabilities), and row gathers in whole
+//!   words (the dispatch, and its backward summed over the top-k slots in one pass).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
