@@ -1546,10 +1546,8 @@ impl CustomOp2 for GatherRowsSum {
         ids: &CudaStorage,
         il: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dims = xl.dims();
-        let r = dims[0];
-        let width = xl.shape().elem_count() / r.max(1);
         let (j, m) = il.shape().dims2()?;
+        let (r, width, shape) = gathered(xl, m);
         let out = cuda::alloc_like(x, m * width)?;
         let args = [
             cuda::input(x, xl)?,
@@ -1567,9 +1565,7 @@ impl CustomOp2 for GatherRowsSum {
             cuda::row_groups(m),
             &args,
         )?;
-        let mut out_dims = dims.to_vec();
-        out_dims[0] = m;
-        Ok((out, Shape::from(out_dims)))
+        Ok((out, shape))
     }
 }
 
@@ -1608,10 +1604,8 @@ impl CustomOp2 for GatherRowsOp {
         ids: &CudaStorage,
         il: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dims = xl.dims();
-        let r = dims[0];
-        let width = xl.shape().elem_count() / r.max(1);
         let m = il.shape().elem_count();
+        let (r, width, shape) = gathered(xl, m);
         let out = cuda::alloc_like(x, m * width)?;
         let row_bytes = width * x.dtype().size_in_bytes();
         let (src, dst) = (cuda::input(x, xl)?, cuda::output(&out)?);
@@ -1621,7 +1615,11 @@ impl CustomOp2 for GatherRowsOp {
         // The widest word that divides a row and both addresses.
         let word = [16usize, 8, 4, 2, 1]
             .into_iter()
-            .find(|&w| row_bytes % w == 0 && *sa % w as u64 == 0 && *da % w as u64 == 0)
+            .find(|&w| {
+                row_bytes.is_multiple_of(w)
+                    && sa.is_multiple_of(w as u64)
+                    && da.is_multiple_of(w as u64)
+            })
             .unwrap_or(1);
         let args = [
             src,
@@ -1637,10 +1635,19 @@ impl CustomOp2 for GatherRowsOp {
             cuda::row_groups(m),
             &args,
         )?;
-        let mut out_dims = dims.to_vec();
-        out_dims[0] = m;
-        Ok((out, Shape::from(out_dims)))
+        Ok((out, shape))
     }
+}
+
+/// For a gather of `m` rows from `x`: its row count, a row's width in elements, and the
+/// output's shape (`x`'s with `m` rows).
+#[cfg(feature = "cuda")]
+fn gathered(xl: &Layout, m: usize) -> (usize, usize, Shape) {
+    let mut dims = xl.dims().to_vec();
+    let r = dims[0];
+    let width = xl.shape().elem_count() / r.max(1);
+    dims[0] = m;
+    (r, width, Shape::from(dims))
 }
 
 /// The u32 values of a contiguous index tensor on the CPU.

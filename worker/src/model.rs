@@ -599,8 +599,7 @@ impl Routing {
     }
 }
 
-/// The host side of one layer's routing decision, from the router's probabilities
-/// `p: [N, E]` (row-major).
+/// The host side of one layer's routing decision, from each token's top-k choice.
 struct HostRoute {
     /// Each (token, slot)'s expert, `[N * top_k]`, token-major.
     choice: Vec<u32>,
