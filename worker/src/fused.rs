@@ -1437,12 +1437,21 @@ impl CustomOp1 for Heads {
             // Not read without rotation; any valid address will do.
             None => (cuda::input(s, l)?, cuda::input(s, l)?, 0.0),
         };
+        let (x, y) = (cuda::input(s, l)?, cuda::output(&out)?);
+        // Two pairs a thread where every address is aligned to two elements (always, for
+        // the tensors the attention makes).
+        let pair_bytes = 2 * s.dtype().size_in_bytes() as u64;
+        let aligned = [&x, &y, &cos, &sin]
+            .iter()
+            .all(|a| matches!(a, cuda::Arg::P(p) if p.is_multiple_of(pair_bytes)));
+        let wide = (hd / 2).is_multiple_of(2) && aligned;
+        let (kernel, per_thread) = if wide { ("heads2", 4) } else { ("heads", 2) };
         let args = [
-            cuda::input(s, l)?,
+            x,
             cos,
             sin,
-            cuda::output(&out)?,
-            cuda::Arg::I64((n / 2) as i64),
+            y,
+            cuda::Arg::I64((n / per_thread) as i64),
             cuda::Arg::I32(h as i32),
             cuda::Arg::I32(t as i32),
             cuda::Arg::I32((hd / 2) as i32),
@@ -1450,7 +1459,13 @@ impl CustomOp1 for Heads {
             cuda::Arg::I32(i32::from(self.rope.is_some())),
             cuda::Arg::F32(sign as f32),
         ];
-        cuda::launch(&s.device, "heads", s.dtype(), cuda::flat(n / 2), &args)?;
+        cuda::launch(
+            &s.device,
+            kernel,
+            s.dtype(),
+            cuda::flat(n / per_thread),
+            &args,
+        )?;
         Ok((out, self.out_shape()))
     }
 

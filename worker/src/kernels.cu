@@ -428,6 +428,65 @@ __device__ void heads(const T *x, const T *cos, const T *sin, T *y, int64_t pair
   }
 }
 
+// The same with two neighbouring pairs a thread, as 2-element vectors (half even, every row
+// and table aligned to two elements): half the threads and their index arithmetic, and
+// 4-byte (bf16) or 8-byte (f32) accesses.
+__device__ __forceinline__ float2 to_f2(float2 v) { return v; }
+__device__ __forceinline__ float2 to_f2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+template <typename V> __device__ __forceinline__ V from_f2(float a, float b);
+template <> __device__ __forceinline__ float2 from_f2<float2>(float a, float b) {
+  return make_float2(a, b);
+}
+template <> __device__ __forceinline__ __nv_bfloat162 from_f2<__nv_bfloat162>(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+
+template <typename T, typename V>
+__device__ void heads2(const T *x, const T *cos, const T *sin, T *y, int64_t quads, int h,
+                       int t, int half, int merge, int rotate, float sign) {
+  uint32_t hq = (uint32_t)half / 2;
+  for (uint32_t k = blockIdx.x * blockDim.x + threadIdx.x; k < (uint32_t)quads;
+       k += gridDim.x * blockDim.x) {
+    uint32_t i = (k % hq) * 2;
+    uint32_t r = k / hq;  // output row
+    uint32_t src, pos;
+    if (merge) {  // output [b, t, h], input [b, h, t]
+      uint32_t hh = r % (uint32_t)h, rest = r / (uint32_t)h;
+      pos = rest % (uint32_t)t;
+      src = ((rest / (uint32_t)t) * h + hh) * t + pos;
+    } else {  // output [b, h, t], input [b, t, h]
+      pos = r % (uint32_t)t;
+      uint32_t rest = r / (uint32_t)t;
+      uint32_t hh = rest % (uint32_t)h;
+      src = ((rest / (uint32_t)h) * t + pos) * h + hh;
+    }
+    const T *xr = x + (int64_t)src * 2 * half;
+    T *yr = y + (int64_t)r * 2 * half;
+    V a = *(const V *)(xr + i), b = *(const V *)(xr + half + i);
+    if (rotate) {
+      float2 c = to_f2(*(const V *)(cos + pos * half + i));
+      float2 s = to_f2(*(const V *)(sin + pos * half + i));
+      s.x *= sign;
+      s.y *= sign;
+      float2 x1 = to_f2(a), x2 = to_f2(b);
+      *(V *)(yr + i) = from_f2<V>(x1.x * c.x - x2.x * s.x, x1.y * c.y - x2.y * s.y);
+      *(V *)(yr + half + i) = from_f2<V>(x1.x * s.x + x2.x * c.x, x1.y * s.y + x2.y * c.y);
+    } else {
+      *(V *)(yr + i) = a;
+      *(V *)(yr + half + i) = b;
+    }
+  }
+}
+
+#define HEADS2(NAME, T, V)                                                                   \
+  extern "C" __global__ void heads2_##NAME(const T *x, const T *cos, const T *sin, T *y,    \
+                                           int64_t quads, int h, int t, int half,           \
+                                           int merge, int rotate, float sign) {             \
+    heads2<T, V>(x, cos, sin, y, quads, h, t, half, merge, rotate, sign);                   \
+  }
+HEADS2(f32, float, float2)
+HEADS2(bf16, __nv_bfloat16, __nv_bfloat162)
+
 // SwiGLU's gate: y = silu(g) * u.
 template <typename T>
 __device__ void swiglu_fwd(const T *g, const T *u, T *y, int64_t n) {

@@ -505,6 +505,40 @@ fn check_row_ops(device: &Device, dt: DType) {
             },
         );
     }
+    // An input that starts one element into its buffer (on a GPU, the kernel with one pair
+    // a thread; aligned inputs take the one with two) against the same values realigned.
+    let (b, t, h, hd) = (2usize, 5usize, 3usize, 8usize);
+    let n = b * t * h * hd;
+    let table = |f: fn(f64) -> f64| {
+        let v: Vec<f64> = (0..t * hd / 2).map(|k| f(k as f64 * 0.1)).collect();
+        Tensor::from_vec(v, (t, hd / 2), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+            .to_device(device)
+            .unwrap()
+    };
+    let (cos, sin) = (table(f64::cos), table(f64::sin));
+    let buf = randn(&[n + 1], 1.0)
+        .to_dtype(dt)
+        .unwrap()
+        .to_device(device)
+        .unwrap();
+    let shifted = buf
+        .narrow(0, 1, n)
+        .unwrap()
+        .reshape((b * t, h * hd))
+        .unwrap();
+    let fresh = shifted.copy().unwrap();
+    for rope in [None, Some((&cos, &sin))] {
+        let got = fused::split_heads(&shifted, b, t, h, rope).unwrap();
+        let want = fused::split_heads(&fresh, b, t, h, rope).unwrap();
+        let e = rel_err(&got, &want);
+        assert!(
+            e < tolerance(dt),
+            "{device:?} {dt:?}: shifted input, error {e}"
+        );
+    }
     // A shape that is not a whole number of heads is refused.
     let x = randn(&[6, 10], 1.0).to_device(device).unwrap();
     assert!(fused::split_heads(&x, 2, 3, 3, None).is_err());
