@@ -393,6 +393,21 @@ __device__ void rms_norm_bwd_w(const T *x, const T *dy, float *part, int64_t row
 // (the reverse; merge = 1), one thread per pair (i, i + hd/2) of an output row, rotated by
 // RoPE at the row's position when rotate = 1: y1 = x1 c - x2 s sign, y2 = x1 s sign + x2 c
 // (sign = -1 is the backward pass).
+// For output row r of the heads' split (merge = 0: output [b, h, t], input [b, t, h]) or
+// merge (merge = 1: the reverse), the input row it reads; its position goes to pos.
+__device__ __forceinline__ uint32_t heads_source(uint32_t r, int h, int t, int merge,
+                                                 uint32_t &pos) {
+  if (merge) {
+    uint32_t hh = r % (uint32_t)h, rest = r / (uint32_t)h;
+    pos = rest % (uint32_t)t;
+    return ((rest / (uint32_t)t) * h + hh) * t + pos;
+  }
+  pos = r % (uint32_t)t;
+  uint32_t rest = r / (uint32_t)t;
+  uint32_t hh = rest % (uint32_t)h;
+  return ((rest / (uint32_t)h) * t + pos) * h + hh;
+}
+
 template <typename T>
 __device__ void heads(const T *x, const T *cos, const T *sin, T *y, int64_t pairs, int h,
                        int t, int half, int merge, int rotate, float sign) {
@@ -402,17 +417,8 @@ __device__ void heads(const T *x, const T *cos, const T *sin, T *y, int64_t pair
        k += gridDim.x * blockDim.x) {
     uint32_t i = k % (uint32_t)half;
     uint32_t r = k / (uint32_t)half;  // output row
-    uint32_t src, pos;
-    if (merge) {  // output [b, t, h], input [b, h, t]
-      uint32_t hh = r % (uint32_t)h, rest = r / (uint32_t)h;
-      pos = rest % (uint32_t)t;
-      src = ((rest / (uint32_t)t) * h + hh) * t + pos;
-    } else {  // output [b, h, t], input [b, t, h]
-      pos = r % (uint32_t)t;
-      uint32_t rest = r / (uint32_t)t;
-      uint32_t hh = rest % (uint32_t)h;
-      src = ((rest / (uint32_t)h) * t + pos) * h + hh;
-    }
+    uint32_t pos;
+    uint32_t src = heads_source(r, h, t, merge, pos);
     const T *xr = x + (int64_t)src * 2 * half;
     T *yr = y + (int64_t)r * 2 * half;
     if (rotate) {
@@ -449,17 +455,8 @@ __device__ void heads2(const T *x, const T *cos, const T *sin, T *y, int64_t qua
        k += gridDim.x * blockDim.x) {
     uint32_t i = (k % hq) * 2;
     uint32_t r = k / hq;  // output row
-    uint32_t src, pos;
-    if (merge) {  // output [b, t, h], input [b, h, t]
-      uint32_t hh = r % (uint32_t)h, rest = r / (uint32_t)h;
-      pos = rest % (uint32_t)t;
-      src = ((rest / (uint32_t)t) * h + hh) * t + pos;
-    } else {  // output [b, h, t], input [b, t, h]
-      pos = r % (uint32_t)t;
-      uint32_t rest = r / (uint32_t)t;
-      uint32_t hh = rest % (uint32_t)h;
-      src = ((rest / (uint32_t)h) * t + pos) * h + hh;
-    }
+    uint32_t pos;
+    uint32_t src = heads_source(r, h, t, merge, pos);
     const T *xr = x + (int64_t)src * 2 * half;
     T *yr = y + (int64_t)r * 2 * half;
     V a = *(const V *)(xr + i), b = *(const V *)(xr + half + i);
