@@ -1,8 +1,10 @@
 //! Host cost of one MoE layer's routing at the GPU benchmark's batch (8,192 tokens, 8
-//! experts, top-2, no drops): `Model::moe_route` decides on the host, so on a GPU this time
-//! is spent with the device idle, once per MoE layer and step. The model width is kept small
-//! so that the router's product, which a GPU does in microseconds, does not hide the host
-//! work on a CPU.
+//! experts, top-2, no drops): `Model::moe_route` decides on the host, as the paths that run
+//! one expert at a time (remote experts, LoRA, f32 on the CPU) need each expert's token list;
+//! on a GPU this time is spent with the device idle. Batched experts no longer pay it: they
+//! lay their routing out on the device (`fused::route_layout`) and read back only the
+//! counts. The model width is kept small so that the router's product, which a GPU does in
+//! microseconds, does not hide the host work on a CPU.
 //!
 //! Run with `cargo bench -p potluck-benches --bench moe_route`.
 

@@ -2092,6 +2092,311 @@ impl CustomOp1 for RouterTopk {
     }
 }
 
+/// How a MoE layer's batched experts lay out their rows: expert `e`'s block holds its kept
+/// rows first and padding after, blocks follow one another in expert order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowBlocks {
+    /// Each block is the expert's kept count rounded up to a multiple of this (at least 1).
+    Aligned(usize),
+    /// Every block is the largest kept count (at least 1): a `[E, cap, d]` batch.
+    Uniform,
+}
+
+impl RowBlocks {
+    /// Each expert's block size for the kept counts `kept`.
+    pub fn sizes(self, kept: &[usize]) -> Vec<usize> {
+        match self {
+            RowBlocks::Aligned(a) => {
+                let a = a.max(1);
+                kept.iter().map(|c| c.div_ceil(a) * a).collect()
+            }
+            RowBlocks::Uniform => {
+                let widest = kept.iter().copied().max().unwrap_or(0).max(1);
+                vec![widest; kept.len()]
+            }
+        }
+    }
+
+    /// The kernel's encoding: the alignment, 0 for uniform blocks.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn code(self) -> usize {
+        match self {
+            RowBlocks::Aligned(a) => a.max(1),
+            RowBlocks::Uniform => 0,
+        }
+    }
+}
+
+/// Each expert's kept and chosen assignment counts from the router's choice
+/// (`choice: [N, k]` u32, as [`router_topk`] gives it): `[2E]` u32, `[kept | chosen]`, kept
+/// being `min(chosen, capacity)`. Read back, it is all the host needs of a layer's routing
+/// to size its expert products ([`route_layout`] builds the rest on the device). No gradient.
+pub fn route_counts(choice: &Tensor, n_exp: usize, capacity: usize) -> candle_core::Result<Tensor> {
+    check_choice(choice, n_exp)?;
+    choice
+        .contiguous()?
+        .apply_op1_no_bwd(&RouteCounts { n_exp, capacity })
+}
+
+/// The index vectors of a MoE layer's batched experts, built where the choice is: from
+/// `choice: [N, k]` and [`route_counts`]'s `counts` (the same choice and capacity), and the
+/// kept counts `kept` read back from them, `[R + N*k + (R + 1) + N*k]` u32 where `R` is the sum
+/// of `blocks`' sizes:
+/// - gather (`R`): the token each row reads, `N` (a zero row) for padding;
+/// - combine (`N * k`, slot-major `j * N + t`): the row of each slot, `R` where dropped;
+/// - back (`R + 1`): the slot `j * N + t` that reads each row, `N * k` for padding and for
+///   the zero row `R`;
+/// - gate (`N * k`, token-major): each slot's expert, plus `E` where dropped.
+///
+/// Capacity keeps an expert's first `capacity` assignments in slot-major order (every
+/// token's first choice before any second choice), and a block lists its tokens ascending:
+/// the rule of `Model::moe_route`. One block-wide kernel on a GPU, so that the host does no
+/// routing work while the GPU waits.
+pub fn route_layout(
+    choice: &Tensor,
+    counts: &Tensor,
+    kept: &[usize],
+    capacity: usize,
+    blocks: RowBlocks,
+) -> candle_core::Result<Tensor> {
+    let n_exp = kept.len();
+    check_choice(choice, n_exp)?;
+    if counts.dims() != [2 * n_exp] || counts.dtype() != DType::U32 {
+        candle_core::bail!(
+            "route-layout: counts {:?} {:?} for {n_exp} experts",
+            counts.dtype(),
+            counts.dims()
+        );
+    }
+    let rows = blocks.sizes(kept).iter().sum();
+    choice.contiguous()?.apply_op2_no_bwd(
+        &counts.contiguous()?,
+        &RouteLayout {
+            capacity,
+            blocks,
+            rows,
+        },
+    )
+}
+
+fn check_choice(choice: &Tensor, n_exp: usize) -> candle_core::Result<()> {
+    let (_, k) = choice.dims2()?;
+    if choice.dtype() != DType::U32 || k == 0 || n_exp == 0 || n_exp > ROUTE_MAX_EXPERTS {
+        candle_core::bail!(
+            "routing: choice {:?} {:?} for {n_exp} experts (at most {ROUTE_MAX_EXPERTS})",
+            choice.dtype(),
+            choice.dims()
+        );
+    }
+    Ok(())
+}
+
+/// The most experts the routing kernels hold in shared memory (`ROUTE_MAX_EXPERTS` in
+/// `kernels.cu`; the model config's limit too).
+const ROUTE_MAX_EXPERTS: usize = 4096;
+
+/// Threads of the routing kernels' single block.
+#[cfg(feature = "cuda")]
+const ROUTE_THREADS: u32 = 1024;
+
+/// [`route_counts`] on host values.
+fn route_counts_host(choice: &[u32], n_exp: usize, capacity: usize) -> Vec<u32> {
+    let mut chosen = vec![0u32; n_exp];
+    for &c in choice {
+        if let Some(x) = chosen.get_mut(c as usize) {
+            *x += 1;
+        }
+    }
+    let cap = u32::try_from(capacity).unwrap_or(u32::MAX);
+    chosen
+        .iter()
+        .map(|&c| c.min(cap))
+        .chain(chosen.iter().copied())
+        .collect()
+}
+
+/// [`route_layout`] on host values, in the plain order: capacity slot by slot in token
+/// order, then each kept assignment in token order takes its expert's next row.
+fn route_layout_host(
+    choice: &[u32],
+    k: usize,
+    n_exp: usize,
+    capacity: usize,
+    sizes: &[usize],
+) -> Vec<u32> {
+    let n = choice.len() / k;
+    let m = n * k;
+    let rows: usize = sizes.iter().sum();
+    let mut gate: Vec<u32> = choice
+        .iter()
+        .map(|&c| {
+            if (c as usize) < n_exp {
+                c
+            } else {
+                2 * n_exp as u32
+            }
+        })
+        .collect();
+    let mut taken = vec![0usize; n_exp];
+    for j in 0..k {
+        for t in 0..n {
+            let c = gate[t * k + j] as usize;
+            if c < n_exp {
+                if taken[c] < capacity {
+                    taken[c] += 1;
+                } else {
+                    gate[t * k + j] += n_exp as u32;
+                }
+            }
+        }
+    }
+    let mut next: Vec<usize> = sizes
+        .iter()
+        .scan(0, |at, &s| {
+            let start = *at;
+            *at += s;
+            Some(start)
+        })
+        .collect();
+    let mut out = vec![n as u32; rows];
+    let mut combine = vec![rows as u32; m];
+    let mut back = vec![m as u32; rows + 1];
+    for (q, &g) in gate.iter().enumerate() {
+        let (t, j) = (q / k, q % k);
+        if let Some(r) = next.get_mut(g as usize) {
+            out[*r] = t as u32;
+            combine[j * n + t] = *r as u32;
+            back[*r] = (j * n + t) as u32;
+            *r += 1;
+        }
+    }
+    out.extend(combine);
+    out.extend(back);
+    out.extend(gate);
+    out
+}
+
+/// [`route_counts`] as an op.
+#[derive(Debug)]
+struct RouteCounts {
+    n_exp: usize,
+    capacity: usize,
+}
+
+impl CustomOp1 for RouteCounts {
+    fn name(&self) -> &'static str {
+        "route-counts"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let choice = cpu_u32(s, l)?;
+        let out = route_counts_host(choice, self.n_exp, self.capacity);
+        Ok((CpuStorage::U32(out), Shape::from(2 * self.n_exp)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let out = cuda::alloc_u32(&s.device, 2 * self.n_exp)?;
+        let args = [
+            cuda::input(s, l)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(l.shape().elem_count() as i64),
+            cuda::Arg::I32(self.n_exp as i32),
+            cuda::Arg::I64(self.capacity.min(i64::MAX as usize) as i64),
+        ];
+        cuda::launch_named(
+            &s.device,
+            "route_counts",
+            cuda::one_block(ROUTE_THREADS),
+            &args,
+        )?;
+        Ok((out, Shape::from(2 * self.n_exp)))
+    }
+}
+
+/// [`route_layout`] as an op.
+#[derive(Debug)]
+struct RouteLayout {
+    capacity: usize,
+    blocks: RowBlocks,
+    /// The sum of the blocks, from the kept counts read back.
+    rows: usize,
+}
+
+impl RouteLayout {
+    fn len(&self, m: usize) -> usize {
+        2 * self.rows + 1 + 2 * m
+    }
+}
+
+impl CustomOp2 for RouteLayout {
+    fn name(&self) -> &'static str {
+        "route-layout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, k) = l.shape().dims2()?;
+        let choice = cpu_u32(s, l)?;
+        let counts = cpu_u32(cs, cl)?;
+        let n_exp = counts.len() / 2;
+        let kept: Vec<usize> = counts[..n_exp].iter().map(|&c| c as usize).collect();
+        let sizes = self.blocks.sizes(&kept);
+        if sizes.iter().sum::<usize>() != self.rows {
+            candle_core::bail!("route-layout: the counts are not the ones read back");
+        }
+        let out = route_layout_host(choice, k, n_exp, self.capacity, &sizes);
+        Ok((CpuStorage::U32(out), Shape::from(self.len(choice.len()))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        l: &Layout,
+        cs: &CudaStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, k) = l.shape().dims2()?;
+        let n_exp = cl.shape().elem_count() / 2;
+        let len = self.len(n * k);
+        let out = cuda::alloc_u32(&s.device, len)?;
+        let args = [
+            cuda::input(s, l)?,
+            cuda::input(cs, cl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+            cuda::Arg::I32(k as i32),
+            cuda::Arg::I32(n_exp as i32),
+            cuda::Arg::I64(self.capacity.min(i64::MAX as usize) as i64),
+            cuda::Arg::I64(self.blocks.code() as i64),
+            cuda::Arg::I64(self.rows as i64),
+        ];
+        // Up to 32 experts, a tile of assignments at a time with warp-level ranks (about 10
+        // us on `base`); past that, a block-wide scan per expert (110 us on `base`, session 8).
+        let kernel = if n_exp <= 32 {
+            "route_layout_few"
+        } else {
+            "route_layout"
+        };
+        cuda::launch_named(&s.device, kernel, cuda::one_block(ROUTE_THREADS), &args)?;
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// The u32 values of a contiguous CPU storage.
+fn cpu_u32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    let (CpuStorage::U32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+        candle_core::bail!("routing: expected contiguous u32 values");
+    };
+    Ok(&v[a..b])
+}
+
 /// [`router_gates`] as plain candle ops (masked products and sums): the reference.
 pub fn router_gates_reference(
     probs: &Tensor,
@@ -3002,6 +3307,15 @@ mod cuda {
         LaunchConfig {
             grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
             block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block of `threads` threads.
+    pub(super) fn one_block(threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         }
     }

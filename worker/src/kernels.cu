@@ -736,3 +736,222 @@ __device__ void gather_sum(const T *x, const uint32_t *ids, T *y, int64_t m, int
   }
 GATHER_SUM(f32, float)
 GATHER_SUM(bf16, __nv_bfloat16)
+
+// MoE routing laid out on the device (fused::route_counts, fused::route_layout). Both run as
+// one block of ROUTE_THREADS threads: a layer routes N * k assignments (16,384 on `base`),
+// and the layout is a few block-wide scans over them.
+#define ROUTE_THREADS 1024
+#define ROUTE_MAX_EXPERTS 4096
+
+// Each expert's kept and chosen counts: out = [min(chosen, capacity) (e) | chosen (e)].
+// Choices >= e are counted nowhere.
+extern "C" __global__ void route_counts(const uint32_t *choice, uint32_t *out, int64_t m,
+                                        int e, int64_t capacity) {
+  __shared__ uint32_t hist[ROUTE_MAX_EXPERTS];
+  for (int x = threadIdx.x; x < e; x += blockDim.x) hist[x] = 0;
+  __syncthreads();
+  for (int64_t q = threadIdx.x; q < m; q += blockDim.x) {
+    uint32_t c = choice[q];
+    if (c < (uint32_t)e) atomicAdd(&hist[c], 1u);
+  }
+  __syncthreads();
+  for (int x = threadIdx.x; x < e; x += blockDim.x) {
+    uint32_t c = hist[x];
+    out[x] = (int64_t)c < capacity ? c : (uint32_t)capacity;
+    out[e + x] = c;
+  }
+}
+
+// Exclusive prefix sum of one value per thread over the block (blockDim.x a multiple of 32,
+// at most 1024); every thread of the block must call it.
+__device__ uint32_t block_exclusive_scan(uint32_t v, uint32_t *warp_sums) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  uint32_t x = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    uint32_t s = lane < warps ? warp_sums[lane] : 0;
+    for (int o = 1; o < 32; o <<= 1) {
+      uint32_t y = __shfl_up_sync(0xffffffffu, s, o);
+      if (lane >= o) s += y;
+    }
+    warp_sums[lane] = s;
+  }
+  __syncthreads();
+  uint32_t out = (warp > 0 ? warp_sums[warp - 1] : 0) + x - v;
+  __syncthreads();
+  return out;
+}
+
+// The index vectors of one MoE layer's batched experts, from each token's choice
+// (`choice: [n * k]`, token-major) and route_counts' counts. Capacity keeps an expert's
+// first `capacity` assignments in slot-major order (every token's first choice before any
+// second choice); expert x's block of `rows` starts at the sum of the earlier blocks, each
+// its kept count rounded up to `align` (align 0: every block the largest kept count, at
+// least 1), and lists its tokens ascending. out = [gather (rows: the token of each row, n
+// for padding) | combine (n * k, slot-major: the row of each slot, rows where dropped) |
+// back (rows + 1: the slot j * n + t of each row, n * k for padding and the zero row) |
+// gate (n * k, token-major: each slot's expert, plus e where dropped; 2e for a choice that
+// is not an expert)]. Two kernels: route_layout_few for up to 32 experts, route_layout for
+// any count.
+struct RouteOut {
+  uint32_t *gather, *combine, *back, *gate;
+};
+
+// The blocks' offsets (into off[]), whether any expert has more choices than capacity, and
+// the padding everywhere; the caller syncs before using any of it.
+__device__ RouteOut route_prologue(const uint32_t *counts, uint32_t *out, int64_t n, int k,
+                                   int e, int64_t capacity, int64_t align, int64_t rows,
+                                   uint32_t *off, int *over) {
+  const int64_t m = n * k;
+  RouteOut o{out, out + rows, out + rows + m, out + 2 * rows + 1 + m};
+  if (threadIdx.x == 0) {
+    uint32_t widest = 1;
+    int any_over = 0;
+    for (int x = 0; x < e; ++x) {
+      widest = max(widest, counts[x]);
+      any_over |= (int64_t)counts[e + x] > capacity;
+    }
+    uint32_t at = 0;
+    for (int x = 0; x < e; ++x) {
+      off[x] = at;
+      at += align > 0 ? (uint32_t)((counts[x] + align - 1) / align * align) : widest;
+    }
+    *over = any_over;
+  }
+  for (int64_t p = threadIdx.x; p < rows; p += blockDim.x) {
+    o.gather[p] = (uint32_t)n;
+    o.back[p] = (uint32_t)m;
+  }
+  if (threadIdx.x == 0) o.back[rows] = (uint32_t)m;
+  return o;
+}
+
+// Kept assignment q (token q / k, slot q % k) takes row r.
+__device__ __forceinline__ void route_place(const RouteOut &o, int64_t q, uint32_t r, int64_t n,
+                                            int k) {
+  int64_t t = q / k, slot = (q % k) * n + t;
+  o.gather[r] = (uint32_t)t;
+  o.combine[slot] = r;
+  o.back[r] = (uint32_t)slot;
+}
+
+extern "C" __global__ void route_layout(const uint32_t *choice, const uint32_t *counts,
+                                        uint32_t *out, int64_t n, int k, int e,
+                                        int64_t capacity, int64_t align, int64_t rows) {
+  __shared__ uint32_t off[ROUTE_MAX_EXPERTS];
+  __shared__ uint32_t warp_sums[32];
+  __shared__ int over;
+  const int64_t m = n * k;
+  RouteOut o = route_prologue(counts, out, n, k, e, capacity, align, rows, off, &over);
+  __syncthreads();
+  // Each thread takes one contiguous chunk of the assignments, in slot-major order for the
+  // capacity and in token-major order for the positions, so that a scan over threads
+  // follows the order.
+  const int64_t chunk = (m + blockDim.x - 1) / blockDim.x;
+  const int64_t c0 = min(m, (int64_t)threadIdx.x * chunk), c1 = min(m, c0 + chunk);
+  if (!over) {
+    for (int64_t q = c0; q < c1; ++q) o.gate[q] = choice[q] < (uint32_t)e ? choice[q] : 2 * e;
+  } else {
+    for (int x = 0; x < e; ++x) {
+      uint32_t mine = 0;
+      for (int64_t s = c0; s < c1; ++s) mine += choice[(s % n) * k + s / n] == (uint32_t)x;
+      uint32_t rank = block_exclusive_scan(mine, warp_sums);
+      for (int64_t s = c0; s < c1; ++s) {
+        int64_t q = (s % n) * k + s / n;
+        if (choice[q] == (uint32_t)x) {
+          o.gate[q] = (int64_t)rank < capacity ? x : x + e;
+          ++rank;
+        }
+      }
+    }
+    for (int64_t s = c0; s < c1; ++s) {
+      int64_t q = (s % n) * k + s / n;
+      if (choice[q] >= (uint32_t)e) o.gate[q] = 2 * e;
+    }
+  }
+  __syncthreads();
+  for (int x = 0; x < e; ++x) {
+    uint32_t mine = 0;
+    for (int64_t q = c0; q < c1; ++q) mine += o.gate[q] == (uint32_t)x;
+    uint32_t r = off[x] + block_exclusive_scan(mine, warp_sums);
+    for (int64_t q = c0; q < c1; ++q) {
+      if (o.gate[q] == (uint32_t)x) route_place(o, q, r++, n, k);
+    }
+  }
+  for (int64_t q = c0; q < c1; ++q) {
+    if (o.gate[q] >= (uint32_t)e) o.combine[(q % k) * n + q / k] = (uint32_t)rows;
+  }
+}
+
+// For this thread's expert x (-1: none) in a tile of blockDim.x consecutive elements: the
+// number of earlier elements of the tile with the same expert, and each expert's count in
+// the tile in tot[]. Up to 32 experts and 32 warps; every thread of the block calls it.
+__device__ uint32_t tile_rank(int x, int e, uint32_t (*wc)[33], uint32_t *tot) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  unsigned peers = __match_any_sync(0xffffffffu, x);
+  uint32_t in_warp = __popc(peers & ((1u << lane) - 1u));
+  if (lane < e) wc[warp][lane] = 0;
+  __syncwarp();
+  if (x >= 0 && in_warp == 0) wc[warp][x] = __popc(peers);
+  __syncthreads();
+  if (warp < e) { // warp w: expert w's counts over the warps, as an exclusive scan
+    uint32_t v = lane < warps ? wc[lane][warp] : 0, s = v;
+    for (int o = 1; o < 32; o <<= 1) {
+      uint32_t y = __shfl_up_sync(0xffffffffu, s, o);
+      if (lane >= o) s += y;
+    }
+    if (lane < warps) wc[lane][warp] = s - v;
+    if (lane == 31) tot[warp] = s;
+  }
+  __syncthreads();
+  uint32_t r = x >= 0 ? wc[warp][x] + in_warp : 0;
+  __syncthreads();
+  return r;
+}
+
+// route_layout for up to 32 experts: the assignments pass through the block a tile at a
+// time (a warp's ranks from __match_any_sync, the warps' from a scan of their counts, the
+// tiles' from running totals) instead of a block-wide scan per expert over thread chunks.
+extern "C" __global__ void route_layout_few(const uint32_t *choice, const uint32_t *counts,
+                                            uint32_t *out, int64_t n, int k, int e,
+                                            int64_t capacity, int64_t align, int64_t rows) {
+  __shared__ uint32_t off[32], run[32], tot[32];
+  __shared__ uint32_t wc[32][33];
+  __shared__ int over;
+  const int64_t m = n * k;
+  RouteOut o = route_prologue(counts, out, n, k, e, capacity, align, rows, off, &over);
+  if (threadIdx.x < 32) run[threadIdx.x] = 0;
+  __syncthreads();
+  if (over) { // capacity, slot-major: s = j * n + t is assignment q = t * k + j
+    for (int64_t base = 0; base < m; base += blockDim.x) {
+      int64_t s = base + threadIdx.x, q = (s % n) * k + s / n;
+      int x = s < m && choice[q] < (uint32_t)e ? (int)choice[q] : -1;
+      uint32_t r = tile_rank(x, e, wc, tot);
+      if (x >= 0) o.gate[q] = (int64_t)(run[x] + r) < capacity ? x : x + e;
+      else if (s < m) o.gate[q] = 2 * e;
+      __syncthreads();
+      if (threadIdx.x < e) run[threadIdx.x] += tot[threadIdx.x];
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) run[threadIdx.x] = 0;
+  } else {
+    for (int64_t q = threadIdx.x; q < m; q += blockDim.x)
+      o.gate[q] = choice[q] < (uint32_t)e ? choice[q] : 2 * e;
+  }
+  __syncthreads();
+  for (int64_t base = 0; base < m; base += blockDim.x) {
+    int64_t q = base + threadIdx.x;
+    uint32_t g = q < m ? o.gate[q] : 2 * e;
+    int x = g < (uint32_t)e ? (int)g : -1;
+    uint32_t r = tile_rank(x, e, wc, tot);
+    if (x >= 0) route_place(o, q, off[x] + run[x] + r, n, k);
+    else if (q < m) o.combine[(q % k) * n + q / k] = (uint32_t)rows;
+    __syncthreads();
+    if (threadIdx.x < e) run[threadIdx.x] += tot[threadIdx.x];
+  }
+}

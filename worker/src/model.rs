@@ -31,6 +31,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{LoraConfig, ModelConfig};
+use crate::fused::RowBlocks;
 use crate::{WorkerError, checkpoint};
 
 type Result<T> = std::result::Result<T, WorkerError>;
@@ -479,13 +480,8 @@ pub struct Routing {
     /// Gate weight of each token in each slot (0 where dropped), `[N, top_k]`, in the
     /// compute dtype.
     gates_nk: Tensor,
-    /// `sorted_tokens` on the host.
-    sorted_host: Vec<u32>,
     /// For each sorted position, its (token, slot) as `t * k + j`, `[A]`.
     sorted_slots: Tensor,
-    /// For each (token, slot), `token * top_k + slot`, its sorted position, or `u32::MAX`
-    /// where it was dropped.
-    position: Vec<u32>,
     top_k: usize,
 }
 
@@ -528,74 +524,6 @@ impl Routing {
     pub fn expert_rows(&self, e: usize) -> Option<(usize, usize)> {
         let n = self.tokens.get(e)?.len();
         (n > 0).then(|| (self.offsets[e], n))
-    }
-
-    /// The experts' inputs in a block layout: expert `e`'s block holds `block_rows[e]` rows
-    /// (at least its token count), blocks follow one another in expert order, expert `e`'s
-    /// tokens fill the first rows of its block and the rest repeat token 0; those are never
-    /// read back (their outputs get no gradient, so they add nothing to a weight's gradient).
-    /// Returns the input `[sum of block_rows, d]` and the combine of an output in the same
-    /// layout.
-    fn dispatch_blocks(&self, x: &Tensor, block_rows: &[usize]) -> Result<(Tensor, PaddedCombine)> {
-        let (n, k) = (self.n_tokens, self.top_k);
-        let rows: usize = block_rows.iter().sum();
-        // Block row of each sorted position.
-        let mut pad_of = Vec::with_capacity(self.sorted_host.len());
-        let mut ids = vec![0u32; rows];
-        let mut start = 0;
-        for ((e, list), &block) in self.tokens.iter().enumerate().zip(block_rows) {
-            debug_assert!(block >= list.len());
-            for j in 0..list.len() {
-                let r = start + j;
-                pad_of.push(r as u32);
-                ids[r] = self.sorted_host[self.offsets[e] + j];
-            }
-            start += block;
-        }
-        // One upload: [block ids (rows) | the slots' block rows (k * N: the combine gather,
-        // and the dispatch backward) | combine backward (rows + 1)].
-        let mut combine_back = vec![(k * n) as u32; rows + 1];
-        ids.reserve(k * n + rows + 1);
-        for j in 0..k {
-            for tok in 0..n {
-                let p = self.position[tok * k + j];
-                if p == u32::MAX {
-                    ids.push(rows as u32);
-                } else {
-                    let r = pad_of[p as usize];
-                    ids.push(r);
-                    combine_back[r as usize] = (j * n + tok) as u32;
-                }
-            }
-        }
-        ids.extend_from_slice(&combine_back);
-        let len = ids.len();
-        let all = Tensor::from_vec(ids, len, &self.device)?;
-        let combine_ids = all.narrow(0, rows, k * n)?;
-        let op = GatherRows {
-            ids: all.narrow(0, 0, rows)?,
-            back: combine_ids.reshape((k, n))?,
-        };
-        let xs = x.contiguous()?.apply_op1(op)?;
-        let combine = PaddedCombine {
-            ids: combine_ids,
-            back: all.narrow(0, rows + k * n, rows + 1)?,
-        };
-        Ok((xs, combine))
-    }
-
-    /// Sums the gated outputs of `dispatch_blocks`'s layout (`y: [rows, d]`, or any shape of
-    /// those rows) back into token order, as `moe_combine` does for per-expert outputs.
-    fn combine_padded(&self, y: &Tensor, c: &PaddedCombine) -> Result<Tensor> {
-        let d = self.d_model;
-        let rows = y.elem_count() / d;
-        let flat = y.reshape((rows, d))?.to_dtype(self.dtype)?;
-        Ok(crate::fused::moe_combine(
-            &flat,
-            &self.gates_nk,
-            &c.ids,
-            &c.back,
-        )?)
     }
 }
 
@@ -674,11 +602,16 @@ fn route_choices(choice: Vec<u32>, n_exp: usize, k: usize, capacity: usize) -> H
     }
 }
 
-/// The combine gather of a block layout of the experts' rows.
+/// A MoE layer's router on one batch: what both routings start from.
 #[derive(Debug)]
-struct PaddedCombine {
-    ids: Tensor,
-    back: Tensor,
+struct RouterOut {
+    /// Router probabilities `[N, E]` (f32 or wider).
+    probs: Tensor,
+    /// Each token's top-k experts, `[N, k]` u32, best first.
+    choice: Tensor,
+    capacity: usize,
+    n: usize,
+    d: usize,
 }
 
 /// Rows of the input gathered by `ids` (`out[r] = x[ids[r]]`), with a backward that is again
@@ -709,11 +642,30 @@ impl CustomOp1 for GatherRows {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (ids, ids_l) = self.ids.storage_and_layout();
-        let Storage::Cpu(ids) = &*ids else {
-            candle_core::bail!("gather-rows: indices are not on the CPU");
+        /// Whole rows of `x` (`r` rows of `width`), a zero row for an index `>= r`.
+        fn rows<T: Copy + Default>(x: &[T], width: usize, ids: &[u32]) -> Vec<T> {
+            let mut out = Vec::with_capacity(ids.len() * width);
+            for &i in ids {
+                match x.get(i as usize * width..(i as usize + 1) * width) {
+                    Some(row) => out.extend_from_slice(row),
+                    None => out.resize(out.len() + width, T::default()),
+                }
+            }
+            out
+        }
+        let ids = self.ids.flatten_all()?.to_vec1::<u32>()?;
+        let (Some((a, b)), Some(&r)) = (l.contiguous_offsets(), l.dims().first()) else {
+            candle_core::bail!("gather-rows: the input is not contiguous");
         };
-        Ok((s.index_select(ids, l, ids_l, 0)?, self.out_shape(l)?))
+        let width = (b - a) / r.max(1);
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(rows(&v[a..b], width, &ids)),
+            CpuStorage::F64(v) => CpuStorage::F64(rows(&v[a..b], width, &ids)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(rows(&v[a..b], width, &ids)),
+            CpuStorage::F16(v) => CpuStorage::F16(rows(&v[a..b], width, &ids)),
+            other => candle_core::bail!("gather-rows: no gather for {:?}", other.dtype()),
+        };
+        Ok((out, self.out_shape(l)?))
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
@@ -947,14 +899,13 @@ impl Model {
     /// even at 3.5 times the rows (`base` bf16 135 against 151 ms with the slowest experts
     /// on their own). An explicit `set_batched_experts(true)` batches regardless, and the
     /// default grouped products have no padding to pay for.
-    fn padding_pays(&self, routing: &Routing) -> bool {
+    fn padding_pays(&self, counts: &[usize]) -> bool {
         if self.expert_layout != ExpertLayout::Padded
             || self.batched_experts == Some(true)
             || matches!(self.compute_dtype, DType::BF16 | DType::F16)
         {
             return true;
         }
-        let counts: Vec<usize> = routing.tokens.iter().map(Vec::len).collect();
         let cap = counts.iter().copied().max().unwrap_or(0);
         let pad = (counts.len() * cap - counts.iter().sum::<usize>()) as f64;
         // Multiply-adds of the three projections, forward (1) and backward (2), 2 FLOPs each.
@@ -1462,45 +1413,49 @@ impl Model {
         let h = rms_norm(&x, &w.get(&format!("layers.{l}.ffn_norm.weight"))?, eps)?
             .reshape((b * t, d))?;
         let (f, aux) = if self.cfg.is_moe(l) {
-            let routing = self.moe_route(w, l, &h)?;
-            // Batched only when every expert has tokens: an idle expert's parameters then
-            // get no gradient at all, as callers of `collect_grads` expect.
-            // With stacked leaves the batched path runs anyway: an idle expert's rows are all
-            // padding, its slice of the leaf's gradient is zero, and it is recorded as idle.
-            let all_busy = routing.tokens.iter().all(|t| !t.is_empty());
-            let stacked = !w.stacks.is_empty();
-            let y = if self.experts_batched_here()
-                && (all_busy || stacked)
-                && self.padding_pays(&routing)
-            {
-                if stacked {
-                    for e in (0..routing.tokens.len()).filter(|&e| routing.tokens[e].is_empty()) {
-                        for proj in ["w_gate", "w_up", "w_down"] {
-                            w.idle
-                                .borrow_mut()
-                                .push(format!("layers.{l}.moe.experts.{e}.{proj}.weight"));
+            let router = self.router(w, l, &h)?;
+            match self.batched_counts(w, &router)? {
+                Some((counts, host)) => {
+                    let n_exp = self.cfg.n_experts;
+                    let kept: Vec<usize> = host[..n_exp].iter().map(|&c| c as usize).collect();
+                    if !w.stacks.is_empty() {
+                        for e in (0..n_exp).filter(|&e| kept[e] == 0) {
+                            for proj in ["w_gate", "w_up", "w_down"] {
+                                w.idle
+                                    .borrow_mut()
+                                    .push(format!("layers.{l}.moe.experts.{e}.{proj}.weight"));
+                            }
                         }
                     }
+                    let (y, aux) = self.experts_batched(w, l, &router, &counts, &kept, &h)?;
+                    let chosen: u64 = host[n_exp..].iter().map(|&c| u64::from(c)).sum();
+                    let kept_all: u64 = kept.iter().map(|&c| c as u64).sum();
+                    stats
+                        .expert_tokens
+                        .push(kept.iter().map(|&c| c as u64).collect());
+                    stats.dropped += chosen - kept_all;
+                    (y, Some(aux))
                 }
-                self.experts_batched(w, l, &routing, &h)?
-            } else {
-                let xs = routing.dispatch(&h)?;
-                let mut outputs = Vec::with_capacity(self.cfg.n_experts);
-                for e in 0..self.cfg.n_experts {
-                    outputs.push(match routing.expert_rows(e) {
-                        Some((start, len)) => {
-                            Some(self.expert_forward(w, l, e, &xs.narrow(0, start, len)?)?)
-                        }
-                        None => None,
-                    });
+                None => {
+                    let routing = self.route_host(&router)?;
+                    let xs = routing.dispatch(&h)?;
+                    let mut outputs = Vec::with_capacity(self.cfg.n_experts);
+                    for e in 0..self.cfg.n_experts {
+                        outputs.push(match routing.expert_rows(e) {
+                            Some((start, len)) => {
+                                Some(self.expert_forward(w, l, e, &xs.narrow(0, start, len)?)?)
+                            }
+                            None => None,
+                        });
+                    }
+                    let y = moe_combine(&routing, &outputs)?;
+                    stats
+                        .expert_tokens
+                        .push(routing.tokens.iter().map(|t| t.len() as u64).collect());
+                    stats.dropped += routing.dropped;
+                    (y, Some(routing.aux))
                 }
-                moe_combine(&routing, &outputs)?
-            };
-            stats
-                .expert_tokens
-                .push(routing.tokens.iter().map(|t| t.len() as u64).collect());
-            stats.dropped += routing.dropped;
-            (y, Some(routing.aux))
+            }
         } else {
             (swiglu(w, &format!("layers.{l}.ffn"), &h)?, None)
         };
@@ -1541,21 +1496,54 @@ impl Model {
     /// second choices, in token order), gate weights renormalised over each token's top-k,
     /// and the Switch load-balancing loss `E * sum_e f_e * P_e`.
     pub fn moe_route(&self, w: &Weights, layer: usize, x: &Tensor) -> Result<Routing> {
+        self.route_host(&self.router(w, layer, x)?)
+    }
+
+    /// The router's probabilities and top-k choice on `x: [N, d]`, and the layer's capacity.
+    fn router(&self, w: &Weights, layer: usize, x: &Tensor) -> Result<RouterOut> {
         let cfg = &self.cfg;
         let (n, d) = x.dims2()?;
-        let n_exp = cfg.n_experts;
         let k = cfg.top_k;
         let acc = acc_dtype(self.compute_dtype);
         let router = w.get(&format!("layers.{layer}.moe.router.weight"))?;
         let logits = matmul_wt(x, &router)?.to_dtype(acc)?;
         let probs = crate::fused::softmax_last_dim(&logits)?;
-        let capacity =
-            ((cfg.capacity_factor as f64 * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
+        let capacity = ((cfg.capacity_factor as f64 * (n * k) as f64 / cfg.n_experts as f64).ceil()
+            as usize)
+            .max(1);
         // The choice is made where the probabilities are (a GPU reads back 4 bytes a slot
         // instead of 4 a probability, and skips the host's compare-heavy loop).
-        let choice = crate::fused::router_topk(&probs, k)?
-            .flatten_all()?
-            .to_vec1::<u32>()?;
+        let choice = crate::fused::router_topk(&probs, k)?;
+        Ok(RouterOut {
+            probs,
+            choice,
+            capacity,
+            n,
+            d,
+        })
+    }
+
+    /// The Switch load-balancing loss `E * sum_e f_e * P_e` from the probabilities and each
+    /// expert's chosen count (`counts: [E]` u32, made a fraction on the device: an upload of
+    /// its own from pageable memory would wait for the stream).
+    fn balance_loss(&self, probs: &Tensor, counts: &Tensor) -> Result<Tensor> {
+        let (n, n_exp) = probs.dims2()?;
+        let frac = counts
+            .to_dtype(probs.dtype())?
+            .affine(1.0 / (n * self.cfg.top_k) as f64, 0.0)?;
+        Ok((probs.mean(0)? * frac)?
+            .sum_all()?
+            .affine(n_exp as f64, 0.0)?)
+    }
+
+    /// Routing decided on the host from the router's choice, with each expert's token list:
+    /// what the one-expert-at-a-time path and remote experts need.
+    fn route_host(&self, r: &RouterOut) -> Result<Routing> {
+        let (n, d, capacity) = (r.n, r.d, r.capacity);
+        let n_exp = self.cfg.n_experts;
+        let k = self.cfg.top_k;
+        let probs = &r.probs;
+        let choice = r.choice.flatten_all()?.to_vec1::<u32>()?;
         let HostRoute {
             choice,
             chosen_count,
@@ -1594,28 +1582,19 @@ impl Model {
             let dropped = if position[q] == u32::MAX { n_exp } else { 0 };
             choice[q] + dropped as u32
         }));
-        // Each expert's share of the choices, as counts: made a fraction on the device
-        // rather than uploaded on its own (an upload from pageable memory waits for the
-        // stream).
+        // Each expert's chosen count, for the balance loss.
         ids.extend(chosen_count.iter().map(|&c| c as u32));
         let ids_len = ids.len();
         let ids = Tensor::from_vec(ids, ids_len, &self.device)?;
-        let frac = ids
-            .narrow(0, ids_len - n_exp, n_exp)?
-            .to_dtype(acc)?
-            .affine(1.0 / (n * k) as f64, 0.0)?;
         let combine_ids = ids.narrow(0, 0, k * n)?;
         // Each slot's gate, renormalised over the token's top-k, in one op each way.
         let gates_nk =
-            crate::fused::router_gates(&probs, &ids.narrow(0, k * n + 3 * kept + 1, n * k)?, k)?
+            crate::fused::router_gates(probs, &ids.narrow(0, k * n + 3 * kept + 1, n * k)?, k)?
                 .to_dtype(self.compute_dtype)?;
-        let sorted_host = sorted_tokens;
         let sorted = ids.narrow(0, k * n, kept)?;
         let combine_back = ids.narrow(0, k * n + kept, kept + 1)?;
         let sorted_slots = ids.narrow(0, k * n + 2 * kept + 1, kept)?;
-        let aux = (probs.mean(0)? * frac)?
-            .sum_all()?
-            .affine(n_exp as f64, 0.0)?;
+        let aux = self.balance_loss(probs, &ids.narrow(0, ids_len - n_exp, n_exp)?)?;
         Ok(Routing {
             n_tokens: n,
             d_model: d,
@@ -1629,28 +1608,51 @@ impl Model {
             combine_ids,
             combine_back,
             gates_nk,
-            sorted_host,
             sorted_slots,
-            position,
             top_k: k,
         })
     }
 
+    /// Each expert's kept and chosen counts when MoE layer `router` runs its experts
+    /// batched: `None` when they run one at a time (not batched here, an idle expert
+    /// without stacked weights, or padding that does not pay). The counts' read-back is the
+    /// layer's one synchronisation: cuBLAS takes each expert's row count from the host.
+    fn batched_counts(&self, w: &Weights, r: &RouterOut) -> Result<Option<(Tensor, Vec<u32>)>> {
+        if !self.experts_batched_here() {
+            return Ok(None);
+        }
+        let n_exp = self.cfg.n_experts;
+        let counts = crate::fused::route_counts(&r.choice, n_exp, r.capacity)?;
+        let host = counts.to_vec1::<u32>()?;
+        let kept: Vec<usize> = host[..n_exp].iter().map(|&c| c as usize).collect();
+        // Batched only when every expert has tokens: an idle expert's parameters then get no
+        // gradient at all, as callers of `collect_grads` expect. With stacked leaves the
+        // batched path runs anyway: an idle expert's rows are all padding, its slice of the
+        // leaf's gradient is zero, and it is recorded as idle.
+        let all_busy = kept.iter().all(|&c| c > 0);
+        let stacked = !w.stacks.is_empty();
+        Ok(((all_busy || stacked) && self.padding_pays(&kept)).then_some((counts, host)))
+    }
+
     /// All experts of MoE layer `layer` on their tokens at once, each projection one graph
-    /// node over the experts' stacked weights, on the rows of `Routing::dispatch_blocks`: by
-    /// default grouped products (`fused::grouped_matmul_t`, one matrix product per expert of
-    /// its own rows, rounded up to a multiple of 128 so that cuBLAS sees a few shapes again
-    /// and again), or one batched product over the padded `[experts, cap, d]` layout, whose
-    /// padding costs arithmetic (3.5 times the routed rows on `base` after warm-up). Padding
-    /// rows get exactly zero gradient. One expert at a time, each expert is a dozen graph
-    /// nodes forward and more backward, which made the host the bottleneck on a GPU.
+    /// node over the experts' stacked weights, on rows laid out by `fused::route_layout` on
+    /// the device from the router's choice (the host only reads back the counts, in
+    /// `batched_counts`): by default grouped products (`fused::grouped_matmul_t`, one matrix
+    /// product per expert of its own rows, rounded up to a multiple of 128 so that cuBLAS
+    /// sees a few shapes again and again), or one batched product over the padded
+    /// `[experts, cap, d]` layout, whose padding costs arithmetic (3.5 times the routed rows
+    /// on `base` after warm-up). Padding rows get exactly zero gradient. One expert at a
+    /// time, each expert is a dozen graph nodes forward and more backward, which made the
+    /// host the bottleneck on a GPU. Returns the layer's output and its balance loss.
     fn experts_batched(
         &self,
         w: &Weights,
         layer: usize,
-        routing: &Routing,
+        r: &RouterOut,
+        counts: &Tensor,
+        kept: &[usize],
         x: &Tensor,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         // The experts' weights of one projection as `[experts, out, in]`.
         let stack = |proj: &str| -> Result<Tensor> {
             // A model with compute leaves keeps the stacked weights as one leaf.
@@ -1663,36 +1665,55 @@ impl Model {
             }
             Ok(Tensor::stack(&ws, 0)?)
         };
-        let counts: Vec<usize> = routing.tokens.iter().map(Vec::len).collect();
-        let n_exp = counts.len();
-        let (xs, combine, blocks) = match self.expert_layout {
-            ExpertLayout::Padded => {
-                let cap = counts.iter().copied().max().unwrap_or(0).max(1);
-                let (xs, combine) = routing.dispatch_blocks(x, &vec![cap; n_exp])?;
-                (xs.reshape((n_exp, cap, self.cfg.d_model))?, combine, None)
-            }
-            ExpertLayout::Grouped { align } => {
-                let align = align.max(1);
-                let blocks: Vec<usize> = counts.iter().map(|c| c.div_ceil(align) * align).collect();
-                if blocks.iter().all(|&b| b == 0) {
-                    return moe_combine(routing, &vec![None; n_exp]);
-                }
-                let (xs, combine) = routing.dispatch_blocks(x, &blocks)?;
-                (xs, combine, Some(blocks))
-            }
+        let (n, d, k) = (r.n, r.d, self.cfg.top_k);
+        let n_exp = kept.len();
+        let blocks = match self.expert_layout {
+            ExpertLayout::Padded => RowBlocks::Uniform,
+            ExpertLayout::Grouped { align } => RowBlocks::Aligned(align),
+        };
+        let sizes = blocks.sizes(kept);
+        let rows: usize = sizes.iter().sum();
+        let layout = crate::fused::route_layout(&r.choice, counts, kept, r.capacity, blocks)?;
+        let combine_ids = layout.narrow(0, rows, n * k)?;
+        let gates_nk = crate::fused::router_gates(
+            &r.probs,
+            &layout.narrow(0, 2 * rows + 1 + n * k, n * k)?,
+            k,
+        )?
+        .to_dtype(self.compute_dtype)?;
+        let aux = self.balance_loss(&r.probs, &counts.narrow(0, n_exp, n_exp)?)?;
+        if rows == 0 {
+            return Ok((
+                Tensor::zeros((n, d), self.compute_dtype, &self.device)?,
+                aux,
+            ));
+        }
+        let dispatch = GatherRows {
+            ids: layout.narrow(0, 0, rows)?,
+            back: combine_ids.reshape((k, n))?,
+        };
+        let xs = x.contiguous()?.apply_op1(dispatch)?;
+        let (xs, grouped) = match blocks {
+            RowBlocks::Uniform => (xs.reshape((n_exp, sizes[0], d))?, false),
+            RowBlocks::Aligned(_) => (xs, true),
         };
         let mm = |a: &Tensor, proj: &str| -> Result<Tensor> {
             let w = stack(proj)?;
-            Ok(match &blocks {
-                Some(b) => crate::fused::grouped_matmul_t(a, &w, b)?,
-                None => crate::fused::matmul_t(a, &w)?,
+            Ok(if grouped {
+                crate::fused::grouped_matmul_t(a, &w, &sizes)?
+            } else {
+                crate::fused::matmul_t(a, &w)?
             })
         };
         let g = mm(&xs, "w_gate")?;
         let u = mm(&xs, "w_up")?;
         let a = crate::fused::swiglu_gate(&g, &u)?;
-        let y = mm(&a, "w_down")?;
-        routing.combine_padded(&y, &combine)
+        let y = mm(&a, "w_down")?
+            .reshape((rows, d))?
+            .to_dtype(self.compute_dtype)?;
+        let back = layout.narrow(0, rows + n * k, rows + 1)?;
+        let y = crate::fused::moe_combine(&y, &gates_nk, &combine_ids, &back)?;
+        Ok((y, aux))
     }
 
     /// One expert's SwiGLU on the tokens routed to it, `x: [n_e, d]` -> `[n_e, d]`.
@@ -1982,6 +2003,83 @@ mod tests {
             let choice = crate::fused::router_topk(&probs, k).unwrap();
             prop_assert_eq!(choice.dims(), &[n, k]);
             prop_assert!(same(&route(choice.flatten_all().unwrap().to_vec1().unwrap()), &want));
+        }
+
+        /// The batched experts' routing, laid out where the choice is (`fused::route_counts`
+        /// and `fused::route_layout`, here their CPU versions, which the GPU test holds the
+        /// kernels to), puts every kept assignment where the plain rule does, in blocks of
+        /// either rule, with padding rows that read the zero row and feed no slot.
+        #[test]
+        fn device_routing_layout_matches_the_plain_rule(
+            (n_exp, k, p) in (1usize..10).prop_flat_map(|e| (
+                Just(e),
+                1..=e,
+                prop::collection::vec(0u8..4, e..e * 40),
+            )),
+            cap_frac in 0.05f64..2.0,
+            align in 0usize..6,
+        ) {
+            let n = p.len() / n_exp;
+            let p: Vec<f64> = p[..n * n_exp].iter().map(|&v| f64::from(v) / 4.0).collect();
+            let capacity = ((cap_frac * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
+            let want = route_plain(&p, n_exp, k, capacity);
+            let choice = Tensor::from_vec(crate::fused::topk_host(&p, n_exp, k), (n, k), &Device::Cpu)
+                .unwrap();
+            let counts = crate::fused::route_counts(&choice, n_exp, capacity).unwrap();
+            let host = counts.to_vec1::<u32>().unwrap();
+            let kept: Vec<usize> = want.tokens.iter().map(Vec::len).collect();
+            let got_kept: Vec<usize> = host[..n_exp].iter().map(|&c| c as usize).collect();
+            prop_assert_eq!(&got_kept, &kept);
+            let chosen: Vec<u64> = host[n_exp..].iter().map(|&c| u64::from(c)).collect();
+            prop_assert_eq!(&chosen, &want.chosen_count);
+            let blocks = if align == 0 { RowBlocks::Uniform } else { RowBlocks::Aligned(align) };
+            let sizes = blocks.sizes(&kept);
+            let rows: usize = sizes.iter().sum();
+            let m = n * k;
+            let out = crate::fused::route_layout(&choice, &counts, &kept, capacity, blocks)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            prop_assert_eq!(out.len(), 2 * rows + 1 + 2 * m);
+            let (gather, rest) = out.split_at(rows);
+            let (combine, rest) = rest.split_at(m);
+            let (back, gate) = rest.split_at(rows + 1);
+            let mut start = 0;
+            for e in 0..n_exp {
+                prop_assert!(sizes[e] >= kept[e]);
+                for i in 0..sizes[e] {
+                    let r = start + i;
+                    match want.tokens[e].get(i) {
+                        Some(&tok) => prop_assert_eq!(gather[r], tok),
+                        None => {
+                            prop_assert_eq!(gather[r], n as u32);
+                            prop_assert_eq!(back[r], m as u32);
+                        }
+                    }
+                }
+                start += sizes[e];
+            }
+            prop_assert_eq!(back[rows], m as u32);
+            let block_start: Vec<usize> = sizes
+                .iter()
+                .scan(0, |at, &s| { let b = *at; *at += s; Some(b) })
+                .collect();
+            for tok in 0..n {
+                for j in 0..k {
+                    let q = tok * k + j;
+                    let e = want.choice[q] as usize;
+                    let slot = j * n + tok;
+                    if want.position[q] == u32::MAX {
+                        prop_assert_eq!(combine[slot], rows as u32);
+                        prop_assert_eq!(gate[q] as usize, e + n_exp);
+                    } else {
+                        let r = block_start[e] + want.position[q] as usize - want.offsets[e];
+                        prop_assert_eq!(combine[slot], r as u32);
+                        prop_assert_eq!(back[r], slot as u32);
+                        prop_assert_eq!(gate[q] as usize, e);
+                    }
+                }
+            }
         }
     }
 }

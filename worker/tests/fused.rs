@@ -664,6 +664,50 @@ fn check_topk(device: &Device) {
     assert!(fused::router_topk(&probs, 0).is_err());
 }
 
+/// The batched experts' routing on the device (`fused::route_counts`, `fused::route_layout`)
+/// against the same ops on the CPU (which a proptest in `model.rs` holds to the plain rule):
+/// with and without drops, both block rules, token counts that are not multiples of the
+/// kernel's block and expert counts from one to past a warp; and its refusals.
+fn check_routing(device: &Device) {
+    use fused::RowBlocks::{Aligned, Uniform};
+    let mut rng = Lcg(23);
+    for (n, e, k, capacity, blocks) in [
+        (1usize, 1usize, 1usize, 1usize, Aligned(1)),
+        (8192, 8, 2, 8192, Aligned(128)),
+        (1000, 8, 2, 200, Aligned(16)),
+        (333, 5, 3, 150, Uniform),
+        (2049, 64, 4, 100, Aligned(128)),
+        (77, 40, 2, 3, Aligned(5)),
+        (5000, 32, 3, 300, Aligned(64)),
+        (3000, 33, 2, 150, Uniform),
+    ] {
+        let p: Vec<f32> = (0..n * e).map(|_| rng.below(4) as f32 / 4.0).collect();
+        let choice = fused::topk_host(&p, e, k);
+        let run = |dev: &Device| {
+            let choice = Tensor::from_vec(choice.clone(), (n, k), dev).unwrap();
+            let counts = fused::route_counts(&choice, e, capacity).unwrap();
+            let host: Vec<u32> = counts.to_vec1().unwrap();
+            let kept: Vec<usize> = host[..e].iter().map(|&c| c as usize).collect();
+            let layout = fused::route_layout(&choice, &counts, &kept, capacity, blocks).unwrap();
+            (host, layout.to_vec1::<u32>().unwrap())
+        };
+        let (want_counts, want) = run(&Device::Cpu);
+        let (got_counts, got) = run(device);
+        let what = format!("{device:?} n {n} e {e} k {k} capacity {capacity} {blocks:?}");
+        assert_eq!(got_counts, want_counts, "{what}");
+        assert_eq!(got.len(), want.len(), "{what}");
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(first.is_none(), "{what}: first difference at {first:?}");
+    }
+    let choice = Tensor::zeros((4, 2), DType::U32, device).unwrap();
+    assert!(fused::route_counts(&choice, 0, 1).is_err());
+    assert!(fused::route_counts(&choice, 5000, 1).is_err());
+    let floats = Tensor::zeros((4, 2), DType::F32, device).unwrap();
+    assert!(fused::route_counts(&floats, 4, 1).is_err());
+    let counts = fused::route_counts(&choice, 4, 1).unwrap();
+    assert!(fused::route_layout(&choice, &counts, &[1, 1, 1], 1, Aligned(1)).is_err());
+}
+
 /// Rows gathered by index (`fused::gather_rows`, and summed over several index lists by
 /// `fused::gather_rows_sum`) against the same rows read on the host:
 /// repeated rows, zero rows (index `r`), rows whose width in bytes takes each word size of
@@ -833,6 +877,7 @@ fn fused_moe_ops_match_the_plain_ops_on_the_cpu() {
         check_gather(&Device::Cpu, DType::F32);
         check_topk(&Device::Cpu);
     }
+    check_routing(&Device::Cpu);
 }
 
 #[test]
@@ -888,6 +933,7 @@ fn cuda_fused_kernels_match_the_plain_ops() {
         check_gather(&device, dt);
     }
     check_topk(&device);
+    check_routing(&device);
     for dt in [DType::F32, DType::F64] {
         check_optimizer(&device, dt);
     }

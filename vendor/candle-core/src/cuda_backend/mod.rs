@@ -1141,6 +1141,9 @@ impl Map2 for WhereCond<'_> {
     }
 }
 
+/// The most blocks (of 1024 threads) a binary op launches (patched, vendor/README.md).
+const BINARY_MAX_BLOCKS: u32 = 512;
+
 impl<U: crate::op::BinaryOpT> Map2 for U {
     fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
         &self,
@@ -1153,7 +1156,11 @@ impl<U: crate::op::BinaryOpT> Map2 for U {
         let shape = lhs_l.shape();
         let dims = shape.dims();
         let elem_count = shape.elem_count();
-        let cfg = LaunchConfig::for_num_elems(elem_count as u32);
+        // Patched (vendor/README.md): every binary kernel loops grid-stride, and the bf16
+        // and f32 ones move 8 or 4 elements a thread, so one block per 1024 elements left
+        // most blocks with nothing to do.
+        let mut cfg = LaunchConfig::for_num_elems(elem_count as u32);
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(BINARY_MAX_BLOCKS);
         let dims_and_strides = if lhs_l.is_contiguous() && rhs_l.is_contiguous() {
             SlicePtrOrNull::Null
         } else {
