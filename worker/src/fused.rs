@@ -1564,22 +1564,18 @@ impl CustomOp2 for GatherRowsSum {
         let (j, m) = il.shape().dims2()?;
         let (r, width, shape) = gathered(xl, m);
         let out = cuda::alloc_like(x, m * width)?;
+        let (src, dst) = (cuda::input(x, xl)?, cuda::output(&out)?);
+        let (kernel, _) = cuda::fours("gather_sum", x.dtype(), width, &[&src, &dst]);
         let args = [
-            cuda::input(x, xl)?,
+            src,
             cuda::input(ids, il)?,
-            cuda::output(&out)?,
+            dst,
             cuda::Arg::I64(m as i64),
             cuda::Arg::I64(r as i64),
             cuda::Arg::I64(width as i64),
             cuda::Arg::I32(j as i32),
         ];
-        cuda::launch(
-            &x.device,
-            "gather_sum",
-            x.dtype(),
-            cuda::row_groups(m),
-            &args,
-        )?;
+        cuda::launch(&x.device, &kernel, x.dtype(), cuda::row_groups(m), &args)?;
         Ok((out, shape))
     }
 }
@@ -1797,23 +1793,19 @@ impl CustomOp2 for MoeCombine {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (r, d) = (yl.dims()[0], yl.dims()[1]);
         let out = cuda::alloc_like(ys, self.n * d)?;
+        let (y, o) = (cuda::input(ys, yl)?, cuda::output(&out)?);
+        let (kernel, _) = cuda::fours("moe_combine_fwd", ys.dtype(), d, &[&y, &o]);
         let args = [
-            cuda::input(ys, yl)?,
+            y,
             cuda::input(gs, gl)?,
             cuda::Arg::P(cuda::tensor_address(&self.ids, 0)?),
-            cuda::output(&out)?,
+            o,
             cuda::Arg::I64(self.n as i64),
             cuda::Arg::I32(self.k as i32),
             cuda::Arg::I32(d as i32),
             cuda::Arg::I64(r as i64),
         ];
-        cuda::launch(
-            &ys.device,
-            "moe_combine_fwd",
-            ys.dtype(),
-            cuda::rows(self.n),
-            &args,
-        )?;
+        cuda::launch(&ys.device, &kernel, ys.dtype(), cuda::rows(self.n), &args)?;
         Ok((out, Shape::from((self.n, d))))
     }
 
@@ -1969,17 +1961,23 @@ impl CustomOp2 for MoeCombineBwd {
             )
         };
         let out = cuda::alloc_like(ds, len)?;
+        let (dout, o) = (cuda::input(ds, dl)?, cuda::output(&out)?);
+        let kernel = if self.of_y {
+            cuda::fours(kernel, ds.dtype(), d, &[&dout, &o]).0
+        } else {
+            kernel.to_string()
+        };
         let args = [
-            cuda::input(ds, dl)?,
+            dout,
             cuda::input(os, ol)?,
             cuda::Arg::P(cuda::tensor_address(idx, 0)?),
-            cuda::output(&out)?,
+            o,
             cuda::Arg::I64(n as i64),
             cuda::Arg::I32(k as i32),
             cuda::Arg::I32(d as i32),
             cuda::Arg::I64(r as i64),
         ];
-        cuda::launch(&ds.device, kernel, ds.dtype(), cuda::rows(warps), &args)?;
+        cuda::launch(&ds.device, &kernel, ds.dtype(), cuda::rows(warps), &args)?;
         Ok((out, shape))
     }
 }
@@ -2953,13 +2951,14 @@ impl CustomOp2 for SwiGlu {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let n = gl.shape().elem_count();
         let out = cuda::alloc_like(gs, n)?;
-        let args = [
+        let (g, u, y) = (
             cuda::input(gs, gl)?,
             cuda::input(us, ul)?,
             cuda::output(&out)?,
-            cuda::Arg::I64(n as i64),
-        ];
-        cuda::launch(&gs.device, "swiglu_fwd", gs.dtype(), cuda::flat(n), &args)?;
+        );
+        let (kernel, per) = cuda::fours("swiglu_fwd", gs.dtype(), n, &[&g, &u, &y]);
+        let args = [g, u, y, cuda::Arg::I64(n as i64)];
+        cuda::launch(&gs.device, &kernel, gs.dtype(), cuda::flat(n / per), &args)?;
         Ok((out, gl.shape().clone()))
     }
 
@@ -3035,14 +3034,12 @@ impl CustomOp3 for SwiGluBwd {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let n = gl.shape().elem_count();
         let out = cuda::alloc_like(gs, 2 * n)?;
-        let args = [
-            cuda::input(gs, gl)?,
-            cuda::input(us, ul)?,
-            cuda::input(ds, dl)?,
-            cuda::output(&out)?,
-            cuda::Arg::I64(n as i64),
-        ];
-        cuda::launch(&gs.device, "swiglu_bwd", gs.dtype(), cuda::flat(n), &args)?;
+        let (g, u) = (cuda::input(gs, gl)?, cuda::input(us, ul)?);
+        let (dy, o) = (cuda::input(ds, dl)?, cuda::output(&out)?);
+        // The du half starts n elements in: aligned too when n is a multiple of 4.
+        let (kernel, per) = cuda::fours("swiglu_bwd", gs.dtype(), n, &[&g, &u, &dy, &o]);
+        let args = [g, u, dy, o, cuda::Arg::I64(n as i64)];
+        cuda::launch(&gs.device, &kernel, gs.dtype(), cuda::flat(n / per), &args)?;
         Ok((out, Shape::from(2 * n)))
     }
 }
@@ -3326,6 +3323,22 @@ mod cuda {
             grid_dim: (n.max(1) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
+        }
+    }
+
+    /// The variant of `kernel` that moves four elements a thread (`{kernel}4`, with 8- or
+    /// 16-byte accesses) where `width` (a row's element count, or the whole tensor's) is a
+    /// multiple of 4 and every address in `addrs` is aligned to 4 elements of `dt`, else
+    /// `kernel` itself; and the elements a thread.
+    pub(super) fn fours(kernel: &str, dt: DType, width: usize, addrs: &[&Arg]) -> (String, usize) {
+        let quad = 4 * dt.size_in_bytes() as u64;
+        let aligned = addrs
+            .iter()
+            .all(|a| matches!(a, Arg::P(p) if p.is_multiple_of(quad)));
+        if width.is_multiple_of(4) && aligned {
+            (format!("{kernel}4"), 4)
+        } else {
+            (kernel.to_string(), 1)
         }
     }
 

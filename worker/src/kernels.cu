@@ -172,38 +172,6 @@ __device__ __forceinline__ int mt_find(const int64_t *tab, int ntens, int64_t j)
 __device__ __forceinline__ float to_f32_any(float x) { return x; }
 __device__ __forceinline__ float to_f32_any(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// Per-block partial sums of the squared gradients, in f64.
-template <typename G>
-__device__ void mt_sum_squares(const int64_t *tab, int ntens, int64_t total, int64_t per,
-                               double *partial) {
-  __shared__ double warp_sums[32];
-  int64_t start = (int64_t)blockIdx.x * per;
-  int64_t end = start + per < total ? start + per : total;
-  double acc = 0.0;
-  if (start < end) {
-    for (int t = mt_find(tab, ntens, start); t < ntens && tab[t * MT_FIELDS + 4] < end; ++t) {
-      const G *g = (const G *)tab[t * MT_FIELDS + 1];
-      int64_t off = tab[t * MT_FIELDS + 4], n = tab[t * MT_FIELDS + 3];
-      if (g == nullptr) continue;
-      int64_t lo = start > off ? start : off, hi = end < off + n ? end : off + n;
-      for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-        double v = (double)to_f32_any(g[j - off]);
-        acc += v * v;
-      }
-    }
-  }
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    int nw = blockDim.x / 32;
-    acc = lane < nw ? warp_sums[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) partial[blockIdx.x] = acc;
-  }
-}
-
 // Four consecutive elements as f32, and back: one 16-byte access for f32, 8 for bf16.
 __device__ __forceinline__ void load4(const float *p, float *x) {
   float4 v = *(const float4 *)p;
@@ -227,12 +195,69 @@ __device__ __forceinline__ void store4(__nv_bfloat16 *p, const float *x) {
   *(uint2 *)p = raw;
 }
 
+// W consecutive elements (1, or 4 with load4/store4's vector accesses) as f32, and back.
+template <int W, typename T> __device__ __forceinline__ void load_w(const T *p, float *x) {
+  if constexpr (W == 4) load4(p, x);
+  else x[0] = to_f(*p);
+}
+template <int W, typename T> __device__ __forceinline__ void store_w(T *p, const float *x) {
+  if constexpr (W == 4) store4(p, x);
+  else *p = from_f<T>(x[0]);
+}
+
 // Where a 4-element group starts for a pointer to element 0 of a tensor: the element offset
 // from the previous group boundary of its size (0..3), or -1 if the pointer is not even
 // aligned to one element.
 template <typename T> __device__ __forceinline__ int phase4(const T *p) {
   uintptr_t a = (uintptr_t)p;
   return a % sizeof(T) ? -1 : (int)((a / sizeof(T)) % 4);
+}
+
+// Per-block partial sums of the squared gradients, in f64.
+template <typename G>
+__device__ void mt_sum_squares(const int64_t *tab, int ntens, int64_t total, int64_t per,
+                               double *partial) {
+  __shared__ double warp_sums[32];
+  int64_t start = (int64_t)blockIdx.x * per;
+  int64_t end = start + per < total ? start + per : total;
+  double acc = 0.0;
+  if (start < end) {
+    for (int t = mt_find(tab, ntens, start); t < ntens && tab[t * MT_FIELDS + 4] < end; ++t) {
+      const G *g = (const G *)tab[t * MT_FIELDS + 1];
+      int64_t off = tab[t * MT_FIELDS + 4], n = tab[t * MT_FIELDS + 3];
+      if (g == nullptr) continue;
+      int64_t lo = start > off ? start : off, hi = end < off + n ? end : off + n;
+      // Local [a, b); a vector body [va, vb) of 4-element groups where g is element-aligned.
+      int64_t a = lo - off, b = hi - off, va = b, vb = b;
+      int ph = phase4(g);
+      if (ph >= 0) {
+        va = a + (4 - (int64_t)((ph + a) % 4)) % 4;
+        if (va > b) va = b;
+        vb = va + (b - va) / 4 * 4;
+      }
+      for (int64_t i = threadIdx.x; i < (va - a) + (b - vb); i += blockDim.x) {
+        int64_t l = i < va - a ? a + i : vb + (i - (va - a));
+        double v = (double)to_f32_any(g[l]);
+        acc += v * v;
+      }
+      for (int64_t l = va + 4 * (int64_t)threadIdx.x; l < vb; l += 4 * (int64_t)blockDim.x) {
+        float x[4];
+        load4(g + l, x);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc += (double)x[q] * (double)x[q];
+      }
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    int nw = blockDim.x / 32;
+    acc = lane < nw ? warp_sums[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) partial[blockIdx.x] = acc;
+  }
 }
 
 // The update of one element: same constants and operation order as adamw_flat.
@@ -484,27 +509,41 @@ __device__ void heads2(const T *x, const T *cos, const T *sin, T *y, int64_t qua
 HEADS2(f32, float, float2)
 HEADS2(bf16, __nv_bfloat16, __nv_bfloat162)
 
-// SwiGLU's gate: y = silu(g) * u.
-template <typename T>
+// SwiGLU's gate: y = silu(g) * u, W elements a thread (n a multiple of W, every address
+// aligned to W elements).
+template <typename T, int W>
 __device__ void swiglu_fwd(const T *g, const T *u, T *y, int64_t n) {
-  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
-       k += (int64_t)gridDim.x * blockDim.x) {
-    float a = to_f(g[k]);
-    float sig = 1.f / (1.f + expf(-a));
-    y[k] = from_f<T>(a * sig * to_f(u[k]));
+  for (int64_t k = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * W; k < n;
+       k += (int64_t)gridDim.x * blockDim.x * W) {
+    float a[W], b[W], o[W];
+    load_w<W>(g + k, a);
+    load_w<W>(u + k, b);
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      float sig = 1.f / (1.f + expf(-a[i]));
+      o[i] = a[i] * sig * b[i];
+    }
+    store_w<W>(y + k, o);
   }
 }
 
 // Its backward: out[0..n] = dg = dy u silu'(g), out[n..2n] = du = dy silu(g).
-template <typename T>
+template <typename T, int W>
 __device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *out, int64_t n) {
-  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
-       k += (int64_t)gridDim.x * blockDim.x) {
-    float a = to_f(g[k]);
-    float sig = 1.f / (1.f + expf(-a));
-    float d = to_f(dy[k]);
-    out[k] = from_f<T>(d * to_f(u[k]) * sig * (1.f + a * (1.f - sig)));
-    out[n + k] = from_f<T>(d * a * sig);
+  for (int64_t k = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * W; k < n;
+       k += (int64_t)gridDim.x * blockDim.x * W) {
+    float a[W], b[W], d[W], dg[W], du[W];
+    load_w<W>(g + k, a);
+    load_w<W>(u + k, b);
+    load_w<W>(dy + k, d);
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      float sig = 1.f / (1.f + expf(-a[i]));
+      dg[i] = d[i] * b[i] * sig * (1.f + a[i] * (1.f - sig));
+      du[i] = d[i] * a[i] * sig;
+    }
+    store_w<W>(out + k, dg);
+    store_w<W>(out + n + k, du);
   }
 }
 
@@ -527,11 +566,18 @@ __device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *out, int64_t 
     heads<T>(x, cos, sin, y, pairs, h, t, half, merge, rotate, sign);                       \
   }                                                                                          \
   extern "C" __global__ void swiglu_fwd_##NAME(const T *g, const T *u, T *y, int64_t n) {   \
-    swiglu_fwd<T>(g, u, y, n);                                                              \
+    swiglu_fwd<T, 1>(g, u, y, n);                                                           \
   }                                                                                          \
   extern "C" __global__ void swiglu_bwd_##NAME(const T *g, const T *u, const T *dy, T *out, \
                                                int64_t n) {                                 \
-    swiglu_bwd<T>(g, u, dy, out, n);                                                        \
+    swiglu_bwd<T, 1>(g, u, dy, out, n);                                                     \
+  }                                                                                          \
+  extern "C" __global__ void swiglu_fwd4_##NAME(const T *g, const T *u, T *y, int64_t n) {  \
+    swiglu_fwd<T, 4>(g, u, y, n);                                                           \
+  }                                                                                          \
+  extern "C" __global__ void swiglu_bwd4_##NAME(const T *g, const T *u, const T *dy,        \
+                                                T *out, int64_t n) {                        \
+    swiglu_bwd<T, 4>(g, u, dy, out, n);                                                     \
   }
 ROWOPS(f32, float)
 ROWOPS(bf16, __nv_bfloat16)
@@ -539,25 +585,31 @@ ROWOPS(bf16, __nv_bfloat16)
 // The MoE combine: out[t] = sum_j g[t*k + j] * y[ids[j*n + t]] over the top-k slots j, a slot
 // whose id is >= r (dropped, or an expert that did not answer) adding nothing. y: [r, d],
 // g: [n, k], ids: [k * n] (slot-major), out: [n, d]. One warp per token, f32 sums.
-template <typename T>
+// A lane moves W consecutive columns (d a multiple of W, y and out aligned to W elements).
+template <typename T, int W>
 __device__ void moe_combine_fwd(const T *y, const T *g, const uint32_t *ids, T *out,
                                 int64_t n, int k, int d, int64_t r) {
   int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   int lane = threadIdx.x % 32;
   if (t >= n) return;
-  for (int c = lane; c < d; c += 32) {
-    float acc = 0.f;
+  for (int c = lane * W; c < d; c += 32 * W) {
+    float acc[W] = {}, v[W];
     for (int j = 0; j < k; ++j) {
       uint32_t id = ids[(int64_t)j * n + t];
-      if (id < r) acc += to_f(g[t * k + j]) * to_f(y[(int64_t)id * d + c]);
+      if (id < r) {
+        float gate = to_f(g[t * k + j]);
+        load_w<W>(y + (int64_t)id * d + c, v);
+#pragma unroll
+        for (int i = 0; i < W; ++i) acc[i] += gate * v[i];
+      }
     }
-    out[t * d + c] = from_f<T>(acc);
+    store_w<W>(out + t * d + c, acc);
   }
 }
 
 // Gradient of y: row i is read by at most one (token, slot), back[i] = j*n + t (>= k*n: by
 // none), so dy[i] = g[t*k + j] * dout[t]. One warp per row of y.
-template <typename T>
+template <typename T, int W>
 __device__ void moe_combine_bwd_y(const T *dout, const T *g, const uint32_t *back, T *dy,
                                   int64_t n, int k, int d, int64_t r) {
   int64_t i = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -567,8 +619,14 @@ __device__ void moe_combine_bwd_y(const T *dout, const T *g, const uint32_t *bac
   bool read = (int64_t)b < (int64_t)k * n;
   int64_t t = read ? b % n : 0;
   float gate = read ? to_f(g[t * k + b / n]) : 0.f;
-  for (int c = lane; c < d; c += 32) {
-    dy[i * d + c] = from_f<T>(read ? gate * to_f(dout[t * d + c]) : 0.f);
+  for (int c = lane * W; c < d; c += 32 * W) {
+    float v[W] = {};
+    if (read) {
+      load_w<W>(dout + t * d + c, v);
+#pragma unroll
+      for (int q = 0; q < W; ++q) v[q] *= gate;
+    }
+    store_w<W>(dy + i * d + c, v);
   }
 }
 
@@ -634,12 +692,23 @@ __device__ void router_gates_bwd(const T *p, const uint32_t *c, const T *dg, T *
   extern "C" __global__ void moe_combine_fwd_##NAME(const T *y, const T *g,                 \
                                                     const uint32_t *ids, T *out, int64_t n, \
                                                     int k, int d, int64_t r) {              \
-    moe_combine_fwd<T>(y, g, ids, out, n, k, d, r);                                         \
+    moe_combine_fwd<T, 1>(y, g, ids, out, n, k, d, r);                                      \
+  }                                                                                          \
+  extern "C" __global__ void moe_combine_fwd4_##NAME(const T *y, const T *g,                \
+                                                     const uint32_t *ids, T *out,           \
+                                                     int64_t n, int k, int d, int64_t r) {  \
+    moe_combine_fwd<T, 4>(y, g, ids, out, n, k, d, r);                                      \
   }                                                                                          \
   extern "C" __global__ void moe_combine_bwd_y_##NAME(const T *dout, const T *g,            \
                                                       const uint32_t *back, T *dy,          \
                                                       int64_t n, int k, int d, int64_t r) { \
-    moe_combine_bwd_y<T>(dout, g, back, dy, n, k, d, r);                                    \
+    moe_combine_bwd_y<T, 1>(dout, g, back, dy, n, k, d, r);                                 \
+  }                                                                                          \
+  extern "C" __global__ void moe_combine_bwd_y4_##NAME(const T *dout, const T *g,           \
+                                                       const uint32_t *back, T *dy,         \
+                                                       int64_t n, int k, int d,             \
+                                                       int64_t r) {                         \
+    moe_combine_bwd_y<T, 4>(dout, g, back, dy, n, k, d, r);                                 \
   }                                                                                          \
   extern "C" __global__ void moe_combine_bwd_g_##NAME(const T *dout, const T *y,            \
                                                       const uint32_t *ids, T *dg,           \
@@ -713,18 +782,23 @@ extern "C" __global__ void router_topk_f32(const float *p, uint32_t *out, int64_
 
 // The rows that nsum index lists pick, summed in f32: out[i] = sum_j x[ids[j * m + i]], an
 // index >= r reading zeros. Blocks of 32 x 8 threads, eight rows at a time.
-template <typename T>
+// A thread moves W consecutive columns (d a multiple of W, x and y aligned to W elements).
+template <typename T, int W>
 __device__ void gather_sum(const T *x, const uint32_t *ids, T *y, int64_t m, int64_t r,
                            int64_t d, int nsum) {
   for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; row < m;
        row += (int64_t)gridDim.x * blockDim.y) {
-    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-      float acc = 0.f;
+    for (int64_t c = threadIdx.x * W; c < d; c += blockDim.x * W) {
+      float acc[W] = {}, v[W];
       for (int j = 0; j < nsum; ++j) {
         int64_t id = ids[j * m + row];
-        if (id < r) acc += to_f(x[id * d + c]);
+        if (id < r) {
+          load_w<W>(x + id * d + c, v);
+#pragma unroll
+          for (int q = 0; q < W; ++q) acc[q] += v[q];
+        }
       }
-      y[row * d + c] = from_f<T>(acc);
+      store_w<W>(y + row * d + c, acc);
     }
   }
 }
@@ -732,7 +806,12 @@ __device__ void gather_sum(const T *x, const uint32_t *ids, T *y, int64_t m, int
 #define GATHER_SUM(NAME, T)                                                                  \
   extern "C" __global__ void gather_sum_##NAME(const T *x, const uint32_t *ids, T *y,      \
                                                int64_t m, int64_t r, int64_t d, int nsum) { \
-    gather_sum<T>(x, ids, y, m, r, d, nsum);                                                \
+    gather_sum<T, 1>(x, ids, y, m, r, d, nsum);                                             \
+  }                                                                                          \
+  extern "C" __global__ void gather_sum4_##NAME(const T *x, const uint32_t *ids, T *y,     \
+                                                int64_t m, int64_t r, int64_t d,           \
+                                                int nsum) {                                 \
+    gather_sum<T, 4>(x, ids, y, m, r, d, nsum);                                             \
   }
 GATHER_SUM(f32, float)
 GATHER_SUM(bf16, __nv_bfloat16)

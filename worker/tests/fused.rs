@@ -449,6 +449,24 @@ fn check_row_ops(device: &Device, dt: DType) {
             |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
         );
     }
+    // A gate and an input that start one element into their buffers: a multiple of four
+    // elements, but not aligned to four, so the GPU takes the one-a-thread kernel.
+    let buf = randn(&[2, 17], 1.0)
+        .to_dtype(dt)
+        .unwrap()
+        .to_device(device)
+        .unwrap();
+    let g = buf.get(0).unwrap().narrow(0, 1, 16).unwrap();
+    let u = buf.get(1).unwrap().narrow(0, 1, 16).unwrap();
+    let got = host_f64(&fused::swiglu_gate(&g, &u).unwrap());
+    let want = host_f64(&(g.silu().unwrap() * &u).unwrap());
+    let tol = if dt == DType::BF16 { 2e-2 } else { 1e-6 };
+    for (a, b) in got.iter().zip(&want) {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{device:?} {dt:?} swiglu one in: {a} vs {b}"
+        );
+    }
     for dims in [
         [1usize, 1, 1, 2],
         [2, 3, 5, 8],
@@ -820,6 +838,8 @@ fn check_moe_ops(device: &Device, dt: DType) {
         (5, 2, 4, 3),
         (37, 2, 8, 70),
         (64, 3, 5, 33),
+        // Rows of a multiple of four: the four-a-thread kernels on a GPU.
+        (40, 2, 8, 64),
     ] {
         // Each (token, slot) reads a distinct row of y, or nothing (id r) about a fifth of
         // the time; some rows are read by nobody.
