@@ -602,6 +602,15 @@ fn route_choices(choice: Vec<u32>, n_exp: usize, k: usize, capacity: usize) -> H
     }
 }
 
+/// What a batched MoE layer has of its routing before the layout: the counts on the device
+/// (`fused::route_counts`: kept, then chosen) and read back, and the balance loss.
+#[derive(Debug)]
+struct BatchedCounts {
+    counts: Tensor,
+    host: Vec<u32>,
+    aux: Tensor,
+}
+
 /// A MoE layer's router on one batch: what both routings start from.
 #[derive(Debug)]
 struct RouterOut {
@@ -1415,7 +1424,7 @@ impl Model {
         let (f, aux) = if self.cfg.is_moe(l) {
             let router = self.router(w, l, &h)?;
             match self.batched_counts(w, &router)? {
-                Some((counts, host)) => {
+                Some(BatchedCounts { counts, host, aux }) => {
                     let n_exp = self.cfg.n_experts;
                     let kept: Vec<usize> = host[..n_exp].iter().map(|&c| c as usize).collect();
                     if !w.stacks.is_empty() {
@@ -1427,7 +1436,7 @@ impl Model {
                             }
                         }
                     }
-                    let (y, aux) = self.experts_batched(w, l, &router, &counts, &kept, &h)?;
+                    let y = self.experts_batched(w, l, &router, &counts, &kept, &h)?;
                     let chosen: u64 = host[n_exp..].iter().map(|&c| u64::from(c)).sum();
                     let kept_all: u64 = kept.iter().map(|&c| c as u64).sum();
                     stats
@@ -1613,16 +1622,19 @@ impl Model {
         })
     }
 
-    /// Each expert's kept and chosen counts when MoE layer `router` runs its experts
-    /// batched: `None` when they run one at a time (not batched here, an idle expert
-    /// without stacked weights, or padding that does not pay). The counts' read-back is the
-    /// layer's one synchronisation: cuBLAS takes each expert's row count from the host.
-    fn batched_counts(&self, w: &Weights, r: &RouterOut) -> Result<Option<(Tensor, Vec<u32>)>> {
+    /// Each expert's kept and chosen counts (on the device and read back) and the layer's
+    /// balance loss when MoE layer `router` runs its experts batched: `None` when they run
+    /// one at a time (not batched here, an idle expert without stacked weights, or padding
+    /// that does not pay). The counts' read-back is the layer's one synchronisation (cuBLAS
+    /// takes each expert's row count from the host), so the balance loss, which needs only
+    /// the device's counts, is launched before it, while the GPU catches up.
+    fn batched_counts(&self, w: &Weights, r: &RouterOut) -> Result<Option<BatchedCounts>> {
         if !self.experts_batched_here() {
             return Ok(None);
         }
         let n_exp = self.cfg.n_experts;
         let counts = crate::fused::route_counts(&r.choice, n_exp, r.capacity)?;
+        let aux = self.balance_loss(&r.probs, &counts.narrow(0, n_exp, n_exp)?)?;
         let host = counts.to_vec1::<u32>()?;
         let kept: Vec<usize> = host[..n_exp].iter().map(|&c| c as usize).collect();
         // Batched only when every expert has tokens: an idle expert's parameters then get no
@@ -1631,7 +1643,13 @@ impl Model {
         // leaf's gradient is zero, and it is recorded as idle.
         let all_busy = kept.iter().all(|&c| c > 0);
         let stacked = !w.stacks.is_empty();
-        Ok(((all_busy || stacked) && self.padding_pays(&kept)).then_some((counts, host)))
+        Ok(
+            ((all_busy || stacked) && self.padding_pays(&kept)).then_some(BatchedCounts {
+                counts,
+                host,
+                aux,
+            }),
+        )
     }
 
     /// All experts of MoE layer `layer` on their tokens at once, each projection one graph
@@ -1643,7 +1661,7 @@ impl Model {
     /// `[experts, cap, d]` layout, whose padding costs arithmetic (3.5 times the routed rows
     /// on `base` after warm-up). Padding rows get exactly zero gradient. One expert at a
     /// time, each expert is a dozen graph nodes forward and more backward, which made the
-    /// host the bottleneck on a GPU. Returns the layer's output and its balance loss.
+    /// host the bottleneck on a GPU.
     fn experts_batched(
         &self,
         w: &Weights,
@@ -1652,7 +1670,7 @@ impl Model {
         counts: &Tensor,
         kept: &[usize],
         x: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<Tensor> {
         // The experts' weights of one projection as `[experts, out, in]`.
         let stack = |proj: &str| -> Result<Tensor> {
             // A model with compute leaves keeps the stacked weights as one leaf.
@@ -1681,12 +1699,8 @@ impl Model {
             k,
         )?
         .to_dtype(self.compute_dtype)?;
-        let aux = self.balance_loss(&r.probs, &counts.narrow(0, n_exp, n_exp)?)?;
         if rows == 0 {
-            return Ok((
-                Tensor::zeros((n, d), self.compute_dtype, &self.device)?,
-                aux,
-            ));
+            return Ok(Tensor::zeros((n, d), self.compute_dtype, &self.device)?);
         }
         let dispatch = GatherRows {
             ids: layout.narrow(0, 0, rows)?,
@@ -1712,8 +1726,12 @@ impl Model {
             .reshape((rows, d))?
             .to_dtype(self.compute_dtype)?;
         let back = layout.narrow(0, rows + n * k, rows + 1)?;
-        let y = crate::fused::moe_combine(&y, &gates_nk, &combine_ids, &back)?;
-        Ok((y, aux))
+        Ok(crate::fused::moe_combine(
+            &y,
+            &gates_nk,
+            &combine_ids,
+            &back,
+        )?)
     }
 
     /// One expert's SwiGLU on the tokens routed to it, `x: [n_e, d]` -> `[n_e, d]`.
