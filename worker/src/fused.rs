@@ -17,8 +17,13 @@
 //!   keys) and merge, one kernel each way instead of a transpose, candle's strided copy and
 //!   the rotation.
 //! - [`router_topk`], [`gather_rows`] and [`gather_rows_sum`]: the MoE router's choice on the
-//!   device (routing reads back the choice, not the probabilities), and row gathers in whole
-//!   words (the dispatch, and its backward summed over the top-k slots in one pass).
+//!   device, and row gathers in whole words (the dispatch, and its backward summed over the
+//!   top-k slots in one pass).
+//! - [`route_counts`] and [`route_layout`]: a batched MoE layer's routing laid out on the
+//!   device, so that the host reads back only each expert's counts.
+//!
+//! Memory-bound kernels move four elements a thread where rows and addresses allow
+//! (`cuda::fours`), and one otherwise.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
@@ -2015,7 +2020,8 @@ pub fn router_gates(probs: &Tensor, choice: &Tensor, k: usize) -> candle_core::R
 /// Each token's `k` experts by router probability, `probs: [N, E]` -> `[N, k]` u32, best
 /// first; of equal probabilities the lower expert wins (an arg-max `k` times, each skipping
 /// the experts already taken). No gradient: the gates carry it ([`router_gates`]). One
-/// kernel on a GPU (f32), so that routing reads back the choice, not the probabilities.
+/// kernel on a GPU (f32), so that routing's read-back is the choice or, for batched
+/// experts, the counts ([`route_counts`]), never the probabilities.
 pub fn router_topk(probs: &Tensor, k: usize) -> candle_core::Result<Tensor> {
     let (n, e) = probs.dims2()?;
     if k == 0 || k > e {
@@ -2375,8 +2381,9 @@ impl CustomOp2 for RouteLayout {
             cuda::Arg::I64(self.blocks.code() as i64),
             cuda::Arg::I64(self.rows as i64),
         ];
-        // Up to 32 experts, a tile of assignments at a time with warp-level ranks (about 10
-        // us on `base`); past that, a block-wide scan per expert (110 us on `base`, session 8).
+        // Up to 32 experts, a tile of assignments at a time with warp-level ranks (30 us a
+        // call on `base`); past that, a block-wide scan per expert (110 us; docs/GPU.md,
+        // session 8).
         let kernel = if n_exp <= 32 {
             "route_layout_few"
         } else {
