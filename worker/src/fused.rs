@@ -1060,7 +1060,8 @@ impl CustomOp2 for RmsNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (x, grad) = (x.contiguous()?, grad.contiguous()?);
         let dx = x.apply_op3_no_bwd(&w.contiguous()?, &grad, &RmsNormBwdX { eps: self.eps })?;
-        // Per-row terms of the weight gradient, summed over rows by a matrix product.
+        // Per-row terms of the weight gradient (partial sums over groups of rows on a GPU),
+        // summed over rows by a matrix product.
         let part = x.apply_op2_no_bwd(&grad, &RmsNormBwdW { eps: self.eps })?;
         let rows = part.dim(0)?;
         let ones = Tensor::ones((1, rows), part.dtype(), part.device())?;
@@ -1157,8 +1158,15 @@ impl CustomOp3 for RmsNormBwdX {
     }
 }
 
+/// Rows a block of the GPU's `rms_norm_bwd_w` sums (`RMS_W_GROUP` in `kernels.cu`).
+#[cfg(feature = "cuda")]
+const RMS_W_GROUP: usize = 16;
+
 /// Per-row terms of the weight gradient of [`RmsNorm`]: `dy * x / rms(x)`, `[rows, d]` in f32
-/// (f64 for f64 input).
+/// (f64 for f64 input); on a GPU their sums over groups of `RMS_W_GROUP` rows,
+/// `[ceil(rows / RMS_W_GROUP), d]`, so that the terms are not written out in f32 and read
+/// back for the sum (on `base`, the kernel and the sum over rows together 0.3 ms a step
+/// less; docs/GPU.md, session 8).
 #[derive(Debug, Clone, Copy)]
 struct RmsNormBwdW {
     eps: f64,
@@ -1206,13 +1214,14 @@ impl CustomOp2 for RmsNormBwdW {
         gl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let d = xl.dims()[xl.dims().len() - 1];
-        let n = xl.shape().elem_count();
-        let out = cuda::alloc_acc(&xs.device, n, false)?;
+        let rows = xl.shape().elem_count() / d;
+        let groups = rows.div_ceil(RMS_W_GROUP);
+        let out = cuda::alloc_acc(&xs.device, groups * d, false)?;
         let args = [
             cuda::input(xs, xl)?,
             cuda::input(gs, gl)?,
             cuda::output(&out)?,
-            cuda::Arg::I64((n / d) as i64),
+            cuda::Arg::I64(rows as i64),
             cuda::Arg::I32(d as i32),
             cuda::Arg::F32(self.eps as f32),
         ];
@@ -1220,10 +1229,10 @@ impl CustomOp2 for RmsNormBwdW {
             &xs.device,
             "rms_norm_bwd_w",
             xs.dtype(),
-            cuda::rows(n / d),
+            cuda::blocks(groups),
             &args,
         )?;
-        Ok((out, Shape::from((n / d, d))))
+        Ok((out, Shape::from((groups, d))))
     }
 }
 

@@ -77,16 +77,10 @@ __device__ void causal_softmax_bwd(const T *p, const T *dp, T *ds, int64_t rows,
   }
 }
 
-// Per-block partial sums of squares in f64 (grid-stride); the caller sums the partials.
-template <typename T>
-__device__ void sum_squares(const T *x, double *partial, int64_t n) {
+// The sum of every thread's acc over the block, into partial[blockIdx.x] (blockDim.x a
+// multiple of 32); every thread of the block calls it.
+__device__ void block_partial_sum(double acc, double *partial) {
   __shared__ double warp_sums[32];
-  double acc = 0.0;
-  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
-       k += (int64_t)gridDim.x * blockDim.x) {
-    double v = to_d(x[k]);
-    acc += v * v;
-  }
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_sums[warp] = acc;
@@ -97,6 +91,18 @@ __device__ void sum_squares(const T *x, double *partial, int64_t n) {
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (lane == 0) partial[blockIdx.x] = acc;
   }
+}
+
+// Per-block partial sums of squares in f64 (grid-stride); the caller sums the partials.
+template <typename T>
+__device__ void sum_squares(const T *x, double *partial, int64_t n) {
+  double acc = 0.0;
+  for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+       k += (int64_t)gridDim.x * blockDim.x) {
+    double v = to_d(x[k]);
+    acc += v * v;
+  }
+  block_partial_sum(acc, partial);
 }
 
 // One AdamW step over flat buffers. mv holds m then v ([2n]); out gets the new theta, m and
@@ -217,7 +223,6 @@ template <typename T> __device__ __forceinline__ int phase4(const T *p) {
 template <typename G>
 __device__ void mt_sum_squares(const int64_t *tab, int ntens, int64_t total, int64_t per,
                                double *partial) {
-  __shared__ double warp_sums[32];
   int64_t start = (int64_t)blockIdx.x * per;
   int64_t end = start + per < total ? start + per : total;
   double acc = 0.0;
@@ -248,16 +253,7 @@ __device__ void mt_sum_squares(const int64_t *tab, int ntens, int64_t total, int
       }
     }
   }
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    int nw = blockDim.x / 32;
-    acc = lane < nw ? warp_sums[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) partial[blockIdx.x] = acc;
-  }
+  block_partial_sum(acc, partial);
 }
 
 // The update of one element: same constants and operation order as adamw_flat.
@@ -356,6 +352,9 @@ MTADAMW(f32_bf16, float, __nv_bfloat16)
 MTADAMW(bf16_f32, __nv_bfloat16, float)
 MTADAMW(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 
+// Rows a block of rms_norm_bwd_w sums (fused.rs: RMS_W_GROUP).
+#define RMS_W_GROUP 16
+
 // RMSNorm over rows of length d: y = x * r * w with r = 1 / sqrt(mean(x^2) + eps). One warp
 // per row, f32 arithmetic.
 template <typename T>
@@ -404,14 +403,23 @@ __device__ void rms_norm_bwd_x(const T *x, const T *w, const T *dy, T *dx, int64
 template <typename T>
 __device__ void rms_norm_bwd_w(const T *x, const T *dy, float *part, int64_t rows, int d,
                                float eps) {
-  int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  int lane = threadIdx.x % 32;
-  if (row >= rows) return;
-  const T *xr = x + row * d;
-  const T *g = dy + row * d;
-  float *out = part + row * d;
-  float r = row_rms(xr, d, eps, lane);
-  for (int j = lane; j < d; j += 32) out[j] = to_f(g[j]) * to_f(xr[j]) * r;
+  __shared__ float r[RMS_W_GROUP];
+  const int64_t r0 = (int64_t)blockIdx.x * RMS_W_GROUP;
+  const int n = (int)min((int64_t)RMS_W_GROUP, rows - r0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = warp; i < n; i += blockDim.x / 32) {
+    float v = row_rms(x + (r0 + i) * d, d, eps, lane);
+    if (lane == 0) r[i] = v;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    float acc = 0.f;
+    for (int i = 0; i < n; ++i) {
+      int64_t at = (r0 + i) * d + j;
+      acc += to_f(dy[at]) * to_f(x[at]) * r[i];
+    }
+    part[blockIdx.x * d + j] = acc;
+  }
 }
 
 // The attention heads' split ([B, T, H, hd] rows to [B, H, T, hd]; merge = 0) or merge

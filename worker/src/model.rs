@@ -1995,21 +1995,25 @@ mod tests {
             && a.dropped == b.dropped
     }
 
+    /// A routing case: experts, top-k, router probabilities `[N, E]` drawn from four values
+    /// (so rows hold many ties) and a capacity from 5% to twice the mean load.
+    fn routing_case() -> impl Strategy<Value = (usize, usize, Vec<f64>, usize)> {
+        let shape = (1usize..10)
+            .prop_flat_map(|e| (Just(e), 1..=e, prop::collection::vec(0u8..4, e..e * 40)));
+        (shape, 0.05f64..2.0).prop_map(|((n_exp, k, p), cap_frac)| {
+            let n = p.len() / n_exp;
+            let p: Vec<f64> = p[..n * n_exp].iter().map(|&v| f64::from(v) / 4.0).collect();
+            let capacity = ((cap_frac * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
+            (n_exp, k, p, capacity)
+        })
+    }
+
     proptest! {
         /// The top-k op and the linear capacity passes decide exactly as the plain rule, ties
         /// and drops included (probabilities come from a few values, so rows hold many ties).
         #[test]
-        fn host_routing_matches_the_plain_rule(
-            (n_exp, k, p) in (1usize..10).prop_flat_map(|e| (
-                Just(e),
-                1..=e,
-                prop::collection::vec(0u8..4, e..e * 40),
-            )),
-            cap_frac in 0.05f64..2.0,
-        ) {
+        fn host_routing_matches_the_plain_rule((n_exp, k, p, capacity) in routing_case()) {
             let n = p.len() / n_exp;
-            let p: Vec<f64> = p[..n * n_exp].iter().map(|&v| f64::from(v) / 4.0).collect();
-            let capacity = ((cap_frac * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
             let route = |choice| route_choices(choice, n_exp, k, capacity);
             let want = route_plain(&p, n_exp, k, capacity);
             let got = route(crate::fused::topk_host(&p, n_exp, k));
@@ -2029,17 +2033,10 @@ mod tests {
         /// either rule, with padding rows that read the zero row and feed no slot.
         #[test]
         fn device_routing_layout_matches_the_plain_rule(
-            (n_exp, k, p) in (1usize..10).prop_flat_map(|e| (
-                Just(e),
-                1..=e,
-                prop::collection::vec(0u8..4, e..e * 40),
-            )),
-            cap_frac in 0.05f64..2.0,
+            (n_exp, k, p, capacity) in routing_case(),
             align in 0usize..6,
         ) {
             let n = p.len() / n_exp;
-            let p: Vec<f64> = p[..n * n_exp].iter().map(|&v| f64::from(v) / 4.0).collect();
-            let capacity = ((cap_frac * (n * k) as f64 / n_exp as f64).ceil() as usize).max(1);
             let want = route_plain(&p, n_exp, k, capacity);
             let choice = Tensor::from_vec(crate::fused::topk_host(&p, n_exp, k), (n, k), &Device::Cpu)
                 .unwrap();
