@@ -2164,7 +2164,9 @@ pub fn route_counts(choice: &Tensor, n_exp: usize, capacity: usize) -> candle_co
 /// Capacity keeps an expert's first `capacity` assignments in slot-major order (every
 /// token's first choice before any second choice), and a block lists its tokens ascending:
 /// the rule of `Model::moe_route`. One block-wide kernel on a GPU, so that the host does no
-/// routing work while the GPU waits.
+/// routing work while the GPU waits. `kept` must be the kept counts read back from
+/// `counts`: the CPU refuses others; the GPU, which cannot check without a read-back, then
+/// gives a wrong layout but writes nothing outside it.
 pub fn route_layout(
     choice: &Tensor,
     counts: &Tensor,

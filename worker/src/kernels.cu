@@ -918,9 +918,12 @@ __device__ RouteOut route_prologue(const uint32_t *counts, uint32_t *out, int64_
   return o;
 }
 
-// Kept assignment q (token q / k, slot q % k) takes row r.
+// Kept assignment q (token q / k, slot q % k) takes row r. A row past the layout (counts
+// that do not match the rows the host sized it for) is skipped: a wrong layout, never a
+// write out of bounds.
 __device__ __forceinline__ void route_place(const RouteOut &o, int64_t q, uint32_t r, int64_t n,
-                                            int k) {
+                                            int k, int64_t rows) {
+  if ((int64_t)r >= rows) return;
   int64_t t = q / k, slot = (q % k) * n + t;
   o.gather[r] = (uint32_t)t;
   o.combine[slot] = r;
@@ -967,7 +970,7 @@ extern "C" __global__ void route_layout(const uint32_t *choice, const uint32_t *
     for (int64_t q = c0; q < c1; ++q) mine += o.gate[q] == (uint32_t)x;
     uint32_t r = off[x] + block_exclusive_scan(mine, warp_sums);
     for (int64_t q = c0; q < c1; ++q) {
-      if (o.gate[q] == (uint32_t)x) route_place(o, q, r++, n, k);
+      if (o.gate[q] == (uint32_t)x) route_place(o, q, r++, n, k, rows);
     }
   }
   for (int64_t q = c0; q < c1; ++q) {
@@ -1036,7 +1039,7 @@ extern "C" __global__ void route_layout_few(const uint32_t *choice, const uint32
     uint32_t g = q < m ? o.gate[q] : 2 * e;
     int x = g < (uint32_t)e ? (int)g : -1;
     uint32_t r = tile_rank(x, e, wc, tot);
-    if (x >= 0) route_place(o, q, off[x] + run[x] + r, n, k);
+    if (x >= 0) route_place(o, q, off[x] + run[x] + r, n, k, rows);
     else if (q < m) o.combine[(q % k) * n + q / k] = (uint32_t)rows;
     __syncthreads();
     if (threadIdx.x < e) run[threadIdx.x] += tot[threadIdx.x];
