@@ -2140,6 +2140,45 @@ impl RowBlocks {
     }
 }
 
+/// Where the parts of a routing layout of `rows` rows and `m = N * k` slots lie in
+/// [`route_layout`]'s output (and in [`route_layout_host`]'s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteParts {
+    /// The token each row reads (`rows`).
+    pub gather: std::ops::Range<usize>,
+    /// The row of each slot, slot-major (`m`).
+    pub combine: std::ops::Range<usize>,
+    /// The slot that reads each row, and the zero row's entry (`rows + 1`).
+    pub back: std::ops::Range<usize>,
+    /// Each slot's expert, token-major (`m`).
+    pub gate: std::ops::Range<usize>,
+}
+
+impl RouteParts {
+    /// The parts for `rows` rows and `m` slots.
+    pub fn new(rows: usize, m: usize) -> Self {
+        let combine = rows..rows + m;
+        let back = combine.end..combine.end + rows + 1;
+        let gate = back.end..back.end + m;
+        RouteParts {
+            gather: 0..rows,
+            combine,
+            back,
+            gate,
+        }
+    }
+
+    /// The whole layout's length.
+    pub fn total(&self) -> usize {
+        self.gate.end
+    }
+
+    /// The part `range` of a layout tensor, as a view.
+    pub fn view(t: &Tensor, range: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
+        t.narrow(0, range.start, range.len())
+    }
+}
+
 /// Each expert's kept and chosen assignment counts from the router's choice
 /// (`choice: [N, k]` u32, as [`router_topk`] gives it): `[2E]` u32, `[kept | chosen]`, kept
 /// being `min(chosen, capacity)`. Read back, it is all the host needs of a layer's routing
@@ -2215,7 +2254,7 @@ const ROUTE_MAX_EXPERTS: usize = 4096;
 const ROUTE_THREADS: u32 = 1024;
 
 /// [`route_counts`] on host values.
-fn route_counts_host(choice: &[u32], n_exp: usize, capacity: usize) -> Vec<u32> {
+pub(crate) fn route_counts_host(choice: &[u32], n_exp: usize, capacity: usize) -> Vec<u32> {
     let mut chosen = vec![0u32; n_exp];
     for &c in choice {
         if let Some(x) = chosen.get_mut(c as usize) {
@@ -2231,8 +2270,10 @@ fn route_counts_host(choice: &[u32], n_exp: usize, capacity: usize) -> Vec<u32> 
 }
 
 /// [`route_layout`] on host values, in the plain order: capacity slot by slot in token
-/// order, then each kept assignment in token order takes its expert's next row.
-fn route_layout_host(
+/// order, then each kept assignment in token order takes its expert's next row. With
+/// blocks of exactly the kept counts (`sizes`), the gather part is the expert-sorted order
+/// of the kept assignments that the host routing (`Model::moe_route`) uses too.
+pub(crate) fn route_layout_host(
     choice: &[u32],
     k: usize,
     n_exp: usize,
@@ -2338,12 +2379,6 @@ struct RouteLayout {
     rows: usize,
 }
 
-impl RouteLayout {
-    fn len(&self, m: usize) -> usize {
-        2 * self.rows + 1 + 2 * m
-    }
-}
-
 impl CustomOp2 for RouteLayout {
     fn name(&self) -> &'static str {
         "route-layout"
@@ -2366,7 +2401,8 @@ impl CustomOp2 for RouteLayout {
             candle_core::bail!("route-layout: the counts are not the ones read back");
         }
         let out = route_layout_host(choice, k, n_exp, self.capacity, &sizes);
-        Ok((CpuStorage::U32(out), Shape::from(self.len(choice.len()))))
+        let out_len = out.len();
+        Ok((CpuStorage::U32(out), Shape::from(out_len)))
     }
 
     #[cfg(feature = "cuda")]
@@ -2379,7 +2415,7 @@ impl CustomOp2 for RouteLayout {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (n, k) = l.shape().dims2()?;
         let n_exp = cl.shape().elem_count() / 2;
-        let len = self.len(n * k);
+        let len = RouteParts::new(self.rows, n * k).total();
         let out = cuda::alloc_u32(&s.device, len)?;
         let args = [
             cuda::input(s, l)?,

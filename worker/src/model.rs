@@ -529,76 +529,59 @@ impl Routing {
 
 /// The host side of one layer's routing decision, from each token's top-k choice.
 struct HostRoute {
-    /// Each (token, slot)'s expert, `[N * top_k]`, token-major.
-    choice: Vec<u32>,
-    /// Assignments chosen per expert, before capacity.
-    chosen_count: Vec<u64>,
+    /// Every index vector, for one upload: the layout of `fused::route_layout_host` (blocks
+    /// of exactly the kept counts, so its gather part is the expert-sorted order of the kept
+    /// assignments), then the (token, slot) of each sorted position as `t * k + j` (`A`),
+    /// then each expert's chosen count (`E`).
+    ids: Vec<u32>,
+    /// Where the layout's parts lie in `ids`.
+    parts: crate::fused::RouteParts,
+    /// Kept assignments (`A`).
+    kept: usize,
     /// For each expert, the tokens it keeps, ascending.
     tokens: Vec<Vec<u32>>,
     /// Where each expert's block starts in the sorted order.
     offsets: Vec<usize>,
-    /// Kept assignments in expert order, tokens ascending within an expert.
-    sorted_tokens: Vec<u32>,
-    /// Each (token, slot)'s sorted position, `u32::MAX` where dropped.
-    position: Vec<u32>,
     dropped: u64,
 }
 
 /// Capacity (first choices before second choices, in token order) and the expert-sorted
 /// order of what is kept, from each token's top-k choice `choice: [N * top_k]` (token-major,
-/// as `fused::router_topk` gives it). On a GPU this runs with the device idle, once per MoE
-/// layer and step, so it makes a few linear passes and no sort: a token picks an expert at
-/// most once, so walking tokens in order lists each expert's tokens ascending.
-fn route_choices(choice: Vec<u32>, n_exp: usize, k: usize, capacity: usize) -> HostRoute {
+/// as `fused::router_topk` gives it), by the rules of the batched path's device layout
+/// (`fused::route_counts_host`, `fused::route_layout_host`). On a GPU this runs with the
+/// device idle, once per MoE layer and step, so it makes a few linear passes and no sort.
+fn route_choices(choice: &[u32], n_exp: usize, k: usize, capacity: usize) -> HostRoute {
     let n = choice.len() / k;
-    let mut chosen_count = vec![0u64; n_exp];
-    for &e in &choice {
-        chosen_count[e as usize] += 1;
-    }
-    // Capacity, slot-major: `position` first marks what is kept (0) or dropped (MAX).
-    let mut position = vec![u32::MAX; n * k];
-    let mut kept_count = vec![0usize; n_exp];
-    let mut dropped = 0u64;
-    for j in 0..k {
-        for tok in 0..n {
-            let e = choice[tok * k + j] as usize;
-            if kept_count[e] < capacity {
-                kept_count[e] += 1;
-                position[tok * k + j] = 0;
-            } else {
-                dropped += 1;
-            }
-        }
-    }
+    let counts = crate::fused::route_counts_host(choice, n_exp, capacity);
+    let kept_counts: Vec<usize> = counts[..n_exp].iter().map(|&c| c as usize).collect();
+    let kept: usize = kept_counts.iter().sum();
+    let parts = crate::fused::RouteParts::new(kept, n * k);
+    let mut ids = crate::fused::route_layout_host(choice, k, n_exp, capacity, &kept_counts);
+    let slots: Vec<u32> = ids[parts.back.start..parts.back.start + kept]
+        .iter()
+        .map(|&s| {
+            let (j, t) = (s as usize / n, s as usize % n);
+            (t * k + j) as u32
+        })
+        .collect();
     let mut offsets = Vec::with_capacity(n_exp);
+    let mut tokens = Vec::with_capacity(n_exp);
     let mut at = 0;
-    for &c in &kept_count {
+    for &c in &kept_counts {
         offsets.push(at);
+        tokens.push(ids[at..at + c].to_vec());
         at += c;
     }
-    let mut tokens: Vec<Vec<u32>> = kept_count.iter().map(|&c| Vec::with_capacity(c)).collect();
-    let mut sorted_tokens = vec![0u32; at];
-    for tok in 0..n {
-        for j in 0..k {
-            let q = tok * k + j;
-            if position[q] == u32::MAX {
-                continue;
-            }
-            let e = choice[q] as usize;
-            let pos = offsets[e] + tokens[e].len();
-            tokens[e].push(tok as u32);
-            sorted_tokens[pos] = tok as u32;
-            position[q] = pos as u32;
-        }
-    }
+    ids.extend_from_slice(&slots);
+    ids.extend_from_slice(&counts[n_exp..]);
+    let chosen: u64 = counts[n_exp..].iter().map(|&c| u64::from(c)).sum();
     HostRoute {
-        choice,
-        chosen_count,
+        ids,
+        parts,
+        kept,
         tokens,
         offsets,
-        sorted_tokens,
-        position,
-        dropped,
+        dropped: chosen - kept as u64,
     }
 }
 
@@ -1554,56 +1537,26 @@ impl Model {
         let probs = &r.probs;
         let choice = r.choice.flatten_all()?.to_vec1::<u32>()?;
         let HostRoute {
-            choice,
-            chosen_count,
+            ids,
+            parts,
+            kept,
             tokens,
             offsets,
-            sorted_tokens,
-            position,
             dropped,
-        } = route_choices(choice, n_exp, k, capacity);
-        let kept = sorted_tokens.len();
+        } = route_choices(&choice, n_exp, k, capacity);
         // Every index vector of the layer goes to the device in one upload, viewed in place:
-        // an upload from pageable memory waits for the stream, and there were about ten a
-        // layer. `ids` is [the slots' sorted positions (k * N, slot-major: the combine
-        // gather) | sorted tokens (A) | combine backward (A + 1) | the (token, slot) of each
-        // sorted position, `t * k + j` (A) | each slot's expert, plus E where it was dropped
-        // (N * k, token-major: the gates) | each expert's chosen count (E)].
-        let mut ids: Vec<u32> = Vec::with_capacity(2 * k * n + 3 * kept + 1 + n_exp);
-        let mut combine_back = vec![(k * n) as u32; kept + 1];
-        let mut slot_of = vec![0u32; kept];
-        for j in 0..k {
-            for tok in 0..n {
-                let p = position[tok * k + j];
-                if p == u32::MAX {
-                    ids.push(kept as u32);
-                } else {
-                    ids.push(p);
-                    combine_back[p as usize] = (j * n + tok) as u32;
-                    slot_of[p as usize] = (tok * k + j) as u32;
-                }
-            }
-        }
-        ids.extend_from_slice(&sorted_tokens);
-        ids.extend_from_slice(&combine_back);
-        ids.extend_from_slice(&slot_of);
-        ids.extend((0..n * k).map(|q| {
-            let dropped = if position[q] == u32::MAX { n_exp } else { 0 };
-            choice[q] + dropped as u32
-        }));
-        // Each expert's chosen count, for the balance loss.
-        ids.extend(chosen_count.iter().map(|&c| c as u32));
-        let ids_len = ids.len();
-        let ids = Tensor::from_vec(ids, ids_len, &self.device)?;
-        let combine_ids = ids.narrow(0, 0, k * n)?;
+        // an upload from pageable memory waits for the stream.
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let view = |range| crate::fused::RouteParts::view(&ids, range);
+        let combine_ids = view(parts.combine.clone())?;
         // Each slot's gate, renormalised over the token's top-k, in one op each way.
-        let gates_nk =
-            crate::fused::router_gates(probs, &ids.narrow(0, k * n + 3 * kept + 1, n * k)?, k)?
-                .to_dtype(self.compute_dtype)?;
-        let sorted = ids.narrow(0, k * n, kept)?;
-        let combine_back = ids.narrow(0, k * n + kept, kept + 1)?;
-        let sorted_slots = ids.narrow(0, k * n + 2 * kept + 1, kept)?;
-        let aux = self.balance_loss(probs, &ids.narrow(0, ids_len - n_exp, n_exp)?)?;
+        let gates_nk = crate::fused::router_gates(probs, &view(parts.gate.clone())?, k)?
+            .to_dtype(self.compute_dtype)?;
+        let sorted = view(parts.gather.clone())?;
+        let combine_back = view(parts.back.clone())?;
+        let sorted_slots = view(parts.total()..parts.total() + kept)?;
+        let aux = self.balance_loss(probs, &view(total - n_exp..total)?)?;
         Ok(Routing {
             n_tokens: n,
             d_model: d,
@@ -1692,18 +1645,16 @@ impl Model {
         let sizes = blocks.sizes(kept);
         let rows: usize = sizes.iter().sum();
         let layout = crate::fused::route_layout(&r.choice, counts, kept, r.capacity, blocks)?;
-        let combine_ids = layout.narrow(0, rows, n * k)?;
-        let gates_nk = crate::fused::router_gates(
-            &r.probs,
-            &layout.narrow(0, 2 * rows + 1 + n * k, n * k)?,
-            k,
-        )?
-        .to_dtype(self.compute_dtype)?;
+        let parts = crate::fused::RouteParts::new(rows, n * k);
+        let view = |range| crate::fused::RouteParts::view(&layout, range);
+        let combine_ids = view(parts.combine.clone())?;
+        let gates_nk = crate::fused::router_gates(&r.probs, &view(parts.gate.clone())?, k)?
+            .to_dtype(self.compute_dtype)?;
         if rows == 0 {
             return Ok(Tensor::zeros((n, d), self.compute_dtype, &self.device)?);
         }
         let dispatch = GatherRows {
-            ids: layout.narrow(0, 0, rows)?,
+            ids: view(parts.gather.clone())?,
             back: combine_ids.reshape((k, n))?,
         };
         let xs = x.contiguous()?.apply_op1(dispatch)?;
@@ -1725,12 +1676,11 @@ impl Model {
         let y = mm(&a, "w_down")?
             .reshape((rows, d))?
             .to_dtype(self.compute_dtype)?;
-        let back = layout.narrow(0, rows + n * k, rows + 1)?;
         Ok(crate::fused::moe_combine(
             &y,
             &gates_nk,
             &combine_ids,
-            &back,
+            &view(parts.back.clone())?,
         )?)
     }
 
@@ -1915,10 +1865,27 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// What the plain rule decides.
+    struct PlainRoute {
+        /// Each (token, slot)'s expert, `[N * top_k]`, token-major.
+        choice: Vec<u32>,
+        /// Assignments chosen per expert, before capacity.
+        chosen_count: Vec<u64>,
+        /// For each expert, the tokens it keeps, ascending.
+        tokens: Vec<Vec<u32>>,
+        /// Where each expert's block starts in the sorted order.
+        offsets: Vec<usize>,
+        /// Kept assignments in expert order, tokens ascending within an expert.
+        sorted_tokens: Vec<u32>,
+        /// Each (token, slot)'s sorted position, `u32::MAX` where dropped.
+        position: Vec<u32>,
+        dropped: u64,
+    }
+
     /// The routing rule written the plain way: repeated arg-max per token (the first of equal
     /// values wins), then capacity slot by slot in token order, then each expert's tokens
     /// sorted.
-    fn route_plain(p: &[f64], n_exp: usize, k: usize, capacity: usize) -> HostRoute {
+    fn route_plain(p: &[f64], n_exp: usize, k: usize, capacity: usize) -> PlainRoute {
         let n = p.len() / n_exp;
         let mut choice = vec![0u32; n * k];
         let mut chosen_count = vec![0u64; n_exp];
@@ -1974,7 +1941,7 @@ mod tests {
                 sorted_tokens.push(tok);
             }
         }
-        HostRoute {
+        PlainRoute {
             choice,
             chosen_count,
             tokens,
@@ -1985,14 +1952,45 @@ mod tests {
         }
     }
 
-    fn same(a: &HostRoute, b: &HostRoute) -> bool {
-        a.choice == b.choice
-            && a.chosen_count == b.chosen_count
-            && a.tokens == b.tokens
-            && a.offsets == b.offsets
-            && a.sorted_tokens == b.sorted_tokens
-            && a.position == b.position
-            && a.dropped == b.dropped
+    /// Whether the host routing of `choice` (`[N * k]`) is the plain rule's `want`: lists,
+    /// offsets, drops, the sorted order, and every index vector of its upload.
+    fn same(got: &HostRoute, want: &PlainRoute, choice: &[u32], n_exp: usize, k: usize) -> bool {
+        let n = choice.len() / k;
+        let kept = want.sorted_tokens.len();
+        let ids = &got.ids;
+        let p = &got.parts;
+        let (combine, back, gate) = (
+            &ids[p.combine.clone()],
+            &ids[p.back.clone()],
+            &ids[p.gate.clone()],
+        );
+        let slots = &ids[p.total()..p.total() + kept];
+        let chosen: Vec<u64> = ids[p.total() + kept..]
+            .iter()
+            .map(|&c| u64::from(c))
+            .collect();
+        let lists = choice == want.choice.as_slice()
+            && got.kept == kept
+            && got.tokens == want.tokens
+            && got.offsets == want.offsets
+            && got.dropped == want.dropped
+            && ids[p.gather.clone()] == want.sorted_tokens[..]
+            && chosen == want.chosen_count
+            && back[kept] == (n * k) as u32;
+        lists
+            && (0..n * k).all(|q| {
+                let (t, j) = (q / k, q % k);
+                let slot = j * n + t;
+                match want.position[q] {
+                    u32::MAX => combine[slot] == kept as u32 && gate[q] == choice[q] + n_exp as u32,
+                    at => {
+                        combine[slot] == at
+                            && back[at as usize] == slot as u32
+                            && slots[at as usize] == q as u32
+                            && gate[q] == choice[q]
+                    }
+                }
+            })
     }
 
     /// A routing case: experts, top-k, router probabilities `[N, E]` drawn from four values
@@ -2014,17 +2012,21 @@ mod tests {
         #[test]
         fn host_routing_matches_the_plain_rule((n_exp, k, p, capacity) in routing_case()) {
             let n = p.len() / n_exp;
-            let route = |choice| route_choices(choice, n_exp, k, capacity);
             let want = route_plain(&p, n_exp, k, capacity);
-            let got = route(crate::fused::topk_host(&p, n_exp, k));
-            prop_assert!(same(&got, &want), "n {n} experts {n_exp} top {k} capacity {capacity}");
+            let check = |choice: Vec<u32>| {
+                same(&route_choices(&choice, n_exp, k, capacity), &want, &choice, n_exp, k)
+            };
+            prop_assert!(
+                check(crate::fused::topk_host(&p, n_exp, k)),
+                "n {n} experts {n_exp} top {k} capacity {capacity}"
+            );
             let f32s: Vec<f32> = p.iter().map(|&v| v as f32).collect();
-            prop_assert!(same(&route(crate::fused::topk_host(&f32s, n_exp, k)), &want));
+            prop_assert!(check(crate::fused::topk_host(&f32s, n_exp, k)));
             // The op, as the forward pass calls it.
             let probs = Tensor::from_vec(f32s, (n, n_exp), &Device::Cpu).unwrap();
             let choice = crate::fused::router_topk(&probs, k).unwrap();
             prop_assert_eq!(choice.dims(), &[n, k]);
-            prop_assert!(same(&route(choice.flatten_all().unwrap().to_vec1().unwrap()), &want));
+            prop_assert!(check(choice.flatten_all().unwrap().to_vec1().unwrap()));
         }
 
         /// The batched experts' routing, laid out where the choice is (`fused::route_counts`
