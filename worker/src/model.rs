@@ -586,11 +586,13 @@ fn route_choices(choice: &[u32], n_exp: usize, k: usize, capacity: usize) -> Hos
 }
 
 /// What a batched MoE layer has of its routing before the layout: the counts on the device
-/// (`fused::route_counts`: kept, then chosen) and read back, and the balance loss.
+/// (`fused::route_counts`: kept, then chosen), each expert's kept count and the assignments
+/// dropped, read back from them, and the balance loss.
 #[derive(Debug)]
 struct BatchedCounts {
     counts: Tensor,
-    host: Vec<u32>,
+    kept: Vec<usize>,
+    dropped: u64,
     aux: Tensor,
 }
 
@@ -1406,12 +1408,15 @@ impl Model {
             .reshape((b * t, d))?;
         let (f, aux) = if self.cfg.is_moe(l) {
             let router = self.router(w, l, &h)?;
-            match self.batched_counts(w, &router)? {
-                Some(BatchedCounts { counts, host, aux }) => {
-                    let n_exp = self.cfg.n_experts;
-                    let kept: Vec<usize> = host[..n_exp].iter().map(|&c| c as usize).collect();
+            let (y, aux, kept, dropped) = match self.batched_counts(w, &router)? {
+                Some(BatchedCounts {
+                    counts,
+                    kept,
+                    dropped,
+                    aux,
+                }) => {
                     if !w.stacks.is_empty() {
-                        for e in (0..n_exp).filter(|&e| kept[e] == 0) {
+                        for e in (0..kept.len()).filter(|&e| kept[e] == 0) {
                             for proj in ["w_gate", "w_up", "w_down"] {
                                 w.idle
                                     .borrow_mut()
@@ -1420,13 +1425,7 @@ impl Model {
                         }
                     }
                     let y = self.experts_batched(w, l, &router, &counts, &kept, &h)?;
-                    let chosen: u64 = host[n_exp..].iter().map(|&c| u64::from(c)).sum();
-                    let kept_all: u64 = kept.iter().map(|&c| c as u64).sum();
-                    stats
-                        .expert_tokens
-                        .push(kept.iter().map(|&c| c as u64).collect());
-                    stats.dropped += chosen - kept_all;
-                    (y, Some(aux))
+                    (y, aux, kept, dropped)
                 }
                 None => {
                     let routing = self.route_host(&router)?;
@@ -1441,13 +1440,15 @@ impl Model {
                         });
                     }
                     let y = moe_combine(&routing, &outputs)?;
-                    stats
-                        .expert_tokens
-                        .push(routing.tokens.iter().map(|t| t.len() as u64).collect());
-                    stats.dropped += routing.dropped;
-                    (y, Some(routing.aux))
+                    let kept = routing.tokens.iter().map(Vec::len).collect();
+                    (y, routing.aux, kept, routing.dropped)
                 }
-            }
+            };
+            stats
+                .expert_tokens
+                .push(kept.iter().map(|&c| c as u64).collect());
+            stats.dropped += dropped;
+            (y, Some(aux))
         } else {
             (swiglu(w, &format!("layers.{l}.ffn"), &h)?, None)
         };
@@ -1590,6 +1591,8 @@ impl Model {
         let aux = self.balance_loss(&r.probs, &counts.narrow(0, n_exp, n_exp)?)?;
         let host = counts.to_vec1::<u32>()?;
         let kept: Vec<usize> = host[..n_exp].iter().map(|&c| c as usize).collect();
+        let chosen: u64 = host[n_exp..].iter().map(|&c| u64::from(c)).sum();
+        let dropped = chosen - kept.iter().sum::<usize>() as u64;
         // Batched only when every expert has tokens: an idle expert's parameters then get no
         // gradient at all, as callers of `collect_grads` expect. With stacked leaves the
         // batched path runs anyway: an idle expert's rows are all padding, its slice of the
@@ -1599,7 +1602,8 @@ impl Model {
         Ok(
             ((all_busy || stacked) && self.padding_pays(&kept)).then_some(BatchedCounts {
                 counts,
-                host,
+                kept,
+                dropped,
                 aux,
             }),
         )
