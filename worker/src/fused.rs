@@ -1514,12 +1514,8 @@ pub fn gather_rows(x: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
             x.dims()
         );
     }
-    if x.device().is_cuda() {
-        x.contiguous()?
-            .apply_op2_no_bwd(&ids.contiguous()?, &GatherRowsOp)
-    } else {
-        gather_rows_reference(x, ids)
-    }
+    x.contiguous()?
+        .apply_op2_no_bwd(&ids.contiguous()?, &GatherRowsOp)
 }
 
 /// The sum of the rows that several index lists pick: `ids: [j, m]` (u32, each at most `r`)
@@ -1594,15 +1590,7 @@ impl CustomOp2 for GatherRowsSum {
     }
 }
 
-/// [`gather_rows`] as plain candle ops: a zero row appended, then `index_select`.
-pub fn gather_rows_reference(x: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-    let mut zero_dims = x.dims().to_vec();
-    zero_dims[0] = 1;
-    let zero = Tensor::zeros(zero_dims, x.dtype(), x.device())?;
-    Tensor::cat(&[x, &zero], 0)?.index_select(ids, 0)
-}
-
-/// [`gather_rows`] on a GPU (also the forward of the MoE dispatch's own gather op).
+/// [`gather_rows`] as an op (also the forward of the MoE dispatch's own gather op).
 #[derive(Debug)]
 pub(crate) struct GatherRowsOp;
 
@@ -1613,12 +1601,39 @@ impl CustomOp2 for GatherRowsOp {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+        ids: &CpuStorage,
+        il: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("gather-rows: the CPU takes the plain ops")
+        /// Whole rows of `x` (of `width` each), a zero row for an index past them.
+        fn rows<T: Copy + Default>(x: &[T], width: usize, ids: &[u32]) -> Vec<T> {
+            let mut out = Vec::with_capacity(ids.len() * width);
+            for &i in ids {
+                match x.get(i as usize * width..(i as usize + 1) * width) {
+                    Some(row) => out.extend_from_slice(row),
+                    None => out.resize(out.len() + width, T::default()),
+                }
+            }
+            out
+        }
+        let ids = cpu_u32(ids, il)?;
+        let Some((a, b)) = xl.contiguous_offsets() else {
+            candle_core::bail!("gather-rows: the input is not contiguous");
+        };
+        let (_, width, shape) = gathered(xl, ids.len());
+        let out = match x {
+            CpuStorage::F32(v) => CpuStorage::F32(rows(&v[a..b], width, ids)),
+            CpuStorage::F64(v) => CpuStorage::F64(rows(&v[a..b], width, ids)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(rows(&v[a..b], width, ids)),
+            CpuStorage::F16(v) => CpuStorage::F16(rows(&v[a..b], width, ids)),
+            CpuStorage::U32(v) => CpuStorage::U32(rows(&v[a..b], width, ids)),
+            other => candle_core::bail!(
+                "gather-rows: no gather for {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        };
+        Ok((out, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -1666,7 +1681,6 @@ impl CustomOp2 for GatherRowsOp {
 
 /// For a gather of `m` rows from `x`: its row count, a row's width in elements, and the
 /// output's shape (`x`'s with `m` rows).
-#[cfg(feature = "cuda")]
 fn gathered(xl: &Layout, m: usize) -> (usize, usize, Shape) {
     let mut dims = xl.dims().to_vec();
     let r = dims[0];

@@ -25,7 +25,7 @@ use std::path::Path;
 
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var,
-    backend::BackendStorage, backprop::GradStore,
+    backprop::GradStore,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -622,44 +622,17 @@ struct GatherRows {
     back: Tensor,
 }
 
-impl GatherRows {
-    fn out_shape(&self, l: &Layout) -> candle_core::Result<Shape> {
-        let mut dims = l.dims().to_vec();
-        dims[0] = self.ids.elem_count();
-        Ok(Shape::from(dims))
-    }
-}
-
 impl CustomOp1 for GatherRows {
     fn name(&self) -> &'static str {
         "gather-rows"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        /// Whole rows of `x` (`r` rows of `width`), a zero row for an index `>= r`.
-        fn rows<T: Copy + Default>(x: &[T], width: usize, ids: &[u32]) -> Vec<T> {
-            let mut out = Vec::with_capacity(ids.len() * width);
-            for &i in ids {
-                match x.get(i as usize * width..(i as usize + 1) * width) {
-                    Some(row) => out.extend_from_slice(row),
-                    None => out.resize(out.len() + width, T::default()),
-                }
-            }
-            out
-        }
-        let ids = self.ids.flatten_all()?.to_vec1::<u32>()?;
-        let (Some((a, b)), Some(&r)) = (l.contiguous_offsets(), l.dims().first()) else {
-            candle_core::bail!("gather-rows: the input is not contiguous");
+        let (ids, ids_l) = self.ids.storage_and_layout();
+        let Storage::Cpu(ids) = &*ids else {
+            candle_core::bail!("gather-rows: indices are not on the CPU");
         };
-        let width = (b - a) / r.max(1);
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(rows(&v[a..b], width, &ids)),
-            CpuStorage::F64(v) => CpuStorage::F64(rows(&v[a..b], width, &ids)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(rows(&v[a..b], width, &ids)),
-            CpuStorage::F16(v) => CpuStorage::F16(rows(&v[a..b], width, &ids)),
-            other => candle_core::bail!("gather-rows: no gather for {:?}", other.dtype()),
-        };
-        Ok((out, self.out_shape(l)?))
+        candle_core::CustomOp2::cpu_fwd(&crate::fused::GatherRowsOp, s, l, ids, ids_l)
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
