@@ -653,6 +653,19 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         ((self.0 >> 33) as usize) % n.max(1)
     }
+
+    /// `count` row indices below `r`, each `r` (the zero row) one time in `zero_one_in`.
+    fn row_ids(&mut self, count: usize, r: usize, zero_one_in: usize) -> Vec<u32> {
+        (0..count)
+            .map(|_| {
+                if self.below(zero_one_in) == 0 {
+                    r as u32
+                } else {
+                    self.below(r) as u32
+                }
+            })
+            .collect()
+    }
 }
 
 /// The router's top-k choice (`fused::router_topk`) against the host rule, on rows full of
@@ -750,15 +763,7 @@ fn check_gather(device: &Device, dt: DType) {
         (300, 64, 1000),
     ] {
         let x = normal(&[r + 1, d], 1.0).to_dtype(dt).unwrap();
-        let ids: Vec<u32> = (0..m)
-            .map(|_| {
-                if rng.below(6) == 0 {
-                    r as u32
-                } else {
-                    rng.below(r) as u32
-                }
-            })
-            .collect();
+        let ids = rng.row_ids(m, r, 6);
         // Rows 0..r or 1..=r of the buffer on the device: an input that starts one row in.
         for start in [0, 1] {
             let xs = x.narrow(0, start, r).unwrap();
@@ -793,15 +798,7 @@ fn check_gather(device: &Device, dt: DType) {
         let xs = x.narrow(0, 0, r).unwrap();
         let host = host_f64(&xs);
         for lists in 1..=3 {
-            let ids: Vec<u32> = (0..lists * m)
-                .map(|_| {
-                    if rng.below(4) == 0 {
-                        r as u32
-                    } else {
-                        rng.below(r) as u32
-                    }
-                })
-                .collect();
+            let ids = rng.row_ids(lists * m, r, 4);
             let got = fused::gather_rows_sum(
                 &xs.to_device(device).unwrap(),
                 &Tensor::from_vec(ids.clone(), (lists, m), device).unwrap(),
