@@ -438,11 +438,14 @@ async fn a_reducer_killed_after_its_contributions_arrived_is_replaced_within_the
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path()).await;
     let run = run_with(|m| {
-        m.rounds = Some(3);
+        // Round 1 opens only once all three are members, so the victim reduces a slice of
+        // round 2 however late its join lands (a round takes a few hundred milliseconds,
+        // less than one retried join).
+        m.rounds = Some(2);
+        m.min_peers = Some(3);
         // Room under load: the survivors wait for the dead reducer until 70% of what is
         // left of the round, and no other slice may go missing meanwhile.
         m.round_deadline_secs = Some(60);
-        m.min_peers = Some(2);
     });
     let run_id = run.id();
     let coordinator = nodes[0].client().local_peer_id();
@@ -453,7 +456,6 @@ async fn a_reducer_killed_after_its_contributions_arrived_is_replaced_within_the
     victim
         .train()
         .crash_at(Some(CrashPoint::ReducerBeforeSending(2)));
-    // The run is coordinated before anyone joins, so that both join in time for round 2.
     let coordinating = nodes[0].train();
     let run_task = tokio::spawn(async move { coordinating.coordinate(run, None).await });
     // Its own replica has been welcomed once the status names the run.
