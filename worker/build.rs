@@ -15,6 +15,8 @@ fn main() {
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    // `fused.rs` runs split TF32 products only for GPUs with TF32 tensor cores.
+    println!("cargo:rustc-env=POTLUCK_CUDA_COMPUTE_CAP={cap}");
     let nvcc = ["CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"]
         .iter()
         .filter_map(std::env::var_os)

@@ -13,6 +13,9 @@
 //!   flat buffers, one pass each instead of about fifteen.
 //! - [`grouped_matmul_t`]: the MoE experts' projections over their blocks of rows, one
 //!   matrix-library call per expert inside one graph node.
+//! - [`matmul_t`] and [`matmul`]: matrix products as one graph node each, whose gradients
+//!   are products of the same op. On a GPU their f32 products, and the experts', run split
+//!   into TF32 parts ([`F32Products`]).
 //! - [`split_heads`] and [`merge_heads`]: attention's head split (with RoPE for queries and
 //!   keys) and merge, one kernel each way instead of a transpose, candle's strided copy and
 //!   the rotation.
@@ -2155,7 +2158,7 @@ impl RowBlocks {
 }
 
 /// Where the parts of a routing layout of `rows` rows and `m = N * k` slots lie in
-/// [`route_layout`]'s output (and in [`route_layout_host`]'s).
+/// [`route_layout`]'s output (and in `route_layout_host`'s).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteParts {
     /// The token each row reads (`rows`).
@@ -2667,50 +2670,233 @@ impl CustomOp2 for RouterGatesBwd {
 /// `a @ b^T` over the last two dimensions: `a: [.., m, k]`, `b: [.., n, k]` with the same
 /// batch dimensions -> `[.., m, n]` (a linear layer `x @ w^T`, the experts' batched
 /// projections against their stacked `[experts, out, in]` weights, attention scores
-/// `q @ k^T`). The same product as `a.matmul(&b.t())`, as one graph node: there `b.t()` is a
-/// node of its own, whose backward allocates a zero tensor and adds the gradient of `b^T`
-/// into it through a strided (transposing) pass, then the product's backward does the same
-/// for the view. Here the gradients are `g @ b` and `g^T @ a`, computed in their final
-/// layouts by the matrix library.
+/// `q @ k^T`, the output head). The same product as `a.matmul(&b.t())`, as one graph node:
+/// there `b.t()` is a node of its own, whose backward allocates a zero tensor and adds the
+/// gradient of `b^T` into it through a strided (transposing) pass, then the product's
+/// backward does the same for the view. Here the gradients are `g @ b` and `g^T @ a`,
+/// computed in their final layouts by the matrix library. f32 products on a GPU follow
+/// [`f32_products`].
 pub fn matmul_t(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    product(a, b, false, true)
+}
+
+/// `a @ b` over the last two dimensions: `a: [.., m, k]`, `b: [.., k, n]` with the same
+/// batch dimensions -> `[.., m, n]` (attention's `probs @ v`). Like [`matmul_t`], one graph
+/// node whose gradients are products of the same kind, and f32 follows [`f32_products`].
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    product(a, b, false, false)
+}
+
+/// How f32 matrix products run on a GPU with TF32 tensor cores (compute capability 8.0 and
+/// later); the CPU, bf16 and f64 are unaffected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum F32Products {
+    /// Split TF32, the default: each operand's values are split into a TF32 part and an f32
+    /// remainder ([`tf32_split`]) and laid out three times along the inner dimension, so
+    /// that one tensor-core product over three times the inner dimension sums
+    /// `lo·hi + hi·lo + hi·hi` with f32 accumulation, dropping only `lo·lo`. Against f64 on
+    /// the H100, at `base`'s shapes, its error was 3.7 times a plain f32 product's (1.8e-6
+    /// against 5.0e-7, relative) and 160 times smaller than one TF32 product's (2.9e-4);
+    /// the worker's CUDA test of the fused ops measures all three on every run. Products
+    /// with a side under 128 stay on the f32 units (`SPLIT_MIN_DIM`).
+    Split,
+    /// The f32 units (`CUBLAS_COMPUTE_32F`), as candle does by default.
+    Exact,
+}
+
+static F32_PRODUCTS_EXACT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses how f32 matrix products run on a GPU from now on, for the whole process.
+pub fn set_f32_products(p: F32Products) {
+    F32_PRODUCTS_EXACT.store(
+        p == F32Products::Exact,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// How f32 matrix products run on a GPU (see [`set_f32_products`]).
+pub fn f32_products() -> F32Products {
+    if F32_PRODUCTS_EXACT.load(std::sync::atomic::Ordering::Relaxed) {
+        F32Products::Exact
+    } else {
+        F32Products::Split
+    }
+}
+
+/// Whether this build's f32 products on a GPU run split (see [`F32Products`]): the kernels
+/// are built for a GPU with TF32 tensor cores (`CUDA_COMPUTE_CAP` 80 or more, and the PTX
+/// runs on no older GPU), candle's own TF32 switch is off (with it on, a product is one
+/// TF32 product, as the caller asked), and the process did not choose exact products.
+#[cfg(feature = "cuda")]
+fn split_f32_products() -> bool {
+    const CAP: &str = env!("POTLUCK_CUDA_COMPUTE_CAP");
+    CAP.parse::<u32>().is_ok_and(|c| c >= 80)
+        && !candle_core::cuda_backend::gemm_reduced_precision_f32()
+        && f32_products() == F32Products::Split
+}
+
+/// The smallest `m`, `n` and `k` of a product that runs split: with a smaller side (attention's
+/// head dimension of 64) the product reads its operands more than it computes, and reading
+/// them three times over, after the split wrote them, costs more than the f32 units' one
+/// pass.
+#[cfg(feature = "cuda")]
+const SPLIT_MIN_DIM: usize = 128;
+
+/// Whether a product of these sizes runs split (see [`SPLIT_MIN_DIM`]).
+#[cfg(feature = "cuda")]
+fn splits(m: usize, n: usize, k: usize) -> bool {
+    m.min(n).min(k) >= SPLIT_MIN_DIM && split_f32_products()
+}
+
+/// `x` as the sum of a TF32 value and an f32 remainder, `hi + lo == x` exactly: `hi` is `x`
+/// rounded to TF32's 10-bit mantissa (to nearest, ties away from zero; truncated where
+/// rounding would overflow to infinity), so `|lo| <= 2^-11 |x|`. Infinities and NaNs are
+/// their own `hi`, with `lo` zero. The host twin of `tf32_split_one` in `kernels.cu`.
+pub fn tf32_split(x: f32) -> (f32, f32) {
+    let u = x.to_bits();
+    let special = |u: u32| u & 0x7f80_0000 == 0x7f80_0000;
+    if special(u) {
+        return (x, 0.0);
+    }
+    let mut r = u.wrapping_add(0x1000) & 0xffff_e000;
+    if special(r) {
+        r = u & 0xffff_e000;
+    }
+    let hi = f32::from_bits(r);
+    (hi, x - hi)
+}
+
+/// `op(a) @ op(b)` over the last two dimensions, where `op` transposes the operand when its
+/// flag is set: `a` is stored `[.., m, k]` (`[.., k, m]` with `ta`) and `b` `[.., k, n]`
+/// (`[.., n, k]` with `tb`), with the same batch dimensions.
+fn product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> candle_core::Result<Tensor> {
     let (ad, bd) = (a.dims(), b.dims());
     let r = ad.len();
-    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 1] {
-        candle_core::bail!("matmul-t: {ad:?} x {bd:?}^T do not fit");
+    let fits = r >= 2 && bd.len() == r && ad[..r - 2] == bd[..r - 2] && {
+        let k_a = if ta { ad[r - 2] } else { ad[r - 1] };
+        let k_b = if tb { bd[r - 1] } else { bd[r - 2] };
+        k_a == k_b
+    };
+    if !fits {
+        candle_core::bail!("matmul: {ad:?} and {bd:?} do not fit (transposed: {ta}, {tb})");
+    }
+    if a.dtype() != b.dtype() {
+        candle_core::bail!("matmul: {:?} with {:?}", a.dtype(), b.dtype());
     }
     if a.elem_count() == 0 || b.elem_count() == 0 {
-        return a.matmul(&b.t()?);
+        let (a, b) = (
+            if ta {
+                a.transpose(r - 2, r - 1)?
+            } else {
+                a.clone()
+            },
+            if tb {
+                b.transpose(r - 2, r - 1)?
+            } else {
+                b.clone()
+            },
+        );
+        return a.matmul(&b);
     }
-    a.apply_op2(b, MatmulT)
+    // The split products read their operands as dense row-major matrices.
+    let dense = |t: &Tensor| {
+        if t.device().is_cuda() && t.dtype() == DType::F32 {
+            t.contiguous()
+        } else {
+            Ok(t.clone())
+        }
+    };
+    dense(a)?.apply_op2(&dense(b)?, Product { ta, tb })
+}
+
+/// A row-major product `c = op(a) @ op(b)` over `batch` dense matrices stored one after
+/// another: `a` is `[m, k]` (`[k, m]` when `ta`), `b` `[k, n]` (`[n, k]` when `tb`) and `c`
+/// `[m, n]`.
+#[cfg(any(feature = "cuda", test))] // the CUDA path, and its CPU emulation in `tests`
+#[derive(Debug, Clone, Copy)]
+struct Gemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    batch: usize,
+}
+
+#[cfg(any(feature = "cuda", test))] // the CUDA path, and its CPU emulation in `tests`
+impl Gemm {
+    /// The leading dimensions of `a` and `b` as stored (`c`'s is `n`).
+    fn leading(&self) -> (usize, usize) {
+        (
+            if self.ta { self.m } else { self.k },
+            if self.tb { self.k } else { self.n },
+        )
+    }
+
+    /// The elements from one matrix of the batch to the next, for `a`, `b` and `c`.
+    fn strides(&self) -> (usize, usize, usize) {
+        (self.m * self.k, self.k * self.n, self.m * self.n)
+    }
+
+    /// The run lengths in which a split product splits `a` and `b` (`tf32_split3`'s
+    /// `inner`): each operand's extent along K, a row of `k` values where K runs along the
+    /// stored rows (`a: [m, k]`, `b: [n, k]`), a whole matrix where it runs down the
+    /// columns (`a: [k, m]`, `b: [k, n]`). Each run becomes three in a row, so a matrix of
+    /// the split operand is the original with K three times as long.
+    fn runs(&self) -> (usize, usize) {
+        (
+            if self.ta { self.k * self.m } else { self.k },
+            if self.tb { self.k } else { self.k * self.n },
+        )
+    }
+
+    /// The product over the split operands: K three times as long.
+    fn tripled(&self) -> Gemm {
+        Gemm {
+            k: 3 * self.k,
+            ..*self
+        }
+    }
 }
 
 /// `(batch, m, n, k)` of a batched matrix product.
 type Bmnk = (usize, usize, usize, usize);
 
-/// `a @ b^T` as a custom op (see [`matmul_t`]).
+/// `op(a) @ op(b)` as a custom op (see [`product`]).
 #[derive(Debug, Clone, Copy)]
-struct MatmulT;
+struct Product {
+    ta: bool,
+    tb: bool,
+}
 
-impl MatmulT {
-    /// `(batch, m, n, k)`, the layout of `b^T` and the output shape.
-    fn dims(al: &Layout, bl: &Layout) -> candle_core::Result<(Bmnk, Layout, Shape)> {
+impl Product {
+    /// `(batch, m, n, k)`, the layouts of `op(a)` and `op(b)`, and the output shape.
+    fn dims(&self, al: &Layout, bl: &Layout) -> candle_core::Result<(Bmnk, Layout, Layout, Shape)> {
         let ad = al.dims();
         let r = ad.len();
-        let (m, k, n) = (ad[r - 2], ad[r - 1], bl.dims()[r - 2]);
+        let la = if self.ta {
+            al.transpose(r - 2, r - 1)?
+        } else {
+            al.clone()
+        };
+        let lb = if self.tb {
+            bl.transpose(r - 2, r - 1)?
+        } else {
+            bl.clone()
+        };
+        let (m, k, n) = (la.dims()[r - 2], la.dims()[r - 1], lb.dims()[r - 1]);
         let batch = ad[..r - 2].iter().product();
         let mut out = ad.to_vec();
+        out[r - 2] = m;
         out[r - 1] = n;
-        Ok((
-            (batch, m, n, k),
-            bl.transpose(r - 2, r - 1)?,
-            Shape::from(out),
-        ))
+        Ok(((batch, m, n, k), la, lb, Shape::from(out)))
     }
 }
 
-impl CustomOp2 for MatmulT {
+impl CustomOp2 for Product {
     fn name(&self) -> &'static str {
-        "matmul-t"
+        "matmul"
     }
 
     fn cpu_fwd(
@@ -2721,8 +2907,8 @@ impl CustomOp2 for MatmulT {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let (bmnk, bt, shape) = Self::dims(al, bl)?;
-        Ok((a.matmul(b, bmnk, al, &bt)?, shape))
+        let (bmnk, la, lb, shape) = self.dims(al, bl)?;
+        Ok((a.matmul(b, bmnk, &la, &lb)?, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -2733,8 +2919,30 @@ impl CustomOp2 for MatmulT {
         b: &CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (bmnk, bt, shape) = Self::dims(al, bl)?;
-        Ok((a.matmul(b, bmnk, al, &bt)?, shape))
+        let (bmnk, la, lb, shape) = self.dims(al, bl)?;
+        let (batch, m, n, k) = bmnk;
+        if a.dtype() != DType::F32 || !splits(m, n, k) {
+            return Ok((a.matmul(b, bmnk, &la, &lb)?, shape));
+        }
+        let (Some((a0, _)), Some((b0, _))) = (al.contiguous_offsets(), bl.contiguous_offsets())
+        else {
+            candle_core::bail!("matmul: split f32 operands must be contiguous");
+        };
+        let g = Gemm {
+            m,
+            n,
+            k,
+            ta: self.ta,
+            tb: self.tb,
+            batch,
+        };
+        let out = cuda::alloc_like(a, shape.elem_count())?;
+        let (an, bn) = (al.shape().elem_count(), bl.shape().elem_count());
+        let (ia, ib) = g.runs();
+        let sa = cuda::SplitOperand::new(a, a0, an, ia, true)?;
+        let sb = cuda::SplitOperand::new(b, b0, bn, ib, false)?;
+        cuda::gemm_split((&sa, 0), (&sb, 0), (&out, 0), &g)?;
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -2745,11 +2953,22 @@ impl CustomOp2 for MatmulT {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // Detached operands: the gradients are values, not graphs that keep activations.
-        let (a, b) = (a.detach(), b.detach());
-        let grad = grad.contiguous()?;
-        let r = grad.rank();
-        let da = grad.matmul(&b)?;
-        let db = grad.transpose(r - 2, r - 1)?.matmul(&a)?;
+        let (a, b, g) = (a.detach(), b.detach(), grad.contiguous()?);
+        // For c = op(a) @ op(b): da = g @ op(b)^T and db = op(a)^T @ g, each written as one
+        // product of the stored operands in the stored layout of a and b.
+        let (da, db) = match (self.ta, self.tb) {
+            (false, false) => (product(&g, &b, false, true)?, product(&a, &g, true, false)?),
+            (false, true) => (
+                product(&g, &b, false, false)?,
+                product(&g, &a, true, false)?,
+            ),
+            (true, false) => (
+                product(&b, &g, false, true)?,
+                product(&a, &g, false, false)?,
+            ),
+            // Built by none of the functions above nor by these gradients.
+            (true, true) => candle_core::bail!("matmul: no backward for a^T @ b^T"),
+        };
         Ok((Some(da), Some(db)))
     }
 }
@@ -2847,6 +3066,18 @@ impl Grouped {
     }
 }
 
+#[cfg(any(feature = "cuda", test))] // the CUDA path, and its CPU emulation in `tests`
+impl Grouped {
+    /// Whether a split product splits each operand whole, in the runs of [`Gemm::runs`], for
+    /// all experts at once: in the forward pass and the input's gradient, K runs along the
+    /// rows of `x` and of the output gradient (runs of a row) and down the columns of each
+    /// expert's weights (runs of a whole matrix). In the weights' gradient it runs down each
+    /// expert's block of rows, and the blocks' lengths differ: each is split on its own.
+    fn split_whole(&self) -> bool {
+        self.kind != GroupedKind::AtB
+    }
+}
+
 impl GroupGemm {
     /// `(m, n, k)`, `(a_off, ta)`, `(b_off, tb)` and `c_off`.
     fn new(
@@ -2864,6 +3095,19 @@ impl GroupGemm {
             b_off,
             tb,
             c_off,
+        }
+    }
+
+    /// The product's shape for [`Gemm`].
+    #[cfg(any(feature = "cuda", test))]
+    fn gemm(&self) -> Gemm {
+        Gemm {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            ta: self.ta,
+            tb: self.tb,
+            batch: 1,
         }
     }
 }
@@ -2937,8 +3181,35 @@ impl CustomOp2 for Grouped {
             cuda::alloc_like(a, shape.elem_count())?
         };
         let (a0, b0) = (al.start_offset(), bl.start_offset());
-        for g in gemms.iter().filter(|g| g.m > 0 && g.n > 0 && g.k > 0) {
-            cuda::gemm_row_major(a, a0, b, b0, &out, g)?;
+        let gemms = gemms.iter().filter(|g| g.m > 0 && g.n > 0 && g.k > 0);
+        let split = |g: &GroupGemm| a.dtype() == DType::F32 && splits(g.m, g.n, g.k);
+        // The operands are split once, for all experts, when any expert's product is (see
+        // `Grouped::split_whole`); otherwise each expert's blocks on their own.
+        let ops = match gemms.clone().find(|g| split(g)) {
+            Some(g) if self.split_whole() => {
+                let (an, bn) = (al.shape().elem_count(), bl.shape().elem_count());
+                let (ia, ib) = g.gemm().runs();
+                Some((
+                    cuda::SplitOperand::new(a, a0, an, ia, true)?,
+                    cuda::SplitOperand::new(b, b0, bn, ib, false)?,
+                ))
+            }
+            _ => None,
+        };
+        for g in gemms {
+            let c = (&out, g.c_off);
+            match &ops {
+                _ if !split(g) => cuda::gemm_row_major(a, a0, b, b0, &out, g)?,
+                Some((sa, sb)) => {
+                    cuda::gemm_split((sa, g.a_off), (sb, g.b_off), c, &g.gemm())?;
+                }
+                None => {
+                    let (ia, ib) = g.gemm().runs();
+                    let sa = cuda::SplitOperand::new(a, a0 + g.a_off, ia, ia, true)?;
+                    let sb = cuda::SplitOperand::new(b, b0 + g.b_off, ib, ib, false)?;
+                    cuda::gemm_split((&sa, 0), (&sb, 0), c, &g.gemm())?;
+                }
+            }
         }
         Ok((out, shape))
     }
@@ -3124,7 +3395,7 @@ mod cuda {
     use candle_core::cuda_backend::{CudaStorageSlice as S, Map1, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
-    use super::{MODULE, PTX};
+    use super::{Gemm, MODULE, PTX};
 
     /// One kernel argument.
     pub(super) enum Arg {
@@ -3230,10 +3501,10 @@ mod cuda {
         })
     }
 
-    /// One row-major product `c = op(a) @ op(b)` of [`super::GroupGemm`] through cuBLAS on the
-    /// device's stream, on raw addresses within `a` (from element `a0`), `b` (from `b0`) and
-    /// `c`. f32 products honour candle's TF32 switch as its own matmul does (off unless a
-    /// caller turned it on); bf16 and f16 accumulate in f32.
+    /// One product of [`super::GroupGemm`] through cuBLAS on the device's stream, on raw
+    /// addresses within `a` (from element `a0`), `b` (from `b0`) and `c`. f32 products
+    /// honour candle's TF32 switch as its own matmul does (off unless a caller turned it on);
+    /// bf16 and f16 accumulate in f32.
     pub(super) fn gemm_row_major(
         a: &CudaStorage,
         a0: usize,
@@ -3242,52 +3513,72 @@ mod cuda {
         c: &CudaStorage,
         g: &super::GroupGemm,
     ) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
-        use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        use sys::{cublasComputeType_t as C, cudaDataType_t as D};
+        use candle_core::cuda_backend::cudarc::cublas::sys::cublasComputeType_t as C;
         let tf32 = candle_core::cuda_backend::gemm_reduced_precision_f32();
-        let (ty, compute) = match a.dtype() {
-            DType::F32 if tf32 => (D::CUDA_R_32F, C::CUBLAS_COMPUTE_32F_FAST_TF32),
-            DType::F32 => (D::CUDA_R_32F, C::CUBLAS_COMPUTE_32F),
-            DType::BF16 => (D::CUDA_R_16BF, C::CUBLAS_COMPUTE_32F),
-            DType::F16 => (D::CUDA_R_16F, C::CUBLAS_COMPUTE_32F),
-            DType::F64 => (D::CUDA_R_64F, C::CUBLAS_COMPUTE_64F),
-            other => candle_core::bail!("grouped matmul: no product for {other:?}"),
+        let compute = match a.dtype() {
+            DType::F32 if tf32 => C::CUBLAS_COMPUTE_32F_FAST_TF32,
+            DType::F64 => C::CUBLAS_COMPUTE_64F,
+            _ => C::CUBLAS_COMPUTE_32F,
         };
-        let (one, zero) = (1f64, 0f64);
-        let (one32, zero32) = (1f32, 0f32);
-        let (alpha, beta): (*const std::ffi::c_void, *const std::ffi::c_void) =
-            if a.dtype() == DType::F64 {
-                ((&one as *const f64).cast(), (&zero as *const f64).cast())
-            } else {
-                (
-                    (&one32 as *const f32).cast(),
-                    (&zero32 as *const f32).cast(),
-                )
-            };
-        // Row-major `c[m, n] = op(a) @ op(b)` is column-major `c^T[n, m] = op(b)^T @ op(a)^T`:
-        // cuBLAS gets `b` first. A row-major operand stored as `[rows, cols]` is a
-        // column-major `[cols, rows]` with leading dimension `cols`.
-        let lda = if g.ta { g.m } else { g.k };
-        let ldb = if g.tb { g.k } else { g.n };
-        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
-        let int = |v: usize| -> Result<i32> {
-            i32::try_from(v).map_err(|_| {
-                candle_core::Error::Msg(format!("grouped matmul: {v} is too large for cuBLAS"))
-            })
-        };
-        let (pa, pb, pc) = (
+        let addrs = (
             address(a, a0 + g.a_off)?,
             address(b, b0 + g.b_off)?,
             address(c, g.c_off)?,
         );
-        let blas = a.device.cublas_handle();
-        // SAFETY: the addresses point into live buffers of the storages' dtype, holding the
-        // operands' `m x k`, `k x n` and `m x n` elements at the given strides (the plan of
-        // `Grouped` computes them from the inputs' dims); alpha and beta outlive the call,
-        // which is enqueued on the stream candle runs all of the device's work on.
+        gemm_at(&a.device, a.dtype(), compute, addrs, &g.gemm(), false)
+    }
+
+    /// `c = op(a) @ op(b)` (`c += ...` when `accumulate`) through cuBLAS on the device's
+    /// stream, on raw addresses of `dt` elements.
+    fn gemm_at(
+        dev: &CudaDevice,
+        dt: DType,
+        compute: candle_core::cuda_backend::cudarc::cublas::sys::cublasComputeType_t,
+        (pa, pb, pc): (u64, u64, u64),
+        g: &Gemm,
+        accumulate: bool,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_strided_batched_ex, sys};
+        use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        use sys::cudaDataType_t as D;
+        let ty = match dt {
+            DType::F32 => D::CUDA_R_32F,
+            DType::BF16 => D::CUDA_R_16BF,
+            DType::F16 => D::CUDA_R_16F,
+            DType::F64 => D::CUDA_R_64F,
+            other => candle_core::bail!("matmul: no product for {other:?}"),
+        };
+        let (one, zero) = (1f64, 0f64);
+        let (one32, zero32) = (1f32, 0f32);
+        let beta64 = if accumulate { &one } else { &zero };
+        let beta32 = if accumulate { &one32 } else { &zero32 };
+        let (alpha, beta): (*const std::ffi::c_void, *const std::ffi::c_void) = if dt == DType::F64
+        {
+            ((&one as *const f64).cast(), (beta64 as *const f64).cast())
+        } else {
+            ((&one32 as *const f32).cast(), (beta32 as *const f32).cast())
+        };
+        // Row-major `c[m, n] = op(a) @ op(b)` is column-major `c^T[n, m] = op(b)^T @ op(a)^T`:
+        // cuBLAS gets `b` first. A row-major operand stored as `[rows, cols]` is a
+        // column-major `[cols, rows]` with leading dimension `cols`.
+        let ((lda, ldb), (sa, sb, sc)) = (g.leading(), g.strides());
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let int = |v: usize| -> Result<i32> {
+            i32::try_from(v).map_err(|_| {
+                candle_core::Error::Msg(format!("matmul: {v} is too large for cuBLAS"))
+            })
+        };
+        let long = |v: usize| -> Result<i64> {
+            i64::try_from(v)
+                .map_err(|_| candle_core::Error::Msg(format!("matmul: stride {v} is too large")))
+        };
+        let blas = dev.cublas_handle();
+        // SAFETY: the addresses point into live buffers of `dt` elements holding `batch`
+        // operands of `m x k`, `k x n` and `m x n` elements one after another (the callers
+        // compute them from the inputs' dims); alpha and beta outlive the call, which is
+        // enqueued on the stream candle runs all of the device's work on.
         unsafe {
-            gemm_ex(
+            gemm_strided_batched_ex(
                 *blas.handle(),
                 op(g.tb),
                 op(g.ta),
@@ -3298,19 +3589,87 @@ mod cuda {
                 pb as *const _,
                 ty,
                 int(ldb)?,
+                long(sb)?,
                 pa as *const _,
                 ty,
                 int(lda)?,
+                long(sa)?,
                 beta,
                 pc as *mut _,
                 ty,
                 int(g.n)?,
+                long(sc)?,
+                int(g.batch)?,
                 compute,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
             )
         }
-        .map_err(|e| candle_core::Error::Msg(format!("grouped matmul: cuBLAS: {e:?}")))?;
+        .map_err(|e| candle_core::Error::Msg(format!("matmul: cuBLAS: {e:?}")))?;
         Ok(())
+    }
+
+    /// One operand of split f32 products ([`super::F32Products::Split`]): its `n` values
+    /// from element `start`, as `[n / inner, 3, inner]` (`tf32_split3` in `kernels.cu`):
+    /// each run of `inner` values three times, as (lo, hi, hi) for the left operand of a
+    /// product and (hi, lo, hi) for the right one. With `inner` the extent of K along the
+    /// operand (a row's `k` values where K runs along rows, a whole `[k, cols]` matrix where
+    /// it runs down columns), one product over 3K sums the small terms first, then
+    /// `hi·hi`.
+    pub(super) struct SplitOperand {
+        parts: CudaStorage,
+    }
+
+    impl SplitOperand {
+        /// Splits `n` values of `s` from element `start` in runs of `inner`, in the order of
+        /// the left operand of a product (`left`) or of the right one.
+        pub(super) fn new(
+            s: &CudaStorage,
+            start: usize,
+            n: usize,
+            inner: usize,
+            left: bool,
+        ) -> Result<Self> {
+            if s.dtype() != DType::F32 || inner == 0 || !n.is_multiple_of(inner) {
+                candle_core::bail!("tf32 split: {:?}, {n} values in runs of {inner}", s.dtype());
+            }
+            let parts = alloc_acc(&s.device, 3 * n, false)?;
+            let args = [
+                Arg::P(address(s, start)?),
+                output(&parts)?,
+                Arg::I64((n / inner) as i64),
+                Arg::I64(inner as i64),
+                Arg::I32(left as i32),
+            ];
+            launch_named(&s.device, "tf32_split3", flat(n), &args)?;
+            Ok(SplitOperand { parts })
+        }
+    }
+
+    /// `c = op(a) @ op(b)` from elements `a_off` and `b_off` of the split operands (counted
+    /// in the original values, at the start of a run) into `c` from `c_off`: one TF32
+    /// product over 3K, `lo_a hi_b`, then `hi_a lo_b`, then `hi_a hi_b` along K, with f32
+    /// accumulation.
+    pub(super) fn gemm_split(
+        (a, a_off): (&SplitOperand, usize),
+        (b, b_off): (&SplitOperand, usize),
+        (c, c_off): (&CudaStorage, usize),
+        g: &Gemm,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::sys::cublasComputeType_t as C;
+        let addrs = (
+            address(&a.parts, 3 * a_off)?,
+            address(&b.parts, 3 * b_off)?,
+            address(c, c_off)?,
+        );
+        let g3 = g.tripled();
+        gemm_at(
+            &c.device,
+            DType::F32,
+            C::CUBLAS_COMPUTE_32F_FAST_TF32,
+            addrs,
+            &g3,
+            false,
+        )
     }
 
     /// An uninitialised f32 (or, for `wide`, f64) buffer of `n` elements.
@@ -3443,5 +3802,166 @@ mod cuda {
         // `kernels.cu`, with pointers to buffers of the sizes the kernel indexes.
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
+    }
+}
+
+/// The split f32 products' layouts emulated on the CPU, where CI runs them: the host twin of
+/// `tf32_split3`, and cuBLAS's product read through the leading dimensions and strides
+/// `cuda::gemm_at` passes it (its row-major to column-major mapping is the one the CUDA
+/// tests check against plain products). Every product the GPU splits, plain and grouped,
+/// is laid out as the CUDA code lays it out and must come out as the plain product.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tf32_split3` of `kernels.cu` on the host.
+    fn split3(x: &[f32], inner: usize, left: bool) -> Vec<f32> {
+        let mut out = vec![0f32; 3 * x.len()];
+        for (i, &v) in x.iter().enumerate() {
+            let (hi, lo) = tf32_split(v);
+            let at = (i / inner) * 3 * inner + i % inner;
+            let parts = if left { [lo, hi, hi] } else { [hi, lo, hi] };
+            for (p, part) in parts.into_iter().enumerate() {
+                out[at + p * inner] = part;
+            }
+        }
+        out
+    }
+
+    /// The product cuBLAS computes for `cuda::gemm_at`, in f64.
+    fn gemm(a: &[f32], b: &[f32], g: &Gemm) -> Vec<f64> {
+        let ((lda, ldb), (sa, sb, _)) = (g.leading(), g.strides());
+        let mut c = vec![0f64; g.batch * g.m * g.n];
+        for t in 0..g.batch {
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    c[(t * g.m + i) * g.n + j] = (0..g.k)
+                        .map(|kk| {
+                            let x = a[t * sa + if g.ta { kk * lda + i } else { i * lda + kk }];
+                            let y = b[t * sb + if g.tb { j * ldb + kk } else { kk * ldb + j }];
+                            x as f64 * y as f64
+                        })
+                        .sum();
+                }
+            }
+        }
+        c
+    }
+
+    /// Values in about [-2, 2] with every mantissa bit in use (a fixed LCG).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
+            })
+            .collect()
+    }
+
+    fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let num: f64 = got.iter().zip(want).map(|(x, y)| (x - y) * (x - y)).sum();
+        let den: f64 = want.iter().map(|y| y * y).sum();
+        (num / den).sqrt()
+    }
+
+    #[test]
+    fn split_products_lay_out_the_three_terms_along_k() {
+        for (ta, tb) in [(false, false), (false, true), (true, false)] {
+            let g = Gemm {
+                m: 5,
+                n: 7,
+                k: 3,
+                ta,
+                tb,
+                batch: 2,
+            };
+            let (a, b) = (values(2 * 5 * 3, 1), values(2 * 3 * 7, 2));
+            // The emulated library reads the operands as the op does on the CPU.
+            let shape = |rows, cols| Shape::from((2, rows, cols));
+            let at = Tensor::from_vec(
+                a.clone(),
+                shape(if ta { 3 } else { 5 }, if ta { 5 } else { 3 }),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let bt = Tensor::from_vec(
+                b.clone(),
+                shape(if tb { 7 } else { 3 }, if tb { 3 } else { 7 }),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let want = product(
+                &at.to_dtype(DType::F64).unwrap(),
+                &bt.to_dtype(DType::F64).unwrap(),
+                ta,
+                tb,
+            )
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+            assert!(rel_err(&gemm(&a, &b, &g), &want) < 1e-15, "{ta} {tb}");
+            let (ia, ib) = g.runs();
+            let split = gemm(&split3(&a, ia, true), &split3(&b, ib, false), &g.tripled());
+            let e = rel_err(&split, &want);
+            // Only lo_a lo_b is missing: about 2^-22 of the product.
+            assert!(e < 1e-6, "transposed {ta} {tb}: error {e}");
+        }
+    }
+
+    #[test]
+    fn split_grouped_products_lay_out_each_experts_terms_along_k() {
+        let counts: std::sync::Arc<[usize]> = vec![3, 0, 5, 2].into();
+        let (rows, e, n, k) = (10, 4, 4, 6);
+        for (kind, ad, bd) in [
+            (GroupedKind::XWt, vec![rows, k], vec![e, n, k]),
+            (GroupedKind::XW, vec![rows, n], vec![e, n, k]),
+            (GroupedKind::AtB, vec![rows, n], vec![rows, k]),
+        ] {
+            let op = Grouped {
+                counts: counts.clone(),
+                kind,
+            };
+            let a = values(ad.iter().product(), 3);
+            let b = values(bd.iter().product(), 4);
+            let cpu = candle_core::Device::Cpu;
+            let at = Tensor::from_vec(a.clone(), ad.as_slice(), &cpu).unwrap();
+            let bt = Tensor::from_vec(b.clone(), bd.as_slice(), &cpu).unwrap();
+            let want: Vec<f64> = at
+                .to_dtype(DType::F64)
+                .unwrap()
+                .apply_op2_no_bwd(&bt.to_dtype(DType::F64).unwrap(), &op)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            // As `Grouped::cuda_fwd` runs it when every product splits.
+            let (shape, gemms) = op.plan(&ad, &bd);
+            let gemms: Vec<&GroupGemm> = gemms.iter().filter(|g| g.m * g.n * g.k > 0).collect();
+            let (ia, ib) = gemms[0].gemm().runs();
+            let whole = op
+                .split_whole()
+                .then(|| (split3(&a, ia, true), split3(&b, ib, false)));
+            let mut got = vec![0f64; shape.elem_count()];
+            for g in gemms {
+                let c = if let Some((sa, sb)) = &whole {
+                    gemm(&sa[3 * g.a_off..], &sb[3 * g.b_off..], &g.gemm().tripled())
+                } else {
+                    let (ia, ib) = g.gemm().runs();
+                    let sa = split3(&a[g.a_off..g.a_off + ia], ia, true);
+                    let sb = split3(&b[g.b_off..g.b_off + ib], ib, false);
+                    gemm(&sa, &sb, &g.gemm().tripled())
+                };
+                got[g.c_off..g.c_off + c.len()].copy_from_slice(&c);
+            }
+            let e = rel_err(&got, &want);
+            assert!(e < 1e-6, "{kind:?}: error {e}");
+        }
     }
 }

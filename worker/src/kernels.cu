@@ -1045,3 +1045,40 @@ extern "C" __global__ void route_layout_few(const uint32_t *choice, const uint32
     if (threadIdx.x < e) run[threadIdx.x] += tot[threadIdx.x];
   }
 }
+
+// An f32 value as the sum of two TF32 values for the split-TF32 matrix products
+// (`fused::tf32_split`, the same arithmetic on the host): hi is x rounded to TF32's 10-bit
+// mantissa (to nearest, ties away from zero, truncated where rounding would overflow to
+// infinity), lo = x - hi, exact in f32. Infinities and NaNs are their own hi, with lo 0.
+__device__ __forceinline__ void tf32_split_one(float x, float &hi, float &lo) {
+  uint32_t u = __float_as_uint(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) {
+    hi = x;
+    lo = 0.0f;
+    return;
+  }
+  uint32_t r = (u + 0x1000u) & 0xffffe000u;
+  if ((r & 0x7f800000u) == 0x7f800000u) r = u & 0xffffe000u;
+  hi = __uint_as_float(r);
+  lo = x - hi;
+}
+
+// One operand of a split product (`cuda::SplitOperand` in fused.rs): x is [outer, inner]
+// and out [outer, 3, inner], each run of inner values three times, its parts in the order
+// (lo, hi, hi) for the left operand (lo_first) and (hi, lo, hi) for the right one. With a
+// run being the operand's extent along the products' inner dimension K, one TF32 product
+// over 3K sums lo_a hi_b, then hi_a lo_b, then hi_a hi_b.
+extern "C" __global__ void tf32_split3(const float *x, float *out, int64_t outer, int64_t inner,
+                                       int lo_first) {
+  int64_t n = outer * inner;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    float h, l;
+    tf32_split_one(x[i], h, l);
+    int64_t o = i / inner, j = i - o * inner;
+    float *dst = out + o * 3 * inner + j;
+    dst[0] = lo_first ? l : h;
+    dst[inner] = lo_first ? h : l;
+    dst[2 * inner] = h;
+  }
+}

@@ -1452,7 +1452,7 @@ impl Model {
         // ops were about ten passes over the [B, H, T, T] scores forward and more backward.
         let scores = crate::fused::matmul_t(&q, &k)?;
         let probs = crate::fused::causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?;
-        let o = crate::fused::merge_heads(&probs.matmul(&v)?)?;
+        let o = crate::fused::merge_heads(&crate::fused::matmul(&probs, &v)?)?;
         Ok(w.linear(&format!("layers.{l}.attn.wo"), &o)?
             .reshape((b, t, d))?)
     }
@@ -1726,9 +1726,7 @@ impl Model {
         } else {
             w.get("lm_head.weight")?
         };
-        let logits = h
-            .matmul(&head.t()?)?
-            .to_dtype(acc_dtype(self.compute_dtype))?;
+        let logits = crate::fused::matmul_t(&h, &head)?.to_dtype(acc_dtype(self.compute_dtype))?;
         Ok(candle_nn::loss::cross_entropy(
             &logits,
             &targets.flatten_all()?,

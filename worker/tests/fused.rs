@@ -585,6 +585,156 @@ fn check_matmul_t(device: &Device, dt: DType) {
         );
     }
     assert!(fused::matmul_t(&randn(&[2, 3]), &randn(&[2, 4])).is_err());
+    // `a @ b` (attention's `probs @ v`): its backward runs the two other products, `g @ b^T`
+    // and `a^T @ g`.
+    for (a, b) in [
+        (&[1usize, 1][..], &[1usize, 1][..]),
+        (&[5, 3], &[3, 7]),
+        (&[33, 70], &[70, 130]),
+        (&[2, 3, 33, 33], &[2, 3, 33, 8]),
+    ] {
+        check_op(
+            device,
+            dt,
+            &format!("matmul {a:?} x {b:?}"),
+            &[randn(a), randn(b)],
+            &[0, 1],
+            |t| fused::matmul(&t[0], &t[1]).unwrap(),
+            |t| t[0].matmul(&t[1]).unwrap(),
+        );
+    }
+    assert!(fused::matmul(&randn(&[2, 3]), &randn(&[2, 3])).is_err());
+    assert!(fused::matmul(&randn(&[2, 2, 3]), &randn(&[3, 3, 2])).is_err());
+}
+
+/// Split TF32 f32 products ([`fused::F32Products::Split`], the GPU default) against plain
+/// f32 ones and single TF32 ones, all measured against the f64 product of the same f32
+/// inputs: the split's error must stay at the level of f32's, and far below TF32's (which
+/// shows the check can tell them apart). Shapes of the `base` model's products, one that
+/// is not a tile multiple, a batched one, both transposes, and the experts' grouped
+/// product; then values and gradients at sizes that split. Restores the process-wide
+/// switches it changes.
+#[cfg(feature = "cuda")]
+fn check_split_products(device: &Device) {
+    use fused::F32Products;
+    reseed(11);
+    let errors = |x: &Tensor, y: &Tensor, f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+        let (x32, y32) = (
+            x.to_dtype(DType::F32).unwrap(),
+            y.to_dtype(DType::F32).unwrap(),
+        );
+        let want = f(
+            &x32.to_dtype(DType::F64).unwrap(),
+            &y32.to_dtype(DType::F64).unwrap(),
+        );
+        let (xg, yg) = (
+            x32.to_device(device).unwrap(),
+            y32.to_device(device).unwrap(),
+        );
+        let run = |exact: bool, tf32: bool| {
+            fused::set_f32_products(if exact {
+                F32Products::Exact
+            } else {
+                F32Products::Split
+            });
+            candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+            let e = rel_err(&f(&xg, &yg), &want);
+            candle_core::cuda::set_gemm_reduced_precision_f32(false);
+            fused::set_f32_products(F32Products::Split);
+            e
+        };
+        (run(true, false), run(false, false), run(true, true))
+    };
+    type Product = Box<dyn Fn(&Tensor, &Tensor) -> Tensor>;
+    let cases: Vec<(String, Tensor, Tensor, Product)> = vec![
+        (
+            "x @ w^T [8192, 768] x [1536, 768]".into(),
+            normal(&[8192, 768][..], 1.0),
+            normal(&[1536, 768][..], 0.03),
+            Box::new(|a, b| fused::matmul_t(a, b).unwrap()),
+        ),
+        (
+            "x @ w^T [333, 1537] x [177, 1537]".into(),
+            normal(&[333, 1537][..], 1.0),
+            normal(&[177, 1537][..], 1.0),
+            Box::new(|a, b| fused::matmul_t(a, b).unwrap()),
+        ),
+        (
+            "a @ b [2, 3, 200, 300] x [2, 3, 300, 130]".into(),
+            normal(&[2, 3, 200, 300][..], 0.05).abs().unwrap(),
+            normal(&[2, 3, 300, 130][..], 1.0),
+            Box::new(|a, b| fused::matmul(a, b).unwrap()),
+        ),
+        (
+            "grouped [3000, 768] x [8, 1536, 768]".into(),
+            normal(&[3000, 768][..], 1.0),
+            normal(&[8, 1536, 768][..], 0.03),
+            Box::new(|a, b| {
+                fused::grouped_matmul_t(a, b, &[900, 0, 17, 1000, 3, 580, 500, 0]).unwrap()
+            }),
+        ),
+    ];
+    for (what, x, y, f) in &cases {
+        let (exact, split, tf32) = errors(x, y, f.as_ref());
+        eprintln!(
+            "f32 products {what}: error exact {exact:.3e}, split {split:.3e}, tf32 {tf32:.3e}"
+        );
+        assert!(
+            split <= 8.0 * exact + 1e-9,
+            "{what}: split error {split:e} against f32's {exact:e}"
+        );
+        assert!(
+            tf32 > 30.0 * split,
+            "{what}: TF32 error {tf32:e} is not far above the split's {split:e}"
+        );
+    }
+    // Values and gradients at sizes that split (every side at least 128, none a multiple
+    // of a tile): the gradients' products take both transposes, and the experts' weight
+    // gradient splits each expert's rows on their own.
+    let randn = |dims: &[usize]| normal(dims, 1.0);
+    check_op(
+        device,
+        DType::F32,
+        "split matmul-t [200, 300] x [150, 300]^T",
+        &[randn(&[200, 300]), randn(&[150, 300])],
+        &[0, 1],
+        |t| fused::matmul_t(&t[0], &t[1]).unwrap(),
+        |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+    );
+    check_op(
+        device,
+        DType::F32,
+        "split matmul [2, 130, 257] x [2, 257, 140]",
+        &[randn(&[2, 130, 257]), randn(&[2, 257, 140])],
+        &[0, 1],
+        |t| fused::matmul(&t[0], &t[1]).unwrap(),
+        |t| t[0].matmul(&t[1]).unwrap(),
+    );
+    let counts = [300usize, 0, 130, 257];
+    check_op(
+        device,
+        DType::F32,
+        "split grouped matmul [687, 150] x [4, 200, 150]",
+        &[randn(&[687, 150]), randn(&[4, 200, 150])],
+        &[0, 1],
+        |t| fused::grouped_matmul_t(&t[0], &t[1], &counts).unwrap(),
+        |t| one_product_per_expert(t, &counts),
+    );
+}
+
+/// The reference of `fused::grouped_matmul_t(&t[0], &t[1], counts)`: one plain product per
+/// expert on its rows, concatenated.
+fn one_product_per_expert(t: &[Tensor], counts: &[usize]) -> Tensor {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (g, &m) in counts.iter().enumerate() {
+        if m > 0 {
+            let x = t[0].narrow(0, at, m).unwrap();
+            out.push(x.matmul(&t[1].get(g).unwrap().t().unwrap()).unwrap());
+        }
+        at += m;
+    }
+    Tensor::cat(&out, 0).unwrap()
 }
 
 /// The experts' grouped products (`fused::grouped_matmul_t`) against one plain product per
@@ -601,18 +751,7 @@ fn check_grouped_matmul(device: &Device, dt: DType) {
     ] {
         let rows: usize = counts.iter().sum();
         let e = counts.len();
-        let reference = |t: &[Tensor]| {
-            let mut out = Vec::new();
-            let mut at = 0;
-            for (g, &m) in counts.iter().enumerate() {
-                if m > 0 {
-                    let x = t[0].narrow(0, at, m).unwrap();
-                    out.push(x.matmul(&t[1].get(g).unwrap().t().unwrap()).unwrap());
-                }
-                at += m;
-            }
-            Tensor::cat(&out, 0).unwrap()
-        };
+        let reference = |t: &[Tensor]| one_product_per_expert(t, &counts);
         check_op(
             device,
             dt,
@@ -905,6 +1044,55 @@ fn fused_moe_ops_match_the_plain_ops_on_the_cpu() {
     check_routing(&Device::Cpu);
 }
 
+proptest::proptest! {
+    /// The host twin of the GPU's split: `hi` has TF32's 10-bit mantissa, `hi + lo` is the
+    /// value exactly, and `lo` is at most half a TF32 step (a whole one where rounding up
+    /// would overflow); infinities and NaNs pass through as `hi`.
+    #[test]
+    fn tf32_split_is_exact_and_hi_fits_tf32(bits in proptest::prelude::any::<u32>()) {
+        let x = f32::from_bits(bits);
+        let (hi, lo) = fused::tf32_split(x);
+        if !x.is_finite() {
+            proptest::prop_assert_eq!(hi.to_bits(), bits);
+            proptest::prop_assert_eq!(lo, 0.0);
+        } else {
+            proptest::prop_assert!(hi.is_finite(), "{x:e} split to {hi:e}");
+            proptest::prop_assert_eq!(hi.to_bits() & 0x1fff, 0);
+            proptest::prop_assert_eq!(hi + lo, x);
+            proptest::prop_assert_eq!((hi as f64) + (lo as f64), x as f64);
+            let near_max = x.abs() > f32::MAX * (1.0 - 1.0 / 2048.0);
+            let bound = if near_max { 2f64.powi(-10) } else { 2f64.powi(-11) };
+            proptest::prop_assert!(
+                (lo as f64).abs() <= bound * (x as f64).abs(),
+                "{x:e}: lo {lo:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tf32_split_rounds_to_nearest_with_ties_away() {
+    // 1 + 2^-11 is half a TF32 step above 1: it rounds away from zero, up to 1 + 2^-10.
+    let half = 1.0 + 2f32.powi(-11);
+    assert_eq!(
+        fused::tf32_split(half),
+        (1.0 + 2f32.powi(-10), -(2f32.powi(-11)))
+    );
+    assert_eq!(fused::tf32_split(-half).0, -(1.0 + 2f32.powi(-10)));
+    let below = f32::from_bits(half.to_bits() - 1);
+    assert_eq!(fused::tf32_split(below).0, 1.0);
+    assert_eq!(fused::tf32_split(0.0), (0.0, 0.0));
+    // The largest f32 would round to infinity: it is truncated instead.
+    let (hi, lo) = fused::tf32_split(f32::MAX);
+    assert!(hi.is_finite() && hi + lo == f32::MAX);
+    let (hi, lo) = fused::tf32_split(f32::NAN);
+    assert!(hi.is_nan() && lo == 0.0);
+    assert_eq!(
+        fused::tf32_split(f32::NEG_INFINITY),
+        (f32::NEG_INFINITY, 0.0)
+    );
+}
+
 #[test]
 fn fused_matmul_t_matches_the_plain_product_on_the_cpu() {
     for dt in [DType::F32, DType::F64] {
@@ -952,6 +1140,9 @@ fn cuda_fused_kernels_match_the_plain_ops() {
         check_row_ops(&device, dt);
         check_matmul_t(&device, dt);
         check_grouped_matmul(&device, dt);
+        if dt == DType::F32 {
+            check_split_products(&device);
+        }
         check_moe_ops(&device, dt);
     }
     for dt in [DType::F32, DType::BF16, DType::F64, DType::U32] {
