@@ -4,10 +4,13 @@
 //! `Replica::train_on_batch` (forward, backward, gradient clipping, f32-master AdamW).
 //!
 //! Usage: `gpu_moe_bench --config small|base|tiny --dtype f32|tf32|bf16 --device cpu|cuda
-//! [--warmup N] [--steps N] [--json PATH] [--experts batched|single|padded|grouped:ALIGN] [--breakdown] [--micro]`.
+//! [--warmup N] [--steps N] [--json PATH] [--experts batched|single|padded|grouped:ALIGN]
+//! [--f32-products split|exact] [--breakdown] [--micro]`.
 //! Prints one JSON line per run (and appends it to `--json`). `tf32` is f32 training with
 //! TF32 tensor-core matrix products (candle's reduced-precision f32 GEMM switch): an explicit
-//! opt-in reported under its own label, never as the f32 row. Build for the GPU with the `cuda` feature; without it the binary still builds
+//! opt-in reported under its own label, never as the f32 row. f32 products on a GPU run split
+//! (three TF32 products per f32 product, at f32's error: `fused::F32Products`) unless
+//! `--f32-products exact` asks for the f32 units; the JSON says which. Build for the GPU with the `cuda` feature; without it the binary still builds
 //! and runs on the CPU, which is what CI exercises with the tiny config.
 
 use std::io::Write;
@@ -15,6 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
+use potluck_worker::fused::F32Products;
 use potluck_worker::model::ExpertLayout;
 use potluck_worker::{AdamW, ComputeDType, DeviceSpec, ModelConfig, Replica, TrainConfig};
 use rand::{Rng, SeedableRng};
@@ -122,6 +126,8 @@ struct Args {
     micro: bool,
     /// f32 matrix products in TF32 (`--dtype tf32`).
     tf32: bool,
+    /// How f32 products run on a GPU (`--f32-products`).
+    f32_products: F32Products,
     /// `--experts batched|single|padded|grouped:ALIGN`: force the experts' path, or keep the
     /// model's choice of path on another layout (default: the model's choice on its
     /// default layout).
@@ -140,6 +146,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         breakdown: false,
         micro: false,
         tf32: false,
+        f32_products: F32Products::Split,
         batched: None,
         layout: None,
     };
@@ -193,6 +200,13 @@ fn parse_args(argv: &[String]) -> Result<Args> {
             "--warmup" => a.warmup = value()?.parse().context("--warmup")?,
             "--steps" => a.steps = value()?.parse().context("--steps")?,
             "--json" => a.json = Some(value()?.into()),
+            "--f32-products" => {
+                a.f32_products = match value()?.as_str() {
+                    "split" => F32Products::Split,
+                    "exact" => F32Products::Exact,
+                    other => bail!("unknown f32 products {other:?} (use split or exact)"),
+                }
+            }
             "--breakdown" => a.breakdown = true,
             "--micro" => a.micro = true,
             other => bail!("unknown argument {other:?}"),
@@ -211,6 +225,9 @@ fn parse_args(argv: &[String]) -> Result<Args> {
 struct Measured {
     config: String,
     dtype: &'static str,
+    /// How f32 products ran (`split` or `exact`); `None` where no f32 product ran on a GPU
+    /// (bf16, tf32, the CPU).
+    f32_products: Option<&'static str>,
     device: String,
     tokens_per_step: usize,
     steps: usize,
@@ -239,6 +256,7 @@ impl Measured {
             "impl": "candle",
             "config": self.config,
             "dtype": self.dtype,
+            "f32_products": self.f32_products,
             "device": self.device,
             "tokens_per_step": self.tokens_per_step,
             "steps": self.steps,
@@ -297,6 +315,7 @@ fn run(a: &Args) -> Result<Measured> {
     };
     // Process-wide in candle: only this opt-in run changes it.
     candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
+    potluck_worker::fused::set_f32_products(a.f32_products);
     let mut replica = Replica::new(&s.model, &train, &a.device).context("building the replica")?;
     if let Some(on) = a.batched {
         replica.set_batched_experts(on)?;
@@ -351,6 +370,13 @@ fn run(a: &Args) -> Result<Measured> {
     Ok(Measured {
         config: s.name.clone(),
         dtype: dtype_label(a),
+        f32_products: match (a.dtype, a.tf32, a.device) {
+            (ComputeDType::F32, false, DeviceSpec::Cuda(_)) => Some(match a.f32_products {
+                F32Products::Split => "split",
+                F32Products::Exact => "exact",
+            }),
+            _ => None,
+        },
         device: match a.device {
             DeviceSpec::Cpu => "cpu".into(),
             DeviceSpec::Cuda(i) => format!("cuda:{i}"),
@@ -475,6 +501,7 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
     let device = a.device.device()?;
     let dt = a.dtype.dtype();
     candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
+    potluck_worker::fused::set_f32_products(a.f32_products);
     let (n, d) = (s.batch * s.seq, s.model.d_model);
     let per_expert = n * s.model.top_k / s.model.n_experts;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -506,6 +533,12 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
     let ws_e: Vec<Tensor> = (0..n_exp)
         .map(|e| ws.get(e))
         .collect::<candle_core::Result<_>>()?;
+    // Attention's `probs @ v` of one layer, and the experts' rows in the grouped layout.
+    let heads = s.model.n_heads;
+    let probs = Tensor::rand(0f32, 1.0, (s.batch, heads, s.seq, s.seq), &device)?.to_dtype(dt)?;
+    let v = Tensor::randn(0f32, 1.0, (s.batch, heads, s.seq, d / heads), &device)?.to_dtype(dt)?;
+    let rows_grouped = xs.reshape((n_exp * per_expert, d))?;
+    let counts = vec![per_expert; n_exp];
     type Op<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
     let ops: Vec<(&str, Op)> = vec![
         (
@@ -558,6 +591,18 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
         (
             "experts up backward dw in the stack's layout [E, 2d, per_expert] x [E, per_expert, d]",
             Box::new(|| gs.transpose(1, 2)?.matmul(&xs)),
+        ),
+        (
+            "fused::matmul_t x [tokens, d] x w [2d, d]^T",
+            Box::new(|| potluck_worker::fused::matmul_t(&x, &w)),
+        ),
+        (
+            "fused::matmul probs [B, H, T, T] x v [B, H, T, d/H]",
+            Box::new(|| potluck_worker::fused::matmul(&probs, &v)),
+        ),
+        (
+            "fused::grouped_matmul_t experts up [E * per_expert, d] x [E, 2d, d]",
+            Box::new(|| potluck_worker::fused::grouped_matmul_t(&rows_grouped, &ws, &counts)),
         ),
         ("sum_all f32 [46M]", Box::new(|| big.sum_all())),
         (
@@ -689,7 +734,7 @@ mod tests {
     fn micro_timings_run_on_the_cpu() {
         let a = parse_args(&args("--config tiny --steps 1 --warmup 0 --micro")).unwrap();
         let out = micro(&a).unwrap();
-        assert_eq!(out.len(), 14);
+        assert_eq!(out.len(), 17);
         assert!(out.iter().all(|v| v["median_ms"].as_f64().unwrap() >= 0.0));
     }
 
@@ -710,6 +755,7 @@ mod tests {
             "--steps",
             "--what 1",
             "--experts some",
+            "--f32-products fast",
         ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad} accepted");
         }
@@ -721,6 +767,9 @@ mod tests {
         let a = parse_args(&args("--experts grouped:16")).unwrap();
         assert_eq!(a.layout, Some(ExpertLayout::Grouped { align: 16 }));
         assert!(parse_args(&args("--experts grouped:0")).is_err());
+        let a = parse_args(&args("--f32-products exact")).unwrap();
+        assert_eq!(a.f32_products, F32Products::Exact);
+        assert_eq!(parse_args(&[]).unwrap().f32_products, F32Products::Split);
         let a = parse_args(&args("--config base --dtype bf16 --device cuda --steps 25")).unwrap();
         assert_eq!(a.config, "base");
         assert_eq!(a.dtype, ComputeDType::Bf16);
