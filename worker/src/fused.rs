@@ -2751,7 +2751,8 @@ fn splits(m: usize, n: usize, k: usize) -> bool {
 
 /// `x` as the sum of a TF32 value and an f32 remainder, `hi + lo == x` exactly: `hi` is `x`
 /// rounded to TF32's 10-bit mantissa (to nearest, ties away from zero; truncated where
-/// rounding would overflow to infinity), so `|lo| <= 2^-11 |x|`. Infinities and NaNs are
+/// rounding would overflow to infinity), so `|lo|` is at most half a TF32 step: `2^-11 |x|`
+/// for normal `x`, `2^-137` for subnormals. Infinities and NaNs are
 /// their own `hi`, with `lo` zero. The host twin of `tf32_split_one` in `kernels.cu`.
 pub fn tf32_split(x: f32) -> (f32, f32) {
     let u = x.to_bits();

@@ -1060,12 +1060,17 @@ proptest::proptest! {
             proptest::prop_assert_eq!(hi.to_bits() & 0x1fff, 0);
             proptest::prop_assert_eq!(hi + lo, x);
             proptest::prop_assert_eq!((hi as f64) + (lo as f64), x as f64);
+            // TF32's step at x's exponent (subnormals share the smallest normal exponent's):
+            // lo is at most half of it, or less than all of it where x was truncated.
+            let exponent = if x == 0.0 {
+                -126.0
+            } else {
+                (x.abs() as f64).log2().floor().max(-126.0)
+            };
+            let step = 2f64.powf(exponent - 10.0);
             let near_max = x.abs() > f32::MAX * (1.0 - 1.0 / 2048.0);
-            let bound = if near_max { 2f64.powi(-10) } else { 2f64.powi(-11) };
-            proptest::prop_assert!(
-                (lo as f64).abs() <= bound * (x as f64).abs(),
-                "{x:e}: lo {lo:e}"
-            );
+            let bound = if near_max { step } else { step / 2.0 };
+            proptest::prop_assert!((lo as f64).abs() <= bound, "{x:e}: lo {lo:e}");
         }
     }
 }
@@ -1082,6 +1087,11 @@ fn tf32_split_rounds_to_nearest_with_ties_away() {
     let below = f32::from_bits(half.to_bits() - 1);
     assert_eq!(fused::tf32_split(below).0, 1.0);
     assert_eq!(fused::tf32_split(0.0), (0.0, 0.0));
+    // Subnormals round on the same step as the smallest normals: 2^-136.
+    let sub = |bits: u32| f32::from_bits(bits);
+    assert_eq!(fused::tf32_split(sub(1)), (0.0, sub(1)));
+    assert_eq!(fused::tf32_split(sub(0x1000)).0, sub(0x2000));
+    assert_eq!(fused::tf32_split(sub(0x007f_ffff)).0, f32::MIN_POSITIVE);
     // The largest f32 would round to infinity: it is truncated instead.
     let (hi, lo) = fused::tf32_split(f32::MAX);
     assert!(hi.is_finite() && hi + lo == f32::MAX);
