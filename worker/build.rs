@@ -10,13 +10,16 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rustc-check-cfg=cfg(potluck_tf32)");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-    // `fused.rs` runs split TF32 products only for GPUs with TF32 tensor cores.
-    println!("cargo:rustc-env=POTLUCK_CUDA_COMPUTE_CAP={cap}");
+    // `fused.rs` runs split TF32 products only for GPUs with TF32 tensor cores (8.0 on).
+    if cap.parse::<u32>().is_ok_and(|c| c >= 80) {
+        println!("cargo:rustc-cfg=potluck_tf32");
+    }
     let nvcc = ["CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"]
         .iter()
         .filter_map(std::env::var_os)

@@ -2730,8 +2730,7 @@ pub fn f32_products() -> F32Products {
 /// TF32 product, as the caller asked), and the process did not choose exact products.
 #[cfg(feature = "cuda")]
 fn split_f32_products() -> bool {
-    const CAP: &str = env!("POTLUCK_CUDA_COMPUTE_CAP");
-    CAP.parse::<u32>().is_ok_and(|c| c >= 80)
+    cfg!(potluck_tf32)
         && !candle_core::cuda_backend::gemm_reduced_precision_f32()
         && f32_products() == F32Products::Split
 }

@@ -1046,7 +1046,7 @@ extern "C" __global__ void route_layout_few(const uint32_t *choice, const uint32
   }
 }
 
-// An f32 value as the sum of two TF32 values for the split-TF32 matrix products
+// An f32 value as a TF32 value plus an f32 remainder, for the split-TF32 matrix products
 // (`fused::tf32_split`, the same arithmetic on the host): hi is x rounded to TF32's 10-bit
 // mantissa (to nearest, ties away from zero, truncated where rounding would overflow to
 // infinity), lo = x - hi, exact in f32. Infinities and NaNs are their own hi, with lo 0.

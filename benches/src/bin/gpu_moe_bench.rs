@@ -9,9 +9,10 @@
 //! Prints one JSON line per run (and appends it to `--json`). `tf32` is f32 training with
 //! TF32 tensor-core matrix products (candle's reduced-precision f32 GEMM switch): an explicit
 //! opt-in reported under its own label, never as the f32 row. f32 products on a GPU run split
-//! (three TF32 products per f32 product, at f32's error: `fused::F32Products`) unless
-//! `--f32-products exact` asks for the f32 units; the JSON says which. Build for the GPU with the `cuda` feature; without it the binary still builds
-//! and runs on the CPU, which is what CI exercises with the tiny config.
+//! into TF32 parts (three TF32 terms in one product, near f32's error: `fused::F32Products`)
+//! unless `--f32-products exact` asks for the f32 units; the JSON says which. Build for the
+//! GPU with the `cuda` feature; without it the binary still builds and runs on the CPU, which
+//! is what CI exercises with the tiny config.
 
 use std::io::Write;
 use std::time::Instant;
