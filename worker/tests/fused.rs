@@ -605,6 +605,11 @@ fn check_matmul_t(device: &Device, dt: DType) {
     }
     assert!(fused::matmul(&randn(&[2, 3]), &randn(&[2, 3])).is_err());
     assert!(fused::matmul(&randn(&[2, 2, 3]), &randn(&[3, 3, 2])).is_err());
+    let mixed = randn(&[2, 3]).to_dtype(DType::F32).unwrap();
+    assert!(
+        fused::matmul(&mixed, &randn(&[3, 2])).is_err(),
+        "f32 with f64 is refused"
+    );
 }
 
 /// Split TF32 f32 products ([`fused::F32Products::Split`], the GPU default) against plain
