@@ -9,7 +9,9 @@
 //!
 //! cudarc also creates (and later destroys) two CUDA events with every allocation, to order
 //! uses of a buffer across streams. candle keeps each device's work on one stream, where the
-//! events are never waited on, so the worker turns that bookkeeping off.
+//! events are never waited on, so the worker turns that bookkeeping off. The one exception,
+//! the experts' products of a grouped product on side streams (`fused::cuda::on_lanes`),
+//! orders itself with two events of its own.
 
 #![allow(unsafe_code)] // two driver calls that candle and cudarc do not wrap
 
@@ -44,11 +46,13 @@ pub(crate) fn keep_freed_memory(device: &candle_core::CudaDevice) -> Result<(), 
 
 /// Stops cudarc from creating two CUDA events per allocation of `device` (see the module
 /// documentation). The events only order work between several streams of one context, and
-/// candle submits all work of a device to one stream; cudarc itself waits on them only when
-/// a context has several streams, which candle's devices never do.
+/// candle submits all work of a device to one stream; the worker's side streams wait for
+/// that stream before they read a buffer, and it waits for them before anything it enqueues
+/// later (a free, a write) runs.
 pub(crate) fn skip_event_tracking(device: &candle_core::CudaDevice) {
     // SAFETY: the obligations of `disable_event_tracking` concern work on several streams
     // (a buffer freed or written on one while another still uses it); every tensor of this
-    // device is created and used on the device's single stream.
+    // device is created, written and freed on the device's stream, and the side streams of
+    // `fused::cuda::on_lanes` are ordered against it both ways.
     unsafe { device.disable_event_tracking() }
 }

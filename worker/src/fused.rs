@@ -2698,7 +2698,8 @@ pub enum F32Products {
     /// the H100, at `base`'s shapes, its error was 3.7 times a plain f32 product's (1.8e-6
     /// against 5.0e-7, relative) and 160 times smaller than one TF32 product's (2.9e-4);
     /// the worker's CUDA test of the fused ops measures all three on every run. Products
-    /// with a side under 128 stay on the f32 units (`SPLIT_MIN_DIM`).
+    /// with an output side under 128 or an inner dimension under 64 stay on the f32 units
+    /// (`SPLIT_MIN_DIM`, `SPLIT_MIN_K`).
     Split,
     /// The f32 units (`CUBLAS_COMPUTE_32F`), as candle does by default.
     Exact,
@@ -2724,6 +2725,32 @@ pub fn f32_products() -> F32Products {
     }
 }
 
+/// The most CUDA streams the experts' products of one grouped product run on
+/// ([`set_expert_streams`]).
+pub const MAX_EXPERT_STREAMS: usize = 8;
+
+static EXPERT_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(2);
+
+/// Chooses on how many CUDA streams the experts' products of one grouped product
+/// ([`grouped_matmul_t`] and its gradients) run side by side, for the whole process: `n`
+/// clamped to `1..=MAX_EXPERT_STREAMS`; 1 runs them one after another on the device's
+/// stream. One expert's product at `base`'s shapes (about 2,000 of the step's 16,384 rows)
+/// is fewer output tiles than the H100 has SMs; side by side they fill the GPU. The CPU is
+/// unaffected.
+pub fn set_expert_streams(n: usize) {
+    EXPERT_STREAMS.store(
+        n.clamp(1, MAX_EXPERT_STREAMS),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// On how many CUDA streams the experts' products run (see [`set_expert_streams`]); 2
+/// unless the process chose otherwise. On the H100, `base` f32 took 141 ms a step on 2 or 4
+/// streams against 146-147 ms on one; bf16, bound by its host, was the same on 1, 2 and 4.
+pub fn expert_streams() -> usize {
+    EXPERT_STREAMS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether this build's f32 products on a GPU run split (see [`F32Products`]): the kernels
 /// are built for a GPU with TF32 tensor cores (`CUDA_COMPUTE_CAP` 80 or more, and the PTX
 /// runs on no older GPU), candle's own TF32 switch is off (with it on, a product is one
@@ -2735,17 +2762,24 @@ fn split_f32_products() -> bool {
         && f32_products() == F32Products::Split
 }
 
-/// The smallest `m`, `n` and `k` of a product that runs split: with a smaller side (attention's
-/// head dimension of 64) the product reads its operands more than it computes, and reading
-/// them three times over, after the split wrote them, costs more than the f32 units' one
-/// pass.
+/// The smallest `m` and `n` of a product that runs split. With a narrower output (attention's
+/// `probs @ v` and its gradients, `n` = the head dimension of 64) the product reads its
+/// operands more than it computes: splitting the `[T, T]` operand writes it three times and
+/// the product reads it three times, which costs more than the f32 units' one pass.
 #[cfg(feature = "cuda")]
 const SPLIT_MIN_DIM: usize = 128;
 
-/// Whether a product of these sizes runs split (see [`SPLIT_MIN_DIM`]).
+/// The smallest `k` of a product that runs split. Over a short inner dimension (attention's
+/// scores `q @ k^T` and their gradient `do @ v^T`, `k` = 64) the operands are small and the
+/// `[T, T]` output, written once either way, sets the cost: the tensor cores' three terms
+/// over 192 take less time than the f32 units' one pass over 64.
+#[cfg(feature = "cuda")]
+const SPLIT_MIN_K: usize = 64;
+
+/// Whether a product of these sizes runs split (see [`SPLIT_MIN_DIM`], [`SPLIT_MIN_K`]).
 #[cfg(feature = "cuda")]
 fn splits(m: usize, n: usize, k: usize) -> bool {
-    m.min(n).min(k) >= SPLIT_MIN_DIM && split_f32_products()
+    m.min(n) >= SPLIT_MIN_DIM && k >= SPLIT_MIN_K && split_f32_products()
 }
 
 /// `x` as the sum of a TF32 value and an f32 remainder, `hi + lo == x` exactly: `hi` is `x`
@@ -2941,7 +2975,8 @@ impl CustomOp2 for Product {
         let (ia, ib) = g.runs();
         let sa = cuda::SplitOperand::new(a, a0, an, ia, true)?;
         let sb = cuda::SplitOperand::new(b, b0, bn, ib, false)?;
-        cuda::gemm_split((&sa, 0), (&sb, 0), (&out, 0), &g)?;
+        let blas = a.device.cublas_handle();
+        cuda::gemm_split(&blas, (&sa, 0), (&sb, 0), (&out, 0), &g)?;
         Ok((out, shape))
     }
 
@@ -3181,11 +3216,15 @@ impl CustomOp2 for Grouped {
             cuda::alloc_like(a, shape.elem_count())?
         };
         let (a0, b0) = (al.start_offset(), bl.start_offset());
-        let gemms = gemms.iter().filter(|g| g.m > 0 && g.n > 0 && g.k > 0);
+        let gemms: Vec<&GroupGemm> = gemms
+            .iter()
+            .filter(|g| g.m > 0 && g.n > 0 && g.k > 0)
+            .collect();
         let split = |g: &GroupGemm| a.dtype() == DType::F32 && splits(g.m, g.n, g.k);
-        // The operands are split once, for all experts, when any expert's product is (see
-        // `Grouped::split_whole`); otherwise each expert's blocks on their own.
-        let ops = match gemms.clone().find(|g| split(g)) {
+        // The split operands, made on the device's stream before any product starts: once
+        // for all experts when any expert's product splits (see `Grouped::split_whole`),
+        // otherwise each expert's blocks on their own.
+        let whole = match gemms.iter().find(|g| split(g)) {
             Some(g) if self.split_whole() => {
                 let (an, bn) = (al.shape().elem_count(), bl.shape().elem_count());
                 let (ia, ib) = g.gemm().runs();
@@ -3196,20 +3235,44 @@ impl CustomOp2 for Grouped {
             }
             _ => None,
         };
-        for g in gemms {
-            let c = (&out, g.c_off);
-            match &ops {
-                _ if !split(g) => cuda::gemm_row_major(a, a0, b, b0, &out, g)?,
-                Some((sa, sb)) => {
-                    cuda::gemm_split((sa, g.a_off), (sb, g.b_off), c, &g.gemm())?;
-                }
-                None => {
+        let each = gemms
+            .iter()
+            .map(
+                |g| -> candle_core::Result<Option<(cuda::SplitOperand, cuda::SplitOperand)>> {
+                    if whole.is_some() || !split(g) {
+                        return Ok(None);
+                    }
                     let (ia, ib) = g.gemm().runs();
-                    let sa = cuda::SplitOperand::new(a, a0 + g.a_off, ia, ia, true)?;
-                    let sb = cuda::SplitOperand::new(b, b0 + g.b_off, ib, ib, false)?;
-                    cuda::gemm_split((&sa, 0), (&sb, 0), c, &g.gemm())?;
+                    Ok(Some((
+                        cuda::SplitOperand::new(a, a0 + g.a_off, ia, ia, true)?,
+                        cuda::SplitOperand::new(b, b0 + g.b_off, ib, ib, false)?,
+                    )))
+                },
+            )
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let run = |i: usize, blas: &cuda::Blas| -> candle_core::Result<()> {
+            let g = gemms[i];
+            let c = (&out, g.c_off);
+            match (&whole, &each[i]) {
+                _ if !split(g) => cuda::gemm_row_major(blas, a, a0, b, b0, &out, g),
+                (Some((sa, sb)), _) => {
+                    cuda::gemm_split(blas, (sa, g.a_off), (sb, g.b_off), c, &g.gemm())
+                }
+                (None, Some((sa, sb))) => cuda::gemm_split(blas, (sa, 0), (sb, 0), c, &g.gemm()),
+                (None, None) => {
+                    candle_core::bail!("grouped matmul: a split product lost its operands")
                 }
             }
+        };
+        // Side by side on the lanes, or one after another on the device's stream.
+        let streams = expert_streams().min(gemms.len());
+        if streams <= 1 {
+            let blas = a.device.cublas_handle();
+            (0..gemms.len()).try_for_each(|i| run(i, &blas))?;
+        } else {
+            cuda::on_lanes(&a.device, streams, |lanes| {
+                (0..gemms.len()).try_for_each(|i| run(i, lanes[i % lanes.len()].blas()))
+            })?;
         }
         Ok((out, shape))
     }
@@ -3384,18 +3447,91 @@ impl CustomOp3 for SwiGluBwd {
 }
 
 /// Kernel launches through raw device pointers, so one launcher serves every op and dtype.
-/// candle runs all work of a device on one stream, so no event bookkeeping is needed.
+/// candle runs all work of a device on one stream, and so does every kernel here; only the
+/// experts' products of a grouped product run on side streams ([`cuda::on_lanes`]), which
+/// wait for the device's stream before they start and which it waits for after them.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)] // allocations the kernels fill, and the launches themselves
 mod cuda {
     use candle_core::backend::BackendStorage;
+    use std::sync::{Arc, Mutex};
+
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+        CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
-    use candle_core::cuda_backend::{CudaStorageSlice as S, Map1, WrapErr};
+    use candle_core::cuda_backend::{CudaStorageSlice as S, DeviceId, Map1, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
     use super::{Gemm, MODULE, PTX};
+
+    /// A cuBLAS handle, bound to the stream its products run on.
+    pub(super) type Blas = candle_core::cuda_backend::cudarc::cublas::CudaBlas;
+
+    /// A side stream of a device with its own cuBLAS handle, on which some of the experts'
+    /// products of a grouped product run ([`on_lanes`]).
+    pub(super) struct Lane {
+        stream: Arc<CudaStream>,
+        blas: Blas,
+    }
+
+    impl Lane {
+        pub(super) fn blas(&self) -> &Blas {
+            &self.blas
+        }
+    }
+
+    /// Each device's lanes, made on first use and kept for the process: at most
+    /// [`super::MAX_EXPERT_STREAMS`] streams and cuBLAS handles a device.
+    static LANES: Mutex<Vec<(DeviceId, Vec<Arc<Lane>>)>> = Mutex::new(Vec::new());
+
+    /// The first `n` lanes of `dev`, made where missing.
+    fn lanes(dev: &CudaDevice, n: usize) -> Result<Vec<Arc<Lane>>> {
+        let mut all = LANES
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let at = match all.iter().position(|(id, _)| *id == dev.id()) {
+            Some(at) => at,
+            None => {
+                all.push((dev.id(), Vec::new()));
+                all.len() - 1
+            }
+        };
+        let lanes = &mut all[at].1;
+        while lanes.len() < n {
+            let stream = dev.cuda_stream().context().new_stream().w()?;
+            let blas = Blas::new(stream.clone())
+                .map_err(|e| candle_core::Error::Msg(format!("cuBLAS handle: {e:?}")))?;
+            lanes.push(Arc::new(Lane { stream, blas }));
+        }
+        Ok(lanes[..n].to_vec())
+    }
+
+    /// Runs `work` on `n` lanes of `dev` (`n` at least 2): the lanes first wait for
+    /// everything enqueued on the device's stream so far (the operands, the output's
+    /// allocation), and the device's stream waits for all of them before anything enqueued
+    /// after this call, the frees of the operands included, runs. The wait is enqueued even
+    /// when `work` fails part-way.
+    pub(super) fn on_lanes(
+        dev: &CudaDevice,
+        n: usize,
+        work: impl FnOnce(&[Arc<Lane>]) -> Result<()>,
+    ) -> Result<()> {
+        let lanes = lanes(dev, n)?;
+        let main = dev.cuda_stream();
+        let ready = main.record_event(None).w()?;
+        for lane in &lanes {
+            lane.stream.wait(&ready).w()?;
+        }
+        let done = work(&lanes);
+        let mut joined = Ok(());
+        for lane in &lanes {
+            if let Err(e) = main.join(&lane.stream) {
+                joined = Err(e);
+            }
+        }
+        done?;
+        joined.w()
+    }
 
     /// One kernel argument.
     pub(super) enum Arg {
@@ -3501,11 +3637,12 @@ mod cuda {
         })
     }
 
-    /// One product of [`super::GroupGemm`] through cuBLAS on the device's stream, on raw
+    /// One product of [`super::GroupGemm`] through cuBLAS on the stream of `blas`, on raw
     /// addresses within `a` (from element `a0`), `b` (from `b0`) and `c`. f32 products
     /// honour candle's TF32 switch as its own matmul does (off unless a caller turned it on);
     /// bf16 and f16 accumulate in f32.
     pub(super) fn gemm_row_major(
+        blas: &Blas,
         a: &CudaStorage,
         a0: usize,
         b: &CudaStorage,
@@ -3525,13 +3662,13 @@ mod cuda {
             address(b, b0 + g.b_off)?,
             address(c, g.c_off)?,
         );
-        gemm_at(&a.device, a.dtype(), compute, addrs, &g.gemm(), false)
+        gemm_at(blas, a.dtype(), compute, addrs, &g.gemm(), false)
     }
 
-    /// `c = op(a) @ op(b)` (`c += ...` when `accumulate`) through cuBLAS on the device's
-    /// stream, on raw addresses of `dt` elements.
+    /// `c = op(a) @ op(b)` (`c += ...` when `accumulate`) through cuBLAS on the stream of
+    /// `blas`, on raw addresses of `dt` elements.
     fn gemm_at(
-        dev: &CudaDevice,
+        blas: &Blas,
         dt: DType,
         compute: candle_core::cuda_backend::cudarc::cublas::sys::cublasComputeType_t,
         (pa, pb, pc): (u64, u64, u64),
@@ -3572,11 +3709,11 @@ mod cuda {
             i64::try_from(v)
                 .map_err(|_| candle_core::Error::Msg(format!("matmul: stride {v} is too large")))
         };
-        let blas = dev.cublas_handle();
         // SAFETY: the addresses point into live buffers of `dt` elements holding `batch`
         // operands of `m x k`, `k x n` and `m x n` elements one after another (the callers
-        // compute them from the inputs' dims); alpha and beta outlive the call, which is
-        // enqueued on the stream candle runs all of the device's work on.
+        // compute them from the inputs' dims); alpha and beta outlive the call. It is
+        // enqueued on the stream of `blas`: the device's, or a lane that waits for it and
+        // that it waits for before the buffers can be freed (`on_lanes`).
         unsafe {
             gemm_strided_batched_ex(
                 *blas.handle(),
@@ -3633,14 +3770,23 @@ mod cuda {
                 candle_core::bail!("tf32 split: {:?}, {n} values in runs of {inner}", s.dtype());
             }
             let parts = alloc_acc(&s.device, 3 * n, false)?;
+            let (src, dst) = (Arg::P(address(s, start)?), output(&parts)?);
+            // Four values a thread where the runs and both addresses allow 16-byte accesses.
+            let (kernel, per) = fours("tf32_split3_x", DType::F32, inner, &[&src, &dst]);
+            let kernel = if per == 4 {
+                kernel.as_str()
+            } else {
+                "tf32_split3"
+            };
+            let width = inner / per;
             let args = [
-                Arg::P(address(s, start)?),
-                output(&parts)?,
+                src,
+                dst,
                 Arg::I64((n / inner) as i64),
-                Arg::I64(inner as i64),
+                Arg::I64(width as i64),
                 Arg::I32(left as i32),
             ];
-            launch_named(&s.device, "tf32_split3", flat(n), &args)?;
+            launch_named(&s.device, kernel, run_grid(n / inner, width), &args)?;
             Ok(SplitOperand { parts })
         }
     }
@@ -3648,8 +3794,9 @@ mod cuda {
     /// `c = op(a) @ op(b)` from elements `a_off` and `b_off` of the split operands (counted
     /// in the original values, at the start of a run) into `c` from `c_off`: one TF32
     /// product over 3K, `lo_a hi_b`, then `hi_a lo_b`, then `hi_a hi_b` along K, with f32
-    /// accumulation.
+    /// accumulation, on the stream of `blas`.
     pub(super) fn gemm_split(
+        blas: &Blas,
         (a, a_off): (&SplitOperand, usize),
         (b, b_off): (&SplitOperand, usize),
         (c, c_off): (&CudaStorage, usize),
@@ -3663,7 +3810,7 @@ mod cuda {
         );
         let g3 = g.tripled();
         gemm_at(
-            &c.device,
+            blas,
             DType::F32,
             C::CUBLAS_COMPUTE_32F_FAST_TF32,
             addrs,
@@ -3722,6 +3869,23 @@ mod cuda {
         LaunchConfig {
             grid_dim: (n.div_ceil(256).clamp(1, 132 * 8) as u32, 1, 1),
             block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// `outer` runs of `width` items: the threads' x covers a run (up to 256 threads), their
+    /// y the runs, so that a block of 256 threads holds several runs shorter than 256 (the
+    /// grid's y is at most 65,535 blocks; the kernel strides over the rest).
+    pub(super) fn run_grid(outer: usize, width: usize) -> LaunchConfig {
+        let tx = width.clamp(1, 256);
+        let ty = 256 / tx;
+        LaunchConfig {
+            grid_dim: (
+                width.div_ceil(tx) as u32,
+                outer.div_ceil(ty).clamp(1, 65_535) as u32,
+                1,
+            ),
+            block_dim: (tx as u32, ty as u32, 1),
             shared_mem_bytes: 0,
         }
     }

@@ -1063,22 +1063,47 @@ __device__ __forceinline__ void tf32_split_one(float x, float &hi, float &lo) {
   lo = x - hi;
 }
 
+__device__ __forceinline__ void tf32_split_v(float x, float &hi, float &lo) {
+  tf32_split_one(x, hi, lo);
+}
+
+__device__ __forceinline__ void tf32_split_v(float4 x, float4 &hi, float4 &lo) {
+  tf32_split_one(x.x, hi.x, lo.x);
+  tf32_split_one(x.y, hi.y, lo.y);
+  tf32_split_one(x.z, hi.z, lo.z);
+  tf32_split_one(x.w, hi.w, lo.w);
+}
+
 // One operand of a split product (`cuda::SplitOperand` in fused.rs): x is [outer, inner]
 // and out [outer, 3, inner], each run of inner values three times, its parts in the order
 // (lo, hi, hi) for the left operand (lo_first) and (hi, lo, hi) for the right one. With a
 // run being the operand's extent along the products' inner dimension K, one TF32 product
-// over 3K sums lo_a hi_b, then hi_a lo_b, then hi_a hi_b.
-extern "C" __global__ void tf32_split3(const float *x, float *out, int64_t outer, int64_t inner,
-                                       int lo_first) {
-  int64_t n = outer * inner;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    float h, l;
-    tf32_split_one(x[i], h, l);
-    int64_t o = i / inner, j = i - o * inner;
-    float *dst = out + o * 3 * inner + j;
+// over 3K sums lo_a hi_b, then hi_a lo_b, then hi_a hi_b. The threads' x covers a run, their
+// y the runs (grid-stride; a block holds several short runs), so no thread divides an
+// index; V is float, or float4 where the runs and both addresses allow (inner then counts
+// float4s).
+template <typename V>
+__device__ __forceinline__ void tf32_split3_runs(const V *__restrict__ x, V *__restrict__ out,
+                                                 int64_t outer, int64_t inner, int lo_first) {
+  int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (j >= inner) return;
+  for (int64_t o = blockIdx.y * (int64_t)blockDim.y + threadIdx.y; o < outer;
+       o += (int64_t)gridDim.y * blockDim.y) {
+    V h, l;
+    tf32_split_v(x[o * inner + j], h, l);
+    V *dst = out + o * 3 * inner + j;
     dst[0] = lo_first ? l : h;
     dst[inner] = lo_first ? h : l;
     dst[2 * inner] = h;
   }
+}
+
+extern "C" __global__ void tf32_split3(const float *x, float *out, int64_t outer, int64_t inner,
+                                       int lo_first) {
+  tf32_split3_runs(x, out, outer, inner, lo_first);
+}
+
+extern "C" __global__ void tf32_split3_x4(const float4 *x, float4 *out, int64_t outer,
+                                          int64_t inner4, int lo_first) {
+  tf32_split3_runs(x, out, outer, inner4, lo_first);
 }

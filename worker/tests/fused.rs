@@ -671,6 +671,12 @@ fn check_split_products(device: &Device) {
             Box::new(|a, b| fused::matmul(a, b).unwrap()),
         ),
         (
+            "attention scores q @ k^T [2, 12, 512, 64] x [2, 12, 512, 64]^T".into(),
+            normal(&[2, 12, 512, 64][..], 1.0),
+            normal(&[2, 12, 512, 64][..], 1.0),
+            Box::new(|a, b| fused::matmul_t(a, b).unwrap()),
+        ),
+        (
             "grouped [3000, 768] x [8, 1536, 768]".into(),
             normal(&[3000, 768][..], 1.0),
             normal(&[8, 1536, 768][..], 0.03),
@@ -715,6 +721,27 @@ fn check_split_products(device: &Device) {
         |t| fused::matmul(&t[0], &t[1]).unwrap(),
         |t| t[0].matmul(&t[1]).unwrap(),
     );
+    // Attention's shapes: the scores split over the head dimension of 64 (forward), and so
+    // does the gradient of the probabilities, `do @ v^T` (backward of `probs @ v`, whose
+    // output of 64 columns stays on the f32 units).
+    check_op(
+        device,
+        DType::F32,
+        "split scores [2, 3, 200, 64] x [2, 3, 150, 64]^T",
+        &[randn(&[2, 3, 200, 64]), randn(&[2, 3, 150, 64])],
+        &[0, 1],
+        |t| fused::matmul_t(&t[0], &t[1]).unwrap(),
+        |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+    );
+    check_op(
+        device,
+        DType::F32,
+        "probs @ v [2, 3, 200, 150] x [2, 3, 150, 64]",
+        &[randn(&[2, 3, 200, 150]), randn(&[2, 3, 150, 64])],
+        &[0, 1],
+        |t| fused::matmul(&t[0], &t[1]).unwrap(),
+        |t| t[0].matmul(&t[1]).unwrap(),
+    );
     let counts = [300usize, 0, 130, 257];
     check_op(
         device,
@@ -725,6 +752,58 @@ fn check_split_products(device: &Device) {
         |t| fused::grouped_matmul_t(&t[0], &t[1], &counts).unwrap(),
         |t| one_product_per_expert(t, &counts),
     );
+}
+
+/// The experts' grouped products and both gradients on 2, 4 and 8 CUDA streams against the
+/// same products one after another on the device's stream (`fused::set_expert_streams`),
+/// in f32 (split, every side at least 128) and bf16: a side stream that started before its
+/// operands were split or the output was allocated, or a device stream that read the output
+/// before every side stream had written its block, would differ.
+fn check_expert_streams(device: &Device) {
+    reseed(12);
+    let default = fused::expert_streams();
+    let counts = [300usize, 0, 130, 257, 410, 180, 0, 222];
+    let rows: usize = counts.iter().sum();
+    let (x, w) = (
+        normal(&[rows, 150][..], 1.0),
+        normal(&[8, 200, 150][..], 1.0),
+    );
+    let r = normal(&[rows, 200][..], 1.0);
+    for dt in [DType::F32, DType::BF16] {
+        let run = |streams: usize| {
+            fused::set_expert_streams(streams);
+            let xv = Var::from_tensor(&x.to_dtype(dt).unwrap().to_device(device).unwrap());
+            let wv = Var::from_tensor(&w.to_dtype(dt).unwrap().to_device(device).unwrap());
+            let (xv, wv) = (xv.unwrap(), wv.unwrap());
+            let y = fused::grouped_matmul_t(xv.as_tensor(), wv.as_tensor(), &counts).unwrap();
+            let rd = r.to_dtype(DType::F32).unwrap().to_device(device).unwrap();
+            let g = (y.to_dtype(DType::F32).unwrap() * rd)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dx = g.get(xv.as_tensor()).unwrap().clone();
+            let dw = g.get(wv.as_tensor()).unwrap().clone();
+            [y, dx, dw]
+        };
+        let serial = run(1);
+        for streams in [2, 4, fused::MAX_EXPERT_STREAMS] {
+            // Several times: a missing wait shows only when a stream runs behind.
+            for _ in 0..3 {
+                for (what, (got, want)) in ["value", "dx", "dw"]
+                    .iter()
+                    .zip(run(streams).iter().zip(&serial))
+                {
+                    let e = rel_err(got, want);
+                    eprintln!("expert streams {streams} {dt:?} {what}: {e:.3e}");
+                    let bound = tolerance(dt) / 10.0;
+                    assert!(e < bound, "{streams} streams {dt:?}: {what} differs by {e}");
+                }
+            }
+        }
+    }
+    fused::set_expert_streams(default);
 }
 
 /// The reference of `fused::grouped_matmul_t(&t[0], &t[1], counts)`: one plain product per
@@ -777,6 +856,18 @@ fn check_grouped_matmul(device: &Device, dt: DType) {
         "one count per expert"
     );
     assert!(fused::grouped_matmul_t(&x, &randn(&[2, 4, 2]), &[2, 3]).is_err());
+}
+
+/// The number of CUDA streams is clamped, so no setting can leave the experts' products
+/// without a stream. (Nothing on the CPU reads it.)
+#[test]
+fn expert_streams_are_clamped_to_one_through_the_maximum() {
+    let default = fused::expert_streams();
+    for (asked, got) in [(0, 1), (1, 1), (3, 3), (100, fused::MAX_EXPERT_STREAMS)] {
+        fused::set_expert_streams(asked);
+        assert_eq!(fused::expert_streams(), got, "asked for {asked}");
+    }
+    fused::set_expert_streams(default);
 }
 
 #[test]
@@ -1157,6 +1248,7 @@ fn cuda_fused_kernels_match_the_plain_ops() {
         check_grouped_matmul(&device, dt);
         if dt == DType::F32 {
             check_split_products(&device);
+            check_expert_streams(&device);
         }
         check_moe_ops(&device, dt);
     }

@@ -5,12 +5,14 @@
 //!
 //! Usage: `gpu_moe_bench --config small|base|tiny --dtype f32|tf32|bf16 --device cpu|cuda
 //! [--warmup N] [--steps N] [--json PATH] [--experts batched|single|padded|grouped:ALIGN]
-//! [--f32-products split|exact] [--breakdown] [--micro]`.
+//! [--f32-products split|exact] [--expert-streams N] [--breakdown] [--micro]`.
 //! Prints one JSON line per run (and appends it to `--json`). `tf32` is f32 training with
 //! TF32 tensor-core matrix products (candle's reduced-precision f32 GEMM switch): an explicit
 //! opt-in reported under its own label, never as the f32 row. f32 products on a GPU run split
 //! into TF32 parts (three TF32 terms in one product, near f32's error: `fused::F32Products`)
-//! unless `--f32-products exact` asks for the f32 units; the JSON says which. Build for the
+//! unless `--f32-products exact` asks for the f32 units; the JSON says which.
+//! `--expert-streams` sets on how many CUDA streams the experts' products run side by side
+//! (`fused::set_expert_streams`; 1 runs them one after another). Build for the
 //! GPU with the `cuda` feature; without it the binary still builds and runs on the CPU, which
 //! is what CI exercises with the tiny config.
 
@@ -129,6 +131,8 @@ struct Args {
     tf32: bool,
     /// How f32 products run on a GPU (`--f32-products`).
     f32_products: F32Products,
+    /// On how many CUDA streams the experts' products run (`--expert-streams`).
+    expert_streams: usize,
     /// `--experts batched|single|padded|grouped:ALIGN`: force the experts' path, or keep the
     /// model's choice of path on another layout (default: the model's choice on its
     /// default layout).
@@ -148,6 +152,7 @@ fn parse_args(argv: &[String]) -> Result<Args> {
         micro: false,
         tf32: false,
         f32_products: F32Products::Split,
+        expert_streams: potluck_worker::fused::expert_streams(),
         batched: None,
         layout: None,
     };
@@ -208,6 +213,14 @@ fn parse_args(argv: &[String]) -> Result<Args> {
                     other => bail!("unknown f32 products {other:?} (use split or exact)"),
                 }
             }
+            "--expert-streams" => {
+                let max = potluck_worker::fused::MAX_EXPERT_STREAMS;
+                a.expert_streams = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .with_context(|| format!("--expert-streams takes 1 to {max}"))?;
+            }
             "--breakdown" => a.breakdown = true,
             "--micro" => a.micro = true,
             other => bail!("unknown argument {other:?}"),
@@ -229,6 +242,8 @@ struct Measured {
     /// How f32 products ran (`split` or `exact`); `None` where no f32 product ran on a GPU
     /// (bf16, tf32, the CPU).
     f32_products: Option<&'static str>,
+    /// On how many CUDA streams the experts' products ran; `None` on the CPU.
+    expert_streams: Option<usize>,
     device: String,
     tokens_per_step: usize,
     steps: usize,
@@ -258,6 +273,7 @@ impl Measured {
             "config": self.config,
             "dtype": self.dtype,
             "f32_products": self.f32_products,
+            "expert_streams": self.expert_streams,
             "device": self.device,
             "tokens_per_step": self.tokens_per_step,
             "steps": self.steps,
@@ -317,6 +333,7 @@ fn run(a: &Args) -> Result<Measured> {
     // Process-wide in candle: only this opt-in run changes it.
     candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     potluck_worker::fused::set_f32_products(a.f32_products);
+    potluck_worker::fused::set_expert_streams(a.expert_streams);
     let mut replica = Replica::new(&s.model, &train, &a.device).context("building the replica")?;
     if let Some(on) = a.batched {
         replica.set_batched_experts(on)?;
@@ -377,6 +394,10 @@ fn run(a: &Args) -> Result<Measured> {
                 F32Products::Exact => "exact",
             }),
             _ => None,
+        },
+        expert_streams: match a.device {
+            DeviceSpec::Cuda(_) => Some(a.expert_streams),
+            DeviceSpec::Cpu => None,
         },
         device: match a.device {
             DeviceSpec::Cpu => "cpu".into(),
@@ -503,6 +524,7 @@ fn micro(a: &Args) -> Result<Vec<serde_json::Value>> {
     let dt = a.dtype.dtype();
     candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     potluck_worker::fused::set_f32_products(a.f32_products);
+    potluck_worker::fused::set_expert_streams(a.expert_streams);
     let (n, d) = (s.batch * s.seq, s.model.d_model);
     let per_expert = n * s.model.top_k / s.model.n_experts;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -757,6 +779,9 @@ mod tests {
             "--what 1",
             "--experts some",
             "--f32-products fast",
+            "--expert-streams 0",
+            "--expert-streams 9",
+            "--expert-streams many",
         ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad} accepted");
         }
@@ -771,6 +796,12 @@ mod tests {
         let a = parse_args(&args("--f32-products exact")).unwrap();
         assert_eq!(a.f32_products, F32Products::Exact);
         assert_eq!(parse_args(&[]).unwrap().f32_products, F32Products::Split);
+        assert_eq!(
+            parse_args(&args("--expert-streams 2"))
+                .unwrap()
+                .expert_streams,
+            2
+        );
         let a = parse_args(&args("--config base --dtype bf16 --device cuda --steps 25")).unwrap();
         assert_eq!(a.config, "base");
         assert_eq!(a.dtype, ComputeDType::Bf16);
