@@ -2735,8 +2735,9 @@ static EXPERT_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atomi
 /// ([`grouped_matmul_t`] and its gradients) run side by side, for the whole process: `n`
 /// clamped to `1..=MAX_EXPERT_STREAMS`; 1 runs them one after another on the device's
 /// stream. One expert's product at `base`'s shapes (about 2,000 of the step's 16,384 rows)
-/// is fewer output tiles than the H100 has SMs; side by side they fill the GPU. The CPU is
-/// unaffected.
+/// is a wave or two of output tiles, the last one partial, on the H100's 132 SMs (an
+/// expert's weight gradient, 72 tiles of 128 x 128, less than one); side by side the
+/// experts' products fill the GPU. The CPU is unaffected.
 pub fn set_expert_streams(n: usize) {
     EXPERT_STREAMS.store(
         n.clamp(1, MAX_EXPERT_STREAMS),
@@ -2771,8 +2772,9 @@ const SPLIT_MIN_DIM: usize = 128;
 
 /// The smallest `k` of a product that runs split. Over a short inner dimension (attention's
 /// scores `q @ k^T` and their gradient `do @ v^T`, `k` = 64) the operands are small and the
-/// `[T, T]` output, written once either way, sets the cost: the tensor cores' three terms
-/// over 192 take less time than the f32 units' one pass over 64.
+/// `[T, T]` output is written once either way. Measured on the H100 at `base`, the tensor
+/// cores' three terms over 192 plus the splits took about as long as the f32 units' one pass
+/// over 64 (docs/GPU.md, session 10); the split's error there was 1.3 times plain f32's.
 #[cfg(feature = "cuda")]
 const SPLIT_MIN_K: usize = 64;
 
@@ -3223,7 +3225,8 @@ impl CustomOp2 for Grouped {
         let split = |g: &GroupGemm| a.dtype() == DType::F32 && splits(g.m, g.n, g.k);
         // The split operands, made on the device's stream before any product starts: once
         // for all experts when any expert's product splits (see `Grouped::split_whole`),
-        // otherwise each expert's blocks on their own.
+        // otherwise each expert's blocks on their own, all of them before the first product
+        // (three times both operands' size, held until the products are enqueued).
         let whole = match gemms.iter().find(|g| split(g)) {
             Some(g) if self.split_whole() => {
                 let (an, bn) = (al.shape().elem_count(), bl.shape().elem_count());
@@ -3453,9 +3456,9 @@ impl CustomOp3 for SwiGluBwd {
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)] // allocations the kernels fill, and the launches themselves
 mod cuda {
-    use candle_core::backend::BackendStorage;
     use std::sync::{Arc, Mutex};
 
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
