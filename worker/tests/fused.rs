@@ -759,6 +759,7 @@ fn check_split_products(device: &Device) {
 /// in f32 (split, every side at least 128) and bf16: a side stream that started before its
 /// operands were split or the output was allocated, or a device stream that read the output
 /// before every side stream had written its block, would differ.
+#[cfg(feature = "cuda")]
 fn check_expert_streams(device: &Device) {
     reseed(12);
     let default = fused::expert_streams();
