@@ -699,49 +699,40 @@ fn check_split_products(device: &Device) {
             "{what}: TF32 error {tf32:e} is not far above the split's {split:e}"
         );
     }
-    // Values and gradients at sizes that split (every side at least 128, none a multiple
+    // Values and gradients at sizes that split (output sides at least 128, none a multiple
     // of a tile): the gradients' products take both transposes, and the experts' weight
-    // gradient splits each expert's rows on their own.
+    // gradient splits each expert's rows on their own. Attention's shapes: the scores split
+    // over the head dimension of 64 (forward), and so does the gradient of the
+    // probabilities, `do @ v^T` (backward of `probs @ v`, whose output of 64 columns stays
+    // on the f32 units).
     let randn = |dims: &[usize]| normal(dims, 1.0);
-    check_op(
-        device,
-        DType::F32,
-        "split matmul-t [200, 300] x [150, 300]^T",
-        &[randn(&[200, 300]), randn(&[150, 300])],
-        &[0, 1],
-        |t| fused::matmul_t(&t[0], &t[1]).unwrap(),
-        |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
-    );
-    check_op(
-        device,
-        DType::F32,
-        "split matmul [2, 130, 257] x [2, 257, 140]",
-        &[randn(&[2, 130, 257]), randn(&[2, 257, 140])],
-        &[0, 1],
-        |t| fused::matmul(&t[0], &t[1]).unwrap(),
-        |t| t[0].matmul(&t[1]).unwrap(),
-    );
-    // Attention's shapes: the scores split over the head dimension of 64 (forward), and so
-    // does the gradient of the probabilities, `do @ v^T` (backward of `probs @ v`, whose
-    // output of 64 columns stays on the f32 units).
-    check_op(
-        device,
-        DType::F32,
-        "split scores [2, 3, 200, 64] x [2, 3, 150, 64]^T",
-        &[randn(&[2, 3, 200, 64]), randn(&[2, 3, 150, 64])],
-        &[0, 1],
-        |t| fused::matmul_t(&t[0], &t[1]).unwrap(),
-        |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
-    );
-    check_op(
-        device,
-        DType::F32,
-        "probs @ v [2, 3, 200, 150] x [2, 3, 150, 64]",
-        &[randn(&[2, 3, 200, 150]), randn(&[2, 3, 150, 64])],
-        &[0, 1],
-        |t| fused::matmul(&t[0], &t[1]).unwrap(),
-        |t| t[0].matmul(&t[1]).unwrap(),
-    );
+    let products: [(&str, &[usize], &[usize], bool); 4] = [
+        ("split matmul-t", &[200, 300], &[150, 300], true),
+        ("split matmul", &[2, 130, 257], &[2, 257, 140], false),
+        ("split scores", &[2, 3, 200, 64], &[2, 3, 150, 64], true),
+        ("probs @ v", &[2, 3, 200, 150], &[2, 3, 150, 64], false),
+    ];
+    for (what, ad, bd, transposed) in products {
+        let plain_b = |b: &Tensor| {
+            if transposed {
+                b.t().unwrap()
+            } else {
+                b.clone()
+            }
+        };
+        check_op(
+            device,
+            DType::F32,
+            &format!("{what} {ad:?} x {bd:?}"),
+            &[randn(ad), randn(bd)],
+            &[0, 1],
+            |t| match transposed {
+                true => fused::matmul_t(&t[0], &t[1]).unwrap(),
+                false => fused::matmul(&t[0], &t[1]).unwrap(),
+            },
+            |t| t[0].matmul(&plain_b(&t[1])).unwrap(),
+        );
+    }
     let counts = [300usize, 0, 130, 257];
     check_op(
         device,
