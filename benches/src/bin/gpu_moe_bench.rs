@@ -797,10 +797,10 @@ mod tests {
         assert_eq!(a.f32_products, F32Products::Exact);
         assert_eq!(parse_args(&[]).unwrap().f32_products, F32Products::Split);
         assert_eq!(
-            parse_args(&args("--expert-streams 2"))
+            parse_args(&args("--expert-streams 3"))
                 .unwrap()
                 .expert_streams,
-            2
+            3
         );
         let a = parse_args(&args("--config base --dtype bf16 --device cuda --steps 25")).unwrap();
         assert_eq!(a.config, "base");
