@@ -2778,10 +2778,11 @@ const SPLIT_MIN_DIM: usize = 128;
 #[cfg(feature = "cuda")]
 const SPLIT_MIN_K: usize = 64;
 
-/// Whether a product of these sizes runs split (see [`SPLIT_MIN_DIM`], [`SPLIT_MIN_K`]).
+/// Whether a product of `dt` values and these sizes runs split: f32 only (see
+/// [`SPLIT_MIN_DIM`], [`SPLIT_MIN_K`]).
 #[cfg(feature = "cuda")]
-fn splits(m: usize, n: usize, k: usize) -> bool {
-    m.min(n) >= SPLIT_MIN_DIM && k >= SPLIT_MIN_K && split_f32_products()
+fn splits(dt: DType, m: usize, n: usize, k: usize) -> bool {
+    dt == DType::F32 && m.min(n) >= SPLIT_MIN_DIM && k >= SPLIT_MIN_K && split_f32_products()
 }
 
 /// `x` as the sum of a TF32 value and an f32 remainder, `hi + lo == x` exactly: `hi` is `x`
@@ -2957,7 +2958,7 @@ impl CustomOp2 for Product {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (bmnk, la, lb, shape) = self.dims(al, bl)?;
         let (batch, m, n, k) = bmnk;
-        if a.dtype() != DType::F32 || !splits(m, n, k) {
+        if !splits(a.dtype(), m, n, k) {
             return Ok((a.matmul(b, bmnk, &la, &lb)?, shape));
         }
         let (Some((a0, _)), Some((b0, _))) = (al.contiguous_offsets(), bl.contiguous_offsets())
@@ -3222,7 +3223,7 @@ impl CustomOp2 for Grouped {
             .iter()
             .filter(|g| g.m > 0 && g.n > 0 && g.k > 0)
             .collect();
-        let split = |g: &GroupGemm| a.dtype() == DType::F32 && splits(g.m, g.n, g.k);
+        let split = |g: &GroupGemm| splits(a.dtype(), g.m, g.n, g.k);
         // The split operands, made on the device's stream before any product starts: once
         // for all experts when any expert's product splits (see `Grouped::split_whole`),
         // otherwise each expert's blocks on their own, all of them before the first product

@@ -562,6 +562,37 @@ fn check_row_ops(device: &Device, dt: DType) {
     assert!(fused::split_heads(&x, 2, 3, 3, None).is_err());
 }
 
+/// `a @ b^T` (`fused::matmul_t`, when `transposed`) or `a @ b` (`fused::matmul`) on random
+/// inputs of dims `ad` and `bd`, values and both gradients, against candle's plain product.
+fn check_product(
+    device: &Device,
+    dt: DType,
+    what: &str,
+    ad: &[usize],
+    bd: &[usize],
+    transposed: bool,
+) {
+    let plain_b = |b: &Tensor| {
+        if transposed {
+            b.t().unwrap()
+        } else {
+            b.clone()
+        }
+    };
+    check_op(
+        device,
+        dt,
+        &format!("{what} {ad:?} x {bd:?}"),
+        &[normal(ad, 1.0), normal(bd, 1.0)],
+        &[0, 1],
+        |t| match transposed {
+            true => fused::matmul_t(&t[0], &t[1]).unwrap(),
+            false => fused::matmul(&t[0], &t[1]).unwrap(),
+        },
+        |t| t[0].matmul(&plain_b(&t[1])).unwrap(),
+    );
+}
+
 /// `a @ b^T` (linear layers, stacked experts, attention scores) against `a.matmul(b.t())`,
 /// at sizes that are not multiples of a tile.
 fn check_matmul_t(device: &Device, dt: DType) {
@@ -574,15 +605,7 @@ fn check_matmul_t(device: &Device, dt: DType) {
         (&[3, 17, 9], &[3, 5, 9]),
         (&[2, 3, 33, 8], &[2, 3, 33, 8]),
     ] {
-        check_op(
-            device,
-            dt,
-            &format!("matmul-t {a:?} x {b:?}^T"),
-            &[randn(a), randn(b)],
-            &[0, 1],
-            |t| fused::matmul_t(&t[0], &t[1]).unwrap(),
-            |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
-        );
+        check_product(device, dt, "matmul-t", a, b, true);
     }
     assert!(fused::matmul_t(&randn(&[2, 3]), &randn(&[2, 4])).is_err());
     // `a @ b` (attention's `probs @ v`): its backward runs the two other products, `g @ b^T`
@@ -593,15 +616,7 @@ fn check_matmul_t(device: &Device, dt: DType) {
         (&[33, 70], &[70, 130]),
         (&[2, 3, 33, 33], &[2, 3, 33, 8]),
     ] {
-        check_op(
-            device,
-            dt,
-            &format!("matmul {a:?} x {b:?}"),
-            &[randn(a), randn(b)],
-            &[0, 1],
-            |t| fused::matmul(&t[0], &t[1]).unwrap(),
-            |t| t[0].matmul(&t[1]).unwrap(),
-        );
+        check_product(device, dt, "matmul", a, b, false);
     }
     assert!(fused::matmul(&randn(&[2, 3]), &randn(&[2, 3])).is_err());
     assert!(fused::matmul(&randn(&[2, 2, 3]), &randn(&[3, 3, 2])).is_err());
@@ -713,25 +728,7 @@ fn check_split_products(device: &Device) {
         ("probs @ v", &[2, 3, 200, 150], &[2, 3, 150, 64], false),
     ];
     for (what, ad, bd, transposed) in products {
-        let plain_b = |b: &Tensor| {
-            if transposed {
-                b.t().unwrap()
-            } else {
-                b.clone()
-            }
-        };
-        check_op(
-            device,
-            DType::F32,
-            &format!("{what} {ad:?} x {bd:?}"),
-            &[randn(ad), randn(bd)],
-            &[0, 1],
-            |t| match transposed {
-                true => fused::matmul_t(&t[0], &t[1]).unwrap(),
-                false => fused::matmul(&t[0], &t[1]).unwrap(),
-            },
-            |t| t[0].matmul(&plain_b(&t[1])).unwrap(),
-        );
+        check_product(device, DType::F32, what, ad, bd, transposed);
     }
     let counts = [300usize, 0, 130, 257];
     check_op(
