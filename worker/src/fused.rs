@@ -3309,14 +3309,165 @@ pub fn swiglu_gate(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
         candle_core::bail!("swiglu: gate {:?} and up {:?} differ", g.dims(), u.dims());
     }
     if native(g) {
-        g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+        g.contiguous()?
+            .apply_op2(&u.contiguous()?, SwiGlu(SwiGluPack::Apart))
     } else {
         g.silu()? * u
     }
 }
 
+/// SwiGLU's gate on one product's output `gu: [.., 2h]` whose rows hold the gate's `h`
+/// values and then the input's (the experts' gate and up projections as one product over
+/// their weights stacked `[gate; up]`): `silu(gu[.., :h]) * gu[.., h:]`, `[.., h]`. Its
+/// gradient comes out as one `[.., 2h]` tensor, what that product's backward takes.
+pub fn swiglu_packed(gu: &Tensor) -> candle_core::Result<Tensor> {
+    let last = gu.dims().last().copied().unwrap_or(0);
+    if gu.rank() == 0 || last % 2 != 0 {
+        candle_core::bail!(
+            "swiglu: packed gate and up need an even last dimension, got {:?}",
+            gu.dims()
+        );
+    }
+    let h = last / 2;
+    if native(gu) {
+        gu.contiguous()?.apply_op1(SwiGlu(SwiGluPack::Rows(h)))
+    } else {
+        let d = gu.rank() - 1;
+        gu.narrow(d, 0, h)?.silu()? * gu.narrow(d, h, h)?
+    }
+}
+
+/// Where a SwiGLU op finds its gate and input: two tensors of their own, or one tensor
+/// whose rows hold `h` gate values and then `h` input values.
 #[derive(Debug, Clone, Copy)]
-struct SwiGlu;
+enum SwiGluPack {
+    Apart,
+    Rows(usize),
+}
+
+impl SwiGluPack {
+    /// For `n` output values: each value's gate index (its input's is `at + up`), `up`, the
+    /// kernels' `h` and `stride`, and the gradient's length.
+    fn plan(self, n: usize) -> (impl Fn(usize) -> usize, usize, usize, usize, usize) {
+        let (h, stride, up) = match self {
+            SwiGluPack::Apart => (n.max(1), n.max(1), n),
+            SwiGluPack::Rows(h) => (h.max(1), 2 * h.max(1), h),
+        };
+        (move |k| (k / h) * stride + k % h, up, h, stride, 2 * n)
+    }
+}
+
+/// SwiGLU on the host: `y[k] = silu(g[at(k)]) * u[at(k)]`.
+fn swiglu_host<T: Real>(g: &[T], u: &[T], n: usize, at: impl Fn(usize) -> usize) -> CpuStorage {
+    let one = T::from_f64(1.0);
+    let y = (0..n)
+        .map(|k| {
+            let (a, b) = (g[at(k)], u[at(k)]);
+            a * (one / (one + (T::from_f64(0.0) - a).exp())) * b
+        })
+        .collect();
+    T::to_cpu_storage_owned(y)
+}
+
+/// Its backward: `dg = dy u silu'(g)` at `at(k)` and `du = dy silu(g)` at `at(k) + up`, in
+/// a gradient of `len` values.
+fn swiglu_host_bwd<T: Real>(
+    (g, u, dy): (&[T], &[T], &[T]),
+    at: impl Fn(usize) -> usize,
+    up: usize,
+    len: usize,
+) -> CpuStorage {
+    let one = T::from_f64(1.0);
+    let mut out = vec![T::from_f64(0.0); len];
+    for (k, &d) in dy.iter().enumerate() {
+        let i = at(k);
+        let (a, b) = (g[i], u[i]);
+        let sig = one / (one + (T::from_f64(0.0) - a).exp());
+        out[i] = d * b * sig * (one + a * (one - sig));
+        out[i + up] = d * a * sig;
+    }
+    T::to_cpu_storage_owned(out)
+}
+
+/// [`SwiGluPack::Rows`]' shape of the output for an input of `dims`.
+fn swiglu_out_shape(pack: SwiGluPack, dims: &[usize]) -> Shape {
+    let mut out = dims.to_vec();
+    if let (SwiGluPack::Rows(h), Some(last)) = (pack, out.last_mut()) {
+        *last = h;
+    }
+    Shape::from(out)
+}
+
+/// SwiGLU's gate: [`CustomOp2`] on a gate and an input apart, [`CustomOp1`] on the two
+/// packed in rows.
+#[derive(Debug, Clone, Copy)]
+struct SwiGlu(SwiGluPack);
+
+impl SwiGlu {
+    fn cpu(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+        n: usize,
+    ) -> candle_core::Result<CpuStorage> {
+        let (at, up, ..) = self.0.plan(n);
+        // Packed: the input is the gate's own storage, `up` values on.
+        let shift = |l: &Layout| match self.0 {
+            SwiGluPack::Apart => l.clone(),
+            SwiGluPack::Rows(_) => Layout::contiguous_with_offset(
+                (l.shape().elem_count() - up,),
+                l.start_offset() + up,
+            ),
+        };
+        Ok(match g {
+            CpuStorage::F32(_) => {
+                swiglu_host::<f32>(cpu_slice(g, gl)?, cpu_slice(u, &shift(ul))?, n, at)
+            }
+            CpuStorage::F64(_) => {
+                swiglu_host::<f64>(cpu_slice(g, gl)?, cpu_slice(u, &shift(ul))?, n, at)
+            }
+            _ => candle_core::bail!("swiglu: the CPU version takes f32 or f64"),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        g: &CudaStorage,
+        gl: &Layout,
+        u: &CudaStorage,
+        ul: &Layout,
+        n: usize,
+    ) -> candle_core::Result<CudaStorage> {
+        let (_, up, h, stride, _) = self.0.plan(n);
+        let out = cuda::alloc_like(g, n)?;
+        let gp = cuda::input(g, gl)?;
+        let up = match self.0 {
+            SwiGluPack::Apart => cuda::input(u, ul)?,
+            SwiGluPack::Rows(_) => cuda::advance(&gp, up, g.dtype())?,
+        };
+        let y = cuda::output(&out)?;
+        let (kernel, per) = cuda::fours("swiglu_fwd", g.dtype(), h.min(stride), &[&gp, &up, &y]);
+        let args = [
+            gp,
+            up,
+            y,
+            cuda::Arg::I64(n as i64),
+            cuda::Arg::I64(h as i64),
+            cuda::Arg::I64(stride as i64),
+        ];
+        cuda::launch(&g.device, &kernel, g.dtype(), cuda::flat(n / per), &args)?;
+        Ok(out)
+    }
+
+    /// `[dg | du]` flat (apart) or the packed input's gradient, from the op's inputs.
+    fn grad(&self, g: &Tensor, u: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        g.contiguous()?
+            .apply_op3_no_bwd(&u.contiguous()?, &grad.contiguous()?, &SwiGluBwd(self.0))
+    }
+}
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -3330,21 +3481,8 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn run<T: Real>(g: &[T], u: &[T]) -> CpuStorage {
-            let one = T::from_f64(1.0);
-            let y = g
-                .iter()
-                .zip(u)
-                .map(|(&a, &b)| a * (one / (one + (T::from_f64(0.0) - a).exp())) * b)
-                .collect();
-            T::to_cpu_storage_owned(y)
-        }
-        let out = match gs {
-            CpuStorage::F32(_) => run::<f32>(cpu_slice(gs, gl)?, cpu_slice(us, ul)?),
-            CpuStorage::F64(_) => run::<f64>(cpu_slice(gs, gl)?, cpu_slice(us, ul)?),
-            _ => candle_core::bail!("swiglu: the CPU version takes f32 or f64"),
-        };
-        Ok((out, gl.shape().clone()))
+        let n = gl.shape().elem_count();
+        Ok((self.cpu(gs, gl, us, ul, n)?, gl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -3356,16 +3494,7 @@ impl CustomOp2 for SwiGlu {
         ul: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let n = gl.shape().elem_count();
-        let out = cuda::alloc_like(gs, n)?;
-        let (g, u, y) = (
-            cuda::input(gs, gl)?,
-            cuda::input(us, ul)?,
-            cuda::output(&out)?,
-        );
-        let (kernel, per) = cuda::fours("swiglu_fwd", gs.dtype(), n, &[&g, &u, &y]);
-        let args = [g, u, y, cuda::Arg::I64(n as i64)];
-        cuda::launch(&gs.device, &kernel, gs.dtype(), cuda::flat(n / per), &args)?;
-        Ok((out, gl.shape().clone()))
+        Ok((self.cuda(gs, gl, us, ul, n)?, gl.shape().clone()))
     }
 
     fn bwd(
@@ -3376,18 +3505,43 @@ impl CustomOp2 for SwiGlu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let n = g.elem_count();
-        let both =
-            g.contiguous()?
-                .apply_op3_no_bwd(&u.contiguous()?, &grad.contiguous()?, &SwiGluBwd)?;
+        let both = self.grad(g, u, grad)?;
         let dg = both.narrow(0, 0, n)?.reshape(g.dims())?;
         let du = both.narrow(0, n, n)?.reshape(u.dims())?;
         Ok((Some(dg), Some(du)))
     }
 }
 
-/// Backward of [`SwiGlu`]: `[dg | du]` flat, `dg = dy u silu'(g)`, `du = dy silu(g)`.
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = swiglu_out_shape(self.0, l.dims());
+        Ok((self.cpu(s, l, s, l, shape.elem_count())?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let shape = swiglu_out_shape(self.0, l.dims());
+        Ok((self.cuda(s, l, s, l, shape.elem_count())?, shape))
+    }
+
+    fn bwd(
+        &self,
+        gu: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.grad(gu, gu, grad)?.reshape(gu.dims())?))
+    }
+}
+
+/// Backward of [`SwiGlu`] from the gate, the input (the packed tensor twice when packed)
+/// and the output's gradient: `[dg | du]` flat, or the packed tensor's gradient flat.
 #[derive(Debug, Clone, Copy)]
-struct SwiGluBwd;
+struct SwiGluBwd(SwiGluPack);
 
 impl CustomOp3 for SwiGluBwd {
     fn name(&self) -> &'static str {
@@ -3403,29 +3557,30 @@ impl CustomOp3 for SwiGluBwd {
         ds: &CpuStorage,
         dl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn run<T: Real>(g: &[T], u: &[T], dy: &[T]) -> CpuStorage {
-            let n = g.len();
-            let one = T::from_f64(1.0);
-            let mut out = vec![T::from_f64(0.0); 2 * n];
-            for k in 0..n {
-                let a = g[k];
-                let sig = one / (one + (T::from_f64(0.0) - a).exp());
-                out[k] = dy[k] * u[k] * sig * (one + a * (one - sig));
-                out[n + k] = dy[k] * a * sig;
+        let n = dl.shape().elem_count();
+        let (at, up, _, _, len) = self.0.plan(n);
+        let ul = match self.0 {
+            SwiGluPack::Apart => ul.clone(),
+            SwiGluPack::Rows(_) => {
+                Layout::contiguous_with_offset((2 * n - up,), ul.start_offset() + up)
             }
-            T::to_cpu_storage_owned(out)
-        }
-        let n = gl.shape().elem_count();
+        };
         let out = match gs {
-            CpuStorage::F32(_) => {
-                run::<f32>(cpu_slice(gs, gl)?, cpu_slice(us, ul)?, cpu_slice(ds, dl)?)
-            }
-            CpuStorage::F64(_) => {
-                run::<f64>(cpu_slice(gs, gl)?, cpu_slice(us, ul)?, cpu_slice(ds, dl)?)
-            }
+            CpuStorage::F32(_) => swiglu_host_bwd::<f32>(
+                (cpu_slice(gs, gl)?, cpu_slice(us, &ul)?, cpu_slice(ds, dl)?),
+                at,
+                up,
+                len,
+            ),
+            CpuStorage::F64(_) => swiglu_host_bwd::<f64>(
+                (cpu_slice(gs, gl)?, cpu_slice(us, &ul)?, cpu_slice(ds, dl)?),
+                at,
+                up,
+                len,
+            ),
             _ => candle_core::bail!("swiglu-bwd: the CPU version takes f32 or f64"),
         };
-        Ok((out, Shape::from(2 * n)))
+        Ok((out, Shape::from(len)))
     }
 
     #[cfg(feature = "cuda")]
@@ -3438,15 +3593,31 @@ impl CustomOp3 for SwiGluBwd {
         ds: &CudaStorage,
         dl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let n = gl.shape().elem_count();
-        let out = cuda::alloc_like(gs, 2 * n)?;
-        let (g, u) = (cuda::input(gs, gl)?, cuda::input(us, ul)?);
-        let (dy, o) = (cuda::input(ds, dl)?, cuda::output(&out)?);
-        // The du half starts n elements in: aligned too when n is a multiple of 4.
-        let (kernel, per) = cuda::fours("swiglu_bwd", gs.dtype(), n, &[&g, &u, &dy, &o]);
-        let args = [g, u, dy, o, cuda::Arg::I64(n as i64)];
-        cuda::launch(&gs.device, &kernel, gs.dtype(), cuda::flat(n / per), &args)?;
-        Ok((out, Shape::from(2 * n)))
+        let n = dl.shape().elem_count();
+        let (_, up, h, stride, len) = self.0.plan(n);
+        let dt = gs.dtype();
+        let out = cuda::alloc_like(gs, len)?;
+        let g = cuda::input(gs, gl)?;
+        let u = match self.0 {
+            SwiGluPack::Apart => cuda::input(us, ul)?,
+            SwiGluPack::Rows(_) => cuda::advance(&g, up, dt)?,
+        };
+        let (dy, dg) = (cuda::input(ds, dl)?, cuda::output(&out)?);
+        let du = cuda::advance(&dg, up, dt)?;
+        // Apart, the du half starts n elements in: aligned too when n is a multiple of 4.
+        let (kernel, per) = cuda::fours("swiglu_bwd", dt, h.min(stride), &[&g, &u, &dy, &dg, &du]);
+        let args = [
+            g,
+            u,
+            dy,
+            dg,
+            du,
+            cuda::Arg::I64(n as i64),
+            cuda::Arg::I64(h as i64),
+            cuda::Arg::I64(stride as i64),
+        ];
+        cuda::launch(&gs.device, &kernel, dt, cuda::flat(n / per), &args)?;
+        Ok((out, Shape::from(len)))
     }
 }
 
@@ -3603,6 +3774,14 @@ mod cuda {
     /// The address of an output.
     pub(super) fn output(s: &CudaStorage) -> Result<Arg> {
         Ok(Arg::P(address(s, 0)?))
+    }
+
+    /// The pointer `p` moved `elems` elements of `dt` on.
+    pub(super) fn advance(p: &Arg, elems: usize, dt: DType) -> Result<Arg> {
+        match p {
+            Arg::P(a) => Ok(Arg::P(a + (elems * dt.size_in_bytes()) as u64)),
+            _ => candle_core::bail!("fused kernel: only a pointer can be advanced"),
+        }
     }
 
     /// An uninitialised buffer of `n` elements of the dtype of `like`, which the kernel

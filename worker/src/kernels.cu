@@ -517,15 +517,18 @@ __device__ void heads2(const T *x, const T *cos, const T *sin, T *y, int64_t qua
 HEADS2(f32, float, float2)
 HEADS2(bf16, __nv_bfloat16, __nv_bfloat162)
 
-// SwiGLU's gate: y = silu(g) * u, W elements a thread (n a multiple of W, every address
-// aligned to W elements).
+// SwiGLU's gate: y = silu(g) * u, W elements a thread. Element k of y (n in all) reads g and
+// u at (k / h) * stride + k % h: h = stride = n for a gate and an input of their own, h half
+// a row and stride the row for the two packed side by side in each row of one product's
+// output. (h and stride multiples of W, every address aligned to W elements.)
 template <typename T, int W>
-__device__ void swiglu_fwd(const T *g, const T *u, T *y, int64_t n) {
+__device__ void swiglu_fwd(const T *g, const T *u, T *y, int64_t n, int64_t h, int64_t stride) {
   for (int64_t k = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * W; k < n;
        k += (int64_t)gridDim.x * blockDim.x * W) {
+    int64_t at = h == n ? k : (k / h) * stride + k % h;
     float a[W], b[W], o[W];
-    load_w<W>(g + k, a);
-    load_w<W>(u + k, b);
+    load_w<W>(g + at, a);
+    load_w<W>(u + at, b);
 #pragma unroll
     for (int i = 0; i < W; ++i) {
       float sig = 1.f / (1.f + expf(-a[i]));
@@ -535,23 +538,26 @@ __device__ void swiglu_fwd(const T *g, const T *u, T *y, int64_t n) {
   }
 }
 
-// Its backward: out[0..n] = dg = dy u silu'(g), out[n..2n] = du = dy silu(g).
+// Its backward, dg = dy u silu'(g) and du = dy silu(g), written where g and u are read from
+// (into dg and du, laid out as g and u are).
 template <typename T, int W>
-__device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *out, int64_t n) {
+__device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *dg, T *du, int64_t n,
+                           int64_t h, int64_t stride) {
   for (int64_t k = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * W; k < n;
        k += (int64_t)gridDim.x * blockDim.x * W) {
-    float a[W], b[W], d[W], dg[W], du[W];
-    load_w<W>(g + k, a);
-    load_w<W>(u + k, b);
+    int64_t at = h == n ? k : (k / h) * stride + k % h;
+    float a[W], b[W], d[W], og[W], ou[W];
+    load_w<W>(g + at, a);
+    load_w<W>(u + at, b);
     load_w<W>(dy + k, d);
 #pragma unroll
     for (int i = 0; i < W; ++i) {
       float sig = 1.f / (1.f + expf(-a[i]));
-      dg[i] = d[i] * b[i] * sig * (1.f + a[i] * (1.f - sig));
-      du[i] = d[i] * a[i] * sig;
+      og[i] = d[i] * b[i] * sig * (1.f + a[i] * (1.f - sig));
+      ou[i] = d[i] * a[i] * sig;
     }
-    store_w<W>(out + k, dg);
-    store_w<W>(out + n + k, du);
+    store_w<W>(dg + at, og);
+    store_w<W>(du + at, ou);
   }
 }
 
@@ -573,19 +579,23 @@ __device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *out, int64_t 
                                           int merge, int rotate, float sign) {              \
     heads<T>(x, cos, sin, y, pairs, h, t, half, merge, rotate, sign);                       \
   }                                                                                          \
-  extern "C" __global__ void swiglu_fwd_##NAME(const T *g, const T *u, T *y, int64_t n) {   \
-    swiglu_fwd<T, 1>(g, u, y, n);                                                           \
+  extern "C" __global__ void swiglu_fwd_##NAME(const T *g, const T *u, T *y, int64_t n,      \
+                                               int64_t h, int64_t stride) {                 \
+    swiglu_fwd<T, 1>(g, u, y, n, h, stride);                                                \
   }                                                                                          \
-  extern "C" __global__ void swiglu_bwd_##NAME(const T *g, const T *u, const T *dy, T *out, \
-                                               int64_t n) {                                 \
-    swiglu_bwd<T, 1>(g, u, dy, out, n);                                                     \
+  extern "C" __global__ void swiglu_bwd_##NAME(const T *g, const T *u, const T *dy, T *dg,  \
+                                               T *du, int64_t n, int64_t h,                 \
+                                               int64_t stride) {                            \
+    swiglu_bwd<T, 1>(g, u, dy, dg, du, n, h, stride);                                       \
   }                                                                                          \
-  extern "C" __global__ void swiglu_fwd4_##NAME(const T *g, const T *u, T *y, int64_t n) {  \
-    swiglu_fwd<T, 4>(g, u, y, n);                                                           \
+  extern "C" __global__ void swiglu_fwd4_##NAME(const T *g, const T *u, T *y, int64_t n,     \
+                                                int64_t h, int64_t stride) {                \
+    swiglu_fwd<T, 4>(g, u, y, n, h, stride);                                                \
   }                                                                                          \
-  extern "C" __global__ void swiglu_bwd4_##NAME(const T *g, const T *u, const T *dy,        \
-                                                T *out, int64_t n) {                        \
-    swiglu_bwd<T, 4>(g, u, dy, out, n);                                                     \
+  extern "C" __global__ void swiglu_bwd4_##NAME(const T *g, const T *u, const T *dy, T *dg, \
+                                                T *du, int64_t n, int64_t h,                \
+                                                int64_t stride) {                           \
+    swiglu_bwd<T, 4>(g, u, dy, dg, du, n, h, stride);                                       \
   }
 ROWOPS(f32, float)
 ROWOPS(bf16, __nv_bfloat16)

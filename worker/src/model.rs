@@ -209,7 +209,9 @@ pub struct Weights {
     lazy: HashMap<String, Tensor>,
     cache: RefCell<HashMap<String, Tensor>>,
     compute: DType,
-    /// The stacked expert leaves `[experts, out, in]`, by `layers.{l}.moe.experts.{proj}`.
+    /// The stacked expert leaves by `layers.{l}.moe.experts.{leaf}`: `w_down` as
+    /// `[experts, out, in]`, the gate and up projections together as `[2 * experts, h, d]`
+    /// ([`GATE_UP`]).
     stacks: HashMap<String, Tensor>,
     /// Expert weights of the stacked leaves whose expert got no tokens in this pass: their
     /// slices of the leaf's gradient are zeros, not gradients (`Model::collect_grads` leaves
@@ -263,6 +265,20 @@ fn stack_key(layer: usize, proj: &str) -> String {
     format!("layers.{layer}.moe.experts.{proj}")
 }
 
+/// The stacked leaf of the gate and up projections together: expert `e`'s gate at index
+/// `2e`, its up projection at `2e + 1`, so `[2E, h, d]` is `[E, 2h, d]` with each expert's
+/// `[gate; up]`, and the two are one product (`fused::swiglu_packed` then reads its rows).
+const GATE_UP: &str = "w_gate_up";
+
+/// The stacked leaf of expert `e`'s projection `proj`, and the weight's index there.
+fn stack_slot(proj: &str, e: usize) -> (&'static str, usize) {
+    match proj {
+        "w_gate" => (GATE_UP, 2 * e),
+        "w_up" => (GATE_UP, 2 * e + 1),
+        _ => ("w_down", e),
+    }
+}
+
 /// `(layer, expert, projection)` of an expert's base weight name.
 fn expert_weight(name: &str) -> Option<(usize, usize, &str)> {
     let rest = name.strip_prefix("layers.")?;
@@ -298,7 +314,8 @@ struct Leaves {
 }
 
 /// One compute leaf: a parameter's copy, or the stacked copies of one MoE layer's experts'
-/// weights of one projection (`[experts, out, in]`).
+/// weights of one projection (`[experts, out, in]`), or of the gate and up projections
+/// together ([`GATE_UP`]).
 #[derive(Debug)]
 struct Leaf {
     key: String,
@@ -318,18 +335,19 @@ impl Leaves {
         for (i, (name, _)) in trainable.iter().enumerate() {
             match expert_weight(name) {
                 Some((l, e, proj)) => {
-                    let key = stack_key(l, proj);
+                    let (leaf, pos) = stack_slot(proj, e);
+                    let key = stack_key(l, leaf);
                     let li = *stacks.entry(key.clone()).or_insert_with(|| {
                         groups.push((key, Vec::new(), true));
                         groups.len() - 1
                     });
                     let members = &mut groups[li].1;
-                    if members.len() != e {
+                    if members.len() != pos {
                         return Err(WorkerError::Mismatch(format!(
                             "expert weight {name} is out of order"
                         )));
                     }
-                    of_param.push(Some((li, e)));
+                    of_param.push(Some((li, pos)));
                     members.push(i);
                 }
                 None if stacked_only => of_param.push(None),
@@ -1601,20 +1619,32 @@ impl Model {
         kept: &[usize],
         x: &Tensor,
     ) -> Result<Tensor> {
-        // The experts' weights of one projection as `[experts, out, in]`.
-        let stack = |proj: &str| -> Result<Tensor> {
+        // The experts' weights of one stacked leaf as `[experts, out, in]` (`[E, 2h, d]`
+        // for the gate and up projections together, each expert's `[gate; up]`).
+        let n_exp = kept.len();
+        let stack = |leaf: &str| -> Result<Tensor> {
             // A model with compute leaves keeps the stacked weights as one leaf.
-            if let Some(s) = w.stack(layer, proj) {
-                return Ok(s.clone());
-            }
-            let mut ws = Vec::with_capacity(self.cfg.n_experts);
-            for e in 0..self.cfg.n_experts {
-                ws.push(w.get(&format!("layers.{layer}.moe.experts.{e}.{proj}.weight"))?);
-            }
-            Ok(Tensor::stack(&ws, 0)?)
+            let s = match w.stack(layer, leaf) {
+                Some(s) => s.clone(),
+                None => {
+                    let projs: &[&str] = match leaf {
+                        GATE_UP => &["w_gate", "w_up"],
+                        _ => &["w_down"],
+                    };
+                    let mut ws = Vec::with_capacity(n_exp * projs.len());
+                    for e in 0..n_exp {
+                        for p in projs {
+                            let name = format!("layers.{layer}.moe.experts.{e}.{p}.weight");
+                            ws.push(w.get(&name)?);
+                        }
+                    }
+                    Tensor::stack(&ws, 0)?
+                }
+            };
+            let (rows, out, inn) = s.dims3()?;
+            Ok(s.reshape((n_exp, rows / n_exp.max(1) * out, inn))?)
         };
         let (n, d, k) = (r.n, r.d, self.cfg.top_k);
-        let n_exp = kept.len();
         let blocks = match self.expert_layout {
             ExpertLayout::Padded => RowBlocks::Uniform,
             ExpertLayout::Grouped { align } => RowBlocks::Aligned(align),
@@ -1639,17 +1669,17 @@ impl Model {
             RowBlocks::Uniform => (xs.reshape((n_exp, sizes[0], d))?, false),
             RowBlocks::Aligned(_) => (xs, true),
         };
-        let mm = |a: &Tensor, proj: &str| -> Result<Tensor> {
-            let w = stack(proj)?;
+        let mm = |a: &Tensor, leaf: &str| -> Result<Tensor> {
+            let w = stack(leaf)?;
             Ok(if grouped {
                 crate::fused::grouped_matmul_t(a, &w, &sizes)?
             } else {
                 crate::fused::matmul_t(a, &w)?
             })
         };
-        let g = mm(&xs, "w_gate")?;
-        let u = mm(&xs, "w_up")?;
-        let a = crate::fused::swiglu_gate(&g, &u)?;
+        // Gate and up as one product: `x` is read (and in f32 split) once, and the backward
+        // pass takes one gradient, `[rows, 2h]`, through one product each way.
+        let a = crate::fused::swiglu_packed(&mm(&xs, GATE_UP)?)?;
         let y = mm(&a, "w_down")?
             .reshape((rows, d))?
             .to_dtype(self.compute_dtype)?;

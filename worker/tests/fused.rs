@@ -403,8 +403,9 @@ fn check_op(
     }
 }
 
-/// RMSNorm, the unmasked softmax, SwiGLU's gate, and the attention heads' split (with and
-/// without RoPE) and merge against their plain formulations.
+/// RMSNorm, the unmasked softmax, SwiGLU's gate (gate and input apart, and packed in rows),
+/// and the attention heads' split (with and without RoPE) and merge against their plain
+/// formulations.
 fn check_row_ops(device: &Device, dt: DType) {
     reseed(4);
     let randn = |dims: &[usize], std: f64| normal(dims, std);
@@ -447,6 +448,26 @@ fn check_row_ops(device: &Device, dt: DType) {
             &[0, 1],
             |t| fused::swiglu_gate(&t[0], &t[1]).unwrap(),
             |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
+        // Gate and input packed in each row (`[.., 2d]`): halves of 5, 33 and 130 values
+        // take the one-a-thread kernel on a GPU, 8 and 384 the four-a-thread one.
+        let mut packed = dims.to_vec();
+        *packed.last_mut().unwrap() = 2 * d;
+        let last = packed.len() - 1;
+        check_op(
+            device,
+            dt,
+            &format!("swiglu packed {packed:?}"),
+            &[randn(&packed, 2.0)],
+            &[0],
+            |t| fused::swiglu_packed(&t[0]).unwrap(),
+            |t| {
+                let (g, u) = (
+                    t[0].narrow(last, 0, d).unwrap(),
+                    t[0].narrow(last, d, d).unwrap(),
+                );
+                (g.silu().unwrap() * u).unwrap()
+            },
         );
     }
     // A gate and an input that start one element into their buffers: a multiple of four
@@ -1199,6 +1220,15 @@ fn fused_matmul_t_matches_the_plain_product_on_the_cpu() {
 fn fused_row_ops_match_the_plain_ops_on_the_cpu() {
     for dt in [DType::F32, DType::F64, DType::BF16] {
         check_row_ops(&Device::Cpu, dt);
+    }
+}
+
+#[test]
+fn packed_swiglu_refuses_rows_that_do_not_halve() {
+    for dims in [&[3usize, 7][..], &[]] {
+        let t = Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+        let e = fused::swiglu_packed(&t).unwrap_err().to_string();
+        assert!(e.contains("even last dimension"), "{dims:?}: {e}");
     }
 }
 
