@@ -639,6 +639,40 @@ fn check_matmul_t(device: &Device, dt: DType) {
     ] {
         check_product(device, dt, "matmul", a, b, false);
     }
+    // Causal attention's products by triangular blocks (`matmul_t_causal`, `matmul_causal`):
+    // values and the gradients of q, k and v against the plain products, with lengths under,
+    // at and past one block (`TRI_BLOCK`, 128) and not multiples of it.
+    for (bh, t, hd) in [
+        (&[1usize, 1][..], 1usize, 1usize),
+        (&[2, 3], 7, 5),
+        (&[1, 2], 128, 8),
+        (&[2, 1], 130, 16),
+        (&[1, 1], 300, 64),
+    ] {
+        let dims = [bh, &[t, hd]].concat();
+        let scale = 1.0 / (hd as f64).sqrt();
+        check_op(
+            device,
+            dt,
+            &format!("causal attention products {dims:?}"),
+            &[randn(&dims), randn(&dims), randn(&dims)],
+            &[0, 1, 2],
+            |x| {
+                let s = fused::matmul_t_causal(&x[0], &x[1]).unwrap();
+                let p = fused::causal_softmax(&s, scale).unwrap();
+                fused::matmul_causal(&p, &x[2]).unwrap()
+            },
+            |x| {
+                let s = x[0].matmul(&x[1].t().unwrap()).unwrap();
+                let p = fused::causal_softmax_reference(&s, scale).unwrap();
+                p.matmul(&x[2]).unwrap()
+            },
+        );
+    }
+    let sq = randn(&[2, 4, 4]);
+    assert!(fused::matmul_causal(&randn(&[2, 4, 3]), &randn(&[2, 3, 4])).is_err());
+    assert!(fused::matmul_causal(&sq, &randn(&[2, 3, 4])).is_err());
+    assert!(fused::matmul_t_causal(&sq, &randn(&[2, 5, 4])).is_err());
     assert!(fused::matmul(&randn(&[2, 3]), &randn(&[2, 3])).is_err());
     assert!(fused::matmul(&randn(&[2, 2, 3]), &randn(&[3, 3, 2])).is_err());
     let mixed = randn(&[2, 3]).to_dtype(DType::F32).unwrap();
