@@ -2196,6 +2196,193 @@ impl RouteParts {
     }
 }
 
+/// The Switch load-balancing loss `E * sum_e f_e * P_e` of one MoE layer, a scalar, from the
+/// router's probabilities `probs: [N, E]` and each expert's chosen count `counts: [E]` (u32,
+/// as [`route_counts`] gives it, `f_e = counts[e] / (N k)`, `P_e` the mean of `probs[.., e]`).
+/// One kernel each way where the plain ops were seven small ones forward (a cast, two
+/// scalings, a mean, a product, a sum) and as many backward, in every MoE layer of every
+/// step. Differentiable with respect to `probs`.
+pub fn balance_loss(probs: &Tensor, counts: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    let (n, e) = probs.dims2()?;
+    if counts.dims() != [e] || counts.dtype() != DType::U32 || k == 0 {
+        candle_core::bail!(
+            "balance loss: counts {:?} {:?} for {e} experts, top-{k}",
+            counts.dims(),
+            counts.dtype()
+        );
+    }
+    // The kernels count in f32 and index the counts in 32 bits.
+    let kernel = if probs.device().is_cpu() {
+        native(probs)
+    } else {
+        probs.dtype() == DType::F32 && n * e < u32::MAX as usize
+    };
+    if kernel && n > 0 {
+        let scale = e as f64 / ((n * n) as f64 * k as f64);
+        probs
+            .contiguous()?
+            .apply_op2(&counts.contiguous()?, BalanceLoss { scale })
+    } else {
+        balance_loss_reference(probs, counts, k)
+    }
+}
+
+/// [`balance_loss`] as plain candle ops.
+pub fn balance_loss_reference(
+    probs: &Tensor,
+    counts: &Tensor,
+    k: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, e) = probs.dims2()?;
+    let frac = counts
+        .to_dtype(probs.dtype())?
+        .affine(1.0 / (n * k) as f64, 0.0)?;
+    (probs.mean(0)? * frac)?.sum_all()?.affine(e as f64, 0.0)
+}
+
+/// [`balance_loss`] as `scale * sum_{t,e} probs[t, e] * counts[e]`, `scale = E / (N^2 k)`.
+#[derive(Debug, Clone, Copy)]
+struct BalanceLoss {
+    scale: f64,
+}
+
+impl CustomOp2 for BalanceLoss {
+    fn name(&self) -> &'static str {
+        "balance-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(p: &[T], c: &[u32], scale: f64) -> CpuStorage {
+            let e = c.len().max(1);
+            let sum = p.iter().enumerate().fold(T::from_f64(0.0), |acc, (i, &v)| {
+                acc + v * T::from_f64(c[i % e] as f64)
+            });
+            T::to_cpu_storage_owned(vec![sum * T::from_f64(scale)])
+        }
+        let counts = cpu_u32(cs, cl)?;
+        let out = match ps {
+            CpuStorage::F32(_) => run::<f32>(cpu_slice(ps, pl)?, counts, self.scale),
+            CpuStorage::F64(_) => run::<f64>(cpu_slice(ps, pl)?, counts, self.scale),
+            _ => candle_core::bail!("balance loss: the CPU version takes f32 or f64"),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ps: &CudaStorage,
+        pl: &Layout,
+        cs: &CudaStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, e) = (pl.dims()[0], pl.dims()[1]);
+        let out = cuda::alloc_like(ps, 1)?;
+        let args = [
+            cuda::input(ps, pl)?,
+            cuda::input(cs, cl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(n as i64),
+            cuda::Arg::I32(e as i32),
+            cuda::Arg::F32(self.scale as f32),
+        ];
+        cuda::launch(
+            &ps.device,
+            "balance_loss_fwd",
+            ps.dtype(),
+            cuda::blocks(1),
+            &args,
+        )?;
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        probs: &Tensor,
+        counts: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dp = grad.contiguous()?.apply_op2_no_bwd(
+            counts,
+            &BalanceLossBwd {
+                scale: self.scale,
+                n: probs.dim(0)?,
+            },
+        )?;
+        Ok((Some(dp), None))
+    }
+}
+
+/// The gradient of [`BalanceLoss`] for `probs`: `grad * scale * counts[e]` in every row.
+#[derive(Debug, Clone, Copy)]
+struct BalanceLossBwd {
+    scale: f64,
+    n: usize,
+}
+
+impl CustomOp2 for BalanceLossBwd {
+    fn name(&self) -> &'static str {
+        "balance-loss-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(g: &[T], c: &[u32], n: usize, scale: f64) -> CpuStorage {
+            let gs = g[0] * T::from_f64(scale);
+            let row: Vec<T> = c.iter().map(|&v| gs * T::from_f64(v as f64)).collect();
+            T::to_cpu_storage_owned(row.repeat(n))
+        }
+        let counts = cpu_u32(cs, cl)?;
+        let out = match gs {
+            CpuStorage::F32(_) => run::<f32>(cpu_slice(gs, gl)?, counts, self.n, self.scale),
+            CpuStorage::F64(_) => run::<f64>(cpu_slice(gs, gl)?, counts, self.n, self.scale),
+            _ => candle_core::bail!("balance loss: the CPU version takes f32 or f64"),
+        };
+        Ok((out, Shape::from((self.n, counts.len()))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        cs: &CudaStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let e = cl.shape().elem_count();
+        let total = self.n * e;
+        let out = cuda::alloc_like(gs, total)?;
+        let args = [
+            cuda::input(gs, gl)?,
+            cuda::input(cs, cl)?,
+            cuda::output(&out)?,
+            cuda::Arg::I64(self.n as i64),
+            cuda::Arg::I32(e as i32),
+            cuda::Arg::F32(self.scale as f32),
+        ];
+        cuda::launch(
+            &gs.device,
+            "balance_loss_bwd",
+            gs.dtype(),
+            cuda::flat(total),
+            &args,
+        )?;
+        Ok((out, Shape::from((self.n, e))))
+    }
+}
+
 /// Each expert's kept and chosen assignment counts from the router's choice
 /// (`choice: [N, k]` u32, as [`router_topk`] gives it): `[2E]` u32, `[kept | chosen]`, kept
 /// being `min(chosen, capacity)`. Read back, it is all the host needs of a layer's routing

@@ -77,6 +77,45 @@ __device__ void causal_softmax_bwd(const T *p, const T *dp, T *ds, int64_t rows,
   }
 }
 
+// The MoE router's balance loss, scale * sum over p: [n, e] of p[t, j] * counts[j] (one
+// block; the experts' chosen counts u32), and its gradient dp[t, j] = g * scale * counts[j]
+// with the loss's gradient g read on the device. f32 arithmetic.
+template <typename T>
+__device__ void balance_loss_fwd(const T *p, const uint32_t *counts, T *out, int64_t n, int e,
+                                 float scale) {
+  __shared__ float sums[32];
+  float acc = 0.f;
+  for (int64_t i = threadIdx.x; i < n * e; i += blockDim.x)
+    acc += to_f(p[i]) * (float)counts[i % e];
+  acc = warp_sum(acc);
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sums[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    acc = lane < (int)(blockDim.x / 32) ? sums[lane] : 0.f;
+    acc = warp_sum(acc);
+    if (lane == 0) out[0] = from_f<T>(acc * scale);
+  }
+}
+
+template <typename T>
+__device__ void balance_loss_bwd(const T *g, const uint32_t *counts, T *dp, int64_t n, int e,
+                                 float scale) {
+  float gs = to_f(g[0]) * scale;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n * e;
+       i += (int64_t)gridDim.x * blockDim.x)
+    dp[i] = from_f<T>(gs * (float)counts[i % e]);
+}
+
+extern "C" __global__ void balance_loss_fwd_f32(const float *p, const uint32_t *counts,
+                                                float *out, int64_t n, int e, float scale) {
+  balance_loss_fwd<float>(p, counts, out, n, e, scale);
+}
+extern "C" __global__ void balance_loss_bwd_f32(const float *g, const uint32_t *counts,
+                                                float *dp, int64_t n, int e, float scale) {
+  balance_loss_bwd<float>(g, counts, dp, n, e, scale);
+}
+
 // The sum of every thread's acc over the block, into partial[blockIdx.x] (blockDim.x a
 // multiple of 32); every thread of the block calls it.
 __device__ void block_partial_sum(double acc, double *partial) {

@@ -1513,13 +1513,7 @@ impl Model {
     /// expert's chosen count (`counts: [E]` u32, made a fraction on the device: an upload of
     /// its own from pageable memory would wait for the stream).
     fn balance_loss(&self, probs: &Tensor, counts: &Tensor) -> Result<Tensor> {
-        let (n, n_exp) = probs.dims2()?;
-        let frac = counts
-            .to_dtype(probs.dtype())?
-            .affine(1.0 / (n * self.cfg.top_k) as f64, 0.0)?;
-        Ok((probs.mean(0)? * frac)?
-            .sum_all()?
-            .affine(n_exp as f64, 0.0)?)
+        Ok(crate::fused::balance_loss(probs, counts, self.cfg.top_k)?)
     }
 
     /// Routing decided on the host from the router's choice, with each expert's token list:

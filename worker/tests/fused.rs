@@ -1174,8 +1174,65 @@ fn check_moe_ops(device: &Device, dt: DType) {
     }
 }
 
+/// The router's balance loss (`fused::balance_loss`) and its gradient for the
+/// probabilities against the plain ops in f64, with counts of every size from zero up.
+fn check_balance_loss(device: &Device, dt: DType) {
+    reseed(8);
+    let mut rng = Lcg(13);
+    for (n, e, k) in [
+        (1usize, 1usize, 1usize),
+        (7, 3, 2),
+        (1000, 8, 2),
+        (333, 64, 4),
+    ] {
+        let logits = normal(&[n, e][..], 2.0);
+        let probs = candle_nn::ops::softmax(&logits, candle_core::D::Minus1).unwrap();
+        let counts: Vec<u32> = (0..e)
+            .map(|_| rng.below(2 * n * k / e + 2) as u32)
+            .collect();
+        let want_c = Tensor::new(counts.as_slice(), &Device::Cpu).unwrap();
+        let got_c = want_c.to_device(device).unwrap();
+        let pv = Var::from_tensor(&probs.to_dtype(dt).unwrap().to_device(device).unwrap()).unwrap();
+        let rv =
+            Var::from_tensor(&probs.to_dtype(dt).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
+        let got = fused::balance_loss(pv.as_tensor(), &got_c, k).unwrap();
+        let want = fused::balance_loss_reference(rv.as_tensor(), &want_c, k).unwrap();
+        assert_eq!(
+            got.dims(),
+            want.dims(),
+            "a scalar, as the plain ops make it"
+        );
+        let e_val = rel_err(&got, &want);
+        assert!(
+            e_val < tolerance(dt),
+            "{device:?} {dt:?} balance loss {n}x{e}: {e_val}"
+        );
+        // Weighted so that the gradient read on the device is not 1.
+        let g = got.affine(3.0, 0.0).unwrap().backward().unwrap();
+        let rg = want.affine(3.0, 0.0).unwrap().backward().unwrap();
+        let e_grad = rel_err(
+            g.get(pv.as_tensor()).unwrap(),
+            rg.get(rv.as_tensor()).unwrap(),
+        );
+        assert!(
+            e_grad < tolerance(dt),
+            "{device:?} {dt:?} balance loss gradient: {e_grad}"
+        );
+    }
+    let p = Tensor::zeros((4, 3), DType::F32, device).unwrap();
+    let bad = Tensor::zeros(4, DType::U32, device).unwrap();
+    assert!(
+        fused::balance_loss(&p, &bad, 2).is_err(),
+        "counts for 4 experts of 3"
+    );
+    let floats = Tensor::zeros(3, DType::F32, device).unwrap();
+    assert!(fused::balance_loss(&p, &floats, 2).is_err(), "f32 counts");
+}
+
 #[test]
 fn fused_moe_ops_match_the_plain_ops_on_the_cpu() {
+    check_balance_loss(&Device::Cpu, DType::F32);
+    check_balance_loss(&Device::Cpu, DType::F64);
     for dt in [DType::F32, DType::F64, DType::BF16] {
         check_moe_ops(&Device::Cpu, dt);
         check_gather(&Device::Cpu, DType::F32);
@@ -1304,6 +1361,9 @@ fn cuda_fused_kernels_match_the_plain_ops() {
             check_expert_streams(&device);
         }
         check_moe_ops(&device, dt);
+        if dt == DType::F32 {
+            check_balance_loss(&device, dt);
+        }
     }
     for dt in [DType::F32, DType::BF16, DType::F64, DType::U32] {
         check_gather(&device, dt);
