@@ -2217,7 +2217,7 @@ pub fn balance_loss(probs: &Tensor, counts: &Tensor, k: usize) -> candle_core::R
     } else {
         probs.dtype() == DType::F32 && n * e < u32::MAX as usize
     };
-    if kernel && n > 0 {
+    if kernel && n > 0 && e > 0 {
         let scale = e as f64 / ((n * n) as f64 * k as f64);
         probs
             .contiguous()?
@@ -2879,7 +2879,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// (`probs^T @ dout`, upper triangular on the left) skip the blocks of `probs` that are
 /// zero ([`TRI_BLOCK`] rows at a time), about 3/8 of the arithmetic at `t = 512`, where
 /// the product runs on a GPU's f32 units (f32 products that do not split; on the H100,
-/// `base` f32 1.3 to 2.8 ms a step faster) and on the CPU. Elsewhere the product runs whole.
+/// `base` f32 1.1 to 2.8 ms a step faster) and on the CPU. Elsewhere the product runs whole.
 /// Values above the diagonal of `probs` must be zero: they may or may not be read. The
 /// gradient for `probs` is the plain `dout @ v^T`.
 pub fn matmul_causal(probs: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
