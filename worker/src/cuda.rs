@@ -10,8 +10,8 @@
 //! cudarc also creates (and later destroys) two CUDA events with every allocation, to order
 //! uses of a buffer across streams. candle keeps each device's work on one stream, where the
 //! events are never waited on, so the worker turns that bookkeeping off. The one exception,
-//! the experts' products of a grouped product on side streams (`fused::cuda::on_lanes`),
-//! orders itself with two events of its own.
+//! the products that run on side streams (`fused::cuda::spread`: a grouped product's
+//! experts, a triangular product's blocks), orders itself with two events of its own.
 
 #![allow(unsafe_code)] // two driver calls that candle and cudarc do not wrap
 
@@ -53,6 +53,6 @@ pub(crate) fn skip_event_tracking(device: &candle_core::CudaDevice) {
     // SAFETY: the obligations of `disable_event_tracking` concern work on several streams
     // (a buffer freed or written on one while another still uses it); every tensor of this
     // device is created, written and freed on the device's stream, and the side streams of
-    // `fused::cuda::on_lanes` are ordered against it both ways.
+    // `fused::cuda::spread` are ordered against it both ways.
     unsafe { device.disable_event_tracking() }
 }

@@ -3308,18 +3308,7 @@ impl Product {
             let at = (a0 + blk.a_off, b0 + blk.b_off, blk.c_off);
             cuda::gemm_strided(blas, (a, b, &out), at, &g, (m, n), (m * m, m * n, m * n))
         };
-        let streams = expert_streams().min(blocks.len());
-        if streams <= 1 {
-            let blas = a.device.cublas_handle();
-            blocks.iter().try_for_each(|blk| run(blk, &blas))?;
-        } else {
-            cuda::on_lanes(&a.device, streams, |lanes| {
-                blocks
-                    .iter()
-                    .enumerate()
-                    .try_for_each(|(i, blk)| run(blk, lanes[i % lanes.len()].blas()))
-            })?;
-        }
+        cuda::spread(&a.device, blocks.len(), |i, blas| run(&blocks[i], blas))?;
         Ok(out)
     }
 }
@@ -3718,16 +3707,7 @@ impl CustomOp2 for Grouped {
                 }
             }
         };
-        // Side by side on the lanes, or one after another on the device's stream.
-        let streams = expert_streams().min(gemms.len());
-        if streams <= 1 {
-            let blas = a.device.cublas_handle();
-            (0..gemms.len()).try_for_each(|i| run(i, &blas))?;
-        } else {
-            cuda::on_lanes(&a.device, streams, |lanes| {
-                (0..gemms.len()).try_for_each(|i| run(i, lanes[i % lanes.len()].blas()))
-            })?;
-        }
+        cuda::spread(&a.device, gemms.len(), run)?;
         Ok((out, shape))
     }
 
@@ -4073,8 +4053,9 @@ impl CustomOp3 for SwiGluBwd {
 
 /// Kernel launches through raw device pointers, so one launcher serves every op and dtype.
 /// candle runs all work of a device on one stream, and so does every kernel here; only the
-/// experts' products of a grouped product run on side streams ([`cuda::on_lanes`]), which
-/// wait for the device's stream before they start and which it waits for after them.
+/// experts' products of a grouped product and the blocks of a triangular product run on side
+/// streams ([`cuda::spread`]), which wait for the device's stream before they start and
+/// which it waits for after them.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)] // allocations the kernels fill, and the launches themselves
 mod cuda {
@@ -4092,8 +4073,8 @@ mod cuda {
     /// A cuBLAS handle, bound to the stream its products run on.
     pub(super) type Blas = candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 
-    /// A side stream of a device with its own cuBLAS handle, on which some of the experts'
-    /// products of a grouped product run ([`on_lanes`]).
+    /// A side stream of a device with its own cuBLAS handle, on which some of the products
+    /// of a grouped or triangular product run ([`spread`]).
     pub(super) struct Lane {
         stream: Arc<CudaStream>,
         blas: Blas,
@@ -4131,12 +4112,30 @@ mod cuda {
         Ok(lanes[..n].to_vec())
     }
 
+    /// Runs `run(i, blas)` for each `i` in `0..count`: side by side on up to
+    /// [`super::expert_streams`] lanes (item `i` on lane `i % lanes`, see [`on_lanes`]), or
+    /// one after another on the device's stream when that is one stream or one item.
+    pub(super) fn spread(
+        dev: &CudaDevice,
+        count: usize,
+        run: impl Fn(usize, &Blas) -> Result<()>,
+    ) -> Result<()> {
+        let streams = super::expert_streams().min(count);
+        if streams <= 1 {
+            let blas = dev.cublas_handle();
+            return (0..count).try_for_each(|i| run(i, &blas));
+        }
+        on_lanes(dev, streams, |lanes| {
+            (0..count).try_for_each(|i| run(i, lanes[i % lanes.len()].blas()))
+        })
+    }
+
     /// Runs `work` on `n` lanes of `dev` (`n` at least 2): the lanes first wait for
     /// everything enqueued on the device's stream so far (the operands, the output's
     /// allocation), and the device's stream waits for all of them before anything enqueued
     /// after this call, the frees of the operands included, runs. The wait is enqueued even
     /// when `work` fails part-way.
-    pub(super) fn on_lanes(
+    fn on_lanes(
         dev: &CudaDevice,
         n: usize,
         work: impl FnOnce(&[Arc<Lane>]) -> Result<()>,
@@ -4289,7 +4288,7 @@ mod cuda {
             address(b, b0 + g.b_off)?,
             address(c, g.c_off)?,
         );
-        gemm_at(blas, a.dtype(), compute, addrs, &g.gemm(), false, None)
+        gemm_at(blas, a.dtype(), compute, addrs, &g.gemm(), None)
     }
 
     /// The compute type of a product of `dt` that does not split, as candle's own: f32
@@ -4330,20 +4329,19 @@ mod cuda {
             compute_type(a.dtype()),
             addrs,
             g,
-            false,
             Some(lay),
         )
     }
 
-    /// `c = op(a) @ op(b)` (`c += ...` when `accumulate`) through cuBLAS on the stream of
-    /// `blas`, on raw addresses of `dt` elements.
+    /// `c = op(a) @ op(b)` through cuBLAS on the stream of `blas`, on raw addresses of `dt`
+    /// elements, in `lay` where the matrices sit inside larger ones (else dense, one after
+    /// another).
     fn gemm_at(
         blas: &Blas,
         dt: DType,
         compute: candle_core::cuda_backend::cudarc::cublas::sys::cublasComputeType_t,
         (pa, pb, pc): (u64, u64, u64),
         g: &Gemm,
-        accumulate: bool,
         lay: Option<GemmLayout>,
     ) -> Result<()> {
         use candle_core::cuda_backend::cudarc::cublas::{result::gemm_strided_batched_ex, sys};
@@ -4358,13 +4356,14 @@ mod cuda {
         };
         let (one, zero) = (1f64, 0f64);
         let (one32, zero32) = (1f32, 0f32);
-        let beta64 = if accumulate { &one } else { &zero };
-        let beta32 = if accumulate { &one32 } else { &zero32 };
         let (alpha, beta): (*const std::ffi::c_void, *const std::ffi::c_void) = if dt == DType::F64
         {
-            ((&one as *const f64).cast(), (beta64 as *const f64).cast())
+            ((&one as *const f64).cast(), (&zero as *const f64).cast())
         } else {
-            ((&one32 as *const f32).cast(), (beta32 as *const f32).cast())
+            (
+                (&one32 as *const f32).cast(),
+                (&zero32 as *const f32).cast(),
+            )
         };
         // Row-major `c[m, n] = op(a) @ op(b)` is column-major `c^T[n, m] = op(b)^T @ op(a)^T`:
         // cuBLAS gets `b` first. A row-major operand stored as `[rows, cols]` is a
@@ -4489,7 +4488,6 @@ mod cuda {
             C::CUBLAS_COMPUTE_32F_FAST_TF32,
             addrs,
             &g3,
-            false,
             None,
         )
     }

@@ -5,7 +5,8 @@
 // Each kernel exists because the same work as plain candle ops takes several passes over
 // memory and one launch per pass (and, in candle's backward, a zero tensor and an add per
 // input of every op): the attention softmax (scale, causal mask, softmax and their backward),
-// RMSNorm, RoPE, SwiGLU's gate, and the flat AdamW update with its gradient norm.
+// RMSNorm, RoPE, SwiGLU's gate, the MoE router's balance loss, and the flat AdamW update
+// with its gradient norm.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
