@@ -39,6 +39,7 @@ pub mod placement;
 pub mod round;
 pub mod safetensors_header;
 pub mod store;
+pub mod succession;
 pub mod transfer;
 pub mod verify;
 pub mod wire;
