@@ -15,6 +15,14 @@
 //! When two friends disagree or one crashes, the round fails at its deadline, the silent
 //! peer is dropped as a straggler, and the next round (with the survivor alone) can commit.
 //!
+//! # Naming every contribution
+//! Reaching quorum decides the round's root, but the commit waits a little longer for the
+//! participants still present that have not reported yet (at most `commit_grace_ms`, never
+//! past the round's deadline; a participant that leaves is not waited for), so that the
+//! checkpoint's provenance names every replica whose update went into the agreed state, not
+//! only the first quorum to report. In the usual case every replica reports within
+//! milliseconds of the others and the commit follows the last report at once.
+//!
 //! Round numbers strictly increase with every round opened, failed rounds included, so a
 //! late report of an earlier attempt can never count for a later one. Commits therefore
 //! may skip round numbers; each commit's parent is the previous commit.
@@ -46,6 +54,14 @@ pub struct RunConfig {
     pub num_shards: u32,
     /// Reports claiming more tokens than this are refused.
     pub max_tokens_per_report: u64,
+    /// How long a root that reached quorum waits for the reports of the participants still
+    /// present before it is committed without them (see the module docs).
+    #[serde(default = "default_commit_grace_ms")]
+    pub commit_grace_ms: u64,
+}
+
+fn default_commit_grace_ms() -> u64 {
+    2_000
 }
 
 impl Default for RunConfig {
@@ -57,6 +73,7 @@ impl Default for RunConfig {
             round_duration_ms: 10 * 60 * 1000,
             num_shards: 4096,
             max_tokens_per_report: 1 << 40,
+            commit_grace_ms: default_commit_grace_ms(),
         }
     }
 }
@@ -224,6 +241,9 @@ struct OpenRound {
     /// Participants that are still members and have not reported; kept up to date so
     /// that a report costs O(log n), not O(n).
     outstanding: usize,
+    /// The root that reached quorum and when it is committed at the latest (the others'
+    /// reports are awaited until then).
+    settle: Option<(Hash32, u64)>,
 }
 
 impl OpenRound {
@@ -268,6 +288,9 @@ pub struct RunSnapshot {
 struct OpenRoundSnapshot {
     plan: RoundPlan,
     reports: Vec<Report>,
+    /// When a root that reached quorum is committed at the latest.
+    #[serde(default)]
+    settle_at: Option<u64>,
 }
 
 /// Why a snapshot cannot be resumed.
@@ -350,6 +373,7 @@ impl RunMachine {
                     reports: BTreeMap::new(),
                     tally: Vec::new(),
                     outstanding: 0,
+                    settle: None,
                 };
                 for r in o.reports {
                     if r.round != round.plan.round || !round.participants.contains(&r.peer) {
@@ -366,10 +390,13 @@ impl RunMachine {
                     .iter()
                     .filter(|p| members.contains(*p) && !round.reports.contains_key(*p))
                     .count();
-                if let Some((_, c)) = round.best()
+                if let Some((root, c)) = round.best()
                     && c as usize >= quorum(round.participants.len())
                 {
-                    return Err(RestoreError::Inconsistent("open round already has quorum"));
+                    let Some(at) = o.settle_at else {
+                        return Err(RestoreError::Inconsistent("open round already has quorum"));
+                    };
+                    round.settle = Some((root, at));
                 }
                 Some(round)
             }
@@ -395,6 +422,7 @@ impl RunMachine {
             open: self.open.as_ref().map(|o| OpenRoundSnapshot {
                 plan: o.plan.clone(),
                 reports: o.reports.values().cloned().collect(),
+                settle_at: o.settle.map(|(_, at)| at),
             }),
             pending_actions: self.actions.iter().cloned().collect(),
         }
@@ -462,6 +490,7 @@ impl RunMachine {
         {
             open.outstanding = open.outstanding.saturating_sub(1);
         }
+        self.check_settled(now_ms);
         self.check_hopeless();
         self.maybe_open(now_ms);
     }
@@ -473,7 +502,8 @@ impl RunMachine {
         now_ms: u64,
     ) -> Result<ReportOutcome, ReportRejected> {
         self.check_deadline(now_ms);
-        let out = self.count_report(report);
+        let out = self.count_report(report, now_ms);
+        self.check_settled(now_ms);
         self.maybe_open(now_ms);
         out
     }
@@ -486,7 +516,10 @@ impl RunMachine {
 
     /// When the daemon must call [`RunMachine::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.open.as_ref().map(|o| o.plan.deadline_ms)
+        self.open.as_ref().map(|o| match o.settle {
+            Some((_, at)) => at.min(o.plan.deadline_ms),
+            None => o.plan.deadline_ms,
+        })
     }
 
     /// The oldest pending decision, without taking it.
@@ -499,7 +532,11 @@ impl RunMachine {
         self.actions.pop_front()
     }
 
-    fn count_report(&mut self, report: Report) -> Result<ReportOutcome, ReportRejected> {
+    fn count_report(
+        &mut self,
+        report: Report,
+        now_ms: u64,
+    ) -> Result<ReportOutcome, ReportRejected> {
         if report.tokens > self.config.max_tokens_per_report {
             return Err(ReportRejected::TooManyTokens {
                 tokens: report.tokens,
@@ -540,12 +577,29 @@ impl RunMachine {
         let votes = open.count(root);
         open.reports.insert(report.peer.clone(), report);
         open.outstanding = open.outstanding.saturating_sub(1);
-        if votes as usize >= quorum(open.participants.len()) {
-            self.commit(root);
+        if open.settle.is_none() && votes as usize >= quorum(open.participants.len()) {
+            // The root is decided; the reports still outstanding are awaited a little.
+            let at = now_ms
+                .saturating_add(self.config.commit_grace_ms)
+                .min(open.plan.deadline_ms);
+            open.settle = Some((root, at));
         } else {
             self.check_hopeless();
         }
         Ok(ReportOutcome::Counted)
+    }
+
+    /// Commits the root that reached quorum once every participant still present reported,
+    /// or once its grace is over.
+    fn check_settled(&mut self, now_ms: u64) {
+        let Some(open) = self.open.as_ref() else {
+            return;
+        };
+        if let Some((root, at)) = open.settle
+            && (open.outstanding == 0 || now_ms >= at)
+        {
+            self.commit(root);
+        }
     }
 
     fn commit(&mut self, root: Hash32) {
@@ -587,6 +641,9 @@ impl RunMachine {
         let Some(open) = self.open.as_ref() else {
             return;
         };
+        if open.settle.is_some() {
+            return;
+        }
         let q = quorum(open.participants.len());
         let outstanding = open.outstanding;
         let best = open.best().map(|(_, c)| c as usize).unwrap_or(0);
@@ -604,6 +661,8 @@ impl RunMachine {
     }
 
     fn check_deadline(&mut self, now_ms: u64) {
+        // A root that reached quorum is committed, never failed at the deadline.
+        self.check_settled(now_ms);
         let Some(open) = self.open.as_ref() else {
             return;
         };
@@ -654,6 +713,7 @@ impl RunMachine {
             plan,
             reports: BTreeMap::new(),
             tally: Vec::new(),
+            settle: None,
         });
     }
 }
@@ -910,6 +970,96 @@ mod tests {
         )));
     }
 
+    fn committed(acts: &[Action]) -> Option<CommitRecord> {
+        acts.iter().find_map(|a| match a {
+            Action::Committed(c) => Some(c.clone()),
+            _ => None,
+        })
+    }
+
+    fn five_in_round_1() -> (RunMachine, RoundPlan) {
+        let mut c = cfg(5);
+        c.round_duration_ms = 60_000;
+        c.commit_grace_ms = 2_000;
+        let mut m = RunMachine::new(c, root(0)).unwrap();
+        for i in 0..5 {
+            m.handle_join(pid(i), 0);
+        }
+        let plan = m.open_round().unwrap().clone();
+        drain(&mut m);
+        (m, plan)
+    }
+
+    /// Issue 17, finding 4: the ledger named only the first quorum of five agreeing replicas.
+    #[test]
+    fn a_commit_names_every_agreeing_replica_not_only_the_first_quorum() {
+        let (mut m, plan) = five_in_round_1();
+        for i in 0..5 {
+            m.handle_report(report(pid(i), plan.round, 1), 100 + i as u64)
+                .unwrap();
+            if i < 4 {
+                assert!(committed(&drain(&mut m)).is_none(), "waits for the fifth");
+            }
+        }
+        let c = committed(&drain(&mut m)).expect("committed at the last report");
+        assert_eq!(c.agreeing.len(), 5);
+    }
+
+    #[test]
+    fn a_decided_root_waits_for_present_replicas_only_and_only_for_its_grace() {
+        let (mut m, plan) = five_in_round_1();
+        for i in 0..3 {
+            m.handle_report(report(pid(i), plan.round, 1), 1_000)
+                .unwrap();
+        }
+        assert_eq!(
+            m.poll_timeout(),
+            Some(3_000),
+            "the grace, not the round deadline"
+        );
+        // One of the two silent replicas leaves: it is not waited for.
+        m.handle_leave(&pid(4), 1_500);
+        assert!(committed(&drain(&mut m)).is_none());
+        m.handle_report(report(pid(3), plan.round, 1), 1_600)
+            .unwrap();
+        let c = committed(&drain(&mut m)).expect("every present participant reported");
+        assert_eq!(c.agreeing.len(), 4);
+
+        // A slow replica is waited for until the grace is over, then left out.
+        let (mut m, plan) = five_in_round_1();
+        for i in 0..4 {
+            m.handle_report(report(pid(i), plan.round, 1), 1_000)
+                .unwrap();
+        }
+        m.handle_timeout(2_999);
+        assert!(committed(&drain(&mut m)).is_none());
+        m.handle_timeout(3_000);
+        let c = committed(&drain(&mut m)).expect("committed when the grace is over");
+        assert_eq!(c.agreeing.len(), 4);
+        assert!(m.open_round().is_some(), "the next round opened");
+    }
+
+    #[test]
+    fn a_decided_root_survives_a_restart() {
+        let (mut m, plan) = five_in_round_1();
+        for i in 0..3 {
+            m.handle_report(report(pid(i), plan.round, 1), 1_000)
+                .unwrap();
+        }
+        let json = serde_json::to_vec(&m.snapshot()).unwrap();
+        let mut m = RunMachine::resume(serde_json::from_slice(&json).unwrap()).unwrap();
+        m.handle_report(report(pid(3), plan.round, 2), 1_100)
+            .unwrap();
+        m.handle_timeout(3_000);
+        let acts = drain(&mut m);
+        let c = committed(&acts).expect("committed after the restart");
+        assert_eq!((c.root, c.agreeing.len()), (root(1), 3));
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::Resync { peer, .. } if *peer == pid(3)))
+        );
+    }
+
     #[test]
     fn ten_thousand_peers_one_round() {
         let n = 10_000;
@@ -938,8 +1088,8 @@ mod tests {
         assert_eq!(c.root, root(1));
         assert_eq!(
             c.agreeing.len(),
-            quorum(n),
-            "commits as soon as quorum is reached"
+            n - n / 10,
+            "every agreeing report is named once all have reported"
         );
     }
 
