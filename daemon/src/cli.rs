@@ -243,6 +243,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 follow: true,
                 successors,
                 no_replica: true,
+                fresh: false,
             })
             .await
         }

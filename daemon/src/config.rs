@@ -57,6 +57,9 @@ pub struct Config {
     /// Committed checkpoints of a run kept on disk, the newest first; the last commit's is
     /// never pruned.
     pub keep_checkpoints: usize,
+    /// The least time a replica looks for its run's coordinator after losing it (the
+    /// window is three round deadlines, and at least three times this).
+    pub failover_min: Duration,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             max_connections_per_peer: 4,
             target_peers: 16,
             keep_checkpoints: 3,
+            failover_min: Duration::from_secs(40),
         }
     }
 }
@@ -156,6 +160,7 @@ pub const KEYS: &[&str] = &[
     "max_connections_per_peer",
     "target_peers",
     "keep_checkpoints",
+    "failover_min_secs",
 ];
 
 /// The TOML file is small by nature; refuse anything absurd before reading it.
@@ -235,6 +240,9 @@ impl Config {
             "target_peers" => self.target_peers = as_int(&value, 0, 10_000).map_err(bad)? as u32,
             "keep_checkpoints" => {
                 self.keep_checkpoints = as_int(&value, 1, 1_000_000).map_err(bad)? as usize
+            }
+            "failover_min_secs" => {
+                self.failover_min = Duration::from_secs(as_int(&value, 1, 3600).map_err(bad)?)
             }
             _ => {
                 return Err(ConfigError::Unknown {

@@ -78,14 +78,17 @@ impl Node {
             Some(addr) => Some((addr, control::load_or_create_token(&dir)?)),
             None => None,
         };
-        let keep_checkpoints = config.keep_checkpoints;
+        let settings = crate::train::TrainSettings {
+            keep_checkpoints: config.keep_checkpoints,
+            failover_min: config.failover_min,
+        };
         let (client, event_loop) = net::build(config, key.clone())?;
         let train = TrainService::start(
             key,
             client.stream_control(),
             DeviceSpec::Cpu,
             dir.clone(),
-            keep_checkpoints,
+            settings,
         )?;
         let runs = dir.join(crate::train::checkpoint::RUNS_DIR);
         crate::ckpt_transfer::serve_checkpoints(client.stream_control(), runs, Default::default())?;

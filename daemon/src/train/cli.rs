@@ -210,6 +210,10 @@ pub enum RunCommand {
         /// Coordinate only: this daemon trains no replica (a public swarm's coordinator).
         #[arg(long)]
         no_replica: bool,
+        /// Start a new run with the file's settings (a random `instance`, so a new run id),
+        /// for a manifest whose run already finished or ran elsewhere.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Show the run the local daemon started or joined last: round, loss, peers, bytes.
     Status {
@@ -302,6 +306,7 @@ pub async fn run(cmd: RunCommand) -> anyhow::Result<()> {
             follow,
             successors,
             no_replica,
+            fresh,
         } => {
             let bytes =
                 crate::fsutil::read_limited(&file, super::manifest::MAX_MANIFEST_BYTES as u64)
@@ -312,8 +317,14 @@ pub async fn run(cmd: RunCommand) -> anyhow::Result<()> {
                             super::manifest::MAX_MANIFEST_BYTES
                         )
                     })?;
-            let manifest_toml = String::from_utf8(bytes)
+            let mut manifest_toml = String::from_utf8(bytes)
                 .with_context(|| format!("{} is not UTF-8 text", file.display()))?;
+            if fresh {
+                let (toml, instance) = super::manifest::fresh_instance(&manifest_toml)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                eprintln!("a new run of these settings: instance = \"{instance}\"");
+                manifest_toml = toml;
+            }
             let mut c = connect(&q).await?;
             let r = c
                 .start_run(v1::StartRunRequest {

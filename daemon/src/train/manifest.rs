@@ -146,7 +146,13 @@ pub struct RunManifest {
     pub overlap: Option<bool>,
     /// `diloco` (the default) or `data-parallel`.
     pub mode: Option<RunMode>,
+    /// Any text that tells this run apart from another of the same settings (a new run id);
+    /// `potluck run start --fresh` sets a random one.
+    pub instance: Option<String>,
 }
+
+/// The longest `instance` text.
+pub const MAX_INSTANCE_CHARS: usize = 128;
 
 /// How the replicas of a run train together.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +197,10 @@ pub struct ResolvedRun {
     pub overlap: bool,
     #[serde(default, skip_serializing_if = "RunMode::is_diloco")]
     pub mode: RunMode,
+    /// Tells this run apart from another of the same settings. Left out of the canonical
+    /// encoding when unset, so that older run ids do not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -360,6 +370,14 @@ impl RunManifest {
                 "applies to a path source; the built-in corpus is bytes".into(),
             ));
         }
+        if let Some(i) = &self.instance
+            && (i.is_empty() || i.chars().count() > MAX_INSTANCE_CHARS)
+        {
+            return Err(invalid(
+                "instance",
+                format!("must be 1 to {MAX_INSTANCE_CHARS} characters"),
+            ));
+        }
         Ok(ResolvedRun {
             name: self.name.clone(),
             model,
@@ -373,6 +391,7 @@ impl RunManifest {
             min_peers,
             overlap: self.overlap.unwrap_or(DEFAULT_OVERLAP),
             mode,
+            instance: self.instance.clone(),
         })
     }
 }
@@ -550,6 +569,19 @@ pub fn dataset_hash(data: &Dataset) -> String {
         h.update(&t.to_le_bytes());
     }
     h.finalize().to_hex().to_string()
+}
+
+/// The manifest `toml` with a new random `instance`: the same settings as a new run.
+pub fn fresh_instance(toml: &str) -> Result<(String, String), ManifestError> {
+    if toml.len() > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge(toml.len()));
+    }
+    let mut table: toml::Table = toml
+        .parse()
+        .map_err(|e: toml::de::Error| ManifestError::Parse(e.to_string()))?;
+    let instance = hex::encode(rand::random::<[u8; 8]>());
+    table.insert("instance".into(), toml::Value::String(instance.clone()));
+    Ok((table.to_string(), instance))
 }
 
 #[cfg(test)]
@@ -737,5 +769,30 @@ pub(crate) mod tests {
         let mut bytes = a.canonical_bytes();
         bytes[10] ^= 1;
         assert!(ResolvedRun::from_canonical(&bytes, &a.id()).is_err());
+    }
+
+    #[test]
+    fn a_fresh_instance_is_a_new_run_of_the_same_settings() {
+        let base = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let (toml, instance) = fresh_instance(DEMO_MANIFEST).unwrap();
+        let fresh = RunManifest::parse(&toml).unwrap().resolve().unwrap();
+        assert_eq!(fresh.instance.as_deref(), Some(instance.as_str()));
+        assert_ne!(fresh.id(), base.id());
+        let (again, _) = fresh_instance(DEMO_MANIFEST).unwrap();
+        let again = RunManifest::parse(&again).unwrap().resolve().unwrap();
+        assert_ne!(again.id(), fresh.id(), "each --fresh is a new run");
+        assert_eq!(
+            RunManifest::parse(&toml).unwrap().resolve().unwrap().id(),
+            fresh.id(),
+            "the same text resolves to the same run (a restart resumes it)"
+        );
+        let mut m = RunManifest::parse(DEMO_MANIFEST).unwrap();
+        m.instance = Some("x".repeat(MAX_INSTANCE_CHARS + 1));
+        assert!(m.resolve().is_err());
+        m.instance = Some(String::new());
+        assert!(m.resolve().is_err());
     }
 }

@@ -13,4 +13,4 @@ pub mod session;
 pub mod wire;
 
 pub use manifest::{DEMO_MANIFEST, ResolvedRun, RunManifest};
-pub use session::{RunEvent, RunStatus, RunSummary, TrainError, TrainService};
+pub use session::{RunEvent, RunStatus, RunSummary, TrainError, TrainService, TrainSettings};

@@ -30,6 +30,11 @@ const JOIN_RETRY_FOR: Duration = Duration::from_secs(60);
 /// How long `start` waits for a run that fails at once (a busy training service), so that
 /// the caller sees the error instead of a run id.
 const EARLY_FAILURE_WAIT: Duration = Duration::from_millis(300);
+/// How long `run join` waits for the first attempt's answer (a refusal, or the welcome)
+/// before it returns and the attempts go on in the background.
+const FIRST_JOIN_WAIT: Duration = Duration::from_secs(20);
+/// What a joining run does until a coordinator welcomes it.
+const REACHING: &str = "reaching the coordinator";
 
 /// Why the registry refused to start or join a run.
 #[derive(Debug, thiserror::Error)]
@@ -313,6 +318,12 @@ impl Runs {
         };
         guard.armed = false;
         let run_id = run.id();
+        // A finished run, or one this daemon was a replica of, is refused before anything
+        // of it is written.
+        if let Err(e) = self.train.check_startable(&run) {
+            self.update(epoch, |r| r.outcome = Outcome::Failed(e.to_string()));
+            return Err(e.into());
+        }
         self.update(epoch, |r| {
             r.run_id = run_id;
             r.outcome = Outcome::Running("starting".into());
@@ -350,10 +361,25 @@ impl Runs {
     }
 
     async fn fail_fast(&self, epoch: u64) -> Result<(), RunsError> {
-        let until = Instant::now() + EARLY_FAILURE_WAIT;
+        self.fail_fast_until(epoch, EARLY_FAILURE_WAIT, || false)
+            .await
+    }
+
+    /// Returns the launch's failure if it fails within `wait`, or Ok once `settled` says the
+    /// launch got past its first step, or at the end of `wait`.
+    async fn fail_fast_until(
+        &self,
+        epoch: u64,
+        wait: Duration,
+        settled: impl Fn() -> bool,
+    ) -> Result<(), RunsError> {
+        let until = Instant::now() + wait;
         while Instant::now() < until {
             if let Some(e) = self.early_failure(epoch) {
                 return Err(RunsError::Train(TrainError::Other(e)));
+            }
+            if settled() {
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -376,7 +402,7 @@ impl Runs {
             coordinator,
             out: out.clone(),
             started: Instant::now(),
-            outcome: Outcome::Running("reaching the coordinator".into()),
+            outcome: Outcome::Running(REACHING.into()),
             epoch,
         })?;
         tracing::info!(run = %hex::encode(run_id), %coordinator, "joining a run");
@@ -404,9 +430,8 @@ impl Runs {
                     ) if Instant::now() < give_up => {
                         tracing::debug!(error = %e, attempt, "joining failed; retrying");
                         this.update(epoch, |r| {
-                            r.outcome = Outcome::Running(format!(
-                                "reaching the coordinator (attempt {attempt}: {e})"
-                            ))
+                            r.outcome =
+                                Outcome::Running(format!("{REACHING} (attempt {attempt}: {e})"))
                         });
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -419,7 +444,18 @@ impl Runs {
             this.forget(&res);
             this.finish(epoch, res);
         });
-        self.fail_fast(epoch).await
+        // The first attempt's answer says whether this peer may take part at all (a private
+        // swarm that has not admitted it refuses at once): wait for it, or for the welcome.
+        let welcomed = hex::encode(run_id);
+        let first_try = format!("{REACHING} (attempt 1");
+        self.fail_fast_until(epoch, FIRST_JOIN_WAIT, || {
+            self.train.status().run_id == welcomed
+                || self.lock().current.as_ref().is_some_and(|r| {
+                    r.epoch == epoch
+                        && matches!(&r.outcome, Outcome::Running(s) if s.starts_with(&first_try))
+                })
+        })
+        .await
     }
 
     fn active_file(&self) -> PathBuf {
@@ -562,6 +598,13 @@ impl Runs {
         };
         if same_run {
             v.round = live.round;
+            // After a failover the session knows better than the record who coordinates.
+            if !live.role.is_empty() {
+                v.role = live.role.clone();
+            }
+            if !live.coordinator.is_empty() {
+                v.coordinator = live.coordinator.clone();
+            }
             if live.rounds > 0 {
                 v.rounds = live.rounds;
             }

@@ -34,10 +34,11 @@ use potluck_coordinator::failover::SignedRunManifest;
 use potluck_coordinator::manifest::{CheckpointContent, SignedManifest};
 use potluck_coordinator::round::{Action, Report, RunConfig, RunMachine};
 use potluck_coordinator::store::Ledger;
+use potluck_coordinator::succession::{Step, Succession};
 use potluck_coordinator::{Hash32, PeerId as CPeerId};
 use potluck_proto::v1::{
-    FrameHeader, FrameKind, RoundCommit, RoundOpen, RunFinished, RunJoin, RunRefused, RunWelcome,
-    TrainControl, TrainReport, train_control::Msg,
+    FrameHeader, FrameKind, MemberLeft, RoundCommit, RoundOpen, RunFinished, RunJoin, RunRefused,
+    RunWelcome, TrainControl, TrainReport, train_control::Msg,
 };
 use potluck_worker::compress::{self, Codec, ErrorFeedback};
 use potluck_worker::{DeviceSpec, OuterOptimizer, Replica};
@@ -52,6 +53,9 @@ use super::wire::{MAX_CONTROL_BYTES, read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
 
 mod data_parallel;
+mod departures;
+
+use departures::{Departures, UNTIL_WELCOMED};
 
 /// The control protocol of a run.
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/train-ctl/1");
@@ -106,6 +110,8 @@ const MAX_LEDGER_BYTES: usize = 64 << 20;
 const LEDGER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Held-out batches evaluated after each round.
 const EVAL_BATCHES: usize = 4;
+/// The pause between two passes over the succession while looking for a coordinator.
+const FAILOVER_RETRY: Duration = Duration::from_millis(500);
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -120,8 +126,26 @@ pub enum TrainError {
     Unreachable(PeerId, String),
     #[error("the coordinator refused to admit this peer: {0}")]
     Refused(String),
+    #[error(
+        "{0} does not let this daemon take part in its runs: it runs a private swarm that has \
+         not admitted this peer (ask its owner for an invite and use `potluck join` with the \
+         whole invite line, or `potluck swarm join INVITE` first), or it is not a potluck \
+         daemon"
+    )]
+    NotAdmitted(PeerId),
     #[error("the coordinator went away before the run finished")]
     CoordinatorGone,
+    #[error(
+        "run {run} already finished (its last commit is round {round}); to train again with \
+         the same settings, start a new run: `potluck run start --fresh FILE`"
+    )]
+    RunFinished { run: String, round: u64 },
+    #[error(
+        "this daemon took part in run {0} as a replica, so it cannot start it as a new \
+         coordinator; to train again with the same settings, start a new run: `potluck run \
+         start --fresh FILE`"
+    )]
+    ReplicaOfRun(String),
     #[error("a run is already active on this daemon; wait for it to finish")]
     Busy,
     #[error("the daemon is shutting down")]
@@ -195,6 +219,9 @@ pub struct RunStatus {
     pub run_id: String,
     pub name: String,
     pub role: String,
+    /// The peer id of the run's coordinator as this daemon knows it now (itself after a
+    /// takeover).
+    pub coordinator: String,
     pub state: String,
     pub round: u64,
     pub rounds: u64,
@@ -412,6 +439,9 @@ struct Inner {
     cancel: tokio_util::sync::CancellationToken,
     inbox_tx: mpsc::Sender<Inbound>,
     inbox_rx: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
+    /// Members known to be gone, and a counter bumped at each new departure.
+    departures: Mutex<Departures>,
+    departed: tokio::sync::watch::Sender<u64>,
     coord_tx: Mutex<Option<mpsc::Sender<CoordEvent>>>,
     events: broadcast::Sender<RunEvent>,
     limits: Limits,
@@ -428,6 +458,8 @@ struct Inner {
     abort_at: Option<CrashPoint>,
     /// Committed checkpoints of a run kept on disk (the daemon's `keep_checkpoints`).
     keep_checkpoints: usize,
+    /// The least time a replica looks for its coordinator after losing it.
+    failover_min: Duration,
 }
 
 /// A persistence point of the coordinator where a test can make the daemon's training stop
@@ -479,6 +511,25 @@ impl CrashPoint {
     }
 }
 
+/// How a daemon takes part in runs (from its config).
+#[derive(Debug, Clone)]
+pub struct TrainSettings {
+    /// Committed checkpoints of a run kept on disk, the newest first.
+    pub keep_checkpoints: usize,
+    /// The least time a replica looks for its coordinator after losing it (the window is
+    /// three round deadlines, and at least three times this).
+    pub failover_min: Duration,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        TrainSettings {
+            keep_checkpoints: 3,
+            failover_min: Duration::from_secs(40),
+        }
+    }
+}
+
 /// A replica's view of its run, kept for failover.
 #[derive(Clone, Debug)]
 struct RunContext {
@@ -511,7 +562,7 @@ impl TrainService {
         mut control: libp2p_stream::Control,
         device: DeviceSpec,
         data_dir: PathBuf,
-        keep_checkpoints: usize,
+        settings: TrainSettings,
     ) -> Result<Self, TrainError> {
         let mut tensors = control
             .accept(TENSOR_PROTOCOL)
@@ -535,6 +586,8 @@ impl TrainService {
                 cancel: tokio_util::sync::CancellationToken::new(),
                 inbox_tx,
                 inbox_rx: tokio::sync::Mutex::new(inbox_rx),
+                departures: Mutex::new(Departures::default()),
+                departed: tokio::sync::watch::Sender::new(0),
                 coord_tx: Mutex::new(None),
                 events,
                 limits: Limits::default(),
@@ -543,7 +596,8 @@ impl TrainService {
                 context: Mutex::new(None),
                 crash_at: Mutex::new(None),
                 abort_at: CrashPoint::from_env(),
-                keep_checkpoints: keep_checkpoints.max(1),
+                keep_checkpoints: settings.keep_checkpoints.max(1),
+                failover_min: settings.failover_min,
             }),
         };
         let s = svc.clone();
@@ -739,6 +793,30 @@ impl TrainService {
         if let Ok(mut s) = self.inner.status.lock() {
             f(&mut s);
         }
+    }
+
+    /// Records that `peer` is gone for `round` ([`UNTIL_WELCOMED`]: a lost coordinator) and
+    /// wakes an exchange in progress.
+    fn note_departure(&self, peer: PeerId, round: u64) {
+        let news = self
+            .inner
+            .departures
+            .lock()
+            .map(|mut d| d.note(peer, round))
+            .unwrap_or(false);
+        if news {
+            tracing::info!(%peer, round, "a member of the run is gone; not waiting for it");
+            self.inner.departed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The members of an exchange known to be gone, by index.
+    fn gone_in(&self, plan: &ExchangePlan<'_>) -> BTreeSet<usize> {
+        self.inner
+            .departures
+            .lock()
+            .map(|d| d.gone_in(plan.round, plan.members, plan.me))
+            .unwrap_or_default()
     }
 
     async fn serve_tensor_stream(&self, peer: PeerId, mut stream: libp2p::Stream) {
@@ -991,14 +1069,25 @@ impl TrainService {
         loop {
             let mut control = self.inner.control.clone();
             let left = give_up.saturating_duration_since(Instant::now());
+            // A peer of a private swarm that has not admitted us refuses every gated protocol
+            // (the gate's dummy handler); a newly admitted one does too until it reconnects,
+            // so this is only final once every attempt was refused.
+            let mut unsupported = false;
             let err = match tokio::time::timeout(left, control.open_stream(peer, protocol.clone()))
                 .await
             {
                 Ok(Ok(stream)) => return Ok(stream),
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => {
+                    unsupported =
+                        matches!(e, libp2p_stream::OpenStreamError::UnsupportedProtocol(_));
+                    e.to_string()
+                }
                 Err(_) => "timed out".to_string(),
             };
             attempt += 1;
+            if unsupported && (attempt >= OPEN_ATTEMPTS || Instant::now() >= give_up) {
+                return Err(TrainError::NotAdmitted(peer));
+            }
             if attempt >= OPEN_ATTEMPTS || Instant::now() >= give_up {
                 return Err(TrainError::Other(format!(
                     "opening a stream to {peer} failed after {attempt} attempts: {err}"
@@ -1161,6 +1250,31 @@ impl TrainService {
 
     /// Pins the run's data and opens its ledger for this daemon, which has claimed the
     /// coordinator's place; gives the place back when that fails.
+    /// Whether this daemon can coordinate `run` (new, or its own run to continue): not a run
+    /// that already ended here, nor one it took part in as a replica. Checked before
+    /// anything of the run is written.
+    pub fn check_startable(&self, run: &ResolvedRun) -> Result<(), TrainError> {
+        let run_id = run.id();
+        if let Some((_, finished)) = ended_run(&self.inner.data_dir, &run_id)? {
+            return Err(TrainError::RunFinished {
+                run: hex::encode(run_id),
+                round: finished.rounds,
+            });
+        }
+        let run_dir = checkpoint::run_dir(&self.inner.data_dir, &run_id);
+        let copied = !Ledger::read_entries(&checkpoint::ledger_dir(&run_dir))
+            .unwrap_or_default()
+            .is_empty();
+        if copied
+            && !run_dir
+                .join(potluck_coordinator::manifest::RUN_FILE)
+                .exists()
+        {
+            return Err(TrainError::ReplicaOfRun(hex::encode(run_id)));
+        }
+        Ok(())
+    }
+
     async fn prepare_run(
         &self,
         run: ResolvedRun,
@@ -1178,6 +1292,7 @@ impl TrainService {
             } else {
                 run.pin_data()?
             };
+            svc.check_startable(&run)?;
             // What peers without the run's data fetch from this daemon, checked against the
             // pinned root before the run's ledger exists: a source changed since the run was
             // pinned leaves nothing behind.
@@ -1222,6 +1337,7 @@ impl TrainService {
             s.name = run.name.clone();
             s.rounds = run.rounds;
             s.role = "coordinator (no replica)".into();
+            s.coordinator = self.inner.local.to_base58();
             s.state = "waiting for replicas".into();
         });
         let mut events = self.subscribe();
@@ -1528,11 +1644,12 @@ impl TrainService {
             .filter(|c| c.run.id() == *run_id)
     }
 
-    /// After the coordinator `lost` went away: tries the signed succession in order until
-    /// one coordinates the run again, for up to three round deadlines (two minutes at
-    /// least: a restarting daemon may take that long). A candidate that
-    /// cannot be reached is passed over; when this daemon is the first reachable one, it
-    /// takes the run over.
+    /// After the coordinator `lost` went away: walks the signed succession
+    /// ([`Succession`]) until one coordinates the run again. Each loss gets its own window of
+    /// three round deadlines (`failover_min` at least: a restarting daemon may take that
+    /// long), a rejoin included: a replica that found its coordinator again and loses it
+    /// later searches afresh. A candidate that cannot be reached is passed over; when this
+    /// daemon is the first reachable one, it takes the run over.
     async fn find_coordinator(
         &self,
         ctx: RunContext,
@@ -1540,63 +1657,76 @@ impl TrainService {
         out: Option<PathBuf>,
     ) -> Result<RunSummary, TrainError> {
         let run_id = ctx.run.id();
-        let order: Vec<PeerId> = ctx
-            .signed_run
-            .body()
-            .coordinator_keys
-            .iter()
-            .filter_map(peer_of_key)
-            .collect();
-        let give_up = Instant::now() + Duration::from_secs(ctx.run.round_deadline_secs.max(40) * 3);
-        let mut gone: BTreeSet<PeerId> = BTreeSet::new();
+        let order: Vec<[u8; 32]> = ctx.signed_run.body().coordinator_keys.clone();
+        let window =
+            Duration::from_secs(ctx.run.round_deadline_secs).max(self.inner.failover_min) * 3;
+        let mut search = Succession::new(
+            order,
+            ed25519_key(&self.inner.local),
+            window.as_millis() as u64,
+            FAILOVER_RETRY.as_millis() as u64,
+        );
+        let start = Instant::now();
+        let now_ms = || start.elapsed().as_millis() as u64;
+        search.handle_lost(now_ms());
         let mut last = TrainError::CoordinatorGone;
         tracing::warn!(coordinator = %lost, "lost the run's coordinator; looking for it again");
-        while Instant::now() < give_up {
+        loop {
             if self.inner.cancel.is_cancelled() {
                 return Err(TrainError::ShuttingDown);
             }
-            let candidates: Vec<PeerId> = order
-                .iter()
-                .filter(|p| !gone.contains(*p))
-                .copied()
-                .collect();
-            for cand in &candidates {
-                if *cand == self.inner.local {
+            let cand = match search.poll(now_ms()) {
+                Step::Following => {
+                    // Only a welcome leaves the search, and a welcome ends in a return.
+                    return Err(last);
+                }
+                Step::GiveUp => return Err(last),
+                Step::Wait(at) => {
+                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
+                    }
+                }
+                Step::TakeOver(gone) => {
+                    let gone: BTreeSet<PeerId> = gone.iter().filter_map(peer_of_key).collect();
                     let ctx = self.context(&run_id).unwrap_or_else(|| ctx.clone());
                     return self.take_over_run(ctx, &gone, out).await;
                 }
-                if let Ok(mut g) = self.inner.context.lock()
-                    && let Some(c) = g.as_mut()
-                {
-                    c.welcomed = false;
+                Step::Dial(key) => key,
+            };
+            let Some(peer) = peer_of_key(&cand) else {
+                search.handle_unreachable(cand);
+                continue;
+            };
+            if let Ok(mut g) = self.inner.context.lock()
+                && let Some(c) = g.as_mut()
+            {
+                c.welcomed = false;
+            }
+            match self.join_once(peer, run_id, out.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(TrainError::Unreachable(p, why)) => {
+                    tracing::info!(peer = %p, why, "candidate coordinator unreachable");
+                    search.handle_unreachable(cand);
+                    last = TrainError::Unreachable(p, why);
                 }
-                match self.join_once(*cand, run_id, out.clone()).await {
-                    Ok(s) => return Ok(s),
-                    Err(TrainError::Unreachable(p, why)) => {
-                        tracing::info!(peer = %p, why, "candidate coordinator unreachable");
-                        gone.insert(p);
-                        last = TrainError::Unreachable(p, why);
+                Err(e @ (TrainError::ShuttingDown | TrainError::Worker(_))) => return Err(e),
+                Err(e) => {
+                    if self.context(&run_id).is_some_and(|c| c.welcomed) {
+                        // It took us back and went away later: a new loss.
+                        tracing::warn!(coordinator = %peer, error = %e, "lost the run's coordinator again; looking for it again");
+                        search.handle_welcomed(cand);
+                        search.handle_lost_after_welcome(cand, now_ms());
+                    } else {
+                        // Reached but not coordinating (yet).
+                        tracing::info!(candidate = %peer, error = %e, "candidate coordinator did not take us back");
+                        search.handle_not_coordinating(cand, now_ms());
                     }
-                    Err(e @ (TrainError::ShuttingDown | TrainError::Worker(_))) => return Err(e),
-                    Err(e) => {
-                        // Reached but not coordinating (yet), or it died after welcoming us.
-                        tracing::info!(candidate = %cand, error = %e, "candidate coordinator did not take us back");
-                        let welcomed = self.context(&run_id).is_some_and(|c| c.welcomed);
-                        if welcomed {
-                            gone.insert(*cand);
-                        }
-                        last = e;
-                        break;
-                    }
+                    last = e;
                 }
             }
-            if order.iter().all(|p| gone.contains(p)) {
-                // Everyone failed once: the coordinator may be restarting; try them all again.
-                gone.clear();
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        Err(last)
     }
 
     async fn join_once(
@@ -1608,7 +1738,10 @@ impl TrainService {
         let stream = self
             .open(coordinator, CONTROL_PROTOCOL)
             .await
-            .map_err(|e| TrainError::Unreachable(coordinator, e.to_string()))?;
+            .map_err(|e| match e {
+                e @ TrainError::NotAdmitted(_) => e,
+                e => TrainError::Unreachable(coordinator, e.to_string()),
+            })?;
         let (mut rd, mut wr) = stream.split();
         let (up_tx, mut up_rx) = mpsc::channel::<Msg>(64);
         let (down_tx, down_rx) = mpsc::channel::<TrainControl>(64);
@@ -1632,14 +1765,29 @@ impl TrainService {
             // deadlines on what it waits for.
             // Ends with the daemon too, so the stream (and its connection) is released.
             let cancel = svc.inner.cancel.clone();
-            while let Some(Ok(Some((msg, n)))) =
-                cancel.run_until_cancelled(read_control(&mut rd)).await
-            {
+            loop {
+                let Some(read) = cancel.run_until_cancelled(read_control(&mut rd)).await else {
+                    return;
+                };
+                let Ok(Some((msg, n))) = read else { break };
                 svc.inner.traffic.add(coordinator, 0, n);
+                // A departure is for the exchange in progress, which does not read this
+                // channel until the round ends: it goes to the register at once.
+                if let Some(Msg::Left(left)) = &msg.msg {
+                    if left.run_id.as_slice() == run_id.as_slice()
+                        && let Ok(peer) = PeerId::from_bytes(&left.peer)
+                    {
+                        svc.note_departure(peer, left.round);
+                    }
+                    continue;
+                }
                 if down_tx.send(msg).await.is_err() {
-                    break;
+                    return;
                 }
             }
+            // The control stream ended: the coordinator is gone (a member of the round too,
+            // when it trains).
+            svc.note_departure(coordinator, UNTIL_WELCOMED);
         });
         let join = RunJoin {
             run_id: run_id.to_vec(),
@@ -1692,6 +1840,9 @@ impl TrainService {
             return Err(TrainError::Other(
                 "the coordinator's signed run manifest is not the run it admitted us to".into(),
             ));
+        }
+        if let Ok(mut d) = self.inner.departures.lock() {
+            d.welcomed();
         }
         if let Ok(mut g) = self.inner.context.lock() {
             let highest = g.as_ref().map(|c| c.highest_round).unwrap_or(0);
@@ -1783,6 +1934,13 @@ impl TrainService {
             s.name = run.name.clone();
             s.rounds = run.rounds;
             s.state = "waiting for the first round".into();
+            s.role = if coordinating {
+                "coordinator"
+            } else {
+                "replica"
+            }
+            .into();
+            s.coordinator = coordinator.to_base58();
         });
         // Frames that arrived for a round we have not reached yet.
         let mut early: Vec<Inbound> = Vec::new();
@@ -2801,6 +2959,32 @@ impl TrainService {
                      i: usize| {
             c.get(&i).map_or(0, |c| c.len()) + a.get(&i).map_or(0, |a| a.len())
         };
+        // Members known to be gone (by index): nobody waits for what they have not sent yet,
+        // and their slices go to their backups at once.
+        let mut departed = self.inner.departed.subscribe();
+        let mut gone = self.gone_in(plan);
+        // How many contributions to slice `i` can still come: every member's, less those of
+        // the gone members (and of `also`, a silent reducer) that have not spoken.
+        let expected = |c: &BTreeMap<usize, BTreeMap<PeerId, (u64, Vec<f32>)>>,
+                        a: &BTreeMap<usize, BTreeSet<PeerId>>,
+                        gone: &BTreeSet<usize>,
+                        i: usize,
+                        also: Option<usize>| {
+            let spoke = |j: usize| {
+                c.get(&i).is_some_and(|c| c.contains_key(&members[j]))
+                    || a.get(&i).is_some_and(|a| a.contains(&members[j]))
+            };
+            let silent = gone
+                .iter()
+                .copied()
+                .chain(also.filter(|j| !gone.contains(j)))
+                .filter(|j| !spoke(*j))
+                .count();
+            plan.contributors.saturating_sub(silent)
+        };
+        // Slices handed to their backups: at `reassign_at` when still missing, at once when
+        // their reducer is gone.
+        let mut handed: BTreeSet<usize> = BTreeSet::new();
         let mut rejected: Vec<String> = Vec::new();
         // Reduced slices as decoded and as received (forwarded unchanged by a backup).
         let mut reduced: BTreeMap<usize, (Vec<f32>, Arc<[u8]>)> = BTreeMap::new();
@@ -2808,39 +2992,46 @@ impl TrainService {
         let mut reduced_sent: BTreeSet<usize> = BTreeSet::new();
         // Slices taken over from a silent reducer: when this backup reduces them.
         let mut backing: BTreeMap<usize, Instant> = BTreeMap::new();
-        let mut reassigned = false;
         let member_set: BTreeSet<PeerId> = members.iter().copied().collect();
         let mut pending_frames: Vec<Inbound> = std::mem::take(early);
         loop {
             let now = Instant::now();
-            let own_complete = heard(&contributions, &abstained, me) >= plan.contributors;
+            let own_complete = heard(&contributions, &abstained, me)
+                >= expected(&contributions, &abstained, &gone, me, None);
             if !reduced_sent.contains(&me) && (own_complete || now >= plan.reduce_by) {
                 reduced_sent.insert(me);
                 self.crash_point(CrashPoint::ReducerBeforeSending(plan.round))?;
                 let got = contributions.remove(&me).unwrap_or_default();
                 self.send_reduced(plan, me, &got, &mut rejected, None);
             }
-            // Take over the slices of reducers we have not heard from.
-            if !reassigned && n > 1 && now >= plan.reassign_at && reduced.len() < n {
-                reassigned = true;
-                for i in (0..n).filter(|i| !reduced.contains_key(i) && *i != me) {
-                    let backup = backup_of(i);
-                    if backup == me {
-                        tracing::info!(
-                            round = plan.round,
-                            slice = i,
-                            "reducing a silent reducer's slice"
-                        );
-                        backing.insert(
-                            i,
-                            plan.reassign_at + (plan.finish_by - plan.reassign_at) / 2,
-                        );
-                    }
-                    if members[backup] != members[i] {
-                        self.send_contribution(plan, mine, i, members[backup]);
-                    }
+            // Take over the slices of reducers we have not heard from, or know to be gone.
+            let silent: Vec<usize> = (0..n)
+                .filter(|i| {
+                    n > 1
+                        && *i != me
+                        && !reduced.contains_key(i)
+                        && !handed.contains(i)
+                        && (now >= plan.reassign_at || gone.contains(i))
+                })
+                .collect();
+            for i in silent {
+                handed.insert(i);
+                let backup = backup_of(i);
+                if backup == me && !backing.contains_key(&i) {
+                    tracing::info!(
+                        round = plan.round,
+                        slice = i,
+                        "reducing a silent reducer's slice"
+                    );
+                    backing.insert(
+                        i,
+                        plan.reassign_at.max(now) + (plan.finish_by - plan.reassign_at) / 2,
+                    );
+                    self.set_status(|s| s.reassigned_slices += 1);
                 }
-                self.set_status(|s| s.reassigned_slices += backing.len() as u64);
+                if members[backup] != members[i] && !gone.contains(&backup) {
+                    self.send_contribution(plan, mine, i, members[backup]);
+                }
             }
             // A backup reduces once every live member sent, or at its deadline.
             let due: Vec<usize> = backing
@@ -2849,7 +3040,7 @@ impl TrainService {
                     !reduced_sent.contains(i)
                         && (now >= **at
                             || heard(&contributions, &abstained, **i)
-                                >= plan.contributors.saturating_sub(1))
+                                >= expected(&contributions, &abstained, &gone, **i, Some(**i)))
                 })
                 .map(|(i, _)| *i)
                 .collect();
@@ -2864,7 +3055,11 @@ impl TrainService {
                     }
                 }
             }
-            if reduced_sent.contains(&me) && reduced.len() == n {
+            // Done when every slice is here, or can no longer come: its reducer and its
+            // backup are both gone.
+            let lost =
+                |i: usize| gone.contains(&i) && (gone.contains(&backup_of(i)) || backup_of(i) == i);
+            if reduced_sent.contains(&me) && (0..n).all(|i| reduced.contains_key(&i) || lost(i)) {
                 break;
             }
             let next = if let Some(f) = pending_frames.pop() {
@@ -2873,7 +3068,7 @@ impl TrainService {
                 let wait_until = [
                     Some(plan.finish_by),
                     (!reduced_sent.contains(&me)).then_some(plan.reduce_by),
-                    (!reassigned).then_some(plan.reassign_at),
+                    (Instant::now() < plan.reassign_at).then_some(plan.reassign_at),
                     backing
                         .iter()
                         .filter(|(i, _)| !reduced_sent.contains(i))
@@ -2896,6 +3091,10 @@ impl TrainService {
                         Ok(None) => return Err(TrainError::Other("inbox closed".into())),
                         Err(_) => None,
                     },
+                    Ok(()) = departed.changed() => {
+                        gone = self.gone_in(plan);
+                        None
+                    }
                     _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
                 }
             };
@@ -3774,7 +3973,24 @@ async fn run_coordinator(
                 }
                 links.remove(&peer);
                 tracing::info!(%peer, "replica left the run");
-                machine.handle_leave(&CPeerId(peer.to_bytes()), unix_ms());
+                // The open round's other members stop waiting for it at once.
+                let cpeer = CPeerId(peer.to_bytes());
+                if let Some(plan) = machine.open_round()
+                    && plan.assignment.iter().any(|(p, _)| *p == cpeer)
+                {
+                    let left = MemberLeft {
+                        run_id: run_id.to_vec(),
+                        round: plan.round,
+                        peer: peer.to_bytes(),
+                    };
+                    svc.note_departure(peer, plan.round);
+                    for p in plan.assignment.iter().filter_map(|(p, _)| to_libp2p(p)) {
+                        if p != svc.inner.local && p != peer {
+                            send_ctl(&links, &p, Msg::Left(left.clone()));
+                        }
+                    }
+                }
+                machine.handle_leave(&cpeer, unix_ms());
             }
             CoordEvent::Msg { peer, msg } => match msg {
                 Msg::Join(j) if j.run_id.as_slice() == run_id.as_slice() => {
@@ -3937,6 +4153,9 @@ fn run_config(run: &ResolvedRun) -> RunConfig {
         round_duration_ms: run.round_deadline_secs * 1000,
         num_shards: u32::try_from(run.data.shards).unwrap_or(u32::MAX),
         max_tokens_per_report: 1 << 40,
+        // A twentieth of the round, between half a second and ten seconds: the honest
+        // replicas' reports come within moments of each other.
+        commit_grace_ms: (run.round_deadline_secs * 50).clamp(500, 10_000),
     }
 }
 
