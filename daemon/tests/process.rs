@@ -544,7 +544,13 @@ fn the_successor_process_takes_over_a_run_whose_coordinator_was_killed_for_good(
     a.wait().unwrap();
     let killed_after = at_kill["committed_round"].as_u64().unwrap();
     assert!(killed_after < 8, "the run ended before the kill: {at_kill}");
-    all_finish_on_one_root(&dirs[1..], &dirs, 8, "killed for good");
+    let ends = all_finish_on_one_root(&dirs[1..], &dirs, 8, "killed for good");
+    // Issue 17, finding 5: the successor's status says it coordinates now, and the other
+    // replica's names the successor as its coordinator.
+    assert_eq!(ends[0]["role"], "coordinator", "{}", ends[0]);
+    assert_eq!(ends[0]["coordinator"], successor.as_str(), "{}", ends[0]);
+    assert_eq!(ends[1]["role"], "replica", "{}", ends[1]);
+    assert_eq!(ends[1]["coordinator"], successor.as_str(), "{}", ends[1]);
     // The successor's ledger: one verified chain to the last round, signed by the dead
     // coordinator up to the kill and by the successor after it.
     let (ledger, rounds) = verified_chain(dirs[1].path(), "killed for good");

@@ -457,7 +457,56 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
         "{}",
         text(&out.stderr)
     );
+    // Issue 17, finding 7: that outsider's low-level join is refused at once and says why,
+    // instead of "joining" and failing a minute later on a protocol name.
+    let a_addr = common::addr(&a, "quic-v1").await;
+    let mut cli_c = control::connect_unix(&dc).await.unwrap();
+    let err = cli_c
+        .join_run(v1::JoinRunRequest {
+            coordinator_peer_id: a.client().local_peer_id().to_base58(),
+            run_id: started.run_id.clone(),
+            out_dir: String::new(),
+            coordinator_addrs: vec![a_addr.to_string()],
+        })
+        .await
+        .expect_err("an outsider of a private swarm cannot join its run");
+    assert!(err.message().contains("private swarm"), "{err}");
     cnode.shutdown().await;
+
+    // Issue 17, finding 6: the finished run's manifest again is refused with what to do, on
+    // its coordinator and on its replica, and the refusal leaves nothing behind.
+    let err = cli_a
+        .start_run(v1::StartRunRequest {
+            manifest_toml: manifest(2),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a finished run does not start again");
+    assert!(
+        err.message().contains("already finished") && err.message().contains("--fresh"),
+        "{err}"
+    );
+    let err = cli_b
+        .start_run(v1::StartRunRequest {
+            manifest_toml: manifest(2),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a replica does not start its run as a new coordinator");
+    assert!(
+        err.message().contains("as a replica") && err.message().contains("--fresh"),
+        "{err}"
+    );
+    let b_run_dir =
+        potluck_daemon::train::checkpoint::run_dir(&db, &RunInvite::parse(&line).unwrap().run_id);
+    assert!(
+        !b_run_dir
+            .join(potluck_coordinator::manifest::RUN_FILE)
+            .exists(),
+        "the refused start wrote nothing"
+    );
+    let out = potluck(args(&["checkpoints"], &db)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
 
     // A new run can start once the last one ended.
     let again = cli_a
@@ -515,6 +564,19 @@ async fn a_friend_joins_with_one_string_and_both_finish_the_run() {
         assert!(!out.status.success());
         assert!(text(&out.stderr).contains(expect), "{}", text(&out.stderr));
     }
+    // The same settings as a new run: `--fresh` gives the finished run's manifest a new id.
+    let file = dir.path().join("run.toml");
+    std::fs::write(&file, manifest(2)).unwrap();
+    let out = potluck(args(
+        &["run", "start", file.to_str().unwrap(), "--fresh"],
+        &da,
+    ))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let fresh_id = text(&out.stdout).trim().to_string();
+    assert_eq!(fresh_id.len(), 64, "{fresh_id}");
+    assert_ne!(fresh_id, started.run_id);
+    assert_ne!(fresh_id, again.run_id);
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -36,6 +36,11 @@ seq_len = 32
 "#;
 
 async fn start(n: usize, dir: &std::path::Path) -> Vec<Node> {
+    start_with(n, dir, |_| {}).await
+}
+
+/// [`start`] with the daemons' settings changed by `f`.
+async fn start_with(n: usize, dir: &std::path::Path, f: impl Fn(&mut Config)) -> Vec<Node> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POTLUCK_LOG")
@@ -46,7 +51,9 @@ async fn start(n: usize, dir: &std::path::Path) -> Vec<Node> {
     let mut nodes: Vec<Node> = Vec::new();
     let mut seed: Option<Multiaddr> = None;
     for i in 0..n {
-        let node = start_one(&dir.join(format!("p{i}")), seed.clone()).await;
+        let mut cfg = config_for(&dir.join(format!("p{i}")), seed.clone());
+        f(&mut cfg);
+        let node = Node::start(cfg).await.unwrap();
         if seed.is_none() {
             seed = Some(listen_addr(&node).await);
         }
@@ -55,16 +62,41 @@ async fn start(n: usize, dir: &std::path::Path) -> Vec<Node> {
     nodes
 }
 
-/// Starts one daemon with its data in `data_dir`, bootstrapping from `seed`.
-async fn start_one(data_dir: &std::path::Path, seed: Option<Multiaddr>) -> Node {
-    let cfg = Config {
+/// The settings of a test daemon with its data in `data_dir`, bootstrapping from `seed`.
+fn config_for(data_dir: &std::path::Path, seed: Option<Multiaddr>) -> Config {
+    Config {
         data_dir: data_dir.to_path_buf(),
         listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
         mdns: false,
         bootstrap: seed.into_iter().collect(),
         ..Config::default()
-    };
-    Node::start(cfg).await.unwrap()
+    }
+}
+
+/// Starts one daemon with its data in `data_dir`, bootstrapping from `seed`.
+async fn start_one(data_dir: &std::path::Path, seed: Option<Multiaddr>) -> Node {
+    Node::start(config_for(data_dir, seed)).await.unwrap()
+}
+
+/// Starts a daemon again with `cfg` (its data dir and address). In one process the old
+/// endpoint may hold the port a little longer than a dead process would.
+async fn restart(cfg: &Config) -> Node {
+    for _ in 0..100 {
+        match Node::start(cfg.clone()).await {
+            Ok(n) => return n,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("the daemon did not restart on its address");
+}
+
+/// A daemon's first listen address, without its peer id.
+async fn bare_addr(node: &Node) -> Multiaddr {
+    listen_addr(node)
+        .await
+        .into_iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect()
 }
 
 /// A daemon's first listen address, with its peer id.
@@ -800,12 +832,7 @@ async fn coordinator_dies_and_comes_back(point: Option<CrashPoint>) {
     let coordinator = nodes[0].client().local_peer_id();
     let replicas = join_all_but_the_first(&nodes, coordinator, run_id);
     let first = nodes.remove(0);
-    let first_addr: Multiaddr = {
-        let a = listen_addr(&first).await;
-        a.into_iter()
-            .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
-            .collect()
-    };
+    let first_addr = bare_addr(&first).await;
     let mut events = first.train().subscribe();
     first.train().crash_at(point);
     let svc = first.train();
@@ -865,17 +892,7 @@ async fn coordinator_dies_and_comes_back(point: Option<CrashPoint>) {
         keep_checkpoints: 1,
         ..Config::default()
     };
-    let mut again = None;
-    for _ in 0..100 {
-        match Node::start(cfg.clone()).await {
-            Ok(n) => {
-                again = Some(n);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let again = again.expect("the coordinator restarted on its address");
+    let again = restart(&cfg).await;
     assert_eq!(again.client().local_peer_id(), coordinator);
     let summary = tokio::time::timeout(
         Duration::from_secs(300),
@@ -912,6 +929,207 @@ async fn coordinator_dies_and_comes_back(point: Option<CrashPoint>) {
         );
     }
     again.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Issue 17, finding 1: a replica that lost its coordinator and found it again looks for it
+/// afresh when it loses it again, however long after the first loss: each loss has its own
+/// search window. (Before, the window of the first loss was kept, so a replica gave up at
+/// once when its coordinator went away a second time, long after the first.) Here the
+/// coordinator dies twice and comes back each time; the second death comes well after the
+/// first loss's window of three round deadlines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_found_its_coordinator_again_looks_for_it_afresh_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let failover_min = Duration::from_secs(1);
+    let mut nodes = start_with(3, dir.path(), |c| c.failover_min = failover_min).await;
+    let deadline = 4;
+    let window = Duration::from_secs(deadline).max(failover_min) * 3;
+    let run = run_with(|m| {
+        m.rounds = Some(100_000);
+        m.min_peers = Some(2);
+        m.round_deadline_secs = Some(deadline);
+    });
+    let run_id = run.id();
+    let first = nodes.remove(0);
+    let coordinator = first.client().local_peer_id();
+    let cfg = Config {
+        listen: vec![bare_addr(&first).await],
+        bootstrap: vec![listen_addr(&nodes[0]).await],
+        failover_min,
+        ..config_for(&dir.path().join("p0"), None)
+    };
+    // One life of the coordinator: it coordinates the run until it is shut down.
+    let live = |node: Node, run: potluck_daemon::train::ResolvedRun| {
+        let svc = node.train();
+        tokio::spawn(async move {
+            let _ = svc.coordinate(run, None).await;
+        });
+        node
+    };
+    let hex_id = hex::encode(run_id);
+    let first = live(first, run.clone());
+    for _ in 0..200 {
+        if first.train().status().run_id == hex_id {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The replicas join once: each must live through both losses on its own.
+    let replicas: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let svc = n.train();
+            tokio::spawn(async move { svc.join(coordinator, run_id, None).await })
+        })
+        .collect();
+    let until_commit =
+        |node: &Node, min_round: u64, after: Option<(std::time::Instant, Duration)>| {
+            let mut events = node.train().subscribe();
+            async move {
+                while let Ok(ev) = events.recv().await {
+                    if let RunEvent::Committed {
+                        round, agreeing, ..
+                    } = ev
+                        && round >= min_round
+                        && agreeing == 3
+                        && after.is_none_or(|(t, d)| t.elapsed() > d)
+                    {
+                        return;
+                    }
+                }
+                panic!("the run ended early");
+            }
+        };
+    tokio::time::timeout(Duration::from_secs(120), until_commit(&first, 2, None))
+        .await
+        .expect("round 2 committed by all three");
+    first.shutdown().await;
+    let first_loss = std::time::Instant::now();
+    // Back again: the replicas find it, and train on with it for longer than the window.
+    let second = live(restart(&cfg).await, run.clone());
+    tokio::time::timeout(
+        Duration::from_secs(180),
+        until_commit(
+            &second,
+            0,
+            Some((first_loss, window + Duration::from_secs(2))),
+        ),
+    )
+    .await
+    .expect("the replicas came back and trained past the first loss's window");
+    second.shutdown().await;
+    for r in &replicas {
+        assert!(!r.is_finished(), "a replica gave up on its run");
+    }
+    // Back once more: the replicas look for it afresh and find it.
+    let third = live(restart(&cfg).await, run.clone());
+    tokio::time::timeout(Duration::from_secs(120), until_commit(&third, 0, None))
+        .await
+        .expect("both replicas came back after the second loss");
+    for r in &replicas {
+        assert!(!r.is_finished(), "a replica gave up on its run");
+    }
+    third.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Issue 17, findings 3 and 4: a member that dies in a round is not waited for. The
+/// coordinator tells the round's other members at once, so they stop waiting for its
+/// contribution and its slice goes to its backup without waiting for the deadline phases
+/// (60% and 70% of the round); the round commits long before them. And every commit names
+/// every replica whose update went into it, not only the first quorum to report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_dies_mid_round_is_not_waited_for_and_commits_name_every_contributor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start(4, dir.path()).await;
+    let deadline = Duration::from_secs(120);
+    let run = run_with(|m| {
+        m.rounds = Some(5);
+        m.min_peers = Some(3);
+        m.round_deadline_secs = Some(deadline.as_secs());
+    });
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let replicas = join_all_but_the_first(&nodes, coordinator, run_id);
+    let victim = nodes.pop().unwrap();
+    let mut events = nodes[0].train().subscribe();
+    // Kills the victim when a round that counts on all four opens, after a commit; notes
+    // every commit (round, agreeing, participants) and how long after the kill the first
+    // one came.
+    let mut victim = Some(victim);
+    let watcher = tokio::spawn(async move {
+        let mut commits = Vec::new();
+        let mut killed: Option<(u64, std::time::Instant)> = None;
+        let mut took = None;
+        while let Ok(ev) = events.recv().await {
+            match ev {
+                RunEvent::Committed {
+                    round,
+                    agreeing,
+                    members,
+                    ..
+                } => {
+                    if let Some((k, at)) = killed
+                        && took.is_none()
+                    {
+                        took = Some((k, round, at.elapsed()));
+                    }
+                    commits.push((round, agreeing, members));
+                }
+                RunEvent::RoundOpened { round, members: 4 }
+                    if !commits.is_empty() && killed.is_none() =>
+                {
+                    killed = Some((round, std::time::Instant::now()));
+                    if let Some(v) = victim.take() {
+                        v.shutdown().await;
+                    }
+                }
+                RunEvent::Finished { .. } => break,
+                _ => {}
+            }
+        }
+        (took, commits)
+    });
+    let summary = tokio::time::timeout(
+        Duration::from_secs(600),
+        nodes[0].train().coordinate(run, None),
+    )
+    .await
+    .expect("run finished in time")
+    .expect("run succeeded");
+    let (took, commits) = watcher.await.unwrap();
+    let (killed_in, committed, took) =
+        took.expect("a round with all four opened, the victim died in it, and a round committed");
+    assert_eq!(
+        committed, killed_in,
+        "the round the member died in still committed"
+    );
+    assert!(
+        took < deadline / 2,
+        "the round with a dead member took {took:?}: its exchange waited for the deadline phases"
+    );
+    for (round, agreeing, members) in &commits {
+        let dead = usize::from(*round == killed_in);
+        assert_eq!(
+            *agreeing + dead,
+            *members,
+            "round {round}: the commit names every replica that took part: {commits:?}"
+        );
+    }
+    let ledger = verified_ledger(&dir.path().join("p0"), &run_id);
+    for (round, agreeing, _) in &commits {
+        let entry = ledger.iter().find(|m| m.body().round == *round).unwrap();
+        assert_eq!(entry.body().contributors.len(), *agreeing, "round {round}");
+    }
+    for r in replicas.into_iter().take(2) {
+        let s = r.await.unwrap().expect("a survivor finished");
+        assert_eq!(s.root, summary.root);
+    }
     for n in nodes {
         n.shutdown().await;
     }
