@@ -18,6 +18,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lab.sh
+. "$here/lab.sh"
 root=$(cd "$here/../.." && pwd)
 BIN=${POTLUCK_BIN:-$root/target/release/potluck}
 RATE=${RATE:-100mbit}
@@ -44,31 +46,15 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    for i in $(seq 1 $PEERS) hub; do ip netns del "$NS-$i" 2>/dev/null || true; done
+    lab_del_net $PEERS
     for i in $(seq 1 $PEERS); do rmdir "$CG/p$i" 2>/dev/null || true; done
     rmdir "$CG" 2>/dev/null || true
     [ -n "${KEEP:-}" ] && echo "work dir kept: $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
 
-# The network: a bridge in a hub namespace, one veth pair per peer, tbf on both ends so
-# that each peer's upload and download are each limited to RATE.
-ip netns add "$NS-hub"
-ip -n "$NS-hub" link set lo up
-ip -n "$NS-hub" link add br0 type bridge
-ip -n "$NS-hub" link set br0 up
-for i in $(seq 1 $PEERS); do
-    ip netns add "$NS-$i"
-    ip -n "$NS-$i" link set lo up
-    ip -n "$NS-$i" link add v$i type veth peer name b$i
-    ip -n "$NS-$i" link set b$i netns "$NS-hub"
-    ip -n "$NS-hub" link set b$i master br0
-    ip -n "$NS-hub" link set b$i up
-    ip -n "$NS-$i" addr add 10.78.0.$i/24 dev v$i
-    ip -n "$NS-$i" link set v$i up
-    tc -n "$NS-$i" qdisc add dev v$i root tbf rate "$RATE" burst 64kb latency 50ms
-    tc -n "$NS-hub" qdisc add dev b$i root tbf rate "$RATE" burst 64kb latency 50ms
-done
+# The network: every peer's upload and download are each limited to RATE (lab.sh).
+lab_net $PEERS "$RATE"
 
 # CPU: one cgroup per peer, capped at QUOTA_PCT% of a core, and one core per peer.
 cores=$(nproc)
@@ -93,19 +79,6 @@ start_daemon() { # peer data_dir log [bootstrap]
     pids+=($!)
 }
 
-cli() { # peer command...
-    local i=$1; shift
-    ip netns exec "$NS-$i" "$BIN" "$@"
-}
-
-wait_for() { # seconds command...
-    local until=$((SECONDS + $1)); shift
-    until "$@" >/dev/null 2>&1; do
-        [ $SECONDS -lt $until ] || return 1
-        sleep 0.5
-    done
-}
-
 for mode in $MODES; do
     case $mode in on) overlap=true ;; off) overlap=false ;; *) echo "mode $mode: on or off" >&2; exit 2 ;; esac
     d=$work/$mode
@@ -127,7 +100,7 @@ for mode in $MODES; do
     # The run ends when the coordinator's replica says so (or fails).
     while :; do
         st=$(cli 1 run status --json --data-dir "$d/p1" 2>/dev/null || echo '{}')
-        state=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("state",""))' "$st")
+        state=$(json_get "$st" state)
         case $state in finished|failed*) break ;; esac
         if [ $((SECONDS - started)) -gt 3600 ]; then echo "run did not finish in an hour" >&2; exit 1; fi
         sleep 2

@@ -1066,29 +1066,29 @@ impl TrainService {
     ) -> Result<libp2p::Stream, TrainError> {
         let give_up = Instant::now() + OPEN_TIMEOUT;
         let mut attempt = 0u32;
+        // A peer of a private swarm that has not admitted us refuses every gated protocol
+        // (the gate's dummy handler) and then closes the connection; a newly admitted one
+        // does so too until it reconnects. So a refusal is only final once every attempt
+        // failed.
+        let mut refused = false;
         loop {
             let mut control = self.inner.control.clone();
             let left = give_up.saturating_duration_since(Instant::now());
-            // A peer of a private swarm that has not admitted us refuses every gated protocol
-            // (the gate's dummy handler); a newly admitted one does too until it reconnects,
-            // so this is only final once every attempt was refused.
-            let mut unsupported = false;
             let err = match tokio::time::timeout(left, control.open_stream(peer, protocol.clone()))
                 .await
             {
                 Ok(Ok(stream)) => return Ok(stream),
                 Ok(Err(e)) => {
-                    unsupported =
-                        matches!(e, libp2p_stream::OpenStreamError::UnsupportedProtocol(_));
+                    refused |= matches!(e, libp2p_stream::OpenStreamError::UnsupportedProtocol(_));
                     e.to_string()
                 }
                 Err(_) => "timed out".to_string(),
             };
             attempt += 1;
-            if unsupported && (attempt >= OPEN_ATTEMPTS || Instant::now() >= give_up) {
-                return Err(TrainError::NotAdmitted(peer));
-            }
             if attempt >= OPEN_ATTEMPTS || Instant::now() >= give_up {
+                if refused {
+                    return Err(TrainError::NotAdmitted(peer));
+                }
                 return Err(TrainError::Other(format!(
                     "opening a stream to {peer} failed after {attempt} attempts: {err}"
                 )));
