@@ -355,6 +355,13 @@ async fn status(q: QueryArgs) -> anyhow::Result<()> {
             "uptime_secs": s.uptime_secs,
             "swarm": s.swarm,
             "capabilities": s.capabilities.as_ref().map(caps_json),
+            "inbound": s.inbound.as_ref().map(|i| serde_json::json!({
+                "pending_tcp": i.pending_tcp,
+                "pending_quic": i.pending_quic,
+                "pending_other": i.pending_other,
+                "established": i.established,
+                "denied": i.denied,
+            })),
         }));
     }
     println!("peer id:     {}", s.peer_id);
@@ -363,6 +370,17 @@ async fn status(q: QueryArgs) -> anyhow::Result<()> {
         "peers:       {} connected, {} known",
         s.connected_peers, s.known_peers
     );
+    if let Some(i) = &s.inbound {
+        println!(
+            "inbound:     {} established, {} handshaking (TCP {}, QUIC {}, other {}), {} denied by limits",
+            i.established,
+            i.pending_tcp + i.pending_quic + i.pending_other,
+            i.pending_tcp,
+            i.pending_quic,
+            i.pending_other,
+            i.denied
+        );
+    }
     println!("uptime:      {:?}", Duration::from_secs(s.uptime_secs));
     if let Some(c) = &s.capabilities {
         println!("this peer:   {}", caps_line(c));

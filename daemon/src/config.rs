@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 
+use crate::bootstrap::Backoff;
+use crate::limits::InboundCaps;
+
 /// How the daemon writes its logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -52,6 +55,10 @@ pub struct Config {
     pub membership_deadline: Duration,
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
+    /// Caps on incoming connections per transport and per remote address (see `limits`).
+    pub inbound: InboundCaps,
+    /// The longest wait between two dials of an unreachable bootstrap peer.
+    pub bootstrap_redial_max: Duration,
     /// Peers the daemon dials on its own when it learns of them (beyond those Kademlia finds).
     pub target_peers: u32,
     /// Committed checkpoints of a run kept on disk, the newest first; the last commit's is
@@ -84,6 +91,8 @@ impl Default for Config {
             membership_deadline: Duration::from_millis(1000),
             max_connections: 512,
             max_connections_per_peer: 4,
+            inbound: InboundCaps::default(),
+            bootstrap_redial_max: Backoff::default().max,
             target_peers: 16,
             keep_checkpoints: 3,
             failover_min: Duration::from_secs(40),
@@ -158,6 +167,10 @@ pub const KEYS: &[&str] = &[
     "membership_deadline_ms",
     "max_connections",
     "max_connections_per_peer",
+    "max_pending_incoming",
+    "max_pending_incoming_per_ip",
+    "max_established_incoming_per_ip",
+    "bootstrap_redial_max_secs",
     "target_peers",
     "keep_checkpoints",
     "failover_min_secs",
@@ -236,6 +249,20 @@ impl Config {
             }
             "max_connections_per_peer" => {
                 self.max_connections_per_peer = as_int(&value, 1, 64).map_err(bad)? as u32
+            }
+            "max_pending_incoming" => {
+                self.inbound.pending_per_transport = as_int(&value, 1, 100_000).map_err(bad)? as u32
+            }
+            "max_pending_incoming_per_ip" => {
+                self.inbound.pending_per_address = as_int(&value, 1, 100_000).map_err(bad)? as u32
+            }
+            "max_established_incoming_per_ip" => {
+                self.inbound.established_per_address =
+                    as_int(&value, 1, 100_000).map_err(bad)? as u32
+            }
+            "bootstrap_redial_max_secs" => {
+                let n = as_int(&value, 1, 3600).map_err(bad)?;
+                self.bootstrap_redial_max = Duration::from_secs(n);
             }
             "target_peers" => self.target_peers = as_int(&value, 0, 10_000).map_err(bad)? as u32,
             "keep_checkpoints" => {
@@ -405,6 +432,40 @@ mod tests {
     }
 
     #[test]
+    fn connection_caps_and_redial_pace_are_settings() {
+        let mut c = Config::default();
+        c.apply_env([
+            ("POTLUCK_MAX_PENDING_INCOMING".to_string(), "40".to_string()),
+            (
+                "POTLUCK_MAX_PENDING_INCOMING_PER_IP".to_string(),
+                "4".to_string(),
+            ),
+            (
+                "POTLUCK_MAX_ESTABLISHED_INCOMING_PER_IP".to_string(),
+                "9".to_string(),
+            ),
+            (
+                "POTLUCK_BOOTSTRAP_REDIAL_MAX_SECS".to_string(),
+                "120".to_string(),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.inbound,
+            InboundCaps {
+                pending_per_transport: 40,
+                pending_per_address: 4,
+                established_per_address: 9,
+            }
+        );
+        assert_eq!(c.bootstrap_redial_max, Duration::from_secs(120));
+        assert!(
+            c.set("bootstrap_redial_max_secs", RawValue::Int(0), &Source::Flag)
+                .is_err()
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let mut c = Config::default();
         let err = c
@@ -445,6 +506,13 @@ mod tests {
         std::fs::write(&file, "keep_checkpoints = 1\n").unwrap();
         c.apply_file(&file).unwrap();
         assert_eq!(c.keep_checkpoints, 1);
+        std::fs::write(&file, "max_pending_incoming_per_ip = 0\n").unwrap();
+        assert!(
+            c.apply_file(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("max_pending_incoming_per_ip")
+        );
         std::fs::write(&file, "no_such_key = 1\n").unwrap();
         assert!(
             c.apply_file(&file)

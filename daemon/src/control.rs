@@ -159,6 +159,13 @@ impl v1::control_server::Control for ControlService {
             uptime_secs: s.uptime.as_secs(),
             swarm: s.swarm.to_string(),
             capabilities: Some(s.capabilities),
+            inbound: Some(v1::InboundConnections {
+                pending_tcp: s.inbound.pending_tcp,
+                pending_quic: s.inbound.pending_quic,
+                pending_other: s.inbound.pending_other,
+                established: s.inbound.established_incoming,
+                denied: s.inbound.denied,
+            }),
         }))
     }
 

@@ -1,8 +1,9 @@
 //! potluck-daemon: the I/O shell of Potluck and the `potluck` binary. `node` starts a daemon
 //! (identity, network, control API); `net` is the libp2p event loop and its `Client` handle;
-//! `cli` is the command line; `config`, `identity`, `capability`, `membership`, `gate` and
-//! `wire` are the pieces they are built from.
+//! `cli` is the command line; `config`, `identity`, `capability`, `membership`, `gate`,
+//! `limits`, `bootstrap` and `wire` are the pieces they are built from.
 
+pub mod bootstrap;
 pub mod capability;
 pub mod ckpt_transfer;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod dataplane;
 pub mod fsutil;
 pub mod gate;
 pub mod identity;
+pub mod limits;
 pub mod membership;
 pub mod net;
 pub mod node;

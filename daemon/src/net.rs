@@ -23,9 +23,11 @@ use potluck_proto::{DecodeError, PROTOCOL_VERSION, decode_limited, v1};
 use prost::Message as _;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::bootstrap::{Backoff, BootstrapDialer};
 use crate::capability::{self, PeerRecord, RECORD_LIMIT};
 use crate::config::{Config, KadMode};
 use crate::gate::Gate;
+use crate::limits::{self, InboundCounts};
 use crate::membership::{self, Invite, MEMBERSHIP_LIMIT, MembershipError, SwarmState};
 use crate::wire::ProtoCodec;
 
@@ -70,9 +72,11 @@ pub struct Inner {
     stream: libp2p_stream::Behaviour,
 }
 
-/// The whole composed behaviour. Only `limits` and `membership` run outside the gate.
+/// The whole composed behaviour. Only the limits and `membership` run outside the gate.
+/// `inbound` comes first: it must see every incoming handshake, whoever denies it.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    inbound: limits::Behaviour,
     limits: connection_limits::Behaviour,
     membership:
         request_response::Behaviour<ProtoCodec<v1::MembershipRequest, v1::MembershipResponse>>,
@@ -165,6 +169,8 @@ pub struct NodeStatus {
     pub uptime: Duration,
     pub swarm: SwarmMode,
     pub capabilities: v1::Capabilities,
+    /// Incoming connections handshaking and established, and how many limits denied.
+    pub inbound: InboundCounts,
 }
 
 /// A created invite.
@@ -338,6 +344,7 @@ pub struct EventLoop {
     circuit_listeners: HashMap<libp2p::core::transport::ListenerId, (PeerId, Multiaddr)>,
     conn_info: HashMap<ConnectionId, (Multiaddr, Instant, bool)>,
     redials: HashMap<PeerId, (Instant, u32)>,
+    bootstrap: BootstrapDialer,
     version_refused: HashSet<PeerId>,
     bootstrapped: bool,
     last_publish: Option<Instant>,
@@ -448,10 +455,16 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
                 .kad
                 .add_address(&peer, addr.clone());
         }
-        if let Err(e) = swarm.dial(addr.clone()) {
-            tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
-        }
     }
+    // The event loop's first tick dials them all, then again until each one answers.
+    let bootstrap = BootstrapDialer::new(
+        &config.bootstrap,
+        Backoff {
+            max: config.bootstrap_redial_max,
+            ..Backoff::default()
+        },
+        Instant::now(),
+    );
 
     let control = swarm.behaviour().gate.inner().stream.new_control();
     let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
@@ -484,6 +497,7 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
         circuit_listeners: HashMap::new(),
         conn_info: HashMap::new(),
         redials: HashMap::new(),
+        bootstrap,
         version_refused: HashSet::new(),
         bootstrapped: false,
         last_publish: None,
@@ -553,7 +567,6 @@ fn make_behaviour(
         connection_limits::ConnectionLimits::default()
             .with_max_established(Some(config.max_connections))
             .with_max_established_per_peer(Some(config.max_connections_per_peer))
-            .with_max_pending_incoming(Some(64))
             .with_max_pending_outgoing(Some(64)),
     );
     let inner = Inner {
@@ -570,6 +583,7 @@ fn make_behaviour(
         stream: libp2p_stream::Behaviour::new(),
     };
     Ok(Behaviour {
+        inbound: limits::Behaviour::new(config.inbound),
         limits,
         membership,
         gate: Gate::new(inner, true, config.membership_deadline),
@@ -617,6 +631,7 @@ impl EventLoop {
     fn on_tick(&mut self) {
         let now = Instant::now();
         self.gate().expire(now);
+        self.dial_bootstrap(now);
         // Records of peers we no longer hear from are dropped after six publish intervals.
         let stale = self.config.capability_interval * 6;
         self.peers.retain(|_, e| {
@@ -627,6 +642,21 @@ impl EventLoop {
         // Only there to log each refusal once; a flood of fresh peer ids must not grow it.
         if self.version_refused.len() > MAX_PEER_TABLE {
             self.version_refused.clear();
+        }
+    }
+
+    /// Carries out the bootstrap dials that are due.
+    fn dial_bootstrap(&mut self, now: Instant) {
+        while let Some(d) = self.bootstrap.poll_dial(now) {
+            let opts = DialOpts::from(d.addr.clone());
+            let conn = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => self.bootstrap.dialing(d.index, conn),
+                Err(e) => {
+                    tracing::warn!(addr = %d.addr, error = %e, "cannot dial bootstrap peer");
+                    self.bootstrap.dial_refused(d.index, now, &mut rand::rng());
+                }
+            }
         }
     }
 
@@ -775,12 +805,23 @@ impl EventLoop {
                 connection_id,
                 endpoint,
                 ..
-            } => self.on_connected(peer_id, connection_id, endpoint),
+            } => {
+                self.bootstrap
+                    .connected(peer_id, connection_id, Instant::now());
+                self.on_connected(peer_id, connection_id, endpoint)
+            }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
+                num_established,
                 ..
             } => {
+                self.bootstrap.disconnected(
+                    peer_id,
+                    num_established,
+                    Instant::now(),
+                    &mut rand::rng(),
+                );
                 let info = self.conn_info.remove(&connection_id);
                 if let Some((_, opened, gated)) = info {
                     if !gated && let Some(e) = self.peers.get_mut(&peer_id) {
@@ -794,8 +835,18 @@ impl EventLoop {
                 }
                 tracing::debug!(peer = %peer_id, "connection closed");
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                connection_id,
+                error,
+            } => {
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                if let Some((addr, wait)) =
+                    self.bootstrap
+                        .dial_failed(connection_id, Instant::now(), &mut rand::rng())
+                {
+                    tracing::info!(%addr, %error, retry_in = ?wait, "bootstrap peer unreachable");
+                }
                 if let (Some(p), Some(join)) = (peer_id, self.pending_join.as_ref())
                     && join.invite.owner == p
                     && self.swarm.connected_peers().all(|c| *c != p)
@@ -813,6 +864,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Membership(ev)) => self.on_membership(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Gate(ev)) => self.on_inner(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
+            SwarmEvent::Behaviour(BehaviourEvent::Inbound(never)) => match never {},
             _ => {}
         }
     }
@@ -1338,6 +1390,7 @@ impl EventLoop {
                     uptime: self.started.elapsed(),
                     swarm: self.mode.clone(),
                     capabilities: self.local_caps.clone(),
+                    inbound: self.swarm.behaviour().inbound.counts(),
                 });
             }
             Command::Peers(reply) => {

@@ -44,6 +44,7 @@ async fn tcp_control_needs_the_token_and_data_dir_is_locked() {
         .into_inner();
     assert_eq!(s.peer_id, me);
     assert_eq!(s.swarm, "public");
+    assert_eq!(s.inbound.map(|i| i.denied), Some(0));
 
     let mut bad = control::connect_tcp(addr, "wrong".into()).await.unwrap();
     let err = bad.status(v1::StatusRequest {}).await.unwrap_err();
