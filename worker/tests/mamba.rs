@@ -469,7 +469,7 @@ fn bf16_compute_runs_the_scan_in_f32() {
     assert!(after.is_finite() && after < before, "{before} -> {after}");
 }
 
-/// The hybrid against the all-attention `tiny` at about equal parameters, same data, steps
+/// The hybrid against an all-attention model at about equal parameters, same data, steps
 /// and settings: both losses printed as JSON lines (docs/BENCHMARKS.md has the numbers).
 /// Ignored: minutes of CPU.
 #[test]
@@ -482,9 +482,12 @@ fn hybrid_and_attention_losses_side_by_side() {
         ("tiny_hybrid", ModelConfig::tiny_hybrid()),
         (
             "tiny_attention",
+            // The hybrid's layout with attention in every block; the dense blocks are wider
+            // (256 instead of 128) to make up the Mamba mixers' extra parameters.
             ModelConfig {
                 n_layers: 4,
                 moe_layers: vec![1, 3],
+                ffn_hidden: 256,
                 ..ModelConfig::tiny()
             },
         ),
