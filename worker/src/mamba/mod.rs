@@ -13,9 +13,12 @@
 //! backward pass recomputes the states from checkpoints kept every [`CHUNK`] steps, so its
 //! memory is `(L / CHUNK + CHUNK) * D * N` values per sequence instead of every state.
 //! Everything around the scan (the causal depthwise convolution, SiLU, softplus, the skip
-//! and the gate) is plain candle ops with candle's own backward passes.
+//! and the gate) is plain candle ops with candle's own backward passes. [`hf`] loads
+//! `transformers`' `MambaForCausalLM` checkpoints into a model of Mamba blocks.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+pub mod hf;
 
 /// Why a selective scan could not run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
