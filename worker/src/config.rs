@@ -47,6 +47,103 @@ pub struct ModelConfig {
     pub norm_eps: f32,
     /// Standard deviation of the initial weights.
     pub init_std: f32,
+    /// Each block's sequence mixer and feed-forward, for hybrid models (Jamba-like mixes of
+    /// attention and Mamba layers). Empty means the original layout: every block attention,
+    /// its feed-forward MoE where `moe_layers` says and dense elsewhere. Left out of the
+    /// serialised config when empty, so the run ids and checkpoints of existing models do
+    /// not change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerKind>,
+    /// Shape of the Mamba layers; required when `layers` names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mamba: Option<MambaConfig>,
+}
+
+/// The sequence mixer of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mixer {
+    /// Causal multi-head self-attention with RoPE.
+    Attention,
+    /// A Mamba (selective state-space) mixer: its cost grows linearly with the context.
+    Mamba,
+}
+
+/// The feed-forward of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeedForward {
+    /// A dense SwiGLU of width `ffn_hidden`.
+    Dense,
+    /// A mixture of SwiGLU experts.
+    Moe,
+    /// No feed-forward (and no second norm): the block is its mixer alone, as in
+    /// `MambaForCausalLM`.
+    None,
+}
+
+/// What one block is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerKind {
+    /// The sequence mixer.
+    pub mixer: Mixer,
+    /// The feed-forward after it.
+    pub ffn: FeedForward,
+}
+
+/// Shape of a Mamba mixer (the names of `transformers`' `MambaConfig` where they exist).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MambaConfig {
+    /// State size per channel (`N`).
+    pub d_state: usize,
+    /// Width of the causal depthwise convolution.
+    pub d_conv: usize,
+    /// Inner width as a multiple of `d_model` (`d_inner = expand * d_model`).
+    pub expand: usize,
+    /// Rank of the `dt` projection.
+    pub dt_rank: usize,
+    /// Range of the initial step sizes: `dt` starts log-uniform in `dt_min..dt_max`.
+    pub dt_min: f32,
+    /// See `dt_min`.
+    pub dt_max: f32,
+}
+
+impl MambaConfig {
+    /// The defaults of the Mamba paper for a model of width `d_model`: `N = 16`, a
+    /// convolution of 4, `expand = 2`, `dt_rank = ceil(d_model / 16)`.
+    pub fn for_width(d_model: usize) -> Self {
+        MambaConfig {
+            d_state: 16,
+            d_conv: 4,
+            expand: 2,
+            dt_rank: d_model.div_ceil(16),
+            dt_min: 0.001,
+            dt_max: 0.1,
+        }
+    }
+
+    /// Inner width of the mixer.
+    pub fn d_inner(&self, d_model: usize) -> usize {
+        self.expand * d_model
+    }
+
+    /// Parameters of one Mamba mixer with its pre-norm, or `None` on overflow.
+    pub fn num_params(&self, d_model: usize) -> Option<u64> {
+        let d = d_model as u64;
+        let di = (self.expand as u64).checked_mul(d)?;
+        let (n, k, r) = (self.d_state as u64, self.d_conv as u64, self.dt_rank as u64);
+        // norm, in_proj, conv (weight and bias), x_proj, dt_proj (weight and bias), A_log,
+        // D, out_proj
+        let per_channel = (2 * d)
+            .checked_add(k + 1)?
+            .checked_add(r + 2 * n)?
+            .checked_add(r + 1)?
+            .checked_add(n + 1)?
+            .checked_add(d)?;
+        di.checked_mul(per_channel)?.checked_add(d)
+    }
 }
 
 impl ModelConfig {
@@ -69,6 +166,8 @@ impl ModelConfig {
             rope_theta: 10_000.0,
             norm_eps: 1e-5,
             init_std: 0.02,
+            layers: Vec::new(),
+            mamba: None,
         }
     }
 
@@ -92,6 +191,8 @@ impl ModelConfig {
             rope_theta: 10_000.0,
             norm_eps: 1e-5,
             init_std: 0.02,
+            layers: Vec::new(),
+            mamba: None,
         }
     }
 
@@ -114,6 +215,8 @@ impl ModelConfig {
             rope_theta: 10_000.0,
             norm_eps: 1e-5,
             init_std: 0.02,
+            layers: Vec::new(),
+            mamba: None,
         }
     }
 
@@ -122,9 +225,53 @@ impl ModelConfig {
         self.d_model / self.n_heads.max(1)
     }
 
+    /// A small Jamba-like hybrid for CPU tests: four blocks, Mamba, attention, Mamba, Mamba,
+    /// whose feed-forwards alternate dense and MoE.
+    pub fn tiny_hybrid() -> Self {
+        let kind = |mixer, ffn| LayerKind { mixer, ffn };
+        ModelConfig {
+            n_layers: 4,
+            moe_layers: vec![1, 3],
+            layers: vec![
+                kind(Mixer::Mamba, FeedForward::Dense),
+                kind(Mixer::Attention, FeedForward::Moe),
+                kind(Mixer::Mamba, FeedForward::Dense),
+                kind(Mixer::Mamba, FeedForward::Moe),
+            ],
+            mamba: Some(MambaConfig::for_width(64)),
+            ..ModelConfig::tiny()
+        }
+    }
+
+    /// What block `layer` is made of: `layers[layer]`, or, for a config without `layers`,
+    /// attention with the feed-forward `moe_layers` says.
+    pub fn layer_kind(&self, layer: usize) -> LayerKind {
+        match self.layers.get(layer) {
+            Some(k) => *k,
+            None => LayerKind {
+                mixer: Mixer::Attention,
+                ffn: if self.moe_layers.contains(&layer) {
+                    FeedForward::Moe
+                } else {
+                    FeedForward::Dense
+                },
+            },
+        }
+    }
+
     /// Whether block `layer` uses the MoE feed-forward.
     pub fn is_moe(&self, layer: usize) -> bool {
-        self.moe_layers.contains(&layer)
+        self.layer_kind(layer).ffn == FeedForward::Moe
+    }
+
+    /// Whether any block is attention (the head settings matter only then).
+    pub fn has_attention(&self) -> bool {
+        (0..self.n_layers).any(|l| self.layer_kind(l).mixer == Mixer::Attention)
+    }
+
+    /// Whether any block is a Mamba mixer.
+    pub fn has_mamba(&self) -> bool {
+        self.layers.iter().any(|k| k.mixer == Mixer::Mamba)
     }
 
     /// Total parameter count, or `None` on overflow.
@@ -137,16 +284,26 @@ impl ModelConfig {
         }
         total = total.checked_add(d)?;
         for layer in 0..self.n_layers {
-            let attn = d.checked_mul(d)?.checked_mul(4)?.checked_add(2 * d)?;
-            let ffn = if self.is_moe(layer) {
-                let expert = d.checked_mul(self.expert_hidden as u64)?.checked_mul(3)?;
-                expert
-                    .checked_mul(self.n_experts as u64)?
-                    .checked_add(d.checked_mul(self.n_experts as u64)?)?
-            } else {
-                d.checked_mul(self.ffn_hidden as u64)?.checked_mul(3)?
+            let kind = self.layer_kind(layer);
+            let mixer = match kind.mixer {
+                Mixer::Attention => d.checked_mul(d)?.checked_mul(4)?.checked_add(d)?,
+                Mixer::Mamba => self.mamba.as_ref()?.num_params(self.d_model)?,
             };
-            total = total.checked_add(attn)?.checked_add(ffn)?;
+            let ffn = match kind.ffn {
+                FeedForward::Moe => {
+                    let expert = d.checked_mul(self.expert_hidden as u64)?.checked_mul(3)?;
+                    expert
+                        .checked_mul(self.n_experts as u64)?
+                        .checked_add(d.checked_mul(self.n_experts as u64)?)?
+                        .checked_add(d)?
+                }
+                FeedForward::Dense => d
+                    .checked_mul(self.ffn_hidden as u64)?
+                    .checked_mul(3)?
+                    .checked_add(d)?,
+                FeedForward::None => 0,
+            };
+            total = total.checked_add(mixer)?.checked_add(ffn)?;
         }
         Some(total)
     }
@@ -173,13 +330,17 @@ impl ModelConfig {
         if self.context > 1 << 20 || self.n_layers > 4096 || self.n_heads > 4096 {
             return bad("context, n_layers or n_heads is above its limit".into());
         }
-        if !self.d_model.is_multiple_of(self.n_heads) {
+        if let Err(m) = self.validate_layers() {
+            return bad(m);
+        }
+        let attention = self.has_attention();
+        if attention && !self.d_model.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "d_model {} is not a multiple of n_heads {}",
                 self.d_model, self.n_heads
             ));
         }
-        if !self.head_dim().is_multiple_of(2) {
+        if attention && !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim()
@@ -198,7 +359,8 @@ impl ModelConfig {
                 self.n_layers
             ));
         }
-        if !self.moe_layers.is_empty() {
+        let moe = (0..self.n_layers).any(|l| self.is_moe(l));
+        if moe {
             if self.n_experts == 0 || self.n_experts > 4096 {
                 return bad(format!("n_experts {} must be in 1..=4096", self.n_experts));
             }
@@ -215,7 +377,8 @@ impl ModelConfig {
                 return bad("capacity_factor must be finite and positive".into());
             }
         }
-        if self.moe_layers.len() < self.n_layers && self.ffn_hidden == 0 {
+        let dense = (0..self.n_layers).any(|l| self.layer_kind(l).ffn == FeedForward::Dense);
+        if dense && self.ffn_hidden == 0 {
             return bad("ffn_hidden must be positive when some layers are dense".into());
         }
         if !(self.aux_loss_coef.is_finite() && self.aux_loss_coef >= 0.0) {
@@ -235,6 +398,59 @@ impl ModelConfig {
             _ => bad(format!(
                 "model is above the limit of {MAX_PARAMS} parameters"
             )),
+        }
+    }
+
+    /// The per-block layout and the Mamba shape, checked before anything sized by them.
+    fn validate_layers(&self) -> Result<(), String> {
+        if self.layers.is_empty() {
+            return match self.mamba {
+                Some(_) => Err("`mamba` is set but no block is a Mamba layer".into()),
+                None => Ok(()),
+            };
+        }
+        if self.layers.len() != self.n_layers {
+            return Err(format!(
+                "layers lists {} blocks for n_layers {}",
+                self.layers.len(),
+                self.n_layers
+            ));
+        }
+        // `moe_layers` may be left empty; when given it must say what `layers` says, so
+        // that no reader of one of them sees another model.
+        let moe: Vec<usize> = (0..self.n_layers)
+            .filter(|&l| self.layers[l].ffn == FeedForward::Moe)
+            .collect();
+        if !self.moe_layers.is_empty() && self.moe_layers != moe {
+            return Err(format!(
+                "moe_layers {:?} disagrees with the MoE blocks of `layers` {moe:?}; leave it \
+                 empty or make them agree",
+                self.moe_layers
+            ));
+        }
+        match (&self.mamba, self.has_mamba()) {
+            (None, true) => Err("a Mamba layer needs the `mamba` settings".into()),
+            (Some(_), false) => Err("`mamba` is set but no block is a Mamba layer".into()),
+            (None, false) => Ok(()),
+            (Some(m), true) => {
+                let limits = [
+                    ("d_state", m.d_state, 1024),
+                    ("d_conv", m.d_conv, 64),
+                    ("expand", m.expand, 64),
+                    ("dt_rank", m.dt_rank, 1 << 16),
+                ];
+                for (name, value, max) in limits {
+                    if value == 0 || value > max {
+                        return Err(format!("mamba.{name} {value} must be in 1..={max}"));
+                    }
+                }
+                if !(m.dt_min.is_finite() && m.dt_min > 0.0 && m.dt_max.is_finite())
+                    || m.dt_max < m.dt_min
+                {
+                    return Err("mamba.dt_min and dt_max must be positive, dt_min <= dt_max".into());
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -30,7 +30,7 @@ use candle_core::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{LoraConfig, ModelConfig};
+use crate::config::{FeedForward, LoraConfig, MambaConfig, Mixer, ModelConfig};
 use crate::fused::RowBlocks;
 use crate::{WorkerError, checkpoint};
 
@@ -42,6 +42,18 @@ enum Init {
     Normal(f64),
     Ones,
     Zeros,
+    /// Uniform in `-bound..bound`.
+    Uniform(f64),
+    /// `log(1), ..., log(N)` repeated, for a flat `A_log` of `N` values a channel.
+    ALog {
+        d_state: usize,
+    },
+    /// `dt + log(1 - exp(-dt))` (the inverse of softplus) for `dt` log-uniform in
+    /// `min..max` (at least 1e-4).
+    DtBias {
+        min: f64,
+        max: f64,
+    },
 }
 
 /// One named parameter of the layout: name, shape and initialisation.
@@ -83,23 +95,35 @@ fn base_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         Init::Normal(std),
     )];
     for l in 0..cfg.n_layers {
-        specs.push(spec(
-            format!("layers.{l}.attn_norm.weight"),
-            vec![d],
-            Init::Ones,
-        ));
-        for p in ["wq", "wk", "wv"] {
-            specs.push(spec(
-                format!("layers.{l}.attn.{p}.weight"),
-                vec![d, d],
-                Init::Normal(std),
-            ));
+        let kind = cfg.layer_kind(l);
+        match (kind.mixer, &cfg.mamba) {
+            (Mixer::Mamba, Some(m)) => mamba_specs(&mut specs, l, d, m, std, out_std),
+            // `validate` refuses a Mamba layer without its settings; an attention layer it is
+            // not, so nothing is made for it rather than a wrong layer.
+            (Mixer::Mamba, None) => {}
+            (Mixer::Attention, _) => {
+                specs.push(spec(
+                    format!("layers.{l}.attn_norm.weight"),
+                    vec![d],
+                    Init::Ones,
+                ));
+                for p in ["wq", "wk", "wv"] {
+                    specs.push(spec(
+                        format!("layers.{l}.attn.{p}.weight"),
+                        vec![d, d],
+                        Init::Normal(std),
+                    ));
+                }
+                specs.push(spec(
+                    format!("layers.{l}.attn.wo.weight"),
+                    vec![d, d],
+                    Init::Normal(out_std),
+                ));
+            }
         }
-        specs.push(spec(
-            format!("layers.{l}.attn.wo.weight"),
-            vec![d, d],
-            Init::Normal(out_std),
-        ));
+        if kind.ffn == FeedForward::None {
+            continue;
+        }
         specs.push(spec(
             format!("layers.{l}.ffn_norm.weight"),
             vec![d],
@@ -131,6 +155,53 @@ fn base_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         ));
     }
     specs
+}
+
+/// The parameters of Mamba mixer `l` with its pre-norm, initialised as the Mamba paper does:
+/// `A_log = log(1..=N)` in every channel, `D = 1`, `dt_proj`'s bias the inverse softplus of
+/// step sizes log-uniform in `dt_min..dt_max`, its weight uniform in `+-dt_rank^-1/2`.
+fn mamba_specs(
+    specs: &mut Vec<ParamSpec>,
+    l: usize,
+    d: usize,
+    m: &MambaConfig,
+    std: f64,
+    out_std: f64,
+) {
+    let di = m.d_inner(d);
+    let (n, r) = (m.d_state, m.dt_rank);
+    let p = |name: &str| format!("layers.{l}.mamba.{name}");
+    let mut push =
+        |name: String, shape: Vec<usize>, init: Init| specs.push(ParamSpec { name, shape, init });
+    push(format!("layers.{l}.mamba_norm.weight"), vec![d], Init::Ones);
+    push(p("in_proj.weight"), vec![2 * di, d], Init::Normal(std));
+    // PyTorch's default for a depthwise convolution: uniform in +-1/sqrt(fan_in).
+    let conv_bound = 1.0 / (m.d_conv as f64).sqrt();
+    push(
+        p("conv1d.weight"),
+        vec![di, m.d_conv],
+        Init::Uniform(conv_bound),
+    );
+    push(p("conv1d.bias"), vec![di], Init::Uniform(conv_bound));
+    push(p("x_proj.weight"), vec![r + 2 * n, di], Init::Normal(std));
+    push(
+        p("dt_proj.weight"),
+        vec![di, r],
+        Init::Uniform(1.0 / (r as f64).sqrt()),
+    );
+    push(
+        p("dt_proj.bias"),
+        vec![di],
+        Init::DtBias {
+            min: m.dt_min as f64,
+            max: m.dt_max as f64,
+        },
+    );
+    // Flat, so that the optimizer's rule (matrices decay, vectors do not) leaves it alone,
+    // as Mamba's own training does: decay would pull every A towards -1.
+    push(p("A_log"), vec![di * n], Init::ALog { d_state: n });
+    push(p("D"), vec![di], Init::Ones);
+    push(p("out_proj.weight"), vec![d, di], Init::Normal(out_std));
 }
 
 /// Whether a base weight gets a LoRA adapter: attention and feed-forward projections.
@@ -166,6 +237,19 @@ fn init_values(spec: &ParamSpec, rng: &mut ChaCha8Rng) -> Vec<f64> {
     match spec.init {
         Init::Ones => vec![1.0; n],
         Init::Zeros => vec![0.0; n],
+        Init::Uniform(bound) => (0..n)
+            .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * bound)
+            .collect(),
+        Init::ALog { d_state } => (0..n)
+            .map(|i| ((i % d_state.max(1) + 1) as f64).ln())
+            .collect(),
+        Init::DtBias { min, max } => (0..n)
+            .map(|_| {
+                let (lo, hi) = (min.ln(), max.ln());
+                let dt = (rng.random::<f64>() * (hi - lo) + lo).exp().max(1e-4);
+                dt + (-(-dt).exp_m1()).ln()
+            })
+            .collect(),
         Init::Normal(std) => {
             let mut out = Vec::with_capacity(n);
             while out.len() < n {
@@ -258,6 +342,22 @@ impl Weights {
             _ => Ok(y),
         }
     }
+}
+
+/// The weights of Mamba mixer `l` as the mixer reads them.
+fn mamba_weights(w: &Weights, l: usize) -> Result<crate::mamba::MixerWeights> {
+    let get = |name: &str| w.get(&format!("layers.{l}.mamba.{name}"));
+    Ok(crate::mamba::MixerWeights {
+        in_proj: get("in_proj.weight")?,
+        conv_w: get("conv1d.weight")?,
+        conv_b: get("conv1d.bias")?,
+        x_proj: get("x_proj.weight")?,
+        dt_proj_w: get("dt_proj.weight")?,
+        dt_proj_b: get("dt_proj.bias")?,
+        a_log: get("A_log")?,
+        d_skip: get("D")?,
+        out_proj: get("out_proj.weight")?,
+    })
 }
 
 /// Name of the leaf that stacks the experts' weights of one projection of one MoE layer.
@@ -674,6 +774,21 @@ impl CustomOp1 for GatherRows {
     }
 }
 
+/// What generation remembers of the tokens so far, for a model whose blocks are all Mamba
+/// (`Model::recurrent_state`): a fixed number of values per sequence.
+#[derive(Debug, Clone)]
+pub struct RecurrentState {
+    layers: Vec<crate::mamba::MixerState>,
+    batch: usize,
+}
+
+impl RecurrentState {
+    /// Values held for all sequences and blocks; it does not grow with the tokens fed.
+    pub fn elem_count(&self) -> usize {
+        self.layers.iter().map(|s| s.elem_count()).sum()
+    }
+}
+
 /// What a forward pass reports besides its tensors.
 #[derive(Debug, Clone, Default)]
 pub struct RouteStats {
@@ -782,6 +897,7 @@ impl Model {
     ) -> Result<Self> {
         cfg.validate()?;
         check_dtypes(master, compute)?;
+        check_mamba_device(cfg, device)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut trainable = Vec::new();
         for spec in base_specs(cfg) {
@@ -824,6 +940,7 @@ impl Model {
         cfg.validate()?;
         lora.validate(cfg)?;
         check_dtypes(master, compute)?;
+        check_mamba_device(cfg, device)?;
         let specs = base_specs(cfg);
         let layout: Vec<(String, Vec<usize>)> = specs
             .iter()
@@ -1390,11 +1507,34 @@ impl Model {
         sin: &Tensor,
         stats: &mut RouteStats,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let eps = self.cfg.norm_eps as f64;
+        let kind = self.cfg.layer_kind(l);
+        let x = match kind.mixer {
+            Mixer::Attention => {
+                let h = rms_norm(x, &w.get(&format!("layers.{l}.attn_norm.weight"))?, eps)?;
+                (x + self.attention(w, l, &h, cos, sin)?)?
+            }
+            Mixer::Mamba => {
+                let h = rms_norm(x, &w.get(&format!("layers.{l}.mamba_norm.weight"))?, eps)?;
+                (x + crate::mamba::mixer(&mamba_weights(w, l)?, &h)?)?
+            }
+        };
+        if kind.ffn == FeedForward::None {
+            return Ok((x, None));
+        }
+        self.feed_forward(w, l, x, stats)
+    }
+
+    /// The feed-forward half of block `l` with its norm and residual, on `x: [B, T, d]`.
+    fn feed_forward(
+        &self,
+        w: &Weights,
+        l: usize,
+        x: Tensor,
+        stats: &mut RouteStats,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, d) = x.dims3()?;
         let eps = self.cfg.norm_eps as f64;
-        let h = rms_norm(x, &w.get(&format!("layers.{l}.attn_norm.weight"))?, eps)?;
-        let a = self.attention(w, l, &h, cos, sin)?;
-        let x = (x + a)?;
         let h = rms_norm(&x, &w.get(&format!("layers.{l}.ffn_norm.weight"))?, eps)?
             .reshape((b * t, d))?;
         let (f, aux) = if self.cfg.is_moe(l) {
@@ -1745,18 +1885,93 @@ impl Model {
                 targets.dims()
             )));
         }
-        let h = rms_norm(x, &w.get("final_norm.weight")?, self.cfg.norm_eps as f64)?
-            .reshape((b * t, d))?;
+        let logits = self.head_logits(w, &x.reshape((b * t, d))?)?;
+        Ok(candle_nn::loss::cross_entropy(
+            &logits,
+            &targets.flatten_all()?,
+        )?)
+    }
+
+    /// Final norm and output head on `x: [N, d]`: logits `[N, vocab]` in at least f32.
+    fn head_logits(&self, w: &Weights, x: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(x, &w.get("final_norm.weight")?, self.cfg.norm_eps as f64)?;
         let head = if self.cfg.tie_embeddings {
             w.get("tok_emb.weight")?
         } else {
             w.get("lm_head.weight")?
         };
-        let logits = crate::fused::matmul_t(&h, &head)?.to_dtype(acc_dtype(self.compute_dtype))?;
-        Ok(candle_nn::loss::cross_entropy(
-            &logits,
-            &targets.flatten_all()?,
-        )?)
+        Ok(crate::fused::matmul_t(&h, &head)?.to_dtype(acc_dtype(self.compute_dtype))?)
+    }
+
+    /// The logits of every position of `tokens: [B, T]` (u32), `[B, T, vocab]` in at least
+    /// f32: the full forward pass, as training runs it.
+    pub fn logits(&self, w: &Weights, tokens: &Tensor) -> Result<Tensor> {
+        let run = self.run_stage(
+            w,
+            &StageSpec {
+                head: false,
+                ..self.full_stage()
+            },
+            tokens,
+            None,
+        )?;
+        let (b, t, d) = run.hidden.dims3()?;
+        let logits = self.head_logits(w, &run.hidden.reshape((b * t, d))?)?;
+        Ok(logits.reshape((b, t, self.cfg.vocab))?)
+    }
+
+    /// The state generation starts from for `batch` sequences: one [`crate::mamba::MixerState`]
+    /// per block, whose size stays the same however many tokens follow. Only models whose
+    /// mixers are all Mamba generate this way: an attention block would need a KV cache,
+    /// which the worker does not have.
+    pub fn recurrent_state(&self, w: &Weights, batch: usize) -> Result<RecurrentState> {
+        let mut layers = Vec::with_capacity(self.cfg.n_layers);
+        for l in 0..self.cfg.n_layers {
+            if self.cfg.layer_kind(l).mixer != Mixer::Mamba {
+                return Err(WorkerError::Config(format!(
+                    "block {l} is attention: recurrent generation needs every block to be \
+                     Mamba (attention would need a KV cache, which the worker does not have)"
+                )));
+            }
+            layers.push(crate::mamba::MixerState::new(
+                &mamba_weights(w, l)?,
+                batch,
+                self.compute_dtype,
+            )?);
+        }
+        Ok(RecurrentState { layers, batch })
+    }
+
+    /// Feeds one token per sequence (`tokens: [B]` u32) through the model, advancing
+    /// `state`; returns the next-token logits `[B, vocab]` in at least f32, the same as
+    /// [`Model::logits`] gives at that position.
+    pub fn step_logits(
+        &self,
+        w: &Weights,
+        state: &mut RecurrentState,
+        tokens: &Tensor,
+    ) -> Result<Tensor> {
+        let b = tokens.dims1()?;
+        if b != state.batch || state.layers.len() != self.cfg.n_layers {
+            return Err(WorkerError::Mismatch(format!(
+                "{b} tokens for a recurrent state of {} sequences and {} blocks",
+                state.batch,
+                state.layers.len()
+            )));
+        }
+        let d = self.cfg.d_model;
+        let eps = self.cfg.norm_eps as f64;
+        let mut x = embed(&w.get("tok_emb.weight")?, tokens)?;
+        let mut stats = RouteStats::default();
+        for (l, st) in state.layers.iter_mut().enumerate() {
+            let h = rms_norm(&x, &w.get(&format!("layers.{l}.mamba_norm.weight"))?, eps)?;
+            x = (x + crate::mamba::mixer_step(&mamba_weights(w, l)?, &h, st)?)?;
+            if self.cfg.layer_kind(l).ffn != FeedForward::None {
+                let (y, _) = self.feed_forward(w, l, x.reshape((b, 1, d))?, &mut stats)?;
+                x = y.reshape((b, d))?;
+            }
+        }
+        self.head_logits(w, &x)
     }
 }
 
@@ -1849,6 +2064,17 @@ fn default_batched(device: &Device, compute: DType) -> bool {
         DType::F32 => !device.is_cpu(),
         _ => false,
     }
+}
+
+/// Mamba layers run only on the CPU until the scan's CUDA kernel exists: refused when the
+/// model is built, not at its first step.
+fn check_mamba_device(cfg: &ModelConfig, device: &Device) -> Result<()> {
+    if cfg.has_mamba() && !device.is_cpu() {
+        return Err(WorkerError::Device(
+            crate::mamba::ScanError::NoCudaKernel.to_string(),
+        ));
+    }
+    Ok(())
 }
 
 fn check_dtypes(master: DType, compute: DType) -> Result<()> {

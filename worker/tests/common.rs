@@ -25,6 +25,8 @@ pub fn micro(moe_layers: Vec<usize>, n_layers: usize) -> ModelConfig {
         norm_eps: 1e-5,
         // Larger than usual so that attention and routing are far from uniform.
         init_std: 0.3,
+        layers: Vec::new(),
+        mamba: None,
     }
 }
 

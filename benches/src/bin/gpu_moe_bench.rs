@@ -74,6 +74,8 @@ fn shape(name: &str) -> Result<Shape> {
         rope_theta: 10_000.0,
         norm_eps: 1e-5,
         init_std: 0.02,
+        layers: Vec::new(),
+        mamba: None,
     };
     model.validate().context("benchmark config")?;
     Ok(Shape {
