@@ -1,0 +1,502 @@
+//! The decoder of every supported family: token embedding, `layers` blocks of pre-norm
+//! attention and feed-forward, final RMSNorm and the output head, computing what
+//! `transformers` computes for Llama, Qwen2, Mistral and Phi-3 (and, with [`super::moe`]'s
+//! feed-forward, Mixtral and Qwen2-MoE). The families differ only in how their weights are
+//! named and packed (Phi-3's fused `qkv_proj` and `gate_up_proj`), in biases, in sliding
+//! windows and in partial rotary, so one forward pass serves them all.
+//!
+//! Built on the worker's fused ops (`crate::fused`: RMSNorm, the head split with RoPE, the
+//! causal softmax, SwiGLU, products with their own backward passes), so it runs on the CPU
+//! and on CUDA and is differentiable; the base's tensors are plain tensors (no `Var`s): it
+//! is frozen, and adapters (a later layer) are the only trainable parameters.
+
+use candle_core::{D, DType, Device, Tensor};
+
+use super::HfError;
+use super::config::{Arch, HfConfig};
+use super::load::WeightFiles;
+use super::moe::Moe;
+
+type Result<T> = std::result::Result<T, HfError>;
+
+/// A projection `y = x W^T (+ b)` of the base, with its Hugging Face module path.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(
+        w: &WeightFiles,
+        name: String,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let weight = w.tensor(&format!("{name}.weight"), &[out, inp], dtype, device)?;
+        let bias = if bias {
+            Some(w.tensor(&format!("{name}.bias"), &[out], dtype, device)?)
+        } else {
+            None
+        };
+        Ok(Linear { name, weight, bias })
+    }
+
+    /// `x: [N, in]` -> `[N, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = crate::fused::matmul_t(x, &self.weight)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// The attention's input projections: apart, or Phi-3's one `[q; k; v]` product.
+#[derive(Debug, Clone)]
+enum Qkv {
+    Apart { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// A SwiGLU MLP: gate and up apart, or Phi-3's one `[gate; up]` product.
+#[derive(Debug, Clone)]
+pub(crate) enum Mlp {
+    Apart {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    Fused {
+        gate_up: Linear,
+        down: Linear,
+    },
+}
+
+impl Mlp {
+    pub(crate) fn load_apart(
+        w: &WeightFiles,
+        prefix: &str,
+        hidden: usize,
+        inner: usize,
+        bias: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Mlp::Apart {
+            gate: Linear::load(
+                w,
+                format!("{prefix}.gate_proj"),
+                inner,
+                hidden,
+                bias,
+                dtype,
+                device,
+            )?,
+            up: Linear::load(
+                w,
+                format!("{prefix}.up_proj"),
+                inner,
+                hidden,
+                bias,
+                dtype,
+                device,
+            )?,
+            down: Linear::load(
+                w,
+                format!("{prefix}.down_proj"),
+                hidden,
+                inner,
+                bias,
+                dtype,
+                device,
+            )?,
+        })
+    }
+
+    /// `x: [N, hidden]` -> `[N, hidden]`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::Apart { gate, up, down } => {
+                let h = crate::fused::swiglu_gate(&gate.forward(x)?, &up.forward(x)?)?;
+                down.forward(&h)
+            }
+            Mlp::Fused { gate_up, down } => {
+                down.forward(&crate::fused::swiglu_packed(&gate_up.forward(x)?)?)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Sparse(Box<Moe>),
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    qkv: Qkv,
+    o: Linear,
+    ffn_norm: Tensor,
+    ffn: FeedForward,
+    window: Option<usize>,
+}
+
+/// A Hugging Face base loaded for inference or adapter training: frozen tensors in one
+/// dtype on one device.
+#[derive(Debug, Clone)]
+pub struct HfModel {
+    cfg: HfConfig,
+    dtype: DType,
+    device: Device,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    /// The output head, or `None` when it is the embedding.
+    head: Option<Tensor>,
+}
+
+impl HfModel {
+    /// Builds the model of `cfg` from `weights`, in `dtype` (`None`: the embedding's dtype
+    /// in the file) on `device`. Every tensor's shape is checked against the config.
+    pub fn from_weights(
+        cfg: &HfConfig,
+        weights: &WeightFiles,
+        dtype: Option<DType>,
+        device: &Device,
+    ) -> Result<Self> {
+        let embed_name = "model.embed_tokens.weight";
+        let dtype = match dtype {
+            Some(d) => d,
+            None => weights.dtype(embed_name)?,
+        };
+        let (h, dev) = (cfg.hidden, device);
+        let embed = weights.tensor(embed_name, &[cfg.vocab, h], dtype, dev)?;
+        let (q_out, kv_out) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for l in 0..cfg.layers {
+            let p = format!("model.layers.{l}");
+            let qkv = if cfg.arch == Arch::Phi3 {
+                Qkv::Fused(Linear::load(
+                    weights,
+                    format!("{p}.self_attn.qkv_proj"),
+                    q_out + 2 * kv_out,
+                    h,
+                    cfg.qkv_bias,
+                    dtype,
+                    dev,
+                )?)
+            } else {
+                let lin = |n: &str, out: usize| {
+                    Linear::load(
+                        weights,
+                        format!("{p}.self_attn.{n}"),
+                        out,
+                        h,
+                        cfg.qkv_bias,
+                        dtype,
+                        dev,
+                    )
+                };
+                Qkv::Apart {
+                    q: lin("q_proj", q_out)?,
+                    k: lin("k_proj", kv_out)?,
+                    v: lin("v_proj", kv_out)?,
+                }
+            };
+            let o = Linear::load(
+                weights,
+                format!("{p}.self_attn.o_proj"),
+                h,
+                q_out,
+                cfg.o_bias,
+                dtype,
+                dev,
+            )?;
+            let ffn = if cfg.is_sparse(l) {
+                FeedForward::Sparse(Box::new(Moe::load(cfg, weights, &p, dtype, dev)?))
+            } else if cfg.arch == Arch::Phi3 {
+                let i = cfg.intermediate;
+                FeedForward::Dense(Mlp::Fused {
+                    gate_up: Linear::load(
+                        weights,
+                        format!("{p}.mlp.gate_up_proj"),
+                        2 * i,
+                        h,
+                        cfg.mlp_bias,
+                        dtype,
+                        dev,
+                    )?,
+                    down: Linear::load(
+                        weights,
+                        format!("{p}.mlp.down_proj"),
+                        h,
+                        i,
+                        cfg.mlp_bias,
+                        dtype,
+                        dev,
+                    )?,
+                })
+            } else {
+                FeedForward::Dense(Mlp::load_apart(
+                    weights,
+                    &format!("{p}.mlp"),
+                    h,
+                    cfg.intermediate,
+                    cfg.mlp_bias,
+                    dtype,
+                    dev,
+                )?)
+            };
+            blocks.push(Block {
+                attn_norm: weights.tensor(
+                    &format!("{p}.input_layernorm.weight"),
+                    &[h],
+                    dtype,
+                    dev,
+                )?,
+                qkv,
+                o,
+                ffn_norm: weights.tensor(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                    dtype,
+                    dev,
+                )?,
+                ffn,
+                window: cfg.windows[l],
+            });
+        }
+        let norm = weights.tensor("model.norm.weight", &[h], dtype, dev)?;
+        let head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(weights.tensor("lm_head.weight", &[cfg.vocab, h], dtype, dev)?)
+        };
+        Ok(HfModel {
+            cfg: cfg.clone(),
+            dtype,
+            device: device.clone(),
+            embed,
+            blocks,
+            norm,
+            head,
+        })
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &HfConfig {
+        &self.cfg
+    }
+
+    /// The dtype the weights are held and computed in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits `[B, T, vocab]` in f32 for token ids `ids: [B, T]` (u32), positions from 0.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = self.check_ids(ids)?;
+        let ids = ids.to_device(&self.device)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        let (cos, sin) = self.rope_tables(t)?;
+        for block in &self.blocks {
+            x = self.block(block, &x, b, t, &cos, &sin)?;
+        }
+        let x = crate::fused::rms_norm(&x, &self.norm, self.cfg.norm_eps)?;
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let logits = crate::fused::matmul_t(&x, head)?.to_dtype(DType::F32)?;
+        Ok(logits.reshape((b, t, self.cfg.vocab))?)
+    }
+
+    /// The mean next-token cross-entropy of `ids: [B, T]` (each position predicts the next
+    /// id, as `transformers` computes with `labels = input_ids`), in f32.
+    pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = self.check_ids(ids)?;
+        if t < 2 {
+            return Err(HfError::Input(
+                "a loss needs sequences of at least two tokens".into(),
+            ));
+        }
+        let logits = self.forward(ids)?;
+        let v = self.cfg.vocab;
+        let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+        let targets = ids
+            .to_device(&self.device)?
+            .narrow(1, 1, t - 1)?
+            .flatten_all()?;
+        Ok(candle_nn::loss::cross_entropy(&pred, &targets)?)
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, t) = ids.dims2().map_err(|_| {
+            HfError::Input(format!("ids must be [batch, time], got {:?}", ids.dims()))
+        })?;
+        if b == 0 || t == 0 {
+            return Err(HfError::Input("an empty batch".into()));
+        }
+        if ids.dtype() != DType::U32 {
+            return Err(HfError::Input(format!(
+                "ids must be u32, got {:?}",
+                ids.dtype()
+            )));
+        }
+        let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab {
+            return Err(HfError::Input(format!(
+                "token id {max} is past the vocabulary ({})",
+                self.cfg.vocab
+            )));
+        }
+        Ok((b, t))
+    }
+
+    /// `cos, sin: [T, rotary_dim / 2]` in the model's dtype, from f64 angles.
+    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let inv = self.cfg.rope.inv_freq();
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for pos in 0..t {
+            for f in &inv {
+                // transformers computes the angle in f32 before its cos and sin.
+                let angle = (pos as f32 * *f as f32) as f64;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn block(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.norm_eps;
+        let h = crate::fused::rms_norm(x, &blk.attn_norm, eps)?;
+        let x = (x + self.attention(blk, &h, b, t, cos, sin)?)?;
+        let h = crate::fused::rms_norm(&x, &blk.ffn_norm, eps)?;
+        let f = match &blk.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(&h)?,
+            FeedForward::Sparse(moe) => moe.forward(&h)?,
+        };
+        Ok((x + f)?)
+    }
+
+    /// Heads `[B, H, T, hd]` of projection output `y: [B*T, H*hd]`, rotated when `rope`.
+    fn heads(
+        &self,
+        y: &Tensor,
+        b: usize,
+        t: usize,
+        n: usize,
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let hd = self.cfg.head_dim;
+        let rot = self.cfg.rope.rotary_dim;
+        match rope {
+            Some(tables) if rot == hd => Ok(crate::fused::split_heads(y, b, t, n, Some(tables))?),
+            Some((cos, sin)) => {
+                // Partial rotary: the leading `rot` dimensions of each head rotate (in the
+                // rotate-half form over those alone), the rest pass through.
+                let y = crate::fused::split_heads(y, b, t, n, None)?;
+                let r = crate::fused::rope_reference(&y.narrow(D::Minus1, 0, rot)?, cos, sin)?;
+                Ok(Tensor::cat(
+                    &[r, y.narrow(D::Minus1, rot, hd - rot)?],
+                    D::Minus1,
+                )?)
+            }
+            None => Ok(crate::fused::split_heads(y, b, t, n, None)?),
+        }
+    }
+
+    fn attention(
+        &self,
+        blk: &Block,
+        h: &Tensor,
+        b: usize,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let (q, k, v) = match &blk.qkv {
+            Qkv::Apart { q, k, v } => (q.forward(h)?, k.forward(h)?, v.forward(h)?),
+            Qkv::Fused(lin) => {
+                let y = lin.forward(h)?;
+                (
+                    y.narrow(1, 0, nh * hd)?,
+                    y.narrow(1, nh * hd, nkv * hd)?,
+                    y.narrow(1, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+        };
+        let rope = Some((cos, sin));
+        let q = self.heads(&q.contiguous()?, b, t, nh, rope)?;
+        let k = repeat_kv(&self.heads(&k.contiguous()?, b, t, nkv, rope)?, nh / nkv)?;
+        let v = repeat_kv(&self.heads(&v.contiguous()?, b, t, nkv, None)?, nh / nkv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let probs = match blk.window {
+            Some(w) if w < t => {
+                // Sliding window: key j is visible from query i when i - w < j <= i. Plain
+                // ops with an additive mask (the fused softmax knows only the causal mask).
+                let mask: Vec<f32> = (0..t)
+                    .flat_map(|i| {
+                        (0..t).map(move |j| {
+                            if j <= i && i - j < w {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
+                let scores = crate::fused::matmul_t(&q, &k)?
+                    .to_dtype(DType::F32)?
+                    .affine(scale, 0.0)?
+                    .broadcast_add(&mask)?;
+                candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?
+            }
+            _ => crate::fused::causal_softmax(&crate::fused::matmul_t_causal(&q, &k)?, scale)?,
+        };
+        // Both masks leave the probabilities lower-triangular, what the causal product needs.
+        let o = crate::fused::merge_heads(&crate::fused::matmul_causal(&probs, &v)?)?;
+        blk.o.forward(&o)
+    }
+}
+
+/// Grouped-query attention: each of the `kv` heads of `x: [B, kv, T, hd]` serves `rep`
+/// consecutive query heads, as `transformers`' `repeat_kv`.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, rep, t, hd))?
+        .contiguous()?
+        .reshape((b, kv * rep, t, hd))?)
+}

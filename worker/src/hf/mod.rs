@@ -1,0 +1,36 @@
+//! Bases people already have: Hugging Face format model directories on disk (`config.json`,
+//! `model.safetensors` or a sharded index), loaded with no network access and run with the
+//! forward pass `transformers` defines, checked against it by committed fixtures
+//! (`worker/tests/hf_parity.rs`).
+//!
+//! The boundary: this module reads a base's files and computes its logits and loss; it
+//! does not know the worker's own MoE transformer (`crate::model`), runs, swarms or
+//! adapters. [`config`] checks `config.json` (and refuses unsupported architectures by
+//! name), [`load`] maps the weights, [`decoder`] and [`moe`] compute, [`parity`] compares
+//! with a reference.
+
+pub mod config;
+pub mod decoder;
+mod error;
+pub mod load;
+pub mod moe;
+pub mod parity;
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+pub use config::{Arch, HfConfig};
+pub use decoder::HfModel;
+pub use error::HfError;
+pub use load::WeightFiles;
+
+/// The config file's name in a base's directory.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Loads the base in `dir` onto `device`, in `dtype` (`None`: the weights' own dtype).
+pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<HfModel, HfError> {
+    let cfg = HfConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let weights = WeightFiles::open(dir)?;
+    HfModel::from_weights(&cfg, &weights, dtype, device)
+}
