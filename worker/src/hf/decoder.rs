@@ -10,11 +10,16 @@
 //! and on CUDA and is differentiable; the base's tensors are plain tensors (no `Var`s): it
 //! is frozen, and adapters (a later layer) are the only trainable parameters.
 
-use candle_core::{D, DType, Device, Tensor};
+use std::cell::RefCell;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 use super::HfError;
 use super::config::{Arch, HfConfig};
 use super::load::WeightFiles;
+use super::lora::{Adapter, Dropout, HfLoraConfig};
 use super::moe::Moe;
 
 type Result<T> = std::result::Result<T, HfError>;
@@ -28,6 +33,14 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out]`.
     pub bias: Option<Tensor>,
+    /// The LoRA adapter, when the projection is a target.
+    pub adapter: Option<Adapter>,
+}
+
+/// What one forward pass does beyond inference: the adapters' dropout while training.
+#[derive(Debug, Default)]
+pub(crate) struct Pass {
+    dropout: Option<RefCell<Dropout>>,
 }
 
 impl Linear {
@@ -46,16 +59,31 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { name, weight, bias })
+        Ok(Linear {
+            name,
+            weight,
+            bias,
+            adapter: None,
+        })
     }
 
     /// `x: [N, in]` -> `[N, out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let y = crate::fused::matmul_t(x, &self.weight)?;
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        match &self.adapter {
+            None => Ok(y),
+            Some(ad) => {
+                let mask = match &pass.dropout {
+                    Some(d) if ad.dropout > 0.0 => Some(d.borrow_mut().mask(x, ad.dropout)?),
+                    _ => None,
+                };
+                Ok(y.add(&ad.forward(x, mask)?)?)
+            }
+        }
     }
 }
 
@@ -122,22 +150,47 @@ impl Mlp {
     }
 
     /// `x: [N, hidden]` -> `[N, hidden]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         match self {
             Mlp::Apart { gate, up, down } => {
-                let h = crate::fused::swiglu_gate(&gate.forward(x)?, &up.forward(x)?)?;
-                down.forward(&h)
+                let h = crate::fused::swiglu_gate(&gate.forward(x, pass)?, &up.forward(x, pass)?)?;
+                down.forward(&h, pass)
             }
-            Mlp::Fused { gate_up, down } => {
-                down.forward(&crate::fused::swiglu_packed(&gate_up.forward(x)?)?)
-            }
+            Mlp::Fused { gate_up, down } => down.forward(
+                &crate::fused::swiglu_packed(&gate_up.forward(x, pass)?)?,
+                pass,
+            ),
+        }
+    }
+
+    /// The projections, in order.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Mlp::Apart { gate, up, down } => vec![gate, up, down],
+            Mlp::Fused { gate_up, down } => vec![gate_up, down],
+        }
+    }
+
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Mlp::Apart { gate, up, down } => vec![gate, up, down],
+            Mlp::Fused { gate_up, down } => vec![gate_up, down],
         }
     }
 }
 
+/// The batch's shape and its RoPE tables, shared by every block of one pass.
+struct Positions {
+    batch: usize,
+    time: usize,
+    /// `[T, rotary_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
 #[derive(Debug, Clone)]
 enum FeedForward {
-    Dense(Mlp),
+    Dense(Box<Mlp>),
     Sparse(Box<Moe>),
 }
 
@@ -226,7 +279,7 @@ impl HfModel {
                 FeedForward::Sparse(Box::new(Moe::load(cfg, weights, &p, dtype, dev)?))
             } else if cfg.arch == Arch::Phi3 {
                 let i = cfg.intermediate;
-                FeedForward::Dense(Mlp::Fused {
+                FeedForward::Dense(Box::new(Mlp::Fused {
                     gate_up: Linear::load(
                         weights,
                         format!("{p}.mlp.gate_up_proj"),
@@ -245,9 +298,9 @@ impl HfModel {
                         dtype,
                         dev,
                     )?,
-                })
+                }))
             } else {
-                FeedForward::Dense(Mlp::load_apart(
+                FeedForward::Dense(Box::new(Mlp::load_apart(
                     weights,
                     &format!("{p}.mlp"),
                     h,
@@ -255,7 +308,7 @@ impl HfModel {
                     cfg.mlp_bias,
                     dtype,
                     dev,
-                )?)
+                )?))
             };
             blocks.push(Block {
                 attn_norm: weights.tensor(
@@ -308,14 +361,25 @@ impl HfModel {
         &self.device
     }
 
-    /// Logits `[B, T, vocab]` in f32 for token ids `ids: [B, T]` (u32), positions from 0.
+    /// Logits `[B, T, vocab]` in f32 for token ids `ids: [B, T]` (u32), positions from 0
+    /// (adapters, if any, without dropout).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_pass(ids, &Pass::default())
+    }
+
+    fn forward_pass(&self, ids: &Tensor, pass: &Pass) -> Result<Tensor> {
         let (b, t) = self.check_ids(ids)?;
         let ids = ids.to_device(&self.device)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
         let (cos, sin) = self.rope_tables(t)?;
+        let at = Positions {
+            batch: b,
+            time: t,
+            cos,
+            sin,
+        };
         for block in &self.blocks {
-            x = self.block(block, &x, b, t, &cos, &sin)?;
+            x = self.block(block, &x, &at, pass)?;
         }
         let x = crate::fused::rms_norm(&x, &self.norm, self.cfg.norm_eps)?;
         let head = self.head.as_ref().unwrap_or(&self.embed);
@@ -326,13 +390,28 @@ impl HfModel {
     /// The mean next-token cross-entropy of `ids: [B, T]` (each position predicts the next
     /// id, as `transformers` computes with `labels = input_ids`), in f32.
     pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
+        self.loss_pass(ids, &Pass::default())
+    }
+
+    /// [`HfModel::loss`] in training mode: the adapters' dropout masks are drawn from a
+    /// ChaCha8 stream seeded with `dropout_seed`, so a step is reproducible.
+    pub fn train_loss(&self, ids: &Tensor, dropout_seed: u64) -> Result<Tensor> {
+        self.loss_pass(
+            ids,
+            &Pass {
+                dropout: Some(RefCell::new(Dropout::new(dropout_seed))),
+            },
+        )
+    }
+
+    fn loss_pass(&self, ids: &Tensor, pass: &Pass) -> Result<Tensor> {
         let (b, t) = self.check_ids(ids)?;
         if t < 2 {
             return Err(HfError::Input(
                 "a loss needs sequences of at least two tokens".into(),
             ));
         }
-        let logits = self.forward(ids)?;
+        let logits = self.forward_pass(ids, pass)?;
         let v = self.cfg.vocab;
         let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
         let targets = ids
@@ -384,22 +463,14 @@ impl HfModel {
         Ok((cos, sin))
     }
 
-    fn block(
-        &self,
-        blk: &Block,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<Tensor> {
+    fn block(&self, blk: &Block, x: &Tensor, at: &Positions, pass: &Pass) -> Result<Tensor> {
         let eps = self.cfg.norm_eps;
         let h = crate::fused::rms_norm(x, &blk.attn_norm, eps)?;
-        let x = (x + self.attention(blk, &h, b, t, cos, sin)?)?;
+        let x = (x + self.attention(blk, &h, at, pass)?)?;
         let h = crate::fused::rms_norm(&x, &blk.ffn_norm, eps)?;
         let f = match &blk.ffn {
-            FeedForward::Dense(mlp) => mlp.forward(&h)?,
-            FeedForward::Sparse(moe) => moe.forward(&h)?,
+            FeedForward::Dense(mlp) => mlp.forward(&h, pass)?,
+            FeedForward::Sparse(moe) => moe.forward(&h, pass)?,
         };
         Ok((x + f)?)
     }
@@ -431,21 +502,19 @@ impl HfModel {
         }
     }
 
-    fn attention(
-        &self,
-        blk: &Block,
-        h: &Tensor,
-        b: usize,
-        t: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<Tensor> {
+    fn attention(&self, blk: &Block, h: &Tensor, at: &Positions, pass: &Pass) -> Result<Tensor> {
+        let (b, t) = (at.batch, at.time);
+        let (cos, sin) = (&at.cos, &at.sin);
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let (q, k, v) = match &blk.qkv {
-            Qkv::Apart { q, k, v } => (q.forward(h)?, k.forward(h)?, v.forward(h)?),
+            Qkv::Apart { q, k, v } => (
+                q.forward(h, pass)?,
+                k.forward(h, pass)?,
+                v.forward(h, pass)?,
+            ),
             Qkv::Fused(lin) => {
-                let y = lin.forward(h)?;
+                let y = lin.forward(h, pass)?;
                 (
                     y.narrow(1, 0, nh * hd)?,
                     y.narrow(1, nh * hd, nkv * hd)?,
@@ -484,7 +553,122 @@ impl HfModel {
         };
         // Both masks leave the probabilities lower-triangular, what the causal product needs.
         let o = crate::fused::merge_heads(&crate::fused::matmul_causal(&probs, &v)?)?;
-        blk.o.forward(&o)
+        blk.o.forward(&o, pass)
+    }
+
+    /// Every projection of the base, in layer order (attention, then feed-forward).
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = Vec::new();
+        for blk in &self.blocks {
+            match &blk.qkv {
+                Qkv::Apart { q, k, v } => out.extend([q, k, v]),
+                Qkv::Fused(l) => out.push(l),
+            }
+            out.push(&blk.o);
+            match &blk.ffn {
+                FeedForward::Dense(m) => out.extend(m.linears()),
+                FeedForward::Sparse(moe) => out.extend(moe.linears()),
+            }
+        }
+        out
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for blk in &mut self.blocks {
+            match &mut blk.qkv {
+                Qkv::Apart { q, k, v } => out.extend([q, k, v]),
+                Qkv::Fused(l) => out.push(l),
+            }
+            out.push(&mut blk.o);
+            match &mut blk.ffn {
+                FeedForward::Dense(m) => out.extend(m.linears_mut()),
+                FeedForward::Sparse(moe) => out.extend(moe.linears_mut()),
+            }
+        }
+        out
+    }
+
+    /// Puts fresh LoRA adapters (replacing any) on the projections `cfg` targets, in
+    /// layer order from one ChaCha8 stream seeded with `cfg.seed`. Each target must match
+    /// at least one projection. Returns how many projections got one.
+    pub fn attach_lora(&mut self, cfg: &HfLoraConfig) -> Result<usize> {
+        cfg.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let device = self.device.clone();
+        let mut hit = vec![false; cfg.target_modules.len()];
+        let mut n = 0;
+        for lin in self.linears_mut() {
+            lin.adapter = None;
+            if !cfg.targets(&lin.name) {
+                continue;
+            }
+            for (i, t) in cfg.target_modules.iter().enumerate() {
+                let one = HfLoraConfig {
+                    target_modules: vec![t.clone()],
+                    ..cfg.clone()
+                };
+                hit[i] |= one.targets(&lin.name);
+            }
+            let (out, inp) = lin.weight.dims2()?;
+            lin.adapter = Some(Adapter::new(cfg, out, inp, &mut rng, &device)?);
+            n += 1;
+        }
+        let missing: Vec<&String> = cfg
+            .target_modules
+            .iter()
+            .zip(&hit)
+            .filter(|(_, h)| !**h)
+            .map(|(t, _)| t)
+            .collect();
+        if !missing.is_empty() {
+            for lin in self.linears_mut() {
+                lin.adapter = None;
+            }
+            return Err(cfg.unmatched(&missing));
+        }
+        Ok(n)
+    }
+
+    /// The adapters' parameters, `{module}.lora_A.weight` and `{module}.lora_B.weight` per
+    /// adapted projection in layer order: the only trainable tensors.
+    pub fn lora_params(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for lin in self.linears() {
+            if let Some(ad) = &lin.adapter {
+                out.push((format!("{}.lora_A.weight", lin.name), ad.a.clone()));
+                out.push((format!("{}.lora_B.weight", lin.name), ad.b.clone()));
+            }
+        }
+        out
+    }
+
+    /// The base's own tensors (frozen), by their Hugging Face names, stacked experts as
+    /// `{block}.experts.gate_up_proj` / `down_proj`.
+    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), blk.attn_norm.clone()));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                blk.ffn_norm.clone(),
+            ));
+            if let FeedForward::Sparse(moe) = &blk.ffn {
+                out.extend(moe.stacked(&p));
+            }
+        }
+        for lin in self.linears() {
+            out.push((format!("{}.weight", lin.name), lin.weight.clone()));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{}.bias", lin.name), b.clone()));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(h) = &self.head {
+            out.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        out
     }
 }
 

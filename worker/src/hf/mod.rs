@@ -4,15 +4,16 @@
 //! (`worker/tests/hf_parity.rs`).
 //!
 //! The boundary: this module reads a base's files and computes its logits and loss; it
-//! does not know the worker's own MoE transformer (`crate::model`), runs, swarms or
-//! adapters. [`config`] checks `config.json` (and refuses unsupported architectures by
-//! name), [`load`] maps the weights, [`decoder`] and [`moe`] compute, [`parity`] compares
-//! with a reference.
+//! does not know the worker's own MoE transformer (`crate::model`), runs or swarms.
+//! [`config`] checks `config.json` (and refuses unsupported architectures by name),
+//! [`load`] maps the weights, [`decoder`] and [`moe`] compute, [`lora`] adds trainable
+//! adapters on the frozen base, [`parity`] compares with a reference.
 
 pub mod config;
 pub mod decoder;
 mod error;
 pub mod load;
+pub mod lora;
 pub mod moe;
 pub mod parity;
 
@@ -24,6 +25,7 @@ pub use config::{Arch, HfConfig};
 pub use decoder::HfModel;
 pub use error::HfError;
 pub use load::WeightFiles;
+pub use lora::HfLoraConfig;
 
 /// The config file's name in a base's directory.
 pub const CONFIG_FILE: &str = "config.json";

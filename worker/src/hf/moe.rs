@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::HfError;
 use super::config::{Arch, HfConfig};
-use super::decoder::{Linear, Mlp};
+use super::decoder::{Linear, Mlp, Pass};
 use super::load::WeightFiles;
 
 type Result<T> = std::result::Result<T, HfError>;
@@ -106,6 +106,7 @@ impl Moe {
                         device,
                     )?,
                     bias: None,
+                    adapter: None,
                 },
             )),
         };
@@ -119,8 +120,45 @@ impl Moe {
         })
     }
 
+    /// The shared expert's projections and its gate, in order (the experts are not
+    /// `Linear`s: see the module's note).
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        match &self.shared {
+            Some((mlp, gate)) => {
+                let mut v = mlp.linears();
+                v.push(gate);
+                v
+            }
+            None => Vec::new(),
+        }
+    }
+
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match &mut self.shared {
+            Some((mlp, gate)) => {
+                let mut v = mlp.linears_mut();
+                v.push(gate);
+                v
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The router and the stacked experts' tensors under block prefix `p`
+    /// (`model.layers.{l}`), named as transformers 5 names them.
+    pub(crate) fn stacked(&self, p: &str) -> Vec<(String, Tensor)> {
+        vec![
+            (format!("{p}.mlp.gate.weight"), self.router.clone()),
+            (
+                format!("{p}.mlp.experts.gate_up_proj"),
+                self.gate_up.clone(),
+            ),
+            (format!("{p}.mlp.experts.down_proj"), self.down.clone()),
+        ]
+    }
+
     /// `x: [N, H]` -> `[N, H]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
         let e = self.router.dim(0)?;
         let logits = crate::fused::matmul_t(x, &self.router)?;
@@ -159,8 +197,8 @@ impl Moe {
             out = out.index_add(&idx, &y.broadcast_mul(&g)?, 0)?;
         }
         if let Some((mlp, gate)) = &self.shared {
-            let s = mlp.forward(x)?;
-            let g = gate.forward(x)?;
+            let s = mlp.forward(x, pass)?;
+            let g = gate.forward(x, pass)?;
             // sigmoid as plain ops (differentiable): 1 / (1 + exp(-g)).
             let g = (g.neg()?.exp()? + 1.0)?.recip()?;
             out = (out + s.broadcast_mul(&g)?)?;
