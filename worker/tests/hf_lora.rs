@@ -229,3 +229,44 @@ fn bad_adapter_settings_are_typed_errors() {
         "a bare fragment is not a suffix"
     );
 }
+
+#[test]
+fn adapters_train_on_a_bf16_base() {
+    // Most Hub bases are bf16: the base stays bf16, the adapters are f32 masters cast into
+    // the pass, and their gradients come back through the cast.
+    let ids = Expected::load(&fixture("llama"))
+        .expect("expected")
+        .input_ids;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("llama").join(f), dir.path().join(f)).expect("copy");
+    }
+    let path = dir.path().join("model.safetensors");
+    let mut map = candle_core::safetensors::load(&path, &Device::Cpu).expect("load");
+    for t in map.values_mut() {
+        *t = t.to_dtype(DType::BF16).expect("bf16");
+    }
+    candle_core::safetensors::save(&map, &path).expect("save");
+    let mut model = hf::load_model(dir.path(), None, &Device::Cpu).expect("bf16 model");
+    assert_eq!(model.dtype(), DType::BF16);
+    model.attach_lora(&HfLoraConfig::new(&ALL)).expect("attach");
+    let params = model.lora_params();
+    assert!(params.iter().all(|(_, p)| p.dtype() == DType::F32));
+    let mut opt = AdamW::new(&params).expect("adamw");
+    let tc = TrainConfig {
+        weight_decay: 0.0,
+        ..TrainConfig::default()
+    };
+    let scalar = |l: Tensor| l.to_scalar::<f32>().expect("scalar");
+    let start = scalar(model.loss(&ids).expect("loss"));
+    for step in 0..30 {
+        let grads = model
+            .train_loss(&ids, step)
+            .expect("loss")
+            .backward()
+            .expect("backward");
+        opt.step(&params, &grads, &tc, 1e-2).expect("step");
+    }
+    let end = scalar(model.loss(&ids).expect("loss"));
+    assert!(end < 0.8 * start, "bf16 base: loss {start} -> {end}");
+}

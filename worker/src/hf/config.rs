@@ -115,8 +115,8 @@ pub struct RopeConfig {
 }
 
 impl RopeConfig {
-    /// The inverse frequencies, `rotary_dim / 2` of them, as `transformers` computes them
-    /// (the exponent in f32, the scaling in f64 here; the tables are built in f64).
+    /// The inverse frequencies, `rotary_dim / 2` of them, by `transformers`' formulas (in
+    /// f64 here, where it uses f32: a difference far below the parity tolerance).
     pub fn inv_freq(&self) -> Vec<f64> {
         let dim = self.rotary_dim;
         (0..dim / 2)

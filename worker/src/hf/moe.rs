@@ -3,7 +3,9 @@
 //! Mixtral, and for Qwen2-MoE when `norm_topk_prob`), each token's chosen experts' SwiGLU
 //! outputs weighted and summed, plus Qwen2-MoE's shared expert scaled by
 //! `sigmoid(shared_expert_gate(x))`. No capacity limit and no dropped tokens: that is the
-//! reference's behaviour, unlike the worker's own MoE (`crate::model`).
+//! reference's behaviour, unlike the worker's own MoE (`crate::model`). Mixtral's
+//! `router_jitter_noise` (a training-time perturbation, 0 in the released configs) is not
+//! applied.
 //!
 //! Experts are held stacked (`gate_up: [E, 2I, H]` with each expert's `[gate; up]`,
 //! `down: [E, H, I]`), the layout transformers 5 keeps in memory; the per-expert tensors of
