@@ -437,6 +437,9 @@ fn bad_inputs_are_typed_errors() {
     assert!(matches!(model.forward(&flat), Err(HfError::Input(_))));
     let float = Tensor::new(&[[1f32, 2.0]], &Device::Cpu).expect("ids");
     assert!(matches!(model.forward(&float), Err(HfError::Input(_))));
+    // Longer than max_position_embeddings (64): refused before the attention is built.
+    let long = Tensor::zeros((1, 65), DType::U32, &Device::Cpu).expect("ids");
+    assert!(matches!(model.forward(&long), Err(HfError::Input(_))));
     let one = Tensor::new(&[[1u32]], &Device::Cpu).expect("ids");
     assert!(matches!(model.loss(&one), Err(HfError::Input(_))));
 }

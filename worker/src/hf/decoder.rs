@@ -428,6 +428,13 @@ impl HfModel {
         if b == 0 || t == 0 {
             return Err(HfError::Input("an empty batch".into()));
         }
+        if t > self.cfg.max_positions {
+            return Err(HfError::Input(format!(
+                "{t} tokens per sequence; the base was configured for at most {} \
+                 (max_position_embeddings)",
+                self.cfg.max_positions
+            )));
+        }
         if ids.dtype() != DType::U32 {
             return Err(HfError::Input(format!(
                 "ids must be u32, got {:?}",
