@@ -63,6 +63,7 @@ fn train(name: &str, targets: &[&str], adapted: usize) {
     assert_eq!(model.attach_lora(&cfg).expect("attach"), adapted, "{name}");
     let base: Vec<(String, Vec<f32>)> = model
         .base_tensors()
+        .expect("base")
         .iter()
         .map(|(n, t)| (n.clone(), values(t)))
         .collect();
@@ -84,7 +85,7 @@ fn train(name: &str, targets: &[&str], adapted: usize) {
             // The base is constants of the graph, the adapters its only variables. (candle
             // still computes a gradient for a constant that feeds a fused op; nothing reads
             // it, and the base's bit-identity below is what counts.)
-            for (n, t) in model.base_tensors() {
+            for (n, t) in model.base_tensors().expect("base") {
                 assert!(!t.is_variable(), "{name}: base tensor {n} is trainable");
             }
             for (n, p) in &params {
@@ -108,7 +109,7 @@ fn train(name: &str, targets: &[&str], adapted: usize) {
         .expect("loss");
     println!("{name}: loss {start:.4} -> {end:.4}");
     assert!(end < 0.7 * start, "{name}: loss {start} -> {end}");
-    for ((n, want), (_, t)) in base.iter().zip(model.base_tensors()) {
+    for ((n, want), (_, t)) in base.iter().zip(model.base_tensors().expect("base")) {
         assert_eq!(want, &values(&t), "{name}: base tensor {n} changed");
     }
 }

@@ -21,6 +21,7 @@ use super::config::{Arch, HfConfig};
 use super::load::WeightFiles;
 use super::lora::{Adapter, Dropout, HfLoraConfig};
 use super::moe::Moe;
+use super::quant::{QuantFormat, Weight};
 
 type Result<T> = std::result::Result<T, HfError>;
 
@@ -29,8 +30,8 @@ type Result<T> = std::result::Result<T, HfError>;
 pub struct Linear {
     /// The module path, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    /// `[out, in]`.
-    pub weight: Tensor,
+    /// `[out, in]`, dense or quantised.
+    pub weight: Weight,
     /// `[out]`.
     pub bias: Option<Tensor>,
     /// The LoRA adapter, when the projection is a target.
@@ -61,7 +62,7 @@ impl Linear {
         };
         Ok(Linear {
             name,
-            weight,
+            weight: Weight::Dense(weight),
             bias,
             adapter: None,
         })
@@ -69,7 +70,8 @@ impl Linear {
 
     /// `x: [N, in]` -> `[N, out]`.
     pub(crate) fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
-        let y = crate::fused::matmul_t(x, &self.weight)?;
+        // A quantised weight is dequantised here, for this product only.
+        let y = crate::fused::matmul_t(x, &self.weight.dense()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -216,6 +218,8 @@ pub struct HfModel {
     norm: Tensor,
     /// The output head, or `None` when it is the embedding.
     head: Option<Tensor>,
+    /// The settings of the attached adapters.
+    lora: Option<HfLoraConfig>,
 }
 
 impl HfModel {
@@ -343,6 +347,7 @@ impl HfModel {
             blocks,
             norm,
             head,
+            lora: None,
         })
     }
 
@@ -632,8 +637,10 @@ impl HfModel {
             for lin in self.linears_mut() {
                 lin.adapter = None;
             }
+            self.lora = None;
             return Err(cfg.unmatched(&missing));
         }
+        self.lora = Some(cfg.clone());
         Ok(n)
     }
 
@@ -652,7 +659,8 @@ impl HfModel {
 
     /// The base's own tensors (frozen), by their Hugging Face names, stacked experts as
     /// `{block}.experts.gate_up_proj` / `down_proj`.
-    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Quantised projections come back dequantised.
+    pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (l, blk) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{l}");
@@ -666,7 +674,7 @@ impl HfModel {
             }
         }
         for lin in self.linears() {
-            out.push((format!("{}.weight", lin.name), lin.weight.clone()));
+            out.push((format!("{}.weight", lin.name), lin.weight.dense()?));
             if let Some(b) = &lin.bias {
                 out.push((format!("{}.bias", lin.name), b.clone()));
             }
@@ -675,7 +683,49 @@ impl HfModel {
         if let Some(h) = &self.head {
             out.push(("lm_head.weight".to_string(), h.clone()));
         }
-        out
+        Ok(out)
+    }
+
+    /// Quantises every projection of the base (attention, dense MLP, shared expert) into
+    /// `fmt`, one at a time; the embedding, norms, head, router and stacked experts stay in
+    /// the compute dtype. Adapters are kept.
+    pub fn quantize(&mut self, fmt: QuantFormat) -> Result<()> {
+        for lin in self.linears_mut() {
+            lin.weight.quantize(fmt)?;
+        }
+        Ok(())
+    }
+
+    /// Resident bytes of the base's weights as held (quantised ones in their format),
+    /// adapters not counted.
+    pub fn base_bytes(&self) -> u64 {
+        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let mut n = size(&self.embed) + size(&self.norm);
+        n += self.head.as_ref().map_or(0, size);
+        for blk in &self.blocks {
+            n += size(&blk.attn_norm) + size(&blk.ffn_norm);
+            if let FeedForward::Sparse(moe) = &blk.ffn {
+                n += moe.stacked("").iter().map(|(_, t)| size(t)).sum::<u64>();
+            }
+        }
+        for lin in self.linears() {
+            n += lin.weight.bytes() + lin.bias.as_ref().map_or(0, size);
+        }
+        n
+    }
+
+    /// The settings of the attached adapters, if any.
+    pub fn lora_config(&self) -> Option<&HfLoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// Every adapted projection: its module path, its dense weight `[out, in]` (dequantised
+    /// when quantised) and its adapter.
+    pub(crate) fn adapted(&self) -> Vec<(&Linear, &Adapter)> {
+        self.linears()
+            .into_iter()
+            .filter_map(|l| l.adapter.as_ref().map(|a| (l, a)))
+            .collect()
     }
 }
 

@@ -7,7 +7,8 @@
 //! does not know the worker's own MoE transformer (`crate::model`), runs or swarms.
 //! [`config`] checks `config.json` (and refuses unsupported architectures by name),
 //! [`load`] maps the weights, [`decoder`] and [`moe`] compute, [`lora`] adds trainable
-//! adapters on the frozen base, [`parity`] compares with a reference.
+//! adapters on the frozen base, [`quant`] holds the frozen projections in int8 or NF4
+//! (QLoRA), [`parity`] compares with a reference.
 
 pub mod config;
 pub mod decoder;
@@ -16,6 +17,7 @@ pub mod load;
 pub mod lora;
 pub mod moe;
 pub mod parity;
+pub mod quant;
 
 use std::path::Path;
 
@@ -26,6 +28,7 @@ pub use decoder::HfModel;
 pub use error::HfError;
 pub use load::WeightFiles;
 pub use lora::HfLoraConfig;
+pub use quant::QuantFormat;
 
 /// The config file's name in a base's directory.
 pub const CONFIG_FILE: &str = "config.json";
@@ -35,4 +38,17 @@ pub fn load_model(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<H
     let cfg = HfConfig::from_file(&dir.join(CONFIG_FILE))?;
     let weights = WeightFiles::open(dir)?;
     HfModel::from_weights(&cfg, &weights, dtype, device)
+}
+
+/// Loads the base in `dir` as [`load_model`] does, then quantises its projections into
+/// `fmt` (they dequantise to `dtype`, the compute dtype).
+pub fn load_quantized(
+    dir: &Path,
+    dtype: Option<DType>,
+    fmt: QuantFormat,
+    device: &Device,
+) -> Result<HfModel, HfError> {
+    let mut model = load_model(dir, dtype, device)?;
+    model.quantize(fmt)?;
+    Ok(model)
 }

@@ -20,6 +20,7 @@ use super::HfError;
 use super::config::{Arch, HfConfig};
 use super::decoder::{Linear, Mlp, Pass};
 use super::load::WeightFiles;
+use super::quant::Weight;
 
 type Result<T> = std::result::Result<T, HfError>;
 
@@ -101,12 +102,12 @@ impl Moe {
                 )?,
                 Linear {
                     name: format!("{block}.shared_expert_gate"),
-                    weight: w.tensor(
+                    weight: Weight::Dense(w.tensor(
                         &format!("{block}.shared_expert_gate.weight"),
                         &[1, h],
                         dtype,
                         device,
-                    )?,
+                    )?),
                     bias: None,
                     adapter: None,
                 },
