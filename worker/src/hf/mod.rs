@@ -8,11 +8,13 @@
 //! [`config`] checks `config.json` (and refuses unsupported architectures by name),
 //! [`load`] maps the weights, [`decoder`] and [`moe`] compute, [`lora`] adds trainable
 //! adapters on the frozen base, [`quant`] holds the frozen projections in int8 or NF4
-//! (QLoRA), [`parity`] compares with a reference.
+//! (QLoRA), [`export`] writes PEFT adapters and merged models, [`parity`] compares with a
+//! reference.
 
 pub mod config;
 pub mod decoder;
 mod error;
+pub mod export;
 pub mod load;
 pub mod lora;
 pub mod moe;
