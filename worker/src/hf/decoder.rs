@@ -568,6 +568,143 @@ impl HfModel {
         blk.o.forward(&o, pass)
     }
 
+    /// Logits `[B, t, vocab]` in f32 for `ids: [B, t]` placed after the `cache.len()`
+    /// tokens already in `cache`, whose keys and values this appends (inference: adapters
+    /// without dropout, no gradient wanted). The same arithmetic as [`HfModel::forward`]
+    /// except that scores go through candle's plain softmax with an explicit mask.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = self.check_ids(ids)?;
+        let start = cache.len;
+        if cache.layers.len() != self.blocks.len() {
+            return Err(HfError::Input(format!(
+                "a cache for {} layers, the model has {}",
+                cache.layers.len(),
+                self.blocks.len()
+            )));
+        }
+        if start > 0 && cache.batch != b {
+            return Err(HfError::Input(format!(
+                "the cache holds {} sequences, the ids {b}",
+                cache.batch
+            )));
+        }
+        if start + t > self.cfg.max_positions {
+            return Err(HfError::Input(format!(
+                "{} tokens; the base was configured for at most {} (max_position_embeddings)",
+                start + t,
+                self.cfg.max_positions
+            )));
+        }
+        let pass = Pass::default();
+        let ids = ids.to_device(&self.device)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        let (cos, sin) = self.rope_tables(start + t)?;
+        let at = Positions {
+            batch: b,
+            time: t,
+            cos: cos.narrow(0, start, t)?.contiguous()?,
+            sin: sin.narrow(0, start, t)?.contiguous()?,
+        };
+        let eps = self.cfg.norm_eps;
+        for (blk, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let h = crate::fused::rms_norm(&x, &blk.attn_norm, eps)?;
+            let a = self.attention_cached(blk, &h, &at, start, kv, &pass)?;
+            x = (x + a)?;
+            let h = crate::fused::rms_norm(&x, &blk.ffn_norm, eps)?;
+            let f = match &blk.ffn {
+                FeedForward::Dense(mlp) => mlp.forward(&h, &pass)?,
+                FeedForward::Sparse(moe) => moe.forward(&h, &pass)?,
+            };
+            x = (x + f)?;
+        }
+        cache.len = start + t;
+        cache.batch = b;
+        let x = crate::fused::rms_norm(&x, &self.norm, eps)?;
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let logits = crate::fused::matmul_t(&x, head)?.to_dtype(DType::F32)?;
+        Ok(logits.reshape((b, t, self.cfg.vocab))?)
+    }
+
+    /// An empty key/value cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.blocks.len()],
+            len: 0,
+            batch: 0,
+        }
+    }
+
+    fn attention_cached(
+        &self,
+        blk: &Block,
+        h: &Tensor,
+        at: &Positions,
+        start: usize,
+        kv: &mut Option<(Tensor, Tensor)>,
+        pass: &Pass,
+    ) -> Result<Tensor> {
+        let (b, t) = (at.batch, at.time);
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let (q, k, v) = match &blk.qkv {
+            Qkv::Apart { q, k, v } => (
+                q.forward(h, pass)?,
+                k.forward(h, pass)?,
+                v.forward(h, pass)?,
+            ),
+            Qkv::Fused(lin) => {
+                let y = lin.forward(h, pass)?;
+                (
+                    y.narrow(1, 0, nh * hd)?,
+                    y.narrow(1, nh * hd, nkv * hd)?,
+                    y.narrow(1, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+        };
+        let rope = Some((&at.cos, &at.sin));
+        let q = self.heads(&q.contiguous()?, b, t, nh, rope)?;
+        let k_new = self.heads(&k.contiguous()?, b, t, nkv, rope)?;
+        let v_new = self.heads(&v.contiguous()?, b, t, nkv, None)?;
+        // Keys and values are cached before the grouped-query repeat: `kv` heads, not `nh`.
+        let (k_all, v_all) = match kv.take() {
+            Some((k0, v0)) => (
+                Tensor::cat(&[&k0, &k_new], 2)?,
+                Tensor::cat(&[&v0, &v_new], 2)?,
+            ),
+            None => (k_new, v_new),
+        };
+        *kv = Some((k_all.clone(), v_all.clone()));
+        let total = start + t;
+        let k = repeat_kv(&k_all, nh / nkv)?;
+        let v = repeat_kv(&v_all, nh / nkv)?;
+        // Query `i` sits at position `start + i` and sees key `j` when `j <= start + i` and,
+        // under a sliding window `w`, `start + i - j < w`.
+        let w = blk.window.unwrap_or(usize::MAX);
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                let p = start + i;
+                (0..total).map(move |j| {
+                    if j <= p && p - j < w {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q
+            .contiguous()?
+            .matmul(&k.transpose(2, 3)?.contiguous()?)?
+            .to_dtype(DType::F32)?
+            .affine(scale, 0.0)?
+            .broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
+        let o = probs.matmul(&v.contiguous()?)?;
+        blk.o.forward(&crate::fused::merge_heads(&o)?, pass)
+    }
+
     /// Every projection of the base, in layer order (attention, then feed-forward).
     fn linears(&self) -> Vec<&Linear> {
         let mut out = Vec::new();
@@ -726,6 +863,27 @@ impl HfModel {
             .into_iter()
             .filter_map(|l| l.adapter.as_ref().map(|a| (l, a)))
             .collect()
+    }
+}
+
+/// The keys and values of the tokens a model has seen, per layer `[B, kv_heads, T, hd]`
+/// (after RoPE), for generation one token at a time.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    batch: usize,
+}
+
+impl KvCache {
+    /// Tokens cached per sequence.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

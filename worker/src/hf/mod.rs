@@ -8,13 +8,14 @@
 //! [`config`] checks `config.json` (and refuses unsupported architectures by name),
 //! [`load`] maps the weights, [`decoder`] and [`moe`] compute, [`lora`] adds trainable
 //! adapters on the frozen base, [`quant`] holds the frozen projections in int8 or NF4
-//! (QLoRA), [`export`] writes PEFT adapters and merged models, [`parity`] compares with a
-//! reference.
+//! (QLoRA), [`export`] writes PEFT adapters and merged models, [`generate`] samples text
+//! with a key/value cache, [`parity`] compares with a reference.
 
 pub mod config;
 pub mod decoder;
 mod error;
 pub mod export;
+pub mod generate;
 pub mod load;
 pub mod lora;
 pub mod moe;
@@ -26,7 +27,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 pub use config::{Arch, HfConfig};
-pub use decoder::HfModel;
+pub use decoder::{HfModel, KvCache};
 pub use error::HfError;
 pub use load::WeightFiles;
 pub use lora::HfLoraConfig;
