@@ -14,6 +14,7 @@ mod cuda;
 pub mod data;
 mod error;
 pub mod fused;
+pub mod hf;
 pub mod mamba;
 pub mod model;
 pub mod optim;

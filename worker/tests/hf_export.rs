@@ -1,0 +1,195 @@
+//! Exports (`potluck_worker::hf::export`): PEFT adapter directories with PEFT's tensor names
+//! and config fields, merged model directories that this crate's loader reloads with the
+//! same logits (on an f32 and on an NF4 base), atomic writes that never overwrite, and a
+//! typed error for a model without adapters. `write_gpu_check` (ignored) writes the files
+//! the GPU machine's PEFT/transformers check reads (docs/GPU.md).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use potluck_worker::hf::export::{self, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_WEIGHTS};
+use potluck_worker::hf::parity::Expected;
+use potluck_worker::hf::{self, HfError, HfLoraConfig, HfModel, QuantFormat};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("values")
+}
+
+/// Adapters on `model` with random nonzero `B`s, so that they change the output.
+fn adapt(model: &mut HfModel, targets: &[&str]) {
+    let mut cfg = HfLoraConfig::new(targets);
+    cfg.rank = 4;
+    cfg.alpha = 8.0;
+    cfg.dropout = 0.05;
+    cfg.seed = 11;
+    model.attach_lora(&cfg).expect("attach");
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (n, p) in model.lora_params() {
+        if n.ends_with("lora_B.weight") {
+            let v: Vec<f32> = (0..p.elem_count())
+                .map(|_| (rng.random::<f32>() - 0.5) * 0.2)
+                .collect();
+            p.set(&Tensor::from_vec(v, p.shape(), &Device::Cpu).expect("b"))
+                .expect("set");
+        }
+    }
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn peft_export_has_peft_names_and_config() {
+    let dir = fixture("llama");
+    let mut model = hf::load_model(&dir, None, &Device::Cpu).expect("model");
+    adapt(&mut model, &["q_proj", "v_proj", "down_proj"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("adapter");
+    export::export_peft(&model, "tiny-llama", &out).expect("export");
+    let saved = candle_core::safetensors::load(out.join(ADAPTER_WEIGHTS), &Device::Cpu)
+        .expect("adapter weights");
+    let params = model.lora_params();
+    assert_eq!(saved.len(), params.len());
+    for (n, p) in &params {
+        let key = format!("base_model.model.{n}");
+        let t = saved.get(&key).unwrap_or_else(|| panic!("{key} missing"));
+        assert_eq!(values(t), values(p.as_tensor()), "{key}");
+    }
+    assert!(saved.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(ADAPTER_CONFIG)).expect("config"))
+            .expect("json");
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    assert_eq!(cfg["lora_dropout"], 0.05);
+    assert_eq!(cfg["base_model_name_or_path"], "tiny-llama");
+    let targets = cfg["target_modules"].as_array().expect("list");
+    assert_eq!(targets.len(), 6, "three projections in each of two layers");
+    assert!(targets.contains(&serde_json::json!("model.layers.0.self_attn.q_proj")));
+    // Never overwritten, and nothing partial left behind.
+    let err = export::export_peft(&model, "tiny-llama", &out).expect_err("exists");
+    assert!(matches!(err, HfError::Io { .. }), "{err}");
+    let names: Vec<_> = std::fs::read_dir(tmp.path()).expect("ls").collect();
+    assert_eq!(names.len(), 1, "a temporary directory was left: {names:?}");
+}
+
+#[test]
+fn a_model_without_adapters_has_nothing_to_export() {
+    let model = hf::load_model(&fixture("llama"), None, &Device::Cpu).expect("model");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let err = export::export_peft(&model, "x", &tmp.path().join("a")).expect_err("no adapters");
+    assert!(matches!(err, HfError::Input(_)), "{err}");
+    assert!(!tmp.path().join("a").exists());
+}
+
+fn merged_reloads_with_the_same_logits(name: &str, quant: Option<QuantFormat>, targets: &[&str]) {
+    let dir = fixture(name);
+    let ids = Expected::load(&dir).expect("expected").input_ids;
+    let mut model = hf::load_model(&dir, Some(DType::F32), &Device::Cpu).expect("model");
+    if let Some(fmt) = quant {
+        model.quantize(fmt).expect("quantize");
+    }
+    let base = values(&model.forward(&ids).expect("forward"));
+    adapt(&mut model, targets);
+    let want = values(&model.forward(&ids).expect("forward"));
+    assert!(
+        max_rel(&base, &want) > 1e-3,
+        "{name}: the adapters change nothing"
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("merged");
+    let config = std::fs::read_to_string(dir.join("config.json")).expect("config");
+    export::export_merged(&model, &config, &out).expect("export");
+    assert!(out.join(MODEL_WEIGHTS).exists());
+    let back = hf::load_model(&out, None, &Device::Cpu).expect("reload");
+    let got = values(&back.forward(&ids).expect("forward"));
+    let rel = max_rel(&want, &got);
+    println!("{name} {quant:?}: merged logits differ by {rel:e} relative");
+    assert!(
+        rel < 1e-4,
+        "{name} {quant:?}: merged logits differ by {rel}"
+    );
+}
+
+#[test]
+fn merged_models_reload_with_the_same_logits() {
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    merged_reloads_with_the_same_logits("llama", None, &all);
+    merged_reloads_with_the_same_logits("llama", Some(QuantFormat::Nf4), &all);
+    merged_reloads_with_the_same_logits("phi3", None, &["qkv_proj", "gate_up_proj"]);
+    // Stacked experts are written in transformers 5's layout and read back.
+    merged_reloads_with_the_same_logits("qwen2_moe", None, &["q_proj", "gate_proj"]);
+}
+
+#[test]
+fn merged_export_refuses_a_config_of_another_model() {
+    let mut model = hf::load_model(&fixture("llama"), None, &Device::Cpu).expect("model");
+    adapt(&mut model, &["q_proj"]);
+    let other = std::fs::read_to_string(fixture("qwen2").join("config.json")).expect("config");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let err = export::export_merged(&model, &other, &tmp.path().join("m")).expect_err("other");
+    assert!(matches!(err, HfError::Config { .. }), "{err}");
+}
+
+/// Writes `$POTLUCK_HF_EXPORT/{adapter,merged,ours.safetensors}` for the GPU machine's
+/// check: the llama fixture with adapters on every projection, PEFT's adapter, the merged
+/// model, and our logits with and without the adapters for the fixture's ids.
+#[test]
+#[ignore = "writes files for the GPU machine's PEFT check; set POTLUCK_HF_EXPORT"]
+fn write_gpu_check() {
+    let root = PathBuf::from(std::env::var("POTLUCK_HF_EXPORT").expect("POTLUCK_HF_EXPORT"));
+    let dir = fixture("llama");
+    let ids = Expected::load(&dir).expect("expected").input_ids;
+    let mut model = hf::load_model(&dir, Some(DType::F32), &Device::Cpu).expect("model");
+    let base = model.forward(&ids).expect("forward");
+    adapt(
+        &mut model,
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    );
+    let adapted = model.forward(&ids).expect("forward");
+    export::export_peft(&model, "base", &root.join("adapter")).expect("peft");
+    let config = std::fs::read_to_string(dir.join("config.json")).expect("config");
+    export::export_merged(&model, &config, &root.join("merged")).expect("merged");
+    let ours: std::collections::HashMap<String, Tensor> = [
+        (
+            "input_ids".to_string(),
+            ids.to_dtype(DType::I64).expect("ids"),
+        ),
+        ("base_logits".to_string(), base),
+        ("adapted_logits".to_string(), adapted),
+    ]
+    .into_iter()
+    .collect();
+    candle_core::safetensors::save(&ours, root.join("ours.safetensors")).expect("save");
+}
