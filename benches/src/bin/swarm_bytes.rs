@@ -27,7 +27,7 @@ const HELP: &str = "swarm_bytes [--replicas N] [--seeds 1,2,3] [--modes a,b,int8
 [--model tiny|small|base] [--inner-steps H] [--total-tokens N] [--batch B] [--seq T] [--lr X] \
 [--warmup N] [--outer-lr X] [--outer-momentum X] [--eval-batches N] [--device cpu|cuda|cuda:N] \
 [--lock Cargo.lock] [--registry-src DIR] [--crates a,b,c] [--eval-permille N] \
-[--max-train-bytes N (a prefix of the training split; 0: all)]";
+[--max-train-bytes N (a prefix of the training split; 0: all)] [--corpus-only true]";
 
 struct Opts {
     settings: Settings,
@@ -35,6 +35,8 @@ struct Opts {
     modes: Vec<Mode>,
     corpus: CorpusSpec,
     max_train_bytes: usize,
+    /// Print the corpus line and stop.
+    corpus_only: bool,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -57,6 +59,7 @@ fn parse_args() -> Result<Opts> {
     let mut modes = "a,b,int8,topk,sign".to_string();
     let mut corpus = CorpusSpec::new("Cargo.lock".into());
     let mut max_train_bytes = 0;
+    let mut corpus_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
@@ -110,6 +113,7 @@ fn parse_args() -> Result<Opts> {
             "--crates" => corpus.only = Some(v.split(',').map(|c| c.trim().to_string()).collect()),
             "--eval-permille" => corpus.eval_permille = v.parse().map_err(|e| bad(&e))?,
             "--max-train-bytes" => max_train_bytes = v.parse().map_err(|e| bad(&e))?,
+            "--corpus-only" => corpus_only = v.parse().map_err(|e| bad(&e))?,
             _ => bail!("unknown flag {flag}\n{HELP}"),
         }
     }
@@ -130,6 +134,7 @@ fn parse_args() -> Result<Opts> {
         modes,
         corpus,
         max_train_bytes,
+        corpus_only,
     })
 }
 
@@ -149,6 +154,9 @@ fn main() -> Result<()> {
             "train_bytes_used": train.len(),
         })
     );
+    if o.corpus_only {
+        return Ok(());
+    }
     let tok = |b: &[u8]| b.iter().map(|&x| u32::from(x)).collect::<Vec<u32>>();
     let data = Dataset::from_tokens(tok(&train), tok(&corpus.eval), 256, s.replicas as u64)?;
     let mut results: Vec<Measured> = Vec::new();
