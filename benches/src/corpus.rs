@@ -57,6 +57,9 @@ pub enum CorpusError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A saved corpus does not match the hashes saved beside it.
+    #[error("saved corpus in {dir}: {reason}")]
+    Saved { dir: PathBuf, reason: String },
     /// The selection holds nothing in one of the splits.
     #[error("the corpus is empty or has an empty split: {0}")]
     Empty(String),
@@ -208,6 +211,85 @@ impl Corpus {
             "eval_blake3": self.eval_hash(),
         })
     }
+}
+
+/// A saved split larger than this is refused before it is read.
+pub const MAX_SAVED_SPLIT_BYTES: u64 = 4 << 30;
+
+impl Corpus {
+    /// Writes the two splits (`train.bin`, `eval.bin`) and their description with the
+    /// hashes (`corpus.json`) into `dir`, each written to a temporary name, synced and
+    /// renamed: a machine without the crate sources (the GPU machine) loads them with
+    /// [`Corpus::load`].
+    pub fn save(&self, dir: &Path) -> Result<(), CorpusError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut info = self.describe();
+        info["train_list"] = json!(self.train_files);
+        info["eval_list"] = json!(self.eval_files);
+        let json_bytes = serde_json::to_vec_pretty(&info).map_err(|e| CorpusError::Saved {
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        for (name, bytes) in [
+            ("train.bin", &self.train[..]),
+            ("eval.bin", &self.eval[..]),
+            ("corpus.json", &json_bytes[..]),
+        ] {
+            write_atomic(&dir.join(name), bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Reads what [`Corpus::save`] wrote, refusing splits whose blake3 differs from the
+    /// hashes saved beside them.
+    pub fn load(dir: &Path) -> Result<Corpus, CorpusError> {
+        let bad = |reason: String| CorpusError::Saved {
+            dir: dir.to_path_buf(),
+            reason,
+        };
+        let read = |name: &str, cap: u64| -> Result<Vec<u8>, CorpusError> {
+            use std::io::Read;
+            let path = dir.join(name);
+            let f = std::fs::File::open(&path).map_err(io(&path))?;
+            let mut bytes = Vec::new();
+            f.take(cap + 1).read_to_end(&mut bytes).map_err(io(&path))?;
+            if bytes.len() as u64 > cap {
+                return Err(bad(format!("{name} is larger than {cap} bytes")));
+            }
+            Ok(bytes)
+        };
+        let info: serde_json::Value = serde_json::from_slice(&read("corpus.json", 64 << 20)?)
+            .map_err(|e| bad(format!("corpus.json: {e}")))?;
+        let list = |k: &str| -> Result<Vec<String>, CorpusError> {
+            serde_json::from_value(info[k].clone()).map_err(|e| bad(format!("{k}: {e}")))
+        };
+        let c = Corpus {
+            train: read("train.bin", MAX_SAVED_SPLIT_BYTES)?,
+            eval: read("eval.bin", MAX_SAVED_SPLIT_BYTES)?,
+            train_files: list("train_list")?,
+            eval_files: list("eval_list")?,
+            crates: info["crates"].as_u64().unwrap_or(0) as usize,
+            skipped_large: info["skipped_large_files"].as_u64().unwrap_or(0) as usize,
+        };
+        for (k, got) in [
+            ("train_blake3", c.train_hash()),
+            ("eval_blake3", c.eval_hash()),
+        ] {
+            if info[k].as_str() != Some(got.as_str()) {
+                return Err(bad(format!("{k} is {got}, corpus.json says {}", info[k])));
+            }
+        }
+        Ok(c)
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CorpusError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 /// Whether the file at `rel` is held out (see the module's documentation).
@@ -411,6 +493,22 @@ mod tests {
         assert!(matches!(err, CorpusError::Missing { .. }), "{msg}");
         assert!(msg.contains("nowhere-crate 1.2.3"), "{msg}");
         assert!(msg.contains("cargo fetch --locked"), "{msg}");
+    }
+
+    #[test]
+    fn a_saved_corpus_loads_the_same_and_a_changed_one_is_refused() {
+        let c = Corpus::build(&few()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        c.save(dir.path()).unwrap();
+        let back = Corpus::load(dir.path()).unwrap();
+        assert_eq!(back.train_hash(), c.train_hash());
+        assert_eq!(back.eval, c.eval);
+        assert_eq!(back.train_files, c.train_files);
+        let mut eval = c.eval.clone();
+        eval[0] ^= 1;
+        std::fs::write(dir.path().join("eval.bin"), eval).unwrap();
+        let err = Corpus::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("eval_blake3"), "{err}");
     }
 
     #[test]

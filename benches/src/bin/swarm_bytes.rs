@@ -27,7 +27,8 @@ const HELP: &str = "swarm_bytes [--replicas N] [--seeds 1,2,3] [--modes a,b,int8
 [--model tiny|small|base] [--inner-steps H] [--total-tokens N] [--batch B] [--seq T] [--lr X] \
 [--warmup N] [--outer-lr X] [--outer-momentum X] [--eval-batches N] [--device cpu|cuda|cuda:N] \
 [--lock Cargo.lock] [--registry-src DIR] [--crates a,b,c] [--eval-permille N] \
-[--max-train-bytes N (a prefix of the training split; 0: all)] [--corpus-only true]";
+[--max-train-bytes N (a prefix of the training split; 0: all)] [--corpus-only true] \
+[--save-corpus DIR] [--load-corpus DIR (a saved corpus instead of the crate sources)]";
 
 struct Opts {
     settings: Settings,
@@ -37,6 +38,8 @@ struct Opts {
     max_train_bytes: usize,
     /// Print the corpus line and stop.
     corpus_only: bool,
+    save_corpus: Option<std::path::PathBuf>,
+    load_corpus: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -60,6 +63,7 @@ fn parse_args() -> Result<Opts> {
     let mut corpus = CorpusSpec::new("Cargo.lock".into());
     let mut max_train_bytes = 0;
     let mut corpus_only = false;
+    let (mut save_corpus, mut load_corpus) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
@@ -114,6 +118,8 @@ fn parse_args() -> Result<Opts> {
             "--eval-permille" => corpus.eval_permille = v.parse().map_err(|e| bad(&e))?,
             "--max-train-bytes" => max_train_bytes = v.parse().map_err(|e| bad(&e))?,
             "--corpus-only" => corpus_only = v.parse().map_err(|e| bad(&e))?,
+            "--save-corpus" => save_corpus = Some(v.into()),
+            "--load-corpus" => load_corpus = Some(v.into()),
             _ => bail!("unknown flag {flag}\n{HELP}"),
         }
     }
@@ -135,13 +141,21 @@ fn parse_args() -> Result<Opts> {
         corpus,
         max_train_bytes,
         corpus_only,
+        save_corpus,
+        load_corpus,
     })
 }
 
 fn main() -> Result<()> {
     let o = parse_args()?;
     let s = &o.settings;
-    let corpus = Corpus::build(&o.corpus).context("building the corpus")?;
+    let corpus = match &o.load_corpus {
+        Some(dir) => Corpus::load(dir).context("loading the saved corpus")?,
+        None => Corpus::build(&o.corpus).context("building the corpus")?,
+    };
+    if let Some(dir) = &o.save_corpus {
+        corpus.save(dir).context("saving the corpus")?;
+    }
     let mut train = corpus.train.clone();
     if o.max_train_bytes > 0 {
         train.truncate(o.max_train_bytes);
