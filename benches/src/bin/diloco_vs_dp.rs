@@ -21,6 +21,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use potluck_benches::swarm_bytes::mean_sd;
 use potluck_daemon::train::demo::LocalSwarm;
 use potluck_daemon::train::{RunEvent, RunManifest};
 use potluck_worker::{DeviceSpec, Replica};
@@ -274,17 +275,6 @@ async fn one_run(o: &Opts, mode: char, seed: u64) -> Result<Measured> {
         })
     );
     Ok(Measured { bytes, eval_loss })
-}
-
-fn mean_sd(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let mean = xs.iter().sum::<f64>() / n;
-    let var = if xs.len() > 1 {
-        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]

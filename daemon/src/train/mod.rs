@@ -7,6 +7,7 @@ pub mod datapack;
 pub mod demo;
 pub mod manifest;
 pub mod plan;
+pub mod reduce;
 pub mod reference;
 pub mod runs;
 pub mod session;

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
-use potluck_coordinator::aggregate::{Contribution, ValidationLimits, aggregate, validate_updates};
 use potluck_coordinator::failover::SignedRunManifest;
 use potluck_coordinator::manifest::{CheckpointContent, SignedManifest};
 use potluck_coordinator::round::{Action, Report, RunConfig, RunMachine};
@@ -49,6 +48,7 @@ use super::checkpoint::{self, InnerState};
 use super::datapack;
 use super::manifest::{ManifestError, ResolvedRun, RunMode};
 use super::plan::slice_ranges;
+use super::reduce::{reduce_codec, reduce_slice};
 use super::wire::{MAX_CONTROL_BYTES, read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
 
@@ -94,8 +94,6 @@ const MAX_INBOUND_STREAMS: usize = 64;
 const INBOX_CAPACITY: usize = 256;
 /// Members a run admits at most.
 const MAX_MEMBERS: usize = 1024;
-/// A contribution whose norm is this many times the median of the others' is refused.
-const MAX_NORM_RATIO: f64 = 10.0;
 /// How long a daemon that coordinates nothing waits for a join, and for each answer to it.
 const ENDED_RUN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The file in a run's directory that says its coordinator ended the run.
@@ -4197,71 +4195,6 @@ fn sitting_out_root(peer: &PeerId, round: u64) -> [u8; 32] {
     h.update(&peer.to_bytes());
     h.update(&round.to_le_bytes());
     *h.finalize().as_bytes()
-}
-
-/// The codec for a reduced slice: top-k keeps the union of the contributors' supports; any
-/// other codec re-encodes the mean with itself. For `sign` that is the sign of the
-/// token-weighted mean at its mean magnitude (with equal weights, signSGD's majority vote),
-/// one bit per value like the contributions. On the one seed tried it ended lower than a
-/// 2-bit encoding of the mean that cost 1.44x the bytes (docs/BENCHMARKS.md). Reducers keep
-/// no error feedback: what the re-encoding drops is lost (feedback at the reducer was
-/// tried, and made `sign` worse: docs/BENCHMARKS.md).
-fn reduce_codec(codec: Codec, contributors: usize) -> Codec {
-    match codec {
-        Codec::TopK { chunk, k, .. } => Codec::TopK {
-            chunk,
-            k: (k.saturating_mul(contributors.max(1) as u32)).min(chunk),
-            bits: 8,
-        },
-        other => other,
-    }
-}
-
-/// Validates the contributions to one slice with the coordinator crate's rules (length,
-/// finiteness, tokens, norm against the others), then averages the accepted ones with its
-/// aggregation seam. Refusals are appended to `rejected`. Returns the mean and the peers it
-/// folds in; with no acceptable contribution the slice's update is zero.
-fn reduce_slice(
-    contributions: &BTreeMap<PeerId, (u64, Vec<f32>)>,
-    len: usize,
-    rejected: &mut Vec<String>,
-) -> (Vec<f32>, Vec<PeerId>) {
-    if contributions.is_empty() {
-        // Every member abstained or was silent: a zero update, nothing to warn about.
-        return (vec![0.0; len], Vec::new());
-    }
-    let ids: Vec<(PeerId, CPeerId)> = contributions
-        .keys()
-        .map(|p| (*p, CPeerId(p.to_bytes())))
-        .collect();
-    let all: Vec<Contribution<'_>> = ids
-        .iter()
-        .zip(contributions.values())
-        .map(|((_, c), (tokens, values))| Contribution {
-            peer: c,
-            tokens: *tokens,
-            values,
-        })
-        .collect();
-    let limits = ValidationLimits {
-        expected_len: len,
-        max_norm_ratio: MAX_NORM_RATIO,
-    };
-    let refused = validate_updates(&all, limits);
-    for r in &refused {
-        rejected.push(format!("{}: {:?}", ids[r.index].0, r.reason));
-    }
-    let keep: Vec<usize> = (0..all.len())
-        .filter(|i| !refused.iter().any(|r| r.index == *i))
-        .collect();
-    let accepted: Vec<Contribution<'_>> = keep.iter().map(|&i| all[i]).collect();
-    match aggregate(&accepted) {
-        Ok(avg) => (avg, keep.iter().map(|&i| ids[i].0).collect()),
-        Err(e) => {
-            tracing::warn!(error = %e, "nothing to reduce for this slice");
-            (vec![0.0; len], Vec::new())
-        }
-    }
 }
 
 fn verify_sender(h: &FrameHeader, from: PeerId) -> Result<(), &'static str> {

@@ -1,0 +1,80 @@
+//! The reduction of one slice of a sharded exchange, shared by the daemon's exchange
+//! (`session.rs`) and the in-process bytes benchmark (`benches/`): which contributions a
+//! reducer accepts (the coordinator crate's validation), how it averages them (its
+//! aggregation seam), and the codec the mean is re-encoded with. Pure functions: no
+//! sockets, no clocks, so a benchmark that calls them measures the daemon's own reduction.
+
+use std::collections::BTreeMap;
+
+use libp2p::PeerId;
+use potluck_coordinator::PeerId as CPeerId;
+use potluck_coordinator::aggregate::{Contribution, ValidationLimits, aggregate, validate_updates};
+use potluck_worker::compress::Codec;
+
+/// A contribution whose norm is this many times the median of the others' is refused.
+pub const MAX_NORM_RATIO: f64 = 10.0;
+
+/// The codec for a reduced slice: top-k keeps the union of the contributors' supports; any
+/// other codec re-encodes the mean with itself. For `sign` that is the sign of the
+/// token-weighted mean at its mean magnitude (with equal weights, signSGD's majority vote),
+/// one bit per value like the contributions. On the one seed tried it ended lower than a
+/// 2-bit encoding of the mean that cost 1.44x the bytes (docs/BENCHMARKS.md). Reducers keep
+/// no error feedback: what the re-encoding drops is lost (feedback at the reducer was
+/// tried, and made `sign` worse: docs/BENCHMARKS.md).
+pub fn reduce_codec(codec: Codec, contributors: usize) -> Codec {
+    match codec {
+        Codec::TopK { chunk, k, .. } => Codec::TopK {
+            chunk,
+            k: (k.saturating_mul(contributors.max(1) as u32)).min(chunk),
+            bits: 8,
+        },
+        other => other,
+    }
+}
+
+/// Validates the contributions to one slice with the coordinator crate's rules (length,
+/// finiteness, tokens, norm against the others), then averages the accepted ones with its
+/// aggregation seam. Refusals are appended to `rejected`. Returns the mean and the peers it
+/// folds in; with no acceptable contribution the slice's update is zero.
+pub fn reduce_slice(
+    contributions: &BTreeMap<PeerId, (u64, Vec<f32>)>,
+    len: usize,
+    rejected: &mut Vec<String>,
+) -> (Vec<f32>, Vec<PeerId>) {
+    if contributions.is_empty() {
+        // Every member abstained or was silent: a zero update, nothing to warn about.
+        return (vec![0.0; len], Vec::new());
+    }
+    let ids: Vec<(PeerId, CPeerId)> = contributions
+        .keys()
+        .map(|p| (*p, CPeerId(p.to_bytes())))
+        .collect();
+    let all: Vec<Contribution<'_>> = ids
+        .iter()
+        .zip(contributions.values())
+        .map(|((_, c), (tokens, values))| Contribution {
+            peer: c,
+            tokens: *tokens,
+            values,
+        })
+        .collect();
+    let limits = ValidationLimits {
+        expected_len: len,
+        max_norm_ratio: MAX_NORM_RATIO,
+    };
+    let refused = validate_updates(&all, limits);
+    for r in &refused {
+        rejected.push(format!("{}: {:?}", ids[r.index].0, r.reason));
+    }
+    let keep: Vec<usize> = (0..all.len())
+        .filter(|i| !refused.iter().any(|r| r.index == *i))
+        .collect();
+    let accepted: Vec<Contribution<'_>> = keep.iter().map(|&i| all[i]).collect();
+    match aggregate(&accepted) {
+        Ok(avg) => (avg, keep.iter().map(|&i| ids[i].0).collect()),
+        Err(e) => {
+            tracing::warn!(error = %e, "nothing to reduce for this slice");
+            (vec![0.0; len], Vec::new())
+        }
+    }
+}
