@@ -57,6 +57,9 @@ pub struct Config {
     /// Committed checkpoints of a run kept on disk, the newest first; the last commit's is
     /// never pruned.
     pub keep_checkpoints: usize,
+    /// Serve `/metrics` (Prometheus), `/api/state` (JSON) and the dashboard here; off when
+    /// `None`. A non-loopback address requires the bearer token in `<data_dir>/http.token`.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             max_connections_per_peer: 4,
             target_peers: 16,
             keep_checkpoints: 3,
+            http_listen: None,
         }
     }
 }
@@ -156,7 +160,11 @@ pub const KEYS: &[&str] = &[
     "max_connections_per_peer",
     "target_peers",
     "keep_checkpoints",
+    "http_listen",
 ];
+
+/// Port of `http_listen = "on"` (loopback).
+pub const DEFAULT_HTTP_PORT: u16 = 9464;
 
 /// The TOML file is small by nature; refuse anything absurd before reading it.
 const CONFIG_FILE_LIMIT: u64 = 1 << 20;
@@ -235,6 +243,19 @@ impl Config {
             "target_peers" => self.target_peers = as_int(&value, 0, 10_000).map_err(bad)? as u32,
             "keep_checkpoints" => {
                 self.keep_checkpoints = as_int(&value, 1, 1_000_000).map_err(bad)? as usize
+            }
+            "http_listen" => {
+                let s = as_str(&value).map_err(bad)?;
+                self.http_listen = match s.trim() {
+                    "" | "off" => None,
+                    // The usual Prometheus exporter port, on loopback.
+                    "on" => Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT))),
+                    a => Some(a.parse().map_err(|e| {
+                        bad(format!(
+                            "`{a}` is not an IP:port address, `on` or `off` ({e})"
+                        ))
+                    })?),
+                };
             }
             _ => {
                 return Err(ConfigError::Unknown {
@@ -397,6 +418,26 @@ mod tests {
     }
 
     #[test]
+    fn http_listener_is_off_by_default_and_loopback_when_on() {
+        let mut c = Config::default();
+        assert_eq!(c.http_listen, None);
+        c.set("http_listen", RawValue::Str("on".into()), &Source::Flag)
+            .unwrap();
+        let a = c.http_listen.unwrap();
+        assert!(a.ip().is_loopback());
+        assert_eq!(a.port(), DEFAULT_HTTP_PORT);
+        c.apply_env([(
+            "POTLUCK_HTTP_LISTEN".to_string(),
+            "0.0.0.0:9000".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(c.http_listen, Some("0.0.0.0:9000".parse().unwrap()));
+        c.set("http_listen", RawValue::Str("off".into()), &Source::Flag)
+            .unwrap();
+        assert_eq!(c.http_listen, None);
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let mut c = Config::default();
         let err = c
@@ -437,6 +478,13 @@ mod tests {
         std::fs::write(&file, "keep_checkpoints = 1\n").unwrap();
         c.apply_file(&file).unwrap();
         assert_eq!(c.keep_checkpoints, 1);
+        std::fs::write(&file, "http_listen = \"127.0.0.1:99999\"\n").unwrap();
+        assert!(
+            c.apply_file(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("http_listen")
+        );
         std::fs::write(&file, "no_such_key = 1\n").unwrap();
         assert!(
             c.apply_file(&file)

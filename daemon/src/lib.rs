@@ -1,7 +1,8 @@
 //! potluck-daemon: the I/O shell of Potluck and the `potluck` binary. `node` starts a daemon
 //! (identity, network, control API); `net` is the libp2p event loop and its `Client` handle;
 //! `cli` is the command line; `config`, `identity`, `capability`, `membership`, `gate` and
-//! `wire` are the pieces they are built from.
+//! `wire` are the pieces they are built from; `web` serves the metrics (`metrics`), the JSON
+//! state and the dashboard.
 
 pub mod capability;
 pub mod ckpt_transfer;
@@ -13,9 +14,11 @@ pub mod fsutil;
 pub mod gate;
 pub mod identity;
 pub mod membership;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod train;
+pub mod web;
 pub mod wire;
 
 pub use config::Config;

@@ -12,6 +12,7 @@ use crate::control::{self, ControlError, ControlService};
 use crate::identity::{self, IdentityError};
 use crate::net::{self, Client, NetError};
 use crate::train::{TrainError, TrainService};
+use crate::web::WebServer;
 use potluck_worker::DeviceSpec;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,8 @@ pub enum NodeError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Checkpoints(#[from] crate::ckpt_transfer::ServeError),
+    #[error(transparent)]
+    Web(#[from] crate::web::WebError),
 }
 
 /// A running daemon.
@@ -40,6 +43,7 @@ pub struct Node {
     train: TrainService,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    web: Option<WebServer>,
     data_dir: PathBuf,
 }
 
@@ -79,6 +83,12 @@ impl Node {
             None => None,
         };
         let keep_checkpoints = config.keep_checkpoints;
+        let http = match config.http_listen {
+            // Loopback is this machine's own business; anywhere else needs the token.
+            Some(addr) if addr.ip().is_loopback() => Some((addr, None)),
+            Some(addr) => Some((addr, Some(crate::web::load_or_create_token(&dir)?))),
+            None => None,
+        };
         let (client, event_loop) = net::build(config, key.clone())?;
         let train = TrainService::start(
             key,
@@ -105,6 +115,12 @@ impl Node {
             }
         });
         let (shutdown, rx) = watch::channel(false);
+        let web = match http {
+            Some((addr, token)) => Some(
+                WebServer::start(addr, token, client.clone(), train.clone(), rx.clone()).await?,
+            ),
+            None => None,
+        };
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(event_loop.run(stopped(rx.clone()))));
         let registry = crate::train::runs::Runs::new(train.clone());
@@ -135,12 +151,18 @@ impl Node {
             train,
             shutdown,
             tasks,
+            web,
             data_dir: dir,
         })
     }
 
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// Where the metrics, the JSON state and the dashboard are served, when they are.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.web.as_ref().map(WebServer::addr)
     }
 
     /// The daemon's training service (runs it coordinates or joins).
@@ -154,6 +176,9 @@ impl Node {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        if let Some(w) = self.web {
+            w.join().await;
         }
         let _ = std::fs::remove_file(control::socket_path(&self.data_dir));
         tracing::info!("daemon stopped");
