@@ -108,6 +108,9 @@ pub struct DaemonArgs {
     /// the bearer token in <data_dir>/http.token.
     #[arg(long, value_name = "IP:PORT|on|off")]
     pub http_listen: Option<String>,
+    /// Train on this device: cpu, cuda (the first GPU) or cuda:N (needs a `cuda` build).
+    #[arg(long, value_name = "cpu|cuda|cuda:N")]
+    pub device: Option<String>,
 }
 
 /// Options shared by every command that talks to a running daemon.
@@ -199,6 +202,9 @@ pub fn daemon_config(
     }
     if let Some(h) = &args.http_listen {
         c.set("http_listen", RawValue::Str(h.clone()), &flag)?;
+    }
+    if let Some(d) = &args.device {
+        c.set("device", RawValue::Str(d.clone()), &flag)?;
     }
     Ok(c)
 }

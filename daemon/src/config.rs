@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use libp2p::Multiaddr;
+use potluck_worker::DeviceSpec;
 
 /// How the daemon writes its logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,11 @@ pub struct Config {
     /// Serve `/metrics` (Prometheus), `/api/state` (JSON) and the dashboard here; off when
     /// `None`. A non-loopback address requires the bearer token in `<data_dir>/http.token`.
     pub http_listen: Option<SocketAddr>,
+    /// Read the HTTP bearer token from this file (which must exist) instead of
+    /// `<data_dir>/http.token`; with it, a token is required on loopback too.
+    pub http_token_file: Option<PathBuf>,
+    /// Where this daemon trains: the CPU, or a CUDA GPU (a build with the `cuda` feature).
+    pub device: DeviceSpec,
 }
 
 impl Default for Config {
@@ -87,6 +93,8 @@ impl Default for Config {
             target_peers: 16,
             keep_checkpoints: 3,
             http_listen: None,
+            http_token_file: None,
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -161,6 +169,8 @@ pub const KEYS: &[&str] = &[
     "target_peers",
     "keep_checkpoints",
     "http_listen",
+    "http_token_file",
+    "device",
 ];
 
 /// Port of `http_listen = "on"` (loopback).
@@ -257,6 +267,11 @@ impl Config {
                     })?),
                 };
             }
+            "http_token_file" => {
+                let s = as_str(&value).map_err(bad)?;
+                self.http_token_file = (!s.is_empty()).then(|| PathBuf::from(s));
+            }
+            "device" => self.device = parse_device(&as_str(&value).map_err(bad)?).map_err(bad)?,
             _ => {
                 return Err(ConfigError::Unknown {
                     key: key.to_string(),
@@ -329,6 +344,20 @@ impl Config {
             self.set(&key, RawValue::Str(value), &Source::Env(name.clone()))?;
         }
         Ok(())
+    }
+}
+
+/// `cpu`, `cuda` (the first GPU) or `cuda:N`.
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    match s.trim() {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n < 64)
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| format!("`{other}` is not `cpu`, `cuda` or `cuda:N` (N < 64)")),
     }
 }
 
@@ -435,6 +464,28 @@ mod tests {
         c.set("http_listen", RawValue::Str("off".into()), &Source::Flag)
             .unwrap();
         assert_eq!(c.http_listen, None);
+    }
+
+    #[test]
+    fn device_is_cpu_or_a_cuda_ordinal() {
+        let mut c = Config::default();
+        assert_eq!(c.device, DeviceSpec::Cpu);
+        for (text, want) in [
+            ("cuda", DeviceSpec::Cuda(0)),
+            ("cuda:3", DeviceSpec::Cuda(3)),
+            ("cpu", DeviceSpec::Cpu),
+        ] {
+            c.set("device", RawValue::Str(text.into()), &Source::Flag)
+                .unwrap();
+            assert_eq!(c.device, want);
+        }
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:64", "metal"] {
+            let e = c
+                .set("device", RawValue::Str(bad.into()), &Source::Flag)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`device`"), "{e}");
+        }
     }
 
     #[test]

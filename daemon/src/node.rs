@@ -13,7 +13,6 @@ use crate::identity::{self, IdentityError};
 use crate::net::{self, Client, NetError};
 use crate::train::{TrainError, TrainService};
 use crate::web::WebServer;
-use potluck_worker::DeviceSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -35,6 +34,8 @@ pub enum NodeError {
     Checkpoints(#[from] crate::ckpt_transfer::ServeError),
     #[error(transparent)]
     Web(#[from] crate::web::WebError),
+    #[error("cannot train on the configured device: {0}")]
+    Device(String),
 }
 
 /// A running daemon.
@@ -75,6 +76,12 @@ impl Node {
                     source,
                 })?;
         }
+        let device = config.device;
+        // Open the device now: a daemon told to use a GPU it cannot use stops here, before it takes its data dir,, saying
+        // why, instead of failing its first run.
+        device
+            .device()
+            .map_err(|e| NodeError::Device(e.to_string()))?;
         let key = identity::load_or_create(&dir)?;
         // Bind the control socket before the network: it doubles as the data dir's lock.
         let listener = control::bind_unix(&dir).await?;
@@ -83,17 +90,18 @@ impl Node {
             None => None,
         };
         let keep_checkpoints = config.keep_checkpoints;
-        let http = match config.http_listen {
+        let http = match (config.http_listen, &config.http_token_file) {
+            (Some(addr), Some(file)) => Some((addr, Some(crate::web::read_token(file)?))),
             // Loopback is this machine's own business; anywhere else needs the token.
-            Some(addr) if addr.ip().is_loopback() => Some((addr, None)),
-            Some(addr) => Some((addr, Some(crate::web::load_or_create_token(&dir)?))),
-            None => None,
+            (Some(addr), None) if addr.ip().is_loopback() => Some((addr, None)),
+            (Some(addr), None) => Some((addr, Some(crate::web::load_or_create_token(&dir)?))),
+            (None, _) => None,
         };
         let (client, event_loop) = net::build(config, key.clone())?;
         let train = TrainService::start(
             key,
             client.stream_control(),
-            DeviceSpec::Cpu,
+            device,
             dir.clone(),
             keep_checkpoints,
         )?;
@@ -103,7 +111,7 @@ impl Node {
         // capability record when it is ready.
         let measuring = client.clone();
         tokio::spawn(async move {
-            match tokio::task::spawn_blocking(|| crate::train::reference::measure(&DeviceSpec::Cpu))
+            match tokio::task::spawn_blocking(move || crate::train::reference::measure(&device))
                 .await
             {
                 Ok(Ok(tps)) => {
@@ -182,5 +190,29 @@ impl Node {
         }
         let _ = std::fs::remove_file(control::socket_path(&self.data_dir));
         tracing::info!("daemon stopped");
+    }
+}
+
+#[cfg(all(test, not(feature = "cuda")))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_gpu_this_build_cannot_use_stops_the_daemon_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+            mdns: false,
+            device: potluck_worker::DeviceSpec::Cuda(0),
+            ..Config::default()
+        };
+        let e = Node::start(cfg).await.unwrap_err().to_string();
+        assert!(e.contains("device") && e.contains("`cuda` feature"), "{e}");
+        assert!(
+            !control::socket_path(dir.path()).exists(),
+            "it stopped before taking the data dir"
+        );
     }
 }

@@ -56,25 +56,34 @@ pub enum WebError {
     },
 }
 
+/// Reads a bearer token file (at most 1 KiB; surrounding white space ignored; at least 16
+/// characters, or guessing it would be too easy).
+pub fn read_token(path: &Path) -> Result<String, WebError> {
+    let bytes = crate::fsutil::read_limited(path, 1024).map_err(|source| WebError::Token {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let t = String::from_utf8_lossy(&bytes).trim().to_string();
+    if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(WebError::Token {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not one word of at least 16 characters; write a new one (or remove \
+                 <data_dir>/http.token to get one)",
+            ),
+        });
+    }
+    Ok(t)
+}
+
 /// Loads the bearer token of a non-loopback listener, creating it (32 random bytes, hex,
 /// mode 0600, written atomically) on first use.
 pub fn load_or_create_token(data_dir: &Path) -> Result<String, WebError> {
     let path = data_dir.join(TOKEN_FILE);
-    match crate::fsutil::read_limited(&path, 1024) {
-        Ok(b) => {
-            let t = String::from_utf8_lossy(&b).trim().to_string();
-            if t.len() < 16 {
-                return Err(WebError::Token {
-                    path,
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "shorter than 16 characters; remove it to get a new one",
-                    ),
-                });
-            }
-            Ok(t)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match read_token(&path) {
+        Ok(t) => Ok(t),
+        Err(WebError::Token { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             let mut bytes = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
             let token = hex::encode(bytes);
@@ -82,7 +91,7 @@ pub fn load_or_create_token(data_dir: &Path) -> Result<String, WebError> {
                 .map_err(|source| WebError::Token { path, source })?;
             Ok(token)
         }
-        Err(source) => Err(WebError::Token { path, source }),
+        Err(e) => Err(e),
     }
 }
 
@@ -460,6 +469,12 @@ mod tests {
         assert_eq!(load_or_create_token(dir.path()).unwrap(), a);
         std::fs::write(dir.path().join(TOKEN_FILE), "short").unwrap();
         let e = load_or_create_token(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("shorter"), "{e}");
+        assert!(e.contains("16 characters"), "{e}");
+        let other = dir.path().join("given");
+        assert!(read_token(&other).is_err(), "a given file is never created");
+        std::fs::write(&other, "two words-but-long-enough\n").unwrap();
+        assert!(read_token(&other).is_err());
+        std::fs::write(&other, "one-long-enough-word\n").unwrap();
+        assert_eq!(read_token(&other).unwrap(), "one-long-enough-word");
     }
 }
