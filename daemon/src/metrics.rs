@@ -19,6 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::net::{BehaviourEvent, InnerEvent};
 use crate::web::state::{PeerState, State, Tracker};
 
 /// Peers with their own data-plane byte series.
@@ -54,8 +55,27 @@ fn counter(v: u64) -> Counter {
     c
 }
 
-/// The OpenMetrics text of one scrape.
-pub fn render(state: &State, tracker: &Tracker) -> String {
+/// Records a swarm event, and the protocol events `libp2p-metrics` understands, into
+/// libp2p's own metrics (`libp2p_swarm_*`, `libp2p_identify_*`, `libp2p_kad_*`,
+/// `libp2p_ping_*`, `libp2p_gossipsub_*`, `libp2p_dcutr_*`, `libp2p_relay_*`).
+pub fn record_swarm(m: &libp2p::metrics::Metrics, ev: &libp2p::swarm::SwarmEvent<BehaviourEvent>) {
+    use libp2p::metrics::Recorder;
+    m.record(ev);
+    if let libp2p::swarm::SwarmEvent::Behaviour(BehaviourEvent::Gate(inner)) = ev {
+        match inner {
+            InnerEvent::Identify(e) => m.record(e),
+            InnerEvent::Ping(e) => m.record(e),
+            InnerEvent::Kad(e) => m.record(e),
+            InnerEvent::Gossipsub(e) => m.record(e),
+            InnerEvent::Dcutr(e) => m.record(e),
+            InnerEvent::RelayServer(e) => m.record(e),
+            _ => {}
+        }
+    }
+}
+
+/// The OpenMetrics text of one scrape: this daemon's metrics, then libp2p's (`swarm`).
+pub fn render(state: &State, tracker: &Tracker, swarm: Option<&Registry>) -> String {
     let mut reg = Registry::with_prefix("potluck");
     let node = &state.node;
     let run = &state.run;
@@ -258,6 +278,9 @@ pub fn render(state: &State, tracker: &Tracker) -> String {
     let mut out = String::with_capacity(8 * 1024);
     // Writing into a String cannot fail.
     let _ = encode_registry(&mut out, &reg);
+    if let Some(swarm) = swarm {
+        let _ = encode_registry(&mut out, swarm);
+    }
     let _ = encode_eof(&mut out);
     out
 }
@@ -349,6 +372,7 @@ mod tests {
                 peer(1, PeerState::Gone, 0),
             ]),
             &tracker,
+            None,
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert_eq!(sample(&text, "potluck_uptime_seconds"), 12.5);
@@ -401,7 +425,7 @@ mod tests {
         let peers: Vec<PeerView> = (0..MAX_PEER_SERIES + 10)
             .map(|i| peer(i, PeerState::Connected, 1000 - i as u64))
             .collect();
-        let text = render(&state(peers), &Tracker::default());
+        let text = render(&state(peers), &Tracker::default(), None);
         let series = text
             .lines()
             .filter(|l| l.starts_with("potluck_peer_dataplane_bytes_total{"))

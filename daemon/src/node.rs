@@ -97,7 +97,13 @@ impl Node {
             (Some(addr), None) => Some((addr, Some(crate::web::load_or_create_token(&dir)?))),
             (None, _) => None,
         };
-        let (client, event_loop) = net::build(config, key.clone())?;
+        let (client, mut event_loop) = net::build(config, key.clone())?;
+        let mut swarm_registry = None;
+        if http.is_some() {
+            let mut registry = prometheus_client::registry::Registry::default();
+            event_loop = event_loop.with_metrics(libp2p::metrics::Metrics::new(&mut registry));
+            swarm_registry = Some(registry);
+        }
         let train = TrainService::start(
             key,
             client.stream_control(),
@@ -125,7 +131,15 @@ impl Node {
         let (shutdown, rx) = watch::channel(false);
         let web = match http {
             Some((addr, token)) => Some(
-                WebServer::start(addr, token, client.clone(), train.clone(), rx.clone()).await?,
+                WebServer::start(
+                    addr,
+                    token,
+                    swarm_registry,
+                    client.clone(),
+                    train.clone(),
+                    rx.clone(),
+                )
+                .await?,
             ),
             None => None,
         };

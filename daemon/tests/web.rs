@@ -332,6 +332,13 @@ async fn metrics_and_state_follow_a_run_and_a_departure() {
     assert!(m["potluck_round_phase_seconds_total{phase=\"train\"}"] > 0.0);
     assert!(m["potluck_eval_loss"] > 0.0);
     assert!(m["potluck_uptime_seconds"] > 0.0);
+    // libp2p's own swarm metrics ride along.
+    let established: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("libp2p_swarm_connections_established_total{"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(established >= 1.0, "{text}");
     let b_id = nodes[1].client().local_peer_id().to_string();
     assert!(
         m[&format!("potluck_peer_dataplane_bytes_total{{peer=\"{b_id}\",direction=\"sent\"}}")]

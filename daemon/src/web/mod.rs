@@ -105,6 +105,8 @@ struct Web {
     /// The last ledger report, with the run and committed round it was taken at: checking
     /// a ledger reads and verifies every entry, so it is redone only after a commit.
     ledger: Arc<tokio::sync::Mutex<Option<(String, u64, LedgerReport)>>>,
+    /// libp2p's metrics, filled by the network loop.
+    swarm: Option<Arc<prometheus_client::registry::Registry>>,
 }
 
 fn now_ms() -> u64 {
@@ -231,10 +233,11 @@ pub struct WebServer {
 
 impl WebServer {
     /// Binds `addr` and serves until `shutdown` turns true. `token`, when given, is
-    /// required on every endpoint but the static page.
+    /// required on every endpoint but the static page; `swarm` is libp2p's registry.
     pub async fn start(
         addr: SocketAddr,
         token: Option<String>,
+        swarm: Option<prometheus_client::registry::Registry>,
         client: Client,
         train: TrainService,
         shutdown: watch::Receiver<bool>,
@@ -252,6 +255,7 @@ impl WebServer {
             token: token.map(Arc::from),
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
             ledger: Arc::default(),
+            swarm: swarm.map(Arc::new),
         };
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(follow_events(
@@ -374,7 +378,7 @@ async fn metrics(AxState(web): AxState<Web>) -> Response {
     };
     let text = {
         let t = web.tracker.lock().unwrap_or_else(|p| p.into_inner());
-        crate::metrics::render(&state, &t)
+        crate::metrics::render(&state, &t, web.swarm.as_deref())
     };
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
