@@ -5,6 +5,7 @@
 //! loopback by default; on any other address every endpoint but the static page requires
 //! `Authorization: Bearer <token>` with the token of `<data_dir>/http.token`.
 
+pub mod conn;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -267,6 +268,11 @@ impl WebServer {
         let app = router(web);
         let mut stop = shutdown;
         tasks.push(tokio::spawn(async move {
+            let listener = conn::BoundedListener::new(
+                listener,
+                conn::MAX_CONNECTIONS,
+                conn::CONNECTION_LIFETIME,
+            );
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = stop.wait_for(|s| *s).await;
