@@ -17,6 +17,7 @@ pub mod membership;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod ratelimit;
 pub mod train;
 pub mod web;
 pub mod wire;
