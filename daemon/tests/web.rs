@@ -20,13 +20,13 @@ use potluck_daemon::{Config, Node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A run that finishes in seconds on a 2-core machine.
-fn run(rounds: u64, min_peers: usize) -> ResolvedRun {
+fn run(rounds: u64, min_peers: usize, inner_steps: u64) -> ResolvedRun {
     RunManifest::parse(&format!(
         r#"
 name = "web-test"
 seed = 9
 model = "tiny"
-inner_steps = 3
+inner_steps = {inner_steps}
 rounds = {rounds}
 compression = "int8"
 round_deadline_secs = 60
@@ -318,7 +318,7 @@ async fn metrics_and_state_follow_a_run_and_a_departure() {
     parse_metrics(&text);
     assert!(!dir.path().join("p0/http.token").exists());
 
-    train(&nodes, &run(3, 2)).await;
+    train(&nodes, &run(3, 2, 3)).await;
 
     let (code, text) = get(a, "/metrics", None).await;
     assert_eq!(code, 200, "{text}");
@@ -638,7 +638,8 @@ async fn the_dashboard_lives_in_headless_chromium() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start(3, dir.path(), loopback).await;
-    let url = format!("http://{}/", nodes[0].http_addr().unwrap());
+    // Polling every 200 ms, so that the page sees the run's rounds one by one.
+    let url = format!("http://{}/#poll=200", nodes[0].http_addr().unwrap());
     let log = dir.path().join("chromium.log");
     let mut browser = tokio::task::block_in_place(|| {
         let mut b = Browser::launch(&chromium, &dir.path().join("profile"), &log);
@@ -671,7 +672,7 @@ async fn the_dashboard_lives_in_headless_chromium() {
     assert_eq!(first["points"], 0);
 
     // A run: the curve gains points while the same page load keeps polling.
-    let run = run(6, 3);
+    let run = run(6, 3, 6);
     let training = {
         let coordinator = nodes[0].train();
         let replicas: Vec<_> = nodes[1..].iter().map(|n| n.train()).collect();
@@ -714,6 +715,7 @@ async fn the_dashboard_lives_in_headless_chromium() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    eprintln!("loss points seen by the page, in order: {counts:?}");
     // More than the final picture: it grew in steps while the page stayed loaded.
     let grown: Vec<&u64> = counts.iter().filter(|&&c| c > 0 && c < 6).collect();
     assert!(
