@@ -97,6 +97,10 @@ impl Node {
             (Some(addr), None) => Some((addr, Some(crate::web::load_or_create_token(&dir)?))),
             (None, _) => None,
         };
+        let http = match http {
+            Some((addr, token)) => Some((WebServer::bind(addr).await?, token)),
+            None => None,
+        };
         let (client, mut event_loop) = net::build(config, key.clone())?;
         let mut swarm_registry = None;
         if http.is_some() {
@@ -130,9 +134,9 @@ impl Node {
         });
         let (shutdown, rx) = watch::channel(false);
         let web = match http {
-            Some((addr, token)) => Some(
+            Some((listener, token)) => Some(
                 WebServer::start(
-                    addr,
+                    listener,
                     token,
                     swarm_registry,
                     client.clone(),
@@ -228,5 +232,36 @@ mod tests {
             !control::socket_path(dir.path()).exists(),
             "it stopped before taking the data dir"
         );
+    }
+
+    #[tokio::test]
+    async fn an_http_port_in_use_stops_the_daemon_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+            mdns: false,
+            http_listen: Some(addr),
+            ..Config::default()
+        };
+        let e = Node::start(cfg).await.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("cannot listen for HTTP on {addr}")),
+            "{e}"
+        );
+        // Nothing was left running: the data dir can be taken again.
+        drop(taken);
+        let cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+            mdns: false,
+            http_listen: Some(addr),
+            ..Config::default()
+        };
+        let node = Node::start(cfg).await.unwrap();
+        assert_eq!(node.http_addr(), Some(addr));
+        node.shutdown().await;
     }
 }

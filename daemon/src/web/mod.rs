@@ -233,22 +233,29 @@ pub struct WebServer {
 }
 
 impl WebServer {
-    /// Binds `addr` and serves until `shutdown` turns true. `token`, when given, is
-    /// required on every endpoint but the static page; `swarm` is libp2p's registry.
+    /// Binds the listener; done before the daemon starts anything else, so that a port in
+    /// use stops it at once.
+    pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, WebError> {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| WebError::Bind { addr, source })
+    }
+
+    /// Serves on `listener` (from [`WebServer::bind`]) until `shutdown` turns true. `token`,
+    /// when given, is required on every endpoint but the static page; `swarm` is libp2p's
+    /// registry.
     pub async fn start(
-        addr: SocketAddr,
+        listener: tokio::net::TcpListener,
         token: Option<String>,
         swarm: Option<prometheus_client::registry::Registry>,
         client: Client,
         train: TrainService,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, WebError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| WebError::Bind { addr, source })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| WebError::Bind { addr, source })?;
+        let bound = listener.local_addr().map_err(|source| WebError::Bind {
+            addr: ([0, 0, 0, 0], 0).into(),
+            source,
+        })?;
         let web = Web {
             client,
             train,
