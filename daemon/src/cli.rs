@@ -103,6 +103,14 @@ pub struct DaemonArgs {
     /// Also serve the control API on this loopback address (token in <data_dir>/control.token).
     #[arg(long, value_name = "IP:PORT")]
     pub control_tcp: Option<String>,
+    /// Serve Prometheus metrics (/metrics), the JSON state (/api/state) and the dashboard
+    /// (/) here: `on` (127.0.0.1:9464), `off`, or IP:PORT; a non-loopback address requires
+    /// the bearer token in <data_dir>/http.token.
+    #[arg(long, value_name = "IP:PORT|on|off")]
+    pub http_listen: Option<String>,
+    /// Train on this device: cpu, cuda (the first GPU) or cuda:N (needs a `cuda` build).
+    #[arg(long, value_name = "cpu|cuda|cuda:N")]
+    pub device: Option<String>,
 }
 
 /// Options shared by every command that talks to a running daemon.
@@ -191,6 +199,12 @@ pub fn daemon_config(
     }
     if let Some(t) = &args.control_tcp {
         c.set("control_tcp", RawValue::Str(t.clone()), &flag)?;
+    }
+    if let Some(h) = &args.http_listen {
+        c.set("http_listen", RawValue::Str(h.clone()), &flag)?;
+    }
+    if let Some(d) = &args.device {
+        c.set("device", RawValue::Str(d.clone()), &flag)?;
     }
     Ok(c)
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use libp2p::Multiaddr;
+use potluck_worker::DeviceSpec;
 
 use crate::bootstrap::Backoff;
 use crate::limits::InboundCaps;
@@ -67,6 +68,14 @@ pub struct Config {
     /// The least time a replica looks for its run's coordinator after losing it (the
     /// window is three round deadlines, and at least three times this).
     pub failover_min: Duration,
+    /// Serve `/metrics` (Prometheus), `/api/state` (JSON) and the dashboard here; off when
+    /// `None`. A non-loopback address requires the bearer token in `<data_dir>/http.token`.
+    pub http_listen: Option<SocketAddr>,
+    /// Read the HTTP bearer token from this file (which must exist) instead of
+    /// `<data_dir>/http.token`; with it, a token is required on loopback too.
+    pub http_token_file: Option<PathBuf>,
+    /// Where this daemon trains: the CPU, or a CUDA GPU (a build with the `cuda` feature).
+    pub device: DeviceSpec,
 }
 
 impl Default for Config {
@@ -96,6 +105,9 @@ impl Default for Config {
             target_peers: 16,
             keep_checkpoints: 3,
             failover_min: Duration::from_secs(40),
+            http_listen: None,
+            http_token_file: None,
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -174,7 +186,13 @@ pub const KEYS: &[&str] = &[
     "target_peers",
     "keep_checkpoints",
     "failover_min_secs",
+    "http_listen",
+    "http_token_file",
+    "device",
 ];
+
+/// Port of `http_listen = "on"` (loopback).
+pub const DEFAULT_HTTP_PORT: u16 = 9464;
 
 /// The TOML file is small by nature; refuse anything absurd before reading it.
 const CONFIG_FILE_LIMIT: u64 = 1 << 20;
@@ -271,6 +289,24 @@ impl Config {
             "failover_min_secs" => {
                 self.failover_min = Duration::from_secs(as_int(&value, 1, 3600).map_err(bad)?)
             }
+            "http_listen" => {
+                let s = as_str(&value).map_err(bad)?;
+                self.http_listen = match s.trim() {
+                    "" | "off" => None,
+                    // The usual Prometheus exporter port, on loopback.
+                    "on" => Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT))),
+                    a => Some(a.parse().map_err(|e| {
+                        bad(format!(
+                            "`{a}` is not an IP:port address, `on` or `off` ({e})"
+                        ))
+                    })?),
+                };
+            }
+            "http_token_file" => {
+                let s = as_str(&value).map_err(bad)?;
+                self.http_token_file = (!s.is_empty()).then(|| PathBuf::from(s));
+            }
+            "device" => self.device = parse_device(&as_str(&value).map_err(bad)?).map_err(bad)?,
             _ => {
                 return Err(ConfigError::Unknown {
                     key: key.to_string(),
@@ -343,6 +379,20 @@ impl Config {
             self.set(&key, RawValue::Str(value), &Source::Env(name.clone()))?;
         }
         Ok(())
+    }
+}
+
+/// `cpu`, `cuda` (the first GPU) or `cuda:N`.
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    match s.trim() {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n < 64)
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| format!("`{other}` is not `cpu`, `cuda` or `cuda:N` (N < 64)")),
     }
 }
 
@@ -466,6 +516,48 @@ mod tests {
     }
 
     #[test]
+    fn http_listener_is_off_by_default_and_loopback_when_on() {
+        let mut c = Config::default();
+        assert_eq!(c.http_listen, None);
+        c.set("http_listen", RawValue::Str("on".into()), &Source::Flag)
+            .unwrap();
+        let a = c.http_listen.unwrap();
+        assert!(a.ip().is_loopback());
+        assert_eq!(a.port(), DEFAULT_HTTP_PORT);
+        c.apply_env([(
+            "POTLUCK_HTTP_LISTEN".to_string(),
+            "0.0.0.0:9000".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(c.http_listen, Some("0.0.0.0:9000".parse().unwrap()));
+        c.set("http_listen", RawValue::Str("off".into()), &Source::Flag)
+            .unwrap();
+        assert_eq!(c.http_listen, None);
+    }
+
+    #[test]
+    fn device_is_cpu_or_a_cuda_ordinal() {
+        let mut c = Config::default();
+        assert_eq!(c.device, DeviceSpec::Cpu);
+        for (text, want) in [
+            ("cuda", DeviceSpec::Cuda(0)),
+            ("cuda:3", DeviceSpec::Cuda(3)),
+            ("cpu", DeviceSpec::Cpu),
+        ] {
+            c.set("device", RawValue::Str(text.into()), &Source::Flag)
+                .unwrap();
+            assert_eq!(c.device, want);
+        }
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:64", "metal"] {
+            let e = c
+                .set("device", RawValue::Str(bad.into()), &Source::Flag)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`device`"), "{e}");
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let mut c = Config::default();
         let err = c
@@ -512,6 +604,13 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("max_pending_incoming_per_ip")
+        );
+        std::fs::write(&file, "http_listen = \"127.0.0.1:99999\"\n").unwrap();
+        assert!(
+            c.apply_file(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("http_listen")
         );
         std::fs::write(&file, "no_such_key = 1\n").unwrap();
         assert!(

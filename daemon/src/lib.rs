@@ -1,7 +1,8 @@
 //! potluck-daemon: the I/O shell of Potluck and the `potluck` binary. `node` starts a daemon
 //! (identity, network, control API); `net` is the libp2p event loop and its `Client` handle;
 //! `cli` is the command line; `config`, `identity`, `capability`, `membership`, `gate`,
-//! `limits`, `bootstrap` and `wire` are the pieces they are built from.
+//! `limits`, `bootstrap` and `wire` are the pieces they are built from; `web` serves the
+//! metrics (`metrics`), the JSON state and the dashboard.
 
 pub mod bootstrap;
 pub mod capability;
@@ -15,9 +16,12 @@ pub mod gate;
 pub mod identity;
 pub mod limits;
 pub mod membership;
+pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod ratelimit;
 pub mod train;
+pub mod web;
 pub mod wire;
 
 pub use config::Config;

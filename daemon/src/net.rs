@@ -350,6 +350,8 @@ pub struct EventLoop {
     last_publish: Option<Instant>,
     publish_count: u64,
     started: Instant,
+    /// libp2p's own Prometheus metrics, when the daemon serves metrics.
+    swarm_metrics: Option<libp2p::metrics::Metrics>,
 }
 
 /// Builds the swarm, starts listening and returns the handle and the loop to spawn.
@@ -503,6 +505,7 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
         last_publish: None,
         publish_count: 0,
         started: Instant::now(),
+        swarm_metrics: None,
     };
     Ok((client, ev))
 }
@@ -591,6 +594,12 @@ fn make_behaviour(
 }
 
 impl EventLoop {
+    /// Records swarm and protocol events into libp2p's metrics (served at `/metrics`).
+    pub fn with_metrics(mut self, metrics: libp2p::metrics::Metrics) -> Self {
+        self.swarm_metrics = Some(metrics);
+        self
+    }
+
     /// Runs until `shutdown` resolves or every `Client` is dropped.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         let mut publish = tokio::time::interval(self.config.capability_interval);
@@ -600,7 +609,12 @@ impl EventLoop {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                ev = self.swarm.select_next_some() => {
+                    if let Some(m) = &self.swarm_metrics {
+                        crate::metrics::record_swarm(m, &ev);
+                    }
+                    self.on_swarm_event(ev)
+                }
                 cmd = self.commands.recv() => match cmd {
                     Some(c) => self.on_command(c),
                     None => break,

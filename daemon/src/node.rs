@@ -12,7 +12,7 @@ use crate::control::{self, ControlError, ControlService};
 use crate::identity::{self, IdentityError};
 use crate::net::{self, Client, NetError};
 use crate::train::{TrainError, TrainService};
-use potluck_worker::DeviceSpec;
+use crate::web::WebServer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -32,6 +32,10 @@ pub enum NodeError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Checkpoints(#[from] crate::ckpt_transfer::ServeError),
+    #[error(transparent)]
+    Web(#[from] crate::web::WebError),
+    #[error("cannot train on the configured device: {0}")]
+    Device(String),
 }
 
 /// A running daemon.
@@ -40,6 +44,7 @@ pub struct Node {
     train: TrainService,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    web: Option<WebServer>,
     data_dir: PathBuf,
 }
 
@@ -71,6 +76,12 @@ impl Node {
                     source,
                 })?;
         }
+        let device = config.device;
+        // Open the device now: a daemon told to use a GPU it cannot use stops here, before it takes its data dir,, saying
+        // why, instead of failing its first run.
+        device
+            .device()
+            .map_err(|e| NodeError::Device(e.to_string()))?;
         let key = identity::load_or_create(&dir)?;
         // Bind the control socket before the network: it doubles as the data dir's lock.
         let listener = control::bind_unix(&dir).await?;
@@ -82,21 +93,33 @@ impl Node {
             keep_checkpoints: config.keep_checkpoints,
             failover_min: config.failover_min,
         };
-        let (client, event_loop) = net::build(config, key.clone())?;
-        let train = TrainService::start(
-            key,
-            client.stream_control(),
-            DeviceSpec::Cpu,
-            dir.clone(),
-            settings,
-        )?;
+        let http = match (config.http_listen, &config.http_token_file) {
+            (Some(addr), Some(file)) => Some((addr, Some(crate::web::read_token(file)?))),
+            // Loopback is this machine's own business; anywhere else needs the token.
+            (Some(addr), None) if addr.ip().is_loopback() => Some((addr, None)),
+            (Some(addr), None) => Some((addr, Some(crate::web::load_or_create_token(&dir)?))),
+            (None, _) => None,
+        };
+        let http = match http {
+            Some((addr, token)) => Some((WebServer::bind(addr).await?, token)),
+            None => None,
+        };
+        let (client, mut event_loop) = net::build(config, key.clone())?;
+        let mut swarm_registry = None;
+        if http.is_some() {
+            let mut registry = prometheus_client::registry::Registry::default();
+            event_loop = event_loop.with_metrics(libp2p::metrics::Metrics::new(&mut registry));
+            swarm_registry = Some(registry);
+        }
+        let train =
+            TrainService::start(key, client.stream_control(), device, dir.clone(), settings)?;
         let runs = dir.join(crate::train::checkpoint::RUNS_DIR);
         crate::ckpt_transfer::serve_checkpoints(client.stream_control(), runs, Default::default())?;
         // Measure the reference training step off the runtime; the figure joins the
         // capability record when it is ready.
         let measuring = client.clone();
         tokio::spawn(async move {
-            match tokio::task::spawn_blocking(|| crate::train::reference::measure(&DeviceSpec::Cpu))
+            match tokio::task::spawn_blocking(move || crate::train::reference::measure(&device))
                 .await
             {
                 Ok(Ok(tps)) => {
@@ -108,6 +131,20 @@ impl Node {
             }
         });
         let (shutdown, rx) = watch::channel(false);
+        let web = match http {
+            Some((listener, token)) => Some(
+                WebServer::start(
+                    listener,
+                    token,
+                    swarm_registry,
+                    client.clone(),
+                    train.clone(),
+                    rx.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(event_loop.run(stopped(rx.clone()))));
         let registry = crate::train::runs::Runs::new(train.clone());
@@ -138,12 +175,18 @@ impl Node {
             train,
             shutdown,
             tasks,
+            web,
             data_dir: dir,
         })
     }
 
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// Where the metrics, the JSON state and the dashboard are served, when they are.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.web.as_ref().map(WebServer::addr)
     }
 
     /// The daemon's training service (runs it coordinates or joins).
@@ -158,7 +201,65 @@ impl Node {
         for t in self.tasks {
             let _ = t.await;
         }
+        if let Some(w) = self.web {
+            w.join().await;
+        }
         let _ = std::fs::remove_file(control::socket_path(&self.data_dir));
         tracing::info!("daemon stopped");
+    }
+}
+
+#[cfg(all(test, not(feature = "cuda")))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_gpu_this_build_cannot_use_stops_the_daemon_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+            mdns: false,
+            device: potluck_worker::DeviceSpec::Cuda(0),
+            ..Config::default()
+        };
+        let e = Node::start(cfg).await.unwrap_err().to_string();
+        assert!(e.contains("device") && e.contains("`cuda` feature"), "{e}");
+        assert!(
+            !control::socket_path(dir.path()).exists(),
+            "it stopped before taking the data dir"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http_port_in_use_stops_the_daemon_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+            mdns: false,
+            http_listen: Some(addr),
+            ..Config::default()
+        };
+        let e = Node::start(cfg).await.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("cannot listen for HTTP on {addr}")),
+            "{e}"
+        );
+        // Nothing was left running: the data dir can be taken again.
+        drop(taken);
+        let cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+            mdns: false,
+            http_listen: Some(addr),
+            ..Config::default()
+        };
+        let node = Node::start(cfg).await.unwrap();
+        assert_eq!(node.http_addr(), Some(addr));
+        node.shutdown().await;
     }
 }
