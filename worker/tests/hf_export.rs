@@ -193,3 +193,45 @@ fn write_gpu_check() {
     .collect();
     candle_core::safetensors::save(&ours, root.join("ours.safetensors")).expect("save");
 }
+
+#[test]
+fn a_peft_export_loads_back_with_the_same_logits() {
+    let dir = fixture("llama");
+    let ids = Expected::load(&dir).expect("expected").input_ids;
+    let mut model = hf::load_model(&dir, None, &Device::Cpu).expect("model");
+    adapt(&mut model, &["q_proj", "up_proj"]);
+    let want = values(&model.forward(&ids).expect("forward"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("adapter");
+    export::export_peft(&model, "tiny", &out).expect("export");
+    let mut back = hf::load_model(&dir, None, &Device::Cpu).expect("model");
+    export::load_peft(&mut back, &out).expect("load");
+    assert_eq!(back.lora_config().map(|c| c.rank), Some(4));
+    assert_eq!(values(&back.forward(&ids).expect("forward")), want);
+    // A tensor of the wrong shape, a missing file, a DoRA config: typed errors.
+    let cfg_path = out.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).expect("config");
+    let mut json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    json["r"] = serde_json::json!(2);
+    std::fs::write(&cfg_path, json.to_string()).expect("write");
+    let err = export::load_peft(&mut back, &out).expect_err("rank");
+    assert!(
+        matches!(err, HfError::Shape { .. } | HfError::TooLarge { .. }),
+        "{err}"
+    );
+    json["r"] = serde_json::json!(4);
+    json["use_dora"] = serde_json::json!(true);
+    std::fs::write(&cfg_path, json.to_string()).expect("write");
+    let err = export::load_peft(&mut back, &out).expect_err("dora");
+    assert!(matches!(err, HfError::Config { .. }), "{err}");
+    json["use_dora"] = serde_json::json!(false);
+    json["target_modules"] = serde_json::json!(".*q_proj");
+    std::fs::write(&cfg_path, json.to_string()).expect("write");
+    let err = export::load_peft(&mut back, &out).expect_err("regex");
+    assert!(matches!(err, HfError::Config { .. }), "{err}");
+    std::fs::remove_file(out.join(ADAPTER_WEIGHTS)).expect("rm");
+    json["target_modules"] = serde_json::json!(["q_proj"]);
+    std::fs::write(&cfg_path, json.to_string()).expect("write");
+    let err = export::load_peft(&mut back, &out).expect_err("no weights");
+    assert!(matches!(err, HfError::Io { .. }), "{err}");
+}

@@ -4,8 +4,10 @@
 //! directory (`config.json` + `model.safetensors`) that `transformers`, and this crate's
 //! own loader, read back with the same logits.
 //!
-//! The boundary: this module turns a model into files and writes them; it decides no
-//! training. A directory appears whole or not at all: the files are written into a
+//! [`load_peft`] reads such an adapter directory (ours, or PEFT's for a supported base) back
+//! onto a model, so that a sample or a further run can start from it.
+//!
+//! The boundary: this module turns a model into files and back; it decides no training. A directory appears whole or not at all: the files are written into a
 //! temporary sibling, each fsynced, the temporary directory fsynced, then renamed onto the
 //! target (which must not exist: an export never overwrites), and the parent fsynced.
 
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
-use super::{HfConfig, HfError, HfModel};
+use super::{HfConfig, HfError, HfLoraConfig, HfModel};
 
 type Result<T> = std::result::Result<T, HfError>;
 
@@ -109,6 +111,134 @@ pub fn export_merged(model: &HfModel, config_json: &str, dir: &Path) -> Result<(
         save_tensors(&tensors, &tmp.join(MODEL_WEIGHTS))?;
         write_file(&tmp.join(super::CONFIG_FILE), config_json.as_bytes())
     })
+}
+
+/// Largest `adapter_config.json` read.
+const MAX_ADAPTER_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Puts the adapters of the PEFT directory `dir` on `model` (replacing any): LoRA only,
+/// `target_modules` a list (or the string `all-linear`), every tensor present with the
+/// shape the model's projection implies. The weights file is size-checked against what
+/// the config implies before it is read.
+pub fn load_peft(model: &mut HfModel, dir: &Path) -> Result<()> {
+    let cpath = dir.join(ADAPTER_CONFIG);
+    let meta = std::fs::metadata(&cpath).map_err(|e| HfError::io(&cpath, e))?;
+    if meta.len() > MAX_ADAPTER_CONFIG_BYTES {
+        return Err(HfError::TooLarge {
+            what: format!("{}'s size in bytes", cpath.display()),
+            got: meta.len(),
+            limit: MAX_ADAPTER_CONFIG_BYTES,
+        });
+    }
+    let text = std::fs::read_to_string(&cpath).map_err(|e| HfError::io(&cpath, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| HfError::Json {
+        path: cpath.clone(),
+        reason: e.to_string(),
+    })?;
+    let field = |k: &str| json.get(k).filter(|v| !v.is_null());
+    if field("peft_type").and_then(|v| v.as_str()) != Some("LORA") {
+        return Err(HfError::config("peft_type", "only LORA adapters load"));
+    }
+    for (k, default) in [
+        ("use_dora", false),
+        ("use_rslora", false),
+        ("fan_in_fan_out", false),
+    ] {
+        if field(k).and_then(|v| v.as_bool()).unwrap_or(default) {
+            return Err(HfError::config(k, "is not supported"));
+        }
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if field(k)
+            .and_then(|v| v.as_object())
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(HfError::config(k, "per-module ranks are not supported"));
+        }
+    }
+    let rank = field("r")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| HfError::config("r", "missing or not a whole number"))?;
+    let alpha = field("lora_alpha")
+        .and_then(|v| v.as_f64())
+        .ok_or_else(|| HfError::config("lora_alpha", "missing or not a number"))?;
+    let dropout = match field("lora_dropout") {
+        None => 0.0,
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| HfError::config("lora_dropout", "not a number"))?,
+    };
+    let targets: Vec<String> = match field("target_modules") {
+        Some(serde_json::Value::String(s)) if s == "all-linear" => vec![s.clone()],
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| HfError::config("target_modules", "a non-string entry"))
+            })
+            .collect::<Result<_>>()?,
+        _ => {
+            return Err(HfError::config(
+                "target_modules",
+                "must be a list of module names or \"all-linear\" (regexes are not supported)",
+            ));
+        }
+    };
+    let cfg = HfLoraConfig {
+        rank: usize::try_from(rank).map_err(|_| HfError::config("r", "too large"))?,
+        alpha,
+        dropout,
+        target_modules: targets,
+        seed: 0,
+    };
+    model.attach_lora(&cfg)?;
+    let params = model.lora_params();
+    let want: u64 = params.iter().map(|(_, v)| v.elem_count() as u64 * 4).sum();
+    let wpath = dir.join(ADAPTER_WEIGHTS);
+    let len = std::fs::metadata(&wpath)
+        .map_err(|e| HfError::io(&wpath, e))?
+        .len();
+    // f32 tensors plus a header (names and shapes): a file much larger is not these.
+    let limit = want + 64 * 1024 + 256 * params.len() as u64;
+    if len > limit {
+        return Err(HfError::TooLarge {
+            what: format!("{}'s size in bytes", wpath.display()),
+            got: len,
+            limit,
+        });
+    }
+    let loaded = candle_core::safetensors::load(&wpath, model.device()).map_err(|e| {
+        HfError::Safetensors {
+            path: wpath.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    if loaded.len() != params.len() {
+        return Err(HfError::Safetensors {
+            path: wpath.clone(),
+            reason: format!(
+                "{} tensors, the adapters of this config on this base have {}",
+                loaded.len(),
+                params.len()
+            ),
+        });
+    }
+    for (name, var) in &params {
+        let key = peft_name(name);
+        let t = loaded
+            .get(&key)
+            .ok_or_else(|| HfError::MissingTensor { name: key.clone() })?;
+        if t.dims() != var.dims() {
+            return Err(HfError::Shape {
+                name: key,
+                expected: var.dims().to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    Ok(())
 }
 
 fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
