@@ -3972,26 +3972,19 @@ async fn run_coordinator(
                 links.remove(&peer);
                 tracing::info!(%peer, "replica left the run");
                 // The open round's other members stop waiting for it at once.
+                announce_departure(&svc, &links, &machine, peer);
                 let cpeer = CPeerId(peer.to_bytes());
-                if let Some(plan) = machine.open_round()
-                    && plan.assignment.iter().any(|(p, _)| *p == cpeer)
-                {
-                    let left = MemberLeft {
-                        run_id: run_id.to_vec(),
-                        round: plan.round,
-                        peer: peer.to_bytes(),
-                    };
-                    svc.note_departure(peer, plan.round);
-                    for p in plan.assignment.iter().filter_map(|(p, _)| to_libp2p(p)) {
-                        if p != svc.inner.local && p != peer {
-                            send_ctl(&links, &p, Msg::Left(left.clone()));
-                        }
-                    }
-                }
                 machine.handle_leave(&cpeer, unix_ms());
             }
             CoordEvent::Msg { peer, msg } => match msg {
                 Msg::Join(j) if j.run_id.as_slice() == run_id.as_slice() => {
+                    // A participant of the open round that joins again before reporting has
+                    // restarted (or lost its stream): its work of this round is gone, and it
+                    // waits for the next round. Often its old connection is not even known
+                    // to be dead yet (a killed process): the others must not wait for it.
+                    if !reports.contains_key(&peer) {
+                        announce_departure(&svc, &links, &machine, peer);
+                    }
                     machine.handle_join(CPeerId(peer.to_bytes()), unix_ms());
                 }
                 Msg::Join(j) => {
@@ -4028,6 +4021,38 @@ async fn run_coordinator(
             },
         }
     }
+}
+
+/// Tells the open round's other participants (and this daemon's own replica) that `peer` is
+/// gone for the round, when it is one of its participants.
+fn announce_departure(
+    svc: &TrainService,
+    links: &BTreeMap<PeerId, mpsc::Sender<TrainControl>>,
+    machine: &RunMachine,
+    peer: PeerId,
+) {
+    let cpeer = CPeerId(peer.to_bytes());
+    let Some(plan) = machine
+        .open_round()
+        .filter(|plan| plan.assignment.iter().any(|(p, _)| *p == cpeer))
+    else {
+        return;
+    };
+    let left = MemberLeft {
+        run_id: plan_run_id(machine),
+        round: plan.round,
+        peer: peer.to_bytes(),
+    };
+    svc.note_departure(peer, plan.round);
+    for p in plan.assignment.iter().filter_map(|(p, _)| to_libp2p(p)) {
+        if p != svc.inner.local && p != peer {
+            send_ctl(links, &p, Msg::Left(left.clone()));
+        }
+    }
+}
+
+fn plan_run_id(machine: &RunMachine) -> Vec<u8> {
+    machine.config().run_id.0.to_vec()
 }
 
 /// Queues a control message for one replica; a replica whose queue is full misses it, as a
