@@ -20,9 +20,6 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lab.sh
 . "$here/lab.sh"
-root=$(cd "$here/../.." && pwd)
-BIN=${POTLUCK_BIN:-$root/target/release/potluck}
-RATE=${RATE:-100mbit}
 ROUNDS=${ROUNDS:-24}
 CUT_ROUNDS=${CUT_ROUNDS:-3}
 MANIFEST=${1:-$here/drill.toml}

@@ -2,7 +2,11 @@
 # peer, every link shaped to RATE in both directions with tc tbf, and helpers to run the
 # `potluck` CLI inside a peer's namespace. Needs root and iproute2. Peer i has the address
 # 10.78.0.i in namespace "$NS-i"; the scripts own these namespaces and delete them on exit
-# (lab_cleanup).
+# (lab_del_net). Source it after setting `here` to the script's folder.
+
+root=$(cd "$here/../.." && pwd)
+BIN=${POTLUCK_BIN:-$root/target/release/potluck}
+RATE=${RATE:-100mbit}
 
 # lab_net PEERS RATE: the namespaces, the bridge and the shaped links.
 lab_net() {

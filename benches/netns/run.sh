@@ -20,9 +20,6 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lab.sh
 . "$here/lab.sh"
-root=$(cd "$here/../.." && pwd)
-BIN=${POTLUCK_BIN:-$root/target/release/potluck}
-RATE=${RATE:-100mbit}
 QUOTA_PCT=${QUOTA_PCT:-45}
 MODES=${MODES:-"off on"}
 MANIFEST=${1:-$here/bench.toml}
