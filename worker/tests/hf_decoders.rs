@@ -3,17 +3,12 @@
 //! a model or a typed error, never a panic, and an accepted config stays within the
 //! parameter bound.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{Device, Tensor};
 use potluck_worker::hf::{self, HfConfig, config::MAX_PARAMS};
 use proptest::prelude::*;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
+mod hf_common;
+use hf_common::fixture;
 
 fn base_with_weights(bytes: &[u8]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

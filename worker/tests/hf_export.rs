@@ -4,7 +4,7 @@
 //! typed error for a model without adapters. `write_gpu_check` (ignored) writes the files
 //! the GPU machine's PEFT/transformers check reads (docs/GPU.md).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use potluck_worker::hf::export::{self, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_WEIGHTS};
@@ -13,18 +13,8 @@ use potluck_worker::hf::{self, HfError, HfLoraConfig, HfModel, QuantFormat};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("values")
-}
+mod hf_common;
+use hf_common::{fixture, values};
 
 /// Adapters on `model` with random nonzero `B`s, so that they change the output.
 fn adapt(model: &mut HfModel, targets: &[&str]) {

@@ -5,8 +5,6 @@
 //! reproducible from its seed and narrows to greedy as `top_p` shrinks, and bad settings
 //! are typed errors.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device, Tensor};
 use potluck_worker::hf::generate::{GenerateConfig, Sampling, choose, generate};
 use potluck_worker::hf::parity::Expected;
@@ -14,18 +12,8 @@ use potluck_worker::hf::{self, HfError, HfLoraConfig, HfModel, QuantFormat};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("values")
-}
+mod hf_common;
+use hf_common::{fixture, values};
 
 /// Feeds `ids` (one sequence) in chunks of `sizes` through the cache and compares every
 /// position's logits with the full forward's.

@@ -3,30 +3,18 @@
 //! of the graph and stays bit-identical) and lowers the loss on tiny bases of three families, dropout is
 //! reproducible from its seed, and bad settings are typed errors.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device, Tensor};
 use potluck_worker::hf::parity::Expected;
 use potluck_worker::hf::{self, HfError, HfLoraConfig, HfModel};
 use potluck_worker::{AdamW, TrainConfig};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
+mod hf_common;
+use hf_common::{fixture, values};
 
 fn load(name: &str) -> (HfModel, Tensor) {
     let model = hf::load_model(&fixture(name), None, &Device::Cpu).expect("model");
     let ids = Expected::load(&fixture(name)).expect("expected").input_ids;
     (model, ids)
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("values")
 }
 
 const ALL: [&str; 7] = [

@@ -6,11 +6,14 @@
 //! unsupported architecture, absurd sizes) give typed errors, not panics.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use potluck_worker::hf::parity::{Expected, check_close};
 use potluck_worker::hf::{self, HfConfig, HfError, config::RopeScaling};
+
+mod hf_common;
+use hf_common::fixture;
 
 /// The tolerance the issue sets for f32: relative to the largest reference logit.
 const RTOL: f64 = 1e-4;
@@ -24,12 +27,6 @@ const ARCHS: [&str; 7] = [
     "mixtral",
     "qwen2_moe",
 ];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
 
 /// A copy of fixture `name` in a fresh temporary directory (for tampering).
 fn copy_fixture(name: &str) -> tempfile::TempDir {

@@ -5,8 +5,6 @@
 //! equal steps. The memory figures of TinyLlama- and Llama-3-8B-shaped bases are an
 //! ignored test that prints JSON (`--ignored --nocapture`).
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device, Tensor};
 use potluck_worker::hf::parity::Expected;
 use potluck_worker::hf::quant::{
@@ -17,18 +15,8 @@ use potluck_worker::{AdamW, TrainConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("values")
-}
+mod hf_common;
+use hf_common::{fixture, values};
 
 /// Normal values (Box-Muller) times `scale`, with a few large outliers as real weights have.
 fn gaussian(n: usize, scale: f32, seed: u64) -> Vec<f32> {
