@@ -4039,7 +4039,7 @@ fn announce_departure(
         return;
     };
     let left = MemberLeft {
-        run_id: plan_run_id(machine),
+        run_id: machine.config().run_id.0.to_vec(),
         round: plan.round,
         peer: peer.to_bytes(),
     };
@@ -4049,10 +4049,6 @@ fn announce_departure(
             send_ctl(links, &p, Msg::Left(left.clone()));
         }
     }
-}
-
-fn plan_run_id(machine: &RunMachine) -> Vec<u8> {
-    machine.config().run_id.0.to_vec()
 }
 
 /// Queues a control message for one replica; a replica whose queue is full misses it, as a
