@@ -1,6 +1,7 @@
-//! With the `cuda` feature, compiles `src/kernels.cu` to PTX with nvcc (found on `PATH`, or
-//! under `CUDA_ROOT`/`CUDA_PATH`/`CUDA_HOME`, as `../shared/gpu/build-cuda.sh` sets up) for
-//! the compute capability in `CUDA_COMPUTE_CAP` (default 90, Hopper); `fused.rs` embeds it.
+//! With the `cuda` feature, compiles `src/kernels.cu` and `src/mamba/scan.cu` to PTX with nvcc
+//! (found on `PATH`, or under `CUDA_ROOT`/`CUDA_PATH`/`CUDA_HOME`, as
+//! `../shared/gpu/build-cuda.sh` sets up) for the compute capability in `CUDA_COMPUTE_CAP`
+//! (default 90, Hopper); `fused.rs` and `mamba/cuda.rs` embed them.
 //! Without the feature this does nothing, so CI needs no CUDA toolkit.
 
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/kernels.cu");
+    println!("cargo:rerun-if-changed=src/mamba/scan.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rustc-check-cfg=cfg(potluck_tf32)");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -26,14 +28,18 @@ fn main() {
         .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    let ptx = out.join("potluck_kernels.ptx");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("src/kernels.cu")
-        .arg("-o")
-        .arg(&ptx)
-        .status()
-        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
-    assert!(status.success(), "nvcc failed on src/kernels.cu ({status})");
+    for (src, ptx) in [
+        ("src/kernels.cu", "potluck_kernels.ptx"),
+        ("src/mamba/scan.cu", "potluck_mamba.ptx"),
+    ] {
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg(src)
+            .arg("-o")
+            .arg(out.join(ptx))
+            .status()
+            .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
+        assert!(status.success(), "nvcc failed on {src} ({status})");
+    }
 }

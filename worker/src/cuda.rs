@@ -56,3 +56,20 @@ pub(crate) fn skip_event_tracking(device: &candle_core::CudaDevice) {
     // `fused::cuda::spread` are ordered against it both ways.
     unsafe { device.disable_event_tracking() }
 }
+
+/// Bytes in use on `device`'s GPU (its total less what the driver reports free: everything
+/// this process and others hold, the memory pool's kept reservations included) and its
+/// total. With [`keep_freed_memory`] on, the pool holds on to its peak, so read after a
+/// step this is the step's peak reservation.
+pub(crate) fn memory_in_use(device: &candle_core::CudaDevice) -> Result<(u64, u64), WorkerError> {
+    let failed = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        WorkerError::Device(format!("could not read the GPU's memory use: {e}"))
+    };
+    device
+        .cuda_stream()
+        .context()
+        .bind_to_thread()
+        .map_err(failed)?;
+    let (free, total) = result::mem_get_info().map_err(failed)?;
+    Ok(((total - free) as u64, total as u64))
+}

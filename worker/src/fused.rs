@@ -4058,7 +4058,7 @@ impl CustomOp3 for SwiGluBwd {
 /// which it waits for after them.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)] // allocations the kernels fill, and the launches themselves
-mod cuda {
+pub(crate) mod cuda {
     use std::sync::{Arc, Mutex};
 
     use candle_core::backend::BackendStorage;
@@ -4158,7 +4158,8 @@ mod cuda {
     }
 
     /// One kernel argument.
-    pub(super) enum Arg {
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Arg {
         /// A device pointer.
         P(u64),
         I64(i64),
@@ -4213,7 +4214,7 @@ mod cuda {
     }
 
     /// The address of a contiguous input.
-    pub(super) fn input(s: &CudaStorage, l: &Layout) -> Result<Arg> {
+    pub(crate) fn input(s: &CudaStorage, l: &Layout) -> Result<Arg> {
         match l.contiguous_offsets() {
             Some((start, _)) => Ok(Arg::P(address(s, start)?)),
             None => candle_core::bail!("fused kernel: input is not contiguous"),
@@ -4221,12 +4222,12 @@ mod cuda {
     }
 
     /// The address of an output.
-    pub(super) fn output(s: &CudaStorage) -> Result<Arg> {
+    pub(crate) fn output(s: &CudaStorage) -> Result<Arg> {
         Ok(Arg::P(address(s, 0)?))
     }
 
     /// The pointer `p` moved `elems` elements of `dt` on.
-    pub(super) fn advance(p: &Arg, elems: usize, dt: DType) -> Result<Arg> {
+    pub(crate) fn advance(p: &Arg, elems: usize, dt: DType) -> Result<Arg> {
         match p {
             Arg::P(a) => Ok(Arg::P(a + (elems * dt.size_in_bytes()) as u64)),
             _ => candle_core::bail!("fused kernel: only a pointer can be advanced"),
@@ -4235,7 +4236,7 @@ mod cuda {
 
     /// An uninitialised buffer of `n` elements of the dtype of `like`, which the kernel
     /// about to be launched fills completely.
-    pub(super) fn alloc_like(like: &CudaStorage, n: usize) -> Result<CudaStorage> {
+    pub(crate) fn alloc_like(like: &CudaStorage, n: usize) -> Result<CudaStorage> {
         buffer_like(like, n, false)
     }
 
@@ -4493,7 +4494,7 @@ mod cuda {
     }
 
     /// An uninitialised f32 (or, for `wide`, f64) buffer of `n` elements.
-    pub(super) fn alloc_acc(dev: &CudaDevice, n: usize, wide: bool) -> Result<CudaStorage> {
+    pub(crate) fn alloc_acc(dev: &CudaDevice, n: usize, wide: bool) -> Result<CudaStorage> {
         // SAFETY: the caller's kernel writes every element before anything reads it.
         let slice = if wide {
             S::F64(unsafe { dev.alloc::<f64>(n)? })
@@ -4618,13 +4619,26 @@ mod cuda {
     }
 
     /// Launches the kernel `name` from `kernels.cu` on the device's stream.
-    pub(super) fn launch_named(
+    pub(crate) fn launch_named(
         dev: &CudaDevice,
         name: &str,
         cfg: LaunchConfig,
         args: &[Arg],
     ) -> Result<()> {
-        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        launch_from(dev, MODULE, PTX, name, cfg, args)
+    }
+
+    /// Launches the kernel `name` of the PTX module `module` (compiled from `ptx`, loaded
+    /// into candle's per-device cache on first use) on the device's stream.
+    pub(crate) fn launch_from(
+        dev: &CudaDevice,
+        module: &str,
+        ptx: &str,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<()> {
+        let func = dev.get_or_load_custom_func(name, module, ptx)?;
         let mut b = func.builder();
         for a in args {
             match a {

@@ -26,3 +26,13 @@ pub use error::WorkerError;
 pub use model::{Model, StageSpec};
 pub use optim::{AdamW, OuterOptimizer, pseudo_gradient};
 pub use replica::{Gradients, Replica, StepStats};
+
+/// Bytes in use on the GPU of `device` and its total (see `cuda::memory_in_use`), for
+/// benchmarks and status; `None` on the CPU.
+pub fn device_memory(device: &candle_core::Device) -> Result<Option<(u64, u64)>, WorkerError> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => cuda::memory_in_use(d).map(Some),
+        _ => Ok(None),
+    }
+}

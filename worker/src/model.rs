@@ -897,7 +897,6 @@ impl Model {
     ) -> Result<Self> {
         cfg.validate()?;
         check_dtypes(master, compute)?;
-        check_mamba_device(cfg, device)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut trainable = Vec::new();
         for spec in base_specs(cfg) {
@@ -940,7 +939,6 @@ impl Model {
         cfg.validate()?;
         lora.validate(cfg)?;
         check_dtypes(master, compute)?;
-        check_mamba_device(cfg, device)?;
         let specs = base_specs(cfg);
         let layout: Vec<(String, Vec<usize>)> = specs
             .iter()
@@ -2064,17 +2062,6 @@ fn default_batched(device: &Device, compute: DType) -> bool {
         DType::F32 => !device.is_cpu(),
         _ => false,
     }
-}
-
-/// Mamba layers run only on the CPU until the scan's CUDA kernel exists: refused when the
-/// model is built, not at its first step.
-fn check_mamba_device(cfg: &ModelConfig, device: &Device) -> Result<()> {
-    if cfg.has_mamba() && !device.is_cpu() {
-        return Err(WorkerError::Device(
-            crate::mamba::ScanError::NoCudaKernel.to_string(),
-        ));
-    }
-    Ok(())
 }
 
 fn check_dtypes(master: DType, compute: DType) -> Result<()> {

@@ -509,3 +509,192 @@ fn hybrid_and_attention_losses_side_by_side() {
         );
     }
 }
+
+/// Random `(u, delta, a, b, c)` on the CPU in f32, in the ranges a trained model feeds the
+/// scan (delta is a softplus, A = -exp(A_log) is negative).
+#[cfg(feature = "cuda")]
+fn scan_inputs(bs: usize, l: usize, d: usize, n: usize, seed: u64) -> [Tensor; 5] {
+    let rand = |shape: &[usize], lo: f32, hi: f32, s: u64| {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed * 10 + s);
+        let len: usize = shape.iter().product();
+        let v: Vec<f32> = (0..len).map(|_| rng.random_range(lo..hi)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    [
+        rand(&[bs, l, d], -1.0, 1.0, 0),
+        rand(&[bs, l, d], 0.001, 0.2, 1),
+        rand(&[d, n], -4.0, -0.05, 2),
+        rand(&[bs, l, n], -1.0, 1.0, 3),
+        rand(&[bs, l, n], -1.0, 1.0, 4),
+    ]
+}
+
+/// The largest difference between `got` and `want`, over the largest magnitude of `want`.
+#[cfg(feature = "cuda")]
+fn rel_diff(got: &Tensor, want: &Tensor) -> f64 {
+    let f = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let (got, want) = (f(got), f(want));
+    let max = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let scale: f64 = max(want.clone()).to_scalar().unwrap();
+    let diff: f64 = max((got - want).unwrap()).to_scalar().unwrap();
+    diff / scale.max(1e-30)
+}
+
+/// The CUDA scan (a chunked parallel scan, `worker/src/mamba/scan.cu`) against the CPU
+/// version, forward and all five gradients, in f32 and in bf16, for lengths below, at and
+/// past the 64-step chunk and not multiples of it, state sizes that take one and two
+/// register groups, and channel counts that leave warps and blocks part-filled. Run with
+/// `cargo test -p potluck-worker --features cuda --test mamba -- --ignored cuda_`.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_scan_matches_the_cpu_version_in_f32_and_bf16() {
+    use candle_core::Var;
+    use potluck_worker::mamba::selective_scan;
+    let gpu = Device::new_cuda(0).unwrap();
+    for (case, &(bs, l, d, n)) in [
+        (1, 1, 8, 16),
+        (2, 63, 33, 16),
+        (1, 64, 130, 16),
+        (3, 129, 96, 20),
+        (1, 1000, 64, 4),
+        (2, 4099, 256, 16),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let inputs = scan_inputs(bs, l, d, n, case as u64);
+        let weight = scan_inputs(bs, l, d, 1, 100 + case as u64)[0].clone();
+        for dtype in [DType::F32, DType::BF16] {
+            // Both sides start from the same values: rounded to bf16 for the bf16 case.
+            let cpu: Vec<Var> = inputs
+                .iter()
+                .map(|t| {
+                    Var::from_tensor(&t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap())
+                        .unwrap()
+                })
+                .collect();
+            let dev: Vec<Var> = inputs
+                .iter()
+                .map(|t| {
+                    Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap()).unwrap()
+                })
+                .collect();
+            let run = |v: &[Var], w: &Tensor| {
+                let y = selective_scan(&v[0], &v[1], &v[2], &v[3], &v[4]).unwrap();
+                let loss = (y.to_dtype(DType::F32).unwrap() * w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let grads = loss.backward().unwrap();
+                let g: Vec<Tensor> = v.iter().map(|x| grads.get(x).unwrap().clone()).collect();
+                (y, g)
+            };
+            let (y_cpu, g_cpu) = run(&cpu, &weight);
+            let (y_gpu, g_gpu) = run(&dev, &weight.to_device(&gpu).unwrap());
+            assert_eq!(y_gpu.dtype(), dtype);
+            let (tol_y, tol_g) = if dtype == DType::F32 {
+                (1e-4, 1e-3)
+            } else {
+                (1e-2, 3e-2)
+            };
+            let dy = rel_diff(&y_gpu, &y_cpu);
+            eprintln!("scan {bs}x{l}x{d}x{n} {dtype:?}: y {dy:.2e}");
+            assert!(
+                dy <= tol_y,
+                "{bs}x{l}x{d}x{n} {dtype:?}: y differs by {dy:.2e}"
+            );
+            for (name, (g, want)) in ["u", "delta", "a", "b", "c"]
+                .iter()
+                .zip(g_gpu.iter().zip(&g_cpu))
+            {
+                let dg = rel_diff(g, want);
+                eprintln!("  grad {name} {dg:.2e}");
+                assert!(
+                    dg <= tol_g,
+                    "{bs}x{l}x{d}x{n} {dtype:?}: grad {name} differs by {dg:.2e}"
+                );
+            }
+        }
+    }
+}
+
+/// The same scan twice on the GPU gives the same bits: every sum of the backward pass is
+/// added in a fixed order, so replicas stay bit-identical.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_scan_is_deterministic() {
+    use candle_core::Var;
+    use potluck_worker::mamba::selective_scan;
+    let gpu = Device::new_cuda(0).unwrap();
+    let inputs = scan_inputs(2, 700, 200, 16, 9);
+    let grads = || {
+        let v: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(&gpu).unwrap()).unwrap())
+            .collect();
+        let y = selective_scan(&v[0], &v[1], &v[2], &v[3], &v[4]).unwrap();
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        v.iter()
+            .flat_map(|x| {
+                let t = g.get(x).unwrap().flatten_all().unwrap();
+                t.to_vec1::<f32>().unwrap()
+            })
+            .map(f32::to_bits)
+            .collect::<Vec<u32>>()
+    };
+    assert_eq!(grads(), grads());
+}
+
+/// A hybrid (Mamba, attention, MoE) trains on the GPU as on the CPU: the same initial loss,
+/// then eval losses within the tolerance of each dtype after a short run.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_hybrid_reaches_the_cpu_loss() {
+    use potluck_worker::ComputeDType;
+    let (_, data) = corpus();
+    let steps = 60;
+    let run = |device: DeviceSpec, dtype: ComputeDType| {
+        let train = TrainConfig {
+            compute_dtype: dtype,
+            ..train_config(steps)
+        };
+        let mut r = Replica::new(&ModelConfig::tiny_hybrid(), &train, &device).unwrap();
+        let before = r.eval_loss(&data, 4).unwrap();
+        r.train_steps(&data, 0, steps as usize).unwrap();
+        let after = r.eval_loss(&data, 4).unwrap();
+        eprintln!("hybrid {device:?} {dtype:?}: eval loss {before:.5} -> {after:.5}");
+        (before, after)
+    };
+    let (cpu0, cpu) = run(DeviceSpec::Cpu, ComputeDType::F32);
+    let (gpu0, gpu) = run(DeviceSpec::Cuda(0), ComputeDType::F32);
+    let (bf0, bf) = run(DeviceSpec::Cuda(0), ComputeDType::Bf16);
+    assert!(
+        cpu < 0.85 * cpu0,
+        "the CPU run did not learn: {cpu0} -> {cpu}"
+    );
+    assert!(
+        (gpu0 - cpu0).abs() <= 1e-3 * cpu0,
+        "initial cuda f32 {gpu0} vs cpu {cpu0}"
+    );
+    assert!(
+        (bf0 - cpu0).abs() <= 1e-2 * cpu0,
+        "initial cuda bf16 {bf0} vs cpu {cpu0}"
+    );
+    assert!(
+        (gpu - cpu).abs() <= 0.02 * cpu,
+        "cuda f32 {gpu} vs cpu {cpu}"
+    );
+    assert!(
+        (bf - cpu).abs() <= 0.05 * cpu,
+        "cuda bf16 {bf} vs cpu {cpu}"
+    );
+}

@@ -6,12 +6,12 @@
 //! whole sequence) or [`mixer_step`] (generation, one token against a constant-size
 //! [`MixerState`]). The two compute the same function, which the tests check.
 //!
-//! The selective scan is one candle custom op each way ([`selective_scan`]), so that a CUDA
-//! kernel (a chunked parallel scan) plugs in behind the same graph node later. Until then
-//! its `cuda_fwd` refuses with [`ScanError::NoCudaKernel`] rather than copy the inputs to the
-//! host behind the caller's back. The CPU version walks the sequence once forward; its
-//! backward pass recomputes the states from checkpoints kept every [`CHUNK`] steps, so its
-//! memory is `(L / CHUNK + CHUNK) * D * N` values per sequence instead of every state.
+//! The selective scan is one candle custom op each way ([`selective_scan`]), with a CPU and
+//! a CUDA version behind the same graph node. The CPU version walks the sequence once
+//! forward; its backward pass recomputes the states from checkpoints kept every [`CHUNK`]
+//! steps, so its memory is `(L / CHUNK + CHUNK) * D * N` values per sequence instead of
+//! every state. It is the reference the CUDA version (`cuda.rs`, kernels in `scan.cu`: a
+//! chunked parallel scan, forward and backward) is tested against.
 //! Everything around the scan (the causal depthwise convolution, SiLU, softplus, the skip
 //! and the gate) is plain candle ops with candle's own backward passes. [`hf`] loads
 //! `transformers`' `MambaForCausalLM` checkpoints into a model of Mamba blocks.
@@ -23,16 +23,13 @@ pub mod hf;
 /// Why a selective scan could not run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScanError {
-    /// The scan has only its CPU version so far.
-    #[error(
-        "the Mamba selective scan has no CUDA kernel yet (issue 24, state-space layers); \
-         run models with Mamba layers on the CPU"
-    )]
-    NoCudaKernel,
     /// The inputs' shapes or dtypes do not fit together.
     #[error("selective scan: {0}")]
     Input(String),
 }
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 /// Steps between the state checkpoints of the CPU backward pass.
 pub const CHUNK: usize = 64;
@@ -41,8 +38,8 @@ pub const CHUNK: usize = 64;
 /// `h[t] = exp(delta[t] * a[d, n]) * h[t - 1] + delta[t] * b[t, n] * u[t]` from `h[-1] = 0`,
 /// and `y[t, d] = sum_n c[t, n] * h[t]`.
 ///
-/// `u`, `delta`: `[B, L, D]`; `a`: `[D, N]`; `b`, `c`: `[B, L, N]`; all f32 or all f64 (the
-/// model runs it in f32 under bf16 compute). Returns `y: [B, L, D]`, differentiable with
+/// `u`, `delta`: `[B, L, D]`; `a`: `[D, N]`; `b`, `c`: `[B, L, N]`; all of one dtype: f32
+/// or f64 on the CPU, f32 or bf16 on a GPU (the model runs it in f32 under bf16 compute). Returns `y: [B, L, D]`, differentiable with
 /// respect to all five inputs. The skip term `D * u` and the gate are the caller's.
 pub fn selective_scan(
     u: &Tensor,
@@ -66,8 +63,10 @@ pub fn selective_scan(
         ));
     }
     let dt = u.dtype();
-    if !matches!(dt, DType::F32 | DType::F64) || [delta, a, b, c].iter().any(|t| t.dtype() != dt) {
-        return bad("the inputs must all be f32 or all f64".into());
+    if !matches!(dt, DType::F32 | DType::F64 | DType::BF16)
+        || [delta, a, b, c].iter().any(|t| t.dtype() != dt)
+    {
+        return bad("the inputs must all be f32, all f64 or all bf16".into());
     }
     // One input row per (sequence, step): `[u | delta | b | c]`, so that the op has two
     // arguments (candle's custom ops take at most three) and a kernel reads one row per step.
@@ -319,14 +318,15 @@ impl CustomOp2 for SelectiveScan {
         Ok((y, Shape::from((dims.bs, dims.l, dims.d))))
     }
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+        as_: &candle_core::CudaStorage,
+        al: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Err(candle_core::Error::wrap(ScanError::NoCudaKernel))
+        cuda::forward(self.d, self.n, ps, pl, as_, al)
     }
 
     fn bwd(
@@ -382,16 +382,17 @@ impl CustomOp3 for SelectiveScanBwd {
         Ok((out, Shape::from(len)))
     }
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+        as_: &candle_core::CudaStorage,
+        al: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Err(candle_core::Error::wrap(ScanError::NoCudaKernel))
+        cuda::backward(self.fwd.d, self.fwd.n, (ps, pl), (as_, al), (gs, gl))
     }
 }
 
@@ -708,16 +709,14 @@ mod tests {
         let err = selective_scan(&u, &dl, &wrong_a, &b, &c).unwrap_err();
         assert!(err.to_string().contains("do not fit"), "{err}");
         let err = selective_scan(&u, &dl.to_dtype(DType::F32).unwrap(), &a, &b, &c).unwrap_err();
-        assert!(err.to_string().contains("f32 or all f64"), "{err}");
+        assert!(err.to_string().contains("all f64 or all bf16"), "{err}");
+        // bf16 is a GPU dtype: the CPU version says which it takes.
         let half = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
         let err =
             selective_scan(&half(&u), &half(&dl), &half(&a), &half(&b), &half(&c)).unwrap_err();
-        assert!(err.to_string().contains("f32 or all f64"), "{err}");
-    }
-
-    #[test]
-    fn no_cuda_kernel_names_the_issue() {
-        let msg = ScanError::NoCudaKernel.to_string();
-        assert!(msg.contains("issue 24") && msg.contains("CPU"), "{msg}");
+        assert!(
+            err.to_string().contains("CPU version takes f32 or f64"),
+            "{err}"
+        );
     }
 }

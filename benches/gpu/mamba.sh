@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One device call of issue 24: the worker's CUDA Mamba tests, then, for each context, the
+# worker's Mamba and attention models (gpu_mamba_bench) and transformers' Mamba
+# (torch_mamba.py) in each mode, one after another so all come from the same minutes. Runs
+# past TIMEOUT seconds print a JSON line with "error": "timeout". DIR holds the binaries
+# (xz-compressed or not). JSON lines go to $OUT/mamba.jsonl, a table to stdout.
+#   benches/gpu/mamba.sh DIR [contexts] [torch modes]
+set -u
+DIR=${1:-.gpu}
+CONTEXTS=${2:-2048 8192 32768}
+MODES=${3:-eager mambapy compiled compiled-mambapy}
+TIMEOUT=${TIMEOUT:-120}
+OUT=${OUT:-/tmp/potluck-gpu-out}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+export PYTHONUNBUFFERED=1
+BIN=/tmp/potluck-bin
+mkdir -p "$BIN"
+for f in "$DIR"/*; do
+  case "$f" in
+    *.xz) xz -dc "$f" >"$BIN/$(basename "$f" .xz)"; chmod +x "$BIN/$(basename "$f" .xz)" ;;
+    *) cp "$f" "$BIN/" ;;
+  esac
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ -x "$BIN/mamba" ] && [ -z "${SKIP_TEST:-}" ]; then
+  echo "== worker CUDA tests: mamba"
+  timeout 300 "$BIN/mamba" --ignored --nocapture --test-threads 1 cuda_ >"$OUT/cuda_test_mamba.log" 2>&1
+  echo "exit $?" >>"$OUT/cuda_test_mamba.log"
+  grep -E "scan |grad |hybrid|test result|panicked|exit" "$OUT/cuda_test_mamba.log" | head -80
+fi
+# measure LABEL COMMAND...: one JSON line, or a timeout/crash line naming LABEL.
+measure() {
+  local label=$1; shift
+  local line
+  line=$(timeout "$TIMEOUT" "$@" 2>>"$OUT/stderr.log" | tail -1)
+  local rc=${PIPESTATUS[0]}
+  if [ -z "$line" ] || [ "${line:0:1}" != "{" ]; then
+    if [ "$rc" = 124 ]; then line="{\"label\":\"$label\",\"error\":\"timeout ${TIMEOUT}s\"}"
+    else line="{\"label\":\"$label\",\"error\":\"exit $rc\"}"; fi
+  fi
+  echo "$line" | tee -a "$OUT/mamba.jsonl"
+}
+[ -x "$BIN/gpu_mamba_bench" ] || { echo "no gpu_mamba_bench in $DIR"; exit 1; }
+for ctx in $CONTEXTS; do
+  for m in mamba attention; do
+    measure "potluck-$m-$ctx" "$BIN/gpu_mamba_bench" --model $m --context $ctx --dtype bf16 \
+      --device cuda --warmup 2 --steps 5
+  done
+  for mode in $MODES; do
+    steps=3; [ "$ctx" -ge 32768 ] && steps=1
+    measure "transformers-$mode-$ctx" python3 "$HERE/torch_mamba.py" --mode $mode --context $ctx \
+      --dtype bf16 --warmup 1 --steps $steps
+  done
+done
+python3 - "$OUT/mamba.jsonl" <<'PY'
+import json, sys
+print(f"{'impl':28} {'model':10} {'context':>7} {'tokens/s':>10} {'step ms':>9} {'GiB':>6}")
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if "error" in r:
+        print(f"{r.get('label', r.get('impl')):28} {r['error']}")
+        continue
+    print(f"{r['impl']:28} {r['model']:10} {r['context']:>7} {r['tokens_per_s']:>10.0f} "
+          f"{r['median_step_ms']:>9.1f} {r['memory_gib'] or 0:>6.1f}")
+PY
