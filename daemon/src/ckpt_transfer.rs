@@ -42,6 +42,8 @@ use potluck_coordinator::store::write_atomic;
 use potluck_coordinator::transfer::{Download, DownloadConfig, PieceRejected, SourceId};
 use potluck_coordinator::verify::{check_manifest_against_run, verified_pieces, verify_content};
 use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::ratelimit::{Limited, RateLimiter};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -165,6 +167,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Deadline for writing one answer.
     pub write_timeout: Duration,
+    /// The daemon's upload cap (and download cap, for the requests) that answers go through.
+    pub rates: RateLimiter,
 }
 
 impl Default for ServeOptions {
@@ -174,6 +178,7 @@ impl Default for ServeOptions {
             max_streams: 64,
             idle_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
+            rates: RateLimiter::unlimited(),
         }
     }
 }
@@ -258,6 +263,7 @@ pub fn serve_checkpoints(
                 continue;
             };
             let s = s.clone();
+            let stream = s.inner.opts.rates.wrap(stream);
             tokio::spawn(async move {
                 s.serve_stream(peer, stream).await;
                 s.release(peer);
@@ -328,7 +334,7 @@ impl CheckpointServer {
         }
     }
 
-    async fn serve_stream(&self, peer: PeerId, mut stream: libp2p::Stream) {
+    async fn serve_stream(&self, peer: PeerId, mut stream: CkptStream) {
         let opts = &self.inner.opts;
         loop {
             let mut buf = [0u8; REQUEST_LEN];
@@ -615,6 +621,8 @@ pub struct FetchOptions {
     /// Check the finished checkpoint as a whole (sizes, every hash, whole-file hashes)
     /// before moving it into place.
     pub final_verify: bool,
+    /// The daemon's download cap (and upload cap, for the requests).
+    pub rates: RateLimiter,
 }
 
 impl Default for FetchOptions {
@@ -627,6 +635,7 @@ impl Default for FetchOptions {
             cancel: CancellationToken::new(),
             progress: None,
             final_verify: true,
+            rates: RateLimiter::unlimited(),
         }
     }
 }
@@ -775,7 +784,7 @@ impl std::fmt::Display for ReqError {
 /// Sends `req` on `stream` and reads the answer; an OK answer longer than `max_body`, or of
 /// another length than `exact`, is a protocol violation.
 async fn exchange(
-    stream: &mut libp2p::Stream,
+    stream: &mut CkptStream,
     req: &WireRequest,
     max_body: u64,
     exact: Option<u64>,
@@ -810,14 +819,25 @@ async fn exchange(
     Ok(body)
 }
 
-async fn open(
-    control: &mut libp2p_stream::Control,
-    peer: PeerId,
-) -> Result<libp2p::Stream, ReqError> {
-    control
-        .open_stream(peer, CKPT_PROTOCOL)
-        .await
-        .map_err(|e| ReqError::Transport(format!("cannot open a stream: {e}")))
+/// A checkpoint stream: its bytes count against the daemon's rate caps.
+type CkptStream = Limited<libp2p::Stream>;
+
+/// Opens checkpoint streams through the daemon's rate caps.
+#[derive(Clone)]
+struct Dialer {
+    control: libp2p_stream::Control,
+    rates: RateLimiter,
+}
+
+impl Dialer {
+    async fn open(&mut self, peer: PeerId) -> Result<CkptStream, ReqError> {
+        let stream = self
+            .control
+            .open_stream(peer, CKPT_PROTOCOL)
+            .await
+            .map_err(|e| ReqError::Transport(format!("cannot open a stream: {e}")))?;
+        Ok(self.rates.wrap(stream))
+    }
 }
 
 /// Fetches the signed manifest and run manifest of checkpoint `root` from the first of
@@ -834,9 +854,12 @@ pub async fn fetch_manifest(
     }
     let mut reasons = Vec::new();
     for peer in sources {
-        let mut control = control.clone();
+        let mut dialer = Dialer {
+            control: control.clone(),
+            rates: opts.rates.clone(),
+        };
         let attempt = async {
-            let mut s = open(&mut control, *peer).await?;
+            let mut s = dialer.open(*peer).await?;
             let ask = |op| WireRequest {
                 op,
                 root,
@@ -913,7 +936,7 @@ struct Outcome {
 
 /// One worker: one stream to `peer`, requests taken from the source's queue in turn.
 async fn source_worker(
-    mut control: libp2p_stream::Control,
+    mut dialer: Dialer,
     peer: PeerId,
     root: Hash32,
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<potluck_coordinator::transfer::Request>>>,
@@ -921,7 +944,7 @@ async fn source_worker(
     file_index: Arc<HashMap<String, u32>>,
     request_timeout: Duration,
 ) {
-    let mut stream: Option<libp2p::Stream> = None;
+    let mut stream: Option<CkptStream> = None;
     let mut failed_in_a_row = 0u32;
     loop {
         let Some(req) = queue.lock().await.recv().await else {
@@ -938,7 +961,7 @@ async fn source_worker(
                 };
                 let attempt = async {
                     if stream.is_none() {
-                        stream = Some(open(&mut control, peer).await?);
+                        stream = Some(dialer.open(peer).await?);
                     }
                     match stream.as_mut() {
                         Some(s) => exchange(s, &wire, req.len, Some(req.len)).await,
@@ -1092,7 +1115,10 @@ pub async fn fetch_checkpoint(
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..per_source {
             workers.spawn(source_worker(
-                control.clone(),
+                Dialer {
+                    control: control.clone(),
+                    rates: opts.rates.clone(),
+                },
                 slot.peer,
                 root,
                 rx.clone(),

@@ -36,6 +36,8 @@ pub enum NodeError {
     Web(#[from] crate::web::WebError),
     #[error("cannot train on the configured device: {0}")]
     Device(String),
+    #[error("invalid rate cap: {0}")]
+    Rates(String),
 }
 
 /// A running daemon.
@@ -89,9 +91,14 @@ impl Node {
             Some(addr) => Some((addr, control::load_or_create_token(&dir)?)),
             None => None,
         };
+        // One bucket per direction for the whole daemon: tensor frames and checkpoint
+        // transfers share it.
+        let rates = crate::ratelimit::RateLimiter::new(config.rate_caps)
+            .map_err(|e| NodeError::Rates(e.to_string()))?;
         let settings = crate::train::TrainSettings {
             keep_checkpoints: config.keep_checkpoints,
             failover_min: config.failover_min,
+            rates: rates.clone(),
         };
         let http = match (config.http_listen, &config.http_token_file) {
             (Some(addr), Some(file)) => Some((addr, Some(crate::web::read_token(file)?))),
@@ -114,7 +121,11 @@ impl Node {
         let train =
             TrainService::start(key, client.stream_control(), device, dir.clone(), settings)?;
         let runs = dir.join(crate::train::checkpoint::RUNS_DIR);
-        crate::ckpt_transfer::serve_checkpoints(client.stream_control(), runs, Default::default())?;
+        let serve = crate::ckpt_transfer::ServeOptions {
+            rates,
+            ..Default::default()
+        };
+        crate::ckpt_transfer::serve_checkpoints(client.stream_control(), runs, serve)?;
         // Measure the reference training step off the runtime; the figure joins the
         // capability record when it is ready.
         let measuring = client.clone();

@@ -51,11 +51,15 @@ use super::plan::slice_ranges;
 use super::reduce::{reduce_codec, reduce_slice};
 use super::wire::{MAX_CONTROL_BYTES, read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
+use crate::ratelimit::{Limited, RateLimiter};
 
 mod data_parallel;
 mod departures;
 
 use departures::{Departures, UNTIL_WELCOMED};
+
+/// A tensor stream: its bytes count against the daemon's rate caps.
+type DataStream = Limited<libp2p::Stream>;
 
 /// The control protocol of a run.
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/train-ctl/1");
@@ -456,6 +460,8 @@ struct Inner {
     abort_at: Option<CrashPoint>,
     /// Committed checkpoints of a run kept on disk (the daemon's `keep_checkpoints`).
     keep_checkpoints: usize,
+    /// Upload and download caps: every tensor stream and checkpoint fetch goes through them.
+    rates: RateLimiter,
     /// The least time a replica looks for its coordinator after losing it.
     failover_min: Duration,
 }
@@ -517,6 +523,8 @@ pub struct TrainSettings {
     /// The least time a replica looks for its coordinator after losing it (the window is
     /// three round deadlines, and at least three times this).
     pub failover_min: Duration,
+    /// The daemon's upload and download caps, shared with its checkpoint server.
+    pub rates: RateLimiter,
 }
 
 impl Default for TrainSettings {
@@ -524,6 +532,7 @@ impl Default for TrainSettings {
         TrainSettings {
             keep_checkpoints: 3,
             failover_min: Duration::from_secs(40),
+            rates: RateLimiter::unlimited(),
         }
     }
 }
@@ -596,6 +605,7 @@ impl TrainService {
                 abort_at: CrashPoint::from_env(),
                 keep_checkpoints: settings.keep_checkpoints.max(1),
                 failover_min: settings.failover_min,
+                rates: settings.rates,
             }),
         };
         let s = svc.clone();
@@ -607,6 +617,7 @@ impl TrainService {
                     continue;
                 };
                 let s = s.clone();
+                let stream = s.inner.rates.wrap(stream);
                 tokio::spawn(async move {
                     s.serve_tensor_stream(peer, stream).await;
                     drop(permit);
@@ -756,6 +767,11 @@ impl TrainService {
     }
 
     /// Bytes on the wire so far.
+    /// The daemon's upload and download caps and what went through them.
+    pub fn rates(&self) -> &RateLimiter {
+        &self.inner.rates
+    }
+
     pub fn traffic(&self) -> &Traffic {
         &self.inner.traffic
     }
@@ -817,7 +833,7 @@ impl TrainService {
             .unwrap_or_default()
     }
 
-    async fn serve_tensor_stream(&self, peer: PeerId, mut stream: libp2p::Stream) {
+    async fn serve_tensor_stream(&self, peer: PeerId, mut stream: DataStream) {
         let frame =
             match tokio::time::timeout(FRAME_TIMEOUT, read_frame(&mut stream, &self.inner.limits))
                 .await
@@ -870,7 +886,7 @@ impl TrainService {
         &self,
         peer: PeerId,
         req: &FrameHeader,
-        stream: &mut libp2p::Stream,
+        stream: &mut DataStream,
     ) {
         // The requester names the root it needs; this replica may still be finishing the
         // round that produced it, so wait a little for it to appear.
@@ -912,7 +928,7 @@ impl TrainService {
     async fn answer(
         &self,
         peer: PeerId,
-        stream: &mut libp2p::Stream,
+        stream: &mut DataStream,
         mut header: FrameHeader,
         payload: &[u8],
     ) {
@@ -949,7 +965,7 @@ impl TrainService {
         };
         let wire = seal_payload(&mut header, payload, None);
         self.sign(&mut header)?;
-        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
+        let mut stream = self.inner.rates.wrap(self.open(peer, TENSOR_PROTOCOL).await?);
         let n = write_frame(&mut stream, &header, &wire)
             .await
             .map_err(|e| fail(e.to_string()))?;
@@ -976,7 +992,7 @@ impl TrainService {
     /// Sends the ledger entries of the run named in `req` from the round it asks for: the
     /// coordinator's ledger, or this replica's copy of it. Closes the stream without an
     /// answer when this daemon holds none.
-    async fn answer_ledger_request(&self, peer: PeerId, req: &Frame, stream: &mut libp2p::Stream) {
+    async fn answer_ledger_request(&self, peer: PeerId, req: &Frame, stream: &mut DataStream) {
         let (Ok(run_id), Ok(from)) = (
             <[u8; 32]>::try_from(req.header.run_id.as_slice()),
             <[u8; 8]>::try_from(req.payload.as_slice()).map(u64::from_le_bytes),
@@ -1157,7 +1173,7 @@ impl TrainService {
         header: &FrameHeader,
         wire: &[u8],
     ) -> Result<(), TrainError> {
-        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
+        let mut stream = self.inner.rates.wrap(self.open(peer, TENSOR_PROTOCOL).await?);
         let n = tokio::time::timeout(FRAME_TIMEOUT, write_frame(&mut stream, header, wire))
             .await
             .map_err(|_| TrainError::Other(format!("sending to {peer} timed out")))?
@@ -2544,6 +2560,7 @@ impl TrainService {
         let (progress, mut seen) = tokio::sync::watch::channel(Default::default());
         let opts = crate::ckpt_transfer::FetchOptions {
             cancel: self.inner.cancel.child_token(),
+            rates: self.inner.rates.clone(),
             progress: Some(progress),
             ..Default::default()
         };
@@ -2633,6 +2650,7 @@ impl TrainService {
         }
         let opts = crate::ckpt_transfer::FetchOptions {
             cancel: self.inner.cancel.child_token(),
+            rates: self.inner.rates.clone(),
             ..Default::default()
         };
         // The sources write the checkpoint when the commit reaches them, which can be a
