@@ -99,6 +99,10 @@ impl Node {
             keep_checkpoints: config.keep_checkpoints,
             failover_min: config.failover_min,
             rates: rates.clone(),
+            limits: crate::train::session::ResourceLimits {
+                memory_limit_mb: config.memory_limit_mb,
+                cpu_threads: config.cpu_threads,
+            },
         };
         let http = match (config.http_listen, &config.http_token_file) {
             (Some(addr), Some(file)) => Some((addr, Some(crate::web::read_token(file)?))),

@@ -462,6 +462,7 @@ struct Inner {
     keep_checkpoints: usize,
     /// Upload and download caps: every tensor stream and checkpoint fetch goes through them.
     rates: RateLimiter,
+    resource_limits: ResourceLimits,
     /// The least time a replica looks for its coordinator after losing it.
     failover_min: Duration,
 }
@@ -525,6 +526,17 @@ pub struct TrainSettings {
     pub failover_min: Duration,
     /// The daemon's upload and download caps, shared with its checkpoint server.
     pub rates: RateLimiter,
+    /// The memory cap of a training step and the CPU threads (applied at daemon start).
+    pub limits: ResourceLimits,
+}
+
+/// A daemon's caps on what its training takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceLimits {
+    /// The memory one training step may take on the device, in MiB (`None`: no cap).
+    pub memory_limit_mb: Option<u64>,
+    /// Threads of the CPU math (`None`: one per core).
+    pub cpu_threads: Option<usize>,
 }
 
 impl Default for TrainSettings {
@@ -533,6 +545,7 @@ impl Default for TrainSettings {
             keep_checkpoints: 3,
             failover_min: Duration::from_secs(40),
             rates: RateLimiter::unlimited(),
+            limits: ResourceLimits::default(),
         }
     }
 }
@@ -606,6 +619,7 @@ impl TrainService {
                 keep_checkpoints: settings.keep_checkpoints.max(1),
                 failover_min: settings.failover_min,
                 rates: settings.rates,
+                resource_limits: settings.limits,
             }),
         };
         let s = svc.clone();
@@ -770,6 +784,11 @@ impl TrainService {
     /// The daemon's upload and download caps and what went through them.
     pub fn rates(&self) -> &RateLimiter {
         &self.inner.rates
+    }
+
+    /// The memory cap and CPU threads this daemon trains under.
+    pub fn resource_limits(&self) -> ResourceLimits {
+        self.inner.resource_limits
     }
 
     pub fn traffic(&self) -> &Traffic {
