@@ -38,6 +38,8 @@ pub enum NodeError {
     Device(String),
     #[error("invalid rate cap: {0}")]
     Rates(String),
+    #[error(transparent)]
+    Threads(#[from] crate::threads::ThreadsError),
 }
 
 /// A running daemon.
@@ -77,6 +79,10 @@ impl Node {
                     path: dir.clone(),
                     source,
                 })?;
+        }
+        // Before any tensor operation: the math's thread pool is made once per process.
+        if let Some(n) = config.cpu_threads {
+            crate::threads::apply(n)?;
         }
         let device = config.device;
         // Open the device now: a daemon told to use a GPU it cannot use stops here, before it takes its data dir,, saying

@@ -1906,7 +1906,25 @@ impl TrainService {
             .await?,
         );
         let codec = run.codec();
+        // Under a memory cap, the batch is checked (and split if need be) before the model
+        // takes any memory.
+        let plan = match self.inner.resource_limits.memory_limit_mb {
+            Some(mb) => Some(
+                potluck_worker::memory::plan_batch(&run.model, &run.inner, mb << 20)
+                    .map_err(potluck_worker::WorkerError::from)?,
+            ),
+            None => None,
+        };
         let mut rep = Replica::new(&run.model, &run.inner, &self.inner.device)?;
+        if let Some(plan) = plan.filter(|p| p.micro_batches > 1) {
+            tracing::info!(
+                batch = run.inner.batch_size,
+                micro_batch = plan.micro_batch,
+                estimate_mib = plan.estimate.total() >> 20,
+                "the batch does not fit the memory cap at once: accumulating micro-batches"
+            );
+            rep.set_micro_batch(plan.micro_batch);
+        }
         let n = rep.num_params();
         let mut outer = OuterOptimizer::new(run.outer.lr, run.outer.momentum, n);
         let mut ef = ErrorFeedback::new(n);
