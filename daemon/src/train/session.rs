@@ -1305,7 +1305,24 @@ impl TrainService {
         {
             return Err(TrainError::ReplicaOfRun(hex::encode(run_id)));
         }
+        // A coordinator trains a replica of its own run: one that cannot train it under
+        // this daemon's memory cap is refused now, not stuck waiting for its own replica.
+        self.memory_plan(run)?;
         Ok(())
+    }
+
+    /// How this daemon's replica of `run` trains under its memory cap: `None` without a
+    /// cap; an error when not even one sequence fits.
+    fn memory_plan(
+        &self,
+        run: &ResolvedRun,
+    ) -> Result<Option<potluck_worker::memory::BatchPlan>, TrainError> {
+        let Some(mb) = self.inner.resource_limits.memory_limit_mb else {
+            return Ok(None);
+        };
+        let plan = potluck_worker::memory::plan_batch(&run.model, &run.inner, mb << 20)
+            .map_err(potluck_worker::WorkerError::from)?;
+        Ok(Some(plan))
     }
 
     async fn prepare_run(
@@ -1908,13 +1925,7 @@ impl TrainService {
         let codec = run.codec();
         // Under a memory cap, the batch is checked (and split if need be) before the model
         // takes any memory.
-        let plan = match self.inner.resource_limits.memory_limit_mb {
-            Some(mb) => Some(
-                potluck_worker::memory::plan_batch(&run.model, &run.inner, mb << 20)
-                    .map_err(potluck_worker::WorkerError::from)?,
-            ),
-            None => None,
-        };
+        let plan = self.memory_plan(&run)?;
         let mut rep = Replica::new(&run.model, &run.inner, &self.inner.device)?;
         if let Some(plan) = plan.filter(|p| p.micro_batches > 1) {
             tracing::info!(
