@@ -388,7 +388,10 @@ mod tests {
             let (limiter, took) = pipe(caps, total).await;
             let burst = (rate / 10).max(MIN_BURST);
             let floor = (total as u64 - burst - MAX_IO as u64) as f64 / rate as f64;
-            assert!(took.as_secs_f64() >= floor, "{took:?} < {floor} s for {caps:?}");
+            assert!(
+                took.as_secs_f64() >= floor,
+                "{took:?} < {floor} s for {caps:?}"
+            );
             let (up, down) = limiter.stats();
             let capped = if caps.upload.is_some() { up } else { down };
             let free = if caps.upload.is_some() { down } else { up };

@@ -94,7 +94,7 @@ impl Drop for Lab {
 fn make_checkpoint(dir: &Path) -> SignedManifest {
     let header = br#"{"t":{"dtype":"F32","shape":[2000000],"data_offsets":[0,8000000]}}"#;
     let mut json = header.to_vec();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + CHECKPOINT_BYTES);
@@ -256,7 +256,13 @@ struct Measured {
     wire: f64,
 }
 
-async fn fetch_once(fetcher: &Node, source: PeerId, root: Hash32, dest: &Path, dev: &str) -> Measured {
+async fn fetch_once(
+    fetcher: &Node,
+    source: PeerId,
+    root: Hash32,
+    dest: &Path,
+    dev: &str,
+) -> Measured {
     let control = fetcher.client().stream_control();
     let opts = FetchOptions {
         rates: fetcher.train().rates().clone(),
@@ -321,7 +327,10 @@ async fn rate_caps_hold_on_a_faster_link() {
     let pid = std::process::id();
     let net = format!("10.231.{}", pid % 250);
     let (host_ip, ns_ip) = (format!("{net}.1"), format!("{net}.2"));
-    let (host_dev, ns_dev) = (format!("rch{}", pid % 100_000), format!("rcn{}", pid % 100_000));
+    let (host_dev, ns_dev) = (
+        format!("rch{}", pid % 100_000),
+        format!("rcn{}", pid % 100_000),
+    );
     let mut lab = Lab {
         ns: format!("plrc{pid}"),
         children: vec![],
@@ -331,9 +340,25 @@ async fn rate_caps_hold_on_a_faster_link() {
     must(&[
         "ip", "link", "add", &host_dev, "type", "veth", "peer", "name", &ns_dev, "netns", &lab.ns,
     ]);
-    must(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", &host_dev]);
+    must(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{host_ip}/24"),
+        "dev",
+        &host_dev,
+    ]);
     must(&["ip", "link", "set", &host_dev, "up"]);
-    must(&["ip", "-n", &lab.ns, "addr", "add", &format!("{ns_ip}/24"), "dev", &ns_dev]);
+    must(&[
+        "ip",
+        "-n",
+        &lab.ns,
+        "addr",
+        "add",
+        &format!("{ns_ip}/24"),
+        "dev",
+        &ns_dev,
+    ]);
     must(&["ip", "-n", &lab.ns, "link", "set", &ns_dev, "up"]);
     // The link, both ways: far faster than the cap, slower than memory.
     for (ns, dev) in [(None, &host_dev), (Some(&lab.ns), &ns_dev)] {
@@ -378,9 +403,19 @@ async fn rate_caps_hold_on_a_faster_link() {
 
     let control = fetch_once(&free, from_free, root, &free_dir.join("a"), &host_dev).await;
     let upload = fetch_once(&free, from_capped, root, &free_dir.join("b"), &host_dev).await;
-    let download =
-        fetch_once(&capped, from_free_capped, root, &capped_dir.join("c"), &host_dev).await;
-    for (what, m) in [("uncapped", &control), ("upload cap", &upload), ("download cap", &download)] {
+    let download = fetch_once(
+        &capped,
+        from_free_capped,
+        root,
+        &capped_dir.join("c"),
+        &host_dev,
+    )
+    .await;
+    for (what, m) in [
+        ("uncapped", &control),
+        ("upload cap", &upload),
+        ("download cap", &download),
+    ] {
         println!(
             "{{\"bench\":\"rate_cap\",\"case\":\"{what}\",\"cap_bytes_per_sec\":{CAP},\"app_bytes_per_sec\":{:.0},\"wire_bytes_per_sec\":{:.0}}}",
             m.app, m.wire

@@ -113,8 +113,8 @@ fn kept_per_token(model: &ModelConfig, seq: u64) -> Option<(u64, u64)> {
             FeedForward::Dense => (4 * d).checked_add(4 * model.ffn_hidden as u64)?,
             FeedForward::Moe => {
                 let e = model.n_experts as u64;
-                let copies = (model.top_k as f64 * f64::from(model.capacity_factor.max(1.0)))
-                    .ceil() as u64;
+                let copies =
+                    (model.top_k as f64 * f64::from(model.capacity_factor.max(1.0))).ceil() as u64;
                 let per_copy = (2 * d).checked_add(4 * model.expert_hidden as u64)?;
                 (4 * d)
                     .checked_add(2 * e)?
@@ -285,7 +285,10 @@ mod tests {
         let one = estimate_step(&m, &t, 1, true).unwrap().total();
         assert_eq!(*need_mib, one.div_ceil(1 << 20));
         let text = err.to_string();
-        assert!(text.contains("memory_limit_mb") && text.contains("16 MiB"), "{text}");
+        assert!(
+            text.contains("memory_limit_mb") && text.contains("16 MiB"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -81,6 +81,10 @@ struct CheckpointMeta {
     lora_base: Option<PathBuf>,
 }
 
+/// What [`Replica::accumulate`] returns: the row-weighted cross-entropy and load-balancing
+/// loss, the summed routing counts, and the batch's gradient per trainable parameter.
+type Accumulated = (f32, f32, RouteStats, Vec<Option<Tensor>>);
+
 /// A model with its inner optimizer and step counter.
 #[derive(Debug)]
 pub struct Replica {
@@ -274,7 +278,7 @@ impl Replica {
         inputs: &[u32],
         targets: &[u32],
         batch: usize,
-    ) -> Result<(f32, f32, RouteStats, Vec<Option<Tensor>>), WorkerError> {
+    ) -> Result<Accumulated, WorkerError> {
         let seq = inputs.len() / batch.max(1);
         if inputs.len() != batch * seq || targets.len() != inputs.len() {
             return Err(WorkerError::Mismatch(format!(

@@ -58,7 +58,10 @@ fn micro_batches_accumulate_to_the_whole_batch() {
             .zip(&p)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        assert!(worst < 1e-5, "micro-batches of {rows}: weights differ by {worst}");
+        assert!(
+            worst < 1e-5,
+            "micro-batches of {rows}: weights differ by {worst}"
+        );
         // The weights moved: the comparison is not between two untrained replicas.
         let fresh = Replica::new(&model, &train, &DeviceSpec::Cpu)
             .unwrap()

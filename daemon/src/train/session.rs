@@ -901,12 +901,7 @@ impl TrainService {
         }
     }
 
-    async fn answer_state_request(
-        &self,
-        peer: PeerId,
-        req: &FrameHeader,
-        stream: &mut DataStream,
-    ) {
+    async fn answer_state_request(&self, peer: PeerId, req: &FrameHeader, stream: &mut DataStream) {
         // The requester names the root it needs; this replica may still be finishing the
         // round that produced it, so wait a little for it to appear.
         let wanted = req.payload_hash.clone();
@@ -984,7 +979,10 @@ impl TrainService {
         };
         let wire = seal_payload(&mut header, payload, None);
         self.sign(&mut header)?;
-        let mut stream = self.inner.rates.wrap(self.open(peer, TENSOR_PROTOCOL).await?);
+        let mut stream = self
+            .inner
+            .rates
+            .wrap(self.open(peer, TENSOR_PROTOCOL).await?);
         let n = write_frame(&mut stream, &header, &wire)
             .await
             .map_err(|e| fail(e.to_string()))?;
@@ -1192,7 +1190,10 @@ impl TrainService {
         header: &FrameHeader,
         wire: &[u8],
     ) -> Result<(), TrainError> {
-        let mut stream = self.inner.rates.wrap(self.open(peer, TENSOR_PROTOCOL).await?);
+        let mut stream = self
+            .inner
+            .rates
+            .wrap(self.open(peer, TENSOR_PROTOCOL).await?);
         let n = tokio::time::timeout(FRAME_TIMEOUT, write_frame(&mut stream, header, wire))
             .await
             .map_err(|_| TrainError::Other(format!("sending to {peer} timed out")))?
