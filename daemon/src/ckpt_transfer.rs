@@ -781,6 +781,25 @@ impl std::fmt::Display for ReqError {
     }
 }
 
+/// The deadline of one piece request under this daemon's download cap: every request in
+/// flight shares the cap, so a piece may wait behind all the others before its own bytes
+/// come; without that allowance a cap below a few hundred KB/s would time out every
+/// request and drop every source.
+fn capped_request_timeout(
+    base: Duration,
+    download_cap: Option<u64>,
+    requests_in_flight: usize,
+    piece_bytes: u64,
+) -> Duration {
+    match download_cap {
+        Some(rate) if rate > 0 => {
+            let queued = piece_bytes.saturating_mul(requests_in_flight as u64);
+            base + Duration::from_secs_f64(queued as f64 / rate as f64)
+        }
+        _ => base,
+    }
+}
+
 /// Sends `req` on `stream` and reads the answer; an OK answer longer than `max_body`, or of
 /// another length than `exact`, is a protocol violation.
 async fn exchange(
@@ -1066,13 +1085,20 @@ pub async fn fetch_checkpoint(
     };
     let resumed_pieces = verified.iter().filter(|v| **v).count();
 
+    let in_flight = opts
+        .max_in_flight_per_source
+        .clamp(1, MAX_IN_FLIGHT_PER_SOURCE);
+    let request_timeout = capped_request_timeout(
+        opts.request_timeout,
+        opts.rates.caps().download,
+        in_flight * sources.len().max(1),
+        u64::from(content.chunk_size),
+    );
     let cfg = DownloadConfig {
-        max_in_flight_per_source: opts
-            .max_in_flight_per_source
-            .clamp(1, MAX_IN_FLIGHT_PER_SOURCE),
+        max_in_flight_per_source: in_flight,
         // The workers give up first, so the state machine hears of every failure from
         // them; its own deadline is the backstop.
-        request_timeout_ms: (opts.request_timeout + Duration::from_secs(5)).as_millis() as u64,
+        request_timeout_ms: (request_timeout + Duration::from_secs(5)).as_millis() as u64,
     };
     let mut dl = Download::new(&content, &verified, cfg);
     let (_, total_bytes) = dl.progress();
@@ -1124,7 +1150,7 @@ pub async fn fetch_checkpoint(
                 rx.clone(),
                 res_tx.clone(),
                 file_index.clone(),
-                opts.request_timeout,
+                request_timeout,
             ));
         }
         slot.queue = Some(tx);
@@ -1492,6 +1518,17 @@ mod tests {
         let mut b = r.encode();
         b[6] = 1;
         assert!(WireRequest::decode(&b).is_err());
+    }
+
+    #[test]
+    fn a_download_cap_stretches_each_request_deadline_by_the_queue_ahead_of_it() {
+        let base = Duration::from_secs(30);
+        assert_eq!(capped_request_timeout(base, None, 8, 1 << 20), base);
+        // Eight 1 MiB pieces at 256 KiB/s: 32 s of queue on top of the base.
+        assert_eq!(
+            capped_request_timeout(base, Some(256 << 10), 8, 1 << 20),
+            base + Duration::from_secs(32)
+        );
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! fast as the cap, so the link was not what held the capped ones. Needs root, iproute2 and
 //! tc; skips with a message otherwise.
 //!
+//! Also, on loopback: a fetch slowed by its own download cap past the request deadline is
+//! not taken for a dead source.
+//!
 //! The serving daemons are this test binary again (`serve_in_namespace`, ignored unless
 //! run by this test), started with `ip netns exec`, so they are real `Node`s in their own
 //! namespace, configured with caps as an operator would.
@@ -439,4 +442,52 @@ async fn rate_caps_hold_on_a_faster_link() {
     assert!(down.waited_secs > 0.0, "{down:?}");
     free.shutdown().await;
     capped.shutdown().await;
+}
+
+/// On loopback: a fetch under a download cap whose pieces take longer to arrive than the
+/// request deadline (four 1 MiB pieces in flight share 1 MiB/s: 4 s each, against 2 s)
+/// still completes, because the deadline grows by the queue the cap puts ahead of a piece,
+/// instead of dropping the source after three "timed out" requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_capped_fetch_is_not_taken_for_a_dead_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("ckpt");
+    std::fs::create_dir_all(&src).unwrap();
+    let manifest = make_checkpoint(&src);
+    let sdir = tmp.path().join("server");
+    install(&src, &manifest, &sdir);
+    let server = common::start(&sdir, vec![]).await;
+    let fdir = tmp.path().join("fetcher");
+    let caps = RateCaps {
+        upload: None,
+        download: Some(1 << 20),
+    };
+    let fetcher = Node::start(config(&fdir, "127.0.0.1", caps)).await.unwrap();
+    let peer = connect(&fetcher, common::addr(&server, "quic-v1").await).await;
+    let control = fetcher.client().stream_control();
+    let opts = FetchOptions {
+        rates: fetcher.train().rates().clone(),
+        request_timeout: Duration::from_secs(2),
+        max_in_flight_per_source: 4,
+        ..Default::default()
+    };
+    let (m, run) = fetch_manifest(&control, &[peer], manifest.body().root, &opts)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let report = fetch_checkpoint(&control, &[peer], &m, &run, &fdir.join("got"), &opts)
+        .await
+        .unwrap();
+    let took = start.elapsed().as_secs_f64();
+    assert_eq!(report.fetched_bytes, m.body().content.total_bytes());
+    // The cap held it back: at least the bytes beyond the burst at the cap.
+    let floor = (report.fetched_bytes - (128 << 10)) as f64 / (1 << 20) as f64;
+    assert!(took >= floor, "{took} s < {floor} s");
+    assert_eq!(report.sources.len(), 1);
+    assert_eq!(
+        report.sources[0].outcome,
+        potluck_daemon::ckpt_transfer::SourceOutcome::Good
+    );
+    fetcher.shutdown().await;
+    server.shutdown().await;
 }
