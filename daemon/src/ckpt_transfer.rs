@@ -42,6 +42,8 @@ use potluck_coordinator::store::write_atomic;
 use potluck_coordinator::transfer::{Download, DownloadConfig, PieceRejected, SourceId};
 use potluck_coordinator::verify::{check_manifest_against_run, verified_pieces, verify_content};
 use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::ratelimit::{Limited, RateLimiter};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -165,6 +167,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Deadline for writing one answer.
     pub write_timeout: Duration,
+    /// The daemon's upload cap (and download cap, for the requests) that answers go through.
+    pub rates: RateLimiter,
 }
 
 impl Default for ServeOptions {
@@ -174,6 +178,7 @@ impl Default for ServeOptions {
             max_streams: 64,
             idle_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
+            rates: RateLimiter::unlimited(),
         }
     }
 }
@@ -258,6 +263,7 @@ pub fn serve_checkpoints(
                 continue;
             };
             let s = s.clone();
+            let stream = s.inner.opts.rates.wrap(stream);
             tokio::spawn(async move {
                 s.serve_stream(peer, stream).await;
                 s.release(peer);
@@ -328,7 +334,7 @@ impl CheckpointServer {
         }
     }
 
-    async fn serve_stream(&self, peer: PeerId, mut stream: libp2p::Stream) {
+    async fn serve_stream(&self, peer: PeerId, mut stream: CkptStream) {
         let opts = &self.inner.opts;
         loop {
             let mut buf = [0u8; REQUEST_LEN];
@@ -615,6 +621,8 @@ pub struct FetchOptions {
     /// Check the finished checkpoint as a whole (sizes, every hash, whole-file hashes)
     /// before moving it into place.
     pub final_verify: bool,
+    /// The daemon's download cap (and upload cap, for the requests).
+    pub rates: RateLimiter,
 }
 
 impl Default for FetchOptions {
@@ -627,6 +635,7 @@ impl Default for FetchOptions {
             cancel: CancellationToken::new(),
             progress: None,
             final_verify: true,
+            rates: RateLimiter::unlimited(),
         }
     }
 }
@@ -772,10 +781,29 @@ impl std::fmt::Display for ReqError {
     }
 }
 
+/// The deadline of one piece request under this daemon's download cap: every request in
+/// flight shares the cap, so a piece may wait behind all the others before its own bytes
+/// come; without that allowance a cap below a few hundred KB/s would time out every
+/// request and drop every source.
+fn capped_request_timeout(
+    base: Duration,
+    download_cap: Option<u64>,
+    requests_in_flight: usize,
+    piece_bytes: u64,
+) -> Duration {
+    match download_cap {
+        Some(rate) if rate > 0 => {
+            let queued = piece_bytes.saturating_mul(requests_in_flight as u64);
+            base + Duration::from_secs_f64(queued as f64 / rate as f64)
+        }
+        _ => base,
+    }
+}
+
 /// Sends `req` on `stream` and reads the answer; an OK answer longer than `max_body`, or of
 /// another length than `exact`, is a protocol violation.
 async fn exchange(
-    stream: &mut libp2p::Stream,
+    stream: &mut CkptStream,
     req: &WireRequest,
     max_body: u64,
     exact: Option<u64>,
@@ -810,14 +838,25 @@ async fn exchange(
     Ok(body)
 }
 
-async fn open(
-    control: &mut libp2p_stream::Control,
-    peer: PeerId,
-) -> Result<libp2p::Stream, ReqError> {
-    control
-        .open_stream(peer, CKPT_PROTOCOL)
-        .await
-        .map_err(|e| ReqError::Transport(format!("cannot open a stream: {e}")))
+/// A checkpoint stream: its bytes count against the daemon's rate caps.
+type CkptStream = Limited<libp2p::Stream>;
+
+/// Opens checkpoint streams through the daemon's rate caps.
+#[derive(Clone)]
+struct Dialer {
+    control: libp2p_stream::Control,
+    rates: RateLimiter,
+}
+
+impl Dialer {
+    async fn open(&mut self, peer: PeerId) -> Result<CkptStream, ReqError> {
+        let stream = self
+            .control
+            .open_stream(peer, CKPT_PROTOCOL)
+            .await
+            .map_err(|e| ReqError::Transport(format!("cannot open a stream: {e}")))?;
+        Ok(self.rates.wrap(stream))
+    }
 }
 
 /// Fetches the signed manifest and run manifest of checkpoint `root` from the first of
@@ -834,9 +873,12 @@ pub async fn fetch_manifest(
     }
     let mut reasons = Vec::new();
     for peer in sources {
-        let mut control = control.clone();
+        let mut dialer = Dialer {
+            control: control.clone(),
+            rates: opts.rates.clone(),
+        };
         let attempt = async {
-            let mut s = open(&mut control, *peer).await?;
+            let mut s = dialer.open(*peer).await?;
             let ask = |op| WireRequest {
                 op,
                 root,
@@ -913,7 +955,7 @@ struct Outcome {
 
 /// One worker: one stream to `peer`, requests taken from the source's queue in turn.
 async fn source_worker(
-    mut control: libp2p_stream::Control,
+    mut dialer: Dialer,
     peer: PeerId,
     root: Hash32,
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<potluck_coordinator::transfer::Request>>>,
@@ -921,7 +963,7 @@ async fn source_worker(
     file_index: Arc<HashMap<String, u32>>,
     request_timeout: Duration,
 ) {
-    let mut stream: Option<libp2p::Stream> = None;
+    let mut stream: Option<CkptStream> = None;
     let mut failed_in_a_row = 0u32;
     loop {
         let Some(req) = queue.lock().await.recv().await else {
@@ -938,7 +980,7 @@ async fn source_worker(
                 };
                 let attempt = async {
                     if stream.is_none() {
-                        stream = Some(open(&mut control, peer).await?);
+                        stream = Some(dialer.open(peer).await?);
                     }
                     match stream.as_mut() {
                         Some(s) => exchange(s, &wire, req.len, Some(req.len)).await,
@@ -1043,13 +1085,20 @@ pub async fn fetch_checkpoint(
     };
     let resumed_pieces = verified.iter().filter(|v| **v).count();
 
+    let in_flight = opts
+        .max_in_flight_per_source
+        .clamp(1, MAX_IN_FLIGHT_PER_SOURCE);
+    let request_timeout = capped_request_timeout(
+        opts.request_timeout,
+        opts.rates.caps().download,
+        in_flight * sources.len().max(1),
+        u64::from(content.chunk_size),
+    );
     let cfg = DownloadConfig {
-        max_in_flight_per_source: opts
-            .max_in_flight_per_source
-            .clamp(1, MAX_IN_FLIGHT_PER_SOURCE),
+        max_in_flight_per_source: in_flight,
         // The workers give up first, so the state machine hears of every failure from
         // them; its own deadline is the backstop.
-        request_timeout_ms: (opts.request_timeout + Duration::from_secs(5)).as_millis() as u64,
+        request_timeout_ms: (request_timeout + Duration::from_secs(5)).as_millis() as u64,
     };
     let mut dl = Download::new(&content, &verified, cfg);
     let (_, total_bytes) = dl.progress();
@@ -1092,13 +1141,16 @@ pub async fn fetch_checkpoint(
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..per_source {
             workers.spawn(source_worker(
-                control.clone(),
+                Dialer {
+                    control: control.clone(),
+                    rates: opts.rates.clone(),
+                },
                 slot.peer,
                 root,
                 rx.clone(),
                 res_tx.clone(),
                 file_index.clone(),
-                opts.request_timeout,
+                request_timeout,
             ));
         }
         slot.queue = Some(tx);
@@ -1466,6 +1518,17 @@ mod tests {
         let mut b = r.encode();
         b[6] = 1;
         assert!(WireRequest::decode(&b).is_err());
+    }
+
+    #[test]
+    fn a_download_cap_stretches_each_request_deadline_by_the_queue_ahead_of_it() {
+        let base = Duration::from_secs(30);
+        assert_eq!(capped_request_timeout(base, None, 8, 1 << 20), base);
+        // Eight 1 MiB pieces at 256 KiB/s: 32 s of queue on top of the base.
+        assert_eq!(
+            capped_request_timeout(base, Some(256 << 10), 8, 1 << 20),
+            base + Duration::from_secs(32)
+        );
     }
 
     #[test]

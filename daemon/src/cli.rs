@@ -350,6 +350,44 @@ fn caps_line(c: &v1::Capabilities) -> String {
     )
 }
 
+/// `upload 1.0 MB/s (12.3 MB sent, waited 4.1 s), download none, memory 512 MiB, CPU threads all`
+fn caps_summary(c: &v1::ResourceCaps) -> String {
+    let rate = |cap: u64, bytes: u64, waited: f64, verb: &str| {
+        if cap == 0 {
+            "none".to_string()
+        } else {
+            format!(
+                "{:.2} MB/s ({:.1} MB {verb}, waited {waited:.1} s)",
+                cap as f64 / 1e6,
+                bytes as f64 / 1e6
+            )
+        }
+    };
+    format!(
+        "upload {}, download {}, memory {}, CPU threads {}",
+        rate(
+            c.upload_bytes_per_sec,
+            c.uploaded_bytes,
+            c.upload_wait_secs,
+            "sent"
+        ),
+        rate(
+            c.download_bytes_per_sec,
+            c.downloaded_bytes,
+            c.download_wait_secs,
+            "received"
+        ),
+        match c.memory_limit_mb {
+            0 => "no cap".to_string(),
+            mb => format!("{mb} MiB"),
+        },
+        match c.cpu_threads {
+            0 => "one per core".to_string(),
+            n => n.to_string(),
+        }
+    )
+}
+
 async fn status(q: QueryArgs) -> anyhow::Result<()> {
     let s = connect(&q)
         .await?
@@ -376,6 +414,16 @@ async fn status(q: QueryArgs) -> anyhow::Result<()> {
                 "established": i.established,
                 "denied": i.denied,
             })),
+            "caps": s.caps.as_ref().map(|c| serde_json::json!({
+                "upload_bytes_per_sec": c.upload_bytes_per_sec,
+                "download_bytes_per_sec": c.download_bytes_per_sec,
+                "uploaded_bytes": c.uploaded_bytes,
+                "downloaded_bytes": c.downloaded_bytes,
+                "upload_wait_secs": c.upload_wait_secs,
+                "download_wait_secs": c.download_wait_secs,
+                "memory_limit_mb": c.memory_limit_mb,
+                "cpu_threads": c.cpu_threads,
+            })),
         }));
     }
     println!("peer id:     {}", s.peer_id);
@@ -394,6 +442,9 @@ async fn status(q: QueryArgs) -> anyhow::Result<()> {
             i.pending_other,
             i.denied
         );
+    }
+    if let Some(c) = &s.caps {
+        println!("caps:        {}", caps_summary(c));
     }
     println!("uptime:      {:?}", Duration::from_secs(s.uptime_secs));
     if let Some(c) = &s.capabilities {

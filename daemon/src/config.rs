@@ -12,6 +12,7 @@ use potluck_worker::DeviceSpec;
 
 use crate::bootstrap::Backoff;
 use crate::limits::InboundCaps;
+use crate::ratelimit::RateCaps;
 
 /// How the daemon writes its logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,12 @@ pub struct Config {
     pub http_token_file: Option<PathBuf>,
     /// Where this daemon trains: the CPU, or a CUDA GPU (a build with the `cuda` feature).
     pub device: DeviceSpec,
+    /// Upload and download caps of the data plane (bytes per second; `None`: unlimited).
+    pub rate_caps: RateCaps,
+    /// The memory a training step may take on its device, in MiB (`None`: no cap).
+    pub memory_limit_mb: Option<u64>,
+    /// Threads of the worker's CPU math (`None`: one per core).
+    pub cpu_threads: Option<usize>,
 }
 
 impl Default for Config {
@@ -108,6 +115,9 @@ impl Default for Config {
             http_listen: None,
             http_token_file: None,
             device: DeviceSpec::Cpu,
+            rate_caps: RateCaps::default(),
+            memory_limit_mb: None,
+            cpu_threads: None,
         }
     }
 }
@@ -189,6 +199,10 @@ pub const KEYS: &[&str] = &[
     "http_listen",
     "http_token_file",
     "device",
+    "upload_bytes_per_sec",
+    "download_bytes_per_sec",
+    "memory_limit_mb",
+    "cpu_threads",
 ];
 
 /// Port of `http_listen = "on"` (loopback).
@@ -307,6 +321,21 @@ impl Config {
                 self.http_token_file = (!s.is_empty()).then(|| PathBuf::from(s));
             }
             "device" => self.device = parse_device(&as_str(&value).map_err(bad)?).map_err(bad)?,
+            // 0 means no cap; a bucket needs at least 1 KiB/s.
+            "upload_bytes_per_sec" => {
+                self.rate_caps.upload = nonzero(as_int_or_zero(&value, 1024, 1 << 40).map_err(bad)?)
+            }
+            "download_bytes_per_sec" => {
+                self.rate_caps.download =
+                    nonzero(as_int_or_zero(&value, 1024, 1 << 40).map_err(bad)?)
+            }
+            "memory_limit_mb" => {
+                self.memory_limit_mb = nonzero(as_int_or_zero(&value, 16, 1 << 24).map_err(bad)?)
+            }
+            "cpu_threads" => {
+                self.cpu_threads =
+                    nonzero(as_int_or_zero(&value, 1, 4096).map_err(bad)?).map(|n| n as usize)
+            }
             _ => {
                 return Err(ConfigError::Unknown {
                     key: key.to_string(),
@@ -429,6 +458,19 @@ fn as_int(v: &RawValue, min: u64, max: u64) -> Result<u64, String> {
         return Err(format!("{n} is outside {min}..={max}"));
     }
     Ok(n)
+}
+
+/// 0, or an integer in `min..=max`.
+fn as_int_or_zero(v: &RawValue, min: u64, max: u64) -> Result<u64, String> {
+    match as_int(v, 0, max)? {
+        0 => Ok(0),
+        n if n < min => Err(format!("{n} is below {min} (0 means no limit)")),
+        n => Ok(n),
+    }
+}
+
+fn nonzero(n: u64) -> Option<u64> {
+    (n != 0).then_some(n)
 }
 
 fn as_addrs(v: &RawValue) -> Result<Vec<Multiaddr>, String> {
@@ -554,6 +596,49 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("`device`"), "{e}");
+        }
+    }
+
+    #[test]
+    fn caps_are_off_by_default_and_zero_turns_them_off() {
+        let mut c = Config::default();
+        assert_eq!(c.rate_caps, RateCaps::default());
+        assert_eq!((c.memory_limit_mb, c.cpu_threads), (None, None));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "upload_bytes_per_sec = 1000000\ndownload_bytes_per_sec = 2048\n\
+             memory_limit_mb = 512\ncpu_threads = 2\n",
+        )
+        .unwrap();
+        c.apply_file(&file).unwrap();
+        assert_eq!(
+            c.rate_caps,
+            RateCaps {
+                upload: Some(1_000_000),
+                download: Some(2048)
+            }
+        );
+        assert_eq!((c.memory_limit_mb, c.cpu_threads), (Some(512), Some(2)));
+        c.apply_env([
+            ("POTLUCK_UPLOAD_BYTES_PER_SEC".to_string(), "0".to_string()),
+            ("POTLUCK_CPU_THREADS".to_string(), "0".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(c.rate_caps.upload, None);
+        assert_eq!(c.cpu_threads, None);
+        for (key, bad) in [
+            ("upload_bytes_per_sec", 100),
+            ("download_bytes_per_sec", -1),
+            ("memory_limit_mb", 4),
+            ("cpu_threads", 5000),
+        ] {
+            let e = c
+                .set(key, RawValue::Int(bad), &Source::Flag)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
         }
     }
 

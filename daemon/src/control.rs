@@ -141,6 +141,22 @@ fn peer_info(p: PeerSummary) -> v1::PeerInfo {
     }
 }
 
+/// The caps a daemon runs under, as `status` shows them.
+fn resource_caps(train: &crate::train::TrainService) -> v1::ResourceCaps {
+    let (up, down) = train.rates().stats();
+    let limits = train.resource_limits();
+    v1::ResourceCaps {
+        upload_bytes_per_sec: up.cap.unwrap_or(0),
+        download_bytes_per_sec: down.cap.unwrap_or(0),
+        uploaded_bytes: up.bytes,
+        downloaded_bytes: down.bytes,
+        upload_wait_secs: up.waited_secs,
+        download_wait_secs: down.waited_secs,
+        memory_limit_mb: limits.memory_limit_mb.unwrap_or(0),
+        cpu_threads: limits.cpu_threads.unwrap_or(0) as u32,
+    }
+}
+
 #[tonic::async_trait]
 impl v1::control_server::Control for ControlService {
     async fn status(
@@ -166,6 +182,7 @@ impl v1::control_server::Control for ControlService {
                 established: s.inbound.established_incoming,
                 denied: s.inbound.denied,
             }),
+            caps: Some(resource_caps(self.runs.train())),
         }))
     }
 

@@ -1,7 +1,7 @@
 //! potluck-daemon: the I/O shell of Potluck and the `potluck` binary. `node` starts a daemon
 //! (identity, network, control API); `net` is the libp2p event loop and its `Client` handle;
 //! `cli` is the command line; `config`, `identity`, `capability`, `membership`, `gate`,
-//! `limits`, `bootstrap` and `wire` are the pieces they are built from; `web` serves the
+//! `limits`, `bootstrap`, `ratelimit`, `threads` and `wire` are the pieces they are built from; `web` serves the
 //! metrics (`metrics`), the JSON state and the dashboard.
 
 pub mod bootstrap;
@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod ratelimit;
+pub mod threads;
 pub mod train;
 pub mod web;
 pub mod wire;

@@ -275,6 +275,8 @@ pub fn render(state: &State, tracker: &Tracker, swarm: Option<&Registry>) -> Str
         tracker.round_duration.clone(),
     );
 
+    register_rate_caps(&mut reg, &node.rate_caps);
+
     let mut out = String::with_capacity(8 * 1024);
     // Writing into a String cannot fail.
     let _ = encode_registry(&mut out, &reg);
@@ -283,6 +285,40 @@ pub fn render(state: &State, tracker: &Tracker, swarm: Option<&Registry>) -> Str
     }
     let _ = encode_eof(&mut out);
     out
+}
+
+/// The data plane's caps: the cap itself (0: none) and, for a capped direction, the bytes
+/// that went through it and the time streams waited for it.
+fn register_rate_caps(reg: &mut Registry, caps: &[crate::web::state::RateCapView]) {
+    let cap = Family::<Labels, Gauge>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let waited = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    for c in caps {
+        let l = labels(&[("direction", &c.direction)]);
+        cap.get_or_create(&l)
+            .set(i64::try_from(c.cap_bytes_per_sec).unwrap_or(i64::MAX));
+        if c.cap_bytes_per_sec > 0 {
+            bytes.get_or_create(&l).inc_by(c.bytes);
+            waited.get_or_create(&l).inc_by(c.waited_secs);
+        }
+    }
+    reg.register(
+        "rate_cap_bytes_per_second",
+        "The data plane's rate cap by direction (0: no cap)",
+        cap,
+    );
+    reg.register_with_unit(
+        "rate_capped",
+        "Bytes that went through the data plane's rate cap",
+        Unit::Bytes,
+        bytes,
+    );
+    reg.register_with_unit(
+        "rate_cap_wait",
+        "Time data-plane streams spent waiting for the rate cap, summed over streams",
+        Unit::Seconds,
+        waited,
+    );
 }
 
 #[cfg(test)]
@@ -307,6 +343,18 @@ mod tests {
                     ..Default::default()
                 },
                 resident_memory_bytes: Some(1234),
+                rate_caps: vec![
+                    crate::web::state::RateCapView {
+                        direction: "upload".into(),
+                        cap_bytes_per_sec: 1_000_000,
+                        bytes: 5_000_000,
+                        waited_secs: 2.5,
+                    },
+                    crate::web::state::RateCapView {
+                        direction: "download".into(),
+                        ..Default::default()
+                    },
+                ],
             },
             peers,
             run: RunStatus {
@@ -418,6 +466,41 @@ mod tests {
         // A quote in a label value is escaped.
         assert!(text.contains(r#"device="Some \"quoted\" CPU""#), "{text}");
         assert!(text.contains("# TYPE potluck_rounds_committed counter"));
+    }
+
+    #[test]
+    fn rate_caps_are_gauges_and_counters_by_direction() {
+        let text = render(&state(vec![]), &Tracker::default(), None);
+        assert_eq!(
+            sample(
+                &text,
+                "potluck_rate_cap_bytes_per_second{direction=\"upload\"}"
+            ),
+            1e6
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "potluck_rate_cap_bytes_per_second{direction=\"download\"}"
+            ),
+            0.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "potluck_rate_capped_bytes_total{direction=\"upload\"}"
+            ),
+            5e6
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "potluck_rate_cap_wait_seconds_total{direction=\"upload\"}"
+            ),
+            2.5
+        );
+        // An uncapped direction counts nothing.
+        assert!(!text.contains("potluck_rate_capped_bytes_total{direction=\"download\"}"));
     }
 
     #[test]

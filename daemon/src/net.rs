@@ -354,6 +354,15 @@ pub struct EventLoop {
     swarm_metrics: Option<libp2p::metrics::Metrics>,
 }
 
+/// A stream's QUIC receive window under a download cap: a quarter of a second of the cap
+/// (at least 64 KiB, at most quinn's default of 10 MB). The cap holds reads back; this
+/// bounds what a peer can push ahead of them (one window per open stream), so the link,
+/// not only the application, carries the capped rate. The connection's window stays at its
+/// default so that one capped stream never blocks the control messages beside it.
+fn capped_stream_window(rate: u64) -> u32 {
+    (rate / 4).clamp(64 << 10, 10_000_000) as u32
+}
+
 /// Builds the swarm, starts listening and returns the handle and the loop to spawn.
 pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetError> {
     let peer_id = key.public().to_peer_id();
@@ -383,7 +392,12 @@ pub fn build(config: Config, key: Keypair) -> Result<(Client, EventLoop), NetErr
             yamux::Config::default,
         )
         .map_err(|e| NetError::Build(e.to_string()))?
-        .with_quic()
+        .with_quic_config(|mut q| {
+            if let Some(rate) = cfg.rate_caps.download {
+                q.max_stream_data = capped_stream_window(rate);
+            }
+            q
+        })
         .with_dns()
         .map_err(|e| NetError::Build(e.to_string()))?
         .with_relay_client(noise::Config::new, yamux::Config::default)

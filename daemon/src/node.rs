@@ -36,6 +36,10 @@ pub enum NodeError {
     Web(#[from] crate::web::WebError),
     #[error("cannot train on the configured device: {0}")]
     Device(String),
+    #[error("invalid rate cap: {0}")]
+    Rates(String),
+    #[error(transparent)]
+    Threads(#[from] crate::threads::ThreadsError),
 }
 
 /// A running daemon.
@@ -76,6 +80,10 @@ impl Node {
                     source,
                 })?;
         }
+        // Before any tensor operation: the math's thread pool is made once per process.
+        if let Some(n) = config.cpu_threads {
+            crate::threads::apply(n)?;
+        }
         let device = config.device;
         // Open the device now: a daemon told to use a GPU it cannot use stops here, before it takes its data dir,, saying
         // why, instead of failing its first run.
@@ -89,9 +97,18 @@ impl Node {
             Some(addr) => Some((addr, control::load_or_create_token(&dir)?)),
             None => None,
         };
+        // One bucket per direction for the whole daemon: tensor frames and checkpoint
+        // transfers share it.
+        let rates = crate::ratelimit::RateLimiter::new(config.rate_caps)
+            .map_err(|e| NodeError::Rates(e.to_string()))?;
         let settings = crate::train::TrainSettings {
             keep_checkpoints: config.keep_checkpoints,
             failover_min: config.failover_min,
+            rates: rates.clone(),
+            limits: crate::train::session::ResourceLimits {
+                memory_limit_mb: config.memory_limit_mb,
+                cpu_threads: config.cpu_threads,
+            },
         };
         let http = match (config.http_listen, &config.http_token_file) {
             (Some(addr), Some(file)) => Some((addr, Some(crate::web::read_token(file)?))),
@@ -114,7 +131,11 @@ impl Node {
         let train =
             TrainService::start(key, client.stream_control(), device, dir.clone(), settings)?;
         let runs = dir.join(crate::train::checkpoint::RUNS_DIR);
-        crate::ckpt_transfer::serve_checkpoints(client.stream_control(), runs, Default::default())?;
+        let serve = crate::ckpt_transfer::ServeOptions {
+            rates,
+            ..Default::default()
+        };
+        crate::ckpt_transfer::serve_checkpoints(client.stream_control(), runs, serve)?;
         // Measure the reference training step off the runtime; the figure joins the
         // capability record when it is ready.
         let measuring = client.clone();

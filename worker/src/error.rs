@@ -44,6 +44,9 @@ pub enum WorkerError {
     /// The loss or a gradient became NaN or infinite; the step was not applied.
     #[error("non-finite value: {0}")]
     NonFinite(String),
+    /// A training step does not fit the memory cap, even one sequence at a time.
+    #[error("memory cap: {0}")]
+    Memory(#[from] crate::memory::MemoryError),
 }
 
 impl WorkerError {

@@ -16,6 +16,7 @@ mod error;
 pub mod fused;
 pub mod hf;
 pub mod mamba;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod replica;

@@ -81,6 +81,10 @@ struct CheckpointMeta {
     lora_base: Option<PathBuf>,
 }
 
+/// What [`Replica::accumulate`] returns: the row-weighted cross-entropy and load-balancing
+/// loss, the summed routing counts, and the batch's gradient per trainable parameter.
+type Accumulated = (f32, f32, RouteStats, Vec<Option<Tensor>>);
+
 /// A model with its inner optimizer and step counter.
 #[derive(Debug)]
 pub struct Replica {
@@ -91,6 +95,9 @@ pub struct Replica {
     opt: AdamW,
     step: u64,
     lora_base: Option<PathBuf>,
+    /// Rows per forward and backward pass when a step's batch is accumulated from
+    /// micro-batches (a memory cap); 0: the whole batch at once.
+    micro_batch: usize,
 }
 
 impl Replica {
@@ -147,6 +154,7 @@ impl Replica {
             opt,
             step: 0,
             lora_base,
+            micro_batch: 0,
         })
     }
 
@@ -218,6 +226,18 @@ impl Replica {
         ))
     }
 
+    /// Runs every step's batch as micro-batches of at most `rows` rows whose gradients are
+    /// accumulated into one optimizer step (see [`crate::memory`]); 0 or at least the batch:
+    /// the whole batch at once.
+    pub fn set_micro_batch(&mut self, rows: usize) {
+        self.micro_batch = rows;
+    }
+
+    /// Rows per forward and backward pass (0: the whole batch).
+    pub fn micro_batch(&self) -> usize {
+        self.micro_batch
+    }
+
     /// One optimizer step on a given batch (`batch` rows, row-major). Returns the
     /// cross-entropy, the summed load-balancing loss, routing counts and the gradient norm.
     pub fn train_on_batch(
@@ -226,6 +246,15 @@ impl Replica {
         targets: &[u32],
         batch: usize,
     ) -> Result<(f32, f32, RouteStats, f64), WorkerError> {
+        if self.micro_batch > 0 && self.micro_batch < batch {
+            let (ce, aux, stats, grads) = self.accumulate(inputs, targets, batch)?;
+            let lr = self.train_cfg.lr_at(self.step);
+            let norm = self
+                .model
+                .optimizer_step(&mut self.opt, &grads, &self.train_cfg, lr)?;
+            self.step += 1;
+            return Ok((ce, aux, stats, norm));
+        }
         let (ce, aux, stats, store) = self.forward_backward(inputs, targets, batch)?;
         let grads = self.model.param_grads(&store)?;
         let lr = self.train_cfg.lr_at(self.step);
@@ -237,6 +266,65 @@ impl Replica {
         drop(store);
         self.step += 1;
         Ok((ce, aux, stats, norm))
+    }
+
+    /// The gradients of a batch computed micro-batch by micro-batch: each pass's gradients
+    /// are weighted by its share of the rows and summed in f32 (the masters' dtype), so the
+    /// result is the gradient of the batch's mean loss, up to the per-micro-batch expert
+    /// capacity and load-balancing loss of MoE layers. Only one micro-batch's graph is alive
+    /// at a time. The losses are the row-weighted means; the routing counts are summed.
+    fn accumulate(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<Accumulated, WorkerError> {
+        let seq = inputs.len() / batch.max(1);
+        if inputs.len() != batch * seq || targets.len() != inputs.len() {
+            return Err(WorkerError::Mismatch(format!(
+                "batch of {} inputs / {} targets does not form {batch} rows",
+                inputs.len(),
+                targets.len()
+            )));
+        }
+        let mut sum: Vec<Option<Tensor>> = Vec::new();
+        let (mut ce, mut aux) = (0f64, 0f64);
+        let mut stats = RouteStats::default();
+        let mut row = 0;
+        while row < batch {
+            let rows = self.micro_batch.min(batch - row);
+            let span = row * seq..(row + rows) * seq;
+            let (c, a, s, store) =
+                self.forward_backward(&inputs[span.clone()], &targets[span], rows)?;
+            let grads = self.model.param_grads(&store)?;
+            drop(store);
+            let w = rows as f64 / batch as f64;
+            if sum.is_empty() {
+                sum = vec![None; grads.len()];
+            }
+            for (acc, g) in sum.iter_mut().zip(grads) {
+                let Some(g) = g else { continue };
+                let g = g.to_dtype(DType::F32)?.affine(w, 0.0)?;
+                *acc = Some(match acc.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                });
+            }
+            ce += f64::from(c) * w;
+            aux += f64::from(a) * w;
+            stats.dropped += s.dropped;
+            if stats.expert_tokens.is_empty() {
+                stats.expert_tokens = s.expert_tokens;
+            } else {
+                for (acc, layer) in stats.expert_tokens.iter_mut().zip(s.expert_tokens) {
+                    for (x, n) in acc.iter_mut().zip(layer) {
+                        *x += n;
+                    }
+                }
+            }
+            row += rows;
+        }
+        Ok((ce as f32, aux as f32, stats, sum))
     }
 
     /// The forward and backward pass of one batch: the cross-entropy and the summed

@@ -192,6 +192,11 @@ pub struct Runs {
 }
 
 impl Runs {
+    /// The training service these runs go through.
+    pub fn train(&self) -> &TrainService {
+        &self.train
+    }
+
     pub fn new(train: TrainService) -> Self {
         Self {
             train,

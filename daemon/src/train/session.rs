@@ -51,11 +51,15 @@ use super::plan::slice_ranges;
 use super::reduce::{reduce_codec, reduce_slice};
 use super::wire::{MAX_CONTROL_BYTES, read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
+use crate::ratelimit::{Limited, RateLimiter};
 
 mod data_parallel;
 mod departures;
 
 use departures::{Departures, UNTIL_WELCOMED};
+
+/// A tensor stream: its bytes count against the daemon's rate caps.
+type DataStream = Limited<libp2p::Stream>;
 
 /// The control protocol of a run.
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/potluck/train-ctl/1");
@@ -456,6 +460,9 @@ struct Inner {
     abort_at: Option<CrashPoint>,
     /// Committed checkpoints of a run kept on disk (the daemon's `keep_checkpoints`).
     keep_checkpoints: usize,
+    /// Upload and download caps: every tensor stream and checkpoint fetch goes through them.
+    rates: RateLimiter,
+    resource_limits: ResourceLimits,
     /// The least time a replica looks for its coordinator after losing it.
     failover_min: Duration,
 }
@@ -517,6 +524,19 @@ pub struct TrainSettings {
     /// The least time a replica looks for its coordinator after losing it (the window is
     /// three round deadlines, and at least three times this).
     pub failover_min: Duration,
+    /// The daemon's upload and download caps, shared with its checkpoint server.
+    pub rates: RateLimiter,
+    /// The memory cap of a training step and the CPU threads (applied at daemon start).
+    pub limits: ResourceLimits,
+}
+
+/// A daemon's caps on what its training takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceLimits {
+    /// The memory one training step may take on the device, in MiB (`None`: no cap).
+    pub memory_limit_mb: Option<u64>,
+    /// Threads of the CPU math (`None`: one per core).
+    pub cpu_threads: Option<usize>,
 }
 
 impl Default for TrainSettings {
@@ -524,6 +544,8 @@ impl Default for TrainSettings {
         TrainSettings {
             keep_checkpoints: 3,
             failover_min: Duration::from_secs(40),
+            rates: RateLimiter::unlimited(),
+            limits: ResourceLimits::default(),
         }
     }
 }
@@ -596,6 +618,8 @@ impl TrainService {
                 abort_at: CrashPoint::from_env(),
                 keep_checkpoints: settings.keep_checkpoints.max(1),
                 failover_min: settings.failover_min,
+                rates: settings.rates,
+                resource_limits: settings.limits,
             }),
         };
         let s = svc.clone();
@@ -607,6 +631,7 @@ impl TrainService {
                     continue;
                 };
                 let s = s.clone();
+                let stream = s.inner.rates.wrap(stream);
                 tokio::spawn(async move {
                     s.serve_tensor_stream(peer, stream).await;
                     drop(permit);
@@ -756,6 +781,16 @@ impl TrainService {
     }
 
     /// Bytes on the wire so far.
+    /// The daemon's upload and download caps and what went through them.
+    pub fn rates(&self) -> &RateLimiter {
+        &self.inner.rates
+    }
+
+    /// The memory cap and CPU threads this daemon trains under.
+    pub fn resource_limits(&self) -> ResourceLimits {
+        self.inner.resource_limits
+    }
+
     pub fn traffic(&self) -> &Traffic {
         &self.inner.traffic
     }
@@ -817,7 +852,7 @@ impl TrainService {
             .unwrap_or_default()
     }
 
-    async fn serve_tensor_stream(&self, peer: PeerId, mut stream: libp2p::Stream) {
+    async fn serve_tensor_stream(&self, peer: PeerId, mut stream: DataStream) {
         let frame =
             match tokio::time::timeout(FRAME_TIMEOUT, read_frame(&mut stream, &self.inner.limits))
                 .await
@@ -866,12 +901,7 @@ impl TrainService {
         }
     }
 
-    async fn answer_state_request(
-        &self,
-        peer: PeerId,
-        req: &FrameHeader,
-        stream: &mut libp2p::Stream,
-    ) {
+    async fn answer_state_request(&self, peer: PeerId, req: &FrameHeader, stream: &mut DataStream) {
         // The requester names the root it needs; this replica may still be finishing the
         // round that produced it, so wait a little for it to appear.
         let wanted = req.payload_hash.clone();
@@ -912,7 +942,7 @@ impl TrainService {
     async fn answer(
         &self,
         peer: PeerId,
-        stream: &mut libp2p::Stream,
+        stream: &mut DataStream,
         mut header: FrameHeader,
         payload: &[u8],
     ) {
@@ -949,7 +979,10 @@ impl TrainService {
         };
         let wire = seal_payload(&mut header, payload, None);
         self.sign(&mut header)?;
-        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
+        let mut stream = self
+            .inner
+            .rates
+            .wrap(self.open(peer, TENSOR_PROTOCOL).await?);
         let n = write_frame(&mut stream, &header, &wire)
             .await
             .map_err(|e| fail(e.to_string()))?;
@@ -976,7 +1009,7 @@ impl TrainService {
     /// Sends the ledger entries of the run named in `req` from the round it asks for: the
     /// coordinator's ledger, or this replica's copy of it. Closes the stream without an
     /// answer when this daemon holds none.
-    async fn answer_ledger_request(&self, peer: PeerId, req: &Frame, stream: &mut libp2p::Stream) {
+    async fn answer_ledger_request(&self, peer: PeerId, req: &Frame, stream: &mut DataStream) {
         let (Ok(run_id), Ok(from)) = (
             <[u8; 32]>::try_from(req.header.run_id.as_slice()),
             <[u8; 8]>::try_from(req.payload.as_slice()).map(u64::from_le_bytes),
@@ -1157,7 +1190,10 @@ impl TrainService {
         header: &FrameHeader,
         wire: &[u8],
     ) -> Result<(), TrainError> {
-        let mut stream = self.open(peer, TENSOR_PROTOCOL).await?;
+        let mut stream = self
+            .inner
+            .rates
+            .wrap(self.open(peer, TENSOR_PROTOCOL).await?);
         let n = tokio::time::timeout(FRAME_TIMEOUT, write_frame(&mut stream, header, wire))
             .await
             .map_err(|_| TrainError::Other(format!("sending to {peer} timed out")))?
@@ -1270,7 +1306,24 @@ impl TrainService {
         {
             return Err(TrainError::ReplicaOfRun(hex::encode(run_id)));
         }
+        // A coordinator trains a replica of its own run: one that cannot train it under
+        // this daemon's memory cap is refused now, not stuck waiting for its own replica.
+        self.memory_plan(run)?;
         Ok(())
+    }
+
+    /// How this daemon's replica of `run` trains under its memory cap: `None` without a
+    /// cap; an error when not even one sequence fits.
+    fn memory_plan(
+        &self,
+        run: &ResolvedRun,
+    ) -> Result<Option<potluck_worker::memory::BatchPlan>, TrainError> {
+        let Some(mb) = self.inner.resource_limits.memory_limit_mb else {
+            return Ok(None);
+        };
+        let plan = potluck_worker::memory::plan_batch(&run.model, &run.inner, mb << 20)
+            .map_err(potluck_worker::WorkerError::from)?;
+        Ok(Some(plan))
     }
 
     async fn prepare_run(
@@ -1871,7 +1924,19 @@ impl TrainService {
             .await?,
         );
         let codec = run.codec();
+        // Under a memory cap, the batch is checked (and split if need be) before the model
+        // takes any memory.
+        let plan = self.memory_plan(&run)?;
         let mut rep = Replica::new(&run.model, &run.inner, &self.inner.device)?;
+        if let Some(plan) = plan.filter(|p| p.micro_batches > 1) {
+            tracing::info!(
+                batch = run.inner.batch_size,
+                micro_batch = plan.micro_batch,
+                estimate_mib = plan.estimate.total() >> 20,
+                "the batch does not fit the memory cap at once: accumulating micro-batches"
+            );
+            rep.set_micro_batch(plan.micro_batch);
+        }
         let n = rep.num_params();
         let mut outer = OuterOptimizer::new(run.outer.lr, run.outer.momentum, n);
         let mut ef = ErrorFeedback::new(n);
@@ -2544,6 +2609,7 @@ impl TrainService {
         let (progress, mut seen) = tokio::sync::watch::channel(Default::default());
         let opts = crate::ckpt_transfer::FetchOptions {
             cancel: self.inner.cancel.child_token(),
+            rates: self.inner.rates.clone(),
             progress: Some(progress),
             ..Default::default()
         };
@@ -2633,6 +2699,7 @@ impl TrainService {
         }
         let opts = crate::ckpt_transfer::FetchOptions {
             cancel: self.inner.cancel.child_token(),
+            rates: self.inner.rates.clone(),
             ..Default::default()
         };
         // The sources write the checkpoint when the commit reaches them, which can be a

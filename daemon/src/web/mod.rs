@@ -181,6 +181,7 @@ impl Web {
                 uptime_secs: status.uptime.as_secs_f64(),
                 capabilities: (&status.capabilities).into(),
                 resident_memory_bytes: resident_memory(),
+                rate_caps: crate::web::state::RateCapView::of(self.train.rates()),
             },
             peers,
             run,

@@ -126,6 +126,37 @@ pub struct NodeView {
     pub capabilities: CapsView,
     /// Resident memory of this process, when the OS tells it.
     pub resident_memory_bytes: Option<u64>,
+    /// The data plane's upload and download caps, in that order.
+    pub rate_caps: Vec<RateCapView>,
+}
+
+/// One direction of the data plane's rate cap and what went through it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RateCapView {
+    /// `upload` or `download`.
+    pub direction: String,
+    /// Bytes per second; 0: no cap.
+    pub cap_bytes_per_sec: u64,
+    /// Bytes that went through the cap.
+    pub bytes: u64,
+    /// Time streams spent waiting for the cap, summed over streams.
+    pub waited_secs: f64,
+}
+
+impl RateCapView {
+    /// The upload and download views of a daemon's caps.
+    pub fn of(rates: &crate::ratelimit::RateLimiter) -> Vec<RateCapView> {
+        let (up, down) = rates.stats();
+        [("upload", up), ("download", down)]
+            .into_iter()
+            .map(|(direction, s)| RateCapView {
+                direction: direction.into(),
+                cap_bytes_per_sec: s.cap.unwrap_or(0),
+                bytes: s.bytes,
+                waited_secs: s.waited_secs,
+            })
+            .collect()
+    }
 }
 
 /// Bytes of one round at this daemon.
