@@ -76,6 +76,8 @@ pub struct Config {
     pub http_token_file: Option<PathBuf>,
     /// Where this daemon trains: the CPU, or a CUDA GPU (a build with the `cuda` feature).
     pub device: DeviceSpec,
+    /// Weekly windows in which training pauses (`pause_schedule`, see `train::pause`).
+    pub pause_schedule: crate::train::pause::Schedule,
 }
 
 impl Default for Config {
@@ -108,6 +110,7 @@ impl Default for Config {
             http_listen: None,
             http_token_file: None,
             device: DeviceSpec::Cpu,
+            pause_schedule: Default::default(),
         }
     }
 }
@@ -189,6 +192,7 @@ pub const KEYS: &[&str] = &[
     "http_listen",
     "http_token_file",
     "device",
+    "pause_schedule",
 ];
 
 /// Port of `http_listen = "on"` (loopback).
@@ -307,6 +311,24 @@ impl Config {
                 self.http_token_file = (!s.is_empty()).then(|| PathBuf::from(s));
             }
             "device" => self.device = parse_device(&as_str(&value).map_err(bad)?).map_err(bad)?,
+            "pause_schedule" => {
+                let entries = match &value {
+                    RawValue::List(l) => l.clone(),
+                    // An environment variable: entries separated by `;` (a day list has
+                    // commas).
+                    RawValue::Str(s) => s
+                        .split(';')
+                        .map(str::trim)
+                        .filter(|e| !e.is_empty())
+                        .map(String::from)
+                        .collect(),
+                    other => {
+                        return Err(bad(format!("expected a list of strings, found {other:?}")));
+                    }
+                };
+                self.pause_schedule = crate::train::pause::Schedule::parse(&entries)
+                    .map_err(|e| bad(e.to_string()))?;
+            }
             _ => {
                 return Err(ConfigError::Unknown {
                     key: key.to_string(),
@@ -555,6 +577,44 @@ mod tests {
                 .to_string();
             assert!(e.contains("`device`"), "{e}");
         }
+    }
+
+    #[test]
+    fn pause_schedule_comes_from_a_list_or_a_variable_and_bad_entries_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "pause_schedule = [\"Mon-Fri 18:00-23:00 +01:00\", \"Sat,Sun 10:00-02:00\"]\n",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        assert!(c.pause_schedule.is_empty(), "no schedule by default");
+        c.apply_file(&file).unwrap();
+        assert_eq!(
+            c.pause_schedule,
+            crate::train::pause::Schedule::parse(&[
+                "Mon-Fri 18:00-23:00 +01:00",
+                "Sat,Sun 10:00-02:00"
+            ])
+            .unwrap()
+        );
+        c.apply_env([(
+            "POTLUCK_PAUSE_SCHEDULE".to_string(),
+            "Mon,Tue 09:00-10:00; daily 01:00-02:00".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(
+            c.pause_schedule,
+            crate::train::pause::Schedule::parse(&["Mon,Tue 09:00-10:00", "daily 01:00-02:00"])
+                .unwrap()
+        );
+        std::fs::write(&file, "pause_schedule = [\"Mon 18:00-25:00\"]\n").unwrap();
+        let msg = c.apply_file(&file).unwrap_err().to_string();
+        assert!(
+            msg.contains("`pause_schedule`") && msg.contains("25:00"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -92,6 +92,7 @@ impl Node {
         let settings = crate::train::TrainSettings {
             keep_checkpoints: config.keep_checkpoints,
             failover_min: config.failover_min,
+            pause_schedule: config.pause_schedule.clone(),
         };
         let http = match (config.http_listen, &config.http_token_file) {
             (Some(addr), Some(file)) => Some((addr, Some(crate::web::read_token(file)?))),
