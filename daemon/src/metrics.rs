@@ -191,7 +191,7 @@ pub fn render(state: &State, tracker: &Tracker, swarm: Option<&Registry>) -> Str
     reg.register(
         "rejected_updates",
         "Updates from peers this daemon refused, by reason (bad_signature, not_a_member, \
-         wrong_slice, undecodable, non_finite, invalid)",
+         wrong_slice, undecodable, non_finite, late, invalid)",
         rejected,
     );
     reg.register(

@@ -60,3 +60,64 @@ async fn tcp_control_needs_the_token_and_data_dir_is_locked() {
         Err(ControlError::NoDaemon { .. })
     ));
 }
+
+/// `potluck pause` / `potluck resume` through the control API: the pause shows in `status`
+/// and `run status`, survives a restart of the daemon, and a resume ends it; with a pause
+/// schedule whose windows cover the whole week, the daemon starts paused by the schedule, a
+/// resume skips the window, and a pause is a command pause again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_show_in_the_status_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), vec![]);
+    let node = Node::start(c.clone()).await.unwrap();
+    let mut api = control::connect_unix(dir.path()).await.unwrap();
+    let status = |s: v1::StatusResponse| s.paused;
+    assert_eq!(
+        status(api.status(v1::StatusRequest {}).await.unwrap().into_inner()),
+        ""
+    );
+    let r = api.pause(v1::PauseRequest {}).await.unwrap().into_inner();
+    assert!(r.paused && r.reason.contains("potluck pause"), "{r:?}");
+    assert!(r.schedule.is_empty(), "{r:?}");
+    let s = api.status(v1::StatusRequest {}).await.unwrap().into_inner();
+    assert!(s.paused.contains("potluck pause"), "{s:?}");
+    let rs = api
+        .run_status(v1::RunStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rs.paused.contains("potluck pause"), "{rs:?}");
+    node.shutdown().await;
+
+    // A restarted daemon stays paused.
+    let node = Node::start(c.clone()).await.unwrap();
+    let mut api = control::connect_unix(dir.path()).await.unwrap();
+    let s = api.status(v1::StatusRequest {}).await.unwrap().into_inner();
+    assert!(s.paused.contains("potluck pause"), "{s:?}");
+    let r = api.resume(v1::ResumeRequest {}).await.unwrap().into_inner();
+    assert!(!r.paused && r.reason.is_empty(), "{r:?}");
+    let s = api.status(v1::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(s.paused, "");
+    node.shutdown().await;
+    let node = Node::start(c.clone()).await.unwrap();
+    let mut api = control::connect_unix(dir.path()).await.unwrap();
+    let s = api.status(v1::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(s.paused, "", "a resume survives a restart too");
+    node.shutdown().await;
+
+    // A schedule that covers the whole week.
+    let mut c = c;
+    c.pause_schedule =
+        potluck_daemon::train::pause::Schedule::parse(&["daily 00:00-12:00", "daily 12:00-00:00"])
+            .unwrap();
+    let node = Node::start(c).await.unwrap();
+    let mut api = control::connect_unix(dir.path()).await.unwrap();
+    let s = api.status(v1::StatusRequest {}).await.unwrap().into_inner();
+    assert!(s.paused.contains("pause_schedule"), "{s:?}");
+    let r = api.resume(v1::ResumeRequest {}).await.unwrap().into_inner();
+    assert!(!r.paused, "a resume skips the window in progress: {r:?}");
+    assert!(r.schedule.contains("daily 00:00-12:00"), "{r:?}");
+    let r = api.pause(v1::PauseRequest {}).await.unwrap().into_inner();
+    assert!(r.reason.contains("potluck pause"), "{r:?}");
+    node.shutdown().await;
+}

@@ -263,6 +263,50 @@ async fn a_paused_replica_is_not_waited_for_and_rejoins_with_its_state() {
     }
 }
 
+/// A run short of `min_peers` says how many peers joined, at the coordinator and at a
+/// replica, and starts once the last one joins; a finished run waits for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_short_of_min_peers_says_how_many_joined() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(3, dir.path()).await;
+    let mut m = RunManifest::parse(RUN).unwrap();
+    m.rounds = Some(2);
+    m.min_peers = Some(3);
+    let run = m.resolve().unwrap().pin_data().unwrap();
+    let run_id = run.id();
+    let coordinator = nodes[0].client().local_peer_id();
+    let coord = nodes[0].train();
+    let coordinating = tokio::spawn(async move { coord.coordinate(run, None).await });
+    let first = tokio::spawn(join_retrying(nodes[1].train(), coordinator, run_id));
+    let expected = "waiting for peers: 2 of 3 peers joined (min_peers = 3)";
+    for (i, n) in nodes[..2].iter().enumerate() {
+        let svc = n.train();
+        until(
+            Duration::from_secs(60),
+            &format!("peer {i} says 2 of 3"),
+            || svc.status().waiting == expected,
+        )
+        .await;
+    }
+    let second = tokio::spawn(join_retrying(nodes[2].train(), coordinator, run_id));
+    let summary = tokio::time::timeout(Duration::from_secs(120), coordinating)
+        .await
+        .expect("the run finished in time")
+        .unwrap()
+        .expect("the run succeeded");
+    for j in [first, second] {
+        assert_eq!(j.await.unwrap().root, summary.root);
+    }
+    for n in &nodes {
+        let st = n.train().status();
+        assert_eq!(st.phase, Phase::Finished, "{st:?}");
+        assert_eq!(st.waiting, "", "{st:?}");
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 /// A tensor frame whose header lies about its sender (signed by another key than the
 /// stream's peer), and one whose signature is garbage, are refused and counted under
 /// `bad_signature`; the daemon keeps serving.

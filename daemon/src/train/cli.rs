@@ -552,6 +552,9 @@ fn secs(ms: u64) -> String {
 fn print_status(s: &v1::RunStatusResponse) {
     if !s.known {
         println!("no run: start one with `potluck run start FILE` or join one with `potluck join`");
+        if !s.paused.is_empty() {
+            println!("paused:     {} (a run joined now starts paused)", s.paused);
+        }
         return;
     }
     let name = if s.name.is_empty() {

@@ -574,6 +574,8 @@ impl Runs {
         let Some(rec) = self.lock().current.clone() else {
             return RunView {
                 state: "no run started or joined since the daemon started".into(),
+                // A run joined later starts paused: say so already.
+                paused: self.train.status().paused,
                 ..Default::default()
             };
         };

@@ -280,6 +280,9 @@ pub enum RejectReason {
     Undecodable,
     /// A reduced slice with NaN or infinite values.
     NonFinite,
+    /// A contribution that came after this replica had reduced its slice (a slow or
+    /// restarted member; not a fault in itself).
+    Late,
     /// Refused by the reduction's validation (length, values, tokens, norm).
     Invalid,
 }
@@ -292,6 +295,7 @@ impl RejectReason {
             RejectReason::WrongSlice => "wrong_slice",
             RejectReason::Undecodable => "undecodable",
             RejectReason::NonFinite => "non_finite",
+            RejectReason::Late => "late",
             RejectReason::Invalid => "invalid",
         }
     }
@@ -1510,6 +1514,8 @@ impl TrainService {
             s.coordinator = self.inner.local.to_base58();
             s.state = "waiting for replicas".into();
             s.phase = Phase::Lobby;
+            s.lobby = None;
+            s.reports = None;
         });
         let mut events = self.subscribe();
         let coord = tokio::spawn(run_coordinator(
@@ -1535,6 +1541,7 @@ impl TrainService {
                 }) => {
                     last_eval = eval_loss;
                     self.set_status(|s| {
+                        s.phase = Phase::Lobby;
                         s.committed_round = round;
                         s.round = round;
                         s.committed_root = hex::encode(root);
@@ -1543,7 +1550,10 @@ impl TrainService {
                 }
                 Ok(RunEvent::RoundOpened { round, .. }) => {
                     self.inner.traffic.set_round(round);
-                    self.set_status(|s| s.round = round);
+                    self.set_status(|s| {
+                        s.round = round;
+                        s.phase = Phase::AwaitingCommit;
+                    });
                 }
                 Ok(RunEvent::Finished { rounds, root }) => {
                     finished = Some((rounds, root));
@@ -1637,6 +1647,10 @@ impl TrainService {
                     break;
                 }
             }
+        });
+        self.set_status(|s| {
+            s.lobby = None;
+            s.reports = None;
         });
         let coord = tokio::spawn(run_coordinator(
             self.clone(),
@@ -2114,8 +2128,11 @@ impl TrainService {
             s.rounds = run.rounds;
             s.state = "waiting for the first round".into();
             s.phase = Phase::Lobby;
-            s.lobby = None;
-            s.reports = None;
+            // At a coordinator, its own loop has been telling the lobby since it started.
+            if !coordinating {
+                s.lobby = None;
+                s.reports = None;
+            }
             s.role = if coordinating {
                 "coordinator"
             } else {
@@ -3528,7 +3545,11 @@ impl TrainService {
                     let ours = slice == me && !reduced_sent.contains(&me);
                     let backed = slice < n && backup_of(slice) == me && slice != me;
                     if !owns(slice) || !(ours || backed) {
-                        self.reject(RejectReason::WrongSlice);
+                        self.reject(if owns(slice) && slice == me {
+                            RejectReason::Late
+                        } else {
+                            RejectReason::WrongSlice
+                        });
                         rejected.push(format!(
                             "{}: contribution for the wrong slice or too late",
                             inb.from
