@@ -96,14 +96,26 @@ async fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Three replicas; the third pauses after a commit that names all three, the run commits
-/// two rounds with the other two without waiting for the deadline, then it resumes, is
-/// named by a later commit, and ends on the same root. Its state is intact: its ledger copy
-/// holds every commit (those made while it was paused included) and verifies, and its
-/// inner optimizer's step count covers every round a commit named it in (it resumed from
-/// its saved state, not afresh).
+/// Three replicas; a joined one pauses mid-run and resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_replica_is_not_waited_for_and_rejoins_with_its_state() {
+    pause_one(2).await;
+}
+
+/// The coordinator's own replica pauses and resumes; the coordinator goes on coordinating
+/// (it fetches each committed state from an agreeing replica meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_coordinators_own_replica_pauses_and_rejoins_with_its_state() {
+    pause_one(0).await;
+}
+
+/// Three replicas; replica `which` (0: the coordinator's own) pauses after a commit that
+/// names all three, the run commits two rounds with the other two without waiting for the
+/// deadline, then it resumes, is named by a later commit, and ends on the same root. Its
+/// state is intact: its ledger holds every commit (those made while it was paused
+/// included) and verifies, and it rebuilt its replica from the state it saved when it
+/// paused.
+async fn pause_one(which: usize) {
     let dir = tempfile::tempdir().unwrap();
     let nodes = start(3, dir.path()).await;
     let run = RunManifest::parse(RUN)
@@ -115,8 +127,8 @@ async fn a_paused_replica_is_not_waited_for_and_rejoins_with_its_state() {
     let run_id = run.id();
     let deadline = Duration::from_secs(run.round_deadline_secs);
     let coordinator = nodes[0].client().local_peer_id();
-    let pauser = nodes[2].train();
-    let pauser_id = nodes[2].client().local_peer_id();
+    let pauser = nodes[which].train();
+    let pauser_id = nodes[which].client().local_peer_id();
     let mut events = nodes[0].train().subscribe();
     let joined: Vec<_> = nodes[1..]
         .iter()
@@ -176,9 +188,9 @@ async fn a_paused_replica_is_not_waited_for_and_rejoins_with_its_state() {
     .await;
     watching.expect("the run finished in time");
     let summary = coordinating.await.unwrap().expect("the run succeeded");
-    let mut others = Vec::new();
+    let mut summaries = vec![];
     for j in joined {
-        others.push(j.await.unwrap());
+        summaries.push(j.await.unwrap());
     }
     eprintln!("commits (round, agreeing, members): {commits:?}");
     let (_, paused_in) = paused_at.expect("the replica paused");
@@ -203,15 +215,17 @@ async fn a_paused_replica_is_not_waited_for_and_rejoins_with_its_state() {
         "{commits:?}"
     );
     // Every replica, the paused one included, ends on the final root.
-    for s in &others {
+    for s in &summaries {
         assert_eq!(s.root, summary.root);
     }
-    let paused_summary = &others[1];
+    summaries.insert(0, summary);
+    let summary = &summaries[0];
+    let paused_summary = &summaries[which];
     assert!(paused_summary.resumed_from.is_none(), "it never restarted");
     // Its ledger copy has every commit, the ones made while it was paused included, and
     // the chain verifies.
     use potluck_daemon::train::checkpoint::{ledger_dir, run_dir};
-    let rd = run_dir(&dir.path().join("p2"), &run_id);
+    let rd = run_dir(&dir.path().join(format!("p{which}")), &run_id);
     let entries = potluck_coordinator::store::Ledger::read_entries(&ledger_dir(&rd)).unwrap();
     let coordinator_entries = potluck_coordinator::store::Ledger::read_entries(&ledger_dir(
         &run_dir(&dir.path().join("p0"), &run_id),
