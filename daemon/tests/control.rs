@@ -68,7 +68,8 @@ async fn tcp_control_needs_the_token_and_data_dir_is_locked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_and_resume_show_in_the_status_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let c = config(dir.path(), vec![]);
+    let mut c = config(dir.path(), vec![]);
+    c.http_listen = Some("127.0.0.1:0".parse().unwrap());
     let node = Node::start(c.clone()).await.unwrap();
     let mut api = control::connect_unix(dir.path()).await.unwrap();
     let status = |s: v1::StatusResponse| s.paused;
@@ -87,6 +88,20 @@ async fn pause_and_resume_show_in_the_status_and_survive_a_restart() {
         .unwrap()
         .into_inner();
     assert!(rs.paused.contains("potluck pause"), "{rs:?}");
+    // The metric and the JSON state behind the dashboard.
+    let http = node.http_addr().unwrap();
+    let metrics = http_get(http, "/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l == "potluck_paused 1"),
+        "{metrics}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&http_get(http, "/api/state").await).unwrap();
+    let paused = state["run"]["paused"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(paused.contains("potluck pause"), "{state}");
     node.shutdown().await;
 
     // A restarted daemon stays paused.
@@ -120,4 +135,21 @@ async fn pause_and_resume_show_in_the_status_and_survive_a_restart() {
     let r = api.pause(v1::PauseRequest {}).await.unwrap().into_inner();
     assert!(r.reason.contains("potluck pause"), "{r:?}");
     node.shutdown().await;
+}
+
+/// The body of a plain HTTP GET on loopback (the daemon's web listener sends sized bodies).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
 }

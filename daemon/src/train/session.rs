@@ -1985,6 +1985,7 @@ impl TrainService {
             run_id: run_id.to_vec(),
             ..Default::default()
         };
+        self.set_status(|s| s.phase = Phase::Reaching);
         self.replica(run_id, None, (coordinator, up_tx), down_rx, join, out)
             .await
     }
