@@ -153,3 +153,44 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_string()
 }
+
+/// `potluck pause`, `potluck status`, `potluck run status` and `potluck resume`, the binary
+/// against a running daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_pauses_and_resumes_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(config(dir.path(), vec![])).await.unwrap();
+    let data_dir = dir.path().to_path_buf();
+    let cli = move |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let run = |args: &'static [&'static str]| {
+        let cli = cli.clone();
+        tokio::task::spawn_blocking(move || cli(args))
+    };
+    let out = run(&["pause"]).await.unwrap();
+    assert!(out.starts_with("training paused"), "{out}");
+    let status: serde_json::Value =
+        serde_json::from_str(&run(&["status", "--json"]).await.unwrap()).unwrap();
+    assert!(
+        status["paused"].as_str().unwrap().contains("potluck pause"),
+        "{status}"
+    );
+    let out = run(&["run", "status"]).await.unwrap();
+    assert!(
+        out.contains("paused:     paused by `potluck pause`"),
+        "{out}"
+    );
+    let out = run(&["resume"]).await.unwrap();
+    assert!(out.starts_with("training resumed"), "{out}");
+    let out = run(&["status"]).await.unwrap();
+    assert!(!out.contains("training:"), "{out}");
+    node.shutdown().await;
+}
