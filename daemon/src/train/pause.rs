@@ -20,6 +20,7 @@
 //! resume` ends a manual pause and, inside a scheduled window, resumes until that window
 //! ends; the schedule's next window pauses again.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 /// Entries a schedule may hold.
@@ -314,6 +315,93 @@ impl PauseSwitch {
     }
 }
 
+/// What a coordinator does about a member's pause notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseStep {
+    /// Take it out of the member set; with `announce`, tell the open round's other members
+    /// it is gone (it is a participant that has not reported), so they stop waiting for it.
+    Leave { announce: bool },
+    /// Admit it again: it takes part from the next round on.
+    Rejoin,
+    /// Nothing now (a repeated notice, or a resume deferred until the open round is over).
+    Nothing,
+}
+
+/// The coordinator's register of paused members: who is paused (still linked, expected
+/// back), and who resumed while still a participant of the open round without a report.
+/// Such a member rejoins only once that round is over: admitted at once, it would count as
+/// a participant still to report, and the round would wait for a report that cannot come.
+/// Bounded by the members a run admits (a notice comes on a member's control stream).
+#[derive(Debug, Clone)]
+pub struct PausedMembers<P> {
+    paused: BTreeSet<P>,
+    deferred: BTreeSet<P>,
+}
+
+impl<P> Default for PausedMembers<P> {
+    fn default() -> Self {
+        PausedMembers {
+            paused: BTreeSet::new(),
+            deferred: BTreeSet::new(),
+        }
+    }
+}
+
+impl<P: Ord + Clone> PausedMembers<P> {
+    /// `peer` pauses (`paused`) or resumes; `pending` says whether it is a participant of
+    /// the open round that has not reported.
+    pub fn handle_notice(&mut self, peer: P, paused: bool, pending: bool) -> PauseStep {
+        if paused {
+            self.deferred.remove(&peer);
+            if self.paused.insert(peer) {
+                PauseStep::Leave { announce: pending }
+            } else {
+                PauseStep::Nothing
+            }
+        } else if self.paused.remove(&peer) {
+            if pending {
+                self.deferred.insert(peer);
+                PauseStep::Nothing
+            } else {
+                PauseStep::Rejoin
+            }
+        } else {
+            PauseStep::Nothing
+        }
+    }
+
+    /// The resumed members that may rejoin now (`pending`: still a participant of the open
+    /// round without a report); they leave the register.
+    pub fn poll_rejoin(&mut self, pending: impl Fn(&P) -> bool) -> Vec<P> {
+        let ready: Vec<P> = self
+            .deferred
+            .iter()
+            .filter(|p| !pending(p))
+            .cloned()
+            .collect();
+        for p in &ready {
+            self.deferred.remove(p);
+        }
+        ready
+    }
+
+    /// `peer`'s control stream ended: it is gone, not paused.
+    pub fn handle_closed(&mut self, peer: &P) {
+        self.paused.remove(peer);
+        self.deferred.remove(peer);
+    }
+
+    /// Members paused now.
+    pub fn paused(&self) -> usize {
+        self.paused.len()
+    }
+
+    /// Whether resumed members wait for the open round to end.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+}
+
 /// Whether a coordinator whose open round cannot start for lack of members keeps waiting
 /// (instead of ending the run on its last commit) because paused members will come back:
 /// only when they would make up the minimum.
@@ -488,6 +576,75 @@ mod tests {
     fn a_pause_survives_a_restart_as_a_command_pause() {
         let mut sw = PauseSwitch::new(Schedule::default(), true);
         assert_eq!(sw.poll(at(0, 0, 0)), Some(PauseCause::Command));
+    }
+
+    #[test]
+    fn a_paused_member_leaves_once_and_is_announced_only_when_the_round_waits_for_it() {
+        let mut m = PausedMembers::default();
+        assert_eq!(
+            m.handle_notice(1, true, true),
+            PauseStep::Leave { announce: true }
+        );
+        assert_eq!(
+            m.handle_notice(1, true, true),
+            PauseStep::Nothing,
+            "a repeat"
+        );
+        assert_eq!(
+            m.handle_notice(2, true, false),
+            PauseStep::Leave { announce: false }
+        );
+        assert_eq!(m.paused(), 2);
+        assert_eq!(
+            m.handle_notice(3, false, false),
+            PauseStep::Nothing,
+            "never paused"
+        );
+    }
+
+    #[test]
+    fn a_resume_mid_round_waits_for_the_round_to_end() {
+        let mut m = PausedMembers::default();
+        m.handle_notice(1, true, true);
+        m.handle_notice(2, true, false);
+        assert_eq!(
+            m.handle_notice(2, false, false),
+            PauseStep::Rejoin,
+            "no round waits"
+        );
+        assert_eq!(
+            m.handle_notice(1, false, true),
+            PauseStep::Nothing,
+            "deferred"
+        );
+        assert_eq!(m.paused(), 0);
+        assert!(m.has_deferred());
+        assert!(
+            m.poll_rejoin(|_| true).is_empty(),
+            "the round is still open"
+        );
+        assert_eq!(m.poll_rejoin(|_| false), vec![1]);
+        assert!(!m.has_deferred());
+        assert!(m.poll_rejoin(|_| false).is_empty(), "once");
+    }
+
+    #[test]
+    fn a_closed_stream_forgets_a_paused_or_deferred_member_and_a_pause_cancels_a_resume() {
+        let mut m = PausedMembers::default();
+        m.handle_notice(1, true, false);
+        m.handle_notice(2, true, true);
+        m.handle_notice(2, false, true);
+        m.handle_closed(&1);
+        m.handle_closed(&2);
+        assert_eq!(m.paused(), 0);
+        assert!(!m.has_deferred());
+        m.handle_notice(3, true, true);
+        m.handle_notice(3, false, true);
+        assert_eq!(
+            m.handle_notice(3, true, true),
+            PauseStep::Leave { announce: true }
+        );
+        assert!(!m.has_deferred(), "paused again before it rejoined");
     }
 
     #[test]

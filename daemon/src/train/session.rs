@@ -47,7 +47,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::checkpoint::{self, InnerState};
 use super::datapack;
 use super::manifest::{ManifestError, ResolvedRun, RunMode};
-use super::pause::{PauseCause, PauseSwitch, Schedule};
+use super::pause::{PauseCause, PauseStep, PauseSwitch, PausedMembers, Schedule};
 use super::plan::slice_ranges;
 use super::reduce::{reduce_codec, reduce_slice};
 use super::waiting::{self, Phase};
@@ -4206,30 +4206,21 @@ async fn run_coordinator(
     let mut source: PeerId = svc.inner.local;
     let mut reports: BTreeMap<PeerId, TrainReport> = BTreeMap::new();
     let mut started = false;
-    // Members that paused: out of the member set, still linked, expected back.
-    let mut paused: BTreeSet<PeerId> = BTreeSet::new();
-    // Resumed members that were participants of the open round without a report: they
-    // rejoin once that round is over, so that it does not wait for a report that cannot
-    // come.
-    let mut deferred: BTreeSet<PeerId> = BTreeSet::new();
+    // Members that paused (out of the member set, still linked, expected back), and
+    // resumed ones waiting for the open round to end.
+    let mut paused: PausedMembers<PeerId> = PausedMembers::default();
     // The last lobby word sent (members, needed, paused), while no round is open.
     let mut lobby_sent: Option<(u32, u32, u32)> = None;
+    // Whether `p` is a participant of the open round that has not reported.
+    let pending = |machine: &RunMachine, reports: &BTreeMap<PeerId, TrainReport>, p: &PeerId| {
+        let cp = CPeerId(p.to_bytes());
+        machine
+            .open_round()
+            .is_some_and(|o| o.assignment.iter().any(|(q, _)| *q == cp))
+            && !reports.contains_key(p)
+    };
     loop {
-        let open_without_report =
-            |machine: &RunMachine, p: &PeerId, reports: &BTreeMap<PeerId, TrainReport>| {
-                let cp = CPeerId(p.to_bytes());
-                machine
-                    .open_round()
-                    .is_some_and(|o| o.assignment.iter().any(|(q, _)| *q == cp))
-                    && !reports.contains_key(p)
-            };
-        let ready: Vec<PeerId> = deferred
-            .iter()
-            .filter(|p| !open_without_report(&machine, p, &reports))
-            .copied()
-            .collect();
-        for p in ready {
-            deferred.remove(&p);
+        for p in paused.poll_rejoin(|p| pending(&machine, &reports, p)) {
             tracing::info!(peer = %p, "a resumed replica rejoins the rounds");
             machine.handle_join(CPeerId(p.to_bytes()), unix_ms());
         }
@@ -4392,11 +4383,11 @@ async fn run_coordinator(
             }
         }
         // While no round is open, every replica hears whom the coordinator waits for.
-        if machine.open_round().is_none() && deferred.is_empty() {
+        if machine.open_round().is_none() && !paused.has_deferred() {
             let lobby = (
                 machine.member_count() as u32,
                 machine.config().min_participants as u32,
-                paused.len() as u32,
+                paused.paused() as u32,
             );
             if lobby_sent != Some(lobby) {
                 lobby_sent = Some(lobby);
@@ -4438,13 +4429,13 @@ async fn run_coordinator(
                     && started
                     && super::pause::wait_for_paused(
                         machine.member_count(),
-                        paused.len(),
+                        paused.paused(),
                         machine.config().min_participants,
                     )
                 {
                     tracing::info!(
                         members = machine.member_count(),
-                        paused = paused.len(),
+                        paused = paused.paused(),
                         "too few replicas for a round while some are paused; waiting for them"
                     );
                     continue;
@@ -4472,8 +4463,7 @@ async fn run_coordinator(
                     continue;
                 }
                 links.remove(&peer);
-                paused.remove(&peer);
-                deferred.remove(&peer);
+                paused.handle_closed(&peer);
                 tracing::info!(%peer, "replica left the run");
                 // The open round's other members stop waiting for it at once.
                 announce_departure(&svc, &links, &machine, peer);
@@ -4526,19 +4516,21 @@ async fn run_coordinator(
                     }
                 }
                 Msg::Pause(p) if p.run_id.as_slice() == run_id.as_slice() => {
-                    if p.paused {
-                        deferred.remove(&peer);
-                        if paused.insert(peer) {
+                    let waited_for = pending(&machine, &reports, &peer);
+                    match paused.handle_notice(peer, p.paused, waited_for) {
+                        PauseStep::Leave { announce } => {
                             tracing::info!(%peer, "replica paused; the rounds go on without it");
                             // Like a departure: the open round's members stop waiting.
-                            if !reports.contains_key(&peer) {
+                            if announce {
                                 announce_departure(&svc, &links, &machine, peer);
                             }
                             machine.handle_leave(&CPeerId(peer.to_bytes()), unix_ms());
                         }
-                    } else if paused.remove(&peer) {
-                        tracing::info!(%peer, "replica resumed");
-                        deferred.insert(peer);
+                        PauseStep::Rejoin => {
+                            tracing::info!(%peer, "replica resumed; it rejoins the rounds");
+                            machine.handle_join(CPeerId(peer.to_bytes()), unix_ms());
+                        }
+                        PauseStep::Nothing => {}
                     }
                 }
                 _ => tracing::debug!(%peer, "unexpected control message ignored"),
