@@ -58,6 +58,12 @@ pub enum Command {
     /// List the ledgers of the runs in the data dir (works without a daemon) and check each
     /// chain of checkpoints.
     Checkpoints(crate::train::cli::CheckpointsArgs),
+    /// Pause training on the local daemon until `potluck resume`: its replica leaves the
+    /// run's rounds (nobody waits for it), saves its state and frees the device.
+    Pause(QueryArgs),
+    /// Resume training: the replica rejoins its run with its saved state (inside a window
+    /// of the config's pause_schedule, until that window ends).
+    Resume(QueryArgs),
     /// Coordinate a run on the local daemon without training in it (a public swarm's
     /// coordinator), and follow it to the end: `potluck run start FILE --no-replica --follow`.
     Coordinator {
@@ -245,6 +251,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invite(args) => crate::train::cli::invite(args).await,
         Command::Join(args) => crate::train::cli::join(args).await,
         Command::Checkpoints(args) => crate::train::cli::checkpoints(args),
+        Command::Pause(q) => pause(q, true).await,
+        Command::Resume(q) => pause(q, false).await,
         Command::Coordinator {
             q,
             file,
@@ -406,6 +414,7 @@ async fn status(q: QueryArgs) -> anyhow::Result<()> {
             "known_peers": s.known_peers,
             "uptime_secs": s.uptime_secs,
             "swarm": s.swarm,
+            "paused": s.paused,
             "capabilities": s.capabilities.as_ref().map(caps_json),
             "inbound": s.inbound.as_ref().map(|i| serde_json::json!({
                 "pending_tcp": i.pending_tcp,
@@ -447,6 +456,9 @@ async fn status(q: QueryArgs) -> anyhow::Result<()> {
         println!("caps:        {}", caps_summary(c));
     }
     println!("uptime:      {:?}", Duration::from_secs(s.uptime_secs));
+    if !s.paused.is_empty() {
+        println!("training:    {}", s.paused);
+    }
     if let Some(c) = &s.capabilities {
         println!("this peer:   {}", caps_line(c));
     }
@@ -455,6 +467,37 @@ async fn status(q: QueryArgs) -> anyhow::Result<()> {
     }
     for a in &s.external_addrs {
         println!("external:    {a}");
+    }
+    Ok(())
+}
+
+/// `potluck pause` (`pause`) and `potluck resume`.
+async fn pause(q: QueryArgs, pause: bool) -> anyhow::Result<()> {
+    let mut c = connect(&q).await?;
+    let r = if pause {
+        c.pause(v1::PauseRequest {}).await
+    } else {
+        c.resume(v1::ResumeRequest {}).await
+    }
+    .map_err(control::ControlError::from)?
+    .into_inner();
+    if q.json {
+        return print_json(serde_json::json!({
+            "paused": r.paused,
+            "reason": r.reason,
+            "schedule": r.schedule,
+        }));
+    }
+    match (pause, r.paused) {
+        (true, _) => println!(
+            "training paused: this daemon's replica leaves its run's rounds and frees its \
+             device; `potluck resume` rejoins with its state"
+        ),
+        (false, false) => println!("training resumed: the replica rejoins its run's rounds"),
+        (false, true) => println!("still paused: {}", r.reason),
+    }
+    if !r.schedule.is_empty() {
+        println!("pause schedule: {}", r.schedule);
     }
     Ok(())
 }

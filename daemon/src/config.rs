@@ -83,6 +83,8 @@ pub struct Config {
     pub memory_limit_mb: Option<u64>,
     /// Threads of the worker's CPU math (`None`: one per core).
     pub cpu_threads: Option<usize>,
+    /// Weekly windows in which training pauses (`pause_schedule`, see `train::pause`).
+    pub pause_schedule: crate::train::pause::Schedule,
 }
 
 impl Default for Config {
@@ -118,6 +120,7 @@ impl Default for Config {
             rate_caps: RateCaps::default(),
             memory_limit_mb: None,
             cpu_threads: None,
+            pause_schedule: Default::default(),
         }
     }
 }
@@ -203,6 +206,7 @@ pub const KEYS: &[&str] = &[
     "download_bytes_per_sec",
     "memory_limit_mb",
     "cpu_threads",
+    "pause_schedule",
 ];
 
 /// Port of `http_listen = "on"` (loopback).
@@ -335,6 +339,24 @@ impl Config {
             "cpu_threads" => {
                 self.cpu_threads =
                     nonzero(as_int_or_zero(&value, 1, 4096).map_err(bad)?).map(|n| n as usize)
+            }
+            "pause_schedule" => {
+                let entries = match &value {
+                    RawValue::List(l) => l.clone(),
+                    // An environment variable: entries separated by `;` (a day list has
+                    // commas).
+                    RawValue::Str(s) => s
+                        .split(';')
+                        .map(str::trim)
+                        .filter(|e| !e.is_empty())
+                        .map(String::from)
+                        .collect(),
+                    other => {
+                        return Err(bad(format!("expected a list of strings, found {other:?}")));
+                    }
+                };
+                self.pause_schedule = crate::train::pause::Schedule::parse(&entries)
+                    .map_err(|e| bad(e.to_string()))?;
             }
             _ => {
                 return Err(ConfigError::Unknown {
@@ -640,6 +662,44 @@ mod tests {
                 .to_string();
             assert!(e.contains(key), "{e}");
         }
+    }
+
+    #[test]
+    fn pause_schedule_comes_from_a_list_or_a_variable_and_bad_entries_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "pause_schedule = [\"Mon-Fri 18:00-23:00 +01:00\", \"Sat,Sun 10:00-02:00\"]\n",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        assert!(c.pause_schedule.is_empty(), "no schedule by default");
+        c.apply_file(&file).unwrap();
+        assert_eq!(
+            c.pause_schedule,
+            crate::train::pause::Schedule::parse(&[
+                "Mon-Fri 18:00-23:00 +01:00",
+                "Sat,Sun 10:00-02:00"
+            ])
+            .unwrap()
+        );
+        c.apply_env([(
+            "POTLUCK_PAUSE_SCHEDULE".to_string(),
+            "Mon,Tue 09:00-10:00; daily 01:00-02:00".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(
+            c.pause_schedule,
+            crate::train::pause::Schedule::parse(&["Mon,Tue 09:00-10:00", "daily 01:00-02:00"])
+                .unwrap()
+        );
+        std::fs::write(&file, "pause_schedule = [\"Mon 18:00-25:00\"]\n").unwrap();
+        let msg = c.apply_file(&file).unwrap_err().to_string();
+        assert!(
+            msg.contains("`pause_schedule`") && msg.contains("25:00"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -131,6 +131,17 @@ fn invite_addrs(s: &crate::net::NodeStatus) -> Vec<libp2p::Multiaddr> {
     out
 }
 
+fn pause_response(
+    train: &crate::train::TrainService,
+    now: Option<crate::train::pause::PauseCause>,
+) -> v1::PauseResponse {
+    v1::PauseResponse {
+        paused: now.is_some(),
+        reason: now.map(|c| c.as_str().to_string()).unwrap_or_default(),
+        schedule: train.pause_schedule(),
+    }
+}
+
 fn peer_info(p: PeerSummary) -> v1::PeerInfo {
     v1::PeerInfo {
         peer_id: p.peer_id.to_base58(),
@@ -183,6 +194,12 @@ impl v1::control_server::Control for ControlService {
                 denied: s.inbound.denied,
             }),
             caps: Some(resource_caps(self.runs.train())),
+            paused: self
+                .runs
+                .train()
+                .paused()
+                .map(|c| c.as_str().to_string())
+                .unwrap_or_default(),
         }))
     }
 
@@ -382,7 +399,34 @@ impl v1::control_server::Control for ControlService {
             reassigned_slices: v.reassigned_slices,
             missing_slices: v.missing_slices,
             disagreed_rounds: v.disagreed_rounds,
+            paused: v.paused,
+            waiting: v.waiting,
+            rejected_by_reason: v
+                .rejected_by_reason
+                .into_iter()
+                .map(|(reason, count)| v1::RejectedCount { reason, count })
+                .collect(),
         }))
+    }
+
+    async fn pause(
+        &self,
+        _: Request<v1::PauseRequest>,
+    ) -> Result<Response<v1::PauseResponse>, Status> {
+        let train = self.runs.train();
+        let now = train.pause().map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pause_response(train, now)))
+    }
+
+    async fn resume(
+        &self,
+        _: Request<v1::ResumeRequest>,
+    ) -> Result<Response<v1::PauseResponse>, Status> {
+        let train = self.runs.train();
+        let now = train
+            .resume()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pause_response(train, now)))
     }
 
     async fn create_run_invite(

@@ -22,6 +22,9 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::net::{BehaviourEvent, InnerEvent};
 use crate::web::state::{PeerState, State, Tracker};
 
+/// Reasons of refused updates with their own series (the session has six).
+const MAX_REJECT_REASONS: usize = 16;
+
 /// Peers with their own data-plane byte series.
 pub const MAX_PEER_SERIES: usize = 64;
 
@@ -170,10 +173,31 @@ pub fn render(state: &State, tracker: &Tracker, swarm: Option<&Registry>) -> Str
         "Held-out loss after the last committed round, in nats per byte (token)",
         gauge_f64(f64::from(run.eval_loss)),
     );
+    // By reason; the reasons are the session's fixed names, and a total with no reason
+    // recorded (a status from before they were counted) goes under `other`.
+    let rejected = Family::<Labels, Counter>::default();
+    let mut named = 0;
+    for (reason, n) in run.rejected_by_reason.iter().take(MAX_REJECT_REASONS) {
+        rejected
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*n);
+        named += n;
+    }
+    if run.rejected_updates > named {
+        rejected
+            .get_or_create(&labels(&[("reason", "other")]))
+            .inc_by(run.rejected_updates - named);
+    }
     reg.register(
         "rejected_updates",
-        "Updates from peers this replica refused (bad signature, size, norm or shape)",
-        counter(run.rejected_updates),
+        "Updates from peers this daemon refused, by reason (bad_signature, not_a_member, \
+         wrong_slice, undecodable, non_finite, late, invalid)",
+        rejected,
+    );
+    reg.register(
+        "paused",
+        "1 while training is paused here (potluck pause, or the pause schedule)",
+        gauge_i64(u64::from(!run.paused.is_empty())),
     );
     reg.register(
         "reassigned_slices",
@@ -365,6 +389,8 @@ mod tests {
                 bytes_sent: 100,
                 bytes_received: 200,
                 rejected_updates: 3,
+                rejected_by_reason: [("bad_signature".to_string(), 2)].into(),
+                paused: "paused by `potluck pause` (until `potluck resume`)".into(),
                 round_timings: vec![RoundTiming {
                     round: 3,
                     train_ms: 1500,
@@ -428,7 +454,19 @@ mod tests {
         assert_eq!(sample(&text, "potluck_peers{state=\"gone\"}"), 1.0);
         assert_eq!(sample(&text, "potluck_run_round"), 4.0);
         assert_eq!(sample(&text, "potluck_eval_loss"), 1.5);
-        assert_eq!(sample(&text, "potluck_rejected_updates_total"), 3.0);
+        assert_eq!(
+            sample(
+                &text,
+                "potluck_rejected_updates_total{reason=\"bad_signature\"}"
+            ),
+            2.0
+        );
+        assert_eq!(
+            sample(&text, "potluck_rejected_updates_total{reason=\"other\"}"),
+            1.0,
+            "a total without a reason recorded"
+        );
+        assert_eq!(sample(&text, "potluck_paused"), 1.0);
         assert_eq!(
             sample(
                 &text,

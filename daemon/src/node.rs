@@ -109,6 +109,7 @@ impl Node {
                 memory_limit_mb: config.memory_limit_mb,
                 cpu_threads: config.cpu_threads,
             },
+            pause_schedule: config.pause_schedule.clone(),
         };
         let http = match (config.http_listen, &config.http_token_file) {
             (Some(addr), Some(file)) => Some((addr, Some(crate::web::read_token(file)?))),

@@ -529,6 +529,11 @@ fn status_json(s: &v1::RunStatusResponse) -> serde_json::Value {
             "network_wait_share": t.network_wait_share,
         })).collect::<Vec<_>>(),
         "rejected_updates": s.rejected_updates,
+        "rejected_by_reason": s.rejected_by_reason.iter()
+            .map(|r| (r.reason.clone(), serde_json::json!(r.count)))
+            .collect::<serde_json::Map<_, _>>(),
+        "paused": s.paused,
+        "waiting": s.waiting,
         "reassigned_slices": s.reassigned_slices,
         "missing_slices": s.missing_slices,
         "disagreed_rounds": s.disagreed_rounds,
@@ -547,6 +552,9 @@ fn secs(ms: u64) -> String {
 fn print_status(s: &v1::RunStatusResponse) {
     if !s.known {
         println!("no run: start one with `potluck run start FILE` or join one with `potluck join`");
+        if !s.paused.is_empty() {
+            println!("paused:     {} (a run joined now starts paused)", s.paused);
+        }
         return;
     }
     let name = if s.name.is_empty() {
@@ -567,6 +575,12 @@ fn print_status(s: &v1::RunStatusResponse) {
         s.role, s.coordinator_peer_id
     );
     println!("state:      {}", s.state);
+    if !s.paused.is_empty() {
+        println!("paused:     {}", s.paused);
+    }
+    if !s.waiting.is_empty() {
+        println!("waiting:    {}", s.waiting);
+    }
     if !s.error.is_empty() {
         println!("error:      {}", s.error);
     }
@@ -631,7 +645,16 @@ fn print_status(s: &v1::RunStatusResponse) {
         );
     }
     if s.rejected_updates > 0 {
-        println!("rejected:   {} updates", s.rejected_updates);
+        let why: Vec<String> = s
+            .rejected_by_reason
+            .iter()
+            .map(|r| format!("{} {}", r.count, r.reason))
+            .collect();
+        println!(
+            "rejected:   {} updates ({})",
+            s.rejected_updates,
+            why.join(", ")
+        );
     }
     if s.reassigned_slices > 0 || s.missing_slices > 0 {
         println!(

@@ -6,11 +6,13 @@ pub mod cli;
 pub mod datapack;
 pub mod demo;
 pub mod manifest;
+pub mod pause;
 pub mod plan;
 pub mod reduce;
 pub mod reference;
 pub mod runs;
 pub mod session;
+pub mod waiting;
 pub mod wire;
 
 pub use manifest::{DEMO_MANIFEST, ResolvedRun, RunManifest};

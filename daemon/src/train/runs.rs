@@ -182,6 +182,12 @@ pub struct RunView {
     pub out_dir: String,
     pub elapsed_secs: u64,
     pub checkpoint_root: String,
+    /// Why training is paused here; empty when it is not.
+    pub paused: String,
+    /// What the run waits for, in words; empty when nothing.
+    pub waiting: String,
+    /// Updates refused, by reason.
+    pub rejected_by_reason: Vec<(String, u64)>,
 }
 
 /// The runs of one daemon: at most one active at a time. Cheap to clone.
@@ -223,6 +229,11 @@ impl Runs {
             });
         }
         Ok(())
+    }
+
+    /// The daemon's training service (pause and resume act on it).
+    pub fn train(&self) -> &TrainService {
+        &self.train
     }
 
     /// Fails with [`RunsError::Busy`] while a run is active: lets a caller refuse before
@@ -568,6 +579,8 @@ impl Runs {
         let Some(rec) = self.lock().current.clone() else {
             return RunView {
                 state: "no run started or joined since the daemon started".into(),
+                // A run joined later starts paused: say so already.
+                paused: self.train.status().paused,
                 ..Default::default()
             };
         };
@@ -628,13 +641,26 @@ impl Runs {
             v.round_bytes = live.round_bytes.clone();
             v.round_timings = live.round_timings.iter().rev().cloned().collect();
             v.state = live.state.clone();
+            v.waiting = live.waiting.clone();
+            v.rejected_by_reason = live
+                .rejected_by_reason
+                .iter()
+                .map(|(k, n)| (k.clone(), *n))
+                .collect();
         }
+        v.paused = live.paused.clone();
         // Bytes are the daemon's totals: they count from its start, across runs.
         v.bytes_sent = live.bytes_sent;
         v.bytes_received = live.bytes_received;
         match rec.outcome {
             Outcome::Running(what) => {
                 if !same_run || v.state.is_empty() || v.state == "idle" {
+                    // Before the session reports, the launch says what it waits for.
+                    v.waiting = if live.paused.is_empty() {
+                        what.clone()
+                    } else {
+                        format!("{what} ({})", live.paused)
+                    };
                     v.state = what;
                 }
             }
@@ -645,6 +671,7 @@ impl Runs {
                 rounds,
             } => {
                 v.state = "finished".into();
+                v.waiting.clear();
                 // The run's end is its last commit, whatever the session saw last.
                 v.committed_round = v.committed_round.max(rounds);
                 v.committed_root = hex::encode(root);
@@ -655,6 +682,7 @@ impl Runs {
             }
             Outcome::Failed(e) => {
                 v.state = "failed".into();
+                v.waiting.clear();
                 v.error = e;
             }
         }

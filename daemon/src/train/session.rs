@@ -36,8 +36,8 @@ use potluck_coordinator::store::Ledger;
 use potluck_coordinator::succession::{Step, Succession};
 use potluck_coordinator::{Hash32, PeerId as CPeerId};
 use potluck_proto::v1::{
-    FrameHeader, FrameKind, MemberLeft, RoundCommit, RoundOpen, RunFinished, RunJoin, RunRefused,
-    RunWelcome, TrainControl, TrainReport, train_control::Msg,
+    FrameHeader, FrameKind, Lobby, MemberLeft, PauseNotice, RoundCommit, RoundOpen, RunFinished,
+    RunJoin, RunRefused, RunWelcome, TrainControl, TrainReport, train_control::Msg,
 };
 use potluck_worker::compress::{self, Codec, ErrorFeedback};
 use potluck_worker::{DeviceSpec, OuterOptimizer, Replica};
@@ -47,8 +47,10 @@ use tokio::sync::{broadcast, mpsc};
 use super::checkpoint::{self, InnerState};
 use super::datapack;
 use super::manifest::{ManifestError, ResolvedRun, RunMode};
+use super::pause::{PauseCause, PauseStep, PauseSwitch, PausedMembers, Schedule};
 use super::plan::slice_ranges;
 use super::reduce::{reduce_codec, reduce_slice};
+use super::waiting::{self, Phase};
 use super::wire::{MAX_CONTROL_BYTES, read_control, write_control};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
 use crate::ratelimit::{Limited, RateLimiter};
@@ -246,6 +248,61 @@ pub struct RunStatus {
     /// Where the time of the last rounds went at this replica, oldest first.
     pub round_timings: Vec<RoundTiming>,
     pub error: String,
+    /// What the session is doing, for [`waiting::explain`].
+    pub phase: Phase,
+    /// The coordinator's last word while no round was open: (members, needed, paused).
+    pub lobby: Option<(u32, u32, u32)>,
+    /// The exchange in progress: members whose word this replica has for its slice, of the
+    /// round's members.
+    pub collected: Option<(u32, u32)>,
+    /// At the coordinator: reports in for the open round, of its participants.
+    pub reports: Option<(u32, u32)>,
+    /// Why training is paused here; empty when it is not.
+    pub paused: String,
+    /// What the run waits for, in words ([`waiting::explain`]); empty when nothing.
+    pub waiting: String,
+    /// Updates this daemon refused, by reason ([`RejectReason`]).
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    /// The committed round of the saved state this replica last rebuilt itself from (its
+    /// inner optimizer and error feedback), after a restart or a pause.
+    pub resumed_from: Option<u64>,
+}
+
+/// Why this daemon refused an update (a frame, a contribution, a reduced slice): the
+/// `reason` label of `potluck_rejected_updates_total`. A fixed set, so that a peer cannot
+/// make up label values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The frame's signature or public key does not match its sender.
+    BadSignature,
+    /// From a peer that is not a member of the round.
+    NotAMember,
+    /// A contribution for a slice this replica does not reduce, or a reduced slice from a
+    /// peer that does not reduce it.
+    WrongSlice,
+    /// A payload its codec cannot decode (bad length, bad header).
+    Undecodable,
+    /// A reduced slice with NaN or infinite values.
+    NonFinite,
+    /// A contribution that came after this replica had reduced its slice (a slow or
+    /// restarted member; not a fault in itself).
+    Late,
+    /// Refused by the reduction's validation (length, values, tokens, norm).
+    Invalid,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::BadSignature => "bad_signature",
+            RejectReason::NotAMember => "not_a_member",
+            RejectReason::WrongSlice => "wrong_slice",
+            RejectReason::Undecodable => "undecodable",
+            RejectReason::NonFinite => "non_finite",
+            RejectReason::Late => "late",
+            RejectReason::Invalid => "invalid",
+        }
+    }
 }
 
 /// Rounds whose timings a status keeps.
@@ -465,6 +522,10 @@ struct Inner {
     resource_limits: ResourceLimits,
     /// The least time a replica looks for its coordinator after losing it.
     failover_min: Duration,
+    /// `potluck pause` / `potluck resume` and the schedule.
+    pause: Mutex<PauseSwitch>,
+    /// Why training is paused now (`None`: it runs); the replica loop watches it.
+    paused: tokio::sync::watch::Sender<Option<PauseCause>>,
 }
 
 /// A persistence point of the coordinator where a test can make the daemon's training stop
@@ -528,6 +589,8 @@ pub struct TrainSettings {
     pub rates: RateLimiter,
     /// The memory cap of a training step and the CPU threads (applied at daemon start).
     pub limits: ResourceLimits,
+    /// When training pauses on its own (the config's `pause_schedule`).
+    pub pause_schedule: Schedule,
 }
 
 /// A daemon's caps on what its training takes.
@@ -546,9 +609,16 @@ impl Default for TrainSettings {
             failover_min: Duration::from_secs(40),
             rates: RateLimiter::unlimited(),
             limits: ResourceLimits::default(),
+            pause_schedule: Schedule::default(),
         }
     }
 }
+
+/// The file in the data dir whose presence says that `potluck pause` paused training, so
+/// that a restarted daemon stays paused.
+pub const PAUSED_FILE: &str = "paused";
+/// How often the pause schedule is looked at.
+const PAUSE_TICK: Duration = Duration::from_secs(5);
 
 /// A replica's view of its run, kept for failover.
 #[derive(Clone, Debug)]
@@ -592,6 +662,7 @@ impl TrainService {
             .map_err(|e| TrainError::Other(format!("control protocol: {e}")))?;
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
         let (events, _) = broadcast::channel(64);
+        let was_paused = data_dir.join(PAUSED_FILE).exists();
         let svc = TrainService {
             inner: Arc::new(Inner {
                 local: keypair.public().to_peer_id(),
@@ -620,8 +691,22 @@ impl TrainService {
                 failover_min: settings.failover_min,
                 rates: settings.rates,
                 resource_limits: settings.limits,
+                pause: Mutex::new(PauseSwitch::new(settings.pause_schedule, was_paused)),
+                paused: tokio::sync::watch::Sender::new(None),
             }),
         };
+        svc.poll_pause();
+        let s = svc.clone();
+        tokio::spawn(async move {
+            let cancel = s.inner.cancel.clone();
+            while cancel
+                .run_until_cancelled(tokio::time::sleep(PAUSE_TICK))
+                .await
+                .is_some()
+            {
+                s.poll_pause();
+            }
+        });
         let s = svc.clone();
         tokio::spawn(async move {
             let permits = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_STREAMS));
@@ -757,6 +842,87 @@ impl TrainService {
         self.inner.local
     }
 
+    /// Pauses training here (`potluck pause`) until [`Self::resume`]: the replica of the
+    /// run in progress leaves its rounds, keeps its state and frees its device; a run joined
+    /// later starts paused. Survives a restart of the daemon.
+    pub fn pause(&self) -> Result<Option<PauseCause>, TrainError> {
+        let path = self.inner.data_dir.join(PAUSED_FILE);
+        crate::fsutil::write_atomic(&path, b"paused by `potluck pause`\n", 0o600).map_err(|e| {
+            TrainError::Other(format!(
+                "cannot record the pause in {}: {e}",
+                path.display()
+            ))
+        })?;
+        if let Ok(mut sw) = self.inner.pause.lock() {
+            sw.pause();
+        }
+        Ok(self.poll_pause())
+    }
+
+    /// Resumes training (`potluck resume`): ends a pause by command and, inside a window of
+    /// the pause schedule, skips the rest of that window. Returns why training is still
+    /// paused, if it is.
+    pub fn resume(&self) -> Result<Option<PauseCause>, TrainError> {
+        let path = self.inner.data_dir.join(PAUSED_FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(TrainError::Other(format!(
+                    "cannot remove the pause record {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+        if let Ok(mut sw) = self.inner.pause.lock() {
+            sw.resume(unix_ms() / 1000);
+        }
+        Ok(self.poll_pause())
+    }
+
+    /// Why training is paused here now, if it is.
+    pub fn paused(&self) -> Option<PauseCause> {
+        *self.inner.paused.borrow()
+    }
+
+    /// The config's pause schedule, as written.
+    pub fn pause_schedule(&self) -> String {
+        self.inner
+            .pause
+            .lock()
+            .map(|sw| sw.schedule().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Looks at the pause switch now and tells the replica loop when the answer changed.
+    fn poll_pause(&self) -> Option<PauseCause> {
+        let now = self
+            .inner
+            .pause
+            .lock()
+            .ok()
+            .and_then(|mut sw| sw.poll(unix_ms() / 1000));
+        self.inner.paused.send_if_modified(|cur| {
+            if *cur == now {
+                return false;
+            }
+            tracing::info!(paused = ?now, "training pause switched");
+            *cur = now;
+            true
+        });
+        now
+    }
+
+    /// Counts an update refused for `reason`.
+    fn reject(&self, reason: RejectReason) {
+        self.set_status(|s| {
+            s.rejected_updates += 1;
+            *s.rejected_by_reason
+                .entry(reason.as_str().to_string())
+                .or_default() += 1;
+        });
+    }
+
     /// The current run's status.
     pub fn status(&self) -> RunStatus {
         let mut st = self
@@ -765,6 +931,16 @@ impl TrainService {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
+        let paused = self.paused().map(PauseCause::as_str);
+        st.paused = paused.unwrap_or_default().to_string();
+        st.waiting = waiting::explain(&waiting::Facts {
+            phase: st.phase,
+            round: st.round,
+            lobby: st.lobby,
+            collected: st.collected,
+            reports: st.reports,
+            paused,
+        });
         let (s, r) = self.inner.traffic.totals();
         st.bytes_sent = s;
         st.bytes_received = r;
@@ -871,7 +1047,7 @@ impl TrainService {
         self.inner.traffic.add(peer, 0, frame.wire_bytes);
         if let Err(reason) = verify_sender(&frame.header, peer) {
             tracing::warn!(%peer, reason, "refused a tensor frame with a bad signature");
-            self.set_status(|s| s.rejected_updates += 1);
+            self.reject(RejectReason::BadSignature);
             return;
         }
         if frame.kind() == FrameKind::StateRequest {
@@ -1390,6 +1566,9 @@ impl TrainService {
             s.role = "coordinator (no replica)".into();
             s.coordinator = self.inner.local.to_base58();
             s.state = "waiting for replicas".into();
+            s.phase = Phase::Lobby;
+            s.lobby = None;
+            s.reports = None;
         });
         let mut events = self.subscribe();
         let coord = tokio::spawn(run_coordinator(
@@ -1415,6 +1594,7 @@ impl TrainService {
                 }) => {
                     last_eval = eval_loss;
                     self.set_status(|s| {
+                        s.phase = Phase::Lobby;
                         s.committed_round = round;
                         s.round = round;
                         s.committed_root = hex::encode(root);
@@ -1423,7 +1603,10 @@ impl TrainService {
                 }
                 Ok(RunEvent::RoundOpened { round, .. }) => {
                     self.inner.traffic.set_round(round);
-                    self.set_status(|s| s.round = round);
+                    self.set_status(|s| {
+                        s.round = round;
+                        s.phase = Phase::AwaitingCommit;
+                    });
                 }
                 Ok(RunEvent::Finished { rounds, root }) => {
                     finished = Some((rounds, root));
@@ -1437,7 +1620,10 @@ impl TrainService {
         self.release_coordinator();
         match (res, finished) {
             (Ok(Ok(())), Some((rounds, root))) => {
-                self.set_status(|s| s.state = "finished".into());
+                self.set_status(|s| {
+                    s.state = "finished".into();
+                    s.phase = Phase::Finished;
+                });
                 Ok(RunSummary {
                     run_id: run.id(),
                     rounds,
@@ -1514,6 +1700,10 @@ impl TrainService {
                     break;
                 }
             }
+        });
+        self.set_status(|s| {
+            s.lobby = None;
+            s.reports = None;
         });
         let coord = tokio::spawn(run_coordinator(
             self.clone(),
@@ -1722,6 +1912,10 @@ impl TrainService {
         search.handle_lost(now_ms());
         let mut last = TrainError::CoordinatorGone;
         tracing::warn!(coordinator = %lost, "lost the run's coordinator; looking for it again");
+        self.set_status(|s| {
+            s.state = "looking for the run's coordinator".into();
+            s.phase = Phase::LookingForCoordinator;
+        });
         loop {
             if self.inner.cancel.is_cancelled() {
                 return Err(TrainError::ShuttingDown);
@@ -1844,6 +2038,7 @@ impl TrainService {
             run_id: run_id.to_vec(),
             ..Default::default()
         };
+        self.set_status(|s| s.phase = Phase::Reaching);
         self.replica(run_id, None, (coordinator, up_tx), down_rx, join, out)
             .await
     }
@@ -1978,6 +2173,7 @@ impl TrainService {
                 rep = r;
                 ef = e;
                 resumed_from = Some(snap.round);
+                self.set_status(|s| s.resumed_from = Some(snap.round));
                 committed = Arc::new(snap);
                 self.publish(&committed);
             }
@@ -1997,6 +2193,12 @@ impl TrainService {
             s.name = run.name.clone();
             s.rounds = run.rounds;
             s.state = "waiting for the first round".into();
+            s.phase = Phase::Lobby;
+            // At a coordinator, its own loop has been telling the lobby since it started.
+            if !coordinating {
+                s.lobby = None;
+                s.reports = None;
+            }
             s.role = if coordinating {
                 "coordinator"
             } else {
@@ -2011,15 +2213,46 @@ impl TrainService {
         let mut carried: Option<Carried> = None;
         // The round in progress here: when it opened, and where its time went so far.
         let mut timing: Option<(Instant, RoundTiming)> = None;
+        let mut pause = self.inner.paused.subscribe();
+        // A message the paused replica left for the main loop (the run's end).
+        let mut after_pause: Option<TrainControl> = None;
         loop {
-            let m = tokio::select! {
-                m = down.recv() => m,
-                _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
+            if pause.borrow_and_update().is_some() {
+                // Out of the rounds until resumed.
+                carried = None;
+                pending = None;
+                timing = None;
+                let (r, left) = self
+                    .sit_out(
+                        Some(rep),
+                        (&run, &run_id, &local_dir),
+                        (&committed, &ef),
+                        (&up, &mut down),
+                        (&mut ledger, &mut last_manifest),
+                        &mut pause,
+                    )
+                    .await?;
+                rep = r.0;
+                if let Some(e) = r.1 {
+                    ef = e;
+                }
+                after_pause = left;
+            }
+            let m = match after_pause.take() {
+                Some(m) => Some(m),
+                None => tokio::select! {
+                    m = down.recv() => m,
+                    Ok(()) = pause.changed() => continue,
+                    _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
+                },
             };
             let Some(m) = m else {
                 return Err(TrainError::CoordinatorGone);
             };
             match m.msg {
+                Some(Msg::Lobby(l)) => {
+                    self.set_status(|s| s.lobby = Some((l.members, l.needed, l.paused)));
+                }
                 Some(Msg::Open(open)) => {
                     let opened_at = Instant::now();
                     if let Some((at, t)) = timing.take() {
@@ -2031,6 +2264,7 @@ impl TrainService {
                         ..Default::default()
                     };
                     last_members = open.members.clone();
+                    self.set_status(|s| s.lobby = None);
                     self.inner.traffic.set_round(open.round);
                     if let Ok(mut g) = self.inner.context.lock()
                         && let Some(c) = g.as_mut()
@@ -2056,6 +2290,10 @@ impl TrainService {
                     }
                     if committed.root.as_slice() != open.base_root.as_slice() {
                         let fetching = Instant::now();
+                        self.set_status(|s| {
+                            s.round = open.round;
+                            s.phase = Phase::FetchingCheckpoint;
+                        });
                         let fetched = self.resync(&open, &run_id, &rep, &run).await;
                         this_round.network_wait_ms += fetching.elapsed().as_millis() as u64;
                         match fetched {
@@ -2095,32 +2333,66 @@ impl TrainService {
                         committed.velocity.clone(),
                     );
                     let mut slot = Some(rep);
-                    let report = match run.mode {
-                        RunMode::Diloco => {
-                            self.round(
-                                &run,
-                                &run_id,
-                                &open,
-                                &data,
-                                codec,
-                                &mut slot,
-                                &mut outer,
-                                &mut ef,
-                                &mut inbox,
-                                &mut early,
-                                &opened_at,
-                                &mut carried,
-                                &mut this_round,
-                            )
-                            .await
+                    let round = async {
+                        match run.mode {
+                            RunMode::Diloco => {
+                                self.round(
+                                    &run,
+                                    &run_id,
+                                    &open,
+                                    &data,
+                                    codec,
+                                    &mut slot,
+                                    &mut outer,
+                                    &mut ef,
+                                    &mut inbox,
+                                    &mut early,
+                                    &opened_at,
+                                    &mut carried,
+                                    &mut this_round,
+                                )
+                                .await
+                            }
+                            RunMode::DataParallel => {
+                                self.dp_round(
+                                    &run, &run_id, &open, &data, &mut slot, &outer, &mut inbox,
+                                    &mut early, &opened_at,
+                                )
+                                .await
+                            }
                         }
-                        RunMode::DataParallel => {
-                            self.dp_round(
-                                &run, &run_id, &open, &data, &mut slot, &outer, &mut inbox,
-                                &mut early, &opened_at,
+                    };
+                    // A pause stops the round where it is: the others stop waiting for
+                    // this replica as soon as the coordinator hears of it.
+                    let report = tokio::select! {
+                        r = round => Some(r),
+                        _ = pause.wait_for(Option::is_some) => None,
+                    };
+                    let Some(report) = report else {
+                        tracing::info!(
+                            round = open.round,
+                            "paused mid-round; this round's work is dropped"
+                        );
+                        // The replica may still be training off the runtime: it is dropped
+                        // when its steps end, and rebuilt from the saved state on resume.
+                        drop(slot);
+                        carried = None;
+                        let (r, left) = self
+                            .sit_out(
+                                None,
+                                (&run, &run_id, &local_dir),
+                                (&committed, &ef),
+                                (&up, &mut down),
+                                (&mut ledger, &mut last_manifest),
+                                &mut pause,
                             )
-                            .await
+                            .await?;
+                        rep = r.0;
+                        if let Some(e) = r.1 {
+                            ef = e;
                         }
+                        after_pause = left;
+                        continue;
                     };
                     timing = Some((opened_at, this_round));
                     rep = slot.ok_or_else(|| TrainError::Other("replica lost".into()))?;
@@ -2193,6 +2465,7 @@ impl TrainService {
                         s.committed_round = c.round;
                         s.committed_root = hex::encode(&c.root);
                         s.eval_loss = c.eval_loss;
+                        s.phase = Phase::Lobby;
                     });
                 }
                 Some(Msg::Finished(f)) => {
@@ -2267,6 +2540,7 @@ impl TrainService {
                     };
                     self.set_status(|s| {
                         s.state = "finished".into();
+                        s.phase = Phase::Finished;
                         s.committed_round = f.rounds;
                         s.committed_root = hex::encode(committed.root);
                     });
@@ -2287,6 +2561,128 @@ impl TrainService {
         }
     }
 
+    /// A paused replica: tells the coordinator it sits the rounds out, saves its state
+    /// (`rep`, when a pause did not stop it mid-round; else the state saved at its last
+    /// commit stands) and drops its model and optimizer, which frees the device. Until
+    /// resumed it only follows the run: commits go into its ledger copy and status. On
+    /// resume it rebuilds its replica from the saved state (inner optimizer and error
+    /// feedback included) and tells the coordinator, which takes it into the next round;
+    /// its weights come from the committed state at the next round's opening, as after a
+    /// restart. Returns the replica, the saved error feedback, and the run's end when it
+    /// came while paused (then the replica is rebuilt on the CPU, to write the final
+    /// checkpoint without the device).
+    #[allow(clippy::too_many_arguments)]
+    async fn sit_out(
+        &self,
+        rep: Option<Replica>,
+        (run, run_id, local_dir): (&ResolvedRun, &[u8; 32], &std::path::Path),
+        (committed, ef): (&Snapshot, &ErrorFeedback),
+        (up, down): (&mpsc::Sender<Msg>, &mut mpsc::Receiver<TrainControl>),
+        (ledger, last_manifest): (&mut Option<Ledger>, &mut Option<SignedManifest>),
+        pause: &mut tokio::sync::watch::Receiver<Option<PauseCause>>,
+    ) -> Result<((Replica, Option<ErrorFeedback>), Option<TrainControl>), TrainError> {
+        let notice = |paused| {
+            Msg::Pause(PauseNotice {
+                run_id: run_id.to_vec(),
+                paused,
+            })
+        };
+        up.send(notice(true))
+            .await
+            .map_err(|_| TrainError::CoordinatorGone)?;
+        if let Some(rep) = rep {
+            if let Err(e) = save_local(local_dir, &rep, committed, ef, run) {
+                tracing::warn!(error = %e, "could not save this replica's state before pausing; it resumes from its last saved commit");
+            }
+            drop(rep);
+        }
+        tracing::info!(
+            round = committed.round,
+            "training paused: out of the run's rounds, model and optimizer freed"
+        );
+        self.set_status(|s| {
+            s.state = "paused".into();
+            s.phase = Phase::Paused;
+            s.collected = None;
+        });
+        let rebuild =
+            |device: &DeviceSpec| -> Result<(Replica, Option<ErrorFeedback>), TrainError> {
+                match load_local(local_dir, run, device) {
+                    Ok(Some((r, e, snap))) => {
+                        self.set_status(|s| s.resumed_from = Some(snap.round));
+                        Ok((r, Some(e)))
+                    }
+                    Ok(None) => Ok((Replica::new(&run.model, &run.inner, device)?, None)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "this replica's saved state is unusable; resuming afresh");
+                        Ok((Replica::new(&run.model, &run.inner, device)?, None))
+                    }
+                }
+            };
+        loop {
+            let m = tokio::select! {
+                m = down.recv() => m,
+                r = pause.wait_for(Option::is_none) => {
+                    if r.is_err() {
+                        return Err(TrainError::ShuttingDown);
+                    }
+                    break;
+                }
+                _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
+            };
+            let Some(m) = m else {
+                return Err(TrainError::CoordinatorGone);
+            };
+            match m.msg {
+                Some(Msg::Commit(c)) => {
+                    // The ledger copy takes every commit, so the lineage stays whole.
+                    match commit_manifest_of(&c) {
+                        Ok(m) => {
+                            append_ledger(ledger, &m);
+                            *last_manifest = Some(m);
+                        }
+                        Err(e) => {
+                            tracing::warn!(round = c.round, error = %e, "commit without a usable manifest")
+                        }
+                    }
+                    self.set_status(|s| {
+                        s.committed_round = c.round;
+                        s.committed_root = hex::encode(&c.root);
+                        s.eval_loss = c.eval_loss;
+                    });
+                }
+                Some(Msg::Finished(_)) => {
+                    tracing::info!("the run finished while paused");
+                    let rep = rebuild(&DeviceSpec::Cpu)?;
+                    return Ok((rep, Some(m)));
+                }
+                Some(Msg::Lobby(l)) => {
+                    self.set_status(|s| s.lobby = Some((l.members, l.needed, l.paused)));
+                }
+                Some(Msg::Refused(r)) => return Err(TrainError::Refused(r.reason)),
+                // A round opened before the coordinator heard of the pause: the pause
+                // notice takes this replica out of it.
+                Some(Msg::Open(o)) => {
+                    tracing::debug!(
+                        round = o.round,
+                        "a round opened while paused; sitting it out"
+                    )
+                }
+                _ => {}
+            }
+        }
+        let rep = rebuild(&self.inner.device)?;
+        up.send(notice(false))
+            .await
+            .map_err(|_| TrainError::CoordinatorGone)?;
+        tracing::info!("training resumed: rejoining the run's rounds");
+        self.set_status(|s| {
+            s.state = "resumed; waiting for the next round".into();
+            s.phase = Phase::Lobby;
+        });
+        Ok((rep, None))
+    }
+
     /// Signs the manifest of a committed round, keeps its checkpoint in the run directory,
     /// and only then appends it to the coordinator's ledger. The state comes from this
     /// daemon's own replica when it holds it, else from an agreeing peer (fetched and
@@ -2302,12 +2698,14 @@ impl TrainService {
         // A quorum of the other replicas can agree a moment before this daemon's own
         // replica finishes the round: wait briefly for it rather than fetch the whole state
         // from a peer (a full f32 copy of the weights and momentum on the wire).
-        let own_replica = self
-            .inner
-            .context
-            .lock()
-            .ok()
-            .is_some_and(|c| c.as_ref().is_some_and(|c| c.run.id() == run.id()));
+        // A paused replica computes nothing to wait for.
+        let own_replica = self.paused().is_none()
+            && self
+                .inner
+                .context
+                .lock()
+                .ok()
+                .is_some_and(|c| c.as_ref().is_some_and(|c| c.run.id() == run.id()));
         let mut held_now = self.held_state(&record.root.0);
         let give_up = Instant::now() + OWN_STATE_WAIT;
         while own_replica && held_now.is_none() && Instant::now() < give_up {
@@ -2605,7 +3003,10 @@ impl TrainService {
             ),
             None => {}
         }
-        self.set_status(|s| s.state = "fetching the run's data".into());
+        self.set_status(|s| {
+            s.state = "fetching the run's data".into();
+            s.phase = Phase::FetchingData;
+        });
         let (progress, mut seen) = tokio::sync::watch::channel(Default::default());
         let opts = crate::ckpt_transfer::FetchOptions {
             cancel: self.inner.cancel.child_token(),
@@ -2877,6 +3278,8 @@ impl TrainService {
         )?;
         self.set_status(|s| {
             s.state = "exchanging updates".into();
+            s.phase = Phase::Exchanging;
+            s.collected = None;
             s.train_loss = stats.mean_loss;
         });
         let mut missing = Vec::new();
@@ -2957,7 +3360,10 @@ impl TrainService {
             bytes_received: received,
             rejected,
         };
-        self.set_status(|s| s.state = "waiting for the commit".into());
+        self.set_status(|s| {
+            s.state = "waiting for the commit".into();
+            s.phase = Phase::AwaitingCommit;
+        });
         Ok(Some((report, snap)))
     }
 
@@ -2986,6 +3392,7 @@ impl TrainService {
         self.set_status(|s| {
             s.round = open.round;
             s.state = format!("{doing} on shard {shard}");
+            s.phase = Phase::Training;
             s.peers = members.iter().map(|p| p.to_string()).collect();
         });
         Some((members, me, shard))
@@ -3059,8 +3466,19 @@ impl TrainService {
         let mut backing: BTreeMap<usize, Instant> = BTreeMap::new();
         let member_set: BTreeSet<PeerId> = members.iter().copied().collect();
         let mut pending_frames: Vec<Inbound> = std::mem::take(early);
+        let mut shown: Option<(u32, u32)> = None;
         loop {
             let now = Instant::now();
+            let collected = if reduced_sent.contains(&me) {
+                plan.contributors
+            } else {
+                heard(&contributions, &abstained, me)
+            };
+            let collected = Some((collected as u32, plan.contributors as u32));
+            if shown != collected {
+                shown = collected;
+                self.set_status(|s| s.collected = collected);
+            }
             let own_complete = heard(&contributions, &abstained, me)
                 >= expected(&contributions, &abstained, &gone, me, None);
             if !reduced_sent.contains(&me) && (own_complete || now >= plan.reduce_by) {
@@ -3179,6 +3597,7 @@ impl TrainService {
                 continue;
             }
             if !member_set.contains(&inb.from) {
+                self.reject(RejectReason::NotAMember);
                 rejected.push(format!(
                     "{}: not a member of round {}",
                     inb.from, plan.round
@@ -3194,6 +3613,11 @@ impl TrainService {
                     let ours = slice == me && !reduced_sent.contains(&me);
                     let backed = slice < n && backup_of(slice) == me && slice != me;
                     if !owns(slice) || !(ours || backed) {
+                        self.reject(if owns(slice) && slice == me {
+                            RejectReason::Late
+                        } else {
+                            RejectReason::WrongSlice
+                        });
                         rejected.push(format!(
                             "{}: contribution for the wrong slice or too late",
                             inb.from
@@ -3238,7 +3662,7 @@ impl TrainService {
                         }
                         Err(reason) => {
                             tracing::warn!(from = %inb.from, %reason, "contribution rejected");
-                            self.set_status(|s| s.rejected_updates += 1);
+                            self.reject(RejectReason::Undecodable);
                             rejected.push(format!("{}: {reason}", inb.from));
                         }
                     }
@@ -3247,6 +3671,7 @@ impl TrainService {
                     let from_reducer = slice < n
                         && (members[slice] == inb.from || members[backup_of(slice)] == inb.from);
                     if !owns(slice) || !from_reducer {
+                        self.reject(RejectReason::WrongSlice);
                         rejected.push(format!("{}: reduced slice it does not own", inb.from));
                         continue;
                     }
@@ -3255,8 +3680,14 @@ impl TrainService {
                             let bytes: Arc<[u8]> = std::mem::take(&mut inb.frame.payload).into();
                             reduced.entry(slice).or_insert((v, bytes));
                         }
-                        Ok(_) => rejected.push(format!("{}: non-finite reduced slice", inb.from)),
-                        Err(e) => rejected.push(format!("{}: {e}", inb.from)),
+                        Ok(_) => {
+                            self.reject(RejectReason::NonFinite);
+                            rejected.push(format!("{}: non-finite reduced slice", inb.from));
+                        }
+                        Err(e) => {
+                            self.reject(RejectReason::Undecodable);
+                            rejected.push(format!("{}: {e}", inb.from));
+                        }
                     }
                 }
                 _ => {}
@@ -3320,7 +3751,11 @@ impl TrainService {
         rejected: &mut Vec<String>,
         only: Option<PeerId>,
     ) {
+        let before = rejected.len();
         let (avg, contributors) = reduce_slice(got, plan.ranges[slice].len(), rejected);
+        for _ in before..rejected.len() {
+            self.reject(RejectReason::Invalid);
+        }
         let bytes: Arc<[u8]> =
             compress::encode(reduce_codec(plan.codec, contributors.len()), &avg).into();
         let header = FrameHeader {
@@ -3838,7 +4273,24 @@ async fn run_coordinator(
     let mut source: PeerId = svc.inner.local;
     let mut reports: BTreeMap<PeerId, TrainReport> = BTreeMap::new();
     let mut started = false;
+    // Members that paused (out of the member set, still linked, expected back), and
+    // resumed ones waiting for the open round to end.
+    let mut paused: PausedMembers<PeerId> = PausedMembers::default();
+    // The last lobby word sent (members, needed, paused), while no round is open.
+    let mut lobby_sent: Option<(u32, u32, u32)> = None;
+    // Whether `p` is a participant of the open round that has not reported.
+    let pending = |machine: &RunMachine, reports: &BTreeMap<PeerId, TrainReport>, p: &PeerId| {
+        let cp = CPeerId(p.to_bytes());
+        machine
+            .open_round()
+            .is_some_and(|o| o.assignment.iter().any(|(q, _)| *q == cp))
+            && !reports.contains_key(p)
+    };
     loop {
+        for p in paused.poll_rejoin(|p| pending(&machine, &reports, p)) {
+            tracing::info!(peer = %p, "a resumed replica rejoins the rounds");
+            machine.handle_join(CPeerId(p.to_bytes()), unix_ms());
+        }
         // Carry out every decision the state machine has made.
         while let Some(action) = machine.poll_action() {
             match action {
@@ -3883,6 +4335,9 @@ async fn run_coordinator(
                     }
                     reports.clear();
                     started = true;
+                    lobby_sent = None;
+                    let participants = plan.assignment.len() as u32;
+                    svc.set_status(|s| s.reports = Some((0, participants)));
                     if let Err(e) = potluck_coordinator::store::write_atomic(
                         &run_dir.join(OPENED_ROUND_FILE),
                         plan.round.to_string().as_bytes(),
@@ -3994,9 +4449,32 @@ async fn run_coordinator(
                 }
             }
         }
+        // While no round is open, every replica hears whom the coordinator waits for.
+        if machine.open_round().is_none() && !paused.has_deferred() {
+            let lobby = (
+                machine.member_count() as u32,
+                machine.config().min_participants as u32,
+                paused.paused() as u32,
+            );
+            if lobby_sent != Some(lobby) {
+                lobby_sent = Some(lobby);
+                svc.set_status(|s| s.lobby = Some(lobby));
+                let word = Msg::Lobby(Lobby {
+                    run_id: run_id.to_vec(),
+                    members: lobby.0,
+                    needed: lobby.1,
+                    paused: lobby.2,
+                });
+                for p in links.keys() {
+                    if *p != svc.inner.local {
+                        send_ctl(&links, p, word.clone());
+                    }
+                }
+            }
+        }
         // Wait for the next event or the state machine's next deadline. Once the run has
         // started, too few members for a whole round deadline ends it on its last commit
-        // rather than waiting forever.
+        // rather than waiting forever (but for paused members, who are expected back).
         let idle_limit = if started {
             Duration::from_secs(run.round_deadline_secs)
         } else {
@@ -4014,6 +4492,21 @@ async fn run_coordinator(
             Ok(Some(ev)) => ev,
             Ok(None) => return Ok(()),
             Err(_) => {
+                if machine.open_round().is_none()
+                    && started
+                    && super::pause::wait_for_paused(
+                        machine.member_count(),
+                        paused.paused(),
+                        machine.config().min_participants,
+                    )
+                {
+                    tracing::info!(
+                        members = machine.member_count(),
+                        paused = paused.paused(),
+                        "too few replicas for a round while some are paused; waiting for them"
+                    );
+                    continue;
+                }
                 if machine.open_round().is_none() && started {
                     tracing::warn!(
                         members = machine.member_count(),
@@ -4037,6 +4530,7 @@ async fn run_coordinator(
                     continue;
                 }
                 links.remove(&peer);
+                paused.handle_closed(&peer);
                 tracing::info!(%peer, "replica left the run");
                 // The open round's other members stop waiting for it at once.
                 announce_departure(&svc, &links, &machine, peer);
@@ -4082,6 +4576,28 @@ async fn run_coordinator(
                     reports.insert(peer, r);
                     if let Err(e) = machine.handle_report(report, unix_ms()) {
                         tracing::debug!(%peer, error = %e, "report not counted");
+                    }
+                    if let Some(o) = machine.open_round() {
+                        let counted = (reports.len() as u32, o.assignment.len() as u32);
+                        svc.set_status(|s| s.reports = Some(counted));
+                    }
+                }
+                Msg::Pause(p) if p.run_id.as_slice() == run_id.as_slice() => {
+                    let waited_for = pending(&machine, &reports, &peer);
+                    match paused.handle_notice(peer, p.paused, waited_for) {
+                        PauseStep::Leave { announce } => {
+                            tracing::info!(%peer, "replica paused; the rounds go on without it");
+                            // Like a departure: the open round's members stop waiting.
+                            if announce {
+                                announce_departure(&svc, &links, &machine, peer);
+                            }
+                            machine.handle_leave(&CPeerId(peer.to_bytes()), unix_ms());
+                        }
+                        PauseStep::Rejoin => {
+                            tracing::info!(%peer, "replica resumed; it rejoins the rounds");
+                            machine.handle_join(CPeerId(peer.to_bytes()), unix_ms());
+                        }
+                        PauseStep::Nothing => {}
                     }
                 }
                 _ => tracing::debug!(%peer, "unexpected control message ignored"),

@@ -174,6 +174,7 @@ impl TrainService {
         self.set_status(|s| {
             s.train_loss = mean_loss;
             s.state = "waiting for the commit".into();
+            s.phase = super::Phase::AwaitingCommit;
         });
         let (sent, received) = self.inner.traffic.totals();
         let report = TrainReport {
