@@ -33,7 +33,9 @@ pub struct SampleConfig {
 pub fn sample(model: &Model, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u32>, WorkerError> {
     let mc = model.config();
     if prompt.is_empty() {
-        return Err(WorkerError::Config("sampling needs a non-empty prompt".into()));
+        return Err(WorkerError::Config(
+            "sampling needs a non-empty prompt".into(),
+        ));
     }
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= mc.vocab) {
         return Err(WorkerError::Config(format!(
