@@ -233,11 +233,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Swarm(cmd) => swarm(cmd).await,
         Command::Demo(args) => {
             // The demo draws its own progress view; log lines would only bury it, so they
-            // come with -v (or POTLUCK_LOG) only.
-            let filter = if args.verbose {
-                "info,libp2p_kad=error,potluck::timing=warn"
-            } else {
-                "warn,libp2p_kad=error"
+            // come with -v, RUST_LOG or POTLUCK_LOG only.
+            let rust_log = std::env::var("RUST_LOG").ok();
+            let filter = match (&rust_log, args.verbose) {
+                (Some(f), _) => f.as_str(),
+                (None, true) => "info,libp2p_kad=error,potluck::timing=warn",
+                (None, false) => "warn,libp2p_kad=error",
             };
             init_logging(LogFormat::Human, filter);
             crate::train::cli::demo(args).await

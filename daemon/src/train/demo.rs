@@ -202,9 +202,9 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
             on_event(ev, &swarm);
         }
         view.peers(&swarm);
+        view.finish();
         res?
     };
-    view.finish();
     let bytes = swarm.bytes_on_wire();
     let plain = plain_data_parallel_bytes(
         summary.num_params as u64,
