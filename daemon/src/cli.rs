@@ -238,12 +238,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Id(q) => id(q).await,
         Command::Swarm(cmd) => swarm(cmd).await,
         Command::Demo(args) => {
-            // The demo prints its own line per round; the per-replica timing lines would
-            // only bury it.
-            init_logging(
-                LogFormat::Human,
-                "info,libp2p_kad=error,potluck::timing=warn",
-            );
+            // The demo draws its own progress view; log lines would only bury it, so they
+            // come with -v, RUST_LOG or POTLUCK_LOG only.
+            let rust_log = std::env::var("RUST_LOG").ok();
+            let filter = match (&rust_log, args.verbose) {
+                (Some(f), _) => f.as_str(),
+                (None, true) => "info,libp2p_kad=error,potluck::timing=warn",
+                (None, false) => "warn,libp2p_kad=error",
+            };
+            init_logging(LogFormat::Human, filter);
             crate::train::cli::demo(args).await
         }
         Command::Verify(args) => crate::train::cli::verify(args),

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod replica;
+pub mod sample;
 
 pub use config::{ComputeDType, DeviceSpec, LoraConfig, ModelConfig, TrainConfig};
 pub use data::{Dataset, SyntheticCorpus, SyntheticSpec, Tokenizer};

@@ -22,6 +22,12 @@ pub struct DemoArgs {
     /// Rounds to train (default: the embedded run's).
     #[arg(long)]
     pub rounds: Option<u64>,
+    /// Seed of the initial weights and of batch sampling (default: the run manifest's).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Show the daemons' log lines (info and up) under the progress view.
+    #[arg(short, long)]
+    pub verbose: bool,
     /// Where the peers' data dirs and the final checkpoint go.
     #[arg(long, default_value = "demo-out")]
     pub out: PathBuf,
@@ -61,6 +67,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let report = demo::run(DemoOptions {
         peers: args.peers,
         rounds: args.rounds,
+        seed: args.seed,
         out: args.out.clone(),
         manifest,
         progress: !args.json,
@@ -71,15 +78,26 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "trained {} rounds on {} peers ({} parameters) in {:.0} s",
-        report.rounds, report.peers, report.params, report.seconds
+        "trained {} rounds on {} peers ({} parameters, seed {}) in {:.0} s",
+        report.rounds, report.peers, report.params, report.seed, report.seconds
     );
     match report.entropy_floor_nats {
-        Some(h) => println!(
-            "final eval loss: {:.4} nats/byte (the corpus's entropy floor is {h:.4}; {:.1}% above it)",
-            report.eval_loss,
-            (report.eval_loss as f64 / h - 1.0) * 100.0
-        ),
+        Some(h) => {
+            println!(
+                "final eval loss: {:.4} nats/byte (the corpus's entropy floor is {h:.4}; {:.1}% above it)",
+                report.eval_loss,
+                (report.eval_loss as f64 / h - 1.0) * 100.0
+            );
+            let from1 = match (report.round1_eval_loss, report.share_of_the_way_from_round1) {
+                (Some(l), Some(s)) => format!(", {:.0}% from round 1's {l:.4}", s * 100.0),
+                _ => String::new(),
+            };
+            println!(
+                "learned: {:.0}% of the way from the untrained model's {:.4} to the floor{from1}",
+                report.share_of_the_way.unwrap_or(0.0) * 100.0,
+                report.round0_eval_loss
+            );
+        }
         None => println!("final eval loss: {:.4} nats/token", report.eval_loss),
     }
     println!(
@@ -88,6 +106,20 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         human_bytes(report.plain_data_parallel_bytes),
         report.reduction_factor
     );
+    match (&report.samples, &report.samples_error) {
+        (Some(s), _) => {
+            println!(
+                "samples (temperature {}, seed {}; bytes outside printable ASCII shown as ·):",
+                s.temperature, s.seed
+            );
+            println!("  held-out prompt:       {}", s.prompt);
+            println!("  round-0 model goes on: {}", s.round0);
+            println!("  final model goes on:   {}", s.final_);
+            println!("  the held-out text:     {}", s.held_out);
+        }
+        (None, Some(e)) => println!("no text samples: {e}"),
+        (None, None) => {}
+    }
     println!("replicas agree on state root {}", report.root);
     println!(
         "checkpoint {} with root {} (check it with `potluck verify {}`)",
@@ -175,7 +207,7 @@ fn beside_ledger(checkpoint: &std::path::Path) -> Option<PathBuf> {
         .find(|l| l.is_dir())
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut i = 0;
