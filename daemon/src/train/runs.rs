@@ -198,7 +198,8 @@ pub struct Runs {
 }
 
 impl Runs {
-    /// The training service these runs go through.
+    /// The training service these runs go through (status, caps, pause and resume act on
+    /// it).
     pub fn train(&self) -> &TrainService {
         &self.train
     }
@@ -229,11 +230,6 @@ impl Runs {
             });
         }
         Ok(())
-    }
-
-    /// The daemon's training service (pause and resume act on it).
-    pub fn train(&self) -> &TrainService {
-        &self.train
     }
 
     /// Fails with [`RunsError::Busy`] while a run is active: lets a caller refuse before
