@@ -3,12 +3,14 @@
 # worker's Mamba and attention models (gpu_mamba_bench) and transformers' Mamba
 # (torch_mamba.py) in each mode, one after another so all come from the same minutes. Runs
 # past TIMEOUT seconds print a JSON line with "error": "timeout". DIR holds the binaries
-# (xz-compressed or not). JSON lines go to $OUT/mamba.jsonl, a table to stdout.
+# (xz-compressed or not). JSON lines go to $OUT/mamba.jsonl, a table to stdout. SKIP_TEST
+# skips the tests, SKIP_OURS the worker's runs, TORCH_STEPS sets the timed steps of torch runs
+# (default 3, 1 from 32K on).
 #   benches/gpu/mamba.sh DIR [contexts] [torch modes]
 set -u
 DIR=${1:-.gpu}
 CONTEXTS=${2:-2048 8192 32768}
-MODES=${3:-eager mambapy compiled compiled-mambapy}
+MODES=${3-eager mambapy compiled compiled-mambapy}
 TIMEOUT=${TIMEOUT:-120}
 OUT=${OUT:-/tmp/potluck-gpu-out}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -34,22 +36,28 @@ fi
 measure() {
   local label=$1; shift
   local line
-  line=$(timeout "$TIMEOUT" "$@" 2>>"$OUT/stderr.log" | tail -1)
-  local rc=${PIPESTATUS[0]}
+  local rc=0
+  line=$(timeout "$TIMEOUT" "$@" 2>>"$OUT/stderr.log" >"$OUT/run.out"; echo $? >"$OUT/run.rc"; tail -1 "$OUT/run.out")
+  rc=$(cat "$OUT/run.rc")
+  # A run cut off after printing a partial result keeps it, marked as timed out.
+  if [ "$rc" = 124 ] && [ "${line:0:1}" = "{" ]; then
+    line="${line%\}},\"timeout_s\":$TIMEOUT}"
+  fi
   if [ -z "$line" ] || [ "${line:0:1}" != "{" ]; then
     if [ "$rc" = 124 ]; then line="{\"label\":\"$label\",\"error\":\"timeout ${TIMEOUT}s\"}"
     else line="{\"label\":\"$label\",\"error\":\"exit $rc\"}"; fi
   fi
   echo "$line" | tee -a "$OUT/mamba.jsonl"
 }
-[ -x "$BIN/gpu_mamba_bench" ] || { echo "no gpu_mamba_bench in $DIR"; exit 1; }
+[ -x "$BIN/gpu_mamba_bench" ] || [ -n "${SKIP_OURS:-}" ] || { echo "no gpu_mamba_bench in $DIR"; exit 1; }
 for ctx in $CONTEXTS; do
   for m in mamba attention; do
+    [ -n "${SKIP_OURS:-}" ] && continue
     measure "potluck-$m-$ctx" "$BIN/gpu_mamba_bench" --model $m --context $ctx --dtype bf16 \
       --device cuda --warmup 2 --steps 5
   done
   for mode in $MODES; do
-    steps=3; [ "$ctx" -ge 32768 ] && steps=1
+    steps=${TORCH_STEPS:-3}; [ "$ctx" -ge 32768 ] && steps=1
     measure "transformers-$mode-$ctx" python3 "$HERE/torch_mamba.py" --mode $mode --context $ctx \
       --dtype bf16 --warmup 1 --steps $steps
   done
@@ -62,6 +70,10 @@ for l in open(sys.argv[1]):
     if "error" in r:
         print(f"{r.get('label', r.get('impl')):28} {r['error']}")
         continue
+    if "tokens_per_s" not in r:
+        print(f"{r['impl']:28} {r['model']:10} {r['context']:>7} warm-up {r['warmup_s']:.1f} s, cut off")
+        continue
+    note = f" ({r['partial']}, cut off)" if "partial" in r else ""
     print(f"{r['impl']:28} {r['model']:10} {r['context']:>7} {r['tokens_per_s']:>10.0f} "
-          f"{r['median_step_ms']:>9.1f} {r['memory_gib'] or 0:>6.1f}")
+          f"{r['median_step_ms']:>9.1f} {r['memory_gib'] or 0:>6.1f}{note}")
 PY

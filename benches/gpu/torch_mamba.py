@@ -13,8 +13,11 @@ runs its own PyTorch path; --mode picks which:
 
 Measurement follows the candle binary: warm-up steps, then each step timed on its own with
 torch.cuda.synchronize() before each clock read, median of the timed steps. Memory is
-torch.cuda.max_memory_reserved(). One JSON line on stdout; a run that runs out of memory
-prints a JSON line with "error": "out of memory" instead.
+torch.cuda.max_memory_reserved(). A JSON line on stdout after the warm-up and after each timed
+step, each replacing the one before (the last is the result; one cut off by a time limit
+still says how far it got: "partial" and the steps timed so far, or only the warm-up's time,
+which includes compiling); a run that runs out of memory prints a JSON line with "error":
+"out of memory" instead.
 
     python3 benches/gpu/torch_mamba.py --mode eager --context 2048 --steps 3
 """
@@ -83,25 +86,34 @@ def main():
         "torch": torch.__version__,
     }
     try:
+        t0 = time.perf_counter()
         for i in range(a.warmup):
             step(i)
         torch.cuda.synchronize()
+        out.update(warmup_s=time.perf_counter() - t0, partial="warm-up only")
+        print(json.dumps(out), flush=True)
         times = []
         for i in range(a.steps):
             t0 = time.perf_counter()
             loss = step(a.warmup + i)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        s = statistics.median(times)
-        out.update(
-            median_step_ms=s * 1e3,
-            tokens_per_s=a.batch * a.context / s,
-            memory_gib=torch.cuda.max_memory_reserved() / 2**30,
-            last_loss=loss,
-        )
+            s = statistics.median(times)
+            out.update(
+                median_step_ms=s * 1e3,
+                tokens_per_s=a.batch * a.context / s,
+                memory_gib=torch.cuda.max_memory_reserved() / 2**30,
+                last_loss=loss,
+                steps=len(times),
+            )
+            if len(times) == a.steps:
+                out.pop("partial")
+            else:
+                out["partial"] = f"{len(times)} of {a.steps} steps"
+            print(json.dumps(out), flush=True)
     except torch.OutOfMemoryError:
         out.update(error="out of memory", memory_gib=torch.cuda.max_memory_reserved() / 2**30)
-    print(json.dumps(out), flush=True)
+        print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
