@@ -33,6 +33,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod aggregate;
+pub mod exchange;
 pub mod failover;
 pub mod manifest;
 pub mod placement;
