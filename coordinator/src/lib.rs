@@ -39,6 +39,7 @@ pub mod manifest;
 pub mod placement;
 pub mod round;
 pub mod safetensors_header;
+pub mod sim;
 pub mod store;
 pub mod succession;
 pub mod transfer;
