@@ -86,10 +86,25 @@ fn a_clean_exchange_applies_every_members_mean_everywhere() {
     // The mean of every update, slice by slice, with the reducer's own rule.
     let n = cfg.peers;
     let vps = cfg.values_per_slice;
-    let first = &r.peers[0].applied[0];
-    for slice in 0..n {
-        let got = first[slice].as_ref().expect("no slice missing");
-        assert_eq!(got.len(), vps);
+    let updates: Vec<Vec<f32>> = (0..n).map(|p| update_of(cfg.seed, p, 0, n * vps)).collect();
+    let ids: Vec<PeerId> = (0..n as u32)
+        .map(|p| PeerId(p.to_be_bytes().to_vec()))
+        .collect();
+    for (slice, got) in r.peers[0].applied[0].iter().enumerate() {
+        let range = slice * vps..(slice + 1) * vps;
+        let all: Vec<Contribution<'_>> = (0..n)
+            .map(|p| Contribution {
+                peer: &ids[p],
+                tokens: 1 + (p as u64 % 4),
+                values: &updates[p][range.clone()],
+            })
+            .collect();
+        let limits = ValidationLimits {
+            expected_len: vps,
+            max_norm_ratio: MAX_NORM_RATIO,
+        };
+        let want = reduce(&all, limits).mean.unwrap();
+        assert_eq!(got.as_deref(), Some(&want), "slice {slice}");
     }
     for p in 1..n {
         assert_eq!(applied_bits(&r, p), applied_bits(&r, 0));
