@@ -41,6 +41,7 @@ fn one(peers: usize) {
             "wall_ms": wall.as_secs_f64() * 1e3,
             "peak_rss_kib": peak_rss_kib(),
             "simulated_ms": r.end.as_secs_f64() * 1e3,
+            "peak_queued_events": r.peak_queued,
             "violations": r.violations.len(),
             "agree": agree,
         })
