@@ -1104,6 +1104,35 @@ mod tests {
     }
 
     #[test]
+    fn news_of_departures_replaces_what_was_known() {
+        let mut e = ex(4, 0);
+        drain(&mut e, at(0));
+        e.handle_gone(BTreeSet::from([2, 3]));
+        // Slice 2's backup (3) is gone too: lost; slice 3 is this replica's to back.
+        assert_eq!(
+            drain(&mut e, at(1)),
+            vec![Action::TookOver { slice: 3 }, send(3, 0)]
+        );
+        // A coordinator welcomed us again: the lost coordinator (3) counts no more, so its
+        // contribution is waited for again and slice 2 can come from it.
+        e.handle_gone(BTreeSet::from([2]));
+        contribute(&mut e, at(2), 0, 0, 1).unwrap();
+        contribute(&mut e, at(2), 1, 0, 2).unwrap();
+        assert!(drain(&mut e, at(2)).is_empty(), "waits for member 3");
+        contribute(&mut e, at(3), 3, 0, 4).unwrap();
+        assert_eq!(
+            drain(&mut e, at(3)),
+            vec![reduce(0, &[(0, 1), (1, 2), (3, 4)])]
+        );
+        for (from, slice, r) in [(0, 0, "a"), (1, 1, "b"), (3, 3, "d")] {
+            reduced(&mut e, from, slice, r).unwrap();
+        }
+        assert!(!e.is_complete(), "slice 2's backup (3) is back");
+        reduced(&mut e, 3, 2, "c").unwrap();
+        assert!(e.is_complete());
+    }
+
+    #[test]
     fn timeouts_follow_the_phases_and_stop_at_the_end() {
         let mut e = ex(3, 1);
         drain(&mut e, at(0));
