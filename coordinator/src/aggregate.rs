@@ -97,6 +97,10 @@ pub struct Rejection {
     pub reason: RejectReason,
 }
 
+/// A contribution whose norm is this many times the median of the others' is refused by a
+/// reducer (the daemon's limit, and the simulation's).
+pub const MAX_NORM_RATIO: f64 = 10.0;
+
 /// Limits applied by [`validate_updates`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ValidationLimits {
@@ -164,6 +168,33 @@ pub fn validate_updates(
     }
     out.sort_by_key(|r| r.index);
     out
+}
+
+/// What a reducer makes of one slice's contributions ([`reduce`]).
+#[derive(Debug, PartialEq)]
+pub struct Reduction {
+    /// The mean of the accepted contributions, or why there is none.
+    pub mean: Result<Vec<f32>, AggregateError>,
+    /// Indices (into the contributions given) of those folded into the mean.
+    pub kept: Vec<usize>,
+    /// Those refused, with the reason.
+    pub refused: Vec<Rejection>,
+}
+
+/// A reducer's work on one slice: refuses what [`validate_updates`] refuses and averages the
+/// rest with [`aggregate`]. The daemon's reduction and the exchange simulation both call
+/// this, so they agree on what is kept and on every bit of the mean.
+pub fn reduce(contributions: &[Contribution<'_>], limits: ValidationLimits) -> Reduction {
+    let refused = validate_updates(contributions, limits);
+    let kept: Vec<usize> = (0..contributions.len())
+        .filter(|i| !refused.iter().any(|r| r.index == *i))
+        .collect();
+    let accepted: Vec<Contribution<'_>> = kept.iter().map(|&i| contributions[i]).collect();
+    Reduction {
+        mean: aggregate(&accepted),
+        kept,
+        refused,
+    }
 }
 
 /// Median of the sorted slice `s` with the element at `skip` left out (`s.len() >= 2`).

@@ -33,11 +33,13 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod aggregate;
+pub mod exchange;
 pub mod failover;
 pub mod manifest;
 pub mod placement;
 pub mod round;
 pub mod safetensors_header;
+pub mod sim;
 pub mod store;
 pub mod succession;
 pub mod transfer;

@@ -7,13 +7,8 @@
 //! back one averaged slice to `n - 1` peers: O(P) bytes per member whatever `n` is, and no
 //! member receives every peer's full update.
 
-use std::ops::Range;
-
-/// Contiguous near-equal slices of `len` values for `members` reducers.
-pub fn slice_ranges(len: usize, members: usize) -> Vec<Range<usize>> {
-    let n = members.max(1);
-    (0..n).map(|i| (i * len / n)..((i + 1) * len / n)).collect()
-}
+/// The slices (moved to the exchange machine, which checks frames against them).
+pub use potluck_coordinator::exchange::slice_ranges;
 
 /// Bytes plain data-parallel training would put on the wire for the same work: every inner
 /// step, each of `peers` replicas reduce-scatters and all-gathers a full f32 gradient of

@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 
 use libp2p::PeerId;
 use potluck_coordinator::PeerId as CPeerId;
-use potluck_coordinator::aggregate::{Contribution, ValidationLimits, aggregate, validate_updates};
+use potluck_coordinator::aggregate::{Contribution, ValidationLimits, reduce};
 use potluck_worker::compress::Codec;
 
 /// A contribution whose norm is this many times the median of the others' is refused.
-pub const MAX_NORM_RATIO: f64 = 10.0;
+pub use potluck_coordinator::aggregate::MAX_NORM_RATIO;
 
 /// The codec for a reduced slice: top-k keeps the union of the contributors' supports; any
 /// other codec re-encodes the mean with itself. For `sign` that is the sign of the
@@ -62,16 +62,12 @@ pub fn reduce_slice(
         expected_len: len,
         max_norm_ratio: MAX_NORM_RATIO,
     };
-    let refused = validate_updates(&all, limits);
-    for r in &refused {
-        rejected.push(format!("{}: {:?}", ids[r.index].0, r.reason));
+    let r = reduce(&all, limits);
+    for x in &r.refused {
+        rejected.push(format!("{}: {:?}", ids[x.index].0, x.reason));
     }
-    let keep: Vec<usize> = (0..all.len())
-        .filter(|i| !refused.iter().any(|r| r.index == *i))
-        .collect();
-    let accepted: Vec<Contribution<'_>> = keep.iter().map(|&i| all[i]).collect();
-    match aggregate(&accepted) {
-        Ok(avg) => (avg, keep.iter().map(|&i| ids[i].0).collect()),
+    match r.mean {
+        Ok(avg) => (avg, r.kept.iter().map(|&i| ids[i].0).collect()),
         Err(e) => {
             tracing::warn!(error = %e, "nothing to reduce for this slice");
             (vec![0.0; len], Vec::new())

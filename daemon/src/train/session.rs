@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
+use potluck_coordinator::exchange::{
+    Action as ExchangeAction, Admit, Deadlines, Exchange, ExchangeConfig, Invalid,
+    Rejected as ExchangeRejected, Span,
+};
 use potluck_coordinator::failover::SignedRunManifest;
 use potluck_coordinator::manifest::{CheckpointContent, SignedManifest};
 use potluck_coordinator::round::{Action, Report, RunConfig, RunMachine};
@@ -3179,10 +3183,7 @@ impl TrainService {
             len: theta_start.len(),
             ranges: ranges.clone(),
             codec,
-            contributors: members.len(),
-            reduce_by: from + span.mul_f64(0.6),
-            reassign_at: from + span.mul_f64(0.7),
-            finish_by: from + span.mul_f64(0.85),
+            deadlines: Deadlines::split(from, span),
         };
         let mut update_hasher = blake3::Hasher::new();
         // An overlapped run exchanges, while this round trains, the update of the previous
@@ -3398,13 +3399,13 @@ impl TrainService {
         Some((members, me, shard))
     }
 
-    /// One sharded exchange among `plan.members`: sends this replica's slices (or, with no
-    /// update, an empty contribution that tells each reducer not to wait for it), reduces
-    /// its own slice, shares the mean, and collects every member's reduced slice. A reducer whose slice is still missing at the plan's reassignment time has its
-    /// slice reduced again by its backup (the next member in order), from the contributions
-    /// every member still holds; a backup that already holds the original reduced slice
-    /// forwards it instead, so that replicas agree whenever any of them got the original.
-    /// Returns the averaged update; slices nobody could reduce are zero and listed missing.
+    /// One sharded exchange among `plan.members`, driven by the coordinator crate's
+    /// [`Exchange`] machine (which decides who sends what to whom, when to reduce, when a
+    /// backup takes a silent reducer's slice over and which frames count): this function
+    /// decodes frames and feeds them in, carries out the machine's actions through the send
+    /// paths below and the daemon's reduction, and waits for frames, departures and the
+    /// machine's next timeout. Returns the averaged update; slices nobody could reduce are
+    /// zero and listed missing.
     async fn exchange(
         &self,
         plan: &ExchangePlan<'_>,
@@ -3412,160 +3413,69 @@ impl TrainService {
         inbox: &mut mpsc::Receiver<Inbound>,
         early: &mut Vec<Inbound>,
     ) -> Result<Exchanged, TrainError> {
-        let members = plan.members;
-        let me = plan.me;
-        let n = members.len();
-        let ranges = &plan.ranges;
-        // Send slice i to member i, concurrently, in the background: a dead member must not
-        // hold up the round.
-        for (i, peer) in members.iter().enumerate() {
-            self.send_contribution(plan, mine, i, *peer);
-        }
-        let backup_of = |i: usize| (i + 1) % n;
-        // Contributions per slice: our own slice, and slices we reduce as a backup.
-        let mut contributions: BTreeMap<usize, BTreeMap<PeerId, (u64, Vec<f32>)>> = BTreeMap::new();
-        // Members that said they have no update, per slice.
-        let mut abstained: BTreeMap<usize, BTreeSet<PeerId>> = BTreeMap::new();
-        let heard = |c: &BTreeMap<usize, BTreeMap<PeerId, (u64, Vec<f32>)>>,
-                     a: &BTreeMap<usize, BTreeSet<PeerId>>,
-                     i: usize| {
-            c.get(&i).map_or(0, |c| c.len()) + a.get(&i).map_or(0, |a| a.len())
-        };
-        // Members known to be gone (by index): nobody waits for what they have not sent yet,
-        // and their slices go to their backups at once.
+        let mut m: Exchange<PeerId, (u64, Vec<f32>), Received> = Exchange::new(ExchangeConfig {
+            round: plan.round,
+            part: plan.part,
+            members: plan.members.to_vec(),
+            me: plan.me,
+            len: plan.len,
+            deadlines: plan.deadlines,
+        })
+        .map_err(|e| TrainError::Other(format!("setting up the exchange: {e}")))?;
+        // Members known to be gone: nobody waits for what they have not sent yet, and their
+        // slices go to their backups at once.
         let mut departed = self.inner.departed.subscribe();
-        let mut gone = self.gone_in(plan);
-        // How many contributions to slice `i` can still come: every member's, less those of
-        // the gone members (and of `also`, a silent reducer) that have not spoken.
-        let expected = |c: &BTreeMap<usize, BTreeMap<PeerId, (u64, Vec<f32>)>>,
-                        a: &BTreeMap<usize, BTreeSet<PeerId>>,
-                        gone: &BTreeSet<usize>,
-                        i: usize,
-                        also: Option<usize>| {
-            let spoke = |j: usize| {
-                c.get(&i).is_some_and(|c| c.contains_key(&members[j]))
-                    || a.get(&i).is_some_and(|a| a.contains(&members[j]))
-            };
-            let silent = gone
-                .iter()
-                .copied()
-                .chain(also.filter(|j| !gone.contains(j)))
-                .filter(|j| !spoke(*j))
-                .count();
-            plan.contributors.saturating_sub(silent)
-        };
-        // Slices handed to their backups: at `reassign_at` when still missing, at once when
-        // their reducer is gone.
-        let mut handed: BTreeSet<usize> = BTreeSet::new();
+        m.handle_gone(self.gone_in(plan));
         let mut rejected: Vec<String> = Vec::new();
-        // Reduced slices as decoded and as received (forwarded unchanged by a backup).
-        let mut reduced: BTreeMap<usize, (Vec<f32>, Arc<[u8]>)> = BTreeMap::new();
-        // Slices whose reduction this replica has sent (its own, and those it took over).
-        let mut reduced_sent: BTreeSet<usize> = BTreeSet::new();
-        // Slices taken over from a silent reducer: when this backup reduces them.
-        let mut backing: BTreeMap<usize, Instant> = BTreeMap::new();
-        let member_set: BTreeSet<PeerId> = members.iter().copied().collect();
         let mut pending_frames: Vec<Inbound> = std::mem::take(early);
         let mut shown: Option<(u32, u32)> = None;
         loop {
             let now = Instant::now();
-            let collected = if reduced_sent.contains(&me) {
-                plan.contributors
-            } else {
-                heard(&contributions, &abstained, me)
-            };
-            let collected = Some((collected as u32, plan.contributors as u32));
+            let (heard, of) = m.collected();
+            let collected = Some((heard as u32, of as u32));
             if shown != collected {
                 shown = collected;
                 self.set_status(|s| s.collected = collected);
             }
-            let own_complete = heard(&contributions, &abstained, me)
-                >= expected(&contributions, &abstained, &gone, me, None);
-            if !reduced_sent.contains(&me) && (own_complete || now >= plan.reduce_by) {
-                reduced_sent.insert(me);
-                self.crash_point(CrashPoint::ReducerBeforeSending(plan.round))?;
-                let got = contributions.remove(&me).unwrap_or_default();
-                self.send_reduced(plan, me, &got, &mut rejected, None);
-            }
-            // Take over the slices of reducers we have not heard from, or know to be gone.
-            let silent: Vec<usize> = (0..n)
-                .filter(|i| {
-                    n > 1
-                        && *i != me
-                        && !reduced.contains_key(i)
-                        && !handed.contains(i)
-                        && (now >= plan.reassign_at || gone.contains(i))
-                })
-                .collect();
-            for i in silent {
-                handed.insert(i);
-                let backup = backup_of(i);
-                if backup == me && !backing.contains_key(&i) {
-                    tracing::info!(
-                        round = plan.round,
-                        slice = i,
-                        "reducing a silent reducer's slice"
-                    );
-                    backing.insert(
-                        i,
-                        plan.reassign_at.max(now) + (plan.finish_by - plan.reassign_at) / 2,
-                    );
-                    self.set_status(|s| s.reassigned_slices += 1);
-                }
-                if members[backup] != members[i] && !gone.contains(&backup) {
-                    self.send_contribution(plan, mine, i, members[backup]);
-                }
-            }
-            // A backup reduces once every live member sent, or at its deadline.
-            let due: Vec<usize> = backing
-                .iter()
-                .filter(|(i, at)| {
-                    !reduced_sent.contains(i)
-                        && (now >= **at
-                            || heard(&contributions, &abstained, **i)
-                                >= expected(&contributions, &abstained, &gone, **i, Some(**i)))
-                })
-                .map(|(i, _)| *i)
-                .collect();
-            for i in due {
-                reduced_sent.insert(i);
-                match reduced.get(&i) {
-                    // The original arrived after all: pass it on unchanged.
-                    Some((_, bytes)) => self.send_reduced_bytes(plan, i, bytes.clone(), None),
-                    None => {
-                        let got = contributions.remove(&i).unwrap_or_default();
-                        self.send_reduced(plan, i, &got, &mut rejected, None);
+            while let Some(action) = m.poll_action(now) {
+                match action {
+                    // Sent concurrently, in the background: a dead member must not hold up
+                    // the round.
+                    ExchangeAction::SendContribution { slice, to } => {
+                        self.send_contribution(plan, mine, slice, to)
+                    }
+                    ExchangeAction::Reduce {
+                        slice,
+                        contributions,
+                    } => {
+                        if slice == plan.me {
+                            self.crash_point(CrashPoint::ReducerBeforeSending(plan.round))?;
+                        }
+                        self.send_reduced(plan, slice, &contributions, &mut rejected, None);
+                    }
+                    ExchangeAction::Forward { slice, reduced, to } => {
+                        self.send_reduced_bytes(plan, slice, reduced.bytes.clone(), to)
+                    }
+                    ExchangeAction::TookOver { slice } => {
+                        tracing::info!(
+                            round = plan.round,
+                            slice,
+                            "reducing a silent reducer's slice"
+                        );
+                        self.set_status(|s| s.reassigned_slices += 1);
                     }
                 }
             }
-            // Done when every slice is here, or can no longer come: its reducer and its
-            // backup are both gone.
-            let lost =
-                |i: usize| gone.contains(&i) && (gone.contains(&backup_of(i)) || backup_of(i) == i);
-            if reduced_sent.contains(&me) && (0..n).all(|i| reduced.contains_key(&i) || lost(i)) {
+            if m.is_complete() {
                 break;
             }
             let next = if let Some(f) = pending_frames.pop() {
                 Some(f)
             } else {
-                let wait_until = [
-                    Some(plan.finish_by),
-                    (!reduced_sent.contains(&me)).then_some(plan.reduce_by),
-                    (Instant::now() < plan.reassign_at).then_some(plan.reassign_at),
-                    backing
-                        .iter()
-                        .filter(|(i, _)| !reduced_sent.contains(i))
-                        .map(|(_, at)| *at)
-                        .min(),
-                ]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(plan.finish_by);
                 let now = Instant::now();
-                if now >= plan.finish_by {
+                let Some(wait_until) = m.poll_timeout(now) else {
                     break;
-                }
+                };
                 let wait =
                     tokio::time::timeout(wait_until.saturating_duration_since(now), inbox.recv());
                 tokio::select! {
@@ -3575,7 +3485,7 @@ impl TrainService {
                         Err(_) => None,
                     },
                     Ok(()) = departed.changed() => {
-                        gone = self.gone_in(plan);
+                        m.handle_gone(self.gone_in(plan));
                         None
                     }
                     _ = self.inner.cancel.cancelled() => return Err(TrainError::ShuttingDown),
@@ -3586,123 +3496,87 @@ impl TrainService {
             if h.run_id.as_slice() != plan.run_id.as_slice() {
                 continue;
             }
-            if (h.round, h.part) > (plan.round, plan.part) {
-                if early.len() < 4 * n + 16 {
+            let from_peer = early.iter().filter(|f| f.from == inb.from).count();
+            match m.admit(h.round, h.part, early.len(), from_peer) {
+                Admit::Current => {}
+                Admit::Buffer => {
                     early.push(inb);
+                    continue;
                 }
-                continue;
+                Admit::Full => continue,
+                Admit::Stale => {
+                    tracing::debug!(from = %inb.from, round = h.round, "stale frame ignored");
+                    continue;
+                }
             }
-            if (h.round, h.part) < (plan.round, plan.part) {
-                tracing::debug!(from = %inb.from, round = h.round, "stale frame ignored");
-                continue;
-            }
-            if !member_set.contains(&inb.from) {
-                self.reject(RejectReason::NotAMember);
-                rejected.push(format!(
-                    "{}: not a member of round {}",
-                    inb.from, plan.round
-                ));
-                continue;
-            }
-            let slice = h.slice as usize;
-            let owns = |s: usize| {
-                s < n && h.offset == ranges[s].start as u64 && h.len == ranges[s].len() as u64
+            let (slice, tokens) = (h.slice, h.tokens);
+            let span = Span {
+                offset: h.offset,
+                len: h.len,
             };
-            match inb.frame.kind() {
+            // The length a payload for this slice decodes to (the machine checks the span
+            // before anything is decoded).
+            let want = plan.ranges.get(slice as usize).map_or(0, |r| r.len());
+            let kind = inb.frame.kind();
+            let payload = std::mem::take(&mut inb.frame.payload);
+            let from = inb.from;
+            let heard = match kind {
+                FrameKind::Contribution if payload.is_empty() => {
+                    m.handle_abstention(Instant::now(), &from, slice, span)
+                }
                 FrameKind::Contribution => {
-                    let ours = slice == me && !reduced_sent.contains(&me);
-                    let backed = slice < n && backup_of(slice) == me && slice != me;
-                    if !owns(slice) || !(ours || backed) {
-                        self.reject(if owns(slice) && slice == me {
-                            RejectReason::Late
-                        } else {
-                            RejectReason::WrongSlice
-                        });
-                        rejected.push(format!(
-                            "{}: contribution for the wrong slice or too late",
-                            inb.from
-                        ));
-                        continue;
-                    }
-                    if backed && let Some((_, bytes)) = reduced.get(&slice) {
-                        // A member misses a slice we hold (the original, or our own
-                        // reduction): answer it alone with what everyone else got.
-                        self.send_reduced_bytes(plan, slice, bytes.clone(), Some(inb.from));
-                        continue;
-                    }
-                    if backed && reduced_sent.contains(&slice) {
-                        continue;
-                    }
-                    if backed && !backing.contains_key(&slice) {
-                        // Another member misses this slice before we noticed: reduce it.
-                        backing.insert(
-                            slice,
-                            plan.reassign_at.max(Instant::now())
-                                + (plan.finish_by - plan.reassign_at) / 2,
-                        );
-                    }
-                    let said = contributions
-                        .get(&slice)
-                        .is_some_and(|c| c.contains_key(&inb.from))
-                        || abstained.get(&slice).is_some_and(|a| a.contains(&inb.from));
-                    if said {
-                        // A member's first word for a slice is the one that counts.
-                        continue;
-                    }
-                    if inb.frame.payload.is_empty() {
-                        abstained.entry(slice).or_default().insert(inb.from);
-                        continue;
-                    }
-                    match compress::decode(&inb.frame.payload, ranges[slice].len()) {
-                        Ok(v) => {
-                            contributions
-                                .entry(slice)
-                                .or_default()
-                                .insert(inb.from, (h.tokens, v));
-                        }
-                        Err(reason) => {
-                            tracing::warn!(from = %inb.from, %reason, "contribution rejected");
-                            self.reject(RejectReason::Undecodable);
-                            rejected.push(format!("{}: {reason}", inb.from));
-                        }
-                    }
+                    m.handle_contribution(Instant::now(), &from, slice, span, || {
+                        compress::decode(&payload, want)
+                            .map(|v| (tokens, v))
+                            .map_err(|e| Invalid::Undecodable(e.to_string()))
+                    })
                 }
                 FrameKind::Reduced => {
-                    let from_reducer = slice < n
-                        && (members[slice] == inb.from || members[backup_of(slice)] == inb.from);
-                    if !owns(slice) || !from_reducer {
-                        self.reject(RejectReason::WrongSlice);
-                        rejected.push(format!("{}: reduced slice it does not own", inb.from));
-                        continue;
-                    }
-                    match compress::decode(&inb.frame.payload, ranges[slice].len()) {
-                        Ok(v) if v.iter().all(|x| x.is_finite()) => {
-                            let bytes: Arc<[u8]> = std::mem::take(&mut inb.frame.payload).into();
-                            reduced.entry(slice).or_insert((v, bytes));
+                    m.handle_reduced(&from, slice, span, || {
+                        match compress::decode(&payload, want) {
+                            Ok(v) if v.iter().all(|x| x.is_finite()) => {
+                                Ok(Arc::new(ReducedSlice {
+                                    values: v,
+                                    bytes: payload.into(),
+                                }))
+                            }
+                            Ok(_) => Err(Invalid::NonFinite),
+                            Err(e) => Err(Invalid::Undecodable(e.to_string())),
                         }
-                        Ok(_) => {
-                            self.reject(RejectReason::NonFinite);
-                            rejected.push(format!("{}: non-finite reduced slice", inb.from));
-                        }
-                        Err(e) => {
-                            self.reject(RejectReason::Undecodable);
-                            rejected.push(format!("{}: {e}", inb.from));
-                        }
-                    }
+                    })
                 }
-                _ => {}
+                _ if !m.is_member(&from) => Err(ExchangeRejected::NotAMember { round: plan.round }),
+                _ => continue,
+            };
+            if let Err(why) = heard {
+                let reason = match &why {
+                    ExchangeRejected::NotAMember { .. } => RejectReason::NotAMember,
+                    ExchangeRejected::Late => RejectReason::Late,
+                    ExchangeRejected::WrongSlice | ExchangeRejected::NotTheReducer => {
+                        RejectReason::WrongSlice
+                    }
+                    ExchangeRejected::Invalid(Invalid::Undecodable(_)) => {
+                        if kind == FrameKind::Contribution {
+                            tracing::warn!(from = %from, reason = %why, "contribution rejected");
+                        }
+                        RejectReason::Undecodable
+                    }
+                    ExchangeRejected::Invalid(Invalid::NonFinite) => RejectReason::NonFinite,
+                };
+                self.reject(reason);
+                rejected.push(format!("{from}: {why}"));
             }
         }
         // Frames taken from `early` but not looked at may belong to a later exchange.
         early.append(&mut pending_frames);
         // Assemble the averaged update; a slice nobody reduced in time is zero for every
         // replica that missed it.
+        let out = m.finish();
+        let missing = out.missing();
         let mut avg = vec![0f32; plan.len];
-        let mut missing = Vec::new();
-        for (i, r) in ranges.iter().enumerate() {
-            match reduced.get(&i) {
-                Some((v, _)) => avg[r.clone()].copy_from_slice(v),
-                None => missing.push(i as u32),
+        for (r, got) in plan.ranges.iter().zip(&out.slices) {
+            if let Some(got) = got {
+                avg[r.clone()].copy_from_slice(&got.values);
             }
         }
         Ok(Exchanged {
@@ -3841,15 +3715,18 @@ struct ExchangePlan<'a> {
     len: usize,
     ranges: Vec<std::ops::Range<usize>>,
     codec: Codec,
-    /// Contributions (abstentions included) a reducer waits for before it reduces early.
-    contributors: usize,
-    /// A reducer reduces what it has by then.
-    reduce_by: Instant,
-    /// Slices still missing then are taken over by their backups.
-    reassign_at: Instant,
-    /// The exchange ends then, whatever is missing.
-    finish_by: Instant,
+    /// Its deadline phases.
+    deadlines: Deadlines,
 }
+
+/// A reduced slice as decoded, and as received (forwarded unchanged by a backup).
+struct ReducedSlice {
+    values: Vec<f32>,
+    bytes: Arc<[u8]>,
+}
+
+/// What the exchange machine holds of a reduced slice (cloned when forwarded).
+type Received = Arc<ReducedSlice>;
 
 /// This replica's update for an exchange: one encoded payload per slice, kept until the
 /// exchange ends so that it can be sent again to a backup reducer.

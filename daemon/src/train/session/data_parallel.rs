@@ -22,6 +22,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use potluck_coordinator::exchange::{Deadlines, FINISH_BY};
 use potluck_proto::v1::{RoundOpen, TrainReport};
 use potluck_worker::compress::{self, Codec};
 use potluck_worker::{Dataset, Gradients, OuterOptimizer, Replica};
@@ -77,7 +78,7 @@ impl TrainService {
                 .min(run.round_deadline_secs * 1000),
         );
         let left = left.saturating_sub(opened_at.elapsed().min(left));
-        let exchanges_end = Instant::now() + left.mul_f64(0.85);
+        let exchanges_end = Instant::now() + left.mul_f64(FINISH_BY);
         let Some((members, me, shard)) = self.place_in_round(open, "data parallel") else {
             return Ok(None);
         };
@@ -126,10 +127,7 @@ impl TrainService {
                 codec: Codec::None,
                 part: u32::try_from(step)
                     .map_err(|_| TrainError::Other("too many inner steps".into()))?,
-                contributors: members.len(),
-                reduce_by: now + share.mul_f64(0.6),
-                reassign_at: now + share.mul_f64(0.7),
-                finish_by: now + share.mul_f64(0.85),
+                deadlines: Deadlines::split(now, share),
             };
             let mine = Contributed {
                 slices,
