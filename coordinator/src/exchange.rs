@@ -139,7 +139,8 @@ pub enum Invalid {
     NonFinite,
 }
 
-/// Why a frame was refused. Each is a fault of its sender, or a member that is late.
+/// Why a frame was refused. Each is a fault of its sender, or a member that is late; the
+/// daemon counts and reports it under a fixed [`crate::rejections::RejectReason`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
     #[error("not a member of round {round}")]

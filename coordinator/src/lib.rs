@@ -37,6 +37,7 @@ pub mod exchange;
 pub mod failover;
 pub mod manifest;
 pub mod placement;
+pub mod rejections;
 pub mod round;
 pub mod safetensors_header;
 pub mod sim;

@@ -34,12 +34,13 @@ pub fn reduce_codec(codec: Codec, contributors: usize) -> Codec {
 
 /// Validates the contributions to one slice with the coordinator crate's rules (length,
 /// finiteness, tokens, norm against the others), then averages the accepted ones with its
-/// aggregation seam. Refusals are appended to `rejected`. Returns the mean and the peers it
-/// folds in; with no acceptable contribution the slice's update is zero.
+/// aggregation seam. The peers whose contributions it refuses are appended to `refused`
+/// (the reason of each is logged; the caller counts them). Returns the mean and the peers
+/// it folds in; with no acceptable contribution the slice's update is zero.
 pub fn reduce_slice(
     contributions: &BTreeMap<PeerId, (u64, Vec<f32>)>,
     len: usize,
-    rejected: &mut Vec<String>,
+    refused: &mut Vec<PeerId>,
 ) -> (Vec<f32>, Vec<PeerId>) {
     if contributions.is_empty() {
         // Every member abstained or was silent: a zero update, nothing to warn about.
@@ -64,7 +65,9 @@ pub fn reduce_slice(
     };
     let r = reduce(&all, limits);
     for x in &r.refused {
-        rejected.push(format!("{}: {:?}", ids[x.index].0, x.reason));
+        let peer = ids[x.index].0;
+        tracing::warn!(%peer, reason = ?x.reason, "contribution refused by the reduction");
+        refused.push(peer);
     }
     match r.mean {
         Ok(avg) => (avg, r.kept.iter().map(|&i| ids[i].0).collect()),

@@ -35,6 +35,7 @@ use potluck_coordinator::exchange::{
 };
 use potluck_coordinator::failover::SignedRunManifest;
 use potluck_coordinator::manifest::{CheckpointContent, SignedManifest};
+use potluck_coordinator::rejections::{Rejections, legacy_lines};
 use potluck_coordinator::round::{Action, Report, RunConfig, RunMachine};
 use potluck_coordinator::store::Ledger;
 use potluck_coordinator::succession::{Step, Succession};
@@ -272,42 +273,9 @@ pub struct RunStatus {
     pub resumed_from: Option<u64>,
 }
 
-/// Why this daemon refused an update (a frame, a contribution, a reduced slice): the
-/// `reason` label of `potluck_rejected_updates_total`. A fixed set, so that a peer cannot
-/// make up label values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RejectReason {
-    /// The frame's signature or public key does not match its sender.
-    BadSignature,
-    /// From a peer that is not a member of the round.
-    NotAMember,
-    /// A contribution for a slice this replica does not reduce, or a reduced slice from a
-    /// peer that does not reduce it.
-    WrongSlice,
-    /// A payload its codec cannot decode (bad length, bad header).
-    Undecodable,
-    /// A reduced slice with NaN or infinite values.
-    NonFinite,
-    /// A contribution that came after this replica had reduced its slice (a slow or
-    /// restarted member; not a fault in itself).
-    Late,
-    /// Refused by the reduction's validation (length, values, tokens, norm).
-    Invalid,
-}
-
-impl RejectReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::BadSignature => "bad_signature",
-            RejectReason::NotAMember => "not_a_member",
-            RejectReason::WrongSlice => "wrong_slice",
-            RejectReason::Undecodable => "undecodable",
-            RejectReason::NonFinite => "non_finite",
-            RejectReason::Late => "late",
-            RejectReason::Invalid => "invalid",
-        }
-    }
-}
+/// Why this daemon refused an update: the `reason` label of
+/// `potluck_rejected_updates_total`, and of the refusals a round's report lists.
+pub use potluck_coordinator::rejections::RejectReason;
 
 /// Rounds whose timings a status keeps.
 const ROUNDS_TIMED: usize = 8;
@@ -3284,7 +3252,7 @@ impl TrainService {
             s.train_loss = stats.mean_loss;
         });
         let mut missing = Vec::new();
-        let mut rejected = Vec::new();
+        let mut rejected = Rejections::new();
         let avg = match exchanged {
             Some((r, _)) => {
                 let ex = r?;
@@ -3294,7 +3262,7 @@ impl TrainService {
                     tokens: stats.tokens,
                 });
                 missing.extend(ex.missing);
-                rejected.extend(ex.rejected);
+                rejected.merge(ex.rejected);
                 ex.avg
             }
             None => {
@@ -3310,7 +3278,7 @@ impl TrainService {
                     .await?;
                 timing.network_wait_ms += now.elapsed().as_millis() as u64;
                 missing.extend(ex.missing);
-                rejected.extend(ex.rejected);
+                rejected.merge(ex.rejected);
                 ex.avg
             }
         };
@@ -3333,7 +3301,7 @@ impl TrainService {
                 .await?;
             timing.network_wait_ms += now.elapsed().as_millis() as u64;
             missing.extend(ex.missing);
-            rejected.extend(ex.rejected);
+            rejected.merge(ex.rejected);
             let applying = Instant::now();
             new_params = outer.step(&new_params, &ex.avg)?;
             timing.local_ms += applying.elapsed().as_millis() as u64;
@@ -3348,6 +3316,7 @@ impl TrainService {
         timing.local_ms += finishing.elapsed().as_millis() as u64;
         let root = snap.root;
         let (sent, received) = self.inner.traffic.totals();
+        let (rejections, rejections_dropped) = rejected.to_proto();
         let report = TrainReport {
             run_id: run_id.to_vec(),
             round: open.round,
@@ -3359,7 +3328,9 @@ impl TrainService {
             eval_loss,
             bytes_sent: sent,
             bytes_received: received,
-            rejected,
+            rejected: Vec::new(),
+            rejections,
+            rejections_dropped,
         };
         self.set_status(|s| {
             s.state = "waiting for the commit".into();
@@ -3426,7 +3397,7 @@ impl TrainService {
         // slices go to their backups at once.
         let mut departed = self.inner.departed.subscribe();
         m.handle_gone(self.gone_in(plan));
-        let mut rejected: Vec<String> = Vec::new();
+        let mut rejected: Rejections<CPeerId> = Rejections::new();
         let mut pending_frames: Vec<Inbound> = std::mem::take(early);
         let mut shown: Option<(u32, u32)> = None;
         loop {
@@ -3549,22 +3520,14 @@ impl TrainService {
                 _ => continue,
             };
             if let Err(why) = heard {
-                let reason = match &why {
-                    ExchangeRejected::NotAMember { .. } => RejectReason::NotAMember,
-                    ExchangeRejected::Late => RejectReason::Late,
-                    ExchangeRejected::WrongSlice | ExchangeRejected::NotTheReducer => {
-                        RejectReason::WrongSlice
-                    }
-                    ExchangeRejected::Invalid(Invalid::Undecodable(_)) => {
-                        if kind == FrameKind::Contribution {
-                            tracing::warn!(from = %from, reason = %why, "contribution rejected");
-                        }
-                        RejectReason::Undecodable
-                    }
-                    ExchangeRejected::Invalid(Invalid::NonFinite) => RejectReason::NonFinite,
-                };
+                if kind == FrameKind::Contribution
+                    && matches!(why, ExchangeRejected::Invalid(Invalid::Undecodable(_)))
+                {
+                    tracing::warn!(from = %from, reason = %why, "contribution rejected");
+                }
+                let reason = RejectReason::from(&why);
                 self.reject(reason);
-                rejected.push(format!("{from}: {why}"));
+                rejected.note(&CPeerId(from.to_bytes()), reason, plan.round, slice);
             }
         }
         // Frames taken from `early` but not looked at may belong to a later exchange.
@@ -3622,13 +3585,19 @@ impl TrainService {
         plan: &ExchangePlan<'_>,
         slice: usize,
         got: &BTreeMap<PeerId, (u64, Vec<f32>)>,
-        rejected: &mut Vec<String>,
+        rejected: &mut Rejections<CPeerId>,
         only: Option<PeerId>,
     ) {
-        let before = rejected.len();
-        let (avg, contributors) = reduce_slice(got, plan.ranges[slice].len(), rejected);
-        for _ in before..rejected.len() {
+        let mut refused = Vec::new();
+        let (avg, contributors) = reduce_slice(got, plan.ranges[slice].len(), &mut refused);
+        for peer in &refused {
             self.reject(RejectReason::Invalid);
+            rejected.note(
+                &CPeerId(peer.to_bytes()),
+                RejectReason::Invalid,
+                plan.round,
+                slice as u32,
+            );
         }
         let bytes: Arc<[u8]> =
             compress::encode(reduce_codec(plan.codec, contributors.len()), &avg).into();
@@ -3773,7 +3742,8 @@ struct Exchanged {
     /// The averaged update, zero where a slice is missing.
     avg: Vec<f32>,
     missing: Vec<u32>,
-    rejected: Vec<String>,
+    /// The updates it refused, capped.
+    rejected: Rejections<CPeerId>,
 }
 
 /// The header of a frame of `kind` for one slice of an exchange, without tokens or
@@ -3788,6 +3758,37 @@ fn slice_header(plan: &ExchangePlan<'_>, slice: usize, kind: FrameKind) -> Frame
         offset: plan.ranges[slice].start as u64,
         len: plan.ranges[slice].len() as u64,
         ..Default::default()
+    }
+}
+
+/// Logs the updates a replica says it refused, no more of them than the report's cap
+/// ([`Rejections::from_proto`]): the list is the peer's word, and may be a flood itself.
+fn log_rejections(reporter: &PeerId, r: &TrainReport) {
+    let refused = Rejections::from_proto(&r.rejections, r.rejections_dropped);
+    for e in refused.iter() {
+        let from = PeerId::from_bytes(&e.peer.0)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|_| hex::encode(&e.peer.0));
+        tracing::warn!(
+            reducer = %reporter,
+            round = e.round,
+            from,
+            reason = %e.reason,
+            slice = e.slice,
+            count = e.count,
+            "updates rejected by a replica"
+        );
+    }
+    if refused.dropped() > 0 {
+        tracing::warn!(
+            reducer = %reporter,
+            round = r.round,
+            unlisted = refused.dropped(),
+            "more updates rejected by a replica than its report lists"
+        );
+    }
+    for why in legacy_lines(&r.rejected) {
+        tracing::warn!(reducer = %reporter, round = r.round, why, "update rejected by a reducer");
     }
 }
 
@@ -4432,7 +4433,7 @@ async fn run_coordinator(
                     });
                     send_ctl(&links, &peer, refused);
                 }
-                Msg::Report(r) => {
+                Msg::Report(mut r) => {
                     let (Ok(update_hash), Ok(weight_root)) = (
                         Hash32::from_slice("update hash", &r.update_hash),
                         Hash32::from_slice("weight root", &r.root),
@@ -4447,9 +4448,10 @@ async fn run_coordinator(
                         update_hash,
                         weight_root,
                     };
-                    for why in &r.rejected {
-                        tracing::warn!(reducer = %peer, round = r.round, why, "update rejected by a reducer");
-                    }
+                    log_rejections(&peer, &r);
+                    // Only its eval loss is read later: the lists need not be kept.
+                    r.rejected = Vec::new();
+                    r.rejections = Vec::new();
                     reports.insert(peer, r);
                     if let Err(e) = machine.handle_report(report, unix_ms()) {
                         tracing::debug!(%peer, error = %e, "report not counted");
@@ -4713,6 +4715,8 @@ fn unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::wire::ControlError;
+    use potluck_coordinator::rejections::MAX_REJECTIONS;
 
     fn signed_header(kp: &Keypair) -> FrameHeader {
         let mut h = FrameHeader {
@@ -4910,6 +4914,120 @@ mod tests {
             .map(|v| v.iter().all(|e| e.encode() == bytes))
             .unwrap_or(false);
         assert!(!ok_or_changed, "a damaged entry passed as the original");
+    }
+
+    /// Runs one exchange at a fresh replica whose only other member stays silent (so the
+    /// exchange runs to its end), with one frame for the open round from each of `from`
+    /// (none of them members) waiting in its inbox. Returns the refusals it counted and its
+    /// report as the coordinator reads it back from the control stream.
+    async fn report_after_flood(from: &[PeerId]) -> (u64, Result<TrainReport, ControlError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = TrainService::start(
+            Keypair::generate_ed25519(),
+            libp2p_stream::Behaviour::new().new_control(),
+            DeviceSpec::Cpu,
+            dir.path().to_path_buf(),
+            TrainSettings::default(),
+        )
+        .unwrap();
+        let members = vec![svc.inner.local, PeerId::random()];
+        let run_id = [7u8; 32];
+        let len = 8;
+        let plan = ExchangePlan {
+            run_id: &run_id,
+            round: 3,
+            part: 0,
+            members: &members,
+            me: 0,
+            len,
+            ranges: slice_ranges(len, members.len()),
+            codec: Codec::INT8,
+            deadlines: Deadlines::split(Instant::now(), Duration::from_secs(4)),
+        };
+        let (tx, mut inbox) = mpsc::channel(from.len().max(1));
+        for peer in from {
+            let frame = Frame {
+                header: FrameHeader {
+                    run_id: run_id.to_vec(),
+                    round: 3,
+                    kind: FrameKind::Contribution as i32,
+                    slice: 0,
+                    offset: 0,
+                    len: 4,
+                    ..Default::default()
+                },
+                payload: Vec::new(),
+                wire_bytes: 0,
+            };
+            tx.try_send(Inbound { from: *peer, frame }).unwrap();
+        }
+        let ex = svc
+            .exchange(&plan, None, &mut inbox, &mut Vec::new())
+            .await
+            .unwrap();
+        let (rejections, rejections_dropped) = ex.rejected.to_proto();
+        let report = TrainControl {
+            protocol_version: 0,
+            msg: Some(Msg::Report(TrainReport {
+                run_id: run_id.to_vec(),
+                round: 3,
+                rejections,
+                rejections_dropped,
+                ..Default::default()
+            })),
+        };
+        let mut wire = Vec::new();
+        write_control(&mut wire, report).await.unwrap();
+        let back = read_control(&mut futures::io::Cursor::new(wire))
+            .await
+            .map(|m| match m.and_then(|(m, _)| m.msg) {
+                Some(Msg::Report(r)) => r,
+                other => panic!("not a report: {other:?}"),
+            });
+        (svc.status().rejected_updates, back)
+    }
+
+    /// Enough refusals to pass the control limit many times over if each were listed.
+    const FLOOD: usize = 20_000;
+
+    /// A peer outside the round floods an honest replica's exchange with frames for the
+    /// open round. Each is refused, and the refusals go into the replica's report; the
+    /// report must still fit a control message, or the coordinator refuses it and closes
+    /// the replica's control stream (issue 18).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_refused_frames_leaves_the_report_under_the_control_limit() {
+        let stranger = PeerId::random();
+        let (counted, report) = report_after_flood(&vec![stranger; FLOOD]).await;
+        assert_eq!(counted, FLOOD as u64);
+        let report = report.expect("the coordinator reads the report");
+        // One entry names the stranger, with every refusal counted.
+        let read = Rejections::from_proto(&report.rejections, report.rejections_dropped);
+        let listed: Vec<_> = read
+            .iter()
+            .map(|e| (e.peer.clone(), e.reason, e.round, e.count))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(
+                CPeerId(stranger.to_bytes()),
+                RejectReason::NotAMember,
+                3,
+                FLOOD as u64
+            )]
+        );
+    }
+
+    /// The same flood from as many made-up identities (they cost nothing to make): the
+    /// report lists as many as it holds and counts the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_from_many_identities_is_capped_in_the_report() {
+        let strangers: Vec<PeerId> = (0..FLOOD).map(|_| PeerId::random()).collect();
+        let (counted, report) = report_after_flood(&strangers).await;
+        assert_eq!(counted, FLOOD as u64);
+        let report = report.expect("the coordinator reads the report");
+        let read = Rejections::from_proto(&report.rejections, report.rejections_dropped);
+        assert_eq!(read.len(), MAX_REJECTIONS);
+        assert_eq!(read.total(), FLOOD as u64);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use potluck_proto::v1::TrainControl;
 use potluck_proto::{DecodeError, PROTOCOL_VERSION, check_version, decode_limited};
 use prost::Message;
 
-/// The largest control message accepted (a welcome carries the run manifest).
+/// The largest control message accepted (a welcome carries the run manifest). A round's
+/// report stays far under it whatever peers send: its list of refused updates is capped
+/// (`potluck_coordinator::rejections`).
 pub const MAX_CONTROL_BYTES: usize = 1 << 20;
 
 /// Why a control message could not be read.

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use potluck_coordinator::exchange::{Deadlines, FINISH_BY};
+use potluck_coordinator::rejections::Rejections;
 use potluck_proto::v1::{RoundOpen, TrainReport};
 use potluck_worker::compress::{self, Codec};
 use potluck_worker::{Dataset, Gradients, OuterOptimizer, Replica};
@@ -91,7 +92,7 @@ impl TrainService {
         let mut update_hasher = blake3::Hasher::new();
         let (mut tokens, mut loss_sum) = (0u64, 0f64);
         let mut missing: BTreeSet<u32> = BTreeSet::new();
-        let mut rejected: Vec<String> = Vec::new();
+        let mut rejected = Rejections::new();
         let mut mean: Option<Vec<f32>> = None;
         for step in 0..steps {
             // Apply the previous step's mean and compute this step's gradient in one trip
@@ -148,7 +149,7 @@ impl TrainService {
                 self.set_status(|s| s.missing_slices += step_missing.len() as u64);
             }
             missing.extend(step_missing);
-            rejected.extend(step_rejected);
+            rejected.merge(step_rejected);
             mean = Some(avg);
         }
         let d = data.clone();
@@ -175,6 +176,7 @@ impl TrainService {
             s.phase = super::Phase::AwaitingCommit;
         });
         let (sent, received) = self.inner.traffic.totals();
+        let (rejections, rejections_dropped) = rejected.to_proto();
         let report = TrainReport {
             run_id: run_id.to_vec(),
             round: open.round,
@@ -186,7 +188,9 @@ impl TrainService {
             eval_loss,
             bytes_sent: sent,
             bytes_received: received,
-            rejected,
+            rejected: Vec::new(),
+            rejections,
+            rejections_dropped,
         };
         Ok(Some((report, snap)))
     }
