@@ -73,7 +73,7 @@ pub fn aggregate(contributions: &[Contribution<'_>]) -> Result<Vec<f32>, Aggrega
 
 /// Why a contribution is refused before aggregation.
 #[derive(Debug, Clone, PartialEq)]
-pub enum RejectReason {
+pub enum UpdateFault {
     WrongLength {
         expected: usize,
         got: usize,
@@ -94,7 +94,7 @@ pub enum RejectReason {
 pub struct Rejection {
     pub index: usize,
     pub peer: PeerId,
-    pub reason: RejectReason,
+    pub reason: UpdateFault,
 }
 
 /// A contribution whose norm is this many times the median of the others' is refused by a
@@ -121,14 +121,14 @@ pub fn validate_updates(
     let mut norms: Vec<(f64, usize)> = Vec::new();
     for (i, c) in contributions.iter().enumerate() {
         let reason = if c.values.len() != limits.expected_len {
-            Some(RejectReason::WrongLength {
+            Some(UpdateFault::WrongLength {
                 expected: limits.expected_len,
                 got: c.values.len(),
             })
         } else if let Some(index) = c.values.iter().position(|v| !v.is_finite()) {
-            Some(RejectReason::NonFinite { index })
+            Some(UpdateFault::NonFinite { index })
         } else if c.tokens == 0 {
-            Some(RejectReason::NoTokens)
+            Some(UpdateFault::NoTokens)
         } else {
             None
         };
@@ -158,7 +158,7 @@ pub fn validate_updates(
                 out.push(Rejection {
                     index: *i,
                     peer: contributions[*i].peer.clone(),
-                    reason: RejectReason::NormTooLarge {
+                    reason: UpdateFault::NormTooLarge {
                         norm: *norm,
                         others_median: med,
                     },
@@ -345,15 +345,15 @@ mod tests {
                 max_norm_ratio: 10.0,
             },
         );
-        let got: Vec<(usize, &RejectReason)> = rej.iter().map(|r| (r.index, &r.reason)).collect();
+        let got: Vec<(usize, &UpdateFault)> = rej.iter().map(|r| (r.index, &r.reason)).collect();
         assert_eq!(got.len(), 3, "{got:?}");
-        assert!(matches!(got[0], (1, RejectReason::NormTooLarge { .. })));
-        assert!(matches!(got[1], (2, RejectReason::NonFinite { index: 0 })));
+        assert!(matches!(got[0], (1, UpdateFault::NormTooLarge { .. })));
+        assert!(matches!(got[1], (2, UpdateFault::NonFinite { index: 0 })));
         assert!(matches!(
             got[2],
             (
                 4,
-                RejectReason::WrongLength {
+                UpdateFault::WrongLength {
                     expected: 2,
                     got: 1
                 }
