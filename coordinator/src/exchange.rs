@@ -348,19 +348,21 @@ impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
     }
 
     /// Where a frame of `(round, part)` goes, given how many frames for later exchanges
-    /// are buffered already: in all, and from its sender.
+    /// are buffered already: in all, and from its sender (counted only for a frame of a
+    /// later exchange, so a current frame costs no look through the buffer).
     pub fn admit(
         &self,
         round: u64,
         part: u32,
         buffered: usize,
-        buffered_from_peer: usize,
+        buffered_from_peer: impl FnOnce() -> usize,
     ) -> Admit {
         match (round, part).cmp(&(self.round, self.part)) {
             std::cmp::Ordering::Equal => Admit::Current,
             std::cmp::Ordering::Less => Admit::Stale,
             std::cmp::Ordering::Greater => {
-                if buffered < early_cap(self.members.len()) && buffered_from_peer < EARLY_PER_PEER {
+                if buffered < early_cap(self.members.len()) && buffered_from_peer() < EARLY_PER_PEER
+                {
                     Admit::Buffer
                 } else {
                     Admit::Full
@@ -1174,12 +1176,12 @@ mod tests {
             deadlines: Deadlines::split(t0(), SPAN),
         })
         .unwrap();
-        assert_eq!(e.admit(5, 1, 0, 0), Admit::Current);
-        assert_eq!(e.admit(5, 0, 0, 0), Admit::Stale);
-        assert_eq!(e.admit(4, 9, 0, 0), Admit::Stale);
-        assert_eq!(e.admit(5, 2, 0, 0), Admit::Buffer);
-        assert_eq!(e.admit(6, 0, early_cap(2) - 1, 0), Admit::Buffer);
-        assert_eq!(e.admit(6, 0, early_cap(2), 0), Admit::Full);
-        assert_eq!(e.admit(6, 0, 0, EARLY_PER_PEER), Admit::Full);
+        assert_eq!(e.admit(5, 1, 0, || 0), Admit::Current);
+        assert_eq!(e.admit(5, 0, 0, || 0), Admit::Stale);
+        assert_eq!(e.admit(4, 9, 0, || 0), Admit::Stale);
+        assert_eq!(e.admit(5, 2, 0, || 0), Admit::Buffer);
+        assert_eq!(e.admit(6, 0, early_cap(2) - 1, || 0), Admit::Buffer);
+        assert_eq!(e.admit(6, 0, early_cap(2), || 0), Admit::Full);
+        assert_eq!(e.admit(6, 0, 0, || EARLY_PER_PEER), Admit::Full);
     }
 }

@@ -486,7 +486,7 @@ fn feed(net: &mut Net, peer: &mut Peer, frame: Frame) {
 }
 
 fn feed_machine(net: &mut Net, peer: &mut Peer, m: &mut Machine, frame: Frame) {
-    let from_peer = peer.early.iter().filter(|f| f.from == frame.from).count();
+    let from_peer = || peer.early.iter().filter(|f| f.from == frame.from).count();
     match m.admit(1, frame.part, peer.early.len(), from_peer) {
         Admit::Current => {}
         Admit::Buffer => {
@@ -538,6 +538,19 @@ fn carry(
     };
     let n = m.members().len() as u32;
     let part = m.part();
+    // A reduced slice goes to one member, or to every member (this peer included).
+    let send_reduced = |net: &mut Net, slice: usize, to: Option<u32>, values: &Values| {
+        for to in to.map_or(0..n, |q| q..q + 1) {
+            net.send(Frame {
+                from: p as u32,
+                to,
+                part,
+                slice: slice as u32,
+                span: span_of(slice),
+                body: Body::Reduced(values.clone()),
+            });
+        }
+    };
     match action {
         Action::SendContribution { slice, to } => net.send(Frame {
             from: p as u32,
@@ -565,16 +578,7 @@ fn carry(
                     .violations
                     .push(format!("peer {p}: part {part} slice {slice} reduced twice"));
             }
-            for to in 0..n {
-                net.send(Frame {
-                    from: p as u32,
-                    to,
-                    part,
-                    slice: slice as u32,
-                    span: span_of(slice),
-                    body: Body::Reduced(mean.clone()),
-                });
-            }
+            send_reduced(net, slice, None, &mean);
         }
         Action::Forward { slice, reduced, to } => {
             if to.is_none() && !peer.sent_to_all.insert(slice) {
@@ -582,20 +586,7 @@ fn carry(
                     "peer {p}: part {part} slice {slice} forwarded twice"
                 ));
             }
-            let targets: Vec<u32> = match to {
-                Some(q) => vec![q],
-                None => (0..n).collect(),
-            };
-            for to in targets {
-                net.send(Frame {
-                    from: p as u32,
-                    to,
-                    part,
-                    slice: slice as u32,
-                    span: span_of(slice),
-                    body: Body::Reduced(reduced.clone()),
-                });
-            }
+            send_reduced(net, slice, to, &reduced);
         }
         Action::TookOver { .. } => peer.report.took_over += 1,
     }

@@ -3467,7 +3467,7 @@ impl TrainService {
             if h.run_id.as_slice() != plan.run_id.as_slice() {
                 continue;
             }
-            let from_peer = early.iter().filter(|f| f.from == inb.from).count();
+            let from_peer = || early.iter().filter(|f| f.from == inb.from).count();
             match m.admit(h.round, h.part, early.len(), from_peer) {
                 Admit::Current => {}
                 Admit::Buffer => {
