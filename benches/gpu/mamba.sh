@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call of issue 24: the worker's CUDA Mamba tests, then, for each context, the
 # worker's Mamba and attention models (gpu_mamba_bench) and transformers' Mamba
-# (torch_mamba.py) in each mode, one after another so all come from the same minutes. Runs
-# past TIMEOUT seconds print a JSON line with "error": "timeout". DIR holds the binaries
+# (torch_mamba.py) in each mode, one after another so all come from the same minutes. A run
+# past TIMEOUT seconds keeps the last JSON line it printed, with "timeout_s" added, or gets
+# one with "error": "timeout" if it printed none. DIR holds the binaries
 # (xz-compressed or not). JSON lines go to $OUT/mamba.jsonl, a table to stdout. SKIP_TEST
 # skips the tests, SKIP_OURS the worker's runs, TORCH_STEPS sets the timed steps of torch runs
 # (default 3, 1 from 32K on).
