@@ -159,6 +159,10 @@ pub enum TrainError {
     Busy,
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The round's placement gave an exchange no members, or not this replica among them:
+    /// a bug in the placement, not something a peer or the user can cause.
+    #[error("setting up the round's exchange: {0} (a bug in potluck; please report it)")]
+    Exchange(#[from] potluck_coordinator::exchange::ConfigError),
     #[error("{0}")]
     Other(String),
 }
@@ -3391,8 +3395,7 @@ impl TrainService {
             me: plan.me,
             len: plan.len,
             deadlines: plan.deadlines,
-        })
-        .map_err(|e| TrainError::Other(format!("setting up the exchange: {e}")))?;
+        })?;
         // Members known to be gone: nobody waits for what they have not sent yet, and their
         // slices go to their backups at once.
         let mut departed = self.inner.departed.subscribe();
