@@ -8,7 +8,8 @@
 //!
 //! Boundary: no threads, no clock, no sockets. Time is a counter of simulated microseconds
 //! laid over one `Instant` origin; events at the same time run in the order they were
-//! scheduled; all randomness comes from the seed. The same config gives the same report.
+//! scheduled; all randomness comes from the seed (ChaCha8). The same config gives the same
+//! report.
 //!
 //! What it checks as it runs ([`SimReport::violations`]): no peer reduces or forwards a slice
 //! to everyone twice in one exchange, what a peer applies for a slice is the first reduced
@@ -19,6 +20,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::PeerId;
 use crate::aggregate::{Contribution, MAX_NORM_RATIO, ValidationLimits, reduce};
@@ -135,7 +139,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         cfg: cfg.clone(),
         origin: Instant::now(),
         now: 0,
-        rng: cfg.seed ^ 0x9e37_79b9_7f4a_7c15,
+        rng: ChaCha8Rng::seed_from_u64(cfg.seed),
         queue: BTreeMap::new(),
         queued: 0,
         report: SimReport::default(),
@@ -240,7 +244,7 @@ struct Net {
     cfg: SimConfig,
     origin: Instant,
     now: u64,
-    rng: u64,
+    rng: ChaCha8Rng,
     /// Events by the time they happen, in the order they were scheduled: a calendar (few
     /// distinct times, many events each) stays small and cache-friendly where a heap of a
     /// million frames does not.
@@ -276,20 +280,17 @@ impl Net {
         event.map(|e| (at, e))
     }
 
-    fn next(&mut self) -> u64 {
-        splitmix(&mut self.rng)
-    }
-
     /// Uniform in [0, 1).
     fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        self.rng.random()
     }
 
+    /// Uniform in [lo, hi]; `lo` when the range is empty.
     fn between(&mut self, lo: u64, hi: u64) -> u64 {
         if hi <= lo {
             lo
         } else {
-            lo + self.next() % (hi - lo + 1)
+            self.rng.random_range(lo..=hi)
         }
     }
 
@@ -364,21 +365,10 @@ fn start_part(net: &mut Net, peers: &mut [Peer], p: usize, part: u32) {
     peer.report.started.push(Duration::from_micros(net.now));
 }
 
-/// splitmix64: the simulation's only source of randomness.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// A peer's update for one part: values in [-1, 1) from the seed.
 pub fn update_of(seed: u64, p: usize, part: u32, len: usize) -> Vec<f32> {
-    let mut state = seed ^ ((p as u64) << 20) ^ (u64::from(part) << 52);
-    (0..len)
-        .map(|_| ((splitmix(&mut state) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32)
-        .collect()
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((p as u64) << 20) ^ (u64::from(part) << 52));
+    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
 fn die(net: &mut Net, peers: &mut [Peer], p: usize) {
