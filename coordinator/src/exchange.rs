@@ -13,9 +13,10 @@
 //! member, itself included. A slice whose reduction has not arrived by
 //! [`Deadlines::reassign_at`] (at once when its reducer is known to be gone) is handed to the
 //! backup: every member sends the backup its contribution to that slice again, and the
-//! backup reduces it (halfway to the end, or once all live members spoke); a backup that
-//! already holds the original reduction forwards it unchanged instead, so replicas agree
-//! whenever any of them got the original. At [`Deadlines::finish_by`] the exchange ends; a
+//! backup reduces it (halfway to the end, or once all live members spoke, but for a gone
+//! reducer not before [`GONE_GRACE`] has passed: the news of a death can overtake the dead
+//! reducer's last frames); a backup that holds the original reduction forwards it unchanged
+//! instead, so replicas agree whenever the backup got the original. At [`Deadlines::finish_by`] the exchange ends; a
 //! slice still missing is applied as zero and listed missing.
 //!
 //! Invariants: a member's first word for a slice is the one that counts (a second
@@ -41,6 +42,11 @@ pub const REASSIGN_AT: f64 = 0.7;
 /// Share of an exchange's time after which it ends, whatever is missing; the rest of the
 /// time is left for the round's report.
 pub const FINISH_BY: f64 = 0.85;
+/// Share of an exchange's time a backup waits, after taking over the slice of a reducer
+/// known to be gone, before it reduces the slice anew: the news of a death can overtake the
+/// dead reducer's last frames, and a backup that reduced before the original reached it
+/// would leave the replicas that got the original applying other bytes.
+pub const GONE_GRACE: f64 = 0.1;
 
 /// Frames for a later exchange kept at most per peer, whoever sends them: one peer cannot
 /// crowd the others' early frames out of the buffer.
@@ -66,6 +72,8 @@ pub struct Deadlines {
     pub reassign_at: Instant,
     /// The exchange ends then, whatever is missing.
     pub finish_by: Instant,
+    /// How long a backup waits for a gone reducer's frames in flight ([`GONE_GRACE`]).
+    pub grace: Duration,
 }
 
 impl Deadlines {
@@ -76,13 +84,23 @@ impl Deadlines {
             reduce_by: from + span.mul_f64(REDUCE_BY),
             reassign_at: from + span.mul_f64(REASSIGN_AT),
             finish_by: from + span.mul_f64(FINISH_BY),
+            grace: span.mul_f64(GONE_GRACE),
         }
     }
 
-    /// When a backup that takes a slice over at `now` reduces it at the latest: halfway from
-    /// the reassignment time (or now, if later) to the end.
-    fn backup_due(&self, now: Instant) -> Instant {
-        self.reassign_at.max(now) + self.finish_by.saturating_duration_since(self.reassign_at) / 2
+    /// When a backup that takes a slice over at `now` reduces it: at the latest halfway
+    /// from the reassignment time (or now, if later) to the end; before that once every
+    /// live member spoke, but for a slice whose reducer may have died with frames in flight
+    /// (`gone`) not before the grace has passed (nor after the latest time).
+    fn backing(&self, now: Instant, gone: bool) -> Backing {
+        let due = self.reassign_at.max(now)
+            + self.finish_by.saturating_duration_since(self.reassign_at) / 2;
+        let from = if gone && now < self.reassign_at {
+            (now + self.grace).min(due)
+        } else {
+            now
+        };
+        Backing { from, due }
     }
 }
 
@@ -237,6 +255,9 @@ pub struct Exchange<P, C, R> {
     gone: BTreeSet<usize>,
     /// Slices that can no longer come: their reducer and its backup are gone.
     lost: BTreeSet<usize>,
+    /// When each lost slice was first seen lost: it is still taken if it arrives within the
+    /// grace (the frames of the dead may be in flight), and waited for until then.
+    lost_since: BTreeMap<usize, Instant>,
     /// Slices handed to their backups.
     handed: BTreeSet<usize>,
     /// Gone members whose slices have not been looked at since they went.
@@ -247,9 +268,19 @@ pub struct Exchange<P, C, R> {
     reduced: BTreeMap<usize, R>,
     /// Slices this replica reduced or forwarded (its own, and those it took over).
     reduced_sent: BTreeSet<usize>,
-    /// Slices taken over as backup, with when they are reduced at the latest.
-    backing: BTreeMap<usize, Instant>,
+    /// Slices taken over as backup, with when they may and must be reduced.
+    backing: BTreeMap<usize, Backing>,
     actions: VecDeque<Action<P, C, R>>,
+}
+
+/// When a backup reduces a slice it took over.
+#[derive(Debug, Clone, Copy)]
+struct Backing {
+    /// Not before then, even when every live member spoke: a reducer known to be gone may
+    /// have frames in flight ([`GONE_GRACE`]).
+    from: Instant,
+    /// At the latest.
+    due: Instant,
 }
 
 impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
@@ -286,6 +317,7 @@ impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
             abstained: BTreeMap::new(),
             gone: BTreeSet::new(),
             lost: BTreeSet::new(),
+            lost_since: BTreeMap::new(),
             handed: BTreeSet::new(),
             unswept: BTreeSet::new(),
             swept_all: false,
@@ -389,6 +421,7 @@ impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
                 b == *i || gone.contains(&b)
             })
             .collect();
+        self.lost_since.retain(|i, _| self.lost.contains(i));
         self.gone = gone;
     }
 
@@ -471,8 +504,10 @@ impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
             return Ok((slice, Some(Heard::AlreadyReduced)));
         }
         if backed && !self.backing.contains_key(&slice) {
-            // Another member misses this slice before we noticed: reduce it.
-            self.backing.insert(slice, self.deadlines.backup_due(now));
+            // Another member misses this slice before we noticed: its reducer may have
+            // died with frames in flight, so wait as for a gone one.
+            self.backing
+                .insert(slice, self.deadlines.backing(now, true));
         }
         if self.spoke(slice, from) {
             return Ok((slice, Some(Heard::Duplicate)));
@@ -530,7 +565,13 @@ impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
             self.backing
                 .iter()
                 .filter(|(i, _)| !self.reduced_sent.contains(i))
-                .map(|(_, at)| *at)
+                .map(|(_, b)| if now < b.from { b.from } else { b.due })
+                .min(),
+            self.lost_since
+                .iter()
+                .filter(|(i, _)| !self.reduced.contains_key(i))
+                .map(|(_, at)| *at + d.grace)
+                .filter(|at| *at > now)
                 .min(),
         ]
         .into_iter()
@@ -538,12 +579,17 @@ impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
         .min()
     }
 
-    /// Whether nothing is left to wait for: this replica reduced its slice, and every slice
-    /// is here or can no longer come.
-    pub fn is_complete(&self) -> bool {
-        self.reduced_sent.contains(&self.me)
-            && self.reduced.len() + self.lost.iter().filter(|i| !self.has_reduced(**i)).count()
-                == self.members.len()
+    /// Whether nothing is left to wait for at `now`: this replica reduced its slice, and
+    /// every slice is here or can no longer come (lost for longer than the grace: frames
+    /// the dead sent may still be in flight before that).
+    pub fn is_complete(&self, now: Instant) -> bool {
+        let grace = self.deadlines.grace;
+        let given_up = self
+            .lost_since
+            .iter()
+            .filter(|(i, at)| !self.has_reduced(**i) && now >= **at + grace)
+            .count();
+        self.reduced_sent.contains(&self.me) && self.reduced.len() + given_up == self.members.len()
     }
 
     /// What the exchange produced: the reduction of every slice held, `None` elsewhere.
@@ -558,6 +604,9 @@ impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
     /// Takes the decisions `now` calls for; each is taken once, so calling it again with
     /// nothing new queues nothing.
     fn advance(&mut self, now: Instant) {
+        for i in &self.lost {
+            self.lost_since.entry(*i).or_insert(now);
+        }
         let me = self.me;
         let n = self.members.len();
         let d = self.deadlines;
@@ -588,7 +637,8 @@ impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
             }
             let backup = self.backup_of(i);
             if backup == me && !self.backing.contains_key(&i) {
-                self.backing.insert(i, d.backup_due(now));
+                let backing = d.backing(now, self.gone.contains(&i));
+                self.backing.insert(i, backing);
                 self.actions.push_back(Action::TookOver { slice: i });
             }
             if self.members[backup] != self.members[i] && !self.gone.contains(&backup) {
@@ -598,13 +648,16 @@ impl<P: Ord + Clone, C, R: Clone> Exchange<P, C, R> {
                 });
             }
         }
-        // A backup reduces once every live member spoke, or at its deadline.
+        // A backup passes the original on as soon as it holds it; it reduces anew once every
+        // live member spoke (after the grace, for a gone reducer), or at its deadline.
         let due: Vec<usize> = self
             .backing
             .iter()
-            .filter(|(i, at)| {
+            .filter(|(i, b)| {
                 !self.reduced_sent.contains(i)
-                    && (now >= **at || self.heard(**i) >= self.expected(**i, Some(**i)))
+                    && (now >= b.due
+                        || self.reduced.contains_key(i)
+                        || (now >= b.from && self.heard(**i) >= self.expected(**i, Some(**i))))
             })
             .map(|(i, _)| *i)
             .collect();
@@ -739,8 +792,23 @@ mod tests {
         assert_eq!(d.reduce_by, at(60));
         assert_eq!(d.reassign_at, at(70));
         assert_eq!(d.finish_by, at(85));
-        assert_eq!(d.backup_due(at(0)), at(77) + Duration::from_millis(500));
-        assert_eq!(d.backup_due(at(80)), at(87) + Duration::from_millis(500));
+        assert_eq!(d.grace, Duration::from_secs(10));
+        let b = d.backing(at(0), false);
+        assert_eq!(
+            (b.from, b.due),
+            (at(0), at(77) + Duration::from_millis(500))
+        );
+        assert_eq!(
+            d.backing(at(80), false).due,
+            at(87) + Duration::from_millis(500)
+        );
+        // A gone reducer's slice waits out the grace, never past the latest time.
+        assert_eq!(d.backing(at(5), true).from, at(15));
+        assert_eq!(
+            d.backing(at(69), true).from,
+            at(77) + Duration::from_millis(500)
+        );
+        assert_eq!(d.backing(at(71), true).from, at(71));
     }
 
     #[test]
@@ -926,11 +994,14 @@ mod tests {
         drain(&mut e, at(0));
         reduced(&mut e, 1, 1, "b").unwrap();
         reduced(&mut e, 2, 2, "c").unwrap();
-        assert!(!e.is_complete(), "its own slice is not reduced yet");
+        assert!(!e.is_complete(at(0)), "its own slice is not reduced yet");
         drain(&mut e, at(60));
-        assert!(!e.is_complete(), "its own reduction has not come back");
+        assert!(
+            !e.is_complete(at(60)),
+            "its own reduction has not come back"
+        );
         reduced(&mut e, 0, 0, "a").unwrap();
-        assert!(e.is_complete());
+        assert!(e.is_complete(at(60)));
         assert_eq!(e.finish().slices, vec![Some("a"), Some("b"), Some("c")]);
     }
 
@@ -942,14 +1013,40 @@ mod tests {
         drain(&mut e, at(1));
         reduced(&mut e, 0, 0, "a").unwrap();
         reduced(&mut e, 3, 3, "d").unwrap();
-        assert!(!e.is_complete(), "slice 2 can still come from its backup 3");
+        assert!(
+            !e.is_complete(at(1)),
+            "slice 2 can still come from its backup 3"
+        );
         // Slice 1 (backup 2, gone) can no longer come.
         reduced(&mut e, 3, 2, "c").unwrap();
         drain(&mut e, at(2));
-        assert!(!e.is_complete(), "its own slice waits for member 3");
+        assert!(!e.is_complete(at(2)), "its own slice waits for member 3");
         drain(&mut e, at(60));
-        assert!(e.is_complete());
+        assert!(e.is_complete(at(60)));
         assert_eq!(e.finish().missing(), vec![1]);
+    }
+
+    #[test]
+    fn a_lost_slice_is_waited_for_during_the_grace_and_taken_if_it_comes() {
+        let mut e = ex(4, 0);
+        drain(&mut e, at(0));
+        // Slice 1's reducer and backup die; the news overtakes slice 1's frames.
+        e.handle_gone(BTreeSet::from([1, 2]));
+        drain(&mut e, at(1));
+        for m in [0, 3] {
+            contribute(&mut e, at(1), m, 0, 1).unwrap();
+        }
+        drain(&mut e, at(1));
+        for (from, slice, r) in [(0, 0, "a"), (3, 2, "c"), (3, 3, "d")] {
+            reduced(&mut e, from, slice, r).unwrap();
+        }
+        assert!(!e.is_complete(at(2)), "slice 1 may still be in flight");
+        assert_eq!(e.poll_timeout(at(2)), Some(at(11)));
+        assert!(e.is_complete(at(11)));
+        // It came within the grace: taken, like any first word.
+        reduced(&mut e, 1, 1, "b").unwrap();
+        assert!(e.is_complete(at(3)));
+        assert_eq!(e.finish().missing(), Vec::<u32>::new());
     }
 
     /// The path that needs `CrashPoint::ReducerBeforeSending` in the process tests: the
@@ -1103,7 +1200,44 @@ mod tests {
         );
         contribute(&mut b, at(2), 1, 0, 1).unwrap();
         contribute(&mut b, at(2), 2, 0, 2).unwrap();
-        assert_eq!(drain(&mut b, at(2)), vec![reduce(0, &[(1, 1), (2, 2)])]);
+        // Everyone live spoke, but the dead reducer's frames may be in flight: the backup
+        // waits out the grace (10 s of the 100 s span from when it took over).
+        assert!(drain(&mut b, at(2)).is_empty());
+        assert_eq!(b.poll_timeout(at(2)), Some(at(11)));
+        assert_eq!(drain(&mut b, at(11)), vec![reduce(0, &[(1, 1), (2, 2)])]);
+    }
+
+    #[test]
+    fn news_of_a_death_that_overtakes_the_dead_reducers_frames_leaves_one_version() {
+        // Member 0 reduced and sent slice 0, then died; the coordinator's word arrives first.
+        let mut b = ex(3, 1);
+        drain(&mut b, at(0));
+        b.handle_gone(BTreeSet::from([0]));
+        drain(&mut b, at(1));
+        contribute(&mut b, at(1), 1, 0, 1).unwrap();
+        contribute(&mut b, at(1), 2, 0, 2).unwrap();
+        assert!(
+            drain(&mut b, at(1)).is_empty(),
+            "waits for frames in flight"
+        );
+        // The original arrives within the grace: the backup passes it on, reduces nothing.
+        let r0 = ex(3, 0).ranges()[0].clone();
+        let span0 = Span {
+            offset: r0.start as u64,
+            len: r0.len() as u64,
+        };
+        assert_eq!(
+            b.handle_reduced(&0, 0, span0, || Ok("orig")),
+            Ok(Heard::Reduced)
+        );
+        assert_eq!(
+            drain(&mut b, at(2)),
+            vec![Action::Forward {
+                slice: 0,
+                reduced: "orig",
+                to: None
+            }]
+        );
     }
 
     #[test]
@@ -1130,9 +1264,9 @@ mod tests {
         for (from, slice, r) in [(0, 0, "a"), (1, 1, "b"), (3, 3, "d")] {
             reduced(&mut e, from, slice, r).unwrap();
         }
-        assert!(!e.is_complete(), "slice 2's backup (3) is back");
+        assert!(!e.is_complete(at(3)), "slice 2's backup (3) is back");
         reduced(&mut e, 3, 2, "c").unwrap();
-        assert!(e.is_complete());
+        assert!(e.is_complete(at(3)));
     }
 
     #[test]
@@ -1161,7 +1295,7 @@ mod tests {
         contribute(&mut e, at(1), 0, 0, 3).unwrap();
         assert_eq!(drain(&mut e, at(1)), vec![reduce(0, &[(0, 3)])]);
         reduced(&mut e, 0, 0, "mine").unwrap();
-        assert!(e.is_complete());
+        assert!(e.is_complete(at(1)));
         assert!(drain(&mut e, at(80)).is_empty(), "no backup of itself");
     }
 

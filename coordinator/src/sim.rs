@@ -409,7 +409,7 @@ fn drive(net: &mut Net, peers: &mut [Peer], p: usize) {
             peers[p].steps += 1;
             carry(net, &mut peers[p], &m, p, action);
         }
-        if m.is_complete() {
+        if m.is_complete(now) {
             end_part(net, peers, p, m);
             continue;
         }

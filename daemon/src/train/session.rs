@@ -3440,7 +3440,7 @@ impl TrainService {
                     }
                 }
             }
-            if m.is_complete() {
+            if m.is_complete(Instant::now()) {
                 break;
             }
             let next = if let Some(f) = pending_frames.pop() {
