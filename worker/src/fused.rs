@@ -1072,6 +1072,11 @@ impl CustomOp2 for RmsNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (x, grad) = (x.contiguous()?, grad.contiguous()?);
         let dx = x.apply_op3_no_bwd(&w.contiguous()?, &grad, &RmsNormBwdX { eps: self.eps })?;
+        // A frozen weight (a constant of the graph, as a Hugging Face base's norms are) gets
+        // no gradient: nothing would read it.
+        if !w.track_op() {
+            return Ok((Some(dx), None));
+        }
         // Per-row terms of the weight gradient (partial sums over groups of rows on a GPU),
         // summed over rows by a matrix product.
         let part = x.apply_op2_no_bwd(&grad, &RmsNormBwdW { eps: self.eps })?;
@@ -3407,46 +3412,74 @@ impl CustomOp2 for Product {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // An operand that is a constant of the graph (no variable behind it: a frozen
+        // Hugging Face base's projection or head) gets no gradient. candle would store one
+        // for it anyway, a product as large as the weight kept until the step ends.
+        let (need_a, need_b) = (a.track_op(), b.track_op());
         // Detached operands: the gradients are values, not graphs that keep activations.
         let (a, b, g) = (a.detach(), b.detach(), grad.contiguous()?);
+        self.grads(&a, &b, &g, need_a, need_b)
+    }
+}
+
+impl Product {
+    /// The gradients of the product for the operands that want one.
+    fn grads(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        g: &Tensor,
+        need_a: bool,
+        need_b: bool,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let pick = |want: bool, f: &dyn Fn() -> candle_core::Result<Tensor>| {
+            if want { f().map(Some) } else { Ok(None) }
+        };
         match self.causal {
             // c = op(a) @ b with op(a) triangular: da = g @ b^T in full (only its triangle
             // means anything to the op that made `a`), db = op(a)^T @ g, triangular the
             // other way.
-            Causal::Tri(tri) => {
-                let da = if self.ta {
-                    product(&b, &g, false, true)?
-                } else {
-                    product(&g, &b, false, true)?
-                };
-                let db = causal_product(&a, &g, !self.ta, false, Causal::Tri(tri.flip()))?;
-                return Ok((Some(da), Some(db)));
-            }
+            Causal::Tri(tri) => Ok((
+                pick(need_a, &|| {
+                    if self.ta {
+                        product(b, g, false, true)
+                    } else {
+                        product(g, b, false, true)
+                    }
+                })?,
+                pick(need_b, &|| {
+                    causal_product(a, g, !self.ta, false, Causal::Tri(tri.flip()))
+                })?,
+            )),
             // c = a @ b^T with a lower triangular gradient: da = g @ b, db = g^T @ a.
-            Causal::GradLower if !self.ta && self.tb => {
-                let da = causal_product(&g, &b, false, false, Causal::Tri(Tri::Lower))?;
-                let db = causal_product(&g, &a, true, false, Causal::Tri(Tri::Upper))?;
-                return Ok((Some(da), Some(db)));
-            }
+            Causal::GradLower if !self.ta && self.tb => Ok((
+                pick(need_a, &|| {
+                    causal_product(g, b, false, false, Causal::Tri(Tri::Lower))
+                })?,
+                pick(need_b, &|| {
+                    causal_product(g, a, true, false, Causal::Tri(Tri::Upper))
+                })?,
+            )),
             Causal::GradLower => candle_core::bail!("matmul: a causal gradient of a^T @ b"),
-            Causal::No => {}
+            // For c = op(a) @ op(b): da = g @ op(b)^T and db = op(a)^T @ g, each written as
+            // one product of the stored operands in the stored layout of a and b.
+            Causal::No => match (self.ta, self.tb) {
+                (false, false) => Ok((
+                    pick(need_a, &|| product(g, b, false, true))?,
+                    pick(need_b, &|| product(a, g, true, false))?,
+                )),
+                (false, true) => Ok((
+                    pick(need_a, &|| product(g, b, false, false))?,
+                    pick(need_b, &|| product(g, a, true, false))?,
+                )),
+                (true, false) => Ok((
+                    pick(need_a, &|| product(b, g, false, true))?,
+                    pick(need_b, &|| product(a, g, false, false))?,
+                )),
+                // Built by none of the functions above nor by these gradients.
+                (true, true) => candle_core::bail!("matmul: no backward for a^T @ b^T"),
+            },
         }
-        // For c = op(a) @ op(b): da = g @ op(b)^T and db = op(a)^T @ g, each written as one
-        // product of the stored operands in the stored layout of a and b.
-        let (da, db) = match (self.ta, self.tb) {
-            (false, false) => (product(&g, &b, false, true)?, product(&a, &g, true, false)?),
-            (false, true) => (
-                product(&g, &b, false, false)?,
-                product(&g, &a, true, false)?,
-            ),
-            (true, false) => (
-                product(&b, &g, false, true)?,
-                product(&a, &g, false, false)?,
-            ),
-            // Built by none of the functions above nor by these gradients.
-            (true, true) => candle_core::bail!("matmul: no backward for a^T @ b^T"),
-        };
-        Ok((Some(da), Some(db)))
     }
 }
 

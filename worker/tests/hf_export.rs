@@ -130,8 +130,64 @@ fn merged_models_reload_with_the_same_logits() {
     merged_reloads_with_the_same_logits("llama", None, &all);
     merged_reloads_with_the_same_logits("llama", Some(QuantFormat::Nf4), &all);
     merged_reloads_with_the_same_logits("phi3", None, &["qkv_proj", "gate_up_proj"]);
-    // Stacked experts are written in transformers 5's layout and read back.
-    merged_reloads_with_the_same_logits("qwen2_moe", None, &["q_proj", "gate_proj"]);
+    // Experts are written stacked in transformers 5's layout, their adapters merged, and
+    // read back: Qwen2-MoE's experts and shared expert, Mixtral's experts and routers, and
+    // Mixtral's experts on an NF4 base.
+    merged_reloads_with_the_same_logits(
+        "qwen2_moe",
+        None,
+        &["q_proj", "gate_proj", "up_proj", "down_proj"],
+    );
+    merged_reloads_with_the_same_logits("mixtral", None, &["q_proj", "gate", "w1", "w2", "w3"]);
+    merged_reloads_with_the_same_logits("mixtral", Some(QuantFormat::Nf4), &["w1", "w2", "w3"]);
+}
+
+#[test]
+fn expert_adapters_export_with_peft_names_and_load_back() {
+    // PEFT names experts by their transformers 4 module paths.
+    for (name, targets, keys) in [
+        (
+            "mixtral",
+            vec!["w1", "w2", "w3", "gate"],
+            vec![
+                "model.layers.0.block_sparse_moe.experts.0.w1.lora_A.weight",
+                "model.layers.1.block_sparse_moe.experts.3.w2.lora_B.weight",
+                "model.layers.1.block_sparse_moe.gate.lora_B.weight",
+            ],
+        ),
+        (
+            "qwen2_moe",
+            vec!["gate_proj", "up_proj", "down_proj"],
+            vec![
+                "model.layers.0.mlp.experts.2.down_proj.lora_B.weight",
+                "model.layers.0.mlp.shared_expert.up_proj.lora_A.weight",
+                "model.layers.1.mlp.gate_proj.lora_A.weight",
+            ],
+        ),
+    ] {
+        let dir = fixture(name);
+        let ids = Expected::load(&dir).expect("expected").input_ids;
+        let mut model = hf::load_model(&dir, None, &Device::Cpu).expect("model");
+        adapt(&mut model, &targets);
+        let want = values(&model.forward(&ids).expect("forward"));
+        let tmp = tempfile::tempdir().expect("tmp");
+        let out = tmp.path().join("adapter");
+        export::export_peft(&model, name, &out).expect("export");
+        let saved = candle_core::safetensors::load(out.join(ADAPTER_WEIGHTS), &Device::Cpu)
+            .expect("adapter weights");
+        assert_eq!(saved.len(), model.lora_params().len(), "{name}");
+        for k in keys {
+            let key = format!("base_model.model.{k}");
+            assert!(saved.contains_key(&key), "{name}: {key} missing");
+        }
+        let mut back = hf::load_model(&dir, None, &Device::Cpu).expect("model");
+        export::load_peft(&mut back, &out).expect("load");
+        assert_eq!(
+            values(&back.forward(&ids).expect("forward")),
+            want,
+            "{name}"
+        );
+    }
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! NF4 with double quantisation, NF4's codebook values exact, candle's dequantisation equal
 //! to the host reference, a quantised base's logits close to the f32 base's, and QLoRA
 //! (adapters on an NF4 base) reaching within 2% of the loss of LoRA on a bf16 base at
-//! equal steps. The memory figures of TinyLlama- and Llama-3-8B-shaped bases are an
+//! equal steps; an NF4 Mixtral holds its experts in NF4 and trains adapters on them. The
+//! memory figures of TinyLlama- and Llama-3-8B-shaped bases are an
 //! ignored test that prints JSON (`--ignored --nocapture`).
 
 use candle_core::{DType, Device, Tensor};
@@ -207,6 +208,50 @@ fn qlora_reaches_within_two_percent_of_bf16_lora() {
         gap <= 0.02,
         "QLoRA's loss {q1} is {gap:.4} away from bf16 LoRA's {b1}"
     );
+}
+
+#[test]
+fn qlora_trains_adapters_on_nf4_experts() {
+    let dir = fixture("mixtral");
+    let ids = Expected::load(&dir).expect("expected").input_ids;
+    let mut model =
+        hf::load_quantized(&dir, Some(DType::F32), QuantFormat::Nf4, &Device::Cpu).expect("nf4");
+    // The fixture's shapes: hidden 16, 4 query and 2 key/value heads of 4, experts of 16,
+    // four experts, two layers, vocabulary 64. Attention and every expert in NF4; the
+    // router, norms, embedding and head stay f32.
+    let nf4 = |r, c| QuantFormat::Nf4.bytes(r, c);
+    let per_layer = 2 * nf4(16, 16) + 2 * nf4(8, 16) + 4 * 3 * nf4(16, 16) + 4 * (4 * 16 + 2 * 16);
+    let want = 2 * per_layer + 4 * (2 * 64 * 16 + 16);
+    assert_eq!(model.base_bytes(), want, "the experts are not held in NF4");
+    let mut cfg = HfLoraConfig::new(&["w1", "w2", "w3"]);
+    cfg.rank = 4;
+    cfg.alpha = 8.0;
+    assert_eq!(model.attach_lora(&cfg).expect("attach"), 24);
+    let params = model.lora_params();
+    let mut opt = AdamW::new(&params).expect("adamw");
+    let tc = TrainConfig {
+        weight_decay: 0.0,
+        grad_clip: 1.0,
+        ..TrainConfig::default()
+    };
+    let loss = |m: &HfModel| {
+        m.loss(&ids)
+            .and_then(|l| Ok(l.to_scalar::<f32>()?))
+            .expect("loss")
+    };
+    let start = loss(&model);
+    for step in 0..40 {
+        let grads = model
+            .train_loss(&ids, step)
+            .expect("train loss")
+            .backward()
+            .expect("backward");
+        opt.step(&params, &grads, &tc, 1e-2).expect("step");
+    }
+    let end = loss(&model);
+    println!("NF4 Mixtral, expert adapters: loss {start:.4} -> {end:.4}");
+    assert!(end < 0.8 * start, "loss {start} -> {end}");
+    assert_eq!(model.base_bytes(), want, "training changed the base");
 }
 
 /// One projection shape of a base, and how many of it there are.

@@ -8,10 +8,17 @@
 //! Built on the worker's fused ops (`crate::fused`: RMSNorm, the head split with RoPE, the
 //! causal softmax, SwiGLU, products with their own backward passes), so it runs on the CPU
 //! and on CUDA and is differentiable; the base's tensors are plain tensors (no `Var`s): it
-//! is frozen, and adapters (a later layer) are the only trainable parameters.
+//! is frozen, and adapters (a later layer) are the only trainable parameters. The fused ops
+//! compute no gradient for a constant operand, so a backward pass costs the frozen weights
+//! nothing. [`HfModel::train_grads`] runs a training step's backward pass, either keeping
+//! every layer's activations or with gradient checkpointing per layer ([`Checkpointing`]):
+//! layers run forward detached, keeping only their inputs, then are recomputed one at a
+//! time, last first, each backpropagating `sum(out * grad_out)` for its adapters' gradients
+//! and its input's.
 
 use std::cell::RefCell;
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -24,6 +31,17 @@ use super::moe::Moe;
 use super::quant::{QuantFormat, Weight};
 
 type Result<T> = std::result::Result<T, HfError>;
+
+/// How a training pass keeps what its backward pass needs ([`HfModel::train_grads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checkpointing {
+    /// Every layer's activations stay alive until the backward pass: the fastest.
+    #[default]
+    Off,
+    /// Gradient checkpointing per decoder layer: only each layer's input is kept, and the
+    /// layer is recomputed in the backward pass.
+    Layers,
+}
 
 /// A projection `y = x W^T (+ b)` of the base, with its Hugging Face module path.
 #[derive(Debug, Clone)]
@@ -38,10 +56,34 @@ pub struct Linear {
     pub adapter: Option<Adapter>,
 }
 
-/// What one forward pass does beyond inference: the adapters' dropout while training.
+/// What one forward pass does beyond inference: the adapters' dropout while training, and
+/// a record of how many tokens each expert of each sparse layer got.
 #[derive(Debug, Default)]
 pub(crate) struct Pass {
     dropout: Option<RefCell<Dropout>>,
+    routing: Option<RefCell<Vec<Vec<usize>>>>,
+}
+
+impl Pass {
+    /// The dropout stream's state after the pass.
+    fn into_dropout(self) -> Option<Dropout> {
+        self.dropout.map(RefCell::into_inner)
+    }
+
+    /// A training pass whose dropout masks come from `dropout`.
+    fn training(dropout: Dropout) -> Self {
+        Pass {
+            dropout: Some(RefCell::new(dropout)),
+            routing: None,
+        }
+    }
+
+    /// Notes the tokens per expert of the next sparse layer, when recording.
+    pub(crate) fn record_routing(&self, counts: Vec<usize>) {
+        if let Some(r) = &self.routing {
+            r.borrow_mut().push(counts);
+        }
+    }
 }
 
 impl Linear {
@@ -66,6 +108,21 @@ impl Linear {
             bias,
             adapter: None,
         })
+    }
+
+    /// The weight `[out, in]` with the adapter, if any, folded in: `W + (alpha / r) B A`,
+    /// summed in f32 and cast back to the weight's dtype (quantised weights dequantised).
+    pub(crate) fn merged(&self) -> Result<Tensor> {
+        let w = self.weight.dense()?;
+        let Some(ad) = &self.adapter else {
+            return Ok(w);
+        };
+        let delta =
+            ad.b.as_tensor()
+                .to_dtype(DType::F32)?
+                .matmul(&ad.a.as_tensor().to_dtype(DType::F32)?)?
+                .affine(ad.scale, 0.0)?;
+        Ok((w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?)
     }
 
     /// `x: [N, in]` -> `[N, out]`.
@@ -374,8 +431,17 @@ impl HfModel {
 
     fn forward_pass(&self, ids: &Tensor, pass: &Pass) -> Result<Tensor> {
         let (b, t) = self.check_ids(ids)?;
+        let (mut x, at) = self.embed_ids(ids, b, t)?;
+        for block in &self.blocks {
+            x = self.block(block, &x, &at, pass)?;
+        }
+        self.logits_of(&x, b, t)
+    }
+
+    /// The embedded tokens `[B*T, H]` of checked `ids: [B, T]` and the pass's positions.
+    fn embed_ids(&self, ids: &Tensor, b: usize, t: usize) -> Result<(Tensor, Positions)> {
         let ids = ids.to_device(&self.device)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?;
         let (cos, sin) = self.rope_tables(t)?;
         let at = Positions {
             batch: b,
@@ -383,10 +449,12 @@ impl HfModel {
             cos,
             sin,
         };
-        for block in &self.blocks {
-            x = self.block(block, &x, &at, pass)?;
-        }
-        let x = crate::fused::rms_norm(&x, &self.norm, self.cfg.norm_eps)?;
+        Ok((x, at))
+    }
+
+    /// Logits `[B, T, vocab]` in f32 of the last layer's output `x: [B*T, H]`.
+    fn logits_of(&self, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let x = crate::fused::rms_norm(x, &self.norm, self.cfg.norm_eps)?;
         let head = self.head.as_ref().unwrap_or(&self.embed);
         let logits = crate::fused::matmul_t(&x, head)?.to_dtype(DType::F32)?;
         Ok(logits.reshape((b, t, self.cfg.vocab))?)
@@ -401,22 +469,118 @@ impl HfModel {
     /// [`HfModel::loss`] in training mode: the adapters' dropout masks are drawn from a
     /// ChaCha8 stream seeded with `dropout_seed`, so a step is reproducible.
     pub fn train_loss(&self, ids: &Tensor, dropout_seed: u64) -> Result<Tensor> {
-        self.loss_pass(
-            ids,
-            &Pass {
-                dropout: Some(RefCell::new(Dropout::new(dropout_seed))),
-            },
-        )
+        self.loss_pass(ids, &Pass::training(Dropout::new(dropout_seed)))
     }
 
-    fn loss_pass(&self, ids: &Tensor, pass: &Pass) -> Result<Tensor> {
+    /// [`HfModel::train_loss`] and its backward pass in one: the loss's value and the
+    /// gradients of the adapters (`GradStore::get` with a [`HfModel::lora_params`]
+    /// variable), ready for an optimizer step. With [`Checkpointing::Layers`] only each
+    /// decoder layer's input is kept from the forward pass and each layer is computed again
+    /// during the backward pass, one at a time: the activations held at once are one
+    /// layer's instead of every layer's, for one more forward pass of compute. The two
+    /// give the same gradients up to float rounding (the same dropout masks are drawn, from
+    /// a copy of the stream's state at each layer's start).
+    pub fn train_grads(
+        &self,
+        ids: &Tensor,
+        dropout_seed: u64,
+        checkpointing: Checkpointing,
+    ) -> Result<(f32, GradStore)> {
+        match checkpointing {
+            Checkpointing::Off => {
+                let loss = self.train_loss(ids, dropout_seed)?;
+                let grads = loss.backward()?;
+                Ok((loss.to_scalar::<f32>()?, grads))
+            }
+            Checkpointing::Layers => self.checkpointed_grads(ids, dropout_seed),
+        }
+    }
+
+    fn checkpointed_grads(&self, ids: &Tensor, dropout_seed: u64) -> Result<(f32, GradStore)> {
+        let (b, t) = self.check_loss_ids(ids)?;
+        let (mut x, at) = self.embed_ids(ids, b, t)?;
+        // Forward with no graph kept: each layer's input and the dropout stream's state at
+        // its start are all that survive a layer.
+        let mut dropout = Dropout::new(dropout_seed);
+        let mut saved = Vec::with_capacity(self.blocks.len());
+        for blk in &self.blocks {
+            let pass = Pass::training(dropout.clone());
+            let out = self.block(blk, &x, &at, &pass)?.detach();
+            saved.push((std::mem::replace(&mut x, out), dropout.clone()));
+            if let Some(next) = pass.into_dropout() {
+                dropout = next;
+            }
+        }
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let logits = self.logits_of(top.as_tensor(), b, t)?;
+        let loss = self.loss_of(&logits, ids, b, t)?;
+        drop(logits);
+        let value = loss.to_scalar::<f32>()?;
+        let mut grads = loss.backward()?;
+        drop(loss);
+        let mut grad = take_grad(&mut grads, top.as_tensor(), "the last layer's output")?;
+        drop(top);
+        let params = self.lora_params();
+        // Backwards through the layers, each recomputed with its graph from its saved
+        // input: the gradient of `sum(out * grad_out)` is the layer's share of the loss's.
+        for (l, (blk, (input, dropout))) in self.blocks.iter().zip(saved).enumerate().rev() {
+            // The first layer's input is the frozen embedding's: no gradient wanted.
+            let input = if l == 0 {
+                input
+            } else {
+                Var::from_tensor(&input)?.as_tensor().clone()
+            };
+            let out = self.block(blk, &input, &at, &Pass::training(dropout))?;
+            let mut layer = (out * &grad)?.sum_all()?.backward()?;
+            for (_, p) in &params {
+                if let Some(g) = layer.remove(p.as_tensor()) {
+                    let g = match grads.remove(p.as_tensor()) {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    };
+                    grads.insert(p.as_tensor(), g);
+                }
+            }
+            if l > 0 {
+                grad = take_grad(&mut layer, &input, "a layer's input")?;
+            }
+        }
+        Ok((value, grads))
+    }
+
+    /// Tokens per expert of each sparse layer, in layer order, for an inference pass over
+    /// `ids: [B, T]` (adapters without dropout, so a training pass without dropout routes
+    /// the same): how evenly a batch spreads over the experts, and which experts' adapters
+    /// a step on it trains (an expert no token reaches gets no gradient).
+    pub fn expert_load(&self, ids: &Tensor) -> Result<Vec<Vec<usize>>> {
+        let pass = Pass {
+            dropout: None,
+            routing: Some(RefCell::new(Vec::new())),
+        };
+        self.forward_pass(ids, &pass)?;
+        Ok(pass.routing.map(RefCell::into_inner).unwrap_or_default())
+    }
+
+    /// Checked `ids` of a loss: `(B, T)` with `T >= 2`.
+    fn check_loss_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
         let (b, t) = self.check_ids(ids)?;
         if t < 2 {
             return Err(HfError::Input(
                 "a loss needs sequences of at least two tokens".into(),
             ));
         }
+        Ok((b, t))
+    }
+
+    fn loss_pass(&self, ids: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let (b, t) = self.check_loss_ids(ids)?;
         let logits = self.forward_pass(ids, pass)?;
+        self.loss_of(&logits, ids, b, t)
+    }
+
+    /// The mean next-token cross-entropy of `logits: [B, T, vocab]` for `ids: [B, T]`.
+    fn loss_of(&self, logits: &Tensor, ids: &Tensor, b: usize, t: usize) -> Result<Tensor> {
         let v = self.cfg.vocab;
         let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
         let targets = ids
@@ -722,7 +886,8 @@ impl HfModel {
         out
     }
 
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+    /// [`HfModel::linears`], mutable; without the MoE routers when `router` is false.
+    fn linears_mut(&mut self, router: bool) -> Vec<&mut Linear> {
         let mut out = Vec::new();
         for blk in &mut self.blocks {
             match &mut blk.qkv {
@@ -732,7 +897,7 @@ impl HfModel {
             out.push(&mut blk.o);
             match &mut blk.ffn {
                 FeedForward::Dense(m) => out.extend(m.linears_mut()),
-                FeedForward::Sparse(moe) => out.extend(moe.linears_mut()),
+                FeedForward::Sparse(moe) => out.extend(moe.linears_mut(router)),
             }
         }
         out
@@ -747,7 +912,7 @@ impl HfModel {
         let device = self.device.clone();
         let mut hit = vec![false; cfg.target_modules.len()];
         let mut n = 0;
-        for lin in self.linears_mut() {
+        for lin in self.linears_mut(true) {
             lin.adapter = None;
             if !cfg.targets(&lin.name) {
                 continue;
@@ -771,7 +936,7 @@ impl HfModel {
             .map(|(t, _)| t)
             .collect();
         if !missing.is_empty() {
-            for lin in self.linears_mut() {
+            for lin in self.linears_mut(true) {
                 lin.adapter = None;
             }
             self.lora = None;
@@ -794,10 +959,24 @@ impl HfModel {
         out
     }
 
-    /// The base's own tensors (frozen), by their Hugging Face names, stacked experts as
-    /// `{block}.experts.gate_up_proj` / `down_proj`.
+    /// The base's own tensors (frozen), by their Hugging Face names, a sparse layer's
+    /// router and experts as transformers 5 names and stacks them
+    /// (`model.layers.{l}.mlp.gate.weight`, `.mlp.experts.gate_up_proj`, `.down_proj`).
     /// Quantised projections come back dequantised.
     pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.tensors_with(&|lin: &Linear| lin.weight.dense())
+    }
+
+    /// [`HfModel::base_tensors`] with every adapter folded into its projection's weight
+    /// (`W + (alpha / r) B A`, summed in f32, then cast to the compute dtype).
+    pub(crate) fn merged_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.tensors_with(&|lin: &Linear| lin.merged())
+    }
+
+    fn tensors_with(
+        &self,
+        weight: &dyn Fn(&Linear) -> Result<Tensor>,
+    ) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (l, blk) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{l}");
@@ -806,14 +985,20 @@ impl HfModel {
                 format!("{p}.post_attention_layernorm.weight"),
                 blk.ffn_norm.clone(),
             ));
-            if let FeedForward::Sparse(moe) = &blk.ffn {
-                out.extend(moe.stacked(&p));
+            let mut lins: Vec<&Linear> = match &blk.qkv {
+                Qkv::Apart { q, k, v } => vec![q, k, v],
+                Qkv::Fused(l) => vec![l],
+            };
+            lins.push(&blk.o);
+            match &blk.ffn {
+                FeedForward::Dense(m) => lins.extend(m.linears()),
+                FeedForward::Sparse(moe) => out.extend(moe.tensors_with(&p, weight)?),
             }
-        }
-        for lin in self.linears() {
-            out.push((format!("{}.weight", lin.name), lin.weight.dense()?));
-            if let Some(b) = &lin.bias {
-                out.push((format!("{}.bias", lin.name), b.clone()));
+            for lin in lins {
+                out.push((format!("{}.weight", lin.name), weight(lin)?));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{}.bias", lin.name), b.clone()));
+                }
             }
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
@@ -823,11 +1008,11 @@ impl HfModel {
         Ok(out)
     }
 
-    /// Quantises every projection of the base (attention, dense MLP, shared expert) into
-    /// `fmt`, one at a time; the embedding, norms, head, router and stacked experts stay in
+    /// Quantises every projection of the base (attention, dense MLP, experts, shared
+    /// expert) into `fmt`, one at a time; the embedding, norms, head and MoE routers stay in
     /// the compute dtype. Adapters are kept.
     pub fn quantize(&mut self, fmt: QuantFormat) -> Result<()> {
-        for lin in self.linears_mut() {
+        for lin in self.linears_mut(false) {
             lin.weight.quantize(fmt)?;
         }
         Ok(())
@@ -841,9 +1026,6 @@ impl HfModel {
         n += self.head.as_ref().map_or(0, size);
         for blk in &self.blocks {
             n += size(&blk.attn_norm) + size(&blk.ffn_norm);
-            if let FeedForward::Sparse(moe) = &blk.ffn {
-                n += moe.stacked("").iter().map(|(_, t)| size(t)).sum::<u64>();
-            }
         }
         for lin in self.linears() {
             n += lin.weight.bytes() + lin.bias.as_ref().map_or(0, size);
@@ -854,15 +1036,6 @@ impl HfModel {
     /// The settings of the attached adapters, if any.
     pub fn lora_config(&self) -> Option<&HfLoraConfig> {
         self.lora.as_ref()
-    }
-
-    /// Every adapted projection: its module path, its dense weight `[out, in]` (dequantised
-    /// when quantised) and its adapter.
-    pub(crate) fn adapted(&self) -> Vec<(&Linear, &Adapter)> {
-        self.linears()
-            .into_iter()
-            .filter_map(|l| l.adapter.as_ref().map(|a| (l, a)))
-            .collect()
     }
 }
 
@@ -885,6 +1058,16 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// Removes the gradient of `t` from `grads`; `what` names `t` in the error of a missing one
+/// (a bug: every layer's output depends on its input).
+fn take_grad(grads: &mut GradStore, t: &Tensor, what: &str) -> Result<Tensor> {
+    grads.remove(t).ok_or_else(|| {
+        HfError::Tensor(candle_core::Error::Msg(format!(
+            "checkpointing: no gradient reached {what}"
+        )))
+    })
 }
 
 /// Grouped-query attention: each of the `kv` heads of `x: [B, kv, T, hd]` serves `rep`

@@ -82,7 +82,7 @@ pub fn export_peft(model: &HfModel, base: &str, dir: &Path) -> Result<()> {
 /// Writes `model` with its adapters folded into the base weights to a new directory
 /// `dir`: `config_json` (the base's `config.json`, which must describe this model) and
 /// `model.safetensors` in the compute dtype. Quantised projections are written
-/// dequantised; stacked experts in transformers 5's layout.
+/// dequantised; experts (with their adapters merged) stacked in transformers 5's layout.
 pub fn export_merged(model: &HfModel, config_json: &str, dir: &Path) -> Result<()> {
     let cfg = HfConfig::from_json(config_json)?;
     if &cfg != model.config() {
@@ -91,18 +91,7 @@ pub fn export_merged(model: &HfModel, config_json: &str, dir: &Path) -> Result<(
             "describes a different model than the one being exported",
         ));
     }
-    let dt = model.dtype();
-    let mut tensors: HashMap<String, Tensor> = model.base_tensors()?.into_iter().collect();
-    for (lin, ad) in model.adapted() {
-        let key = format!("{}.weight", lin.name);
-        let w = lin.weight.dense()?.to_dtype(DType::F32)?;
-        let delta =
-            ad.b.as_tensor()
-                .to_dtype(DType::F32)?
-                .matmul(&ad.a.as_tensor().to_dtype(DType::F32)?)?
-                .affine(ad.scale, 0.0)?;
-        tensors.insert(key, (w + delta)?.to_dtype(dt)?);
-    }
+    let tensors = model.merged_tensors()?;
     let tensors: HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(k, t)| Ok((k, t.contiguous()?)))

@@ -1,11 +1,13 @@
 //! LoRA adapters on a frozen Hugging Face base, configured with PEFT's names: `r`,
 //! `lora_alpha`, `lora_dropout` and `target_modules` (module names such as `q_proj`,
 //! `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`, Phi-3's `qkv_proj` and
-//! `gate_up_proj`, or `all-linear`). A target matches a projection whose module path is the
-//! target or ends in `.` + target, as PEFT matches; a target that matches nothing is an
-//! error, as in PEFT. Experts are held stacked, as transformers 5 holds them, where they are
-//! parameters rather than `Linear` modules, so `target_modules` does not reach them there
-//! either (PEFT's `target_parameters` does; not implemented here).
+//! `gate_up_proj`, Mixtral's experts' `w1`, `w2`, `w3`, an MoE router's `gate`, or
+//! `all-linear`). A target matches a projection whose module path is the target or ends in
+//! `.` + target, as PEFT matches; a target that matches nothing is an error, as in PEFT.
+//! Experts are reached by the module paths of transformers 4 (see [`super::moe`]): `w1`
+//! adapts every expert's `w1` in every layer, `experts.3.w1` expert 3's, `gate_proj` on
+//! Qwen2-MoE every expert's and the shared expert's. `all-linear` is every projection but
+//! the output head, as PEFT's is on transformers 4 modules: experts and routers included.
 //!
 //! The adapter of a projection `W: [out, in]` is `A: [r, in]` (PEFT's kaiming-uniform
 //! start: uniform in `±1/sqrt(in)`, from a seeded ChaCha8 stream) and `B: [out, r]` (zero,
@@ -27,7 +29,8 @@ pub const MAX_RANK: usize = 4096;
 /// The projections a target list may name, for the error message of a target that matches
 /// nothing.
 const KNOWN: &str = "q_proj, k_proj, v_proj, o_proj, qkv_proj, gate_proj, up_proj, down_proj, \
-                     gate_up_proj, shared_expert_gate, all-linear";
+                     gate_up_proj, w1, w2, w3 (Mixtral's experts), gate (an MoE router), \
+                     shared_expert_gate, all-linear";
 
 /// A LoRA configuration in PEFT's terms.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,8 +101,8 @@ impl HfLoraConfig {
         HfError::config(
             "target_modules",
             format!(
-                "{missing:?} match no projection of this base (projections are named {KNOWN}; \
-                 experts are not targetable)"
+                "{missing:?} match no projection of this base (projections are named {KNOWN}, \
+                 each also reachable by a dotted suffix of its module path)"
             ),
         )
     }
@@ -157,8 +160,9 @@ impl Adapter {
 }
 
 /// The dropout masks of one training pass, drawn in order from a seeded stream so that a
-/// pass is reproducible.
-#[derive(Debug)]
+/// pass is reproducible. A copy continues the stream from the same point (gradient
+/// checkpointing draws a layer's masks again from the copy taken at its start).
+#[derive(Debug, Clone)]
 pub(crate) struct Dropout {
     rng: ChaCha8Rng,
 }

@@ -6,8 +6,9 @@
 //! The boundary: this module reads a base's files and computes its logits and loss; it
 //! does not know the worker's own MoE transformer (`crate::model`), runs or swarms.
 //! [`config`] checks `config.json` (and refuses unsupported architectures by name),
-//! [`load`] maps the weights, [`decoder`] and [`moe`] compute, [`lora`] adds trainable
-//! adapters on the frozen base, [`quant`] holds the frozen projections in int8 or NF4
+//! [`load`] maps the weights, [`decoder`] and [`moe`] compute (and train, with optional
+//! gradient checkpointing), [`lora`] adds trainable adapters on the frozen base (experts
+//! included), [`quant`] holds the frozen projections in int8 or NF4
 //! (QLoRA), [`export`] writes PEFT adapters and merged models, [`generate`] samples text
 //! with a key/value cache, [`parity`] compares with a reference.
 
@@ -27,7 +28,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 pub use config::{Arch, HfConfig};
-pub use decoder::{HfModel, KvCache};
+pub use decoder::{Checkpointing, HfModel, KvCache};
 pub use error::HfError;
 pub use load::WeightFiles;
 pub use lora::HfLoraConfig;

@@ -7,12 +7,18 @@
 //! `router_jitter_noise` (a training-time perturbation, 0 in the released configs) is not
 //! applied.
 //!
-//! Experts are held stacked (`gate_up: [E, 2I, H]` with each expert's `[gate; up]`,
-//! `down: [E, H, I]`), the layout transformers 5 keeps in memory; the per-expert tensors of
-//! the files on the Hub (`experts.{e}.w1/w3/w2` for Mixtral, `experts.{e}.gate_proj/...`
-//! for Qwen2-MoE) are stacked into it at load. The gate weights are a differentiable
-//! function of the router's output (a masked softmax), so gradients reach the tokens
-//! through them as they do in `transformers`.
+//! Every expert is three [`Linear`]s with the module paths of transformers 4, the layout
+//! PEFT's `target_modules` reaches experts through: Mixtral's
+//! `model.layers.{l}.block_sparse_moe.experts.{e}.w1` (gate), `w3` (up), `w2` (down) and
+//! router `block_sparse_moe.gate`; Qwen2-MoE's `model.layers.{l}.mlp.experts.{e}.gate_proj`,
+//! `up_proj`, `down_proj` and router `mlp.gate`. So experts carry LoRA adapters and are
+//! quantised like any projection. Files in transformers 5's stacked layout
+//! (`experts.gate_up_proj: [E, 2I, H]`, `experts.down_proj: [E, H, I]`) load as views of the
+//! stacked tensors (no copy), under the same module paths; merged exports write that
+//! stacked layout back. The gate weights are a differentiable function of the router's
+//! output (a masked softmax), so gradients reach the tokens (and a router's adapter) through
+//! them as they do in `transformers`; an expert no token was routed to is not in the graph
+//! and gets no gradient.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -27,12 +33,10 @@ type Result<T> = std::result::Result<T, HfError>;
 /// One sparse feed-forward layer.
 #[derive(Debug, Clone)]
 pub struct Moe {
-    /// `[E, H]`.
-    router: Tensor,
-    /// `[E, 2I, H]`: expert `e`'s gate rows, then its up rows.
-    gate_up: Tensor,
-    /// `[E, H, I]`.
-    down: Tensor,
+    /// `{block}.gate`: `[E, H]`, kept in the compute dtype when the base is quantised.
+    router: Linear,
+    /// Each expert's SwiGLU: gate (`w1`), up (`w3`), down (`w2`).
+    experts: Vec<Mlp>,
     top_k: usize,
     norm_topk: bool,
     /// Qwen2-MoE's shared expert and its gate `[1, H]`.
@@ -60,34 +64,58 @@ impl Moe {
             }
             _ => format!("{prefix}.mlp"),
         };
-        let router = w.tensor(&format!("{block}.gate.weight"), &[e, h], dtype, device)?;
-        let stacked = format!("{block}.experts.gate_up_proj");
-        let (gate_up, down) = if w.contains(&stacked) {
-            (
-                w.tensor(&stacked, &[e, 2 * i, h], dtype, device)?,
-                w.tensor(
-                    &format!("{block}.experts.down_proj"),
-                    &[e, h, i],
-                    dtype,
-                    device,
-                )?,
-            )
-        } else {
-            let (g, u, d) = match cfg.arch {
-                Arch::Mixtral => ("w1", "w3", "w2"),
-                _ => ("gate_proj", "up_proj", "down_proj"),
-            };
-            let mut gu = Vec::with_capacity(e);
-            let mut dn = Vec::with_capacity(e);
-            for x in 0..e {
-                let p = format!("{block}.experts.{x}");
-                let gate = w.tensor(&format!("{p}.{g}.weight"), &[i, h], dtype, device)?;
-                let up = w.tensor(&format!("{p}.{u}.weight"), &[i, h], dtype, device)?;
-                gu.push(Tensor::cat(&[gate, up], 0)?);
-                dn.push(w.tensor(&format!("{p}.{d}.weight"), &[h, i], dtype, device)?);
-            }
-            (Tensor::stack(&gu, 0)?, Tensor::stack(&dn, 0)?)
+        // The module paths of transformers 4 (see the module's note), whatever the files.
+        let module = match cfg.arch {
+            Arch::Mixtral => format!("{prefix}.block_sparse_moe"),
+            _ => format!("{prefix}.mlp"),
         };
+        let (g, u, d) = match cfg.arch {
+            Arch::Mixtral => ("w1", "w3", "w2"),
+            _ => ("gate_proj", "up_proj", "down_proj"),
+        };
+        let dense = |name: String, weight: Tensor| Linear {
+            name,
+            weight: Weight::Dense(weight),
+            bias: None,
+            adapter: None,
+        };
+        let router = dense(
+            format!("{module}.gate"),
+            w.tensor(&format!("{block}.gate.weight"), &[e, h], dtype, device)?,
+        );
+        let stacked = format!("{block}.experts.gate_up_proj");
+        let mut experts = Vec::with_capacity(e);
+        if w.contains(&stacked) {
+            let gate_up = w.tensor(&stacked, &[e, 2 * i, h], dtype, device)?;
+            let down = w.tensor(
+                &format!("{block}.experts.down_proj"),
+                &[e, h, i],
+                dtype,
+                device,
+            )?;
+            for x in 0..e {
+                let p = format!("{module}.experts.{x}");
+                let gu = gate_up.get(x)?;
+                experts.push(Mlp::Apart {
+                    gate: dense(format!("{p}.{g}"), gu.narrow(0, 0, i)?),
+                    up: dense(format!("{p}.{u}"), gu.narrow(0, i, i)?),
+                    down: dense(format!("{p}.{d}"), down.get(x)?),
+                });
+            }
+        } else {
+            for x in 0..e {
+                let file = format!("{block}.experts.{x}");
+                let p = format!("{module}.experts.{x}");
+                let t = |n: &str, shape: &[usize]| {
+                    w.tensor(&format!("{file}.{n}.weight"), shape, dtype, device)
+                };
+                experts.push(Mlp::Apart {
+                    gate: dense(format!("{p}.{g}"), t(g, &[i, h])?),
+                    up: dense(format!("{p}.{u}"), t(u, &[i, h])?),
+                    down: dense(format!("{p}.{d}"), t(d, &[h, i])?),
+                });
+            }
+        }
         let shared = match m.shared_hidden {
             None => None,
             Some(s) => Some((
@@ -115,56 +143,87 @@ impl Moe {
         };
         Ok(Moe {
             router,
-            gate_up,
-            down,
+            experts,
             top_k: m.top_k,
             norm_topk: m.norm_topk,
             shared,
         })
     }
 
-    /// The shared expert's projections and its gate, in order (the experts are not
-    /// `Linear`s: see the module's note).
+    /// Every projection, in order: the router, each expert's gate, up and down, then the
+    /// shared expert's projections and its gate.
     pub(crate) fn linears(&self) -> Vec<&Linear> {
-        match &self.shared {
-            Some((mlp, gate)) => {
-                let mut v = mlp.linears();
-                v.push(gate);
-                v
-            }
-            None => Vec::new(),
+        let mut v = vec![&self.router];
+        for ex in &self.experts {
+            v.extend(ex.linears());
         }
+        if let Some((mlp, gate)) = &self.shared {
+            v.extend(mlp.linears());
+            v.push(gate);
+        }
+        v
     }
 
-    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        match &mut self.shared {
-            Some((mlp, gate)) => {
-                let mut v = mlp.linears_mut();
-                v.push(gate);
-                v
-            }
-            None => Vec::new(),
+    /// [`Moe::linears`], mutable; without the router when `router` is false.
+    pub(crate) fn linears_mut(&mut self, router: bool) -> Vec<&mut Linear> {
+        let mut v = Vec::new();
+        if router {
+            v.push(&mut self.router);
         }
+        for ex in &mut self.experts {
+            v.extend(ex.linears_mut());
+        }
+        if let Some((mlp, gate)) = &mut self.shared {
+            v.extend(mlp.linears_mut());
+            v.push(gate);
+        }
+        v
     }
 
-    /// The router and the stacked experts' tensors under block prefix `p`
-    /// (`model.layers.{l}`), named as transformers 5 names them.
-    pub(crate) fn stacked(&self, p: &str) -> Vec<(String, Tensor)> {
-        vec![
-            (format!("{p}.mlp.gate.weight"), self.router.clone()),
+    /// The layer's tensors as transformers 5 names them under block prefix `p`
+    /// (`model.layers.{l}`): router, stacked experts, then the shared expert's projections
+    /// and gate by their module paths. `weight` gives each projection's weight (the base's,
+    /// or one with its adapter merged in).
+    pub(crate) fn tensors_with(
+        &self,
+        p: &str,
+        weight: &dyn Fn(&Linear) -> Result<Tensor>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut gate_up = Vec::with_capacity(self.experts.len());
+        let mut down = Vec::with_capacity(self.experts.len());
+        for ex in &self.experts {
+            match ex.linears().as_slice() {
+                [g, u, d] => {
+                    gate_up.push(Tensor::cat(&[weight(g)?, weight(u)?], 0)?);
+                    down.push(weight(d)?);
+                }
+                _ => return Err(HfError::Input("an expert is not gate, up and down".into())),
+            }
+        }
+        let mut out = vec![
+            (format!("{p}.mlp.gate.weight"), weight(&self.router)?),
             (
                 format!("{p}.mlp.experts.gate_up_proj"),
-                self.gate_up.clone(),
+                Tensor::stack(&gate_up, 0)?,
             ),
-            (format!("{p}.mlp.experts.down_proj"), self.down.clone()),
-        ]
+            (
+                format!("{p}.mlp.experts.down_proj"),
+                Tensor::stack(&down, 0)?,
+            ),
+        ];
+        if let Some((mlp, gate)) = &self.shared {
+            for lin in mlp.linears().into_iter().chain([gate]) {
+                out.push((format!("{}.weight", lin.name), weight(lin)?));
+            }
+        }
+        Ok(out)
     }
 
     /// `x: [N, H]` -> `[N, H]`.
     pub(crate) fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
-        let e = self.router.dim(0)?;
-        let logits = crate::fused::matmul_t(x, &self.router)?;
+        let e = self.experts.len();
+        let logits = self.router.forward(x, pass)?;
         let probs = candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, 1)?;
         let choice =
             crate::fused::topk_host(&probs.flatten_all()?.to_vec1::<f32>()?, e, self.top_k);
@@ -177,6 +236,7 @@ impl Moe {
                 tokens[c as usize].push(row as u32);
             }
         }
+        pass.record_routing(tokens.iter().map(Vec::len).collect());
         let mask = Tensor::from_vec(mask, (n, e), x.device())?;
         let mut gates = (probs * mask)?;
         if self.norm_topk {
@@ -184,15 +244,12 @@ impl Moe {
         }
         let gates = gates.to_dtype(x.dtype())?;
         let mut out = x.zeros_like()?;
-        for (ex, rows) in tokens.iter().enumerate() {
+        for (ex, (expert, rows)) in self.experts.iter().zip(&tokens).enumerate() {
             if rows.is_empty() {
                 continue;
             }
             let idx = Tensor::from_vec(rows.clone(), rows.len(), x.device())?;
-            let xs = x.index_select(&idx, 0)?;
-            let act =
-                crate::fused::swiglu_packed(&crate::fused::matmul_t(&xs, &self.gate_up.get(ex)?)?)?;
-            let y = crate::fused::matmul_t(&act, &self.down.get(ex)?)?;
+            let y = expert.forward(&x.index_select(&idx, 0)?, pass)?;
             let g = gates
                 .narrow(1, ex, 1)?
                 .contiguous()?
