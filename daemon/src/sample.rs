@@ -151,7 +151,7 @@ pub enum SampleError {
 fn adapter_hint(e: &HfError) -> &'static str {
     match e {
         HfError::Shape { .. } | HfError::MissingTensor { .. } => {
-            " (were they trained on another base, or is adapter_config.json's r not theirs?)"
+            " (were they trained on another base?)"
         }
         HfError::Config { field, .. } if field == "target_modules" => {
             " (were they trained on another architecture?)"

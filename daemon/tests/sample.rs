@@ -354,7 +354,7 @@ fn bad_paths_files_and_flags_are_clear_errors() {
     run(
         d,
         &["--adapters", p(&rank)],
-        "another base, or is adapter_config.json's r",
+        "does not describe these weights",
     );
     let module = t.join("module");
     edited_adapters(&good, &module, |v| {
