@@ -44,6 +44,9 @@ pub enum Command {
     /// Start a local swarm of daemons on loopback that trains a small MoE model on the
     /// built-in corpus, and report loss, bytes exchanged and the final checkpoint's root.
     Demo(crate::train::cli::DemoArgs),
+    /// Generate text from a model on disk: a Hugging Face base (optionally with PEFT
+    /// adapters) or a Potluck checkpoint.
+    Sample(crate::sample::SampleArgs),
     /// Check a checkpoint directory offline: every chunk, header, file hash and signature.
     Verify(crate::train::cli::VerifyArgs),
     /// Start, join or watch a training run on the local daemon.
@@ -250,6 +253,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::train::cli::demo(args).await
         }
         Command::Verify(args) => crate::train::cli::verify(args),
+        Command::Sample(args) => crate::sample::run(args),
         Command::Run(cmd) => crate::train::cli::run(cmd).await,
         Command::Invite(args) => crate::train::cli::invite(args).await,
         Command::Join(args) => crate::train::cli::join(args).await,

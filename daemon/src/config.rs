@@ -434,7 +434,7 @@ impl Config {
 }
 
 /// `cpu`, `cuda` (the first GPU) or `cuda:N`.
-fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+pub(crate) fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     match s.trim() {
         "cpu" => Ok(DeviceSpec::Cpu),
         "cuda" => Ok(DeviceSpec::Cuda(0)),

@@ -25,7 +25,9 @@ use crate::optim::AdamW;
 
 /// Name of the checkpoint's metadata file.
 pub const CONFIG_FILE: &str = "config.json";
-const FORMAT: &str = "potluck-worker-checkpoint";
+/// The `format` field of a checkpoint's `config.json`: what tells a checkpoint from a
+/// Hugging Face model directory, which also has a `config.json`.
+pub const FORMAT: &str = "potluck-worker-checkpoint";
 const FORMAT_VERSION: u32 = 1;
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 

@@ -5,12 +5,17 @@
 //! for every new token, which is what a model of a few hundred thousand parameters and a
 //! sample of a few dozen tokens can afford, and keeps it exactly the function training runs.
 //!
+//! With `top_p` below 1 the choice is nucleus sampling, by the same rule as the Hugging Face
+//! generator ([`crate::hf::generate::choose`]), so `potluck sample` means one thing by
+//! `--top-p` whichever kind of model it reads.
+//!
 //! The boundary: token ids in, token ids out; tokenising and printing belong to the caller.
 
 use candle_core::{IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::hf::generate::{Sampling, choose as hf_choose};
 use crate::{Model, WorkerError};
 
 /// The most tokens one call generates: the cost is one full forward pass per token.
@@ -24,6 +29,10 @@ pub struct SampleConfig {
     /// 0 picks the most likely token (the lowest id among equals); a positive value samples
     /// from the softmax of `logits / temperature`.
     pub temperature: f32,
+    /// In (0, 1]: below 1 (and at a positive temperature) the token is drawn from the
+    /// smallest set of most likely tokens whose probabilities sum to at least `top_p`;
+    /// 1 draws from the whole softmax.
+    pub top_p: f32,
     /// Seed of the ChaCha8 stream the samples are drawn from, so a sample is reproducible.
     pub seed: u64,
 }
@@ -55,6 +64,12 @@ pub fn sample(model: &Model, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u
             cfg.temperature
         )));
     }
+    if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
+        return Err(WorkerError::Config(format!(
+            "top_p {} must be in (0, 1]",
+            cfg.top_p
+        )));
+    }
     let w = model.weights(false)?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut seq = prompt.to_vec();
@@ -68,7 +83,7 @@ pub fn sample(model: &Model, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u
             .i((0, t - 1))?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1()?;
-        let next = choose(&logits, cfg.temperature, &mut rng)?;
+        let next = choose(&logits, cfg.temperature, cfg.top_p, &mut rng)?;
         out.push(next);
         seq.push(next);
     }
@@ -76,7 +91,12 @@ pub fn sample(model: &Model, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u
 }
 
 /// Picks a token from one row of logits.
-fn choose(logits: &[f32], temperature: f32, rng: &mut ChaCha8Rng) -> Result<u32, WorkerError> {
+fn choose(
+    logits: &[f32],
+    temperature: f32,
+    top_p: f32,
+    rng: &mut ChaCha8Rng,
+) -> Result<u32, WorkerError> {
     if logits.is_empty() || logits.iter().any(|v| !v.is_finite()) {
         return Err(WorkerError::NonFinite(
             "the model's logits are empty or not finite".into(),
@@ -90,6 +110,15 @@ fn choose(logits: &[f32], temperature: f32, rng: &mut ChaCha8Rng) -> Result<u32,
     }
     if temperature == 0.0 {
         return Ok(best as u32);
+    }
+    if top_p < 1.0 {
+        let rule = Sampling::TopP {
+            top_p: f64::from(top_p),
+            temperature: f64::from(temperature),
+            // Unused by `choose`: the stream is `rng`.
+            seed: 0,
+        };
+        return hf_choose(logits, rule, rng).map_err(|e| WorkerError::Config(e.to_string()));
     }
     // Softmax in f64 from the maximum, so no weight overflows.
     let max = logits[best] as f64;
@@ -129,6 +158,7 @@ mod tests {
         SampleConfig {
             max_new_tokens: n,
             temperature,
+            top_p: 1.0,
             seed,
         }
     }
@@ -186,12 +216,44 @@ mod tests {
             (vec![1], cfg(MAX_SAMPLE_TOKENS + 1, 0.0, 0), "at most"),
             (vec![1], cfg(1, -1.0, 0), "temperature"),
             (vec![1], cfg(1, f32::NAN, 0), "temperature"),
+            (
+                vec![1],
+                SampleConfig {
+                    top_p: 0.0,
+                    ..cfg(1, 1.0, 0)
+                },
+                "top_p",
+            ),
+            (
+                vec![1],
+                SampleConfig {
+                    top_p: 1.5,
+                    ..cfg(1, 1.0, 0)
+                },
+                "top_p",
+            ),
         ] {
             let e = sample(&m, &prompt, &c).unwrap_err().to_string();
             assert!(e.contains(what), "{e}");
         }
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        assert!(choose(&[0.0, f32::NAN], 1.0, &mut rng).is_err());
-        assert!(choose(&[], 0.0, &mut rng).is_err());
+        assert!(choose(&[0.0, f32::NAN], 1.0, 1.0, &mut rng).is_err());
+        assert!(choose(&[], 0.0, 1.0, &mut rng).is_err());
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // Probabilities about 0.64, 0.24, 0.09, 0.03: top_p 0.5 keeps the first alone, 0.8
+        // the first two; 1.0 draws from all four.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let draw = |p: f32, rng: &mut ChaCha8Rng| -> std::collections::BTreeSet<u32> {
+            (0..400)
+                .map(|_| choose(&logits, 1.0, p, rng).unwrap())
+                .collect()
+        };
+        assert_eq!(draw(0.5, &mut rng), [0].into());
+        assert_eq!(draw(0.8, &mut rng), [0, 1].into());
+        assert_eq!(draw(1.0, &mut rng), [0, 1, 2, 3].into());
     }
 }

@@ -262,9 +262,32 @@ fn a_peft_export_loads_back_with_the_same_logits() {
     std::fs::write(&cfg_path, json.to_string()).expect("write");
     let err = export::load_peft(&mut back, &out).expect_err("rank");
     assert!(
-        matches!(err, HfError::Shape { .. } | HfError::TooLarge { .. }),
+        matches!(&err, HfError::Config { field, .. } if field == "r"),
         "{err}"
     );
+    // A rank far past the file's tensors is refused from the header, before the adapters
+    // it claims are allocated.
+    json["r"] = serde_json::json!(4096);
+    std::fs::write(&cfg_path, json.to_string()).expect("write");
+    let err = export::load_peft(&mut back, &out).expect_err("huge rank");
+    assert!(
+        matches!(&err, HfError::Config { field, .. } if field == "r"),
+        "{err}"
+    );
+    json["r"] = serde_json::json!(4);
+    std::fs::write(&cfg_path, json.to_string()).expect("write");
+    // A header whose length or offsets pass the file's end.
+    let wpath = out.join(ADAPTER_WEIGHTS);
+    let good = std::fs::read(&wpath).expect("weights");
+    let mut lying = good.clone();
+    lying[..8].copy_from_slice(&(good.len() as u64).to_le_bytes());
+    std::fs::write(&wpath, &lying).expect("write");
+    let err = export::load_peft(&mut back, &out).expect_err("header length");
+    assert!(matches!(err, HfError::Safetensors { .. }), "{err}");
+    std::fs::write(&wpath, &good[..good.len() - 4]).expect("write");
+    let err = export::load_peft(&mut back, &out).expect_err("truncated data");
+    assert!(matches!(err, HfError::Safetensors { .. }), "{err}");
+    std::fs::write(&wpath, &good).expect("write");
     json["r"] = serde_json::json!(4);
     json["use_dora"] = serde_json::json!(true);
     std::fs::write(&cfg_path, json.to_string()).expect("write");

@@ -294,6 +294,7 @@ fn samples(
         // The source is random: at temperature 1 a model that learned it writes text like
         // it, where greedy decoding would loop on the likeliest path.
         temperature: 1.0,
+        top_p: 1.0,
         seed: run.inner.seed,
     };
     let trained = Replica::load_checkpoint(checkpoint, &DeviceSpec::Cpu)

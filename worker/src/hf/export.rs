@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
@@ -107,8 +107,9 @@ const MAX_ADAPTER_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Puts the adapters of the PEFT directory `dir` on `model` (replacing any): LoRA only,
 /// `target_modules` a list (or the string `all-linear`), every tensor present with the
-/// shape the model's projection implies. The weights file is size-checked against what
-/// the config implies before it is read.
+/// shape the model's projection implies. The weights file's header is checked against `r`
+/// before any adapter is allocated, and its size against what the config implies before
+/// its tensors are read.
 pub fn load_peft(model: &mut HfModel, dir: &Path) -> Result<()> {
     let cpath = dir.join(ADAPTER_CONFIG);
     let meta = std::fs::metadata(&cpath).map_err(|e| HfError::io(&cpath, e))?;
@@ -174,6 +175,8 @@ pub fn load_peft(model: &mut HfModel, dir: &Path) -> Result<()> {
             ));
         }
     };
+    let wpath = dir.join(ADAPTER_WEIGHTS);
+    check_ranks(&wpath, rank)?;
     let cfg = HfLoraConfig {
         rank: usize::try_from(rank).map_err(|_| HfError::config("r", "too large"))?,
         alpha,
@@ -184,7 +187,6 @@ pub fn load_peft(model: &mut HfModel, dir: &Path) -> Result<()> {
     model.attach_lora(&cfg)?;
     let params = model.lora_params();
     let want: u64 = params.iter().map(|(_, v)| v.elem_count() as u64 * 4).sum();
-    let wpath = dir.join(ADAPTER_WEIGHTS);
     let len = std::fs::metadata(&wpath)
         .map_err(|e| HfError::io(&wpath, e))?
         .len();
@@ -226,6 +228,84 @@ pub fn load_peft(model: &mut HfModel, dir: &Path) -> Result<()> {
             });
         }
         var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    Ok(())
+}
+
+/// Largest header of an adapter weights file read (its tensors' names, dtypes, shapes and
+/// offsets).
+const MAX_ADAPTER_HEADER_BYTES: u64 = 16 << 20;
+
+/// Checks, from the header of the adapter weights file at `path` alone, that every
+/// `lora_A` is `[r, _]` and every `lora_B` `[_, r]` for the config's `r`, each tensor's
+/// bytes within the file. Run before [`HfModel::attach_lora`]: the adapters it allocates
+/// are then of the rank of tensors really on disk, not of whatever rank a config claims.
+fn check_ranks(path: &Path, rank: u64) -> Result<()> {
+    let bad = |reason: String| HfError::Safetensors {
+        path: path.into(),
+        reason,
+    };
+    let mut f = File::open(path).map_err(|e| HfError::io(path, e))?;
+    let len = f.metadata().map_err(|e| HfError::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_ADAPTER_HEADER_BYTES || n > len.saturating_sub(8) {
+        return Err(bad(format!(
+            "its header claims {n} bytes, past the file ({len} bytes) or the limit of \
+             {MAX_ADAPTER_HEADER_BYTES}"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| HfError::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("its header: {e}")))?;
+    let data = len - 8 - n;
+    for (name, t) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let nums = |key: &str| -> Option<Vec<u64>> {
+            t.get(key)?.as_array()?.iter().map(|d| d.as_u64()).collect()
+        };
+        let shape = nums("shape").ok_or_else(|| bad(format!("{name} has no shape")))?;
+        let elem: u64 = match t.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => 4,
+            Some("BF16" | "F16") => 2,
+            Some("F64") => 8,
+            other => {
+                return Err(bad(format!(
+                    "{name} has dtype {other:?}; adapters are F32, BF16, F16 or F64"
+                )));
+            }
+        };
+        let bytes = shape.iter().try_fold(elem, |acc, d| acc.checked_mul(*d));
+        match nums("data_offsets").as_deref() {
+            Some(&[start, end]) if start <= end && end <= data && Some(end - start) == bytes => {}
+            _ => {
+                return Err(bad(format!(
+                    "{name}'s data offsets do not hold its shape {shape:?} within the file"
+                )));
+            }
+        }
+        let rank_dim = if name.ends_with("lora_A.weight") {
+            Some(0)
+        } else if name.ends_with("lora_B.weight") {
+            Some(1)
+        } else {
+            None
+        };
+        if let Some(i) = rank_dim
+            && (shape.len() != 2 || shape[i] != rank)
+        {
+            return Err(HfError::config(
+                "r",
+                format!(
+                    "is {rank}, but {name} in {} has shape {shape:?}: the adapter config \
+                     does not describe these weights",
+                    path.display()
+                ),
+            ));
+        }
     }
     Ok(())
 }
