@@ -518,6 +518,21 @@ impl DeviceSpec {
     }
 }
 
+/// How a training pass keeps what its backward pass needs: the worker's own model
+/// (`Model::train_grads`, through [`TrainConfig::checkpointing`]) and the Hugging Face bases
+/// (`HfModel::train_grads`) take the same setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// Every layer's activations stay alive until the backward pass: the fastest.
+    #[default]
+    Off,
+    /// Gradient checkpointing per layer (a decoder layer, or a block of the worker's model:
+    /// mixer plus feed-forward): only each layer's input is kept, and the layer is
+    /// recomputed in the backward pass.
+    Layers,
+}
+
 /// Inner-loop optimisation settings of one replica.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -548,6 +563,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Dtype of the forward/backward pass.
     pub compute_dtype: ComputeDType,
+    /// Whether a step keeps every layer's activations for the backward pass or only each
+    /// layer's input, recomputing the layer there (gradient checkpointing): the same
+    /// gradients for about one more forward pass of compute. Absent from older configs: off.
+    #[serde(default)]
+    pub checkpointing: Checkpointing,
 }
 
 impl Default for TrainConfig {
@@ -566,6 +586,7 @@ impl Default for TrainConfig {
             seq_len: 64,
             seed: 0,
             compute_dtype: ComputeDType::F32,
+            checkpointing: Checkpointing::Off,
         }
     }
 }
