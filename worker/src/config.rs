@@ -669,3 +669,31 @@ impl LoraConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+    use super::*;
+
+    #[test]
+    fn train_configs_from_before_checkpointing_still_parse() {
+        let mut old = serde_json::to_value(TrainConfig::default()).unwrap();
+        assert_eq!(old["checkpointing"], "off");
+        old.as_object_mut().unwrap().remove("checkpointing");
+        let parsed: TrainConfig = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(parsed, TrainConfig::default());
+
+        old["checkpointing"] = "layers".into();
+        let on: TrainConfig = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(on.checkpointing, Checkpointing::Layers);
+        let toml_text = toml::to_string(&on).unwrap();
+        assert!(
+            toml_text.contains("checkpointing = \"layers\""),
+            "{toml_text}"
+        );
+        assert_eq!(toml::from_str::<TrainConfig>(&toml_text).unwrap(), on);
+
+        old["checkpointing"] = "on".into();
+        assert!(serde_json::from_value::<TrainConfig>(old).is_err());
+    }
+}
