@@ -533,6 +533,13 @@ pub enum Checkpointing {
     Layers,
 }
 
+impl Checkpointing {
+    /// Whether every activation is kept (the default).
+    pub fn is_off(&self) -> bool {
+        *self == Checkpointing::Off
+    }
+}
+
 /// Inner-loop optimisation settings of one replica.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -565,8 +572,10 @@ pub struct TrainConfig {
     pub compute_dtype: ComputeDType,
     /// Whether a step keeps every layer's activations for the backward pass or only each
     /// layer's input, recomputing the layer there (gradient checkpointing): the same
-    /// gradients for about one more forward pass of compute. Absent from older configs: off.
-    #[serde(default)]
+    /// gradients for about one more forward pass of compute. Absent from older configs: off;
+    /// and left out when off, so a run's canonical bytes (its id: the daemon hashes the
+    /// serialised config) are those of before the setting existed.
+    #[serde(default, skip_serializing_if = "Checkpointing::is_off")]
     pub checkpointing: Checkpointing,
 }
 
@@ -677,9 +686,9 @@ mod tests {
 
     #[test]
     fn train_configs_from_before_checkpointing_still_parse() {
+        // Off is not written: the serialised default is what it was before the setting.
         let mut old = serde_json::to_value(TrainConfig::default()).unwrap();
-        assert_eq!(old["checkpointing"], "off");
-        old.as_object_mut().unwrap().remove("checkpointing");
+        assert!(old.get("checkpointing").is_none(), "{old}");
         let parsed: TrainConfig = serde_json::from_value(old.clone()).unwrap();
         assert_eq!(parsed, TrainConfig::default());
 
@@ -693,6 +702,9 @@ mod tests {
         );
         assert_eq!(toml::from_str::<TrainConfig>(&toml_text).unwrap(), on);
 
+        old["checkpointing"] = "off".into();
+        let off: TrainConfig = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(off, TrainConfig::default());
         old["checkpointing"] = "on".into();
         assert!(serde_json::from_value::<TrainConfig>(old).is_err());
     }
