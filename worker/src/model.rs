@@ -1511,7 +1511,7 @@ impl Model {
     /// of every trainable parameter, ready for [`Model::optimizer_step`].
     ///
     /// With [`Checkpointing::Layers`] the pass is the pipeline's, one stage per block
-    /// ([`Model::layer_stages`]): [`Model::stage_forward`] runs the blocks with no graph,
+    /// (`split_stages(n_layers)`): [`Model::stage_forward`] runs the blocks with no graph,
     /// keeping only each block's input, then the blocks are recomputed one at a time, last
     /// first, each back-propagating the gradient of its output as
     /// [`Model::stage_backward`] does. The activations alive at once are one block's instead
