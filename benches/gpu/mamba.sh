@@ -6,7 +6,8 @@
 # one with "error": "timeout" if it printed none. DIR holds the binaries
 # (xz-compressed or not). JSON lines go to $OUT/mamba.jsonl, a table to stdout. SKIP_TEST
 # skips the tests, SKIP_OURS the worker's runs, TORCH_STEPS sets the timed steps of torch runs
-# (default 3, 1 from 32K on).
+# (default 3, 1 from 32K on). CHECKPOINT=1 runs the worker's models with gradient
+# checkpointing per block (gpu_mamba_bench --checkpoint).
 #   benches/gpu/mamba.sh DIR [contexts] [torch modes]
 set -u
 DIR=${1:-.gpu}
@@ -15,6 +16,8 @@ MODES=${3-eager mambapy compiled compiled-mambapy}
 TIMEOUT=${TIMEOUT:-120}
 OUT=${OUT:-/tmp/potluck-gpu-out}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CKPT_FLAG=""
+[ "${CHECKPOINT:-}" = 1 ] && CKPT_FLAG=--checkpoint
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1
@@ -54,8 +57,8 @@ measure() {
 for ctx in $CONTEXTS; do
   for m in mamba attention; do
     [ -n "${SKIP_OURS:-}" ] && continue
-    measure "potluck-$m-$ctx" "$BIN/gpu_mamba_bench" --model $m --context $ctx --dtype bf16 \
-      --device cuda --warmup 2 --steps 5
+    measure "potluck-$m-$ctx${CKPT_FLAG:+-checkpoint}" "$BIN/gpu_mamba_bench" --model $m --context $ctx --dtype bf16 \
+      --device cuda --warmup 2 --steps 5 ${CKPT_FLAG}
   done
   for mode in $MODES; do
     steps=${TORCH_STEPS:-3}; [ "$ctx" -ge 32768 ] && steps=1

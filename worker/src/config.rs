@@ -518,6 +518,28 @@ impl DeviceSpec {
     }
 }
 
+/// How a training pass keeps what its backward pass needs: the worker's own model
+/// (`Model::train_grads`, through [`TrainConfig::checkpointing`]) and the Hugging Face bases
+/// (`HfModel::train_grads`) take the same setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// Every layer's activations stay alive until the backward pass: the fastest.
+    #[default]
+    Off,
+    /// Gradient checkpointing per layer (a decoder layer, or a block of the worker's model:
+    /// mixer plus feed-forward): only each layer's input is kept, and the layer is
+    /// recomputed in the backward pass.
+    Layers,
+}
+
+impl Checkpointing {
+    /// Whether every activation is kept (the default).
+    pub fn is_off(&self) -> bool {
+        *self == Checkpointing::Off
+    }
+}
+
 /// Inner-loop optimisation settings of one replica.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -548,6 +570,13 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Dtype of the forward/backward pass.
     pub compute_dtype: ComputeDType,
+    /// Whether a step keeps every layer's activations for the backward pass or only each
+    /// layer's input, recomputing the layer there (gradient checkpointing): the same
+    /// gradients for about one more forward pass of compute. Absent from older configs: off;
+    /// and left out when off, so a run's canonical bytes (its id: the daemon hashes the
+    /// serialised config) are those of before the setting existed.
+    #[serde(default, skip_serializing_if = "Checkpointing::is_off")]
+    pub checkpointing: Checkpointing,
 }
 
 impl Default for TrainConfig {
@@ -566,6 +595,7 @@ impl Default for TrainConfig {
             seq_len: 64,
             seed: 0,
             compute_dtype: ComputeDType::F32,
+            checkpointing: Checkpointing::Off,
         }
     }
 }
@@ -646,5 +676,36 @@ impl LoraConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+    use super::*;
+
+    #[test]
+    fn train_configs_from_before_checkpointing_still_parse() {
+        // Off is not written: the serialised default is what it was before the setting.
+        let mut old = serde_json::to_value(TrainConfig::default()).unwrap();
+        assert!(old.get("checkpointing").is_none(), "{old}");
+        let parsed: TrainConfig = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(parsed, TrainConfig::default());
+
+        old["checkpointing"] = "layers".into();
+        let on: TrainConfig = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(on.checkpointing, Checkpointing::Layers);
+        let toml_text = toml::to_string(&on).unwrap();
+        assert!(
+            toml_text.contains("checkpointing = \"layers\""),
+            "{toml_text}"
+        );
+        assert_eq!(toml::from_str::<TrainConfig>(&toml_text).unwrap(), on);
+
+        old["checkpointing"] = "off".into();
+        let off: TrainConfig = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(off, TrainConfig::default());
+        old["checkpointing"] = "on".into();
+        assert!(serde_json::from_value::<TrainConfig>(old).is_err());
     }
 }

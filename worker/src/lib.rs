@@ -22,10 +22,10 @@ pub mod optim;
 pub mod replica;
 pub mod sample;
 
-pub use config::{ComputeDType, DeviceSpec, LoraConfig, ModelConfig, TrainConfig};
+pub use config::{Checkpointing, ComputeDType, DeviceSpec, LoraConfig, ModelConfig, TrainConfig};
 pub use data::{Dataset, SyntheticCorpus, SyntheticSpec, Tokenizer};
 pub use error::WorkerError;
-pub use model::{Model, StageSpec};
+pub use model::{Model, StageSpec, TrainGrads};
 pub use optim::{AdamW, OuterOptimizer, pseudo_gradient};
 pub use replica::{Gradients, Replica, StepStats};
 

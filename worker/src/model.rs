@@ -30,7 +30,7 @@ use candle_core::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{FeedForward, LoraConfig, MambaConfig, Mixer, ModelConfig};
+use crate::config::{Checkpointing, FeedForward, LoraConfig, MambaConfig, Mixer, ModelConfig};
 use crate::fused::RowBlocks;
 use crate::{WorkerError, checkpoint};
 
@@ -852,6 +852,37 @@ pub struct StageBackward {
     pub aux: f32,
 }
 
+/// What [`Model::stage_grads`] returns: [`StageBackward`] before the stage's parameters are
+/// picked out of the gradient store.
+struct StageGrads {
+    input_grad: Option<Tensor>,
+    store: GradStore,
+    ce: Option<f32>,
+    /// The weighted load-balancing term.
+    aux: f32,
+    /// The stage's load-balancing losses, unweighted (none without MoE layers).
+    aux_sum: Option<f32>,
+    stats: RouteStats,
+}
+
+/// Output of [`Model::train_grads`].
+#[derive(Debug)]
+pub struct TrainGrads {
+    /// Mean cross-entropy.
+    pub ce: f32,
+    /// Sum of the MoE layers' load-balancing losses, unweighted (0 without MoE layers).
+    pub aux: f32,
+    /// Routing counts of the MoE layers.
+    pub stats: RouteStats,
+    /// The gradient of each trainable parameter in layout order, as
+    /// [`Model::param_grads`] gives it (`None` where it took no part).
+    pub grads: Vec<Option<Tensor>>,
+    /// Without checkpointing, the whole gradient store of the pass: it holds every
+    /// intermediate gradient, so dropping it after the optimizer's launches rather than
+    /// before lets a GPU free it while it runs them.
+    _store: Option<GradStore>,
+}
+
 fn scalar_f32(t: &Option<Tensor>) -> Result<Option<f32>> {
     match t {
         Some(t) => Ok(Some(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)),
@@ -1384,6 +1415,28 @@ impl Model {
         targets: Option<&Tensor>,
     ) -> Result<StageBackward> {
         let w = self.weights(true)?;
+        let g = self.stage_grads(&w, spec, input, grad_output, targets)?;
+        let param_grads =
+            self.collect_grads_of(Some(&w), &g.store, |n| self.stage_owns(spec, n))?;
+        Ok(StageBackward {
+            input_grad: g.input_grad,
+            param_grads,
+            ce: g.ce,
+            aux: g.aux,
+        })
+    }
+
+    /// The recomputation and backward pass of [`Model::stage_backward`], returning the whole
+    /// gradient store: the pipeline picks the stage's parameters out of it by name,
+    /// checkpointed training ([`Model::train_grads`]) by position, as an unsplit pass does.
+    fn stage_grads(
+        &self,
+        w: &Weights,
+        spec: &StageSpec,
+        input: &Tensor,
+        grad_output: Option<&Tensor>,
+        targets: Option<&Tensor>,
+    ) -> Result<StageGrads> {
         let input_var = if spec.embed {
             None
         } else {
@@ -1395,7 +1448,7 @@ impl Model {
             Some(v) => v.as_tensor().clone(),
             None => input.clone(),
         };
-        let run = self.run_stage(&w, spec, &x_in, targets)?;
+        let run = self.run_stage(w, spec, &x_in, targets)?;
         let own = run.objective(self.cfg.aux_loss_coef as f64)?;
         let acc = acc_dtype(self.compute_dtype);
         let through = match (spec.head, grad_output) {
@@ -1419,6 +1472,7 @@ impl Model {
         };
         let ce = scalar_f32(&run.ce)?;
         let aux = self.weighted_aux(&run)?;
+        let aux_sum = scalar_f32(&run.aux)?;
         let objective = match (own, through) {
             (Some(a), Some(b)) => (a.to_dtype(acc)? + b)?,
             (Some(a), None) => a,
@@ -1429,17 +1483,132 @@ impl Model {
                 ));
             }
         };
-        let grads = objective.backward()?;
+        let store = objective.backward()?;
         let input_grad = match &input_var {
-            Some(v) => grads.get(v.as_tensor()).cloned(),
+            Some(v) => store.get(v.as_tensor()).cloned(),
             None => None,
         };
-        let param_grads = self.collect_grads_of(Some(&w), &grads, |n| self.stage_owns(spec, n))?;
-        Ok(StageBackward {
+        Ok(StageGrads {
             input_grad,
-            param_grads,
+            store,
             ce,
             aux,
+            aux_sum,
+            stats: run.stats,
+        })
+    }
+
+    /// The blocks as stages of one layer each, the first with the embedding and the last
+    /// with the head: the units of checkpointed training.
+    fn layer_stages(&self) -> Result<Vec<StageSpec>> {
+        match self.cfg.n_layers {
+            0 => Ok(vec![self.full_stage()]),
+            n => self.split_stages(n),
+        }
+    }
+
+    /// A training pass on `tokens` and `targets` (`[B, T]` u32): the loss and the gradient
+    /// of every trainable parameter, ready for [`Model::optimizer_step`].
+    ///
+    /// With [`Checkpointing::Layers`] the pass is the pipeline's, one stage per block
+    /// (`split_stages(n_layers)`): [`Model::stage_forward`] runs the blocks with no graph,
+    /// keeping only each block's input, then the blocks are recomputed one at a time, last
+    /// first, each back-propagating the gradient of its output as
+    /// [`Model::stage_backward`] does. The activations alive at once are one block's instead
+    /// of every block's, for one more forward pass of every block but the last. The
+    /// forward is deterministic (no dropout; MoE routing is a function of the input), so
+    /// the recomputed blocks are the blocks of the forward: the same loss and the same
+    /// gradients as without (on the CPU in f32 bit for bit with untied embeddings; a tied
+    /// embedding's gradient, summed from the first and the last stage, within rounding).
+    pub fn train_grads(
+        &self,
+        tokens: &Tensor,
+        targets: &Tensor,
+        checkpointing: Checkpointing,
+    ) -> Result<TrainGrads> {
+        match checkpointing {
+            Checkpointing::Off => {
+                let w = self.weights(true)?;
+                let (total, run) = self.loss(&w, tokens, targets)?;
+                let ce = scalar_f32(&run.ce)?
+                    .ok_or_else(|| WorkerError::Mismatch("no loss computed".into()))?;
+                let aux = scalar_f32(&run.aux)?.unwrap_or(0.0);
+                let store = total.backward()?;
+                Ok(TrainGrads {
+                    ce,
+                    aux,
+                    stats: run.stats,
+                    grads: self.param_grads(&store)?,
+                    _store: Some(store),
+                })
+            }
+            Checkpointing::Layers => self.checkpointed_grads(tokens, targets),
+        }
+    }
+
+    fn checkpointed_grads(&self, tokens: &Tensor, targets: &Tensor) -> Result<TrainGrads> {
+        let stages = self.layer_stages()?;
+        let Some((_, before)) = stages.split_last() else {
+            return Err(WorkerError::Config("a model with no stages".into()));
+        };
+        // Forward with no graph kept: each block's input is all that survives it.
+        let mut inputs = Vec::with_capacity(stages.len());
+        let mut x = tokens.clone();
+        for spec in before {
+            let out = self.stage_forward(spec, &x, None)?.hidden.ok_or_else(|| {
+                WorkerError::Mismatch("a stage before the head sent nothing on".into())
+            })?;
+            inputs.push(std::mem::replace(&mut x, out));
+        }
+        inputs.push(x);
+        // Backwards through the stages, each recomputed with its graph from its input; a
+        // parameter's gradient is summed over the stages it takes part in (a tied
+        // embedding: the first and the last).
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.trainable.len()];
+        let mut ce = None;
+        let mut per_stage = Vec::with_capacity(stages.len());
+        let mut grad_output: Option<Tensor> = None;
+        for (spec, input) in stages.iter().zip(inputs).rev() {
+            let w = self.weights(true)?;
+            let g = self.stage_grads(&w, spec, &input, grad_output.as_ref(), Some(targets))?;
+            drop(input);
+            for (acc, part) in grads.iter_mut().zip(self.param_grads(&g.store)?) {
+                let Some(part) = part else { continue };
+                *acc = Some(match acc.take() {
+                    Some(prev) => (prev + part)?,
+                    None => part,
+                });
+            }
+            if spec.head {
+                ce = g.ce;
+            }
+            grad_output = match (spec.embed, g.input_grad) {
+                (true, _) => None,
+                (false, Some(gi)) => Some(gi),
+                (false, None) => {
+                    return Err(WorkerError::Mismatch(format!(
+                        "checkpointing: no gradient reached the input of {spec:?}"
+                    )));
+                }
+            };
+            per_stage.push((g.aux_sum, g.stats));
+        }
+        // Losses and routing counts in layer order, summed as an unsplit pass sums them.
+        let mut aux: Option<f32> = None;
+        let mut stats = RouteStats::default();
+        for (a, s) in per_stage.into_iter().rev() {
+            if let Some(a) = a {
+                aux = Some(aux.map_or(a, |acc| acc + a));
+            }
+            stats.expert_tokens.extend(s.expert_tokens);
+            stats.dropped += s.dropped;
+        }
+        Ok(TrainGrads {
+            ce: ce.ok_or_else(|| WorkerError::Mismatch("no loss computed".into()))?,
+            aux: aux.unwrap_or(0.0),
+            stats,
+            grads,
+            _store: None,
         })
     }
 

@@ -20,7 +20,7 @@ use crate::checkpoint::{
 };
 use crate::config::{DeviceSpec, LoraConfig, ModelConfig, TrainConfig};
 use crate::data::{Batch, Dataset};
-use crate::model::{Model, RouteStats};
+use crate::model::{Model, RouteStats, TrainGrads};
 use crate::optim::AdamW;
 
 /// Name of the checkpoint's metadata file.
@@ -257,19 +257,18 @@ impl Replica {
             self.step += 1;
             return Ok((ce, aux, stats, norm));
         }
-        let (ce, aux, stats, store) = self.forward_backward(inputs, targets, batch)?;
-        let grads = self.model.param_grads(&store)?;
+        let pass = self.forward_backward(inputs, targets, batch)?;
         let lr = self.train_cfg.lr_at(self.step);
         let norm = self
             .model
-            .optimizer_step(&mut self.opt, &grads, &self.train_cfg, lr)?;
-        // The gradient store (every intermediate gradient) is freed after the optimizer's
-        // launches, while the GPU runs them, not before them.
-        drop(store);
+            .optimizer_step(&mut self.opt, &pass.grads, &self.train_cfg, lr)?;
+        // Without checkpointing the pass holds its gradient store (every intermediate
+        // gradient), freed after the optimizer's launches, while the GPU runs them, not
+        // before them.
+        let TrainGrads { ce, aux, stats, .. } = pass;
         self.step += 1;
         Ok((ce, aux, stats, norm))
     }
-
     /// The gradients of a batch computed micro-batch by micro-batch: each pass's gradients
     /// are weighted by its share of the rows and summed in f32 (the masters' dtype), so the
     /// result is the gradient of the batch's mean loss, up to the per-micro-batch expert
@@ -296,10 +295,13 @@ impl Replica {
         while row < batch {
             let rows = self.micro_batch.min(batch - row);
             let span = row * seq..(row + rows) * seq;
-            let (c, a, s, store) =
-                self.forward_backward(&inputs[span.clone()], &targets[span], rows)?;
-            let grads = self.model.param_grads(&store)?;
-            drop(store);
+            let TrainGrads {
+                ce: c,
+                aux: a,
+                stats: s,
+                grads,
+                ..
+            } = self.forward_backward(&inputs[span.clone()], &targets[span], rows)?;
             let w = rows as f64 / batch as f64;
             if sum.is_empty() {
                 sum = vec![None; grads.len()];
@@ -329,33 +331,27 @@ impl Replica {
         Ok((ce as f32, aux as f32, stats, sum))
     }
 
-    /// The forward and backward pass of one batch: the cross-entropy and the summed
-    /// load-balancing loss (both refused when not finite), the routing counts, and the
-    /// gradients of every tensor of the graph.
+    /// The forward and backward pass of one batch, with or without gradient checkpointing as
+    /// the training config says: the cross-entropy and the summed load-balancing loss (both
+    /// refused when not finite), the routing counts, and the gradient of every trainable
+    /// parameter.
     fn forward_backward(
         &self,
         inputs: &[u32],
         targets: &[u32],
         batch: usize,
-    ) -> Result<(f32, f32, RouteStats, candle_core::backprop::GradStore), WorkerError> {
+    ) -> Result<TrainGrads, WorkerError> {
         let (x, y) = self.batch_tensors(inputs, targets, batch)?;
-        let w = self.model.weights(true)?;
-        let (total, run) = self.model.loss(&w, &x, &y)?;
-        let ce = match &run.ce {
-            Some(ce) => ce.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-            None => return Err(WorkerError::Mismatch("no loss computed".into())),
-        };
-        let aux = match &run.aux {
-            Some(a) => a.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-            None => 0.0,
-        };
-        if !ce.is_finite() || !aux.is_finite() {
+        let pass = self
+            .model
+            .train_grads(&x, &y, self.train_cfg.checkpointing)?;
+        if !pass.ce.is_finite() || !pass.aux.is_finite() {
             return Err(WorkerError::NonFinite(format!(
-                "loss {ce}, aux {aux} at step {}",
-                self.step
+                "loss {}, aux {} at step {}",
+                pass.ce, pass.aux, self.step
             )));
         }
-        Ok((ce, aux, run.stats, total.backward()?))
+        Ok(pass)
     }
 
     /// Runs `steps` inner steps on shard `shard` of `data`. Batches are drawn from a stream
@@ -438,9 +434,7 @@ impl Replica {
     pub fn compute_gradients(&self, data: &Dataset, shard: u64) -> Result<Gradients, WorkerError> {
         let (inputs, targets) = self.batch_at(data, shard, self.step)?;
         let batch = self.train_cfg.batch_size;
-        let (ce, aux, _, store) = self.forward_backward(&inputs, &targets, batch)?;
-        let grads = self.model.param_grads(&store)?;
-        drop(store);
+        let TrainGrads { ce, aux, grads, .. } = self.forward_backward(&inputs, &targets, batch)?;
         let mut flat = Vec::with_capacity(self.num_params());
         for ((_, v), g) in self.model.trainable().iter().zip(&grads) {
             match g {

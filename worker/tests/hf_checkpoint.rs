@@ -6,9 +6,7 @@
 //! allocates at its peak on a larger random Llama-shaped base, with this binary's counting
 //! allocator, and prints one JSON object per setting (docs/BENCHMARKS.md).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use potluck_worker::hf::parity::Expected;
@@ -17,70 +15,10 @@ use potluck_worker::{AdamW, TrainConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod heap;
 mod hf_common;
+use heap::{peak_since, reset_peak};
 use hf_common::{fixture, values};
-
-/// The system allocator, counting the bytes live now and the most live since the last
-/// [`reset_peak`].
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// A global allocator is an unsafe trait; this one forwards every call to the system's.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged to the system allocator.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged to the system allocator.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded unchanged to the system allocator.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                let grow = new_size - layout.size();
-                let now = LIVE.fetch_add(grow, Ordering::Relaxed) + grow;
-                PEAK.fetch_max(now, Ordering::Relaxed);
-            } else {
-                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Starts a new peak at the bytes live now, and returns them.
-fn reset_peak() -> usize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
 
 /// Adapters with random nonzero `B`s, so that every adapter gets a nonzero gradient.
 fn adapt(model: &mut HfModel, targets: &[&str], dropout: f64) {
@@ -283,7 +221,7 @@ fn peak_memory_with_and_without_checkpointing() {
         let start = std::time::Instant::now();
         let (loss, grads) = model.train_grads(&ids, 0, ckpt).expect("step");
         let secs = start.elapsed().as_secs_f64();
-        let peak = PEAK.load(Ordering::Relaxed) - before;
+        let peak = peak_since(before);
         drop(grads);
         losses.push(loss);
         println!(

@@ -32,16 +32,7 @@ use super::quant::{QuantFormat, Weight};
 
 type Result<T> = std::result::Result<T, HfError>;
 
-/// How a training pass keeps what its backward pass needs ([`HfModel::train_grads`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Checkpointing {
-    /// Every layer's activations stay alive until the backward pass: the fastest.
-    #[default]
-    Off,
-    /// Gradient checkpointing per decoder layer: only each layer's input is kept, and the
-    /// layer is recomputed in the backward pass.
-    Layers,
-}
+pub use crate::config::Checkpointing;
 
 /// A projection `y = x W^T (+ b)` of the base, with its Hugging Face module path.
 #[derive(Debug, Clone)]
