@@ -4054,7 +4054,7 @@ fn load_local(
         return Ok(None);
     };
     let rep = Replica::load_checkpoint(&path.join(LOCAL_REPLICA), device)?;
-    if rep.model_config() != &run.model || rep.train_config() != &run.inner {
+    if rep.model_config() != Some(&run.model) || rep.train_config() != &run.inner {
         return Err(TrainError::Other(format!(
             "{} was saved with other model or training settings",
             path.display()
