@@ -1643,6 +1643,9 @@ impl TrainService {
                     ledger.run(),
                     &svc.inner.keypair,
                 )?;
+                // From now on the replica reads the checked copy, whatever happens to the
+                // user's directory.
+                svc.remember_base(&run, base_package.clone());
             }
             Ok(((ledger, machine), run))
         })
