@@ -232,8 +232,8 @@ pub fn write_random_llama(dir: &Path, shape: &LlamaShape, seed: u64) -> Result<(
     use rand::{Rng, SeedableRng};
     if shape.heads == 0
         || shape.kv_heads == 0
-        || shape.hidden % shape.heads != 0
-        || shape.heads % shape.kv_heads != 0
+        || !shape.hidden.is_multiple_of(shape.heads)
+        || !shape.heads.is_multiple_of(shape.kv_heads)
     {
         return Err(WorkerError::Config(format!(
             "{} heads, {} key/value heads and hidden size {} do not divide",

@@ -198,7 +198,7 @@ impl Replica {
             model_cfg: None,
             train_cfg: train.clone(),
             device_spec: *device,
-            net: Net::Adapters(Box::new(m)),
+            net: Net::Adapters(m),
             opt,
             step: 0,
             lora_base: None,
@@ -1044,7 +1044,7 @@ fn validate_adapter_train(train: &TrainConfig, m: &AdapterModel) -> Result<(), W
 #[derive(Debug)]
 enum Net {
     Native(Model),
-    Adapters(Box<AdapterModel>),
+    Adapters(AdapterModel),
 }
 
 impl Net {
