@@ -216,3 +216,34 @@ fn a_base_vocabulary_smaller_than_the_data_and_bad_settings_are_refused() {
         .to_string();
     assert!(err.contains("attn_proj"), "{err}");
 }
+
+#[test]
+fn a_quantised_base_trains_its_adapters_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_llama(dir.path(), &shape(), 11).unwrap();
+    let data = data();
+    for quant in ["nf4", "int8"] {
+        let cfg = AdapterConfig {
+            quant: Some(quant.into()),
+            ..adapters()
+        };
+        let new = || {
+            Replica::new_adapters(dir.path(), ROOT, &cfg, &train_cfg(), &DeviceSpec::Cpu).unwrap()
+        };
+        let (mut a, mut b) = (new(), new());
+        let before = a.eval_loss(&data, 2).unwrap();
+        a.train_steps(&data, 0, 30).unwrap();
+        b.train_steps(&data, 0, 30).unwrap();
+        assert_eq!(
+            a.flat_params().unwrap(),
+            b.flat_params().unwrap(),
+            "{quant}"
+        );
+        let after = a.eval_loss(&data, 2).unwrap();
+        assert!(
+            after < before - 0.5,
+            "{quant}: eval loss {before} -> {after}"
+        );
+        assert!(a.adapter_model().unwrap().hf().base_bytes() < (shape().params() * 4) as u64);
+    }
+}

@@ -259,6 +259,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_manifest_resolves_to_an_adapter_run() {
+        let text = include_str!("../../../docs/examples/adapters.toml");
+        let run = RunManifest::parse(text).unwrap().resolve().unwrap();
+        assert!(run.is_adapter_run() && !run.is_pinned());
+        assert_eq!(run.adapters.as_ref().unwrap().rank, 8);
+    }
+
+    #[test]
     fn manifests_without_their_other_half_or_with_an_unknown_architecture_say_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
         let (base, text) = setup(dir.path());
@@ -283,6 +291,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nf4"), "{err}");
+        // Sequences longer than the base's positions (64) are refused when pinned.
+        let long = full.replace("seq_len = 16", "seq_len = 100");
+        let err = RunManifest::parse(&long)
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .pin_data()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_position_embeddings"), "{err}");
         // An architecture the loader does not implement is named.
         let cfg = base.join("config.json");
         let text_cfg = std::fs::read_to_string(&cfg).unwrap();

@@ -207,6 +207,7 @@ impl RunMode {
 #[serde(deny_unknown_fields)]
 pub struct ResolvedRun {
     pub name: String,
+    /// The worker's own model; for an adapter run (`base` set), the default preset, unused.
     pub model: ModelConfig,
     pub data: DataSpec,
     pub inner: TrainConfig,
@@ -234,6 +235,20 @@ pub struct ResolvedRun {
     /// The adapters an adapter run trains on `base`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapters: Option<AdapterConfig>,
+}
+
+/// Longest `inner.seq_len` an adapter run accepts before its base is read; the base's own
+/// `max_position_embeddings` is checked when the run is pinned and when a replica loads it.
+pub const MAX_ADAPTER_SEQ_LEN: usize = 1 << 17;
+
+/// The model the inner settings are checked against: the run's own, or for an adapter run
+/// (whose `model` is the unused default) one whose context is [`MAX_ADAPTER_SEQ_LEN`].
+fn inner_bounds(model: &ModelConfig, adapters: bool) -> ModelConfig {
+    let mut m = model.clone();
+    if adapters {
+        m.context = MAX_ADAPTER_SEQ_LEN;
+    }
+    m
 }
 
 fn is_false(b: &bool) -> bool {
@@ -320,7 +335,7 @@ impl RunManifest {
         }
         inner.total_steps = rounds * inner_steps as u64;
         inner
-            .validate(&model)
+            .validate(&inner_bounds(&model, self.base.is_some()))
             .map_err(|e| invalid("inner", e.to_string()))?;
         let mode = self.mode.unwrap_or_default();
         let compression = self.compression.clone().unwrap_or_else(|| {
@@ -514,11 +529,24 @@ impl ResolvedRun {
             reason: e.to_string(),
         })?;
         run.inner
-            .validate(&run.model)
+            .validate(&inner_bounds(&run.model, run.base.is_some()))
             .map_err(|e| ManifestError::Invalid {
                 key: "inner",
                 reason: e.to_string(),
             })?;
+        match (&run.base, &run.adapters) {
+            (None, None) => {}
+            (Some(_), Some(a)) => a.validate().map_err(|e| ManifestError::Invalid {
+                key: "adapters",
+                reason: e.to_string(),
+            })?,
+            _ => {
+                return Err(ManifestError::Invalid {
+                    key: "base",
+                    reason: "a run names both a base and its adapters, or neither".into(),
+                });
+            }
+        }
         Ok(run)
     }
 
