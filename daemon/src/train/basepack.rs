@@ -145,6 +145,48 @@ pub fn pin_base(mut spec: BaseSpec, inner: &TrainConfig) -> Result<BaseSpec, Man
     Ok(spec)
 }
 
+/// The tokenizer an adapter run's data is read with: the base's own `tokenizer.json` when
+/// `data.tokenizer` is left out and the base has one (bytes when it has none), and the one
+/// `data.tokenizer` names only when it is byte for byte the base's. The base reads the ids
+/// of its own tokenizer: text tokenized otherwise would train the adapters on ids that mean
+/// other tokens to the base.
+pub fn data_tokenizer(
+    base: &BaseSpec,
+    data: &super::manifest::DataSpec,
+) -> Result<Option<String>, ManifestError> {
+    let own = Path::new(&base.path).join(super::datapack::TOKENIZER_FILE);
+    let has_own = own.is_file();
+    match (&data.tokenizer, has_own) {
+        (None, true) => Ok(Some(own.display().to_string())),
+        (None, false) => Ok(None),
+        (Some(t), true) => {
+            let read = |p: &Path| {
+                crate::fsutil::read_limited(p, MAX_BASE_JSON_BYTES)
+                    .map_err(|e| base_err(format!("{}: {e}", p.display())))
+            };
+            if read(Path::new(t))? != read(&own)? {
+                return Err(ManifestError::Invalid {
+                    key: "data.tokenizer",
+                    reason: format!(
+                        "'{t}' is not the base's tokenizer.json ({}): the base reads the ids \
+                         of its own tokenizer; leave data.tokenizer out to use it",
+                        own.display()
+                    ),
+                });
+            }
+            Ok(Some(t.clone()))
+        }
+        (Some(t), false) => Err(ManifestError::Invalid {
+            key: "data.tokenizer",
+            reason: format!(
+                "the base at '{}' has no tokenizer.json to check '{t}' against: put the \
+                 base's tokenizer.json beside its config.json",
+                base.path
+            ),
+        }),
+    }
+}
+
 /// The base's root as the run pins it; `None` for a run of the worker's own model.
 pub fn pinned_root(run: &ResolvedRun) -> Result<Option<Hash32>, TrainError> {
     let Some(base) = &run.base else {
@@ -256,6 +298,43 @@ mod tests {
             .to_string();
         assert!(err.contains("changed since the run was started"), "{err}");
         assert!(own_copy_matches(b, root).is_err());
+    }
+
+    #[test]
+    fn the_data_is_read_with_the_bases_own_tokenizer_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, text) = setup(dir.path());
+        let tok = crate::train::manifest::tests::TOKENIZER_JSON;
+        std::fs::write(base.join("tokenizer.json"), tok).unwrap();
+        // Left out: the base's own, in the data package like any tokenizer.
+        let run = RunManifest::parse(&manifest(&base, &text, ""))
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .pin_data()
+            .unwrap();
+        let used = run.data.tokenizer.clone().unwrap();
+        assert_eq!(Path::new(&used), base.join("tokenizer.json"));
+        let (data, _) = run.load_data().unwrap();
+        assert_eq!(data.vocab(), 4, "the word-level tokenizer's ids");
+        // Another tokenizer is refused, saying what to do.
+        let other = dir.path().join("other.json");
+        std::fs::write(&other, tok.replace("\"!\": 3", "\"?\": 3")).unwrap();
+        let with_other = manifest(&base, &text, "").replace(
+            "eval_fraction = 0.1\n",
+            &format!(
+                "eval_fraction = 0.1\ntokenizer = {:?}\n",
+                other.display().to_string()
+            ),
+        );
+        let err = RunManifest::parse(&with_other)
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .pin_data()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("leave data.tokenizer out"), "{err}");
     }
 
     #[test]

@@ -672,7 +672,9 @@ impl ResolvedRun {
     /// vocabulary), since the data's tokenizer is checked against it.
     pub fn pin_data(mut self) -> Result<Self, ManifestError> {
         if let Some(base) = self.base.take() {
-            self.base = Some(super::basepack::pin_base(base, &self.inner)?);
+            let base = super::basepack::pin_base(base, &self.inner)?;
+            self.data.tokenizer = super::basepack::data_tokenizer(&base, &self.data)?;
+            self.base = Some(base);
         }
         let (_, hash) = self.load_data()?;
         self.data.hash = hash;
