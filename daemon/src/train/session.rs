@@ -5021,6 +5021,61 @@ mod tests {
         assert!(load_local(&dir, &other, None, &DeviceSpec::Cpu).is_err());
     }
 
+    #[test]
+    fn an_adapter_replicas_local_state_reloads_on_its_base_only() {
+        use super::super::manifest::RunManifest;
+        use potluck_worker::adapters::{LlamaShape, write_random_llama};
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
+        let shape = LlamaShape {
+            vocab: 256,
+            hidden: 16,
+            intermediate: 32,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            max_positions: 64,
+        };
+        write_random_llama(&base, &shape, 1).unwrap();
+        let text = t.path().join("text.txt");
+        std::fs::write(&text, "local state of adapters ".repeat(50)).unwrap();
+        let toml = format!(
+            "name = \"a\"\n[data]\nsource = {:?}\ntrain_bytes = 0\neval_bytes = 0\nshards = 2\n\
+             eval_fraction = 0.1\n[inner]\nseq_len = 16\n[base]\npath = {:?}\n[adapters]\n\
+             rank = 2\nalpha = 4.0\ndropout = 0.0\ntarget_modules = [\"q_proj\"]\n",
+            text.display().to_string(),
+            base.display().to_string()
+        );
+        let run = RunManifest::parse(&toml)
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .pin_data()
+            .unwrap();
+        let dir = t.path().join(LOCAL_DIR);
+        let rep = new_replica(&run, Some(&base), &DeviceSpec::Cpu).unwrap();
+        let n = rep.num_params();
+        assert_eq!(n, 2 * 16 + 16 * 2, "q_proj's adapter only");
+        let snap = Snapshot::new(&rep, &run, 1, rep.flat_params().unwrap(), vec![0.0; n]).unwrap();
+        save_local(&dir, &rep, &snap, &ErrorFeedback::new(n), &run).unwrap();
+        let (back, _, back_snap) = load_local(&dir, &run, Some(&base), &DeviceSpec::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back_snap.root, snap.root);
+        assert_eq!(back.flat_params().unwrap(), rep.flat_params().unwrap());
+        // Without the base, or with other adapter settings, it is refused with a reason.
+        let err = load_local(&dir, &run, None, &DeviceSpec::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not on this daemon"), "{err}");
+        let mut other = run.clone();
+        other.adapters.as_mut().unwrap().alpha = 8.0;
+        let err = load_local(&dir, &other, Some(&base), &DeviceSpec::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adapter settings"), "{err}");
+    }
+
     /// The demo's run and a fresh CPU replica of its model.
     fn demo_run() -> (ResolvedRun, Replica) {
         use super::super::manifest::{DEMO_MANIFEST, RunManifest};
