@@ -247,3 +247,18 @@ fn a_quantised_base_trains_its_adapters_deterministically() {
         assert!(a.adapter_model().unwrap().hf().base_bytes() < (shape().params() * 4) as u64);
     }
 }
+
+#[test]
+fn a_data_parallel_step_on_adapters_is_the_inner_step() {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_llama(dir.path(), &shape(), 11).unwrap();
+    let data = data();
+    let (mut a, mut b) = (replica(dir.path()), replica(dir.path()));
+    a.train_steps(&data, 1, 1).unwrap();
+    let g = b.compute_gradients(&data, 1).unwrap();
+    assert_eq!(g.grads.len(), b.num_params());
+    assert!(g.grads.iter().any(|x| *x != 0.0));
+    b.apply_gradients(&g.grads).unwrap();
+    assert_eq!(a.flat_params().unwrap(), b.flat_params().unwrap());
+    assert_eq!(a.step(), b.step());
+}
