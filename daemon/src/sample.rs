@@ -469,7 +469,14 @@ fn sample_checkpoint(args: &SampleArgs, device: &DeviceSpec) -> Result<Sampled, 
             path: args.path.clone(),
             error,
         })?;
-    let vocab = replica.model().config().vocab;
+    let Some(model) = replica.model() else {
+        return Err(SampleError::Usage(format!(
+            "{} is an adapter run's checkpoint, which `potluck sample` does not read yet: \
+             sample its base directory instead",
+            args.path.display()
+        )));
+    };
+    let vocab = model.config().vocab;
     let beside = args.path.join(TOKENIZER_FILE);
     let (tok, tok_path) = match &args.tokenizer {
         Some(p) => (load_tokenizer(p)?, p.clone()),
@@ -497,13 +504,12 @@ fn sample_checkpoint(args: &SampleArgs, device: &DeviceSpec) -> Result<Sampled, 
         top_p: if args.greedy { 1.0 } else { args.top_p as f32 },
         seed: args.seed,
     };
-    let tokens =
-        potluck_worker::sample::sample(replica.model(), &prompt, &cfg).map_err(|error| {
-            SampleError::Checkpoint {
-                path: args.path.clone(),
-                error,
-            }
-        })?;
+    let tokens = potluck_worker::sample::sample(model, &prompt, &cfg).map_err(|error| {
+        SampleError::Checkpoint {
+            path: args.path.clone(),
+            error,
+        }
+    })?;
     finish(
         ModelKind::Checkpoint,
         &tok,

@@ -386,7 +386,7 @@ fn a_checkpoint_samples_as_the_worker_does() {
     let prompt: Vec<u32> = b"hello".iter().map(|&b| u32::from(b)).collect();
     let want = |temperature, top_p, seed| {
         potluck_worker::sample::sample(
-            replica.model(),
+            replica.model().expect("a native checkpoint"),
             &prompt,
             &SampleConfig {
                 max_new_tokens: 10,

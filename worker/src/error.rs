@@ -44,6 +44,9 @@ pub enum WorkerError {
     /// The loss or a gradient became NaN or infinite; the step was not applied.
     #[error("non-finite value: {0}")]
     NonFinite(String),
+    /// A Hugging Face base could not be loaded or run (adapter training).
+    #[error("base model: {0}")]
+    Hf(#[from] crate::hf::HfError),
     /// A training step does not fit the memory cap, even one sequence at a time.
     #[error("memory cap: {0}")]
     Memory(#[from] crate::memory::MemoryError),

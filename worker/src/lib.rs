@@ -6,6 +6,7 @@
 //! with [`pseudo_gradient`] and applies the averaged update with [`OuterOptimizer`]. The
 //! [`model`] module holds the transformer and its pipeline and expert cuts.
 
+pub mod adapters;
 pub mod checkpoint;
 pub mod compress;
 pub mod config;

@@ -883,6 +883,25 @@ pub struct TrainGrads {
     _store: Option<GradStore>,
 }
 
+impl TrainGrads {
+    /// A pass computed elsewhere (an adapter model's), with the store its gradients came from.
+    pub(crate) fn from_parts(
+        ce: f32,
+        aux: f32,
+        stats: RouteStats,
+        grads: Vec<Option<Tensor>>,
+        store: Option<GradStore>,
+    ) -> Self {
+        TrainGrads {
+            ce,
+            aux,
+            stats,
+            grads,
+            _store: store,
+        }
+    }
+}
+
 fn scalar_f32(t: &Option<Tensor>) -> Result<Option<f32>> {
     match t {
         Some(t) => Ok(Some(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)),

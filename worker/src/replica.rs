@@ -8,12 +8,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::WorkerError;
+use crate::adapters::{AdapterConfig, AdapterModel};
 use crate::checkpoint::{
     NamedTensor, read_f32_tensors, read_limited, serialize_f32_tensors, write_atomic,
     write_f32_tensors,
@@ -29,6 +31,7 @@ pub const CONFIG_FILE: &str = "config.json";
 /// Hugging Face model directory, which also has a `config.json`.
 pub const FORMAT: &str = "potluck-worker-checkpoint";
 const FORMAT_VERSION: u32 = 1;
+const ADAPTER_FORMAT: &str = "potluck-adapter-checkpoint";
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// What a call to `train_steps` did.
@@ -83,6 +86,23 @@ struct CheckpointMeta {
     lora_base: Option<PathBuf>,
 }
 
+/// The contents of an adapter checkpoint's `config.json`: the adapters' settings and the
+/// content root of the base they were trained on, no model config (the base's own
+/// `config.json` is part of that root).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdapterCheckpointMeta {
+    format: String,
+    version: u32,
+    base_root: String,
+    adapters: AdapterConfig,
+    train: TrainConfig,
+    step: u64,
+    weights: String,
+    optimizer: Option<String>,
+    optimizer_steps: u64,
+}
+
 /// What [`Replica::accumulate`] returns: the row-weighted cross-entropy and load-balancing
 /// loss, the summed routing counts, and the batch's gradient per trainable parameter.
 type Accumulated = (f32, f32, RouteStats, Vec<Option<Tensor>>);
@@ -90,10 +110,11 @@ type Accumulated = (f32, f32, RouteStats, Vec<Option<Tensor>>);
 /// A model with its inner optimizer and step counter.
 #[derive(Debug)]
 pub struct Replica {
-    model_cfg: ModelConfig,
+    /// The native model's config; `None` for adapters on a Hugging Face base.
+    model_cfg: Option<ModelConfig>,
     train_cfg: TrainConfig,
     device_spec: DeviceSpec,
-    model: Model,
+    net: Net,
     opt: AdamW,
     step: u64,
     lora_base: Option<PathBuf>,
@@ -149,10 +170,10 @@ impl Replica {
     ) -> Result<Self, WorkerError> {
         let opt = AdamW::new(model.trainable())?;
         Ok(Replica {
-            model_cfg: model.config().clone(),
+            model_cfg: Some(model.config().clone()),
             train_cfg: train.clone(),
             device_spec: *device,
-            model,
+            net: Net::Native(model),
             opt,
             step: 0,
             lora_base,
@@ -160,26 +181,70 @@ impl Replica {
         })
     }
 
-    /// The model.
-    pub fn model(&self) -> &Model {
-        &self.model
+    /// An adapter replica: LoRA adapters (`adapters`, their `A` matrices started from
+    /// `train.seed`) on the frozen Hugging Face base in `base_dir`, whose content root the
+    /// caller checked to be `base_root`. Flat parameters, updates and checkpoints then cover
+    /// the adapters alone (see [`crate::adapters`]).
+    pub fn new_adapters(
+        base_dir: &Path,
+        base_root: &str,
+        adapters: &AdapterConfig,
+        train: &TrainConfig,
+        device: &DeviceSpec,
+    ) -> Result<Self, WorkerError> {
+        let dev = device.device()?;
+        let m = AdapterModel::load(base_dir, base_root, adapters, train.seed, &dev)?;
+        validate_adapter_train(train, &m)?;
+        let opt = AdamW::new(m.trainable())?;
+        Ok(Replica {
+            model_cfg: None,
+            train_cfg: train.clone(),
+            device_spec: *device,
+            net: Net::Adapters(m),
+            opt,
+            step: 0,
+            lora_base: None,
+            micro_batch: 0,
+        })
+    }
+
+    /// The worker's own model; `None` for an adapter replica.
+    pub fn model(&self) -> Option<&Model> {
+        match &self.net {
+            Net::Native(m) => Some(m),
+            Net::Adapters(_) => None,
+        }
+    }
+
+    /// The frozen base with its adapters; `None` for a replica of the worker's own model.
+    pub fn adapter_model(&self) -> Option<&AdapterModel> {
+        match &self.net {
+            Net::Native(_) => None,
+            Net::Adapters(a) => Some(a),
+        }
     }
 
     /// Runs each MoE layer's experts as batched products or one at a time
-    /// ([`Model::set_batched_experts`]); both compute the same function.
+    /// ([`Model::set_batched_experts`]); both compute the same function. No effect on an
+    /// adapter replica.
     pub fn set_batched_experts(&mut self, on: bool) -> Result<(), WorkerError> {
-        self.model.set_batched_experts(on)
+        match &mut self.net {
+            Net::Native(m) => m.set_batched_experts(on),
+            Net::Adapters(_) => Ok(()),
+        }
     }
 
     /// The layout batched experts run on ([`Model::set_expert_layout`]); all compute the
-    /// same function.
+    /// same function. No effect on an adapter replica.
     pub fn set_expert_layout(&mut self, layout: crate::model::ExpertLayout) {
-        self.model.set_expert_layout(layout);
+        if let Net::Native(m) = &mut self.net {
+            m.set_expert_layout(layout);
+        }
     }
 
-    /// The model config.
-    pub fn model_config(&self) -> &ModelConfig {
-        &self.model_cfg
+    /// The native model's config; `None` for an adapter replica.
+    pub fn model_config(&self) -> Option<&ModelConfig> {
+        self.model_cfg.as_ref()
     }
 
     /// The training config.
@@ -214,14 +279,14 @@ impl Replica {
         if let Some(t) = inputs
             .iter()
             .chain(targets)
-            .find(|&&t| t as usize >= self.model_cfg.vocab)
+            .find(|&&t| t as usize >= self.net.vocab())
         {
             return Err(WorkerError::Data(format!(
                 "token {t} is outside the model vocabulary {}",
-                self.model_cfg.vocab
+                self.net.vocab()
             )));
         }
-        let dev = self.model.device();
+        let dev = self.net.device();
         Ok((
             Tensor::from_slice(inputs, (batch, seq), dev)?,
             Tensor::from_slice(targets, (batch, seq), dev)?,
@@ -252,7 +317,7 @@ impl Replica {
             let (ce, aux, stats, grads) = self.accumulate(inputs, targets, batch)?;
             let lr = self.train_cfg.lr_at(self.step);
             let norm = self
-                .model
+                .net
                 .optimizer_step(&mut self.opt, &grads, &self.train_cfg, lr)?;
             self.step += 1;
             return Ok((ce, aux, stats, norm));
@@ -260,7 +325,7 @@ impl Replica {
         let pass = self.forward_backward(inputs, targets, batch)?;
         let lr = self.train_cfg.lr_at(self.step);
         let norm = self
-            .model
+            .net
             .optimizer_step(&mut self.opt, &pass.grads, &self.train_cfg, lr)?;
         // Without checkpointing the pass holds its gradient store (every intermediate
         // gradient), freed after the optimizer's launches, while the GPU runs them, not
@@ -342,9 +407,30 @@ impl Replica {
         batch: usize,
     ) -> Result<TrainGrads, WorkerError> {
         let (x, y) = self.batch_tensors(inputs, targets, batch)?;
-        let pass = self
-            .model
-            .train_grads(&x, &y, self.train_cfg.checkpointing)?;
+        let model = match &self.net {
+            Net::Native(m) => m,
+            Net::Adapters(a) => {
+                let seed = dropout_seed(self.train_cfg.seed, self.step, inputs);
+                let loss = a.loss(inputs, targets, batch, Some(seed))?;
+                let ce = loss.to_scalar::<f32>()?;
+                if !ce.is_finite() {
+                    return Err(WorkerError::NonFinite(format!(
+                        "loss {ce} at step {}",
+                        self.step
+                    )));
+                }
+                let store = loss.backward()?;
+                let grads = self.net.param_grads(&store)?;
+                return Ok(TrainGrads::from_parts(
+                    ce,
+                    0.0,
+                    RouteStats::default(),
+                    grads,
+                    Some(store),
+                ));
+            }
+        };
+        let pass = model.train_grads(&x, &y, self.train_cfg.checkpointing)?;
         if !pass.ce.is_finite() || !pass.aux.is_finite() {
             return Err(WorkerError::NonFinite(format!(
                 "loss {}, aux {} at step {}",
@@ -363,13 +449,7 @@ impl Replica {
         shard: u64,
         steps: usize,
     ) -> Result<StepStats, WorkerError> {
-        if data.vocab() > self.model_cfg.vocab {
-            return Err(WorkerError::Data(format!(
-                "data vocabulary {} is larger than the model's {}",
-                data.vocab(),
-                self.model_cfg.vocab
-            )));
-        }
+        self.check_vocab(data)?;
         let (batch, seq) = (self.train_cfg.batch_size, self.train_cfg.seq_len);
         let mut stats = StepStats::default();
         let (mut loss_sum, mut aux_sum) = (0f64, 0f64);
@@ -409,13 +489,7 @@ impl Replica {
     /// The batch of inner step `step` on shard `shard`: drawn from a stream seeded by
     /// (seed, shard, step), the batch `train_steps` trains on at that step.
     fn batch_at(&self, data: &Dataset, shard: u64, step: u64) -> Result<Batch, WorkerError> {
-        if data.vocab() > self.model_cfg.vocab {
-            return Err(WorkerError::Data(format!(
-                "data vocabulary {} is larger than the model's {}",
-                data.vocab(),
-                self.model_cfg.vocab
-            )));
-        }
+        self.check_vocab(data)?;
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&self.train_cfg.seed.to_le_bytes());
         seed[8..16].copy_from_slice(&shard.to_le_bytes());
@@ -436,7 +510,7 @@ impl Replica {
         let batch = self.train_cfg.batch_size;
         let TrainGrads { ce, aux, grads, .. } = self.forward_backward(&inputs, &targets, batch)?;
         let mut flat = Vec::with_capacity(self.num_params());
-        for ((_, v), g) in self.model.trainable().iter().zip(&grads) {
+        for ((_, v), g) in self.net.trainable().iter().zip(&grads) {
             match g {
                 Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
                 None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
@@ -466,18 +540,18 @@ impl Replica {
                 self.num_params()
             )));
         }
-        let mut grads = Vec::with_capacity(self.model.trainable().len());
+        let mut grads = Vec::with_capacity(self.net.trainable().len());
         let mut off = 0;
-        for (_, v) in self.model.trainable() {
+        for (_, v) in self.net.trainable() {
             let n = v.elem_count();
-            let g = Tensor::from_slice(&flat[off..off + n], v.dims(), self.model.device())?
-                .to_dtype(self.model.master_dtype())?;
+            let g = Tensor::from_slice(&flat[off..off + n], v.dims(), self.net.device())?
+                .to_dtype(self.net.master_dtype())?;
             grads.push(Some(g));
             off += n;
         }
         let lr = self.train_cfg.lr_at(self.step);
         let norm = self
-            .model
+            .net
             .optimizer_step(&mut self.opt, &grads, &self.train_cfg, lr)?;
         self.step += 1;
         Ok(norm)
@@ -488,13 +562,23 @@ impl Replica {
     pub fn eval_loss(&self, data: &Dataset, max_batches: usize) -> Result<f32, WorkerError> {
         let (batch, seq) = (self.train_cfg.batch_size, self.train_cfg.seq_len);
         let batches = data.eval_batches(batch, seq, max_batches)?;
-        let w = self.model.weights(false)?;
+        let model = match &self.net {
+            Net::Native(m) => m,
+            Net::Adapters(a) => {
+                self.check_vocab(data)?;
+                let mut sum = 0f64;
+                for (inputs, targets) in &batches {
+                    let ce = a.loss(inputs, targets, batch, None)?;
+                    sum += f64::from(ce.to_scalar::<f32>()?);
+                }
+                return Ok((sum / batches.len() as f64) as f32);
+            }
+        };
+        let w = model.weights(false)?;
         let mut sum = 0f64;
         for (inputs, targets) in &batches {
             let (x, y) = self.batch_tensors(inputs, targets, batch)?;
-            let run = self
-                .model
-                .run_stage(&w, &self.model.full_stage(), &x, Some(&y))?;
+            let run = model.run_stage(&w, &model.full_stage(), &x, Some(&y))?;
             let ce = run
                 .ce
                 .ok_or_else(|| WorkerError::Mismatch("no loss computed".into()))?;
@@ -505,12 +589,12 @@ impl Replica {
 
     /// Names and shapes of the trainable parameters, in the fixed order of `flat_params`.
     pub fn param_layout(&self) -> Vec<(String, Vec<usize>)> {
-        self.model.param_layout()
+        self.net.param_layout()
     }
 
     /// Number of trainable values (the length of `flat_params`).
     pub fn num_params(&self) -> usize {
-        self.model
+        self.net
             .trainable()
             .iter()
             .map(|(_, v)| v.elem_count())
@@ -521,7 +605,7 @@ impl Replica {
     /// the snapshot the swarm keeps as `theta_start`; later training does not change it.
     pub fn flat_params(&self) -> Result<Vec<f32>, WorkerError> {
         let mut out = Vec::with_capacity(self.num_params());
-        for (_, v) in self.model.trainable() {
+        for (_, v) in self.net.trainable() {
             out.extend(
                 v.as_tensor()
                     .to_dtype(DType::F32)?
@@ -543,14 +627,14 @@ impl Replica {
             )));
         }
         let mut off = 0;
-        for (_, v) in self.model.trainable() {
+        for (_, v) in self.net.trainable() {
             let n = v.elem_count();
-            let t = Tensor::from_slice(&flat[off..off + n], v.dims(), self.model.device())?
-                .to_dtype(self.model.master_dtype())?;
+            let t = Tensor::from_slice(&flat[off..off + n], v.dims(), self.net.device())?
+                .to_dtype(self.net.master_dtype())?;
             v.set(&t)?;
             off += n;
         }
-        self.model.sync_compute()?;
+        self.net.sync_compute()?;
         Ok(())
     }
 
@@ -585,12 +669,12 @@ impl Replica {
                 v.len()
             )));
         }
-        let dev = self.model.device().clone();
-        let master = self.model.master_dtype();
+        let dev = self.net.device().clone();
+        let master = self.net.master_dtype();
         let split = |flat: &[f32]| -> Result<Vec<Tensor>, WorkerError> {
             let mut out = Vec::new();
             let mut off = 0;
-            for (_, var) in self.model.trainable() {
+            for (_, var) in self.net.trainable() {
                 let k = var.elem_count();
                 out.push(
                     Tensor::from_slice(&flat[off..off + k], var.dims(), &dev)?.to_dtype(master)?,
@@ -609,7 +693,7 @@ impl Replica {
         prefix: &str,
     ) -> Result<Vec<NamedTensor>, WorkerError> {
         let mut out = Vec::with_capacity(tensors.len());
-        for ((name, _), t) in self.model.trainable().iter().zip(tensors) {
+        for ((name, _), t) in self.net.trainable().iter().zip(tensors) {
             out.push((
                 format!("{prefix}{name}"),
                 t.dims().to_vec(),
@@ -624,7 +708,7 @@ impl Replica {
     pub fn save_checkpoint(&self, dir: &Path, with_optimizer: bool) -> Result<(), WorkerError> {
         std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
         let weights: Vec<Tensor> = self
-            .model
+            .net
             .trainable()
             .iter()
             .map(|(_, v)| v.as_tensor().detach())
@@ -671,16 +755,40 @@ impl Replica {
         optimizer: Option<String>,
         optimizer_steps: u64,
     ) -> Result<Vec<u8>, WorkerError> {
+        let model = match (&self.net, &self.model_cfg) {
+            (Net::Adapters(a), _) => {
+                let meta = AdapterCheckpointMeta {
+                    format: ADAPTER_FORMAT.into(),
+                    version: FORMAT_VERSION,
+                    base_root: a.base_root().to_string(),
+                    adapters: a.config().clone(),
+                    train: self.train_cfg.clone(),
+                    step,
+                    weights: weights.to_string(),
+                    optimizer,
+                    optimizer_steps,
+                };
+                return serde_json::to_vec_pretty(&meta)
+                    .map_err(|e| WorkerError::checkpoint(dir, format!("serialise config: {e}")));
+            }
+            (Net::Native(_), Some(cfg)) => cfg.clone(),
+            (Net::Native(_), None) => {
+                return Err(WorkerError::checkpoint(
+                    dir,
+                    "a native replica without its config",
+                ));
+            }
+        };
         let meta = CheckpointMeta {
             format: FORMAT.into(),
             version: FORMAT_VERSION,
-            model: self.model_cfg.clone(),
+            model,
             train: self.train_cfg.clone(),
             step,
             weights: weights.to_string(),
             optimizer,
             optimizer_steps,
-            lora: self.model.lora().cloned(),
+            lora: self.net.lora().cloned(),
             lora_base: self.lora_base.clone(),
         };
         serde_json::to_vec_pretty(&meta)
@@ -731,6 +839,13 @@ impl Replica {
     pub fn load_checkpoint(dir: &Path, device: &DeviceSpec) -> Result<Self, WorkerError> {
         let cfg_path = dir.join(CONFIG_FILE);
         let bytes = read_limited(&cfg_path, MAX_CONFIG_BYTES)?;
+        if peek_format(&cfg_path, &bytes)? == ADAPTER_FORMAT {
+            return Err(WorkerError::checkpoint(
+                &cfg_path,
+                "this is an adapter checkpoint: load it with its base \
+                 (Replica::load_adapter_checkpoint)",
+            ));
+        }
         let meta: CheckpointMeta = serde_json::from_slice(&bytes).map_err(|e| {
             WorkerError::checkpoint(&cfg_path, format!("malformed config.json: {e}"))
         })?;
@@ -759,14 +874,64 @@ impl Replica {
                 ));
             }
         };
-        let layout = replica.param_layout();
-        let weights = read_f32_tensors(
-            &dir.join(checked_file_name(&cfg_path, &meta.weights)?),
-            &layout,
+        replica.restore(
+            dir,
+            &meta.weights,
+            meta.optimizer.as_deref(),
+            meta.optimizer_steps,
         )?;
+        replica.step = meta.step;
+        Ok(replica)
+    }
+
+    /// Loads an adapter checkpoint written by `save_checkpoint` of an adapter replica, on
+    /// the base in `base_dir`, whose content root the caller checked to be `base_root`: a
+    /// checkpoint of another base is refused, naming both roots.
+    pub fn load_adapter_checkpoint(
+        dir: &Path,
+        base_dir: &Path,
+        base_root: &str,
+        device: &DeviceSpec,
+    ) -> Result<Self, WorkerError> {
+        let meta = read_adapter_meta(dir)?;
+        let cfg_path = dir.join(CONFIG_FILE);
+        if meta.base_root != base_root {
+            return Err(WorkerError::checkpoint(
+                &cfg_path,
+                format!(
+                    "the adapters were trained on the base of root {}, not on {base_root}: \
+                     give the base they name",
+                    meta.base_root
+                ),
+            ));
+        }
+        let mut replica =
+            Self::new_adapters(base_dir, base_root, &meta.adapters, &meta.train, device)?;
+        replica.restore(
+            dir,
+            &meta.weights,
+            meta.optimizer.as_deref(),
+            meta.optimizer_steps,
+        )?;
+        replica.step = meta.step;
+        Ok(replica)
+    }
+
+    /// Reads the weights (and the optimizer state, when named) of a checkpoint in `dir`
+    /// into this replica, whose layout they must have.
+    fn restore(
+        &mut self,
+        dir: &Path,
+        weights: &str,
+        optimizer: Option<&str>,
+        optimizer_steps: u64,
+    ) -> Result<(), WorkerError> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let layout = self.param_layout();
+        let weights = read_f32_tensors(&dir.join(checked_file_name(&cfg_path, weights)?), &layout)?;
         let flat: Vec<f32> = weights.into_iter().flatten().collect();
-        replica.set_flat_params(&flat)?;
-        if let Some(opt_name) = &meta.optimizer {
+        self.set_flat_params(&flat)?;
+        if let Some(opt_name) = optimizer {
             let mut opt_layout: Vec<(String, Vec<usize>)> = layout
                 .iter()
                 .map(|(n, s)| (format!("m.{n}"), s.clone()))
@@ -776,17 +941,189 @@ impl Replica {
                 &dir.join(checked_file_name(&cfg_path, opt_name)?),
                 &opt_layout,
             )?;
-            let dev = replica.model.device().clone();
-            let master = replica.model.master_dtype();
+            let dev = self.net.device().clone();
+            let master = self.net.master_dtype();
             let mut tensors = Vec::with_capacity(values.len());
             for ((_, shape), v) in opt_layout.iter().zip(values) {
                 tensors.push(Tensor::from_vec(v, shape.as_slice(), &dev)?.to_dtype(master)?);
             }
             let v = tensors.split_off(layout.len());
-            replica.opt.set_state(meta.optimizer_steps, tensors, v)?;
+            self.opt.set_state(optimizer_steps, tensors, v)?;
         }
-        replica.step = meta.step;
-        Ok(replica)
+        Ok(())
+    }
+
+    fn check_vocab(&self, data: &Dataset) -> Result<(), WorkerError> {
+        if data.vocab() <= self.net.vocab() {
+            return Ok(());
+        }
+        let hint = match &self.net {
+            Net::Native(_) => "raise the model's vocab",
+            Net::Adapters(_) => {
+                "train on the base's own tokenizer.json (or bytes, when the base has at least \
+                 256 tokens)"
+            }
+        };
+        Err(WorkerError::Data(format!(
+            "data vocabulary {} is larger than the model's {}: {hint}",
+            data.vocab(),
+            self.net.vocab()
+        )))
+    }
+}
+
+/// The base root and adapter settings an adapter checkpoint in `dir` names (its
+/// `config.json`, size-limited), without loading anything else.
+pub fn adapter_checkpoint_base(dir: &Path) -> Result<(String, AdapterConfig), WorkerError> {
+    let meta = read_adapter_meta(dir)?;
+    Ok((meta.base_root, meta.adapters))
+}
+
+fn read_adapter_meta(dir: &Path) -> Result<AdapterCheckpointMeta, WorkerError> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let bytes = read_limited(&cfg_path, MAX_CONFIG_BYTES)?;
+    let meta: AdapterCheckpointMeta = serde_json::from_slice(&bytes).map_err(|e| {
+        WorkerError::checkpoint(&cfg_path, format!("malformed adapter config.json: {e}"))
+    })?;
+    if meta.format != ADAPTER_FORMAT || meta.version != FORMAT_VERSION {
+        return Err(WorkerError::checkpoint(
+            &cfg_path,
+            format!(
+                "format {} v{} is not {ADAPTER_FORMAT} v{FORMAT_VERSION}",
+                meta.format, meta.version
+            ),
+        ));
+    }
+    Ok(meta)
+}
+
+/// The `format` of a checkpoint's `config.json`.
+fn peek_format(cfg_path: &Path, bytes: &[u8]) -> Result<String, WorkerError> {
+    #[derive(Deserialize)]
+    struct Peek {
+        format: String,
+    }
+    serde_json::from_slice::<Peek>(bytes)
+        .map(|p| p.format)
+        .map_err(|e| WorkerError::checkpoint(cfg_path, format!("malformed config.json: {e}")))
+}
+
+/// The seed of an adapter step's dropout masks: the run's seed, the step and the batch's
+/// first ids (so the micro-batches of one step draw different masks), mixed with
+/// splitmix64's constants: every replica derives the same one.
+fn dropout_seed(seed: u64, step: u64, inputs: &[u32]) -> u64 {
+    let mut x = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for &t in inputs.iter().take(4) {
+        x = (x ^ u64::from(t)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 31;
+    }
+    x
+}
+
+/// The step settings an adapter replica needs from its base: sequences that fit its
+/// positions.
+fn validate_adapter_train(train: &TrainConfig, m: &AdapterModel) -> Result<(), WorkerError> {
+    if train.batch_size == 0 || train.seq_len < 2 {
+        return Err(WorkerError::Config(format!(
+            "batch_size {} and seq_len {} must be at least 1 and 2",
+            train.batch_size, train.seq_len
+        )));
+    }
+    if train.seq_len + 1 > m.max_positions() {
+        return Err(WorkerError::Config(format!(
+            "seq_len {} needs {} positions; the base has {} (max_position_embeddings)",
+            train.seq_len,
+            train.seq_len + 1,
+            m.max_positions()
+        )));
+    }
+    Ok(())
+}
+
+/// What a replica trains: the worker's own model, or adapters on a frozen Hugging Face
+/// base. Everything the swarm sees (flat parameters, optimizer state, checkpoints) goes
+/// through the trainable list, so the rest of the replica is one path for both.
+#[derive(Debug)]
+enum Net {
+    Native(Model),
+    Adapters(AdapterModel),
+}
+
+impl Net {
+    fn trainable(&self) -> &[(String, Var)] {
+        match self {
+            Net::Native(m) => m.trainable(),
+            Net::Adapters(a) => a.trainable(),
+        }
+    }
+
+    fn device(&self) -> &Device {
+        match self {
+            Net::Native(m) => m.device(),
+            Net::Adapters(a) => a.device(),
+        }
+    }
+
+    fn master_dtype(&self) -> DType {
+        match self {
+            Net::Native(m) => m.master_dtype(),
+            Net::Adapters(_) => DType::F32,
+        }
+    }
+
+    fn vocab(&self) -> usize {
+        match self {
+            Net::Native(m) => m.config().vocab,
+            Net::Adapters(a) => a.vocab(),
+        }
+    }
+
+    fn lora(&self) -> Option<&LoraConfig> {
+        match self {
+            Net::Native(m) => m.lora(),
+            Net::Adapters(_) => None,
+        }
+    }
+
+    fn sync_compute(&self) -> Result<(), WorkerError> {
+        match self {
+            Net::Native(m) => m.sync_compute(),
+            Net::Adapters(_) => Ok(()),
+        }
+    }
+
+    fn param_grads(&self, store: &GradStore) -> Result<Vec<Option<Tensor>>, WorkerError> {
+        match self {
+            Net::Native(m) => m.param_grads(store),
+            Net::Adapters(a) => Ok(a
+                .trainable()
+                .iter()
+                .map(|(_, v)| store.get(v.as_tensor()).cloned())
+                .collect()),
+        }
+    }
+
+    fn optimizer_step(
+        &self,
+        opt: &mut AdamW,
+        grads: &[Option<Tensor>],
+        cfg: &TrainConfig,
+        lr: f32,
+    ) -> Result<f64, WorkerError> {
+        match self {
+            Net::Native(m) => m.optimizer_step(opt, grads, cfg, lr),
+            Net::Adapters(a) => {
+                let none = vec![None; a.trainable().len()];
+                Ok(opt.step_params(a.trainable(), grads, &none, cfg, lr)?.0)
+            }
+        }
+    }
+
+    fn param_layout(&self) -> Vec<(String, Vec<usize>)> {
+        self.trainable()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect()
     }
 }
 

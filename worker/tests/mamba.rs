@@ -406,7 +406,7 @@ fn tiny_hybrid_trains_on_the_builtin_corpus() {
     let dir = tempfile::tempdir().unwrap();
     replica.save_checkpoint(dir.path(), true).unwrap();
     let loaded = Replica::load_checkpoint(dir.path(), &DeviceSpec::Cpu).unwrap();
-    assert_eq!(loaded.model_config(), &cfg);
+    assert_eq!(loaded.model_config(), Some(&cfg));
     let bits = |r: &Replica| -> Vec<u32> {
         r.flat_params()
             .unwrap()

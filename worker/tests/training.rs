@@ -205,7 +205,7 @@ fn bf16_compute_trains_with_f32_masters() {
         ..small_train()
     };
     let mut r = Replica::new(&ModelConfig::tiny(), &train, &DeviceSpec::Cpu).unwrap();
-    assert_eq!(r.model().master_dtype(), DType::F32);
+    assert_eq!(r.model().unwrap().master_dtype(), DType::F32);
     let first = r.train_steps(&data, 0, 5).unwrap();
     let later = r.train_steps(&data, 0, 25).unwrap();
     assert!(later.mean_loss.is_finite());

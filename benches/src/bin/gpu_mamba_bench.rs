@@ -147,7 +147,11 @@ fn run(a: &Args) -> Result<serde_json::Value> {
         ..TrainConfig::default()
     };
     let mut replica = Replica::new(&cfg, &train, &a.device).context("building the replica")?;
-    let device = replica.model().device().clone();
+    let device = replica
+        .model()
+        .context("a native replica")?
+        .device()
+        .clone();
     // Random tokens, never zeros.
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let n = a.batch * a.context;

@@ -343,7 +343,11 @@ fn run(a: &Args) -> Result<Measured> {
     if let Some(layout) = a.layout {
         replica.set_expert_layout(layout);
     }
-    let device = replica.model().device().clone();
+    let device = replica
+        .model()
+        .context("a native replica")?
+        .device()
+        .clone();
     // Random bytes, never zeros: uniform tokens keep the router busy on every expert.
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let n = s.batch * s.seq;
@@ -448,7 +452,7 @@ fn breakdown(
     batch: usize,
     steps: usize,
 ) -> Result<[f64; 6]> {
-    let model = replica.model();
+    let model = replica.model().context("a native replica")?;
     let device = model.device().clone();
     let mut opt = AdamW::new(model.trainable())?;
     let mut parts: [Vec<f64>; 6] = Default::default();

@@ -54,6 +54,11 @@ pub struct VerifyArgs {
     /// for tools that load plain safetensors.
     #[arg(long, value_name = "DIR")]
     pub export: Option<PathBuf>,
+    /// For a checkpoint of an adapter run: the base's directory, checked against the root
+    /// the run pins (default: the run's `base` package beside the checkpoint's
+    /// `checkpoints` folder).
+    #[arg(long, value_name = "DIR")]
+    pub base: Option<PathBuf>,
 }
 
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -138,6 +143,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let v = verify_checkpoint_dir(&args.path, &opts)
         .with_context(|| format!("{} does not verify", args.path.display()))?;
     let run = settings_run_id(&args.path)?;
+    let base = verify_base(&args.path, args.base.as_deref())?;
     if let Some(dest) = &args.export {
         let files = potluck_coordinator::verify::export_checkpoint(&args.path, dest, &opts)
             .with_context(|| format!("exporting to {}", dest.display()))?;
@@ -159,6 +165,9 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             "replica_signers": v.replica_signers,
             "bytes_checked": v.bytes_checked,
             "chain_len": v.chain_len,
+            // An adapter run's base: its pinned root, and whether its files were checked.
+            "base_root": base.as_ref().map(|b| b.root.clone()),
+            "base_checked": base.as_ref().and_then(|b| b.checked.as_ref()).map(|p| p.display().to_string()),
         });
         println!("{out}");
     } else {
@@ -177,8 +186,94 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
                 String::new()
             }
         );
+        if let Some(b) = &base {
+            match &b.checked {
+                Some(dir) => println!(
+                    "adapters on base {}: the base at {} has that root",
+                    b.root,
+                    dir.display()
+                ),
+                None => println!(
+                    "adapters on base {}: the base itself was not checked (not found beside \
+                     the checkpoint; give it with --base DIR)",
+                    b.root
+                ),
+            }
+        }
     }
     Ok(())
+}
+
+/// What `verify` found about an adapter checkpoint's base.
+struct BaseCheck {
+    /// The root the run pins and the adapters name.
+    root: String,
+    /// The base directory whose files were found to have that root.
+    checked: Option<PathBuf>,
+}
+
+/// For a checkpoint of an adapter run: checks that its adapters name the base the run
+/// pins, and that the base (`base`, or the run's `base` package beside the checkpoint)
+/// has that root. `None` for a checkpoint of the worker's own model.
+fn verify_base(checkpoint: &Path, base: Option<&Path>) -> anyhow::Result<Option<BaseCheck>> {
+    let path = checkpoint.join(potluck_coordinator::manifest::RUN_FILE);
+    let bytes = crate::fsutil::read_limited(
+        &path,
+        potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
+    )
+    .with_context(|| format!("reading {}", path.display()))?;
+    let signed = potluck_coordinator::failover::SignedRunManifest::decode(&bytes)
+        .with_context(|| format!("{} is not a signed run manifest", path.display()))?;
+    let settings = &signed.body().settings;
+    let run: super::ResolvedRun = serde_json::from_slice(settings)
+        .with_context(|| format!("the run settings in {}", path.display()))?;
+    let Some(spec) = &run.base else {
+        return Ok(None);
+    };
+    let (named, _) = potluck_worker::replica::adapter_checkpoint_base(checkpoint)
+        .with_context(|| format!("{} is not an adapter checkpoint", checkpoint.display()))?;
+    if named != spec.root {
+        anyhow::bail!(
+            "the adapters in {} name the base {named}, but the run pins {}",
+            checkpoint.display(),
+            spec.root
+        );
+    }
+    let root = super::basepack::pinned_root(&run)?
+        .ok_or_else(|| anyhow::anyhow!("the run's base has no root"))?;
+    let beside = std::fs::canonicalize(checkpoint)
+        .ok()
+        .and_then(|d| Some(d.parent()?.parent()?.join(super::basepack::BASE_DIR)))
+        .filter(|d| d.is_dir());
+    let checked = match (base, beside) {
+        (Some(dir), _) => {
+            let spec = super::manifest::BaseSpec {
+                path: dir.display().to_string(),
+                root: String::new(),
+                vocab: 0,
+            };
+            let have = super::basepack::base_root(&spec)?;
+            if have != root {
+                anyhow::bail!(
+                    "the base at {} has the root {}, but the run pins {}",
+                    dir.display(),
+                    have.to_hex(),
+                    root.to_hex()
+                );
+            }
+            Some(dir.to_path_buf())
+        }
+        (None, Some(pack)) => match super::datapack::holds(&pack, root) {
+            Ok(true) => Some(pack),
+            Ok(false) => None,
+            Err(reason) => anyhow::bail!("the run's base package {}: {reason}", pack.display()),
+        },
+        (None, None) => None,
+    };
+    Ok(Some(BaseCheck {
+        root: spec.root.clone(),
+        checked,
+    }))
 }
 
 /// The id of the run a verified checkpoint belongs to, as `run status`, invites and data

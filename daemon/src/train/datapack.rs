@@ -177,27 +177,41 @@ pub fn check_package_source(
     let Some(root) = pinned_root(run)? else {
         return Ok(None);
     };
+    check_source(dest, root, "data", &run.data.source, || {
+        Ok(package_files(&run.data)?)
+    })
+}
+
+/// [`check_package_source`] for any package (`what`: "data", "base") of root `root`
+/// whose files `files` lists from their source `source`: shared by the run's data and an
+/// adapter run's base ([`super::basepack`]).
+pub(super) fn check_source(
+    dest: &Path,
+    root: Hash32,
+    what: &str,
+    source: &str,
+    files: impl FnOnce() -> Result<Vec<(String, PathBuf)>, TrainError>,
+) -> Result<Option<PackageSource>, TrainError> {
     match holds(dest, root) {
         Ok(true) => return Ok(None),
         Ok(false) => {}
         Err(reason) => {
-            tracing::warn!(dir = %dest.display(), %reason, "replacing a damaged data package");
+            tracing::warn!(dir = %dest.display(), %reason, what, "replacing a damaged package");
             std::fs::remove_dir_all(dest).map_err(|e| {
                 TrainError::Other(format!(
-                    "removing the damaged data package at {}: {e}",
+                    "removing the damaged {what} package at {}: {e}",
                     dest.display()
                 ))
             })?;
         }
     }
-    let files = package_files(&run.data)?;
+    let files = files()?;
     let content = CheckpointContent::of_files(&files, DEFAULT_CHUNK_SIZE)
-        .map_err(|e| TrainError::Other(format!("the run's data: {e}")))?;
+        .map_err(|e| TrainError::Other(format!("the run's {what}: {e}")))?;
     if content.root() != root {
         return Err(TrainError::Other(format!(
-            "the files of '{}' changed since the run was started (package root {} instead \
-             of {}): restore them, or start a new run",
-            run.data.source,
+            "the files of '{source}' changed since the run was started ({what} root {} \
+             instead of {}): restore them, or start a new run",
             content.root().short(),
             root.short()
         )));
@@ -308,17 +322,20 @@ pub fn link_package(
 /// An empty hidden directory beside `dest` to build its package in (the checkpoint server
 /// skips hidden names); what an interrupted build left there is removed.
 fn fresh_partial(dest: &Path) -> Result<PathBuf, TrainError> {
+    let name = dest
+        .file_name()
+        .map_or_else(|| "package".into(), |n| n.to_string_lossy().into_owned());
     let partial = dest
         .parent()
         .unwrap_or(Path::new("."))
-        .join(".data-partial");
+        .join(format!(".{name}-partial"));
     let made = match std::fs::remove_dir_all(&partial) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => std::fs::create_dir_all(&partial),
     };
     made.map_err(|e| {
         TrainError::Other(format!(
-            "preparing the run's data package at {}: {e}",
+            "preparing the run's package at {}: {e}",
             partial.display()
         ))
     })?;
@@ -327,10 +344,7 @@ fn fresh_partial(dest: &Path) -> Result<PathBuf, TrainError> {
 
 /// An I/O error while writing a run's data package at `p`.
 fn write_err(p: &Path, e: &dyn std::fmt::Display) -> TrainError {
-    TrainError::Other(format!(
-        "writing the run's data package at {}: {e}",
-        p.display()
-    ))
+    TrainError::Other(format!("writing the run's package at {}: {e}", p.display()))
 }
 
 /// Writes the signed manifests beside the files in `partial` and moves it into place at

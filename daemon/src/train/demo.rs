@@ -299,8 +299,11 @@ fn samples(
     };
     let trained = Replica::load_checkpoint(checkpoint, &DeviceSpec::Cpu)
         .with_context(|| format!("loading the final checkpoint {}", checkpoint.display()))?;
-    let before = sample(round0.model(), prompt, &cfg).context("sampling the round-0 model")?;
-    let after = sample(trained.model(), prompt, &cfg).context("sampling the final model")?;
+    let (Some(round0), Some(trained)) = (round0.model(), trained.model()) else {
+        bail!("the demo samples the worker's own model, not adapters on a base");
+    };
+    let before = sample(round0, prompt, &cfg).context("sampling the round-0 model")?;
+    let after = sample(trained, prompt, &cfg).context("sampling the final model")?;
     Ok(DemoSamples {
         prompt: printable(prompt),
         round0: printable(&before),

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use potluck_worker::adapters::AdapterConfig;
 use potluck_worker::compress::Codec;
 use potluck_worker::{Dataset, ModelConfig, SyntheticCorpus, SyntheticSpec, TrainConfig};
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,8 @@ pub enum ManifestError {
     Invalid { key: &'static str, reason: String },
     #[error("run data: {0}")]
     Data(String),
+    #[error("run base: {0}")]
+    Base(String),
 }
 
 /// The model of a run: a preset name or a full table.
@@ -89,6 +92,24 @@ impl Default for DataSpec {
             root: String::new(),
         }
     }
+}
+
+/// The frozen Hugging Face base an adapter run fine-tunes: a directory with `config.json`,
+/// `model.safetensors` (or a sharded index and its shards) and, usually, `tokenizer.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseSpec {
+    /// The base's directory on the starter's disk (peers without it fetch it by `root`).
+    pub path: String,
+    /// Root (hex) of the base's files hashed as one checkpoint-style content (see
+    /// [`super::basepack`]). Empty in a user's file means "compute it"; a peer whose copy
+    /// has another root does not use it, and a starter whose files have another root than
+    /// the one written here is refused.
+    #[serde(default)]
+    pub root: String,
+    /// The base's vocabulary size, read from its `config.json` when the run is pinned.
+    #[serde(default)]
+    pub vocab: usize,
 }
 
 /// Inner optimizer overrides of a manifest; unset keys keep [`TrainConfig::default`].
@@ -149,6 +170,11 @@ pub struct RunManifest {
     /// Any text that tells this run apart from another of the same settings (a new run id);
     /// `potluck run start --fresh` sets a random one.
     pub instance: Option<String>,
+    /// The frozen base of an adapter run (with `[adapters]`).
+    pub base: Option<BaseSpec>,
+    /// LoRA adapters on `[base]`, PEFT's names: the only parameters the run trains and
+    /// exchanges.
+    pub adapters: Option<AdapterConfig>,
 }
 
 /// The longest `instance` text.
@@ -181,6 +207,7 @@ impl RunMode {
 #[serde(deny_unknown_fields)]
 pub struct ResolvedRun {
     pub name: String,
+    /// The worker's own model; for an adapter run (`base` set), the default preset, unused.
     pub model: ModelConfig,
     pub data: DataSpec,
     pub inner: TrainConfig,
@@ -201,6 +228,27 @@ pub struct ResolvedRun {
     /// encoding when unset, so that older run ids do not change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The frozen base of an adapter run; `None` (and left out of the encoding) when the
+    /// run trains the worker's own model, `model` above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseSpec>,
+    /// The adapters an adapter run trains on `base`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapters: Option<AdapterConfig>,
+}
+
+/// Longest `inner.seq_len` an adapter run accepts before its base is read; the base's own
+/// `max_position_embeddings` is checked when the run is pinned and when a replica loads it.
+pub const MAX_ADAPTER_SEQ_LEN: usize = 1 << 17;
+
+/// The model the inner settings are checked against: the run's own, or for an adapter run
+/// (whose `model` is the unused default) one whose context is [`MAX_ADAPTER_SEQ_LEN`].
+fn inner_bounds(model: &ModelConfig, adapters: bool) -> ModelConfig {
+    let mut m = model.clone();
+    if adapters {
+        m.context = MAX_ADAPTER_SEQ_LEN;
+    }
+    m
 }
 
 fn is_false(b: &bool) -> bool {
@@ -287,7 +335,7 @@ impl RunManifest {
         }
         inner.total_steps = rounds * inner_steps as u64;
         inner
-            .validate(&model)
+            .validate(&inner_bounds(&model, self.base.is_some()))
             .map_err(|e| invalid("inner", e.to_string()))?;
         let mode = self.mode.unwrap_or_default();
         let compression = self.compression.clone().unwrap_or_else(|| {
@@ -381,6 +429,55 @@ impl RunManifest {
                 format!("must be 1 to {MAX_INSTANCE_CHARS} characters"),
             ));
         }
+        let (base, adapters) = match (&self.base, &self.adapters) {
+            (None, None) => (None, None),
+            (Some(base), Some(adapters)) => {
+                if self.model.is_some() {
+                    return Err(invalid(
+                        "model",
+                        "an adapter run trains adapters on [base], not a model of its own: \
+                         leave `model` out"
+                            .into(),
+                    ));
+                }
+                adapters
+                    .validate()
+                    .map_err(|e| invalid("adapters", e.to_string()))?;
+                let mut base = base.clone();
+                if base.path.is_empty() {
+                    return Err(invalid(
+                        "base.path",
+                        "names no directory: give the base's directory (config.json, \
+                         model.safetensors, tokenizer.json)"
+                            .into(),
+                    ));
+                }
+                base.root.make_ascii_lowercase();
+                if !base.root.is_empty()
+                    && (base.root.len() != 64 || !base.root.bytes().all(|b| b.is_ascii_hexdigit()))
+                {
+                    return Err(invalid(
+                        "base.root",
+                        format!("{:?} is not a 64-digit hex hash", base.root),
+                    ));
+                }
+                (Some(base), Some(adapters.clone()))
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "adapters",
+                    "[base] needs an [adapters] section (rank, alpha, dropout, \
+                     target_modules): only adapters are trained on a base"
+                        .into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "base",
+                    "[adapters] needs a [base] section naming the base's directory".into(),
+                ));
+            }
+        };
         Ok(ResolvedRun {
             name: self.name.clone(),
             model,
@@ -395,6 +492,8 @@ impl RunManifest {
             overlap: self.overlap.unwrap_or(DEFAULT_OVERLAP),
             mode,
             instance: self.instance.clone(),
+            base,
+            adapters,
         })
     }
 }
@@ -430,11 +529,24 @@ impl ResolvedRun {
             reason: e.to_string(),
         })?;
         run.inner
-            .validate(&run.model)
+            .validate(&inner_bounds(&run.model, run.base.is_some()))
             .map_err(|e| ManifestError::Invalid {
                 key: "inner",
                 reason: e.to_string(),
             })?;
+        match (&run.base, &run.adapters) {
+            (None, None) => {}
+            (Some(_), Some(a)) => a.validate().map_err(|e| ManifestError::Invalid {
+                key: "adapters",
+                reason: e.to_string(),
+            })?,
+            _ => {
+                return Err(ManifestError::Invalid {
+                    key: "base",
+                    reason: "a run names both a base and its adapters, or neither".into(),
+                });
+            }
+        }
         Ok(run)
     }
 
@@ -481,7 +593,16 @@ impl ResolvedRun {
                 .map_err(|e| ManifestError::Data(e.to_string()))?,
             None => potluck_worker::Tokenizer::Byte,
         };
-        if tokenizer.vocab_size() > self.model.vocab {
+        if let Some(base) = &self.base {
+            if tokenizer.vocab_size() > base.vocab {
+                return Err(ManifestError::Data(format!(
+                    "the tokenizer has {} tokens but the base's vocabulary only {}: give the \
+                     base's own tokenizer.json as `data.tokenizer`",
+                    tokenizer.vocab_size(),
+                    base.vocab
+                )));
+            }
+        } else if tokenizer.vocab_size() > self.model.vocab {
             return Err(ManifestError::Data(format!(
                 "the tokenizer has {} tokens but the model's vocabulary only {}: raise \
                  the model's `vocab`",
@@ -533,14 +654,28 @@ impl ResolvedRun {
     /// Whether the data is pinned: the token hash is set, and for a path source the package
     /// root too.
     pub fn is_pinned(&self) -> bool {
-        !self.data.hash.is_empty() && (self.data.source == "builtin" || !self.data.root.is_empty())
+        !self.data.hash.is_empty()
+            && (self.data.source == "builtin" || !self.data.root.is_empty())
+            && self.base.as_ref().is_none_or(|b| !b.root.is_empty())
+    }
+
+    /// Whether the run trains adapters on a frozen base rather than the worker's own model.
+    pub fn is_adapter_run(&self) -> bool {
+        self.base.is_some()
     }
 
     /// The manifest with the data hash pinned, as the run's starter publishes it: loads the
     /// data, and checks it against the hash when one is already set. The run id covers the
     /// hash, so pin before taking the id.
     /// A path source's package root is pinned too (checked when already set).
+    /// An adapter run's base is pinned first (its root, checked when already set, and its
+    /// vocabulary), since the data's tokenizer is checked against it.
     pub fn pin_data(mut self) -> Result<Self, ManifestError> {
+        if let Some(base) = self.base.take() {
+            let base = super::basepack::pin_base(base, &self.inner)?;
+            self.data.tokenizer = super::basepack::data_tokenizer(&base, &self.data)?;
+            self.base = Some(base);
+        }
         let (_, hash) = self.load_data()?;
         self.data.hash = hash;
         if self.data.source != "builtin" {

@@ -1,6 +1,7 @@
 //! Swarm training: run manifests, round planning, the control-stream wire format, the
 //! coordinator and replica loops, and `potluck demo`.
 
+pub mod basepack;
 pub mod checkpoint;
 pub mod cli;
 pub mod datapack;

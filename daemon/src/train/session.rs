@@ -50,13 +50,13 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
 use super::checkpoint::{self, InnerState};
-use super::datapack;
 use super::manifest::{ManifestError, ResolvedRun, RunMode};
 use super::pause::{PauseCause, PauseStep, PauseSwitch, PausedMembers, Schedule};
 use super::plan::slice_ranges;
 use super::reduce::{reduce_codec, reduce_slice};
 use super::waiting::{self, Phase};
 use super::wire::{MAX_CONTROL_BYTES, read_control, write_control};
+use super::{basepack, datapack};
 use crate::dataplane::{Frame, Limits, read_frame, seal_payload, signing_bytes, write_frame};
 use crate::ratelimit::{Limited, RateLimiter};
 
@@ -487,6 +487,9 @@ struct Inner {
     /// What a replica knows of the run it is in, for finding the run's coordinator again
     /// when the one it followed goes away.
     context: Mutex<Option<RunContext>>,
+    /// Where this daemon found the base of its adapter run (the run's id and the
+    /// directory), once checked against the pinned root: hashing a base is slow.
+    base_dir: Mutex<Option<([u8; 32], PathBuf)>>,
     /// Where a test makes the coordinator die.
     crash_at: Mutex<Option<CrashPoint>>,
     /// Where a fault test makes the whole process abort (`POTLUCK_CRASH_AT`).
@@ -661,6 +664,7 @@ impl TrainService {
                 device,
                 data_dir,
                 context: Mutex::new(None),
+                base_dir: Mutex::new(None),
                 crash_at: Mutex::new(None),
                 abort_at: CrashPoint::from_env(),
                 keep_checkpoints: settings.keep_checkpoints.max(1),
@@ -1473,9 +1477,123 @@ impl TrainService {
         let Some(mb) = self.inner.resource_limits.memory_limit_mb else {
             return Ok(None);
         };
+        if run.is_adapter_run() {
+            // The planner models the worker's own transformer; adapter steps on a base are
+            // not planned yet and train their batch whole.
+            tracing::warn!(
+                "memory_limit_mb does not plan adapter runs yet; training batches whole"
+            );
+            return Ok(None);
+        }
         let plan = potluck_worker::memory::plan_batch(&run.model, &run.inner, mb << 20)
             .map_err(potluck_worker::WorkerError::from)?;
         Ok(Some(plan))
+    }
+
+    /// Remembers that the base of `run` is at `dir` (checked against its root).
+    fn remember_base(&self, run: &ResolvedRun, dir: PathBuf) {
+        if let Ok(mut b) = self.inner.base_dir.lock() {
+            *b = Some((run.id(), dir));
+        }
+    }
+
+    /// The directory of the base of `run` on this daemon, without fetching: the run's
+    /// base package when it is intact, else `[base] path` when its files have the pinned
+    /// root (checked once per run, then remembered). `None` for a run of the worker's
+    /// own model; an error when this daemon does not hold the base.
+    fn local_base(&self, run: &ResolvedRun) -> Result<Option<PathBuf>, TrainError> {
+        let (Some(root), Some(spec)) = (basepack::pinned_root(run)?, &run.base) else {
+            return Ok(None);
+        };
+        let id = run.id();
+        if let Ok(b) = self.inner.base_dir.lock()
+            && let Some((rid, dir)) = b.as_ref()
+            && *rid == id
+        {
+            return Ok(Some(dir.clone()));
+        }
+        let pack = checkpoint::run_dir(&self.inner.data_dir, &id).join(basepack::BASE_DIR);
+        let dir = if datapack::holds(&pack, root) == Ok(true) {
+            pack
+        } else if basepack::own_copy_matches(spec, root).is_ok() {
+            PathBuf::from(&spec.path)
+        } else {
+            return Err(no_base(run));
+        };
+        self.remember_base(run, dir.clone());
+        Ok(Some(dir))
+    }
+
+    /// A fresh replica of `run` on `device`, on the base this daemon holds.
+    fn new_replica(&self, run: &ResolvedRun, device: &DeviceSpec) -> Result<Replica, TrainError> {
+        let base = self.local_base(run)?;
+        new_replica(run, base.as_deref(), device)
+    }
+
+    /// The base of an adapter run for this replica: the package this daemon holds, else
+    /// its own copy at `[base] path` when that has the pinned root, else the package
+    /// fetched from `sources` (verified piece by piece against the root) and kept, so that
+    /// this daemon serves it too. `None` for a run of the worker's own model.
+    async fn run_base(
+        &self,
+        run: &ResolvedRun,
+        run_dir: &std::path::Path,
+        sources: &[PeerId],
+    ) -> Result<Option<PathBuf>, TrainError> {
+        let (Some(root), Some(spec)) = (basepack::pinned_root(run)?, run.base.clone()) else {
+            return Ok(None);
+        };
+        let pack = run_dir.join(basepack::BASE_DIR);
+        let found = {
+            let (svc, run, pack) = (self.clone(), run.clone(), pack.clone());
+            tokio::task::spawn_blocking(move || -> Result<Option<PathBuf>, TrainError> {
+                if let Err(reason) = datapack::holds(&pack, root) {
+                    tracing::warn!(dir = %pack.display(), %reason, "removing a damaged base package");
+                    std::fs::remove_dir_all(&pack)
+                        .map_err(|e| TrainError::Other(format!("{}: {e}", pack.display())))?;
+                }
+                // Not held here (no package, no copy of that root): fetched below.
+                Ok(svc.local_base(&run).ok().flatten())
+            })
+            .await
+            .map_err(|_| TrainError::ShuttingDown)??
+        };
+        if let Some(dir) = found {
+            return Ok(Some(dir));
+        }
+        tracing::info!(
+            path = %spec.path,
+            root = %root.short(),
+            "the run's base is not here; fetching it from the swarm"
+        );
+        self.set_status(|s| {
+            s.state = "fetching the run's base".into();
+            s.phase = Phase::FetchingData;
+        });
+        let opts = crate::ckpt_transfer::FetchOptions {
+            cancel: self.inner.cancel.child_token(),
+            rates: self.inner.rates.clone(),
+            ..Default::default()
+        };
+        let report = self
+            .fetch_root_retrying(sources, root, &pack, &opts)
+            .await
+            .map_err(|e| {
+                TrainError::Other(format!(
+                    "the run's base is not at '{}' on this peer, and fetching its package {} \
+                     from {} peer(s) failed: {e}",
+                    spec.path,
+                    root.short(),
+                    sources.len()
+                ))
+            })?;
+        tracing::info!(
+            bytes = report.fetched_bytes,
+            root = %root.short(),
+            "fetched the run's base package"
+        );
+        self.remember_base(run, pack.clone());
+        Ok(Some(pack))
     }
 
     async fn prepare_run(
@@ -1502,6 +1620,13 @@ impl TrainService {
             let run_dir = checkpoint::run_dir(&svc.inner.data_dir, &run.id());
             let package = run_dir.join(datapack::DATA_DIR);
             let source = datapack::check_package_source(&package, &run)?;
+            // An adapter run's base likewise; the files just checked are the base the
+            // genesis replica loads.
+            let base_package = run_dir.join(basepack::BASE_DIR);
+            let base_source = basepack::check_base_source(&base_package, &run)?;
+            if let (Some(_), Some(base)) = (&base_source, &run.base) {
+                svc.remember_base(&run, PathBuf::from(&base.path));
+            }
             let (ledger, machine) = svc.open_ledger(&run, &successors)?;
             if let Some(source) = source {
                 datapack::write_checked_package(
@@ -1510,6 +1635,17 @@ impl TrainService {
                     ledger.run(),
                     &svc.inner.keypair,
                 )?;
+            }
+            if let Some(source) = base_source {
+                datapack::write_checked_package(
+                    &base_package,
+                    source,
+                    ledger.run(),
+                    &svc.inner.keypair,
+                )?;
+                // From now on the replica reads the checked copy, whatever happens to the
+                // user's directory.
+                svc.remember_base(&run, base_package.clone());
             }
             Ok(((ledger, machine), run))
         })
@@ -1605,7 +1741,13 @@ impl TrainService {
                     rounds,
                     root,
                     eval_loss: last_eval,
-                    num_params: run.model.num_params().unwrap_or(0) as usize,
+                    num_params: if run.is_adapter_run() {
+                        // The adapters' count needs the base's shapes.
+                        self.new_replica(&run, &DeviceSpec::Cpu)
+                            .map_or(0, |r| r.num_params())
+                    } else {
+                        run.model.num_params().unwrap_or(0) as usize
+                    },
                     total_steps: checkpoint::swarm_step(&run, rounds),
                     checkpoint_root: None,
                     resumed_from: None,
@@ -1758,7 +1900,7 @@ impl TrainService {
             .map_err(|e| TrainError::Other(format!("run configuration: {e}")))?;
             return Ok((ledger, machine));
         }
-        let rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?;
+        let rep = self.new_replica(run, &DeviceSpec::Cpu)?;
         let n = rep.num_params();
         let genesis = Snapshot::new(&rep, run, 0, rep.flat_params()?, vec![0.0; n])?;
         let mut keys = Vec::with_capacity(successors.len());
@@ -2098,7 +2240,8 @@ impl TrainService {
         // Under a memory cap, the batch is checked (and split if need be) before the model
         // takes any memory.
         let plan = self.memory_plan(&run)?;
-        let mut rep = Replica::new(&run.model, &run.inner, &self.inner.device)?;
+        let base = self.run_base(&run, &run_dir, &data_sources).await?;
+        let mut rep = new_replica(&run, base.as_deref(), &self.inner.device)?;
         if let Some(plan) = plan.filter(|p| p.micro_batches > 1) {
             tracing::info!(
                 batch = run.inner.batch_size,
@@ -2140,7 +2283,7 @@ impl TrainService {
         // A restarted replica resumes with its own inner optimizer and error feedback.
         let local_dir = run_dir.join(LOCAL_DIR);
         let mut resumed_from = None;
-        match load_local(&local_dir, &run, &self.inner.device) {
+        match load_local(&local_dir, &run, base.as_deref(), &self.inner.device) {
             Ok(Some((r, e, snap))) => {
                 tracing::info!(
                     round = snap.round,
@@ -2583,15 +2726,16 @@ impl TrainService {
         });
         let rebuild =
             |device: &DeviceSpec| -> Result<(Replica, Option<ErrorFeedback>), TrainError> {
-                match load_local(local_dir, run, device) {
+                let base = self.local_base(run)?;
+                match load_local(local_dir, run, base.as_deref(), device) {
                     Ok(Some((r, e, snap))) => {
                         self.set_status(|s| s.resumed_from = Some(snap.round));
                         Ok((r, Some(e)))
                     }
-                    Ok(None) => Ok((Replica::new(&run.model, &run.inner, device)?, None)),
+                    Ok(None) => Ok((new_replica(run, base.as_deref(), device)?, None)),
                     Err(e) => {
                         tracing::warn!(error = %e, "this replica's saved state is unusable; resuming afresh");
-                        Ok((Replica::new(&run.model, &run.inner, device)?, None))
+                        Ok((new_replica(run, base.as_deref(), device)?, None))
                     }
                 }
             };
@@ -2689,7 +2833,7 @@ impl TrainService {
             held_now = self.held_state(&record.root.0);
         }
         if hasher.is_none() {
-            *hasher = Some(Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu)?);
+            *hasher = Some(self.new_replica(run, &DeviceSpec::Cpu)?);
         }
         let rep = hasher
             .as_ref()
@@ -4034,9 +4178,42 @@ fn read_bounded(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, TrainErro
 /// Loads the newest save of [`save_local`], if there is one for this run's settings.
 /// Returns the replica (weights, inner optimizer, step), its error feedback, and the state
 /// it held, named by its root.
+/// A fresh replica of `run`: the worker's own model, or adapters on the run's base, found
+/// at `base` (checked against the pinned root by the caller).
+fn new_replica(
+    run: &ResolvedRun,
+    base: Option<&std::path::Path>,
+    device: &DeviceSpec,
+) -> Result<Replica, TrainError> {
+    match (&run.base, &run.adapters, base) {
+        (None, _, _) => Ok(Replica::new(&run.model, &run.inner, device)?),
+        (Some(spec), Some(adapters), Some(dir)) => Ok(Replica::new_adapters(
+            dir, &spec.root, adapters, &run.inner, device,
+        )?),
+        (Some(_), None, _) => Err(TrainError::Other(
+            "the run names a base but no adapters".into(),
+        )),
+        (Some(_), Some(_), None) => Err(no_base(run)),
+    }
+}
+
+/// The error for an adapter run whose base this daemon does not hold.
+fn no_base(run: &ResolvedRun) -> TrainError {
+    let (path, root) = run
+        .base
+        .as_ref()
+        .map(|b| (b.path.as_str(), b.root.as_str()))
+        .unwrap_or_default();
+    TrainError::Other(format!(
+        "the run's base (root {root}) is not on this daemon: neither its package nor '{path}' \
+         holds it; join the run as a replica to fetch it from the swarm, or copy the base there"
+    ))
+}
+
 fn load_local(
     dir: &std::path::Path,
     run: &ResolvedRun,
+    base: Option<&std::path::Path>,
     device: &DeviceSpec,
 ) -> Result<Option<(Replica, ErrorFeedback, Snapshot)>, TrainError> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -4053,8 +4230,28 @@ fn load_local(
     let Some((round, path)) = newest else {
         return Ok(None);
     };
-    let rep = Replica::load_checkpoint(&path.join(LOCAL_REPLICA), device)?;
-    if rep.model_config() != &run.model || rep.train_config() != &run.inner {
+    let rep = match (&run.base, base) {
+        (None, _) => Replica::load_checkpoint(&path.join(LOCAL_REPLICA), device)?,
+        (Some(spec), Some(dir)) => {
+            let rep = Replica::load_adapter_checkpoint(
+                &path.join(LOCAL_REPLICA),
+                dir,
+                &spec.root,
+                device,
+            )?;
+            if rep.adapter_model().map(|a| a.config()) != run.adapters.as_ref() {
+                return Err(TrainError::Other(format!(
+                    "{} was saved with other adapter settings",
+                    path.display()
+                )));
+            }
+            rep
+        }
+        (Some(_), None) => return Err(no_base(run)),
+    };
+    if (run.base.is_none() && rep.model_config() != Some(&run.model))
+        || rep.train_config() != &run.inner
+    {
         return Err(TrainError::Other(format!(
             "{} was saved with other model or training settings",
             path.display()
@@ -4790,7 +4987,11 @@ mod tests {
             .unwrap();
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join(LOCAL_DIR);
-        assert!(load_local(&dir, &run, &DeviceSpec::Cpu).unwrap().is_none());
+        assert!(
+            load_local(&dir, &run, None, &DeviceSpec::Cpu)
+                .unwrap()
+                .is_none()
+        );
         let mut rep = Replica::new(&run.model, &run.inner, &DeviceSpec::Cpu).unwrap();
         rep.set_step(checkpoint::swarm_step(&run, 2));
         let n = rep.num_params();
@@ -4802,7 +5003,9 @@ mod tests {
         save_local(&dir, &rep, &snap, &ef, &run).unwrap();
         // A later save replaces the earlier one.
         save_local(&dir, &rep, &snap, &ef, &run).unwrap();
-        let (back, back_ef, back_snap) = load_local(&dir, &run, &DeviceSpec::Cpu).unwrap().unwrap();
+        let (back, back_ef, back_snap) = load_local(&dir, &run, None, &DeviceSpec::Cpu)
+            .unwrap()
+            .unwrap();
         assert_eq!(back_snap.root, snap.root);
         assert_eq!(back_snap.round, 2);
         assert_eq!(back.step(), rep.step());
@@ -4810,12 +5013,67 @@ mod tests {
         // A damaged file is an error, never a panic or a silently fresh state.
         let ef_file = dir.join(format!("{:020}", 2)).join(LOCAL_EF);
         std::fs::write(&ef_file, b"garbage").unwrap();
-        assert!(load_local(&dir, &run, &DeviceSpec::Cpu).is_err());
+        assert!(load_local(&dir, &run, None, &DeviceSpec::Cpu).is_err());
         // State saved under other settings is refused.
         save_local(&dir, &rep, &snap, &ef, &run).unwrap();
         let mut other = run.clone();
         other.inner.lr *= 2.0;
-        assert!(load_local(&dir, &other, &DeviceSpec::Cpu).is_err());
+        assert!(load_local(&dir, &other, None, &DeviceSpec::Cpu).is_err());
+    }
+
+    #[test]
+    fn an_adapter_replicas_local_state_reloads_on_its_base_only() {
+        use super::super::manifest::RunManifest;
+        use potluck_worker::adapters::{LlamaShape, write_random_llama};
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
+        let shape = LlamaShape {
+            vocab: 256,
+            hidden: 16,
+            intermediate: 32,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            max_positions: 64,
+        };
+        write_random_llama(&base, &shape, 1).unwrap();
+        let text = t.path().join("text.txt");
+        std::fs::write(&text, "local state of adapters ".repeat(50)).unwrap();
+        let toml = format!(
+            "name = \"a\"\n[data]\nsource = {:?}\ntrain_bytes = 0\neval_bytes = 0\nshards = 2\n\
+             eval_fraction = 0.1\n[inner]\nseq_len = 16\n[base]\npath = {:?}\n[adapters]\n\
+             rank = 2\nalpha = 4.0\ndropout = 0.0\ntarget_modules = [\"q_proj\"]\n",
+            text.display().to_string(),
+            base.display().to_string()
+        );
+        let run = RunManifest::parse(&toml)
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .pin_data()
+            .unwrap();
+        let dir = t.path().join(LOCAL_DIR);
+        let rep = new_replica(&run, Some(&base), &DeviceSpec::Cpu).unwrap();
+        let n = rep.num_params();
+        assert_eq!(n, 2 * 16 + 16 * 2, "q_proj's adapter only");
+        let snap = Snapshot::new(&rep, &run, 1, rep.flat_params().unwrap(), vec![0.0; n]).unwrap();
+        save_local(&dir, &rep, &snap, &ErrorFeedback::new(n), &run).unwrap();
+        let (back, _, back_snap) = load_local(&dir, &run, Some(&base), &DeviceSpec::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back_snap.root, snap.root);
+        assert_eq!(back.flat_params().unwrap(), rep.flat_params().unwrap());
+        // Without the base, or with other adapter settings, it is refused with a reason.
+        let err = load_local(&dir, &run, None, &DeviceSpec::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not on this daemon"), "{err}");
+        let mut other = run.clone();
+        other.adapters.as_mut().unwrap().alpha = 8.0;
+        let err = load_local(&dir, &other, Some(&base), &DeviceSpec::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adapter settings"), "{err}");
     }
 
     /// The demo's run and a fresh CPU replica of its model.
