@@ -30,7 +30,7 @@ use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use potluck_daemon::dataplane::seal_payload;
 use potluck_daemon::train::plan::slice_ranges;
-use potluck_daemon::train::reduce::{reduce_codec, reduce_slice};
+use potluck_daemon::train::reduce::{Aggregation, reduce_codec, reduce_slice};
 use potluck_proto::v1::FrameHeader;
 use potluck_worker::compress::{self, Codec, ErrorFeedback};
 use potluck_worker::{
@@ -207,7 +207,8 @@ impl Exchange {
                 got.insert(self.members[m], (*t, v));
             }
             let mut rejected = Vec::new();
-            let (avg, contributors) = reduce_slice(&got, range.len(), &mut rejected);
+            let (avg, contributors) =
+                reduce_slice(&got, range.len(), Aggregation::Mean, &mut rejected);
             self.rejected += rejected.len() as u64;
             let reduced = compress::encode(reduce_codec(codec, contributors.len()), &avg);
             for m in 0..n {

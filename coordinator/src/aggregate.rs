@@ -1,12 +1,15 @@
 //! The aggregation seam: how the replicas' updates become one update, and which updates are
-//! refused before that. Today a token-weighted mean; robust rules (trimmed mean, median,
-//! norm clipping) will replace it behind the same signature.
+//! refused before that. The rule is the run's [`Aggregation`]: the token-weighted mean, or
+//! one of the robust rules of [`crate::robust`] (a per-coordinate trimmed mean, centred
+//! clipping), reached through [`aggregate_with`] and [`reduce_with`].
 //!
 //! The order of summation is fixed (by peer id) and the sum is taken in f64, so every
 //! replica that aggregates the same contributions gets bit-identical f32 results, whatever
-//! order the updates arrived in: the weights' hashes can only agree if this holds.
+//! order the updates arrived in: the weights' hashes can only agree if this holds. The robust
+//! rules keep that property (see [`crate::robust`]).
 
 use crate::PeerId;
+pub use crate::robust::{Aggregation, AggregationError};
 
 /// One replica's update for a round.
 #[derive(Debug, Clone, Copy)]
@@ -32,10 +35,23 @@ pub enum AggregateError {
     },
     #[error("{peer} contributed twice")]
     DuplicatePeer { peer: PeerId },
+    #[error("aggregation rule: {0}")]
+    Rule(AggregationError),
 }
 
 /// Token-weighted mean of the contributions, summed in peer-id order.
 pub fn aggregate(contributions: &[Contribution<'_>]) -> Result<Vec<f32>, AggregateError> {
+    aggregate_with(Aggregation::Mean, contributions)
+}
+
+/// The contributions aggregated by `rule`, after the same checks as [`aggregate`] (none,
+/// duplicate peers, unequal lengths, zero tokens in total). A rule with parameters out of
+/// range (see [`Aggregation::validate`]) is refused.
+pub fn aggregate_with(
+    rule: Aggregation,
+    contributions: &[Contribution<'_>],
+) -> Result<Vec<f32>, AggregateError> {
+    rule.validate().map_err(AggregateError::Rule)?;
     let mut sorted: Vec<&Contribution<'_>> = contributions.iter().collect();
     sorted.sort_by(|a, b| a.peer.cmp(b.peer));
     let first = sorted.first().ok_or(AggregateError::Empty)?;
@@ -61,14 +77,27 @@ pub fn aggregate(contributions: &[Contribution<'_>]) -> Result<Vec<f32>, Aggrega
     if total == 0 {
         return Err(AggregateError::NoTokens);
     }
-    let mut acc = vec![0f64; len];
-    for c in &sorted {
-        let w = c.tokens as f64 / total as f64;
-        for (a, v) in acc.iter_mut().zip(c.values) {
-            *a += w * f64::from(*v);
+    let weights: Vec<f64> = sorted
+        .iter()
+        .map(|c| c.tokens as f64 / total as f64)
+        .collect();
+    Ok(match rule {
+        Aggregation::Mean => {
+            let mut acc = vec![0f64; len];
+            for (c, w) in sorted.iter().zip(&weights) {
+                for (a, v) in acc.iter_mut().zip(c.values) {
+                    *a += w * f64::from(*v);
+                }
+            }
+            acc.into_iter().map(|x| x as f32).collect()
         }
-    }
-    Ok(acc.into_iter().map(|x| x as f32).collect())
+        Aggregation::TrimmedMean { trim } => {
+            crate::robust::trimmed_mean(&sorted, &weights, len, trim)
+        }
+        Aggregation::CentredClip { tau, iters } => {
+            crate::robust::centred_clip(&sorted, &weights, len, tau, iters)
+        }
+    })
 }
 
 /// Why a contribution is refused before aggregation.
@@ -173,7 +202,8 @@ pub fn validate_updates(
 /// What a reducer makes of one slice's contributions ([`reduce`]).
 #[derive(Debug, PartialEq)]
 pub struct Reduction {
-    /// The mean of the accepted contributions, or why there is none.
+    /// The accepted contributions aggregated by the rule (the mean unless
+    /// [`reduce_with`] was given another), or why there is none.
     pub mean: Result<Vec<f32>, AggregateError>,
     /// Indices (into the contributions given) of those folded into the mean.
     pub kept: Vec<usize>,
@@ -185,13 +215,23 @@ pub struct Reduction {
 /// rest with [`aggregate`]. The daemon's reduction and the exchange simulation both call
 /// this, so they agree on what is kept and on every bit of the mean.
 pub fn reduce(contributions: &[Contribution<'_>], limits: ValidationLimits) -> Reduction {
+    reduce_with(Aggregation::Mean, contributions, limits)
+}
+
+/// [`reduce`] with the run's aggregation rule in place of the mean: the same validation, then
+/// [`aggregate_with`].
+pub fn reduce_with(
+    rule: Aggregation,
+    contributions: &[Contribution<'_>],
+    limits: ValidationLimits,
+) -> Reduction {
     let refused = validate_updates(contributions, limits);
     let kept: Vec<usize> = (0..contributions.len())
         .filter(|i| !refused.iter().any(|r| r.index == *i))
         .collect();
     let accepted: Vec<Contribution<'_>> = kept.iter().map(|&i| contributions[i]).collect();
     Reduction {
-        mean: aggregate(&accepted),
+        mean: aggregate_with(rule, &accepted),
         kept,
         refused,
     }

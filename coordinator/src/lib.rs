@@ -38,6 +38,7 @@ pub mod failover;
 pub mod manifest;
 pub mod placement;
 pub mod rejections;
+pub mod robust;
 pub mod round;
 pub mod safetensors_header;
 pub mod sim;

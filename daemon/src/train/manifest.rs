@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use potluck_coordinator::aggregate::Aggregation;
 use potluck_worker::adapters::AdapterConfig;
 use potluck_worker::compress::Codec;
 use potluck_worker::{Dataset, ModelConfig, SyntheticCorpus, SyntheticSpec, TrainConfig};
@@ -167,6 +168,13 @@ pub struct RunManifest {
     pub overlap: Option<bool>,
     /// `diloco` (the default) or `data-parallel`.
     pub mode: Option<RunMode>,
+    /// How each slice's reducer combines the accepted contributions: `mean` (the default),
+    /// `trimmed-mean[:TRIM]` or `centred-clip[:TAU:ITERS]` (the coordinator crate's
+    /// `robust` module). The default is `mean` whatever the swarm: whether a daemon is in
+    /// the public swarm is its own setting, not the run's, and a default that followed it
+    /// would give one manifest two run ids. A run meant for the public swarm should say
+    /// `centred-clip` (the rule `Aggregation::PUBLIC_DEFAULT` names; docs/ARCHITECTURE.md).
+    pub aggregation: Option<String>,
     /// Any text that tells this run apart from another of the same settings (a new run id);
     /// `potluck run start --fresh` sets a random one.
     pub instance: Option<String>,
@@ -224,6 +232,12 @@ pub struct ResolvedRun {
     pub overlap: bool,
     #[serde(default, skip_serializing_if = "RunMode::is_diloco")]
     pub mode: RunMode,
+    /// The reducers' rule, in its canonical text (`Aggregation`'s display). Left out of the
+    /// canonical encoding when it is `mean`, so that the ids of runs from before the setting
+    /// existed do not change; any other rule is part of the run id, so every replica reduces
+    /// with the same one.
+    #[serde(default = "mean_text", skip_serializing_if = "is_mean_text")]
+    pub aggregation: String,
     /// Tells this run apart from another of the same settings. Left out of the canonical
     /// encoding when unset, so that older run ids do not change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +267,14 @@ fn inner_bounds(model: &ModelConfig, adapters: bool) -> ModelConfig {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn mean_text() -> String {
+    Aggregation::Mean.to_string()
+}
+
+fn is_mean_text(s: &str) -> bool {
+    s == mean_text()
 }
 
 /// The embedded default run of `potluck demo`: a small MoE model on the built-in corpus,
@@ -421,6 +443,12 @@ impl RunManifest {
                 "applies to a path source; the built-in corpus is bytes".into(),
             ));
         }
+        let aggregation = match &self.aggregation {
+            None => Aggregation::Mean,
+            Some(text) => text
+                .parse::<Aggregation>()
+                .map_err(|e| invalid("aggregation", e.to_string()))?,
+        };
         if let Some(i) = &self.instance
             && (i.is_empty() || i.chars().count() > MAX_INSTANCE_CHARS)
         {
@@ -491,6 +519,7 @@ impl RunManifest {
             min_peers,
             overlap: self.overlap.unwrap_or(DEFAULT_OVERLAP),
             mode,
+            aggregation: aggregation.to_string(),
             instance: self.instance.clone(),
             base,
             adapters,
@@ -547,7 +576,18 @@ impl ResolvedRun {
                 });
             }
         }
+        run.aggregation
+            .parse::<Aggregation>()
+            .map_err(|e| ManifestError::Invalid {
+                key: "aggregation",
+                reason: e.to_string(),
+            })?;
         Ok(run)
+    }
+
+    /// The reducers' aggregation rule (checked when the run was resolved or received).
+    pub fn aggregation(&self) -> Aggregation {
+        self.aggregation.parse().unwrap_or_default()
     }
 
     /// The update codec.
@@ -754,6 +794,59 @@ pub(crate) mod tests {
         let back = ResolvedRun::from_canonical(&on.canonical_bytes(), &on.id()).unwrap();
         assert!(back.overlap);
     }
+
+    /// A manifest that does not name a rule, or names `mean`, hashes exactly as before the
+    /// setting existed (the demo's id is pinned from the commit before it); any other rule is
+    /// in the canonical bytes and the id, and comes back from them.
+    #[test]
+    fn aggregation_is_in_the_id_only_when_not_the_mean() {
+        let plain = RunManifest::parse(DEMO_MANIFEST)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(plain.aggregation(), Aggregation::Mean);
+        assert_eq!(hex::encode(plain.id()), DEMO_ID_BEFORE_AGGREGATION);
+        assert!(
+            !String::from_utf8(plain.canonical_bytes())
+                .unwrap()
+                .contains("aggregation")
+        );
+        let mean = RunManifest::parse(&format!("aggregation = \"mean\"\n{DEMO_MANIFEST}"))
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(mean.id(), plain.id());
+        let clip = RunManifest::parse(&format!("aggregation = \"centred-clip\"\n{DEMO_MANIFEST}"))
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(clip.aggregation(), Aggregation::PUBLIC_DEFAULT);
+        assert_eq!(clip.aggregation, "centred-clip:2:3");
+        assert_ne!(clip.id(), plain.id());
+        let back = ResolvedRun::from_canonical(&clip.canonical_bytes(), &clip.id()).unwrap();
+        assert_eq!(back, clip);
+        let tm = RunManifest::parse(&format!(
+            "aggregation = \"trimmed-mean:0.25\"\n{DEMO_MANIFEST}"
+        ))
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(tm.aggregation(), Aggregation::TrimmedMean { trim: 0.25 });
+        assert_ne!(tm.id(), clip.id());
+        let err = RunManifest::parse(&format!("aggregation = \"median\"\n{DEMO_MANIFEST}"))
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("aggregation"), "{err}");
+        // A peer's canonical bytes with a rule out of range are refused.
+        let mut bad = clip.clone();
+        bad.aggregation = "trimmed-mean:0.9".into();
+        assert!(ResolvedRun::from_canonical(&bad.canonical_bytes(), &bad.id()).is_err());
+    }
+
+    /// The demo's run id at the commit before `aggregation` existed.
+    const DEMO_ID_BEFORE_AGGREGATION: &str =
+        "db96b8967758dfd4f9ca7a499467c8d9a91a65325220599f3336246ebcd0cc8a";
 
     #[test]
     fn bad_values_name_their_key() {

@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 
 use libp2p::PeerId;
 use potluck_coordinator::PeerId as CPeerId;
-use potluck_coordinator::aggregate::{Contribution, ValidationLimits, reduce};
+use potluck_coordinator::aggregate::{Contribution, ValidationLimits, reduce_with};
 use potluck_worker::compress::Codec;
 
+/// The run's rule for combining a slice's contributions.
+pub use potluck_coordinator::aggregate::Aggregation;
 /// A contribution whose norm is this many times the median of the others' is refused.
 pub use potluck_coordinator::aggregate::MAX_NORM_RATIO;
 
@@ -33,13 +35,15 @@ pub fn reduce_codec(codec: Codec, contributors: usize) -> Codec {
 }
 
 /// Validates the contributions to one slice with the coordinator crate's rules (length,
-/// finiteness, tokens, norm against the others), then averages the accepted ones with its
-/// aggregation seam. The peers whose contributions it refuses are appended to `refused`
+/// finiteness, tokens, norm against the others), then combines the accepted ones with its
+/// aggregation seam by the run's `rule` (the mean, or a robust rule: every replica reduces
+/// with the one its run id names). The peers whose contributions it refuses are appended to `refused`
 /// (the reason of each is logged; the caller counts them). Returns the mean and the peers
 /// it folds in; with no acceptable contribution the slice's update is zero.
 pub fn reduce_slice(
     contributions: &BTreeMap<PeerId, (u64, Vec<f32>)>,
     len: usize,
+    rule: Aggregation,
     refused: &mut Vec<PeerId>,
 ) -> (Vec<f32>, Vec<PeerId>) {
     if contributions.is_empty() {
@@ -63,7 +67,7 @@ pub fn reduce_slice(
         expected_len: len,
         max_norm_ratio: MAX_NORM_RATIO,
     };
-    let r = reduce(&all, limits);
+    let r = reduce_with(rule, &all, limits);
     for x in &r.refused {
         let peer = ids[x.index].0;
         tracing::warn!(%peer, reason = ?x.reason, "contribution refused by the reduction");
@@ -74,6 +78,49 @@ pub fn reduce_slice(
         Err(e) => {
             tracing::warn!(error = %e, "nothing to reduce for this slice");
             (vec![0.0; len], Vec::new())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::identity::Keypair;
+
+    /// Two of five reducers' contributors send the honest update sign-flipped and 9 times
+    /// larger: under the norm bound (10x the others' median), so validation keeps them. The
+    /// mean follows them; centred clipping and the trimmed mean stay near the honest value.
+    #[test]
+    fn the_runs_rule_decides_what_a_minority_of_attackers_can_do() {
+        let peers: Vec<PeerId> = (0..5)
+            .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+            .collect();
+        let mut c = BTreeMap::new();
+        for (i, p) in peers.iter().enumerate() {
+            let v = if i < 3 {
+                vec![1.0 + 0.01 * i as f32, 1.0, -1.0]
+            } else {
+                vec![-9.0, -9.0, 9.0]
+            };
+            c.insert(*p, (100, v));
+        }
+        let off = |v: &[f32]| {
+            (v[0] - 1.01)
+                .abs()
+                .max((v[1] - 1.0).abs())
+                .max((v[2] + 1.0).abs())
+        };
+        let mut refused = Vec::new();
+        let (mean, used) = reduce_slice(&c, 3, Aggregation::Mean, &mut refused);
+        assert!(refused.is_empty() && used.len() == 5);
+        assert!(off(&mean) > 3.0, "{mean:?}");
+        for rule in [
+            Aggregation::PUBLIC_DEFAULT,
+            Aggregation::TrimmedMean { trim: 0.4 },
+        ] {
+            let (v, used) = reduce_slice(&c, 3, rule, &mut refused);
+            assert!(refused.is_empty() && used.len() == 5);
+            assert!(off(&v) < 0.5, "{rule}: {v:?}");
         }
     }
 }

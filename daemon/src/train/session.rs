@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::{PeerId, StreamProtocol};
+use potluck_coordinator::aggregate::Aggregation;
 use potluck_coordinator::exchange::{
     Action as ExchangeAction, Admit, Deadlines, Exchange, ExchangeConfig, Invalid,
     Rejected as ExchangeRejected, Span,
@@ -3299,6 +3300,7 @@ impl TrainService {
             len: theta_start.len(),
             ranges: ranges.clone(),
             codec,
+            aggregation: run.aggregation(),
             deadlines: Deadlines::split(from, span),
         };
         let mut update_hasher = blake3::Hasher::new();
@@ -3736,7 +3738,12 @@ impl TrainService {
         only: Option<PeerId>,
     ) {
         let mut refused = Vec::new();
-        let (avg, contributors) = reduce_slice(got, plan.ranges[slice].len(), &mut refused);
+        let (avg, contributors) = reduce_slice(
+            got,
+            plan.ranges[slice].len(),
+            plan.aggregation,
+            &mut refused,
+        );
         for peer in &refused {
             self.reject(RejectReason::Invalid);
             rejected.note(
@@ -3831,6 +3838,8 @@ struct ExchangePlan<'a> {
     len: usize,
     ranges: Vec<std::ops::Range<usize>>,
     codec: Codec,
+    /// The run's rule for combining a slice's contributions.
+    aggregation: Aggregation,
     /// Its deadline phases.
     deadlines: Deadlines,
 }
@@ -4964,7 +4973,7 @@ mod tests {
         c.insert(peers[2], (100, vec![f32::NAN, 0.0, 0.0]));
         c.insert(peers[3], (100, vec![1e6, 1e6, 1e6]));
         let mut rejected = Vec::new();
-        let (avg, used) = reduce_slice(&c, 3, &mut rejected);
+        let (avg, used) = reduce_slice(&c, 3, Aggregation::Mean, &mut rejected);
         assert_eq!(rejected.len(), 2, "{rejected:?}");
         assert_eq!(used.len(), 2);
         assert!(!used.contains(&peers[2]) && !used.contains(&peers[3]));
@@ -4973,7 +4982,7 @@ mod tests {
         // Nothing acceptable: the slice's update is zero, not garbage.
         let mut only_bad = BTreeMap::new();
         only_bad.insert(peers[2], (100, vec![f32::INFINITY, 0.0, 0.0]));
-        let (avg, used) = reduce_slice(&only_bad, 3, &mut Vec::new());
+        let (avg, used) = reduce_slice(&only_bad, 3, Aggregation::Mean, &mut Vec::new());
         assert_eq!(avg, vec![0.0; 3]);
         assert!(used.is_empty());
     }
@@ -5203,6 +5212,7 @@ mod tests {
             len,
             ranges: slice_ranges(len, members.len()),
             codec: Codec::INT8,
+            aggregation: Aggregation::Mean,
             deadlines: Deadlines::split(Instant::now(), Duration::from_secs(4)),
         };
         let (tx, mut inbox) = mpsc::channel(from.len().max(1));

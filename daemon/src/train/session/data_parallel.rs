@@ -126,6 +126,7 @@ impl TrainService {
                 len: g.grads.len(),
                 ranges,
                 codec: Codec::None,
+                aggregation: run.aggregation(),
                 part: u32::try_from(step)
                     .map_err(|_| TrainError::Other("too many inner steps".into()))?,
                 deadlines: Deadlines::split(now, share),
