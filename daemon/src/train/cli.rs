@@ -216,17 +216,16 @@ struct BaseCheck {
 /// pins, and that the base (`base`, or the run's `base` package beside the checkpoint)
 /// has that root. `None` for a checkpoint of the worker's own model.
 fn verify_base(checkpoint: &Path, base: Option<&Path>) -> anyhow::Result<Option<BaseCheck>> {
-    let path = checkpoint.join(potluck_coordinator::manifest::RUN_FILE);
-    let bytes = crate::fsutil::read_limited(
-        &path,
-        potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
-    )
-    .with_context(|| format!("reading {}", path.display()))?;
-    let signed = potluck_coordinator::failover::SignedRunManifest::decode(&bytes)
-        .with_context(|| format!("{} is not a signed run manifest", path.display()))?;
+    let signed = read_signed_manifest(checkpoint)?;
     let settings = &signed.body().settings;
-    let run: super::ResolvedRun = serde_json::from_slice(settings)
-        .with_context(|| format!("the run settings in {}", path.display()))?;
+    let run: super::ResolvedRun = serde_json::from_slice(settings).with_context(|| {
+        format!(
+            "the run settings in {}",
+            checkpoint
+                .join(potluck_coordinator::manifest::RUN_FILE)
+                .display()
+        )
+    })?;
     let Some(spec) = &run.base else {
         return Ok(None);
     };
@@ -276,17 +275,24 @@ fn verify_base(checkpoint: &Path, base: Option<&Path>) -> anyhow::Result<Option<
     }))
 }
 
-/// The id of the run a verified checkpoint belongs to, as `run status`, invites and data
-/// directories name it: the hash of the run's settings inside its signed run manifest.
-fn settings_run_id(checkpoint: &Path) -> anyhow::Result<[u8; 32]> {
+/// The signed run manifest a checkpoint directory holds, read within its size limit.
+fn read_signed_manifest(
+    checkpoint: &Path,
+) -> anyhow::Result<potluck_coordinator::failover::SignedRunManifest> {
     let path = checkpoint.join(potluck_coordinator::manifest::RUN_FILE);
     let bytes = crate::fsutil::read_limited(
         &path,
         potluck_coordinator::manifest::MAX_MANIFEST_BYTES as u64,
     )
     .with_context(|| format!("reading {}", path.display()))?;
-    let signed = potluck_coordinator::failover::SignedRunManifest::decode(&bytes)
-        .with_context(|| format!("{} is not a signed run manifest", path.display()))?;
+    potluck_coordinator::failover::SignedRunManifest::decode(&bytes)
+        .with_context(|| format!("{} is not a signed run manifest", path.display()))
+}
+
+/// The id of the run a verified checkpoint belongs to, as `run status`, invites and data
+/// directories name it: the hash of the run's settings inside its signed run manifest.
+fn settings_run_id(checkpoint: &Path) -> anyhow::Result<[u8; 32]> {
+    let signed = read_signed_manifest(checkpoint)?;
     Ok(*blake3::hash(&signed.body().settings).as_bytes())
 }
 
