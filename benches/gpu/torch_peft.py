@@ -8,8 +8,9 @@ with double quantisation through bitsandbytes (QLoRA; compute in bf16), the adap
 `batch` random sequences of `seq` tokens with `labels = input_ids`; gradient clipping at 1.0
 and fused AdamW (betas 0.9/0.95, weight decay 0.01, as the worker's). --checkpoint turns on
 transformers' gradient checkpointing per decoder layer (non-reentrant, so no input needs a
-gradient). No autocast: the base's products run in bf16, the adapters' in f32, as the
-worker's adapters do (they are f32 and cast to the compute dtype).
+gradient). No autocast: the base's products run in bf16 and PEFT runs the adapters' in f32
+(it casts the input up); the worker keeps its adapters in f32 but casts them to bf16 for their
+products, so it does a little less arithmetic in f32 than this reference.
 
 The 4-bit base is made the way people load one: the random bf16 model is saved once (in
 --save-dir, default /tmp/potluck-torch-llama-SHAPE) and loaded with a BitsAndBytesConfig.
