@@ -55,6 +55,14 @@ measure() {
   echo "$line" | tee -a "$OUT/lora.jsonl"
 }
 [ -x "$BIN/gpu_lora_bench" ] || [ -n "${SKIP_OURS:-}" ] || { echo "no gpu_lora_bench in $DIR"; exit 1; }
+# Write the random base once, untimed (a 2-token step on the CPU), so no measured run pays
+# for it or is cut off by it.
+if [ -z "${SKIP_OURS:-}" ]; then
+  echo "== the random base in $BASE_DIR"
+  timeout 300 "$BIN/gpu_lora_bench" --shape tinyllama --device cpu --seq 2 --warmup 0 --steps 1 \
+    --base-dir "$BASE_DIR" >"$OUT/base.json" 2>>"$OUT/stderr.log"
+  echo "exit $? $(cat "$OUT/base.json")"
+fi
 for base in $BASES; do
   for ck in $CKPTS; do
     flag=""; [ "$ck" = on ] && flag=--checkpoint
