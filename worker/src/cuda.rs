@@ -44,6 +44,25 @@ pub(crate) fn keep_freed_memory(device: &candle_core::CudaDevice) -> Result<(), 
     Ok(())
 }
 
+/// Returns to the driver what the default memory pool of `device`'s GPU keeps but nothing
+/// holds ([`keep_freed_memory`] makes it keep everything freed), so a later reading of the
+/// memory in use starts from what is live now.
+pub(crate) fn release_pooled_memory(device: &candle_core::CudaDevice) -> Result<(), WorkerError> {
+    let ctx = device.cuda_stream().context();
+    let failed = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        WorkerError::Device(format!("could not trim the CUDA memory pool: {e}"))
+    };
+    device.cuda_stream().synchronize().map_err(failed)?;
+    ctx.bind_to_thread().map_err(failed)?;
+    // SAFETY: as in `keep_freed_memory`: the device of a context that is open and current
+    // on this thread is a valid handle, and its default pool a valid pool.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(failed)?;
+        result::mem_pool::trim_to(pool, 0).map_err(failed)?;
+    }
+    Ok(())
+}
+
 /// Stops cudarc from creating two CUDA events per allocation of `device` (see the module
 /// documentation). The events only order work between several streams of one context, and
 /// candle submits all work of a device to one stream; the worker's side streams wait for

@@ -30,6 +30,16 @@ pub use model::{Model, StageSpec, TrainGrads};
 pub use optim::{AdamW, OuterOptimizer, pseudo_gradient};
 pub use replica::{Gradients, Replica, StepStats};
 
+/// Hands the memory `device`'s pool keeps but nothing holds back to the driver (see
+/// `cuda::release_pooled_memory`); nothing to do on the CPU.
+pub fn release_pooled_memory(device: &candle_core::Device) -> Result<(), WorkerError> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => cuda::release_pooled_memory(d),
+        _ => Ok(()),
+    }
+}
+
 /// Bytes in use on the GPU of `device` and its total (see `cuda::memory_in_use`), for
 /// benchmarks and status; `None` on the CPU.
 pub fn device_memory(device: &candle_core::Device) -> Result<Option<(u64, u64)>, WorkerError> {

@@ -198,35 +198,6 @@ fn memory(device: &Device) -> Result<Option<u64>> {
     Ok(potluck_worker::device_memory(device)?.map(|(used, _)| used))
 }
 
-/// Hands the memory the pool keeps but nothing holds back to the driver, so the load's
-/// transient bf16 copies of quantised weights do not count as the training's peak.
-#[cfg(feature = "cuda")]
-#[allow(unsafe_code)] // one driver call that candle does not wrap
-fn trim_pool(device: &Device) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::result;
-    let Device::Cuda(d) = device else {
-        return Ok(());
-    };
-    device.synchronize()?;
-    let ctx = d.cuda_stream().context();
-    ctx.bind_to_thread()
-        .map_err(|e| anyhow::anyhow!("binding the CUDA context: {e:?}"))?;
-    // SAFETY: the device of a context that is open and current on this thread is a valid
-    // device handle, so its default pool is a valid pool.
-    unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device())
-            .map_err(|e| anyhow::anyhow!("the default memory pool: {e:?}"))?;
-        result::mem_pool::trim_to(pool, 0)
-            .map_err(|e| anyhow::anyhow!("trimming the memory pool: {e:?}"))?;
-    }
-    Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn trim_pool(_device: &Device) -> Result<()> {
-    Ok(())
-}
-
 fn run(a: &Args) -> Result<serde_json::Value> {
     let shape = shape(&a.shape, a.seq)?;
     let device = a.device.device().context("opening the device")?;
@@ -266,7 +237,9 @@ fn run(a: &Args) -> Result<serde_json::Value> {
     let adapted = model.attach_lora(&lora).context("attaching LoRA")?;
     let params = model.lora_params();
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    trim_pool(&device)?;
+    // The load's transient bf16 copies of quantised weights must not count as the
+    // training's peak.
+    potluck_worker::release_pooled_memory(&device)?;
     device.synchronize()?;
     let load_s = t0.elapsed().as_secs_f64();
     let load_mem = memory(&device)?;
