@@ -5,9 +5,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+// The allocation cap (src/lib.rs).
 use potluck_coordinator::manifest::SignedManifest;
 use potluck_coordinator::transfer::{Download, DownloadConfig};
 use potluck_daemon::ckpt_transfer::{REQUEST_LEN, WireRequest};
+use potluck_fuzz as _;
 
 fuzz_target!(|data: &[u8]| {
     if let Some(req) = data.first_chunk::<REQUEST_LEN>() {

@@ -6,7 +6,9 @@
 
 use futures::executor::block_on;
 use libfuzzer_sys::fuzz_target;
+// The allocation cap (src/lib.rs).
 use potluck_coordinator::Hash32;
+use potluck_fuzz as _;
 use potluck_proto::{decode_limited, v1};
 
 const LIMIT: usize = 1 << 20;

@@ -6,7 +6,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+// The allocation cap (src/lib.rs).
 use potluck_coordinator::manifest::SignedManifest;
+use potluck_fuzz as _;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

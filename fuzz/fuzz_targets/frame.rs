@@ -3,7 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+// The allocation cap (src/lib.rs).
 use potluck_daemon::dataplane::{Limits, read_frame};
+use potluck_fuzz as _;
 
 fuzz_target!(|data: &[u8]| {
     // The daemon's own limits: a frame may declare up to 1 GiB, and a hostile one must not

@@ -5,8 +5,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+// The allocation cap (src/lib.rs).
 use potluck_coordinator::failover::SignedRunManifest;
 use potluck_coordinator::manifest::SignedManifest;
+use potluck_fuzz as _;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {

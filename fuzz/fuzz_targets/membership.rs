@@ -4,9 +4,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+// The allocation cap (src/lib.rs).
 use libp2p::identity::Keypair;
 use potluck_daemon::membership;
 use potluck_daemon::train::runs::RunInvite;
+use potluck_fuzz as _;
 use potluck_proto::{decode_limited, v1};
 use std::sync::OnceLock;
 

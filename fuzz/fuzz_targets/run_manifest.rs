@@ -4,7 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+// The allocation cap (src/lib.rs).
 use potluck_daemon::train::manifest::{ResolvedRun, RunManifest};
+use potluck_fuzz as _;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {

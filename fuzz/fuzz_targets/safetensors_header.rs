@@ -3,7 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+// The allocation cap (src/lib.rs).
 use potluck_coordinator::safetensors_header::read_header;
+use potluck_fuzz as _;
 
 fuzz_target!(|data: &[u8]| {
     // The file may be longer than the bytes we have (the tensors follow the header): let the

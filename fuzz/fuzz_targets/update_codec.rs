@@ -2,6 +2,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+// The allocation cap (src/lib.rs).
+use potluck_fuzz as _;
 
 fuzz_target!(|data: &[u8]| {
     // The receiver knows how many values it expects (the model's size); let the input pick
