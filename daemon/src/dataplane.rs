@@ -227,12 +227,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         }
         Ok(PayloadCompression::Zstd) => {
             let wire = read_payload(r, want, None).await?;
-            let out = zstd::bulk::decompress(&wire, header.payload_len as usize).map_err(|e| {
-                FrameError::Decompress {
-                    want: header.payload_len,
-                    reason: e.to_string(),
-                }
-            })?;
+            let out = decompress(&wire, header.payload_len)?;
             if out.len() as u64 != header.payload_len {
                 return Err(FrameError::Decompress {
                     want: header.payload_len,
@@ -303,6 +298,41 @@ async fn read_payload<R: AsyncRead + Unpin>(
             hashed = filled;
         }
     }
+    Ok(buf)
+}
+
+/// Decompresses a zstd payload that the header says holds `declared` bytes. The buffer
+/// grows with the bytes the payload actually produces, as [`read_payload`]'s does, never
+/// straight to `declared` (nor to the content size the zstd frame claims): a 100-byte frame
+/// claiming a gigabyte costs what it decompresses to. One byte past `declared` is read, so
+/// that a longer payload is seen and refused.
+fn decompress(wire: &[u8], declared: u64) -> Result<Vec<u8>, FrameError> {
+    use std::io::Read;
+    let failed = |reason: String| FrameError::Decompress {
+        want: declared,
+        reason,
+    };
+    let mut decoder =
+        zstd::stream::read::Decoder::with_buffer(wire).map_err(|e| failed(e.to_string()))?;
+    let cap = usize::try_from(declared)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    let mut buf = Vec::new();
+    let mut filled = 0;
+    while filled < cap {
+        if filled == buf.len() {
+            let next = cap.min(FIRST_READ_BUF.max(filled.saturating_mul(READ_BUF_GROWTH)));
+            buf.reserve_exact(next - buf.len());
+            buf.resize(next, 0);
+        }
+        match decoder.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    }
+    buf.truncate(filled);
     Ok(buf)
 }
 

@@ -142,6 +142,27 @@ impl Default for OuterSpec {
     }
 }
 
+impl OuterSpec {
+    /// Checks the ranges: a run manifest's TOML and a peer's canonical JSON both go through
+    /// here (the JSON once took an infinite momentum; found by the run_manifest fuzz target).
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let invalid = |key, reason: String| ManifestError::Invalid { key, reason };
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0) {
+            return Err(invalid(
+                "outer.lr",
+                format!("{} must be in (0, 10]", self.lr),
+            ));
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return Err(invalid(
+                "outer.momentum",
+                format!("{} must be in [0, 1)", self.momentum),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A run manifest as written in TOML.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -386,18 +407,7 @@ impl RunManifest {
                     .into(),
             ));
         }
-        if !(self.outer.lr.is_finite() && self.outer.lr > 0.0 && self.outer.lr <= 10.0) {
-            return Err(invalid(
-                "outer.lr",
-                format!("{} must be in (0, 10]", self.outer.lr),
-            ));
-        }
-        if !(self.outer.momentum.is_finite() && (0.0..1.0).contains(&self.outer.momentum)) {
-            return Err(invalid(
-                "outer.momentum",
-                format!("{} must be in [0, 1)", self.outer.momentum),
-            ));
-        }
+        self.outer.validate()?;
         let round_deadline_secs = self.round_deadline_secs.unwrap_or(300);
         if !(1..=86_400).contains(&round_deadline_secs) {
             return Err(invalid(
@@ -557,6 +567,7 @@ impl ResolvedRun {
             key: "model",
             reason: e.to_string(),
         })?;
+        run.outer.validate()?;
         run.inner
             .validate(&inner_bounds(&run.model, run.base.is_some()))
             .map_err(|e| ManifestError::Invalid {
