@@ -48,11 +48,12 @@ pub(crate) fn keep_freed_memory(device: &candle_core::CudaDevice) -> Result<(), 
 /// holds ([`keep_freed_memory`] makes it keep everything freed), so a later reading of the
 /// memory in use starts from what is live now.
 pub(crate) fn release_pooled_memory(device: &candle_core::CudaDevice) -> Result<(), WorkerError> {
-    let ctx = device.cuda_stream().context();
+    let stream = device.cuda_stream();
+    let ctx = stream.context();
     let failed = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
         WorkerError::Device(format!("could not trim the CUDA memory pool: {e}"))
     };
-    device.cuda_stream().synchronize().map_err(failed)?;
+    stream.synchronize().map_err(failed)?;
     ctx.bind_to_thread().map_err(failed)?;
     // SAFETY: as in `keep_freed_memory`: the device of a context that is open and current
     // on this thread is a valid handle, and its default pool a valid pool.
