@@ -849,15 +849,7 @@ impl Replica {
         let meta: CheckpointMeta = serde_json::from_slice(&bytes).map_err(|e| {
             WorkerError::checkpoint(&cfg_path, format!("malformed config.json: {e}"))
         })?;
-        if meta.format != FORMAT || meta.version != FORMAT_VERSION {
-            return Err(WorkerError::checkpoint(
-                &cfg_path,
-                format!(
-                    "format {} v{} is not {FORMAT} v{FORMAT_VERSION}",
-                    meta.format, meta.version
-                ),
-            ));
-        }
+        check_format(&cfg_path, &meta.format, meta.version, FORMAT)?;
         meta.model
             .validate()
             .and_then(|_| meta.train.validate(&meta.model))
@@ -985,16 +977,25 @@ fn read_adapter_meta(dir: &Path) -> Result<AdapterCheckpointMeta, WorkerError> {
     let meta: AdapterCheckpointMeta = serde_json::from_slice(&bytes).map_err(|e| {
         WorkerError::checkpoint(&cfg_path, format!("malformed adapter config.json: {e}"))
     })?;
-    if meta.format != ADAPTER_FORMAT || meta.version != FORMAT_VERSION {
+    check_format(&cfg_path, &meta.format, meta.version, ADAPTER_FORMAT)?;
+    Ok(meta)
+}
+
+/// Refuses a checkpoint whose `config.json` names another format than `want` or another
+/// version than this build writes.
+fn check_format(
+    cfg_path: &Path,
+    format: &str,
+    version: u32,
+    want: &str,
+) -> Result<(), WorkerError> {
+    if format != want || version != FORMAT_VERSION {
         return Err(WorkerError::checkpoint(
-            &cfg_path,
-            format!(
-                "format {} v{} is not {ADAPTER_FORMAT} v{FORMAT_VERSION}",
-                meta.format, meta.version
-            ),
+            cfg_path,
+            format!("format {format} v{version} is not {want} v{FORMAT_VERSION}"),
         ));
     }
-    Ok(meta)
+    Ok(())
 }
 
 /// The `format` of a checkpoint's `config.json`.
