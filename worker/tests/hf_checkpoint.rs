@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 mod heap;
 mod hf_common;
 use heap::{peak_since, reset_peak};
-use hf_common::{fixture, values};
+use hf_common::{fixture, randomize_lora_b, values};
 
 /// Adapters with random nonzero `B`s, so that every adapter gets a nonzero gradient.
 fn adapt(model: &mut HfModel, targets: &[&str], dropout: f64) {
@@ -28,16 +28,7 @@ fn adapt(model: &mut HfModel, targets: &[&str], dropout: f64) {
     cfg.dropout = dropout;
     cfg.seed = 9;
     model.attach_lora(&cfg).expect("attach");
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    for (n, p) in model.lora_params() {
-        if n.ends_with("lora_B.weight") {
-            let v: Vec<f32> = (0..p.elem_count())
-                .map(|_| (rng.random::<f32>() - 0.5) * 0.2)
-                .collect();
-            p.set(&Tensor::from_vec(v, p.shape(), &Device::Cpu).expect("b"))
-                .expect("set");
-        }
-    }
+    randomize_lora_b(model, 1);
 }
 
 #[test]

@@ -10,11 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use potluck_worker::hf::export::{self, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_WEIGHTS};
 use potluck_worker::hf::parity::Expected;
 use potluck_worker::hf::{self, HfError, HfLoraConfig, HfModel, QuantFormat};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 mod hf_common;
-use hf_common::{fixture, values};
+use hf_common::{fixture, randomize_lora_b, values};
 
 /// Adapters on `model` with random nonzero `B`s, so that they change the output.
 fn adapt(model: &mut HfModel, targets: &[&str]) {
@@ -24,16 +22,7 @@ fn adapt(model: &mut HfModel, targets: &[&str]) {
     cfg.dropout = 0.05;
     cfg.seed = 11;
     model.attach_lora(&cfg).expect("attach");
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    for (n, p) in model.lora_params() {
-        if n.ends_with("lora_B.weight") {
-            let v: Vec<f32> = (0..p.elem_count())
-                .map(|_| (rng.random::<f32>() - 0.5) * 0.2)
-                .collect();
-            p.set(&Tensor::from_vec(v, p.shape(), &Device::Cpu).expect("b"))
-                .expect("set");
-        }
-    }
+    randomize_lora_b(model, 5);
 }
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {

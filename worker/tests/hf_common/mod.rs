@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use potluck_worker::hf::HfModel;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// The committed fixture `name` under `tests/fixtures/hf/`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -18,4 +21,19 @@ pub fn values(t: &Tensor) -> Vec<f32> {
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1())
         .expect("values")
+}
+
+/// Gives every adapter's `B` random values in [-0.1, 0.1) from the ChaCha8 stream of
+/// `seed` (CPU models), so that the adapters change the output and get gradients.
+pub fn randomize_lora_b(model: &HfModel, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for (n, p) in model.lora_params() {
+        if n.ends_with("lora_B.weight") {
+            let v: Vec<f32> = (0..p.elem_count())
+                .map(|_| (rng.random::<f32>() - 0.5) * 0.2)
+                .collect();
+            p.set(&Tensor::from_vec(v, p.shape(), &Device::Cpu).expect("b"))
+                .expect("set");
+        }
+    }
 }
